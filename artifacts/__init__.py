@@ -1,0 +1,1 @@
+"""Arrow column types for tensors and the content-addressed Parquet store."""

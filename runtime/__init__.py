@@ -1,0 +1,1 @@
+"""Graph loading and validation, executors (local, Ray), cache, resume and the CLI."""

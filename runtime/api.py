@@ -1,0 +1,103 @@
+"""``run_graph``: the one entry point the CLI, the tests and the benchmarks call."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from artifacts.store import Store
+from runtime.errors import GraphError, Problem, UsageError
+from runtime.executors import Progress, init_ray, run_local, run_ray, stop_ray
+from runtime.graph import Graph, load_graph
+from runtime.run import RunContext, RunSummary
+from runtime.shards import iter_shards
+
+DEFAULT_CACHE = ".runtime_cache"
+EXECUTORS = ("ray", "local")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("RUNTIME_CACHE_DIR", DEFAULT_CACHE))
+
+
+def default_output(graph: Graph) -> Path:
+    return Path("runs") / graph.name
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda; got '{device}'")
+    if device == "cpu":
+        return "cpu"
+    import torch  # only to ask whether a GPU is there
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here (check CUDA_VISIBLE_DEVICES or use --device cpu)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_sources(graph: Graph) -> None:
+    problems = [Problem(graph.path, None, f"dataset.params.{f}", msg) for f, msg in graph.source.problems()]
+    if problems:
+        raise GraphError(problems)
+
+
+def run_graph(
+    graph: str | Path | Graph,
+    *,
+    overrides: list[str] | None = None,
+    executor: str = "ray",
+    output: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    no_cache: bool = False,
+    force: list[str] | None = None,
+    limit: int | None = None,
+    ids: set[str] | None = None,
+    device: str = "auto",
+    address: str | None = None,
+    progress: bool = True,
+    arguments: dict | None = None,
+) -> RunSummary:
+    """Validate ``graph`` and run it; every problem found before work raises ``GraphError``."""
+    if not isinstance(graph, Graph):
+        graph = load_graph(graph, overrides)
+    if executor not in EXECUTORS:
+        raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}; got '{executor}'")
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be a positive number of samples; got {limit}")
+    for name in force or []:
+        if name not in graph.nodes:
+            raise UsageError(f"--force {name}: no such node in {graph.path}; nodes: {', '.join(graph.nodes)}")
+    check_sources(graph)
+    device = resolve_device(device)
+    out = Path(output) if output else default_output(graph)
+    store = None if no_cache else Store(cache_dir or default_cache_dir())
+    if no_cache and (out / "parts").exists():
+        shutil.rmtree(out / "parts")
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(graph, out, store, set(force or []))
+    args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
+                force=list(force or []), ids=sorted(ids) if ids else None)
+    ctx.write_manifest("running", executor, device, args)
+
+    total = graph.source.count()
+    if ids is not None:
+        total = None
+    if limit is not None:
+        total = min(total, limit) if total is not None else limit
+    bars = Progress(ctx, total, progress)
+    shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
+    try:
+        if executor == "local":
+            run_local(ctx, shards, device, bars)
+        else:
+            started = init_ray(address)
+            try:
+                run_ray(ctx, shards, device, bars)
+            finally:
+                if started:
+                    stop_ray()
+    finally:
+        bars.close()
+    return ctx.finish(executor, device, args)

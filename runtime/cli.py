@@ -1,0 +1,296 @@
+"""The ``runtime`` command: run, validate, show, stages, sources, cache."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from runtime.errors import GraphError, UsageError
+
+EPILOG = """examples:
+  runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample (Ray)
+  runtime run graphs/oracle_heatmap.yaml --executor local --limit 20
+  runtime run graphs/oracle_heatmap.yaml --set points.num_points=3 --set dataset.num_images=64
+  runtime validate graphs/oracle_heatmap.yaml             check a graph without running it
+  runtime show graphs/oracle_heatmap.yaml --dot | dot -Tpng > graph.png
+  runtime stages heatmap_points                          params and columns of one stage
+  runtime cache ls ; runtime cache gc --older-than 30
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="runtime", description="Run question-guided heatmap variants of "
+                                "plug-and-play VQA as typed, cached, resumable graphs.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def graph_args(sp):
+        sp.add_argument("graph", help="graph YAML file (see graphs/)")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
+                        help="override a node param (or dataset.PARAM, NODE.batch_size, NODE.replicas, "
+                             "shard_size) without editing the file; repeatable; VALUE is parsed as YAML")
+
+    r = sub.add_parser("run", help="validate and run a graph", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Validate and run a graph. Results go to OUTPUT/results.parquet (one row per "
+                       "sample: kept columns as NODE.COLUMN, status, error) with a manifest.json. Killed runs resume "
+                       "with the same command; finished (node, shard) results are served from the cache.")
+    graph_args(r)
+    r.add_argument("--executor", choices=["ray", "local"], default="ray",
+                   help="ray: actors per node on an embedded local Ray or --address (default); local: in-process")
+    r.add_argument("--output", "-o", metavar="DIR", help="run folder (default: runs/<graph name>)")
+    r.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
+    r.add_argument("--ids", metavar="ID,ID|@FILE", help="only these sample ids (comma list, or @file with one id a line)")
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where models run (default: cuda if available)")
+    r.add_argument("--address", metavar="ADDR", help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    r.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
+    r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (recompute everything)")
+    r.add_argument("--force", action="append", default=[], metavar="NODE",
+                   help="recompute NODE and everything downstream of it, ignoring cached results; repeatable")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.add_argument("--debug", action="store_true", help="print tracebacks of failing rows and errors")
+
+    v = sub.add_parser("validate", help="check a graph file without running it")
+    graph_args(v)
+    s = sub.add_parser("show", help="print the resolved graph (after extends and --set)")
+    graph_args(s)
+    s.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of YAML")
+
+    st = sub.add_parser("stages", help="list stages with their params and input/output columns")
+    st.add_argument("name", nargs="?", help="only this stage")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    so = sub.add_parser("sources", help="list dataset sources with their params and columns")
+    so.add_argument("name", nargs="?", help="only this source")
+
+    c = sub.add_parser("cache", help="inspect or clean the result cache")
+    csub = c.add_subparsers(dest="cache_command", metavar="ACTION")
+    ls = csub.add_parser("ls", help="entries per stage: count, rows, size, last use")
+    ls.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
+    ls.add_argument("--all", action="store_true", help="one line per entry")
+    gc = csub.add_parser("gc", help="remove stale temp files and old or excess entries")
+    gc.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
+    gc.add_argument("--older-than", type=float, metavar="DAYS", help="remove entries not used for DAYS days")
+    gc.add_argument("--max-size", metavar="SIZE", help="then remove least recently used entries until the cache is under SIZE (e.g. 20G, 500M)")
+    gc.add_argument("--stage", metavar="NAME", help="remove every entry of this stage")
+    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    return p
+
+
+def _parse_ids(text: str | None) -> set[str] | None:
+    if text is None:
+        return None
+    if text.startswith("@"):
+        path = Path(text[1:])
+        if not path.exists():
+            raise UsageError(f"--ids {text}: file {path} not found (one sample id a line)")
+        return {line.strip() for line in path.read_text().splitlines() if line.strip()}
+    return {t.strip() for t in text.split(",") if t.strip()}
+
+
+def _parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-size: expected a size like 500M or 20G, got '{text}'")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def _cmd_run(a) -> int:
+    from runtime.api import run_graph
+    from runtime.graph import load_graph
+    from runtime.run import format_summary
+
+    graph = load_graph(a.graph, a.overrides)
+    summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
+                        force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
+                        progress=not a.quiet, arguments={"graph": a.graph, "overrides": a.overrides})
+    print(format_summary(summary, graph))
+    return 0
+
+
+def _cmd_validate(a) -> int:
+    from runtime.graph import load_graph
+
+    g = load_graph(a.graph, a.overrides)
+    print(f"{a.graph}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
+    return 0
+
+
+def _cmd_show(a) -> int:
+    import yaml
+
+    from artifacts.columns import describe_type
+    from runtime.graph import load_graph
+
+    g = load_graph(a.graph, a.overrides)
+    if a.dot:
+        print(g.to_dot())
+        return 0
+    doc = dict(g.raw)
+    doc["graph_hash"] = g.hash
+    doc["columns"] = {f"{n}.{c}": describe_type(t) for n, nd in g.nodes.items() for c, t in nd.output_types.items()}
+    print(yaml.safe_dump(doc, sort_keys=False, width=100))
+    return 0
+
+
+def _describe_params(model) -> list[str]:
+    lines = []
+    for name, f in model.model_fields.items():
+        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
+        default = "required" if f.is_required() else f"default {f.default!r}"
+        bounds = " ".join(f"{type(m).__name__.lower()} {getattr(m, type(m).__name__.lower())}" for m in f.metadata
+                          if hasattr(m, type(m).__name__.lower()))
+        lines.append(f"    {name}: {ann} ({default}{', ' + bounds if bounds else ''}) — {f.description or ''}".rstrip(" —"))
+    return lines or ["    (none)"]
+
+
+def _cmd_stages(a) -> int:
+    from artifacts.columns import describe_type
+    from stages import STAGES
+
+    names = [a.name] if a.name else list(STAGES)
+    for n in names:
+        if n not in STAGES:
+            raise UsageError(f"no stage '{n}'; stages: {', '.join(STAGES)}")
+    if a.json:
+        out = {}
+        for n in names:
+            cls = STAGES[n]
+            out[n] = {"version": cls.version, "granularity": cls.granularity.value, "cacheable": cls.cacheable,
+                      "doc": cls.describe(), "params": cls.Params.model_json_schema()}
+        print(json.dumps(out, indent=2))
+        return 0
+    for n in names:
+        cls = STAGES[n]
+        stage = cls(cls.Params())
+        print(f"{n}  (v{cls.version}, per {cls.granularity.value}, {'cached' if cls.cacheable else 'not cached'}, "
+              f"batch {cls.resources.batch_size}{', gpu %.2f' % cls.resources.gpu if cls.resources.gpu else ''})")
+        print(f"  {cls.describe()}")
+        print("  params:")
+        print("\n".join(_describe_params(cls.Params)))
+        print("  inputs:")
+        for k, i in stage.inputs().items():
+            print(f"    {k}: {describe_type(i.spec)}{' (optional)' if i.optional else ''} — {i.doc}")
+        print("  outputs:")
+        for k, o in stage.outputs().items():
+            print(f"    {k}: {describe_type(o.spec)} — {o.doc}")
+        print()
+    return 0
+
+
+def _cmd_sources(a) -> int:
+    from artifacts.columns import describe_type
+    from runtime.sources import SOURCES
+
+    names = [a.name] if a.name else list(SOURCES)
+    for n in names:
+        if n not in SOURCES:
+            raise UsageError(f"no source '{n}'; sources: {', '.join(SOURCES)}")
+        cls = SOURCES[n]
+        print(f"{n}\n  {cls.describe()}\n  params:")
+        print("\n".join(_describe_params(cls.Params)))
+        try:
+            cols = cls(cls.Params()).columns()
+        except Exception:  # noqa: BLE001 - sources with required params: show the base columns
+            from runtime.sources.base import BASE_COLUMNS
+            cols = BASE_COLUMNS
+        print("  columns:")
+        for k, c in cols.items():
+            print(f"    {k}: {describe_type(c.type)}{' (per image)' if c.image_level else ''} — {c.doc}")
+        print()
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_cache(a) -> int:
+    from artifacts.store import Store
+    from runtime.api import default_cache_dir
+
+    if a.cache_command is None:
+        raise UsageError("runtime cache: choose an action: ls or gc")
+    store = Store(a.cache or default_cache_dir())
+    entries = list(store.entries())
+    now = time.time()
+    if a.cache_command == "ls":
+        print(f"cache: {store.root.resolve()}")
+        if a.all:
+            for e in entries:
+                print(f"  {e.stage:<18} {e.key}  node={e.meta.get('node')} graph={e.meta.get('graph')} "
+                      f"shard={e.meta.get('shard')} rows={e.meta.get('rows')} {_human(e.size)}")
+        by_stage: dict[str, list] = {}
+        for e in entries:
+            by_stage.setdefault(e.stage, []).append(e)
+        print(f"  {'stage':<18} {'entries':>7} {'rows':>9} {'size':>8} {'last used':>10}")
+        for stage, es in sorted(by_stage.items()):
+            rows = sum(int(e.meta.get("rows") or 0) for e in es)
+            age = (now - max(e.mtime for e in es)) / 86400
+            print(f"  {stage:<18} {len(es):>7} {rows:>9} {_human(sum(e.size for e in es)):>8} {age:>8.1f} d")
+        print(f"  total: {len(entries)} entries, {_human(sum(e.size for e in entries))}; "
+              f"{len(store.stray_temp_files())} stray temp files")
+        return 0
+    remove = set(store.stray_temp_files())
+    keep = []
+    for e in entries:
+        if (a.stage and e.stage == a.stage) or (a.older_than is not None and now - e.mtime > a.older_than * 86400):
+            remove.add(e.path)
+        else:
+            keep.append(e)
+    if a.max_size:
+        limit = _parse_size(a.max_size)
+        total = sum(e.size for e in keep)
+        for e in sorted(keep, key=lambda e: e.mtime):
+            if total <= limit:
+                break
+            remove.add(e.path)
+            total -= e.size
+    freed = 0
+    for path in sorted(remove):
+        try:
+            freed += path.stat().st_size
+            if not a.dry_run:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+    print(f"{'would remove' if a.dry_run else 'removed'} {len(remove)} files, {_human(freed)}")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+            "sources": _cmd_sources, "cache": _cmd_cache}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[a.command](a)
+    except GraphError as exc:
+        n = len(exc.problems)
+        print(f"error: {'the graph has ' + str(n) + ' problems' if n > 1 else 'invalid graph'}:", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 2
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        if getattr(a, "debug", False) or os.environ.get("RUNTIME_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 1

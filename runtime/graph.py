@@ -1,0 +1,476 @@
+"""Graph files: load (safe YAML, ``extends:``, ``--set``), validate, and resolve.
+
+A graph names a dataset source, its nodes (stage + params + inputs wired from upstream
+columns) and the outputs to keep. Validation happens before any work and reports every
+problem with the file, node and field, and what would be valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import pyarrow as pa
+from pydantic import ValidationError
+
+from artifacts.columns import describe_type, match_spec
+from artifacts.fingerprint import fingerprint
+from runtime.errors import GraphError, Problem
+from runtime.sources import SOURCES
+from runtime.sources.base import Source
+from runtime.yaml_io import DuplicateKeyError, load_yaml, parse_value
+from stages import STAGES
+from stages.base import Granularity, Stage
+
+SOURCE = "source"  # the reserved node name of the dataset in input references
+TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size"}
+NODE_KEYS = {"stage", "params", "inputs", "batch_size", "replicas"}
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+DEFAULT_SHARD_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A column reference ``node.column`` (``source.column`` for the dataset)."""
+
+    node: str
+    column: str
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.column}"
+
+
+@dataclass
+class Node:
+    name: str
+    stage: Stage
+    inputs: dict[str, Ref]
+    output_types: dict[str, pa.DataType]
+    batch_size: int
+    replicas: int | None
+    origin: str  # the file that defined (or last overrode) the node
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.stage.granularity
+
+
+@dataclass
+class Graph:
+    name: str
+    path: str
+    description: str
+    source: Source
+    source_types: dict[str, pa.DataType]
+    nodes: dict[str, Node]  # in topological order
+    outputs: list[Ref]
+    shard_size: int
+    raw: dict[str, Any] = field(repr=False)  # the resolved document (after extends and --set)
+
+    @property
+    def hash(self) -> str:
+        return fingerprint(self.raw)
+
+    def column_type(self, ref: Ref) -> pa.DataType:
+        if ref.node == SOURCE:
+            return self.source_types[ref.column]
+        return self.nodes[ref.node].output_types[ref.column]
+
+    def is_image_level(self, ref: Ref) -> bool:
+        if ref.node == SOURCE:
+            return self.source.columns()[ref.column].image_level
+        return self.nodes[ref.node].granularity is Granularity.IMAGE
+
+    def upstream(self, name: str) -> list[str]:
+        return sorted({r.node for r in self.nodes[name].inputs.values() if r.node != SOURCE})
+
+    def descendants(self, name: str) -> set[str]:
+        g = nx.DiGraph()
+        for n in self.nodes:
+            for up in self.upstream(n):
+                g.add_edge(up, n)
+        return nx.descendants(g, name) if name in g else set()
+
+    def to_dot(self) -> str:
+        lines = [f'digraph "{self.name}" {{', "  rankdir=LR;", '  source [shape=cylinder, label="source\\n'
+                 f'{self.source.name}"];']
+        kept = {r.node for r in self.outputs}
+        for name, node in self.nodes.items():
+            style = ", style=bold" if name in kept else ""
+            lines.append(f'  {name} [shape=box, label="{name}\\n{node.stage.name}"{style}];')
+        for name, node in self.nodes.items():
+            for inp, ref in node.inputs.items():
+                lines.append(f'  {ref.node} -> {name} [label="{ref.column} -> {inp}"];')
+        lines.append("}")
+        return "\n".join(lines)
+
+
+# --- loading ------------------------------------------------------------------------------
+
+def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    """Read ``path`` and its ``extends`` chain; return the merged document and node origins."""
+    file = str(path)
+    if path in chain:
+        raise GraphError([Problem(file, None, "extends", "circular extends: "
+                                  + " -> ".join(str(p) for p in (*chain, path)))])
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GraphError([Problem(file, None, None, "graph file not found"
+                                  + (f" (extended by {chain[-1]})" if chain else ""))]) from None
+    except OSError as exc:
+        raise GraphError([Problem(file, None, None, f"cannot read the graph file: {exc}")]) from None
+    try:
+        doc = load_yaml(text)
+    except DuplicateKeyError as exc:
+        node = exc.key if exc.path == ["nodes"] else (exc.path[1] if len(exc.path) > 1 and exc.path[0] == "nodes" else None)
+        what = "duplicate node name" if exc.path == ["nodes"] else "duplicate key"
+        raise GraphError([Problem(file, node, ".".join(exc.path + [exc.key]),
+                                  f"{what} '{exc.key}' (line {exc.line}); each name may appear once")]) from None
+    except Exception as exc:  # yaml.YAMLError and friends: report the parser's own words
+        raise GraphError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+    if not isinstance(doc, dict):
+        raise GraphError([Problem(file, None, None, "a graph file must be a YAML mapping with "
+                                  "'dataset', 'nodes' and 'outputs'")])
+    unknown = set(doc) - TOP_KEYS
+    if unknown:
+        raise GraphError([Problem(file, None, k, f"unknown top-level key; valid keys: {', '.join(sorted(TOP_KEYS))}")
+                          for k in sorted(unknown)])
+    nodes = doc.get("nodes") or {}
+    if not isinstance(nodes, dict):
+        raise GraphError([Problem(file, None, "nodes", "must be a mapping of node name -> {stage, params, inputs}")])
+    origins = {name: file for name in nodes}
+    if "extends" not in doc:
+        return doc, origins
+
+    parent_path = (path.parent / str(doc["extends"])).resolve()
+    parent, parent_origins = _read_document(parent_path, chain + (path,))
+    merged = copy.deepcopy(parent)
+    for key in ("name", "description", "shard_size"):
+        if key in doc:
+            merged[key] = doc[key]
+    if "dataset" in doc:
+        ds = doc["dataset"] or {}
+        base = merged.get("dataset") or {}
+        if isinstance(ds, dict) and isinstance(base, dict) and ds.get("source", base.get("source")) == base.get("source"):
+            merged["dataset"] = {**base, **ds, "params": {**(base.get("params") or {}), **(ds.get("params") or {})}}
+        else:
+            merged["dataset"] = ds
+    merged_nodes = dict(merged.get("nodes") or {})
+    all_origins = dict(parent_origins)
+    for name, spec in nodes.items():
+        all_origins[name] = file
+        if spec is None:  # `name: null` removes an inherited node
+            merged_nodes.pop(name, None)
+            all_origins.pop(name, None)
+            continue
+        base = merged_nodes.get(name)
+        if isinstance(base, dict) and isinstance(spec, dict) and spec.get("stage", base.get("stage")) == base.get("stage"):
+            merged_nodes[name] = {
+                **base, **spec,
+                "params": {**(base.get("params") or {}), **(spec.get("params") or {})},
+                "inputs": {**(base.get("inputs") or {}), **(spec.get("inputs") or {})},
+            }
+        else:
+            merged_nodes[name] = spec
+    merged["nodes"] = merged_nodes
+    if "outputs" in doc:
+        merged["outputs"] = doc["outputs"]
+    merged["outputs"] = list(merged.get("outputs") or []) + list(doc.get("add_outputs") or [])
+    merged.pop("add_outputs", None)
+    merged.pop("extends", None)
+    return merged, all_origins
+
+
+def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
+    """Apply ``--set NODE.PARAM=VALUE`` / ``dataset.PARAM=VALUE`` / ``shard_size=N`` in place."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(Problem("--set", None, item, "expected NODE.PARAM=VALUE, dataset.PARAM=VALUE or shard_size=N"))
+            continue
+        parsed = parse_value(value)
+        if key == "shard_size":
+            doc["shard_size"] = parsed
+            continue
+        target, dot, param = key.partition(".")
+        if not dot or not param:
+            problems.append(Problem("--set", None, key, "expected NODE.PARAM=VALUE, dataset.PARAM=VALUE or shard_size=N"))
+            continue
+        if target == "dataset":
+            ds = doc.setdefault("dataset", {})
+            ds.setdefault("params", {})[param] = parsed
+            continue
+        nodes = doc.get("nodes") or {}
+        if target not in nodes:
+            problems.append(Problem("--set", target, key, f"no node '{target}' in {file}; nodes: {', '.join(nodes) or 'none'}"))
+            continue
+        spec = nodes[target]
+        if param in ("batch_size", "replicas"):
+            spec[param] = parsed
+        elif param.startswith("inputs."):
+            spec.setdefault("inputs", {})[param[len("inputs."):]] = parsed
+        else:
+            spec.setdefault("params", {})[param] = parsed
+    if problems:
+        raise GraphError(problems)
+
+
+def load_graph(path: str | Path, overrides: list[str] | None = None) -> Graph:
+    """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem."""
+    path = Path(path)
+    doc, origins = _read_document(path.resolve(), ())
+    file = str(path)
+    origins = {k: (file if Path(v) == path.resolve() else v) for k, v in origins.items()}
+    doc.setdefault("name", path.stem)
+    apply_overrides(doc, list(overrides or []), file)
+    return _validate(doc, origins, file)
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+def _pydantic_problems(exc: ValidationError, file: str, node: str | None, prefix: str, model) -> list[Problem]:
+    out = []
+    fields = model.model_fields
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        name = str(err["loc"][0]) if err["loc"] else ""
+        if err["type"] == "extra_forbidden":
+            valid = ", ".join(sorted(fields)) or "none"
+            msg = f"unknown parameter; {_suggest(name, list(fields))}valid parameters: {valid}"
+        else:
+            f = fields.get(name)
+            hint = f" (expected {_annotation(f.annotation)}" + (f", default {f.default!r})" if f is not None else ")") if f else ""
+            msg = f"{err['msg']}{hint}; got {err.get('input')!r}"
+        out.append(Problem(file, node, f"{prefix}.{loc}" if loc else prefix, msg))
+    return out
+
+
+def _annotation(ann: Any) -> str:
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _parse_ref(text: Any) -> Ref | None:
+    if not isinstance(text, str) or text.count(".") != 1:
+        return None
+    node, column = text.split(".")
+    return Ref(node, column) if node and column else None
+
+
+def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
+    problems: list[Problem] = []
+
+    # dataset source
+    ds = doc.get("dataset")
+    source: Source | None = None
+    if not isinstance(ds, dict) or "source" not in ds:
+        problems.append(Problem(file, None, "dataset", f"missing 'dataset: {{source: NAME, params: {{...}}}}'; sources: {', '.join(SOURCES)}"))
+    elif ds.get("source") not in SOURCES:
+        problems.append(Problem(file, None, "dataset.source", f"unknown source '{ds.get('source')}'; {_suggest(str(ds.get('source')), list(SOURCES))}valid sources: {', '.join(SOURCES)}"))
+    else:
+        extra = set(ds) - {"source", "params"}
+        for k in sorted(extra):
+            problems.append(Problem(file, None, f"dataset.{k}", "unknown key; valid keys: source, params"))
+        cls = SOURCES[ds["source"]]
+        try:
+            source = cls(cls.Params(**(ds.get("params") or {})))
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, file, None, "dataset.params", cls.Params)
+        except TypeError:
+            problems.append(Problem(file, None, "dataset.params", "must be a mapping of parameter -> value"))
+    source_cols = source.columns() if source else {}
+    source_types = {k: v.type for k, v in source_cols.items()}
+
+    shard_size = doc.get("shard_size", DEFAULT_SHARD_SIZE)
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        problems.append(Problem(file, None, "shard_size", f"must be a positive integer (samples per shard); got {shard_size!r}"))
+        shard_size = DEFAULT_SHARD_SIZE
+
+    # nodes: stage + params
+    raw_nodes = doc.get("nodes") or {}
+    if not raw_nodes:
+        problems.append(Problem(file, None, "nodes", "the graph has no nodes"))
+    stages: dict[str, Stage] = {}
+    wiring: dict[str, dict[str, Any]] = {}
+    extras: dict[str, tuple[int | None, int | None]] = {}
+    for name, spec in raw_nodes.items():
+        nfile = origins.get(name, file)
+        if not NAME_RE.match(str(name)) or name == SOURCE:
+            problems.append(Problem(nfile, str(name), None, "node names are identifiers (letters, digits, _) and 'source' is reserved"))
+            continue
+        if not isinstance(spec, dict):
+            problems.append(Problem(nfile, name, None, "a node must be a mapping {stage, params, inputs}"))
+            continue
+        for k in sorted(set(spec) - NODE_KEYS):
+            problems.append(Problem(nfile, name, k, f"unknown node key; valid keys: {', '.join(sorted(NODE_KEYS))}"))
+        stage_name = spec.get("stage")
+        if stage_name not in STAGES:
+            problems.append(Problem(nfile, name, "stage", f"unknown stage '{stage_name}'; {_suggest(str(stage_name), list(STAGES))}"
+                                    f"run `runtime stages` for the list: {', '.join(STAGES)}"))
+            continue
+        cls = STAGES[stage_name]
+        params = spec.get("params") or {}
+        if not isinstance(params, dict):
+            problems.append(Problem(nfile, name, "params", "must be a mapping of parameter -> value"))
+            continue
+        try:
+            stages[name] = cls(cls.Params(**params))
+        except ValidationError as exc:
+            problems += _pydantic_problems(exc, nfile, name, "params", cls.Params)
+            continue
+        for fld, msg in stages[name].problems():
+            problems.append(Problem(nfile, name, f"params.{fld}", msg))
+        inputs = spec.get("inputs") or {}
+        if not isinstance(inputs, dict):
+            problems.append(Problem(nfile, name, "inputs", "must be a mapping of input -> NODE.COLUMN"))
+            inputs = {}
+        wiring[name] = inputs
+        batch_size, replicas = spec.get("batch_size"), spec.get("replicas")
+        for key, val in (("batch_size", batch_size), ("replicas", replicas)):
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                problems.append(Problem(nfile, name, key, f"must be a positive integer; got {val!r}"))
+        extras[name] = (batch_size, replicas)
+
+    # edges + cycles
+    g = nx.DiGraph()
+    g.add_nodes_from(stages)
+    refs: dict[str, dict[str, Ref]] = {}
+    for name, inputs in wiring.items():
+        nfile = origins.get(name, file)
+        declared = stages[name].inputs()
+        refs[name] = {}
+        for inp, target in inputs.items():
+            if inp not in declared:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"stage '{stages[name].name}' has no input '{inp}'; "
+                                        f"{_suggest(str(inp), list(declared))}inputs: {', '.join(declared) or 'none'}"))
+                continue
+            ref = _parse_ref(target)
+            if ref is None:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"expected NODE.COLUMN (or source.COLUMN), got {target!r}"))
+                continue
+            if ref.node == SOURCE:
+                if source is not None and ref.column not in source_cols:
+                    problems.append(Problem(nfile, name, f"inputs.{inp}", f"source '{source.name}' has no column '{ref.column}'; "
+                                            f"{_suggest(ref.column, list(source_cols))}columns: {', '.join(source_cols)}"))
+                    continue
+            elif ref.node not in raw_nodes:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"unknown node '{ref.node}'; "
+                                        f"{_suggest(ref.node, list(raw_nodes))}nodes: {', '.join(raw_nodes)}"))
+                continue
+            elif ref.node in stages:
+                g.add_edge(ref.node, name)
+            refs[name][inp] = ref
+        for inp, decl in declared.items():
+            if not decl.optional and inp not in inputs:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"missing required input '{inp}' ({describe_type(decl.spec)}): "
+                                        f"wire it as `{inp}: NODE.COLUMN`"))
+    try:
+        cycle = nx.find_cycle(g)
+        loop = " -> ".join([e[0] for e in cycle] + [cycle[0][0]])
+        problems.append(Problem(origins.get(cycle[0][0], file), cycle[0][0], "inputs", f"cycle: {loop}; a node cannot depend on its own output"))
+        raise GraphError(problems)
+    except nx.NetworkXNoCycle:
+        pass
+
+    # types, granularity, outputs - in topological order
+    output_types: dict[str, dict[str, pa.DataType]] = {}
+    order = [n for n in nx.topological_sort(g)]
+    for name in order:
+        stage, nfile = stages[name], origins.get(name, file)
+        bindings: dict[str, int] = {}
+        ok = True
+        for inp, ref in refs.get(name, {}).items():
+            if ref.node == SOURCE:
+                if source is None:
+                    ok = False
+                    continue
+                actual = source_types[ref.column]
+                image_level = source_cols[ref.column].image_level
+            elif ref.node in output_types:
+                outs = output_types[ref.node]
+                if ref.column not in outs:
+                    problems.append(Problem(nfile, name, f"inputs.{inp}", f"node '{ref.node}' has no output '{ref.column}'; "
+                                            f"{_suggest(ref.column, list(outs))}outputs: {', '.join(outs)}"))
+                    ok = False
+                    continue
+                actual = outs[ref.column]
+                image_level = stages[ref.node].granularity is Granularity.IMAGE
+            else:
+                ok = False
+                continue
+            why = match_spec(stage.inputs()[inp].spec, actual, bindings)
+            if why:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"type mismatch: {ref} is {describe_type(actual)}, {why}"))
+                ok = False
+            if stage.granularity is Granularity.IMAGE and not image_level:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"'{stage.name}' runs once per image, but {ref} is a per-question "
+                                        "column; wire an image-level column (e.g. source.image_path or a per-image node)"))
+                ok = False
+        outs = {}
+        for out, decl in stage.outputs().items():
+            try:
+                outs[out] = decl.spec.concrete(bindings) if hasattr(decl.spec, "concrete") else decl.spec
+            except KeyError:
+                if ok:
+                    problems.append(Problem(nfile, name, f"outputs.{out}", "cannot determine the output shape from the inputs"))
+        output_types[name] = outs
+
+    # kept outputs
+    outputs: list[Ref] = []
+    raw_outputs = doc.get("outputs") or []
+    if not isinstance(raw_outputs, list):
+        problems.append(Problem(file, None, "outputs", "must be a list of NODE.COLUMN"))
+        raw_outputs = []
+    for i, item in enumerate(raw_outputs):
+        ref = _parse_ref(item)
+        if ref is None:
+            problems.append(Problem(file, None, f"outputs[{i}]", f"expected NODE.COLUMN, got {item!r}"))
+        elif ref.node == SOURCE:
+            if source is not None and ref.column not in source_cols:
+                problems.append(Problem(file, None, f"outputs[{i}]", f"source has no column '{ref.column}'; columns: {', '.join(source_cols)}"))
+            else:
+                outputs.append(ref)
+        elif ref.node not in raw_nodes:
+            problems.append(Problem(file, None, f"outputs[{i}]", f"unknown node '{ref.node}'; {_suggest(ref.node, list(raw_nodes))}nodes: {', '.join(raw_nodes)}"))
+        elif ref.node in output_types and ref.column not in output_types[ref.node]:
+            outs = output_types[ref.node]
+            problems.append(Problem(file, None, f"outputs[{i}]", f"node '{ref.node}' has no output '{ref.column}'; outputs: {', '.join(outs)}"))
+        else:
+            outputs.append(ref)
+    if len(set(outputs)) != len(outputs):
+        problems.append(Problem(file, None, "outputs", "an output is listed twice"))
+
+    if problems:
+        raise GraphError(problems)
+
+    nodes = {}
+    for name in order:
+        stage = stages[name]
+        batch_size, replicas = extras[name]
+        nodes[name] = Node(name, stage, refs.get(name, {}), output_types[name],
+                           batch_size or stage.resources.batch_size, replicas, origins.get(name, file))
+    resolved = {
+        "name": doc["name"],
+        "description": doc.get("description", ""),
+        "dataset": {"source": ds["source"], "params": source.params.model_dump(mode="json")},
+        "shard_size": shard_size,
+        "nodes": {n: {"stage": nd.stage.name, "version": nd.stage.version,
+                      "params": nd.stage.params.model_dump(mode="json"),
+                      "inputs": {k: str(v) for k, v in nd.inputs.items()},
+                      "batch_size": nd.batch_size, **({"replicas": nd.replicas} if nd.replicas else {})}
+                  for n, nd in nodes.items()},
+        "outputs": [str(r) for r in outputs],
+    }
+    return Graph(doc["name"], file, doc.get("description", ""), source, source_types, nodes, outputs, shard_size, resolved)

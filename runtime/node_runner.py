@@ -1,0 +1,195 @@
+"""Run one node's stage over one shard: wire inputs, skip failed rows, batch, isolate bad rows.
+
+Used in-process by the local executor and inside a Ray actor by the Ray executor, so both
+give the same results.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from artifacts.columns import column_to_python, python_to_column
+from runtime.graph import SOURCE, Node
+from runtime.shards import Shard
+from stages.base import Batch, Granularity
+
+ERROR = "_error"
+ROW_ID = "_row_id"
+
+
+@dataclass
+class NodeStats:
+    rows: int = 0          # rows this node produced (samples, or images for per-image nodes)
+    computed: int = 0      # rows actually processed by the stage
+    errors: int = 0        # rows that failed here (not counting upstream failures)
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    peak_gpu_mb: float = 0.0
+    calls: int = 0         # process() calls
+    extra: dict = field(default_factory=dict)
+
+    def add(self, other: "NodeStats") -> None:
+        self.rows += other.rows
+        self.computed += other.computed
+        self.errors += other.errors
+        self.seconds += other.seconds
+        self.calls += other.calls
+        self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
+        self.peak_gpu_mb = max(self.peak_gpu_mb, other.peak_gpu_mb)
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024.0
+
+
+def peak_gpu_mb() -> float:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return 0.0
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+class NodeRunner:
+    """Holds one node's stage (set up once) and runs it on shards."""
+
+    def __init__(self, node: Node, per_image_upstream: set[str]):
+        self.node = node
+        self.stage = node.stage
+        self.per_image_upstream = per_image_upstream  # upstream nodes with one row per image
+        self._ready = False
+
+    def setup(self, device: str) -> None:
+        if not self._ready:
+            self.stage.setup(device)
+            self._ready = True
+
+    # -- wiring ----------------------------------------------------------------------------
+    def _row_ids(self, shard: Shard) -> list[str]:
+        """Image ids for a per-image node, sample ids otherwise."""
+        return shard.image_ids if self.node.granularity is Granularity.IMAGE else shard.sample_ids
+
+    def _gather(self, shard: Shard, upstream: dict[str, pa.Table], ref_node: str, column: str) -> pa.Array:
+        """One input column aligned with this node's rows."""
+        per_image = self.node.granularity is Granularity.IMAGE
+        if ref_node == SOURCE:
+            col = shard.table.column(column)
+            return col.take(pa.array(shard.image_first)) if per_image else col
+        col = upstream[ref_node].column(column)
+        if ref_node in self.per_image_upstream and not per_image:
+            return col.take(pa.array(shard.image_rows))
+        return col
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self, shard: Shard, upstream: dict[str, pa.Table]) -> tuple[pa.Table, NodeStats]:
+        start = time.perf_counter()
+        stats = NodeStats()
+        row_ids = self._row_ids(shard)
+        n = len(row_ids)
+        stats.rows = n
+
+        # rows failed upstream keep the first upstream error message
+        errors: list[str | None] = [None] * n
+        for up in sorted({r.node for r in self.node.inputs.values() if r.node != SOURCE}):
+            col = self._gather(shard, upstream, up, ERROR)
+            for i, msg in enumerate(col.to_pylist()):
+                if msg is not None and errors[i] is None:
+                    errors[i] = msg
+
+        inputs = {name: self._gather(shard, upstream, ref.node, ref.column) for name, ref in self.node.inputs.items()}
+        todo = [i for i in range(n) if errors[i] is None]
+        out_types = self.node.output_types
+        pieces: list[tuple[list[int], dict[str, pa.Array]]] = []
+        for b in range(0, len(todo), self.node.batch_size):
+            rows = todo[b:b + self.node.batch_size]
+            done_rows, outs, failures = self._process_rows(rows, inputs, row_ids, out_types)
+            stats.calls += 1
+            for i, msg in failures.items():
+                errors[i] = f"[{self.node.name}] {msg}"
+                stats.errors += 1
+            if done_rows:
+                pieces.append((done_rows, outs))
+            stats.computed += len(rows)
+
+        # scatter computed rows into full-length columns (null where the row failed)
+        position = np.full(n, -1, dtype=np.int64)
+        offset = 0
+        for rows, _ in pieces:
+            position[rows] = np.arange(offset, offset + len(rows))
+            offset += len(rows)
+        take = pa.array(np.where(position >= 0, position, 0), mask=position < 0)
+        columns = {}
+        for name, t in out_types.items():
+            chunks = [outs[name] for _, outs in pieces]
+            if chunks:
+                full = pa.chunked_array(chunks, type=t).combine_chunks().take(take)
+            else:
+                full = pa.nulls(n, type=t) if not hasattr(t, "storage_type") else \
+                    pa.ExtensionArray.from_storage(t, pa.nulls(n, type=t.storage_type))
+            columns[name] = full
+        columns[ERROR] = pa.array(errors, type=pa.string())
+        columns[ROW_ID] = pa.array(row_ids, type=pa.string())
+        table = pa.table(columns)
+        stats.seconds = time.perf_counter() - start
+        stats.peak_rss_mb = peak_rss_mb()
+        stats.peak_gpu_mb = peak_gpu_mb()
+        return table, stats
+
+    def _call(self, rows: list[int], inputs: dict[str, pa.Array], row_ids: list[str], out_types) -> tuple[dict[str, pa.Array], dict[int, str]]:
+        idx = pa.array(rows, type=pa.int64())
+        columns, validity = {}, {}
+        for name, arr in inputs.items():
+            columns[name], validity[name] = column_to_python(arr.take(idx))
+        batch = Batch(columns, validity, [row_ids[i] for i in rows])
+        raw = self.stage.process(batch)
+        missing = set(out_types) - set(raw)
+        if missing:
+            raise RuntimeError(f"stage '{self.stage.name}' returned no column(s) {sorted(missing)}")
+        outs = {name: python_to_column(raw[name], t, len(rows)) for name, t in out_types.items()}
+        failures = {rows[i]: msg for i, msg in batch.failures.items()}
+        return outs, failures
+
+    def _process_rows(self, rows, inputs, row_ids, out_types):
+        """Process a batch; if it raises, retry row by row so one bad row fails alone."""
+        try:
+            outs, failures = self._call(rows, inputs, row_ids, out_types)
+        except Exception:  # noqa: BLE001 - isolate the bad rows below
+            if len(rows) == 1:
+                exc_type, exc, _ = sys.exc_info()
+                return [], {}, {rows[0]: f"{exc_type.__name__}: {exc}"}
+            done, pieces, failures = [], [], {}
+            for i in rows:
+                try:
+                    o, f = self._call([i], inputs, row_ids, out_types)
+                except Exception as exc:  # noqa: BLE001
+                    failures[i] = f"{type(exc).__name__}: {exc}"
+                    _log_traceback(self.node.name, row_ids[i])
+                    continue
+                failures.update(f)
+                done.append(i)
+                pieces.append(o)
+            if not done:
+                return [], {}, failures
+            outs = {name: pa.concat_arrays([p[name] for p in pieces]) for name in out_types}
+            return self._drop_failed(done, outs, failures)
+        return self._drop_failed(rows, outs, failures)
+
+    @staticmethod
+    def _drop_failed(rows, outs, failures):
+        if not failures:
+            return rows, outs, failures
+        keep = [k for k, i in enumerate(rows) if i not in failures]
+        idx = pa.array(keep, type=pa.int64())
+        return [rows[k] for k in keep], {name: a.take(idx) for name, a in outs.items()}, failures
+
+
+def _log_traceback(node: str, row_id: str) -> None:
+    if "--debug" in sys.argv:
+        print(f"[{node}] row {row_id}:\n{traceback.format_exc()}", file=sys.stderr)

@@ -1,0 +1,177 @@
+"""VQAv2 / OK-VQA and GQA question files with an image folder.
+
+Question metadata is read into memory; images stay on disk and are passed on as paths.
+Samples are grouped by image, images in order of first appearance in the question file.
+A missing image file is not an error here: the image loading stage turns it into an error
+row (a warning names the first one, to catch a wrong ``image_pattern`` early).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+from pydantic import Field
+
+from runtime.sources.base import BASE_COLUMNS, Source, SourceColumn, SourceParams
+
+log = logging.getLogger(__name__)
+
+VQA_IMAGE_PATTERNS = ("COCO_{data_subtype}_{image_id:012d}.jpg", "{image_id:012d}.jpg")
+
+
+class VQAv2Params(SourceParams):
+    questions: str = Field(
+        ..., description="VQAv2 / OK-VQA questions JSON (OpenEnded_mscoco_*_questions.json)")
+    annotations: str | None = Field(None, description="annotations JSON with the human answers (optional)")
+    images: str = Field(..., description="folder of the COCO images")
+    image_pattern: str | None = Field(
+        None, description="image file name with {image_id} and {data_subtype}; default: "
+        "COCO_{data_subtype}_{image_id:012d}.jpg, else {image_id:012d}.jpg")
+
+
+class GQAParams(SourceParams):
+    questions: str = Field(..., description="GQA questions JSON (e.g. testdev_balanced_questions.json)")
+    images: str = Field(..., description="folder of the GQA images")
+    image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
+
+
+class VQAv2Source(Source):
+    """VQAv2 or OK-VQA (same format): questions JSON, optional annotations, COCO image folder.
+
+    ``answers`` are the ten human answers when annotations are given, else null.
+    """
+
+    name = "vqav2"
+    Params = VQAv2Params
+    params: VQAv2Params
+
+    def columns(self) -> dict[str, SourceColumn]:
+        return {
+            **BASE_COLUMNS,
+            "answer_type": SourceColumn(
+                pa.string(), 'VQAv2 answer type ("yes/no", "number", "other"); null if unknown'),
+        }
+
+    def problems(self) -> list[tuple[str, str]]:
+        p = self.params
+        found = _missing_file("questions", p.questions, "the VQAv2 questions JSON")
+        if p.annotations is not None:
+            found += _missing_file(
+                "annotations", p.annotations, "the VQAv2 annotations JSON (or leave it out)")
+        return found + _missing_dir("images", p.images)
+
+    def iter_samples(self) -> Iterator[dict[str, Any]]:
+        p = self.params
+        data = _read_json(p.questions)
+        subtype = data.get("data_subtype")
+        answers_by_qid = {}
+        if p.annotations is not None:
+            answers_by_qid = {a["question_id"]: a for a in _read_json(p.annotations)["annotations"]}
+        if p.image_pattern:
+            if subtype is None and "{data_subtype" in p.image_pattern:
+                raise ValueError(
+                    f"{p.questions} has no data_subtype, but image_pattern uses {{data_subtype}}")
+            patterns = (p.image_pattern,)
+        else:
+            patterns = VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
+        images = _ImageFolder(p.images)
+        for image_id, group in _by_image(data["questions"], "image_id"):
+            names = [pat.format(image_id=image_id, data_subtype=subtype) for pat in patterns]
+            image_path = images.path(names)
+            for q in group:
+                ann = answers_by_qid.get(q["question_id"], {})
+                human = ann.get("answers")
+                yield {
+                    "sample_id": str(q["question_id"]),
+                    "image_id": str(image_id),
+                    "question": q["question"],
+                    "image_path": image_path,
+                    "image_bytes": None,
+                    "answers": None if human is None else [a["answer"] for a in human],
+                    "question_type": ann.get("question_type"),
+                    "answer_type": ann.get("answer_type"),
+                }
+
+
+class GQASource(Source):
+    """GQA: questions JSON keyed by question id, and the image folder.
+
+    ``answers`` is the one given answer (null for test questions); ``question_type`` is the
+    detailed type, else the structural one.
+    """
+
+    name = "gqa"
+    Params = GQAParams
+    params: GQAParams
+
+    def problems(self) -> list[tuple[str, str]]:
+        p = self.params
+        return (_missing_file("questions", p.questions, "a GQA questions JSON")
+                + _missing_dir("images", p.images))
+
+    def iter_samples(self) -> Iterator[dict[str, Any]]:
+        p = self.params
+        questions = [{"qid": qid, **q} for qid, q in _read_json(p.questions).items()]
+        images = _ImageFolder(p.images)
+        for image_id, group in _by_image(questions, "imageId"):
+            image_path = images.path([p.image_pattern.format(image_id=image_id)])
+            for q in group:
+                types = q.get("types") or {}
+                yield {
+                    "sample_id": str(q["qid"]),
+                    "image_id": str(image_id),
+                    "question": q["question"],
+                    "image_path": image_path,
+                    "image_bytes": None,
+                    "answers": [q["answer"]] if q.get("answer") is not None else None,
+                    "question_type": types.get("detailed") or types.get("structural"),
+                }
+
+
+class _ImageFolder:
+    """Resolves image file names in a folder to absolute paths."""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder).expanduser().absolute()
+        self.warned = False
+
+    def path(self, names: list[str]) -> str:
+        """The first of ``names`` that exists, else the first (and warn once)."""
+        paths = [self.folder / n for n in names]
+        found = next((p for p in paths if p.is_file()), None)
+        if found is None and not self.warned:
+            self.warned = True
+            log.warning("image not found: %s (tried %s); such samples will become error rows; "
+                        "check images and image_pattern", paths[0], ", ".join(names))
+        return str(found or paths[0])
+
+
+def _by_image(items: Iterable[dict], key: str) -> Iterator[tuple[Any, list[dict]]]:
+    """``(image id, its items)`` in order of first appearance of the image."""
+    groups: dict[Any, list[dict]] = {}
+    for item in items:
+        groups.setdefault(item[key], []).append(item)
+    yield from groups.items()
+
+
+def _read_json(path: str) -> Any:
+    with open(Path(path).expanduser(), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _missing_file(param: str, path: str, expected: str) -> list[tuple[str, str]]:
+    if Path(path).expanduser().is_file():
+        return []
+    return [(param, f"{path} does not exist or is not a file; expected {expected}; "
+                    f"set {param} to its path (download it from the dataset's site)")]
+
+
+def _missing_dir(param: str, path: str) -> list[tuple[str, str]]:
+    if Path(path).expanduser().is_dir():
+        return []
+    return [(param, f"{path} does not exist or is not a folder; expected the folder of the "
+                    f"dataset's images; set {param} to it")]

@@ -1,0 +1,129 @@
+"""The stage contract: typed params, declared columns, setup once per worker, batch processing.
+
+A stage never imports the runtime. The runtime builds a stage from validated params, calls
+``setup(device)`` once per worker and then ``process(batch)`` for batches of rows.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from artifacts.columns import ColumnSpec
+
+
+class StageParams(BaseModel):
+    """Base of every stage's params: unknown keys are rejected, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Granularity(str, enum.Enum):
+    IMAGE = "image"    # one row per image; results are shared by every question of the image
+    SAMPLE = "sample"  # one row per (image, question)
+
+
+@dataclass(frozen=True)
+class Input:
+    spec: ColumnSpec
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Output:
+    spec: ColumnSpec
+    doc: str
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one worker of the stage asks for.
+
+    ``gpu`` is the GPU fraction per worker when the cluster has GPUs (0 = CPU stage);
+    ``batch_size`` the preferred number of rows per ``process`` call.
+    """
+
+    gpu: float = 0.0
+    batch_size: int = 256
+
+
+@dataclass
+class Batch(Mapping[str, Any]):
+    """The rows handed to ``Stage.process``.
+
+    ``batch[name]`` is the input column: fixed-shape tensors as ``np.ndarray [N, *shape]``,
+    numeric scalars as ``np.ndarray [N]``, other types as lists. Null entries (only in
+    optional inputs) are zero / None; ``valid(name)`` says which rows hold a value.
+    ``row_ids`` are the sample ids (or image ids for per-image stages), for per-row seeding.
+    """
+
+    columns: dict[str, Any]
+    validity: dict[str, np.ndarray]
+    row_ids: list[str]
+    failures: dict[int, str] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.columns[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns)
+
+    def __len__(self) -> int:
+        return len(self.row_ids)
+
+    def valid(self, name: str) -> np.ndarray:
+        return self.validity[name]
+
+    def fail(self, row: int, message: str) -> None:
+        """Mark one row as failed; its outputs become null and the run goes on."""
+        self.failures[row] = message
+
+
+class Stage:
+    """Base class of every operator. Subclasses set the class attributes and ``process``."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Params: ClassVar[type[StageParams]] = StageParams
+    granularity: ClassVar[Granularity] = Granularity.SAMPLE
+    cacheable: ClassVar[bool] = True
+    resources: ClassVar[Resources] = Resources()
+    INPUTS: ClassVar[dict[str, Input]] = {}
+    OUTPUTS: ClassVar[dict[str, Output]] = {}
+
+    def __init__(self, params: StageParams):
+        self.params = params
+        self.device = "cpu"
+
+    # --- declared schema (override when it depends on params) -----------------------------
+    def inputs(self) -> dict[str, Input]:
+        return dict(self.INPUTS)
+
+    def outputs(self) -> dict[str, Output]:
+        return dict(self.OUTPUTS)
+
+    # --- checks the runtime runs before any work ------------------------------------------
+    def problems(self) -> list[tuple[str, str]]:
+        """``(field, message)`` for anything that would make the run fail (missing files)."""
+        return []
+
+    def weights_fingerprint(self) -> str | None:
+        """A fingerprint of the model weights this stage will load (part of the cache key)."""
+        return None
+
+    # --- work ----------------------------------------------------------------------------
+    def setup(self, device: str) -> None:
+        """Load models once per worker."""
+        self.device = device
+
+    def process(self, batch: Batch) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def describe(cls) -> str:
+        return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
