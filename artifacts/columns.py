@@ -83,15 +83,22 @@ def _variable_parts(t: pa.DataType) -> tuple[pa.DataType, int]:
     return t.field(1).type.value_type, t.field(0).type.list_size
 
 
+def _dtype_name(t: pa.DataType) -> str:
+    """numpy's name of an Arrow value type (Arrow says 'float' for float32)."""
+    return np.dtype(t.to_pandas_dtype()).name
+
+
 def describe_type(t: ColumnSpec) -> str:
     """Human-readable type, e.g. ``float32[24, 24]`` or ``list<string>``."""
     if isinstance(t, TensorSpec):
         return t.describe()
     if is_fixed_tensor(t):
-        return f"{t.value_type}[{', '.join(str(s) for s in t.shape)}]"
+        return f"{_dtype_name(t.value_type)}[{', '.join(str(s) for s in t.shape)}]"
     if is_variable_tensor(t):
         vt, ndim = _variable_parts(t)
-        return f"{vt}[variable, {ndim} dims]"
+        return f"{_dtype_name(vt)}[variable, {ndim} dims]"
+    if pa.types.is_list(t):
+        return f"list<{describe_type(t.value_type)}>"
     return str(t)
 
 
@@ -103,10 +110,10 @@ def match_spec(spec: ColumnSpec, actual: pa.DataType, bindings: dict[str, int]) 
     if isinstance(spec, pa.DataType):
         return None if spec.equals(actual) else f"expected {describe_type(spec)}"
     if spec.shape is None:
-        ok = is_variable_tensor(actual) and str(_variable_parts(actual)[0]) == spec.dtype
+        ok = is_variable_tensor(actual) and _dtype_name(_variable_parts(actual)[0]) == np.dtype(spec.dtype).name
         ok = ok and (spec.ndim is None or _variable_parts(actual)[1] == spec.ndim)
         return None if ok else f"expected {spec.describe()}"
-    if not is_fixed_tensor(actual) or str(actual.value_type) != spec.dtype:
+    if not is_fixed_tensor(actual) or _dtype_name(actual.value_type) != np.dtype(spec.dtype).name:
         return f"expected {spec.describe()}"
     if len(actual.shape) != len(spec.shape):
         return f"expected {len(spec.shape)} dimensions ({spec.describe()})"

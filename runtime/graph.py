@@ -407,6 +407,9 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                     continue
                 actual = outs[ref.column]
                 image_level = stages[ref.node].granularity is Granularity.IMAGE
+                if actual is None:
+                    ok = False
+                    continue
             else:
                 ok = False
                 continue
@@ -423,6 +426,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             try:
                 outs[out] = decl.spec.concrete(bindings) if hasattr(decl.spec, "concrete") else decl.spec
             except KeyError:
+                outs[out] = None  # unknown after an input error: consumers are not checked again
                 if ok:
                     problems.append(Problem(nfile, name, f"outputs.{out}", "cannot determine the output shape from the inputs"))
         output_types[name] = outs

@@ -95,8 +95,9 @@ class NodeRunner:
         n = len(row_ids)
         stats.rows = n
 
-        # rows failed upstream keep the first upstream error message
-        errors: list[str | None] = [None] * n
+        # rows failed upstream (or bad in the source) keep the first error message
+        per_image = self.node.granularity is Granularity.IMAGE
+        errors: list[str | None] = list(shard.image_errors if per_image else shard.sample_errors)
         for up in sorted({r.node for r in self.node.inputs.values() if r.node != SOURCE}):
             col = self._gather(shard, upstream, up, ERROR)
             for i, msg in enumerate(col.to_pylist()):

@@ -176,7 +176,7 @@ class RunContext:
                 cols[ref.column] = shard.table.column(ref.column)
             else:
                 cols[str(ref)] = per_sample(ref.node, ref.column)
-        errors: list[str | None] = [None] * shard.num_samples
+        errors: list[str | None] = list(shard.sample_errors)
         for name in plan.final:
             for i, msg in enumerate(per_sample(name, ERROR).to_pylist()):
                 if msg is not None and errors[i] is None:

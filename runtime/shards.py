@@ -29,6 +29,8 @@ class Shard:
     fingerprint: str
     image_rows: np.ndarray
     image_first: np.ndarray
+    sample_errors: list[str | None]  # bad records (empty question, no image), per sample
+    image_errors: list[str | None]   # per image (no image reference)
 
     @property
     def num_samples(self) -> int:
@@ -92,7 +94,19 @@ def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataT
             image_first.append(i)
         image_rows[i] = image_index[img]
     fp = fingerprint([_record_token(r) for r in records])
-    return Shard(index, table, fp, image_rows, np.asarray(image_first, dtype=np.int64))
+    image_errors = [None if (records[i].get("image_path") or records[i].get("image_bytes"))
+                    else "[source] no image: the record has neither an image path nor image bytes"
+                    for i in image_first]
+    sample_errors = []
+    for i, r in enumerate(records):
+        question = r.get("question")
+        if image_errors[image_rows[i]]:
+            sample_errors.append(image_errors[image_rows[i]])
+        elif not isinstance(question, str) or not question.strip():
+            sample_errors.append("[source] empty question")
+        else:
+            sample_errors.append(None)
+    return Shard(index, table, fp, image_rows, np.asarray(image_first, dtype=np.int64), sample_errors, image_errors)
 
 
 def select_samples(records: Iterable[dict[str, Any]], ids: set[str] | None, limit: int | None) -> Iterator[dict[str, Any]]:

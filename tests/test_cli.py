@@ -1,0 +1,85 @@
+"""The command line: exit codes, one-paragraph errors without tracebacks, listings, cache commands."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow.parquet as pq
+
+import stages
+from conftest import GRAPHS
+from runtime.cli import main
+
+ORACLE = str(GRAPHS / "oracle_heatmap.yaml")
+
+
+def test_validate_ok_and_bad(capsys, write_graph):
+    assert main(["validate", ORACLE]) == 0
+    assert "ok" in capsys.readouterr().out
+    bad = write_graph("dataset: {source: shapes}\nnodes:\n  a: {stage: nope}\noutputs: []\n")
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'nope'" in err and "Traceback" not in err
+
+
+def test_bad_arguments_are_one_line_errors(capsys, tmp_path):
+    assert main(["run", ORACLE, "--executor", "local", "--limit", "0", "--output", str(tmp_path / "o")]) == 2
+    assert "--limit" in capsys.readouterr().err
+    assert main(["run", ORACLE, "--executor", "local", "--force", "nope", "--output", str(tmp_path / "o")]) == 2
+    assert "--force nope" in capsys.readouterr().err
+    assert main(["run", ORACLE, "--set", "oops"]) == 2
+    assert "NODE.PARAM=VALUE" in capsys.readouterr().err
+    assert main(["run", ORACLE, "--ids", "@/nonexistent/ids.txt", "--executor", "local"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_stages_lists_params_and_columns(capsys):
+    assert main(["stages"]) == 0
+    out = capsys.readouterr().out
+    for name in stages.STAGES:
+        assert name in out
+    assert main(["stages", "heatmap_points"]) == 0
+    out = capsys.readouterr().out
+    assert "num_points: int (default 5" in out and "inputs:" in out and "heatmap: float32[g, g]" in out
+    assert main(["stages", "--json"]) == 0
+    assert '"properties"' in capsys.readouterr().out
+
+
+def test_show_yaml_and_dot(capsys):
+    assert main(["show", ORACLE, "--set", "points.num_points=3"]) == 0
+    out = capsys.readouterr().out
+    assert "num_points: 3" in out and "graph_hash" in out and "points.points: float32[3, 2]" in out
+    assert main(["show", ORACLE, "--dot"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith('digraph "oracle_heatmap"') and "oracle -> points" in out
+
+
+def test_run_limit_ids_and_cache_commands(capsys, tmp_path):
+    cache = str(tmp_path / "cache")
+    assert main(["run", ORACLE, "--executor", "local", "--limit", "5", "--quiet", "--device", "cpu",
+                 "--output", str(tmp_path / "a"), "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert "5 samples" in out and "results:" in out
+    assert pq.read_table(tmp_path / "a" / "results.parquet").num_rows == 5
+    ids = "shapes-0-000003-q1,shapes-0-000000-q0"
+    assert main(["run", ORACLE, "--executor", "local", "--ids", ids, "--quiet", "--device", "cpu",
+                 "--output", str(tmp_path / "b"), "--cache", cache]) == 0
+    got = pq.read_table(tmp_path / "b" / "results.parquet").column("sample_id").to_pylist()
+    assert sorted(got) == sorted(ids.split(","))
+    capsys.readouterr()
+
+    assert main(["cache", "ls", "--cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert "heatmap_points" in out and "load_image" not in out  # decoded images are never cached
+    stray = next((tmp_path / "cache").glob("*/*/")) / "x.parquet.tmp-dead"
+    stray.write_bytes(b"partial")
+    old = next((tmp_path / "cache" / "sample_patches").glob("*/*.parquet"))
+    os.utime(old, (time.time() - 40 * 86400,) * 2)
+    assert main(["cache", "gc", "--cache", cache, "--older-than", "30", "--dry-run"]) == 0
+    assert "would remove 2 files" in capsys.readouterr().out and stray.exists()
+    assert main(["cache", "gc", "--cache", cache, "--older-than", "30"]) == 0
+    assert not stray.exists() and not old.exists()
+    assert main(["cache", "gc", "--cache", cache, "--max-size", "1K"]) == 0
+    assert main(["cache", "ls", "--cache", cache]) == 0
+    assert "total: " in capsys.readouterr().out
