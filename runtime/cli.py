@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from runtime.errors import GraphError, UsageError
+from runtime.params_doc import describe_params
 
 EPILOG = """examples:
   runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample (Ray)
@@ -136,17 +137,6 @@ def _cmd_show(a) -> int:
     return 0
 
 
-def _describe_params(model) -> list[str]:
-    lines = []
-    for name, f in model.model_fields.items():
-        ann = getattr(f.annotation, "__name__", None) or str(f.annotation).replace("typing.", "")
-        default = "required" if f.is_required() else f"default {f.default!r}"
-        bounds = " ".join(f"{type(m).__name__.lower()} {getattr(m, type(m).__name__.lower())}" for m in f.metadata
-                          if hasattr(m, type(m).__name__.lower()))
-        lines.append(f"    {name}: {ann} ({default}{', ' + bounds if bounds else ''}) — {f.description or ''}".rstrip(" —"))
-    return lines or ["    (none)"]
-
-
 def _cmd_stages(a) -> int:
     from artifacts.columns import describe_type
     from stages import STAGES
@@ -170,7 +160,7 @@ def _cmd_stages(a) -> int:
               f"batch {cls.resources.batch_size}{', gpu %.2f' % cls.resources.gpu if cls.resources.gpu else ''})")
         print(f"  {cls.describe()}")
         print("  params:")
-        print("\n".join(_describe_params(cls.Params)))
+        print("\n".join(describe_params(cls.Params)))
         print("  inputs:")
         for k, i in stage.inputs().items():
             print(f"    {k}: {describe_type(i.spec)}{' (optional)' if i.optional else ''} — {i.doc}")
@@ -191,7 +181,7 @@ def _cmd_sources(a) -> int:
             raise UsageError(f"no source '{n}'; sources: {', '.join(SOURCES)}")
         cls = SOURCES[n]
         print(f"{n}\n  {cls.describe()}\n  params:")
-        print("\n".join(_describe_params(cls.Params)))
+        print("\n".join(describe_params(cls.Params)))
         try:
             cols = cls(cls.Params()).columns()
         except Exception:  # noqa: BLE001 - sources with required params: show the base columns

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from artifacts.columns import describe_type, match_spec
 from artifacts.fingerprint import fingerprint
 from runtime.errors import GraphError, Problem
+from runtime.params_doc import type_name
 from runtime.sources import SOURCES
 from runtime.sources.base import Source
 from runtime.yaml_io import DuplicateKeyError, load_yaml, parse_value
@@ -252,14 +253,10 @@ def _pydantic_problems(exc: ValidationError, file: str, node: str | None, prefix
             msg = f"unknown parameter; {_suggest(name, list(fields))}valid parameters: {valid}"
         else:
             f = fields.get(name)
-            hint = f" (expected {_annotation(f.annotation)}" + (f", default {f.default!r})" if f is not None else ")") if f else ""
+            hint = f" (expected {type_name(f.annotation)}, default {f.default!r})" if f else ""
             msg = f"{err['msg']}{hint}; got {err.get('input')!r}"
         out.append(Problem(file, node, f"{prefix}.{loc}" if loc else prefix, msg))
     return out
-
-
-def _annotation(ann: Any) -> str:
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
 def _parse_ref(text: Any) -> Ref | None:

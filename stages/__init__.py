@@ -1,0 +1,23 @@
+"""Operators, registered by name for graph files: ``STAGES["heatmap_points"]``."""
+
+from stages.base import Stage, StageParams
+from stages.evaluation import VQAEval
+from stages.heatmaps import (
+    HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
+)
+from stages.images import LoadImage, PreprocessImage
+
+STAGE_CLASSES: tuple[type[Stage], ...] = (
+    LoadImage,
+    PreprocessImage,
+    MaskHeatmap,
+    HeatmapPoints,
+    HeatmapEnhance,
+    HeatmapMetrics,
+    SamplePatches,
+    VQAEval,
+)
+
+STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in STAGE_CLASSES}
+
+__all__ = ["STAGES", "STAGE_CLASSES", "Stage", "StageParams"]
