@@ -92,11 +92,15 @@ def run_graph(
         if executor == "local":
             run_local(ctx, shards, device, bars)
         else:
-            started = init_ray(address)
+            started = []
+
+            def connect() -> None:
+                started.append(init_ray(address))
+
             try:
-                run_ray(ctx, shards, device, bars)
+                run_ray(ctx, shards, device, bars, connect)
             finally:
-                if started:
+                if any(started):
                     stop_ray()
     finally:
         bars.close()

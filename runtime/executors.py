@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections import deque
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -134,21 +134,31 @@ def actor_resources(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, d
     return plan
 
 
-def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Progress) -> None:
-    """Submit each shard's (node, shard) tasks to per-node actor pools; write results as they land."""
+def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Progress,
+            connect: Callable[[], None]) -> None:
+    """Submit each shard's (node, shard) tasks to per-node actor pools; write results as they land.
+
+    ``connect`` starts or joins Ray; it is called only when a shard needs computing, so a run
+    served entirely from finished parts starts no cluster.
+    """
     import ray
 
-    resources = ray.cluster_resources()
-    res = actor_resources(ctx, resources.get("CPU", 1.0), resources.get("GPU", 0.0), device)
-    actor_cls = ray.remote(_NodeActor)
     pools: dict[str, list] = {}
-    for name, node in ctx.graph.nodes.items():
-        r = res[name]
-        actor_device = "cuda" if r["num_gpus"] > 0 else "cpu"
-        pools[name] = [actor_cls.options(num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], max_concurrency=1)
-                       .remote(node, ctx.per_image, actor_device) for _ in range(r["replicas"])]
-    window = max(2, 2 * max(len(p) for p in pools.values()))
+    window = 2
     in_flight: deque = deque()
+
+    def start_pools() -> None:
+        nonlocal window
+        connect()
+        resources = ray.cluster_resources()
+        res = actor_resources(ctx, resources.get("CPU", 1.0), resources.get("GPU", 0.0), device)
+        actor_cls = ray.remote(_NodeActor)
+        for name, node in ctx.graph.nodes.items():
+            r = res[name]
+            actor_device = "cuda" if r["num_gpus"] > 0 else "cpu"
+            pools[name] = [actor_cls.options(num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], max_concurrency=1)
+                           .remote(node, ctx.per_image, actor_device) for _ in range(r["replicas"])]
+        window = max(2, 2 * max(len(p) for p in pools.values()))
 
     def submit(plan: ShardPlan) -> dict:
         shard_ref = ray.put(plan.shard)
@@ -189,6 +199,8 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Pro
                 ctx.note_part_reused()
                 progress.shard(shard, ctx.graph.nodes)
                 continue
+            if not pools:
+                start_pools()
             in_flight.append(submit(plan))
             while in_flight and drain(in_flight[0], block=False):
                 in_flight.popleft()

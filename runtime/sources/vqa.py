@@ -8,6 +8,7 @@ row (a warning names the first one, to catch a wrong ``image_pattern`` early).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -64,9 +65,16 @@ class VQAv2Source(Source):
                 "annotations", p.annotations, "the VQAv2 annotations JSON (or leave it out)")
         return found + _missing_dir("images", p.images)
 
+    @functools.cached_property
+    def _data(self) -> dict:
+        return _read_json(self.params.questions)
+
+    def count(self) -> int:
+        return len(self._data["questions"])
+
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
-        data = _read_json(p.questions)
+        data = self._data
         subtype = data.get("data_subtype")
         answers_by_qid = {}
         if p.annotations is not None:
@@ -113,9 +121,16 @@ class GQASource(Source):
         return (_missing_file("questions", p.questions, "a GQA questions JSON")
                 + _missing_dir("images", p.images))
 
+    @functools.cached_property
+    def _questions(self) -> dict:
+        return _read_json(self.params.questions)
+
+    def count(self) -> int:
+        return len(self._questions)
+
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
-        questions = [{"qid": qid, **q} for qid, q in _read_json(p.questions).items()]
+        questions = [{"qid": qid, **q} for qid, q in self._questions.items()]
         images = _ImageFolder(p.images)
         for image_id, group in _by_image(questions, "imageId"):
             image_path = images.path([p.image_pattern.format(image_id=image_id)])
