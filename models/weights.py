@@ -1,0 +1,152 @@
+"""Local checkpoint files: where they are, safe loading, key reports, fingerprints.
+
+No weights are ever downloaded. Real checkpoints live in a weights folder given by
+``--weights DIR`` (which sets ``PNPVQA_WEIGHTS``) under standard file names; a missing file
+is an error that names the file, where it was looked for and where it is published.
+Checkpoints are read with ``torch.load(weights_only=True)`` or safetensors, never unpickled
+with code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import nn
+
+WEIGHTS_ENV = "PNPVQA_WEIGHTS"
+
+
+class WeightsError(Exception):
+    """A checkpoint that is missing, unreadable, unsafe or does not fit the model."""
+
+
+def weights_dir() -> Path | None:
+    value = os.environ.get(WEIGHTS_ENV)
+    return Path(value) if value else None
+
+
+def find_weights(file_name: str, published: str) -> Path:
+    """The path of ``file_name`` in the weights folder, or a ``WeightsError`` saying how to get it."""
+    root = weights_dir()
+    if root is None:
+        raise WeightsError(
+            f"this preset needs the checkpoint '{file_name}', but no weights folder is set: pass "
+            f"--weights DIR (or set {WEIGHTS_ENV}) with '{file_name}' in it. Published at: {published}")
+    path = root / file_name
+    if not path.exists():
+        raise WeightsError(
+            f"checkpoint '{file_name}' not found in the weights folder {root} (expected {path}). "
+            f"Published at: {published}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` / ``.pt`` (``weights_only=True``) or ``.safetensors`` file; a state dict
+    wrapped under ``"model"`` or ``"state_dict"`` is unwrapped."""
+    path = Path(path)
+    if not path.exists():
+        raise WeightsError(f"checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        raise WeightsError(f"{path} holds objects other than tensors and is refused: checkpoints are read "
+                           f"with weights_only=True (tensors and plain containers only). {detail}".strip()) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
+            state = state[wrapper]
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return dict(state)
+
+
+@dataclass
+class LoadReport:
+    """What happened when a state dict was applied to a model."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)      # model keys the checkpoint lacks
+    unexpected: list[str] = field(default_factory=list)   # checkpoint keys the model lacks
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # key, checkpoint, model
+    ignored: list[str] = field(default_factory=list)      # checkpoint keys dropped on purpose
+
+    def summary(self) -> str:
+        parts = [f"{len(self.loaded)} loaded"]
+        for name in ("missing", "unexpected", "mismatched", "ignored"):
+            items = getattr(self, name)
+            if items:
+                shown = ", ".join(str(x if isinstance(x, str) else f"{x[0]} {tuple(x[1])} vs model {tuple(x[2])}")
+                                  for x in items[:5])
+                parts.append(f"{len(items)} {name} ({shown}{', ...' if len(items) > 5 else ''})")
+        return "; ".join(parts)
+
+
+def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                     ignore: Iterable[str] = (), optional: Iterable[str] = ()) -> LoadReport:
+    """Copy ``state`` into ``model`` and report; a missing or mismatched model key is an error.
+
+    ``ignore``: prefixes of checkpoint keys not used by this model (momentum encoders, queues).
+    ``optional``: model keys that may be absent from a checkpoint (buffers such as position_ids).
+    """
+    ignore, optional = tuple(ignore), set(optional)
+    report = LoadReport()
+    own = model.state_dict()
+    usable = {}
+    for key, value in state.items():
+        if ignore and key.startswith(ignore):
+            report.ignored.append(key)
+        elif key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = value
+    report.missing = [k for k in own if k not in state and k not in optional]
+    if report.missing or report.mismatched:
+        raise WeightsError(f"{source} does not fit the model: {report.summary()}. Is it the checkpoint of "
+                           "another model or size (check --preset)?")
+    model.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    return report
+
+
+def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of the size, the first and the last MiB of a file: cheap for multi-GB checkpoints,
+    and it changes when the file is replaced by another one."""
+    path = Path(path)
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(str(size).encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(chunk))
+        if size > chunk:
+            fh.seek(max(chunk, size - chunk))
+            h.update(fh.read(chunk))
+    return h.hexdigest()[:32]
+
+
+def tree_fingerprint(folder: str | Path, patterns: Iterable[str] = ("*",)) -> str:
+    """Fingerprint of the files of a folder (e.g. a Hugging Face model directory)."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    for pattern in patterns:
+        for path in sorted(folder.glob(pattern)):
+            if path.is_file():
+                h.update(path.name.encode())
+                h.update(file_fingerprint(path).encode())
+    return h.hexdigest()[:32]
