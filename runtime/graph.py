@@ -414,7 +414,11 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             if why:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"type mismatch: {ref} is {describe_type(actual)}, {why}"))
                 ok = False
-            if stage.granularity is Granularity.IMAGE and not image_level:
+            if stage.inputs()[inp].per_image and not image_level:
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"input '{inp}' is taken once per image, but {ref} is a "
+                                        "per-question column; wire an image-level column (a per-image node or source.image_*)"))
+                ok = False
+            elif stage.granularity is Granularity.IMAGE and not image_level:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"'{stage.name}' runs once per image, but {ref} is a per-question "
                                         "column; wire an image-level column (e.g. source.image_path or a per-image node)"))
                 ok = False

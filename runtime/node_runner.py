@@ -76,9 +76,11 @@ class NodeRunner:
         """Image ids for a per-image node, sample ids otherwise."""
         return shard.image_ids if self.node.granularity is Granularity.IMAGE else shard.sample_ids
 
-    def _gather(self, shard: Shard, upstream: dict[str, pa.Table], ref_node: str, column: str) -> pa.Array:
-        """One input column aligned with this node's rows."""
-        per_image = self.node.granularity is Granularity.IMAGE
+    def _gather(self, shard: Shard, upstream: dict[str, pa.Table], ref_node: str, column: str,
+                per_image: bool | None = None) -> pa.Array:
+        """One input column aligned with this node's rows (or with the shard's images)."""
+        if per_image is None:
+            per_image = self.node.granularity is Granularity.IMAGE
         if ref_node == SOURCE:
             col = shard.table.column(column)
             return col.take(pa.array(shard.image_first)) if per_image else col
@@ -104,12 +106,15 @@ class NodeRunner:
                 if msg is not None and errors[i] is None:
                     errors[i] = msg
 
-        inputs = {name: self._gather(shard, upstream, ref.node, ref.column) for name, ref in self.node.inputs.items()}
+        declared = self.stage.inputs()
+        self._image_inputs = set() if per_image else {k for k in self.node.inputs if declared[k].per_image}
+        self._image_of_row = None if per_image else shard.image_rows
+        inputs = {name: self._gather(shard, upstream, ref.node, ref.column, per_image or name in self._image_inputs)
+                  for name, ref in self.node.inputs.items()}
         todo = [i for i in range(n) if errors[i] is None]
         out_types = self.node.output_types
         pieces: list[tuple[list[int], dict[str, pa.Array]]] = []
-        for b in range(0, len(todo), self.node.batch_size):
-            rows = todo[b:b + self.node.batch_size]
+        for rows in self._batches(todo):
             done_rows, outs, failures = self._process_rows(rows, inputs, row_ids, out_types)
             stats.calls += 1
             for i, msg in failures.items():
@@ -143,12 +148,28 @@ class NodeRunner:
         stats.peak_gpu_mb = peak_gpu_mb()
         return table, stats
 
+    def _batches(self, todo: list[int]) -> list[list[int]]:
+        """Rows in batches of about ``batch_size``, cut only between images so that an image's
+        questions share one batch (and one image encoding)."""
+        size, image = self.node.batch_size, self._image_of_row
+        batches: list[list[int]] = []
+        for i in todo:
+            if not batches or (len(batches[-1]) >= size
+                               and (image is None or image[i] != image[batches[-1][-1]])):
+                batches.append([])
+            batches[-1].append(i)
+        return batches
+
     def _call(self, rows: list[int], inputs: dict[str, pa.Array], row_ids: list[str], out_types) -> tuple[dict[str, pa.Array], dict[int, str]]:
         idx = pa.array(rows, type=pa.int64())
+        image_rows = None
+        if self._image_inputs:
+            images, image_rows = np.unique(self._image_of_row[rows], return_inverse=True)
+            image_idx = pa.array(images, type=pa.int64())
         columns, validity = {}, {}
         for name, arr in inputs.items():
-            columns[name], validity[name] = column_to_python(arr.take(idx))
-        batch = Batch(columns, validity, [row_ids[i] for i in rows])
+            columns[name], validity[name] = column_to_python(arr.take(image_idx if name in self._image_inputs else idx))
+        batch = Batch(columns, validity, [row_ids[i] for i in rows], image_rows)
         raw = self.stage.process(batch)
         missing = set(out_types) - set(raw)
         if missing:

@@ -29,9 +29,17 @@ class Granularity(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Input:
+    """A declared input column.
+
+    ``per_image``: the value is the same for every question of an image (e.g. pixels) and is
+    handed over once per distinct image of the batch, ``batch.image_rows`` mapping rows to it,
+    so a per-sample stage encodes each image once however many questions share it.
+    """
+
     spec: ColumnSpec
     doc: str
     optional: bool = False
+    per_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,11 +68,14 @@ class Batch(Mapping[str, Any]):
     numeric scalars as ``np.ndarray [N]``, other types as lists. Null entries (only in
     optional inputs) are zero / None; ``valid(name)`` says which rows hold a value.
     ``row_ids`` are the sample ids (or image ids for per-image stages), for per-row seeding.
+    Inputs declared ``per_image`` hold one entry per distinct image of the batch;
+    ``image_rows[i]`` is the entry of row ``i``.
     """
 
     columns: dict[str, Any]
     validity: dict[str, np.ndarray]
     row_ids: list[str]
+    image_rows: np.ndarray | None = None
     failures: dict[int, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
