@@ -13,6 +13,8 @@ from pathlib import Path
 from runtime.errors import GraphError, UsageError
 from runtime.params_doc import describe_params
 
+WEIGHTS_ENV = "PNPVQA_WEIGHTS"  # read by models.weights; forwarded to Ray workers
+
 EPILOG = """examples:
   runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample (Ray)
   runtime run graphs/oracle_heatmap.yaml --executor local --limit 20
@@ -32,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def graph_args(sp):
         sp.add_argument("graph", help="graph YAML file (see graphs/)")
+        sp.add_argument("--preset", metavar="NAME",
+                        help="model preset of every model node (tiny, shapes, base, large, ...; see `runtime stages`)")
+        sp.add_argument("--weights", metavar="DIR",
+                        help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a node param (or dataset.PARAM, NODE.batch_size, NODE.replicas, "
                              "shard_size) without editing the file; repeatable; VALUE is parsed as YAML")
@@ -99,23 +105,34 @@ def _parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
+def _load(a):
+    """Validate the graph of a run / validate / show command, after --weights and --preset."""
+    from runtime.graph import load_graph
+
+    if a.weights:
+        folder = Path(a.weights)
+        if not folder.is_dir():
+            raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
+                             "standard names; see README, 'Real checkpoints')")
+        os.environ[WEIGHTS_ENV] = str(folder.resolve())
+    return load_graph(a.graph, a.overrides, preset=a.preset)
+
+
 def _cmd_run(a) -> int:
     from runtime.api import run_graph
-    from runtime.graph import load_graph
     from runtime.run import format_summary
 
-    graph = load_graph(a.graph, a.overrides)
+    graph = _load(a)
     summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
                         force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
-                        progress=not a.quiet, arguments={"graph": a.graph, "overrides": a.overrides})
+                        progress=not a.quiet, arguments={"graph": a.graph, "overrides": a.overrides,
+                                                            "preset": a.preset, "weights": a.weights})
     print(format_summary(summary, graph))
     return 0
 
 
 def _cmd_validate(a) -> int:
-    from runtime.graph import load_graph
-
-    g = load_graph(a.graph, a.overrides)
+    g = _load(a)
     print(f"{a.graph}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
     return 0
 
@@ -124,9 +141,8 @@ def _cmd_show(a) -> int:
     import yaml
 
     from artifacts.columns import describe_type
-    from runtime.graph import load_graph
 
-    g = load_graph(a.graph, a.overrides)
+    g = _load(a)
     if a.dot:
         print(g.to_dot())
         return 0

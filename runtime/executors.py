@@ -153,11 +153,16 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Pro
         resources = ray.cluster_resources()
         res = actor_resources(ctx, resources.get("CPU", 1.0), resources.get("GPU", 0.0), device)
         actor_cls = ray.remote(_NodeActor)
+        # workers see the driver's settings (weights folder, debug flags), on any cluster
+        env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
         for name, node in ctx.graph.nodes.items():
             r = res[name]
             actor_device = "cuda" if r["num_gpus"] > 0 else "cpu"
-            pools[name] = [actor_cls.options(num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], max_concurrency=1)
-                           .remote(node, ctx.per_image, actor_device) for _ in range(r["replicas"])]
+            options = dict(num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], max_concurrency=1)
+            if env:
+                options["runtime_env"] = {"env_vars": env}
+            pools[name] = [actor_cls.options(**options).remote(node, ctx.per_image, actor_device)
+                           for _ in range(r["replicas"])]
         window = max(2, 2 * max(len(p) for p in pools.values()))
 
     def submit(plan: ShardPlan) -> dict:

@@ -224,13 +224,27 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
         raise GraphError(problems)
 
 
-def load_graph(path: str | Path, overrides: list[str] | None = None) -> Graph:
-    """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem."""
+def apply_preset(doc: dict, preset: str) -> None:
+    """Set ``preset`` on every node whose stage has that param (``--preset large``)."""
+    for spec in (doc.get("nodes") or {}).values():
+        if isinstance(spec, dict) and spec.get("stage") in STAGES \
+                and "preset" in STAGES[spec["stage"]].Params.model_fields:
+            params = spec.get("params")
+            spec["params"] = {**(params if isinstance(params, dict) else {}), "preset": preset}
+
+
+def load_graph(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> Graph:
+    """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem.
+
+    ``preset`` sets the model preset of every model node; ``overrides`` (``--set``) come after it.
+    """
     path = Path(path)
     doc, origins = _read_document(path.resolve(), ())
     file = str(path)
     origins = {k: (file if Path(v) == path.resolve() else v) for k, v in origins.items()}
     doc.setdefault("name", path.stem)
+    if preset:
+        apply_preset(doc, preset)
     apply_overrides(doc, list(overrides or []), file)
     return _validate(doc, origins, file)
 
