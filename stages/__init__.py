@@ -1,11 +1,13 @@
 """Operators, registered by name for graph files: ``STAGES["heatmap_points"]``."""
 
 from stages.base import Stage, StageParams
+from stages.blip import Caption, ItmGradcam
 from stages.evaluation import VQAEval
 from stages.heatmaps import (
     HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
 )
 from stages.images import LoadImage, PreprocessImage
+from stages.qa import QAFiD
 
 STAGE_CLASSES: tuple[type[Stage], ...] = (
     LoadImage,
@@ -15,6 +17,9 @@ STAGE_CLASSES: tuple[type[Stage], ...] = (
     HeatmapEnhance,
     HeatmapMetrics,
     SamplePatches,
+    ItmGradcam,
+    Caption,
+    QAFiD,
     VQAEval,
 )
 

@@ -70,3 +70,20 @@ def minmax(maps: np.ndarray) -> np.ndarray:
     lo = flat.min(axis=1)[:, None, None]
     span = flat.max(axis=1)[:, None, None] - lo
     return np.where(span > 0, (maps - lo) / np.where(span > 0, span, 1.0), 0.0)
+
+
+def sample_patch_sets(weights: np.ndarray, rngs: list[np.random.Generator], num_sets: int, k: int) -> np.ndarray:
+    """``[N, cells]`` weights -> ``[N, num_sets, k]`` sorted cell indices, each set drawn without
+    replacement with probability proportional to the weights (Gumbel-top-k), row ``i`` from
+    ``rngs[i]`` only. Negative / non-finite weights count as 0; zero cells come only after every
+    positive one (an all-zero row is uniform). Requires ``k <= cells``.
+    """
+    n, cells = weights.shape
+    w = np.asarray(weights, dtype=np.float64)
+    w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
+    # zero-weight cells sit far below every positive cell (Gumbel noise stays within about +-40)
+    log_w = np.where(w > 0, np.log(np.where(w > 0, w, 1.0)), -1e6)
+    noise = np.stack([rng.gumbel(size=(num_sets, cells)) for rng in rngs]) if n else np.zeros((0, num_sets, cells))
+    keys = log_w[:, None, :] + noise
+    best = np.argpartition(-keys, k - 1, axis=-1)[..., :k]
+    return np.sort(best, axis=-1)

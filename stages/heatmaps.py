@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from artifacts.columns import TensorSpec, tensor_type
 from stages.base import Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import nullable, optional_column, row_rng
-from stages.grid import gaussian_blur, minmax, pool_to_grid
+from stages.grid import gaussian_blur, minmax, pool_to_grid, sample_patch_sets
 
 HEATMAP = TensorSpec("float32", ("g", "g"))
 MASK = TensorSpec("uint8", (None, None))
@@ -305,13 +305,6 @@ class SamplePatches(Stage):
                 batch.fail(i, f"num_patches={p.num_patches} exceeds the {cells} cells "
                               "of the heatmap")
             return {"patches": out}
-        w = heatmap.reshape(n, cells).astype(np.float64)
-        w = np.where(np.isfinite(w) & (w > 0), w, 0.0)
-        # Zero-weight cells sit far below every positive cell (noise stays within about +-40).
-        log_w = np.where(w > 0, np.log(np.where(w > 0, w, 1.0)), -1e6)
-        noise = np.stack([row_rng(p.seed, rid).gumbel(size=(p.num_captions, cells))
-                          for rid in batch.row_ids])
-        keys = log_w[:, None, :] + noise
-        best = np.argpartition(-keys, p.num_patches - 1, axis=-1)[..., : p.num_patches]
-        out[:] = np.sort(best, axis=-1)
+        rngs = [row_rng(p.seed, rid) for rid in batch.row_ids]
+        out[:] = sample_patch_sets(heatmap.reshape(n, cells), rngs, p.num_captions, p.num_patches)
         return {"patches": out}

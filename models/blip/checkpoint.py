@@ -1,0 +1,217 @@
+"""Build BLIP models of a preset and load LAVIS checkpoints into them.
+
+``tiny``: random initialisation from a fixed seed (identical in every process), no file
+needed; a ``path`` still loads a file into it. ``base`` / ``large``: the LAVIS ``.pth`` file
+given as ``path`` or found under its standard name in the weights folder
+(:func:`models.weights.find_weights`). The model is then built on the meta device and
+materialised, so no time goes into a random initialisation that the file overwrites.
+
+Checkpoint conventions handled here: the state dict may be wrapped under ``"model"``;
+momentum copies (``*_m.*``), queues and the ITC temperature (``temp``) are ignored and
+reported; ``*.embeddings.position_ids`` may be absent; the caption decoder's output weight is
+tied to the word embeddings (its key may be absent); ``visual_encoder.pos_embed`` is resized
+when the checkpoint was trained at another image size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from models.blip.caption import BlipCaption
+from models.blip.config import PRESETS, BlipConfig, blip_config
+from models.blip.itm import BlipITM
+from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  # noqa: F401  (re-exported)
+from models.blip.vit import resize_pos_embed
+from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
+                            load_checkpoint)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["itm", "caption"]
+TINY_SEED = 0
+TINY_INIT_VERSION = 1  # bump when the tiny initialisation changes (it is part of the fingerprint)
+
+_BLIP = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+_LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP/"
+# standard file names (first = preferred) and where they are published; LAVIS configs
+# blip_itm_{base,large}.yaml, blip_caption_{base,large}_coco.yaml, pnp-vqa/pnp_vqa_*.yaml
+CHECKPOINT_FILES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "itm": {
+        "base": (("model_base_retrieval_coco.pth", _BLIP + "model_base_retrieval_coco.pth"),),
+        "large": (("model_large_retrieval_coco.pth", _BLIP + "model_large_retrieval_coco.pth"),
+                  ("model_large_retrieval_coco_train2014.pth",  # PNP-VQA's own choice
+                   _BLIP + "model_large_retrieval_coco_train2014.pth")),
+    },
+    "caption": {
+        "base": (("blip_coco_caption_base.pth", _LAVIS + "blip_coco_caption_base.pth"),
+                 ("model_base_capfilt_large.pth", _BLIP + "model_base_capfilt_large.pth")),
+        "large": (("model_large_caption.pth", _BLIP + "model_large_caption.pth"),
+                  ("model_large_caption_coco_train2014.pth",  # PNP-VQA's own choice
+                   _BLIP + "model_large_caption_coco_train2014.pth")),
+    },
+}
+IGNORED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "temp")
+_OWN_PART = {"itm": "text_encoder.", "caption": "text_decoder."}
+_MODELS: dict[str, type[nn.Module]] = {"itm": BlipITM, "caption": BlipCaption}
+
+
+def load_blip_itm(preset: str, path: str | Path | None = None,
+                  device: torch.device | str = "cpu") -> tuple[BlipITM, LoadReport]:
+    """The ITM model of ``preset`` in eval mode and what the loading did."""
+    return _load("itm", preset, path, device)  # type: ignore[return-value]
+
+
+def load_blip_caption(preset: str, path: str | Path | None = None,
+                      device: torch.device | str = "cpu") -> tuple[BlipCaption, LoadReport]:
+    """The caption model of ``preset`` in eval mode and what the loading did."""
+    return _load("caption", preset, path, device)  # type: ignore[return-value]
+
+
+def checkpoint_path(kind: Kind, preset: str) -> Path:
+    """The checkpoint of a ``base`` / ``large`` model in the weights folder: the first of its
+    accepted file names that exists, else a ``WeightsError`` naming the preferred one."""
+    candidates = _candidates(kind, preset)
+    first_error = None
+    for name, url in candidates:
+        try:
+            return find_weights(name, url)
+        except WeightsError as exc:
+            first_error = first_error or exc
+    others = ", ".join(name for name, _ in candidates[1:])
+    raise WeightsError(f"{first_error}" + (f" (also accepted: {others})" if others else "")) from None
+
+
+def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None) -> str:
+    """Identifies the weights a load would give: for ``tiny`` without a file, a hash of the
+    preset's sizes, the seed and the init version; otherwise the checkpoint file's fingerprint."""
+    _check(kind, preset)
+    if path is None and preset == "tiny":
+        spec = {"kind": kind, "config": blip_config(preset).to_dict(), "seed": TINY_SEED,
+                "init_version": TINY_INIT_VERSION}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    return file_fingerprint(Path(path) if path is not None else checkpoint_path(kind, preset))
+
+
+def find_checkpoint(kind: Kind, preset: str, path: str | Path | None = None) -> Path | None:
+    """The file a load would read: ``path`` (which must exist), else the preset's standard file
+    (:func:`checkpoint_path`), else ``None`` for ``tiny``. Raises ``WeightsError`` when missing."""
+    _check(kind, preset)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"checkpoint {path} does not exist")
+        return path
+    return None if preset == "tiny" else checkpoint_path(kind, preset)
+
+
+# per-model shorthands (preset, path=None)
+def itm_config(preset: str) -> BlipConfig:
+    return blip_config(preset)
+
+
+def caption_config(preset: str) -> BlipConfig:
+    return blip_config(preset)
+
+
+def find_itm_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
+    return find_checkpoint("itm", preset, path)
+
+
+def find_caption_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
+    return find_checkpoint("caption", preset, path)
+
+
+def itm_fingerprint(preset: str, path: str | Path | None = None) -> str:
+    return weights_fingerprint("itm", preset, path)
+
+
+def caption_fingerprint(preset: str, path: str | Path | None = None) -> str:
+    return weights_fingerprint("caption", preset, path)
+
+
+def build_model(kind: Kind, preset: str, device: torch.device | str = "cpu", *,
+                empty: bool | None = None) -> nn.Module:
+    """A model of ``preset``. ``empty=False`` (default for ``tiny``): seeded random init, the same
+    weights in every process. ``empty=True`` (default for ``base``/``large``, and used whenever a
+    checkpoint follows): built on the meta device and materialised uninitialised, buffers
+    recomputed and tied weights re-tied; every parameter must then come from a checkpoint."""
+    _check(kind, preset)
+    cls = _MODELS[kind]
+    if empty is None:
+        empty = preset != "tiny"
+    if not empty:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = cls.preset(preset)
+        return model.to(device)
+    with torch.device("meta"):
+        model = cls.preset(preset)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    if isinstance(model, BlipCaption):
+        model.tie_weights()
+    return model
+
+
+def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Resize ``visual_encoder.pos_embed`` to the model's grid when the lengths differ."""
+    key = "visual_encoder.pos_embed"
+    own = model.state_dict().get(key)
+    theirs = state.get(key)
+    if own is not None and theirs is not None and theirs.shape[1] != own.shape[1] \
+            and theirs.shape[-1] == own.shape[-1]:
+        grid = model.visual_encoder.patch_embed.grid_size[0]
+        state = dict(state)
+        state[key] = resize_pos_embed(theirs, grid)
+        log.info("resized %s from %d to %d positions", key, theirs.shape[1], own.shape[1])
+    return state
+
+
+def _load(kind: Kind, preset: str, path: str | Path | None, device) -> tuple[nn.Module, LoadReport]:
+    path = find_checkpoint(kind, preset, path)
+    if path is None:  # tiny without a file: seeded random weights, nothing loaded
+        return build_model(kind, preset, device).eval(), LoadReport()
+    state = load_checkpoint(path)
+    _check_kind(state, kind, path)
+    model = build_model(kind, preset, device, empty=True)
+    state = adapt_state_dict(state, model)
+    momentum = sorted({key.split(".")[0] + "." for key in state if key.split(".")[0].endswith("_m")})
+    prefix = _OWN_PART[kind]
+    optional = [prefix + ("bert." if kind == "caption" else "") + "embeddings.position_ids"]
+    if kind == "caption":  # tied to the word embeddings / to cls.predictions.bias
+        optional += ["text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"]
+    report = apply_state_dict(model, state, f"checkpoint {path}", ignore=momentum + list(IGNORED_KEYS),
+                              optional=optional)
+    return model.eval(), report
+
+
+def _check_kind(state: dict[str, torch.Tensor], kind: Kind, path: Path) -> None:
+    has_encoder = any(k.startswith("text_encoder.") for k in state)
+    has_decoder = any(k.startswith("text_decoder.") for k in state)
+    if kind == "itm" and has_decoder and not has_encoder:
+        raise WeightsError(f"{path} is a BLIP caption checkpoint (text_decoder.*, no text_encoder.*); the "
+                           "ITM model needs a retrieval checkpoint such as model_large_retrieval_coco.pth")
+    if kind == "caption" and has_encoder and not has_decoder:
+        raise WeightsError(f"{path} is a BLIP ITM/retrieval checkpoint (text_encoder.*, no text_decoder.*); "
+                           "the captioner needs a caption checkpoint such as model_large_caption.pth")
+
+
+def _candidates(kind: Kind, preset: str) -> tuple[tuple[str, str], ...]:
+    _check(kind, preset)
+    if preset == "tiny":
+        raise ValueError("the tiny preset has no checkpoint file")
+    return CHECKPOINT_FILES[kind][preset]
+
+
+def _check(kind: str, preset: str) -> None:
+    if kind not in _MODELS:
+        raise ValueError(f"unknown BLIP model kind {kind!r}; choose 'itm' or 'caption'")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -1,0 +1,50 @@
+"""Model sizes of the BLIP presets (``tiny``, ``base``, ``large``), shared by ITM and captioner.
+
+``base``: ViT-B/16 + BERT-base; ``large``: ViT-L/16 + BERT-base whose cross-attention reads
+1024-wide image tokens; ``tiny``: the same architecture with small widths but the real grid (384 px,
+24x24 patches) and the real 12 text layers, so graphs written for the real models (GradCAM
+``block_num`` 7, 20 sampled patches) run unchanged; it uses the bundled tiny vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+
+from models.blip.med import BertConfig
+from models.blip.tokenizer import TINY_TOKENIZER_DIR
+from models.blip.vit import VitConfig
+
+PRESETS = ("tiny", "base", "large")
+EMBED_DIM = 256  # ITC projection width (vision_proj / text_proj)
+
+
+@dataclass(frozen=True)
+class BlipConfig:
+    vit: VitConfig
+    bert: BertConfig
+    embed_dim: int = EMBED_DIM
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=None)
+def tiny_vocab_size() -> int:
+    """Number of tokens of the bundled tiny tokenizer (``[DEC]`` and ``[ENC]`` included)."""
+    with open(TINY_TOKENIZER_DIR / "vocab.txt", encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.rstrip("\n"))
+
+
+def blip_config(preset: str) -> BlipConfig:
+    """The sizes of ``preset``; the text model's ``encoder_width`` is the ViT width."""
+    if preset == "tiny":
+        vit = VitConfig.tiny()
+        text = BertConfig(vocab_size=tiny_vocab_size(), hidden_size=64, num_layers=12, num_heads=4,
+                          intermediate_size=128, max_position=64)
+    elif preset in ("base", "large"):
+        vit = VitConfig.base() if preset == "base" else VitConfig.large()
+        text = BertConfig()
+    else:
+        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return BlipConfig(vit=vit, bert=replace(text, encoder_width=vit.width))

@@ -1,0 +1,235 @@
+"""UnifiedQA-v2 T5 with Fusion-in-Decoder (FiD): the question-answering model of PNP-VQA.
+
+Each (question, captions) passage is encoded by the T5 encoder on its own; the encoder outputs
+of all passages of a sample are concatenated and the decoder attends over all of them. The
+model is a plain ``transformers.T5ForConditionalGeneration`` (a UnifiedQA Hugging Face folder
+loads as is); :class:`FiDT5` only reshapes around it and adds no parameters.
+
+Presets: ``tiny`` (random init, fixed seed, tokenizer in ``models/assets/tiny_t5``) and
+``base`` / ``large`` / ``3b`` (a local folder ``unifiedqa-v2-t5-<size>-1363200`` in the
+weights folder; nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from models.weights import WeightsError, find_weights, tree_fingerprint
+
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t5"
+TINY_SEED = 0
+TINY_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                   feed_forward_proj="relu", tie_word_embeddings=True,
+                   pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                   initializer_factor=3.0)  # a random model whose answers vary with the input
+REAL_PRESETS = {
+    "base": "unifiedqa-v2-t5-base-1363200",
+    "large": "unifiedqa-v2-t5-large-1363200",
+    "3b": "unifiedqa-v2-t5-3b-1363200",
+}
+PRESETS = ("tiny", *REAL_PRESETS)
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
+FINGERPRINT_FILES = ("config.json", "generation_config.json", *WEIGHT_FILES, *TOKENIZER_FILES,
+                     "tokenizer_config.json", "special_tokens_map.json")
+
+
+def make_passages(question: str, captions: list[str], num_captions_fid: int, *,
+                  num_captions: int | None = None) -> list[str]:
+    """The FiD passages of one question, exactly as the reference (LAVIS ``prepare_qa_input``).
+
+    Captions ``captions[:num_captions]`` are taken in order, each ``strip()``-ed and followed by
+    ``". "``; every ``num_captions_fid`` captions close a group, and the group is emitted as
+    ``question.lower().strip() + " \\\\n " + group.lower().strip()`` -- the separator is space,
+    backslash, ``n``, space (two characters, not a newline), the question keeps its ``?``, and
+    the group's trailing space is stripped, so a passage ends with ``"."``. E.g. question
+    ``"What color is the circle?"``, captions ``["A Red circle", "a blue square "]``, fid 2:
+    ``'what color is the circle? \\\\n a red circle. a blue square.'``.
+
+    The last group: the reference also closes a group at caption number ``num_captions``, so
+    when ``num_captions`` is not a multiple of ``num_captions_fid`` the last passage holds the
+    remainder (e.g. 5 captions, fid 2 -> groups of 2, 2, 1). When fewer than ``num_captions``
+    captions are given, a trailing incomplete group is never closed and is dropped, as in the
+    reference (5 captions, ``num_captions=6``, fid 2 -> groups of 2, 2). ``num_captions``
+    defaults to ``len(captions)`` (the reference always has exactly ``num_captions``).
+    """
+    if num_captions_fid < 1:
+        raise ValueError(f"num_captions_fid must be >= 1, got {num_captions_fid}")
+    limit = len(captions) if num_captions is None else num_captions
+    head = question.lower().strip() + " \\n "
+    passages, group = [], ""
+    for count, caption in enumerate(captions[:limit], start=1):
+        group += caption.strip() + ". "
+        if count == limit or count % num_captions_fid == 0:
+            passages.append(head + group.lower().strip())
+            group = ""
+    return passages
+
+
+def tokenize_passages(tokenizer, passages: list[list[str]], max_length: int | None = None):
+    """Tokenize the passages of B samples (padding to the longest passage, truncating at
+    ``max_length`` or the tokenizer's ``model_max_length``, as the reference does).
+
+    Samples with fewer passages than the largest are padded with fully masked passages, which
+    the decoder never attends to. Returns ``input_ids`` and ``attention_mask``, ``[B, n, L]``.
+    """
+    flat = [p for sample in passages for p in sample]
+    if not flat:
+        raise ValueError("no passages to tokenize")
+    enc = tokenizer(flat, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    n = max(len(sample) for sample in passages)
+    length = enc["input_ids"].size(1)
+    ids = torch.full((len(passages), n, length), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(passages), n, length), dtype=torch.long)
+    start = 0
+    for i, sample in enumerate(passages):
+        ids[i, :len(sample)] = enc["input_ids"][start:start + len(sample)]
+        mask[i, :len(sample)] = enc["attention_mask"][start:start + len(sample)]
+        start += len(sample)
+    return ids, mask
+
+
+class FiDT5(nn.Module):
+    """Fusion-in-Decoder around a ``T5ForConditionalGeneration`` (held as ``self.t5``)."""
+
+    def __init__(self, t5: T5ForConditionalGeneration):
+        super().__init__()
+        self.t5 = t5
+
+    @property
+    def config(self) -> T5Config:
+        return self.t5.config
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """``input_ids``, ``attention_mask`` ``[B, n, L]`` (n passages of L tokens) ->
+        ``hidden [B, n*L, d]`` (each passage encoded alone, then concatenated per sample) and
+        ``mask [B, n*L]``."""
+        b, n, length = input_ids.shape
+        out = self.t5.encoder(input_ids=input_ids.reshape(b * n, length),
+                              attention_mask=attention_mask.reshape(b * n, length), return_dict=True)
+        hidden = out.last_hidden_state.reshape(b, n * length, -1)
+        return hidden, attention_mask.reshape(b, n * length)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor, **kwargs):
+        """Decoder logits ``[B, T, vocab]`` for ``decoder_input_ids [B, T]`` over the fused
+        passages (``[B, n, L]``); a ``Seq2SeqLMOutput``."""
+        hidden, mask = self.encode(input_ids, attention_mask)
+        return self.t5(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                       decoder_input_ids=decoder_input_ids, return_dict=True, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_beams: int = 1,
+                 max_new_tokens: int = 20, min_new_tokens: int = 0) -> torch.LongTensor:
+        """Answers for ``[B, n, L]`` passages: ``LongTensor [B, T]``, starting with the decoder
+        start token (``<pad>``) and padded with ``<pad>`` after ``</s>``.
+
+        Greedy with ``num_beams=1``, beam search otherwise; no sampling. Token counts exclude the
+        start token: the reference's ``max_length=20`` (Hugging Face semantics, start token
+        included) is ``max_new_tokens=19``.
+        """
+        hidden, mask = self.encode(input_ids, attention_mask)
+        cfg = self.t5.config
+        start = cfg.decoder_start_token_id if getattr(cfg, "decoder_start_token_id", None) is not None \
+            else cfg.pad_token_id
+        return self.t5.generate(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+            num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            do_sample=False, num_return_sequences=1, decoder_start_token_id=start,
+            pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
+
+
+def tiny_config(vocab_size: int) -> T5Config:
+    return T5Config(vocab_size=vocab_size, **TINY_CONFIG)
+
+
+def _tiny_tokenizer():
+    if not (TINY_TOKENIZER_DIR / "tokenizer.json").exists():
+        raise WeightsError(f"the tiny T5 tokenizer is missing from {TINY_TOKENIZER_DIR}: rebuild it with "
+                           "models/assets/build_tiny_t5.py")
+    return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
+
+
+def _has_sentencepiece() -> bool:
+    return importlib.util.find_spec("sentencepiece") is not None
+
+
+def find_fid_t5(preset: str, path: str | Path | None = None) -> Path | None:
+    """The Hugging Face folder a preset loads, checked without loading it: ``path`` if given
+    (for any preset, ``tiny`` included), else ``<weights folder>/unifiedqa-v2-t5-<size>-1363200``;
+    ``None`` for the built-in ``tiny``. ``WeightsError`` naming what is missing (config, weights,
+    tokenizer) and where it is published; ``ValueError`` for an unknown preset."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown FiD T5 preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if preset == "tiny" and path is None:
+        return None
+    name = REAL_PRESETS.get(preset, "a T5ForConditionalGeneration folder")
+    published = (f"https://huggingface.co/allenai/{name}" if preset in REAL_PRESETS
+                 else "save_pretrained() of a T5ForConditionalGeneration and its tokenizer")
+    if path is None:
+        folder = find_weights(name, published)
+    else:
+        folder = Path(path)
+        if not folder.is_dir():
+            raise WeightsError(f"UnifiedQA folder '{name}' not found: {folder} is not a folder. "
+                               f"Published at: {published}")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.is_file() for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
+        missing.append("model weights (model.safetensors or pytorch_model.bin)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer (spiece.model or tokenizer.json)")
+    if missing:
+        raise WeightsError(f"UnifiedQA folder {folder} ('{name}') lacks {', '.join(missing)}. "
+                           f"Published at: {published}")
+    if not (folder / "tokenizer.json").is_file() and not _has_sentencepiece():
+        raise WeightsError(f"the UnifiedQA folder {folder} has its tokenizer as spiece.model only, which "
+                           "needs the 'sentencepiece' package (pip install sentencepiece); or add the "
+                           "tokenizer.json of the same T5 tokenizer to the folder")
+    return folder
+
+
+def load_fid_t5(preset: str, path: str | Path | None = None, *, dtype: torch.dtype | None = None):
+    """``(FiDT5 in eval mode, tokenizer)``: the built-in random ``tiny``, or the local folder of
+    :func:`find_fid_t5` (``from_pretrained(..., local_files_only=True)``; nothing is downloaded)."""
+    folder = find_fid_t5(preset, path)
+    if folder is None:
+        tokenizer = _tiny_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            t5 = T5ForConditionalGeneration(tiny_config(len(tokenizer)))
+        if dtype is not None:
+            t5 = t5.to(dtype)
+    else:
+        try:
+            t5 = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise WeightsError(f"cannot load the UnifiedQA folder {folder}: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return FiDT5(t5).eval(), tokenizer
+
+
+def weights_fingerprint(preset: str, path: str | Path | None = None) -> str:
+    """What identifies the weights: for the built-in ``tiny`` a hash of its config, seed and
+    tokenizer; for a folder ``tree_fingerprint`` of its config, weight and tokenizer files."""
+    folder = find_fid_t5(preset, path)
+    if folder is not None:
+        return tree_fingerprint(folder, FINGERPRINT_FILES)
+    tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
+    vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
+    config = tiny_config(vocab_size).to_dict()
+    config.pop("transformers_version", None)
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(f"seed={TINY_SEED}".encode())
+    h.update(hashlib.sha256(tokenizer_json).digest())
+    return h.hexdigest()[:32]

@@ -1,0 +1,256 @@
+"""BLIP stages of PNP-VQA: question-guided GradCAM from the ITM model, and captions of
+heatmap-sampled patches from the captioner.
+
+Both take the preprocessed image once per image (``per_image`` input) and encode it once,
+however many questions of the batch share it.
+
+Models and torch are imported inside the methods: graphs without model stages (and their
+Ray workers) never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from artifacts.columns import tensor_type
+from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.common import row_rng
+from stages.grid import sample_patch_sets
+from stages.text import blip_question
+
+Preset = Literal["tiny", "base", "large"]
+
+
+def _pixels_input(image_size: int) -> Input:
+    return Input(tensor_type("float32", [3, image_size, image_size]),
+                 f"preprocessed image [3, {image_size}, {image_size}] (preprocess_image, family blip)",
+                 per_image=True)
+
+
+def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
+    """Missing checkpoint or tokenizer files of a preset, found before any work starts."""
+    from models.blip.tokenizer import blip_tokenizer_dir
+    from models.weights import WeightsError
+
+    out = []
+    for field, check in (("checkpoint" if checkpoint else "preset", lambda: find_checkpoint(preset, checkpoint)),
+                         ("preset", lambda: blip_tokenizer_dir(preset))):
+        try:
+            check()
+        except WeightsError as exc:
+            out.append((field, str(exc)))
+    return out
+
+
+# --- itm_gradcam ----------------------------------------------------------------------------
+
+class ItmGradcamParams(StageParams):
+    preset: Preset = Field("tiny", description="BLIP ITM model: tiny (random, tests), base or large "
+                           "(LAVIS retrieval checkpoints from the --weights folder)")
+    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's "
+                                   "standard file in the --weights folder")
+    block_num: int = Field(7, ge=0, description="text layer whose cross-attention gives the GradCAM "
+                           "(LAVIS PNP-VQA: 7); must be below the last layer")
+    max_length: int = Field(35, ge=3, le=512, description="question tokens kept (LAVIS max_txt_len)")
+
+
+class ItmGradcam(Stage):
+    """Question-guided GradCAM heatmap and image-question match score from BLIP ITM.
+
+    The LAVIS PNP-VQA recipe: cross-attention probabilities of text layer ``block_num`` times
+    their clamped gradient w.r.t. the ITM match logit, averaged over heads and over the
+    question tokens (the question lowercased, ``.!"()*#:;~`` and trailing '?' removed, first
+    token replaced by [ENC]). Grid and head count come from the model.
+    """
+
+    name = "itm_gradcam"
+    Params = ItmGradcamParams
+    resources = Resources(gpu=0.5, batch_size=32)
+
+    def _config(self):
+        from models.blip.checkpoint import itm_config
+
+        return itm_config(self.params.preset)
+
+    def inputs(self) -> dict[str, Input]:
+        return {"pixels": _pixels_input(self._config().vit.image_size),
+                "question": Input(pa.string(), "question text")}
+
+    def outputs(self) -> dict[str, Output]:
+        g = self._config().vit.grid
+        return {"heatmap": Output(tensor_type("float32", [g, g]), f"GradCAM heatmap [{g}, {g}] (not normalised)"),
+                "itm_score": Output(pa.float32(), "probability that the question matches the image")}
+
+    def problems(self) -> list[tuple[str, str]]:
+        from models.blip.checkpoint import find_itm_checkpoint
+
+        layers = self._config().bert.num_layers
+        out = []
+        if self.params.block_num > layers - 2:
+            out.append(("block_num", f"block_num={self.params.block_num} but the '{self.params.preset}' text encoder has "
+                        f"{layers} layers: use 0..{layers - 2} (the last layer's GradCAM is exactly zero, only its "
+                        "first token reaches the ITM head)"))
+        return out + _weights_problems(find_itm_checkpoint, self.params.preset, self.params.checkpoint)
+
+    def weights_fingerprint(self) -> str | None:
+        from models.blip.checkpoint import itm_fingerprint
+
+        return itm_fingerprint(self.params.preset, self.params.checkpoint)
+
+    def setup(self, device: str) -> None:
+        from models.blip.checkpoint import load_blip_itm
+        from models.blip.tokenizer import load_blip_tokenizer_for
+
+        super().setup(device)
+        self.model, self.report = load_blip_itm(self.params.preset, self.params.checkpoint, device)
+        self.tokenizer = load_blip_tokenizer_for(self.params.preset)
+
+    def process(self, batch: Batch) -> dict[str, Any]:
+        import torch
+
+        from models.blip.tokenizer import tokenize_questions
+
+        questions = [blip_question(q) for q in batch["question"]]
+        ids, mask = tokenize_questions(self.tokenizer, questions, self.params.max_length)
+        device = self.device
+        with torch.no_grad():
+            pixels = torch.from_numpy(batch["pixels"]).to(device)
+            images = self.model.encode_image(pixels)
+        embeds = images[torch.from_numpy(batch.image_rows).to(device)]
+        heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.params.block_num)
+        return {"heatmap": heatmap.detach().float().cpu().numpy(),
+                "itm_score": score.detach().float().cpu().numpy()}
+
+
+# --- caption --------------------------------------------------------------------------------
+
+class CaptionParams(StageParams):
+    preset: Preset = Field("tiny", description="BLIP captioner: tiny (random, tests), base or large "
+                           "(LAVIS caption checkpoints from the --weights folder)")
+    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's standard one")
+    num_captions: int = Field(5, ge=1, le=1000, description="distinct captions per question (LAVIS VQAv2: 100)")
+    num_patches: int = Field(20, ge=1, description="patches sampled per caption, proportional to the heatmap")
+    prompt: str = Field("a picture of ", description="decoder prompt, stripped from the captions")
+    max_length: int = Field(20, ge=2, le=512, description="most tokens, prompt included ([DEC] a picture of = 4)")
+    min_length: int = Field(10, ge=0, description="fewest tokens before [SEP] may end a caption, prompt included")
+    top_k: int = Field(50, ge=0, description="top-k sampling (0 = off)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    repetition_penalty: float = Field(1.0, ge=1.0, description="1 = none")
+    max_rounds: int = Field(10, ge=1, le=1000, description="sampling rounds before giving up on distinct "
+                            "captions; a shortfall is recorded (the reference loops without bound)")
+    generation_batch: int = Field(256, ge=1, description="caption sequences decoded at once (memory bound)")
+    seed: int = Field(0, ge=0, description="seed; draws depend only on it, the sample id and the round")
+
+
+class Caption(Stage):
+    """Question-guided captions: BLIP decodes from heatmap-sampled patches of the image.
+
+    Each round draws ``num_captions`` patch sets per question (without replacement, proportional
+    to the heatmap, sorted; CLS never drawn), decodes one caption from each with top-k sampling,
+    and keeps captions that are not a substring of one already kept, until ``num_captions`` are
+    kept or ``max_rounds`` are spent (the shortfall is recorded). The prompt is stripped by
+    tokens, not characters (the reference cuts ``len(prompt)`` characters from the decoded text,
+    which loses a first word-piece glued to the prompt's last word).
+    """
+
+    name = "caption"
+    Params = CaptionParams
+    resources = Resources(gpu=0.5, batch_size=16)
+
+    def _config(self):
+        from models.blip.checkpoint import caption_config
+
+        return caption_config(self.params.preset)
+
+    def inputs(self) -> dict[str, Input]:
+        g = self._config().vit.grid
+        return {"pixels": _pixels_input(self._config().vit.image_size),
+                "heatmap": Input(tensor_type("float32", [g, g]), f"question-guided heatmap [{g}, {g}]")}
+
+    def outputs(self) -> dict[str, Output]:
+        return {"captions": Output(pa.list_(pa.string()), "distinct captions, at most num_captions"),
+                "shortfall": Output(pa.int32(), "num_captions minus the captions kept (0 = complete)"),
+                "rounds": Output(pa.int32(), "sampling rounds used")}
+
+    def problems(self) -> list[tuple[str, str]]:
+        from models.blip.checkpoint import find_caption_checkpoint
+
+        p, cells = self.params, self._config().vit.grid ** 2
+        out = []
+        if p.num_patches > cells:
+            out.append(("num_patches", f"num_patches={p.num_patches} exceeds the {cells} patches of the "
+                        f"'{p.preset}' image grid"))
+        if p.min_length > p.max_length:
+            out.append(("min_length", f"min_length={p.min_length} exceeds max_length={p.max_length}"))
+        return out + _weights_problems(find_caption_checkpoint, p.preset, p.checkpoint)
+
+    def weights_fingerprint(self) -> str | None:
+        from models.blip.checkpoint import caption_fingerprint
+
+        return caption_fingerprint(self.params.preset, self.params.checkpoint)
+
+    def setup(self, device: str) -> None:
+        from models.blip.checkpoint import load_blip_caption
+        from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
+
+        super().setup(device)
+        self.model, self.report = load_blip_caption(self.params.preset, self.params.checkpoint, device)
+        self.tokenizer = load_blip_tokenizer_for(self.params.preset)
+        self.prompt_ids = caption_prompt_ids(self.tokenizer, self.params.prompt)  # [DEC] a picture of
+
+    def process(self, batch: Batch) -> dict[str, Any]:
+        import torch
+
+        p, device = self.params, self.device
+        n = len(batch)
+        with torch.no_grad():
+            images = self.model.encode_image(torch.from_numpy(batch["pixels"]).to(device))  # [I, 1+P, C]
+        image_rows = torch.from_numpy(batch.image_rows).to(device)
+        heat = batch["heatmap"].reshape(n, -1)
+        new_tokens = p.max_length - len(self.prompt_ids)
+        captions: list[list[str]] = [[] for _ in range(n)]
+        rounds = np.zeros(n, dtype=np.int32)
+        for r in range(p.max_rounds):
+            active = [i for i in range(n) if len(captions[i]) < p.num_captions]
+            if not active:
+                break
+            rngs = [row_rng(p.seed, f"{batch.row_ids[i]}#{r}") for i in active]
+            patches = sample_patch_sets(heat[active], rngs, p.num_captions, p.num_patches)  # [A, C, K]
+            uniforms = np.stack([rng.random((p.num_captions, new_tokens)) for rng in rngs])  # [A, C, T]
+            index = torch.from_numpy(patches + 1).to(device).long()  # +1 skips CLS
+            texts = self._decode(images, image_rows[active], index, torch.from_numpy(uniforms).to(device))
+            for a, i in enumerate(active):
+                rounds[i] = r + 1
+                for text in texts[a]:
+                    if len(captions[i]) < p.num_captions and not any(text in kept for kept in captions[i]):
+                        captions[i].append(text)
+        shortfall = np.array([p.num_captions - len(c) for c in captions], dtype=np.int32)
+        return {"captions": captions, "shortfall": shortfall, "rounds": rounds}
+
+    def _decode(self, images: torch.Tensor, image_of: torch.Tensor, index: torch.Tensor,
+                uniforms: torch.Tensor) -> list[list[str]]:
+        """Generate one caption per patch set: ``index [A, C, K]`` patch ids (CLS = 0) into the
+        image features of ``image_of [A]``; returns ``A`` lists of ``C`` captions."""
+        import torch
+
+        p = self.params
+        a, c, k = index.shape
+        width = images.shape[-1]
+        states = images[image_of][:, None].expand(a, c, -1, -1)                  # [A, C, 1+P, W]
+        states = torch.gather(states, 2, index[..., None].expand(a, c, k, width))  # [A, C, K, W]
+        states, flat_uniforms = states.reshape(a * c, k, width), uniforms.reshape(a * c, -1)
+        texts: list[str] = []
+        prompt = self.prompt_ids.to(states.device)
+        with torch.no_grad():
+            for s in range(0, a * c, p.generation_batch):
+                ids = self.model.generate(
+                    states[s:s + p.generation_batch], prompt, flat_uniforms[s:s + p.generation_batch],
+                    max_length=p.max_length, min_length=p.min_length, top_k=p.top_k, top_p=p.top_p,
+                    repetition_penalty=p.repetition_penalty, eos_token_id=self.tokenizer.sep_token_id,
+                    pad_token_id=self.tokenizer.pad_token_id)
+                texts += self.tokenizer.batch_decode(ids[:, len(prompt):], skip_special_tokens=True)
+        return [texts[i * c:(i + 1) * c] for i in range(a)]

@@ -1,0 +1,88 @@
+"""Question answering over captions with UnifiedQA-v2 T5 in Fusion-in-Decoder mode.
+Models and torch are imported inside the methods: graphs without model stages (and their
+Ray workers) never pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import Field
+
+from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+
+
+class QAFiDParams(StageParams):
+    preset: Literal["tiny", "base", "large", "3b"] = Field(
+        "tiny", description="UnifiedQA-v2 T5: tiny (random, tests), base, large or 3b (Hugging Face folders "
+        "unifiedqa-v2-t5-<size>-1363200 in the --weights folder)")
+    checkpoint: str | None = Field(None, description="explicit Hugging Face model folder instead of the preset's")
+    num_captions_fid: int = Field(1, ge=1, description="captions per passage (LAVIS: 1)")
+    num_beams: int = Field(1, ge=1, description="beam search width (1 = greedy, as LAVIS)")
+    max_length: int = Field(20, ge=2, le=512, description="most answer tokens, decoder start token included "
+                            "(Hugging Face max_length; LAVIS: 20)")
+    min_length: int = Field(0, ge=0, description="fewest answer tokens (LAVIS: 0)")
+    max_passage_tokens: int = Field(512, ge=8, description="passages are truncated to this many tokens")
+
+
+class QAFiD(Stage):
+    """Answer the question from its captions with UnifiedQA FiD.
+
+    Each passage is the question (lowercased, stripped), a literal ``\\n`` and a group of
+    ``num_captions_fid`` captions, exactly as LAVIS builds it; the T5 encoder reads every
+    passage separately and the decoder attends over all of them.
+    """
+
+    name = "qa_fid"
+    Params = QAFiDParams
+    resources = Resources(gpu=0.5, batch_size=16)
+    INPUTS = {"question": Input(pa.string(), "question text"),
+              "captions": Input(pa.list_(pa.string()), "captions of the image for this question")}
+    OUTPUTS = {"answer": Output(pa.string(), "generated answer")}
+
+    def problems(self) -> list[tuple[str, str]]:
+        from models.fid_t5 import find_fid_t5
+        from models.weights import WeightsError
+
+        try:
+            find_fid_t5(self.params.preset, self.params.checkpoint)
+        except WeightsError as exc:
+            return [("checkpoint" if self.params.checkpoint else "preset", str(exc))]
+        return []
+
+    def weights_fingerprint(self) -> str | None:
+        from models.fid_t5 import weights_fingerprint
+
+        return weights_fingerprint(self.params.preset, self.params.checkpoint)
+
+    def setup(self, device: str) -> None:
+        from models.fid_t5 import load_fid_t5
+
+        super().setup(device)
+        self.model, self.tokenizer = load_fid_t5(self.params.preset, self.params.checkpoint)
+        self.model.to(device)
+
+    def process(self, batch: Batch) -> dict[str, Any]:
+        import torch
+
+        from models.fid_t5 import make_passages, tokenize_passages
+
+        p = self.params
+        rows, passages = [], []
+        for i, (question, captions) in enumerate(zip(batch["question"], batch["captions"])):
+            if not captions:
+                batch.fail(i, "no captions to answer from")
+                continue
+            rows.append(i)
+            passages.append(make_passages(question, captions, p.num_captions_fid))
+        answers: list[str | None] = [None] * len(batch)
+        if rows:
+            # samples with fewer passages get fully masked padding passages, which FiD ignores
+            ids, mask = tokenize_passages(self.tokenizer, passages, p.max_passage_tokens)
+            with torch.no_grad():
+                out = self.model.generate(ids.to(self.device), mask.to(self.device), num_beams=p.num_beams,
+                                          max_new_tokens=p.max_length - 1, min_new_tokens=max(0, p.min_length - 1))
+            for i, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
+                answers[i] = text.strip()
+        return {"answer": answers}
