@@ -179,7 +179,8 @@ def _cmd_stages(a) -> int:
         print("\n".join(describe_params(cls.Params)))
         print("  inputs:")
         for k, i in stage.inputs().items():
-            print(f"    {k}: {describe_type(i.spec)}{' (optional)' if i.optional else ''} — {i.doc}")
+            flags = ", ".join(f for f, on in (("optional", i.optional), ("once per image", i.per_image)) if on)
+            print(f"    {k}: {describe_type(i.spec)}{f' ({flags})' if flags else ''} — {i.doc}")
         print("  outputs:")
         for k, o in stage.outputs().items():
             print(f"    {k}: {describe_type(o.spec)} — {o.doc}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,13 +225,26 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
         raise GraphError(problems)
 
 
-def apply_preset(doc: dict, preset: str) -> None:
-    """Set ``preset`` on every node whose stage has that param (``--preset large``)."""
+def apply_preset(doc: dict, preset: str, file: str) -> None:
+    """Set ``preset`` on every model node whose stage offers that preset (``--preset large``
+    sets the BLIP and UnifiedQA nodes; SAM presets have other names)."""
+    offered: set[str] = set()
+    changed = 0
     for spec in (doc.get("nodes") or {}).values():
-        if isinstance(spec, dict) and spec.get("stage") in STAGES \
-                and "preset" in STAGES[spec["stage"]].Params.model_fields:
+        if not (isinstance(spec, dict) and spec.get("stage") in STAGES):
+            continue
+        field = STAGES[spec["stage"]].Params.model_fields.get("preset")
+        if field is None:
+            continue
+        choices = {str(c) for c in typing.get_args(field.annotation)}
+        offered |= choices
+        if preset in choices:
             params = spec.get("params")
             spec["params"] = {**(params if isinstance(params, dict) else {}), "preset": preset}
+            changed += 1
+    if not changed:
+        raise GraphError([Problem("--preset", None, preset, f"no model node of {file} offers preset '{preset}'; "
+                                  f"presets: {', '.join(sorted(offered)) or 'none (the graph has no model nodes)'}")])
 
 
 def load_graph(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> Graph:
@@ -244,7 +258,7 @@ def load_graph(path: str | Path, overrides: list[str] | None = None, preset: str
     origins = {k: (file if Path(v) == path.resolve() else v) for k, v in origins.items()}
     doc.setdefault("name", path.stem)
     if preset:
-        apply_preset(doc, preset)
+        apply_preset(doc, preset, file)
     apply_overrides(doc, list(overrides or []), file)
     return _validate(doc, origins, file)
 
