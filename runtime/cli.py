@@ -34,8 +34,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def graph_args(sp):
         sp.add_argument("graph", help="graph YAML file (see graphs/)")
-        sp.add_argument("--preset", metavar="NAME",
-                        help="model preset of every model node (tiny, shapes, base, large, ...; see `runtime stages`)")
+        sp.add_argument("--preset", metavar="NAME", action="append", default=[],
+                        help="model preset for every model node that offers it (BLIP / UnifiedQA: tiny, base, large, "
+                             "3b; EfficientSAM: tiny, vitt, vits); repeatable, e.g. --preset large --preset vitt")
         sp.add_argument("--weights", metavar="DIR",
                         help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
@@ -115,7 +116,13 @@ def _load(a):
             raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
                              "standard names; see README, 'Real checkpoints')")
         os.environ[WEIGHTS_ENV] = str(folder.resolve())
-    return load_graph(a.graph, a.overrides, preset=a.preset)
+    graph = load_graph(a.graph, a.overrides, presets=a.preset)
+    if a.preset:
+        left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
+        if left:
+            print(f"warning: {', '.join(left)} still use the random 'tiny' preset; add --preset for them "
+                  "(e.g. --preset vitt for EfficientSAM) or --set NODE.preset=...", file=sys.stderr)
+    return graph
 
 
 def _cmd_run(a) -> int:

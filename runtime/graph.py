@@ -247,17 +247,19 @@ def apply_preset(doc: dict, preset: str, file: str) -> None:
                                   f"presets: {', '.join(sorted(offered)) or 'none (the graph has no model nodes)'}")])
 
 
-def load_graph(path: str | Path, overrides: list[str] | None = None, preset: str | None = None) -> Graph:
+def load_graph(path: str | Path, overrides: list[str] | None = None,
+               presets: list[str] | tuple[str, ...] = ()) -> Graph:
     """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem.
 
-    ``preset`` sets the model preset of every model node; ``overrides`` (``--set``) come after it.
+    Each of ``presets`` sets the preset of the model nodes that offer it (``--preset large
+    --preset vitt``); ``overrides`` (``--set``) come after them.
     """
     path = Path(path)
     doc, origins = _read_document(path.resolve(), ())
     file = str(path)
     origins = {k: (file if Path(v) == path.resolve() else v) for k, v in origins.items()}
     doc.setdefault("name", path.stem)
-    if preset:
+    for preset in presets:
         apply_preset(doc, preset, file)
     apply_overrides(doc, list(overrides or []), file)
     return _validate(doc, origins, file)
