@@ -8,12 +8,15 @@ from stages.heatmaps import (
 )
 from stages.images import LoadImage, PreprocessImage
 from stages.qa import QAFiD
+from stages.sam import SamEmbed, SamMask
 
 STAGE_CLASSES: tuple[type[Stage], ...] = (
     LoadImage,
     PreprocessImage,
     MaskHeatmap,
     HeatmapPoints,
+    SamEmbed,
+    SamMask,
     HeatmapEnhance,
     HeatmapMetrics,
     SamplePatches,
