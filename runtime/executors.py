@@ -112,21 +112,23 @@ class _NodeActor:
 def actor_resources(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, device: str) -> dict[str, dict]:
     """Replicas and per-actor CPU/GPU requests so every actor fits at once (no deadlock).
 
-    GPU stages share the cluster's GPUs by their declared fraction; every actor gets an equal
-    slice of the CPUs left after one CPU for the driver and Ray's own work.
+    GPU stages ask for their declared GPU fraction; when one replica of each fits several times
+    into the cluster's GPUs, each gets that many replicas, and when they do not all fit, the
+    fractions are scaled down together (a model's memory is its own; the fraction only places
+    actors). Every actor gets an equal slice of the CPUs left after one for the driver.
     """
     use_gpu = device != "cpu" and cluster_gpus > 0
-    gpu_nodes = [n for n, nd in ctx.graph.nodes.items() if use_gpu and nd.stage.resources.gpu > 0]
+    want = {n: (nd.stage.resources.gpu if use_gpu else 0.0) for n, nd in ctx.graph.nodes.items()}
+    one_each = sum(want.values())
+    sets = max(1, int(cluster_gpus / one_each)) if one_each else 1
     plan: dict[str, dict] = {}
     for name, node in ctx.graph.nodes.items():
-        gpu = node.stage.resources.gpu if name in gpu_nodes else 0.0
-        if node.replicas:
-            replicas = node.replicas
-        elif gpu:
-            replicas = max(1, int(cluster_gpus / (gpu * len(gpu_nodes))))
-        else:
-            replicas = 1
-        plan[name] = {"replicas": replicas, "num_gpus": gpu}
+        replicas = node.replicas or (sets if want[name] else 1)
+        plan[name] = {"replicas": replicas, "num_gpus": want[name]}
+    asked = sum(p["num_gpus"] * p["replicas"] for p in plan.values())
+    scale = min(1.0, cluster_gpus / asked) if asked else 1.0
+    for p in plan.values():
+        p["num_gpus"] = math.floor(p["num_gpus"] * scale * 1000) / 1000
     total_actors = sum(p["replicas"] for p in plan.values())
     cpu_each = max(0.01, min(1.0, (cluster_cpus - 1.0) / total_actors if cluster_cpus > 1 else 0.5 / total_actors))
     for p in plan.values():

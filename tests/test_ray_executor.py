@@ -50,3 +50,19 @@ def test_actor_requests_fit_two_cpus(tmp_path):
     # on a 1-CPU cluster too
     res = actor_resources(ctx, cluster_cpus=1.0, cluster_gpus=0.0, device="cpu")
     assert sum(r["num_cpus"] * r["replicas"] for r in res.values()) <= 1.0
+
+
+def test_gpu_requests_fit_the_cluster(tmp_path):
+    g = load_graph(GRAPHS / "esam_enhanced.yaml")
+    ctx = RunContext(g, tmp_path, None, set())
+    declared = {n: nd.stage.resources.gpu for n, nd in g.nodes.items()}
+    assert sum(declared.values()) > 1  # the model stages together ask for more than one GPU
+    for gpus in (1.0, 2.0, 8.0):
+        res = actor_resources(ctx, cluster_cpus=16.0, cluster_gpus=gpus, device="cuda")
+        assert sum(r["num_gpus"] * r["replicas"] for r in res.values()) <= gpus + 1e-9
+        assert all(r["num_gpus"] > 0 for n, r in res.items() if declared[n] > 0)
+        assert sum(r["num_cpus"] * r["replicas"] for r in res.values()) <= 15.0
+    eight = actor_resources(ctx, cluster_cpus=16.0, cluster_gpus=8.0, device="cuda")
+    assert eight["gradcam"]["replicas"] >= 2 and eight["image"]["replicas"] == 1
+    # --device cpu on a GPU cluster asks for no GPU
+    assert all(r["num_gpus"] == 0 for r in actor_resources(ctx, 16.0, 8.0, "cpu").values())
