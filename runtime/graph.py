@@ -363,6 +363,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         if not isinstance(inputs, dict):
             problems.append(Problem(nfile, name, "inputs", "must be a mapping of input -> NODE.COLUMN"))
             inputs = {}
+        inputs = {k: v for k, v in inputs.items() if v is not None}  # `input: null` unwires (with extends)
         wiring[name] = inputs
         batch_size, replicas = spec.get("batch_size"), spec.get("replicas")
         for key, val in (("batch_size", batch_size), ("replicas", replicas)):
@@ -399,6 +400,8 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             elif ref.node in stages:
                 g.add_edge(ref.node, name)
             refs[name][inp] = ref
+        for fld, msg in stages[name].wiring_problems(set(inputs)):
+            problems.append(Problem(nfile, name, fld, msg))
         for inp, decl in declared.items():
             if not decl.optional and inp not in inputs:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"missing required input '{inp}' ({describe_type(decl.spec)}): "

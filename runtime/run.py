@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata

@@ -1,7 +1,7 @@
 """Operators, registered by name for graph files: ``STAGES["heatmap_points"]``."""
 
 from stages.base import Stage, StageParams
-from stages.blip import Caption, ItmGradcam
+from stages.blip import BlipFeatures, Caption, ItmGradcam
 from stages.evaluation import VQAEval
 from stages.heatmaps import (
     HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
@@ -20,6 +20,7 @@ STAGE_CLASSES: tuple[type[Stage], ...] = (
     HeatmapEnhance,
     HeatmapMetrics,
     SamplePatches,
+    BlipFeatures,
     ItmGradcam,
     Caption,
     QAFiD,

@@ -123,6 +123,11 @@ class Stage:
         """``(field, message)`` for anything that would make the run fail (missing files)."""
         return []
 
+    def wiring_problems(self, wired: set[str]) -> list[tuple[str, str]]:
+        """``(field, message)`` for input combinations the stage cannot work with (e.g. two
+        alternative inputs both wired); ``wired`` holds the names of the wired inputs."""
+        return []
+
     def weights_fingerprint(self) -> str | None:
         """A fingerprint of the model weights this stage will load (part of the cache key)."""
         return None

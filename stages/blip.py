@@ -10,25 +10,54 @@ Ray workers) never pay for importing torch.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import tensor_type
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.common import row_rng
 from stages.grid import sample_patch_sets
 from stages.text import blip_question
 
+if TYPE_CHECKING:
+    import torch
+
 Preset = Literal["tiny", "base", "large"]
 
 
-def _pixels_input(image_size: int) -> Input:
-    return Input(tensor_type("float32", [3, image_size, image_size]),
-                 f"preprocessed image [3, {image_size}, {image_size}] (preprocess_image, family blip)",
-                 per_image=True)
+def _image_inputs(config) -> dict[str, Input]:
+    """The image as pixels (encoded by the stage's own ViT) or as ready ViT tokens (from
+    ``blip_features`` or ``feature_fusion``); exactly one is wired."""
+    s, g, c = config.vit.image_size, config.vit.grid, config.vit.width
+    return {
+        "pixels": Input(tensor_type("float32", [3, s, s]), f"preprocessed image [3, {s}, {s}] "
+                        "(preprocess_image, family blip); or wire features", optional=True, per_image=True),
+        "features": Input(tensor_type("float32", [1 + g * g, c]), f"image tokens [{1 + g * g}, {c}] of this "
+                          "model's ViT, e.g. fused by feature_fusion; or wire pixels", optional=True, per_image=True),
+    }
+
+
+def _one_image_input(wired: set[str]) -> list[tuple[str, str]]:
+    if ("pixels" in wired) == ("features" in wired):
+        return [("inputs", "wire exactly one of 'pixels' (the stage encodes the image) and 'features' "
+                 "(ready image tokens, e.g. from feature_fusion)")]
+    return []
+
+
+def _image_tokens(model, batch: Batch, device: str):
+    """``[N, 1+P, C]`` image tokens per row: the wired features, or the pixels encoded once
+    per distinct image of the batch."""
+    import torch
+
+    if "features" in batch.columns:
+        images = torch.from_numpy(batch["features"]).to(device)
+    else:
+        with torch.no_grad():
+            images = model.encode_image(torch.from_numpy(batch["pixels"]).to(device))
+    return images, torch.from_numpy(batch.image_rows).to(device)
 
 
 def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
@@ -77,8 +106,10 @@ class ItmGradcam(Stage):
         return itm_config(self.params.preset)
 
     def inputs(self) -> dict[str, Input]:
-        return {"pixels": _pixels_input(self._config().vit.image_size),
-                "question": Input(pa.string(), "question text")}
+        return {**_image_inputs(self._config()), "question": Input(pa.string(), "question text")}
+
+    def wiring_problems(self, wired: set[str]) -> list[tuple[str, str]]:
+        return _one_image_input(wired)
 
     def outputs(self) -> dict[str, Output]:
         g = self._config().vit.grid
@@ -110,17 +141,13 @@ class ItmGradcam(Stage):
         self.tokenizer = load_blip_tokenizer_for(self.params.preset)
 
     def process(self, batch: Batch) -> dict[str, Any]:
-        import torch
-
         from models.blip.tokenizer import tokenize_questions
 
         questions = [blip_question(q) for q in batch["question"]]
         ids, mask = tokenize_questions(self.tokenizer, questions, self.params.max_length)
         device = self.device
-        with torch.no_grad():
-            pixels = torch.from_numpy(batch["pixels"]).to(device)
-            images = self.model.encode_image(pixels)
-        embeds = images[torch.from_numpy(batch.image_rows).to(device)]
+        images, image_rows = _image_tokens(self.model, batch, device)
+        embeds = images[image_rows]
         heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.params.block_num)
         return {"heatmap": heatmap.detach().float().cpu().numpy(),
                 "itm_score": score.detach().float().cpu().numpy()}
@@ -168,8 +195,11 @@ class Caption(Stage):
 
     def inputs(self) -> dict[str, Input]:
         g = self._config().vit.grid
-        return {"pixels": _pixels_input(self._config().vit.image_size),
+        return {**_image_inputs(self._config()),
                 "heatmap": Input(tensor_type("float32", [g, g]), f"question-guided heatmap [{g}, {g}]")}
+
+    def wiring_problems(self, wired: set[str]) -> list[tuple[str, str]]:
+        return _one_image_input(wired)
 
     def outputs(self) -> dict[str, Output]:
         return {"captions": Output(pa.list_(pa.string()), "distinct captions, at most num_captions"),
@@ -207,9 +237,7 @@ class Caption(Stage):
 
         p, device = self.params, self.device
         n = len(batch)
-        with torch.no_grad():
-            images = self.model.encode_image(torch.from_numpy(batch["pixels"]).to(device))  # [I, 1+P, C]
-        image_rows = torch.from_numpy(batch.image_rows).to(device)
+        images, image_rows = _image_tokens(self.model, batch, device)  # [I, 1+P, C], [N]
         heat = batch["heatmap"].reshape(n, -1)
         new_tokens = p.max_length - len(self.prompt_ids)
         captions: list[list[str]] = [[] for _ in range(n)]
@@ -254,3 +282,66 @@ class Caption(Stage):
                     pad_token_id=self.tokenizer.pad_token_id)
                 texts += self.tokenizer.batch_decode(ids[:, len(prompt):], skip_special_tokens=True)
         return [texts[i * c:(i + 1) * c] for i in range(a)]
+
+
+# --- blip_features --------------------------------------------------------------------------
+
+class BlipFeaturesParams(StageParams):
+    preset: Preset = Field("tiny", description="BLIP preset whose ViT encodes the image (as itm_gradcam / caption)")
+    model: Literal["itm", "caption"] = Field("itm", description="the ViT of the ITM model or of the captioner "
+                                             "(their weights differ); feed the tokens to that model's stage")
+    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's standard one")
+
+
+class BlipFeatures(Stage):
+    """BLIP ViT image tokens ``[1+P, C]``, once per image, for stages that transform them
+    (``feature_fusion``) before ``itm_gradcam`` / ``caption`` read them.
+
+    Not cached (2.4 MiB per image for ViT-L); recomputed in memory when needed.
+    """
+
+    name = "blip_features"
+    Params = BlipFeaturesParams
+    granularity = Granularity.IMAGE
+    cacheable = False
+    resources = Resources(gpu=0.25, batch_size=16)
+
+    def _config(self):
+        from models.blip.checkpoint import caption_config, itm_config
+
+        return (itm_config if self.params.model == "itm" else caption_config)(self.params.preset)
+
+    def inputs(self) -> dict[str, Input]:
+        s = self._config().vit.image_size
+        return {"pixels": Input(tensor_type("float32", [3, s, s]), f"preprocessed image [3, {s}, {s}]")}
+
+    def outputs(self) -> dict[str, Output]:
+        v = self._config().vit
+        return {"features": Output(tensor_type("float32", [1 + v.grid ** 2, v.width]),
+                                   f"ViT tokens (CLS first) [{1 + v.grid ** 2}, {v.width}]")}
+
+    def problems(self) -> list[tuple[str, str]]:
+        from models.blip.checkpoint import find_caption_checkpoint, find_itm_checkpoint
+
+        find = find_itm_checkpoint if self.params.model == "itm" else find_caption_checkpoint
+        return [(f, m) for f, m in _weights_problems(find, self.params.preset, self.params.checkpoint)
+                if "bert-base-uncased" not in m]  # the ViT needs no tokenizer
+
+    def weights_fingerprint(self) -> str | None:
+        from models.blip.checkpoint import weights_fingerprint
+
+        return weights_fingerprint(self.params.model, self.params.preset, self.params.checkpoint)
+
+    def setup(self, device: str) -> None:
+        from models.blip.checkpoint import load_blip_caption, load_blip_itm
+
+        super().setup(device)
+        load = load_blip_itm if self.params.model == "itm" else load_blip_caption
+        self.model, self.report = load(self.params.preset, self.params.checkpoint, device)
+
+    def process(self, batch: Batch) -> dict[str, Any]:
+        import torch
+
+        with torch.no_grad():
+            tokens = self.model.encode_image(torch.from_numpy(batch["pixels"]).to(self.device))
+        return {"features": tokens.float().cpu().numpy()}

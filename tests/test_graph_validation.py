@@ -202,3 +202,24 @@ def test_preset_sets_every_model_node_that_offers_it():
     with pytest.raises(GraphError) as info:
         load_graph(GRAPHS / "oracle_heatmap.yaml", presets=["large"])
     assert "no model nodes" in info.value.problems[0].message
+
+
+def test_alternative_image_inputs_exactly_one(write_graph):
+    head = HEAD + """
+  image: {stage: load_image, inputs: {image_bytes: source.image_bytes}}
+  pixels: {stage: preprocess_image, inputs: {image: image.image}}
+  feats: {stage: blip_features, inputs: {pixels: pixels.pixels}}
+"""
+    both = write_graph(head + "  g: {stage: itm_gradcam, inputs: {pixels: pixels.pixels, features: feats.features, "
+                       "question: source.question}}\noutputs: []\n", name="both.yaml")
+    [msg] = problems(both)
+    assert "node 'g'" in msg and "wire exactly one of 'pixels'" in msg
+    neither = write_graph(head + "  g: {stage: itm_gradcam, inputs: {question: source.question}}\noutputs: []\n",
+                          name="neither.yaml")
+    assert "wire exactly one" in problems(neither)[0]
+    ok = write_graph(head + "  g: {stage: itm_gradcam, inputs: {features: feats.features, question: source.question}}"
+                     "\noutputs: [g.heatmap]\n", name="ok.yaml")
+    assert load_graph(ok).nodes["g"].inputs["features"].node == "feats"
+    # with extends, `input: null` unwires an inherited input
+    child = write_graph("extends: both.yaml\nnodes:\n  g: {inputs: {pixels: null}}\n", name="child.yaml")
+    assert set(load_graph(child).nodes["g"].inputs) == {"features", "question"}
