@@ -455,6 +455,9 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"'{stage.name}' runs once per image, but {ref} is a per-question "
                                         "column; wire an image-level column (e.g. source.image_path or a per-image node)"))
                 ok = False
+        if ok:
+            for fld, msg in stage.binding_problems(dict(bindings)):
+                problems.append(Problem(nfile, name, fld, msg))
         outs = {}
         for out, decl in stage.outputs().items():
             try:

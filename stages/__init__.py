@@ -3,6 +3,7 @@
 from stages.base import Stage, StageParams
 from stages.blip import BlipFeatures, Caption, ItmGradcam
 from stages.evaluation import VQAEval
+from stages.fusion import FeatureFusion
 from stages.heatmaps import (
     HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
 )
@@ -21,6 +22,7 @@ STAGE_CLASSES: tuple[type[Stage], ...] = (
     HeatmapMetrics,
     SamplePatches,
     BlipFeatures,
+    FeatureFusion,
     ItmGradcam,
     Caption,
     QAFiD,

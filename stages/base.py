@@ -128,6 +128,11 @@ class Stage:
         alternative inputs both wired); ``wired`` holds the names of the wired inputs."""
         return []
 
+    def binding_problems(self, dims: dict[str, int]) -> list[tuple[str, str]]:
+        """``(field, message)`` when the tensor sizes bound from the wired inputs (the symbols of
+        the input specs, e.g. ``{"g": 24}``) do not suit the stage (e.g. trained weights)."""
+        return []
+
     def weights_fingerprint(self) -> str | None:
         """A fingerprint of the model weights this stage will load (part of the cache key)."""
         return None

@@ -1,0 +1,34 @@
+"""Fusion of BLIP image tokens with an EfficientSAM embedding (DESIGN section 8, "Feature fusion").
+
+Every module maps ``blip_tokens [B, 1+P, C1]`` and ``sam_embed [B, Cs, S, S]`` to fused tokens
+``[B, 1+P, C1]`` (same shape as BLIP's, so ITM / GradCAM / captioning read them unchanged):
+
+    module(blip_tokens, sam_embed, blip_mask=None, sam_mask=None) -> fused
+
+and is built so that, untrained, ``fused == blip_tokens`` exactly (zero-initialised output
+projection added residually): a graph with fusion works with pretrained BLIP before any fusion
+is trained.
+
+    config.py          FusionConfig (mode, widths, grid, heads, Lf / T / N, ...)
+    common.py          input checks, SAM resampling, masks, attention
+    concat_conv.py     1x1 conv over [BLIP grid ; SAM resized], learned CLS
+    cross_attention.py BLIP tokens query (resized) SAM tokens
+    difnet.py          DIFNet two-stream multi-level encoder
+    checkpoint.py      build / save / load (safetensors + config metadata), fingerprints
+
+There are no pretrained fusion weights; ``runtime train fusion`` (``training.fusion``) trains
+them with frozen BLIP ITM and SAM. GradCAM on fused tokens has a weaker spatial meaning than on
+the original ViT tokens (attention and convolutions mix positions).
+"""
+
+from models.fusion.checkpoint import (FORMAT, build_fusion, fusion_fingerprint, load_fusion, read_fusion_config,
+                                      save_fusion)
+from models.fusion.concat_conv import ConcatConvFusion
+from models.fusion.config import MODES, FusionConfig
+from models.fusion.cross_attention import CrossAttentionFusion
+from models.fusion.difnet import DifnetFusion, DifnetLayer, DifnetTrace
+
+__all__ = [
+    "ConcatConvFusion", "CrossAttentionFusion", "DifnetFusion", "DifnetLayer", "DifnetTrace", "FORMAT", "FusionConfig",
+    "MODES", "build_fusion", "fusion_fingerprint", "load_fusion", "read_fusion_config", "save_fusion",
+]

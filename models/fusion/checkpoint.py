@@ -1,0 +1,108 @@
+"""Fusion weights as one safetensors file with the :class:`FusionConfig` in its metadata.
+
+Metadata keys: ``format`` = ``pnpvqa-fusion``, ``fusion_config`` = the config as JSON. The file
+is self-describing: :func:`load_fusion` rebuilds the module from it, after checking the config
+against what the caller expects (a graph knows its BLIP width and grid and its SAM channels).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from models.fusion.config import FusionConfig
+from models.weights import WeightsError, apply_state_dict, file_fingerprint
+
+FORMAT = "pnpvqa-fusion"
+
+
+def build_fusion(config: FusionConfig) -> nn.Module:
+    """A freshly initialised fusion module of ``config`` (fused tokens == BLIP tokens)."""
+    from models.fusion.concat_conv import ConcatConvFusion
+    from models.fusion.cross_attention import CrossAttentionFusion
+    from models.fusion.difnet import DifnetFusion
+
+    classes = {"concat_conv": ConcatConvFusion, "cross_attention": CrossAttentionFusion, "difnet": DifnetFusion}
+    return classes[config.mode](config)
+
+
+def save_fusion(module: nn.Module, config: FusionConfig, path: str | Path) -> Path:
+    """Write ``module``'s weights and ``config`` to ``path`` (safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    own = getattr(module, "config", None)
+    if own is not None and own != config:
+        raise ValueError(f"the module was built with {own}, not with the config given to save_fusion ({config})")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "fusion_config": config.to_json()})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_fusion_config(path: str | Path) -> FusionConfig:
+    """The config stored in a fusion file (``WeightsError`` when it is not one)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"fusion weights {path} do not exist (train them with `runtime train fusion --out DIR`, "
+                           "which writes DIR/fusion.safetensors)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
+    if metadata.get("format") != FORMAT or "fusion_config" not in metadata:
+        raise WeightsError(f"{path} is not a fusion weights file (its safetensors metadata has no "
+                           f"format={FORMAT!r} and fusion_config)")
+    try:
+        return FusionConfig.from_json(metadata["fusion_config"])
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"{path} holds an unusable fusion config: {exc}") from None
+
+
+def load_fusion(path: str | Path, expected: FusionConfig | Mapping[str, Any] | None = None,
+                device: torch.device | str = "cpu") -> tuple[nn.Module, FusionConfig]:
+    """The fusion module stored in ``path`` (eval mode) and its config.
+
+    ``expected``: a full :class:`FusionConfig`, or a mapping of the fields that must match
+    (e.g. ``{"blip_width": 1024, "grid": 24, "sam_dim": 256}``); a file whose config differs
+    is refused with a ``WeightsError`` listing the differences.
+    """
+    path = Path(path)
+    config = read_fusion_config(path)
+    if expected is not None:
+        try:
+            wrong = config.mismatches(expected)
+        except ValueError as exc:
+            raise ValueError(f"expected fusion config: {exc}") from None
+        if wrong:
+            raise WeightsError(f"fusion weights {path} were trained for another configuration: "
+                               + "; ".join(wrong) + ". Retrain for these models or pick the matching file.")
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    module = build_fusion(config)
+    report = apply_state_dict(module, state, f"fusion weights {path}")
+    if report.unexpected:
+        raise WeightsError(f"fusion weights {path} do not fit a {config.mode} module: {report.summary()}")
+    return module.to(device).eval(), config
+
+
+def fusion_fingerprint(path: str | Path) -> str:
+    """Identifies a fusion file (size, first and last MiB: the header with the config included)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"fusion weights {path} do not exist")
+    return file_fingerprint(path)
+

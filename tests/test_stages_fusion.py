@@ -1,0 +1,63 @@
+"""Fusion graphs: untrained fusion changes nothing; trained weights are accepted and checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from artifacts.columns import column_to_python
+from conftest import GRAPHS
+from runtime.api import run_graph
+from runtime.errors import GraphError
+from runtime.graph import load_graph
+
+SMALL = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
+
+
+def run(tmp_path, graph, extra=(), out=None):
+    run_graph(GRAPHS / f"{graph}.yaml", overrides=[*SMALL, *extra], executor="local",
+              output=tmp_path / (out or graph), cache_dir=tmp_path / "cache", progress=False, device="cpu")
+    return pq.read_table(tmp_path / (out or graph) / "results.parquet").sort_by("sample_id")
+
+
+def test_untrained_fusion_graphs_equal_the_plain_graph(tmp_path):
+    # every mode is the identity at init (tests/test_models_fusion.py); here through whole graphs
+    plain = run(tmp_path, "pnp_vqa")
+    for graph, mode in (("fusion_caption", "difnet"), ("fusion_gradcam", "cross_attention")):
+        fused = run(tmp_path, graph, [f"fusion.mode={mode}"], out=f"{graph}_{mode}")
+        a, _ = column_to_python(plain.column("gradcam.heatmap"))
+        b, _ = column_to_python(fused.column("gradcam.heatmap"))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-12)
+        assert fused.column("caption.captions").to_pylist() == plain.column("caption.captions").to_pylist()
+        assert fused.column("answer.answer").to_pylist() == plain.column("answer.answer").to_pylist()
+
+
+def test_fusion_weights_are_checked_before_work(tmp_path):
+    import torch
+
+    from models.fusion.checkpoint import build_fusion, save_fusion
+    from models.fusion.config import FusionConfig
+
+    with pytest.raises(GraphError) as info:
+        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'none.safetensors'}"])
+    assert "fusion weights" in str(info.value) and "runtime train fusion" in str(info.value)
+    # weights for another BLIP width are refused at validation, naming the field
+    config = FusionConfig(mode="concat_conv", blip_width=32, sam_dim=32, grid=24, width=16, heads=2)
+    save_fusion(build_fusion(config), config, tmp_path / "other.safetensors")
+    with pytest.raises(GraphError) as info:
+        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'other.safetensors'}"])
+    [problem] = info.value.problems
+    assert problem.node == "fusion" and problem.field == "weights" and "blip_width" in problem.message
+    # matching weights with a non-zero output projection change the captions' inputs
+    from models.efficient_sam import sam_config
+
+    config = FusionConfig(mode="concat_conv", blip_width=64, sam_dim=sam_config("tiny").embed_dim, grid=24,
+                          width=16, heads=2)
+    module = build_fusion(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05)
+    save_fusion(module, config, tmp_path / "trained.safetensors")
+    table = run(tmp_path, "fusion_caption", [f"fusion.weights={tmp_path / 'trained.safetensors'}"], out="trained")
+    assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
