@@ -9,6 +9,7 @@ from stages.heatmaps import (
 )
 from stages.images import LoadImage, PreprocessImage
 from stages.qa import QAFiD
+from stages.qavit import QAViTAttention
 from stages.sam import SamEmbed, SamMask
 
 STAGE_CLASSES: tuple[type[Stage], ...] = (
@@ -24,6 +25,7 @@ STAGE_CLASSES: tuple[type[Stage], ...] = (
     BlipFeatures,
     FeatureFusion,
     ItmGradcam,
+    QAViTAttention,
     Caption,
     QAFiD,
     VQAEval,

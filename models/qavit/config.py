@@ -1,0 +1,127 @@
+"""Sizes of the QA-ViT presets, the integration points and the CLIP preprocessing facts.
+
+``l14_336``: the published QA-ViT configuration (amazon-science/QA-ViT, VisualT5 configs): CLIP
+ViT-L/14 at 336 px (24 layers, width 1024, 16 heads, MLP 4096, quick-GELU, LayerNorm eps 1e-5,
+24x24 patch grid + CLS = 577 tokens), instructions from the flan-t5-base encoder (width 768),
+integration ``late`` (layers 12-23). ``tiny``: the same architecture with small widths (112 px,
+patch 14 -> 8x8 grid, width 64, 4 layers, 4 heads) and the tiny T5 encoder (width 64), for tests
+and for running without a checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+PRESETS = ("tiny", "l14_336")
+INTEGRATION_POINTS = ("all", "early", "late", "late2", "late3", "sparse")
+
+# CLIP's normalisation of [0, 1] RGB pixels (openai/clip-vit-large-patch14-336 preprocessor_config.json)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def instruction_layers(num_layers: int, integration_point: str) -> list[int]:
+    """Indices of the ViT layers that read the question, as the reference's ``InstructCLIPEncoder``
+    chooses them for ``num_layers`` layers (``L``):
+
+    - ``all``: every layer;
+    - ``early``: the first half, ``i < L // 2`` (0-11 of 24);
+    - ``late``: the second half, ``i >= L // 2`` (12-23 of 24; the published setting);
+    - ``late2``: the last quarter, ``i >= 3 * L // 4`` (18-23 of 24);
+    - ``late3``: all but the first quarter, ``i >= L // 4`` (6-23 of 24);
+    - ``sparse``: every other layer from the first, ``i % 2 == 0`` (0, 2, ..., 22 of 24).
+    """
+    rules = {
+        "all": lambda i: True,
+        "early": lambda i: i < num_layers // 2,
+        "late": lambda i: i >= num_layers // 2,
+        "late2": lambda i: i >= 3 * num_layers // 4,
+        "late3": lambda i: i >= num_layers // 4,
+        "sparse": lambda i: i % 2 == 0,
+    }
+    if integration_point not in rules:
+        raise ValueError(f"unknown integration_point {integration_point!r}; choose one of "
+                         f"{', '.join(INTEGRATION_POINTS)}")
+    return [i for i in range(num_layers) if rules[integration_point](i)]
+
+
+def integration_point_of(num_layers: int, layers: list[int] | set[int]) -> str | None:
+    """The integration point that puts instruction modules in exactly ``layers``, else ``None``
+    (when two names give the same layers, e.g. for tiny depths, the first in
+    ``INTEGRATION_POINTS`` order after ``late`` is preferred: ``late`` first, the published one)."""
+    wanted = sorted(layers)
+    for name in ("late", *[p for p in INTEGRATION_POINTS if p != "late"]):
+        if instruction_layers(num_layers, name) == wanted:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class QAViTConfig:
+    image_size: int            # input side S in pixels (square)
+    patch_size: int
+    width: int                 # ViT hidden size
+    depth: int                 # ViT layers
+    heads: int
+    mlp_dim: int
+    text_dim: int              # width of the question encoder's states (instruction_dim)
+    integration_point: str = "late"
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    initializer_factor: float = 1.0  # scales CLIP's random init (tiny: 2, so that attention is not flat)
+
+    @property
+    def grid(self) -> int:
+        """Side of the patch grid (24 for ViT-L/14 at 336 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """CLS + patches."""
+        return 1 + self.grid ** 2
+
+    @property
+    def instruction_layers(self) -> list[int]:
+        return instruction_layers(self.depth, self.integration_point)
+
+    def clip_config(self):
+        """The transformers ``CLIPVisionConfig`` of the ViT part."""
+        from transformers import CLIPVisionConfig
+
+        return CLIPVisionConfig(hidden_size=self.width, intermediate_size=self.mlp_dim,
+                                num_hidden_layers=self.depth, num_attention_heads=self.heads,
+                                image_size=self.image_size, patch_size=self.patch_size,
+                                layer_norm_eps=self.layer_norm_eps, hidden_act=self.hidden_act,
+                                initializer_factor=self.initializer_factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def qavit_config(preset: str, integration_point: str | None = None) -> QAViTConfig:
+    """The sizes of ``preset``; ``integration_point`` (default ``late``) picks the instruction layers."""
+    if preset == "tiny":
+        cfg = QAViTConfig(image_size=112, patch_size=14, width=64, depth=4, heads=4, mlp_dim=256, text_dim=64,
+                          initializer_factor=2.0)
+    elif preset == "l14_336":
+        cfg = QAViTConfig(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
+                          text_dim=768)
+    else:
+        raise ValueError(f"unknown QA-ViT preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if integration_point is not None:
+        instruction_layers(cfg.depth, integration_point)  # validates the name
+        cfg = QAViTConfig(**{**cfg.to_dict(), "integration_point": integration_point})
+    return cfg
+
+
+def clip_preprocess(preset: str) -> dict:
+    """The ``preprocess_image`` params that feed ``preset``: family ``clip`` (bicubic resize to
+    S x S, CLIP mean / std) at the preset's image size.
+
+    The reference's ``CLIPImageProcessor`` resizes the shorter side to S and centre-crops S x S;
+    ``preprocess_image`` resizes the whole image to S x S (aspect ratio not kept), so the heatmap
+    covers the whole image, as the BLIP grid it is resampled to does.
+    """
+    cfg = qavit_config(preset)
+    return {"family": "clip", "image_size": cfg.image_size, "interpolation": "bicubic",
+            "mean": CLIP_MEAN, "std": CLIP_STD}
