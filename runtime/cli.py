@@ -23,6 +23,9 @@ EPILOG = """examples:
   runtime show graphs/oracle_heatmap.yaml --dot | dot -Tpng > graph.png
   runtime stages heatmap_points                          params and columns of one stage
   runtime cache ls ; runtime cache gc --older-than 30
+  runtime report runs/esam_enhanced runs/pnp_vqa          HTML report with both runs side by side
+  runtime compare runs/esam_enhanced runs/pnp_vqa         metrics per run and disagreements, in the terminal
+  runtime train fusion --out runs/fusion_train           train the BLIP + SAM fusion module
 """
 
 
@@ -73,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     so = sub.add_parser("sources", help="list dataset sources with their params and columns")
     so.add_argument("name", nargs="?", help="only this source")
+
+    t = sub.add_parser("train", help="train a model on a dataset source (`runtime train fusion --help`)",
+                       add_help=False)
+    t.add_argument("model", choices=["fusion"], help="fusion: the BLIP + SAM feature fusion module (frozen BLIP, SAM)")
+    t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
+
+    from runtime.report.cli import add_report_parsers
+
+    add_report_parsers(sub)
 
     c = sub.add_parser("cache", help="inspect or clean the result cache")
     csub = c.add_subparsers(dest="cache_command", metavar="ACTION")
@@ -279,7 +291,25 @@ def _cmd_cache(a) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+def _cmd_train(a) -> int:
+    from training import fusion
+
+    return fusion.main(a.args) or 0
+
+
+def _cmd_report(a) -> int:
+    from runtime.report import report_main
+
+    return report_main(a)
+
+
+def _cmd_compare(a) -> int:
+    from runtime.report import compare_main
+
+    return compare_main(a)
+
+
+COMMANDS = {"run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 

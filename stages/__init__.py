@@ -10,6 +10,7 @@ from stages.heatmaps import (
 from stages.images import LoadImage, PreprocessImage
 from stages.qa import QAFiD
 from stages.qavit import QAViTAttention
+from stages.render import Render
 from stages.sam import SamEmbed, SamMask
 
 STAGE_CLASSES: tuple[type[Stage], ...] = (
@@ -29,6 +30,7 @@ STAGE_CLASSES: tuple[type[Stage], ...] = (
     Caption,
     QAFiD,
     VQAEval,
+    Render,
 )
 
 STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in STAGE_CLASSES}

@@ -47,11 +47,12 @@ class MaskHeatmap(Stage):
         return {"heatmap": Output(tensor_type("float32", [g, g]), "heatmap [g, g] in [0, 1]")}
 
     def process(self, batch: Batch) -> dict[str, Any]:
-        missing = ~batch.valid("mask")
+        masks, given = optional_column(batch, "mask", np.zeros((len(batch), 1, 1), np.uint8))
+        missing = ~given
         if self.params.if_missing == "fail":
             for i in np.flatnonzero(missing):
                 batch.fail(int(i), "no ground-truth mask")
-        frac = pool_to_grid(batch["mask"], self.params.grid)
+        frac = pool_to_grid(masks, self.params.grid)
         heatmap = minmax(gaussian_blur(frac, self.params.sigma))
         heatmap[missing] = 1.0
         return {"heatmap": heatmap.astype(np.float32)}

@@ -339,3 +339,10 @@ def test_too_many_patches_fail_rows():
     assert "16 cells" in batch.failures[0]
     stage = SamplePatches(SamplePatches.Params(num_captions=3, num_patches=4))
     assert stage.outputs()["patches"].spec.shape == [3, 4]
+
+
+def test_mask_heatmap_without_a_wired_mask_is_flat():
+    from stages.base import Batch
+
+    out = MaskHeatmap(MaskHeatmap.Params(grid=3)).process(Batch({}, {}, ["a", "b"]))
+    np.testing.assert_array_equal(out["heatmap"], np.ones((2, 3, 3), np.float32))

@@ -1,0 +1,255 @@
+"""``build_report``: one HTML file comparing runs, with its pictures in a folder beside it.
+
+Layout (``out`` a folder, the default)::
+
+    OUT/index.html          the report: inline CSS and JS, the data as embedded JSON
+    OUT/assets/r0/...png    pictures of run 0 (heatmap overlays, points, mask, patches, ...)
+    OUT/assets/plots/...png matplotlib plots
+
+(``out`` ending in ``.html``: the pictures go to ``<stem>_files/`` beside it.) Every picture is
+referenced by a relative path, nothing from the network, so the folder can be copied or
+zipped anywhere and still opens. The table of samples is paginated in the browser from the
+embedded JSON, so a report of 10k+ samples opens quickly; pictures and captions are included
+for the first ``limit`` samples only (rounded up to whole images), and samples beyond it
+show their text and metrics.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import UsageError
+from runtime.report.comparison import disagreements, metric_rows
+from runtime.report.data import Run, SourceImages, unique_labels
+from runtime.report.plots import make_plots
+from runtime.report.render import RenderOptions, render_run, writable_folder
+from runtime.report.template import render_html
+
+DEFAULT_LIMIT = 200
+DEFAULT_PAGE_SIZE = 50
+MAX_CAPTIONS = 20          # captions per sample kept in the report
+MARKER = ".pnpvqa-report"  # marks an assets folder this module owns (and may replace)
+
+
+def report_paths(out: str | Path) -> tuple[Path, Path]:
+    """``(html file, assets folder)`` for an output path (a folder, or a ``.html`` file)."""
+    out = Path(out)
+    if out.suffix.lower() in (".html", ".htm"):
+        return out, out.parent / f"{out.stem}_files"
+    return out / "index.html", out / "assets"
+
+
+def _prepare_assets(assets: Path) -> None:
+    if assets.exists():
+        if not (assets / MARKER).exists() and any(assets.iterdir()):
+            raise UsageError(f"{assets} exists and was not written by 'runtime report'; choose another --output")
+        shutil.rmtree(assets)
+    assets.mkdir(parents=True)
+    (assets / MARKER).write_text("written by runtime report; replaced on the next report to this place\n")
+
+
+def _num(v: Any, digits: int = 4) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) or math.isinf(f) else round(f, digits)
+
+
+def _answer_counts(answers: list[str] | None) -> list[list] | None:
+    if answers is None:
+        return None
+    counts: dict[str, int] = {}
+    for a in answers:
+        counts[str(a)] = counts.get(str(a), 0) + 1
+    return [[a, n] for a, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def _detail_set(order: list[str], image_of: dict[str, str], limit: int) -> list[str]:
+    """The first ``limit`` samples, plus the other questions of their images."""
+    head = order[:max(0, limit)]
+    images = {image_of[s] for s in head}
+    return [s for s in order if image_of[s] in images]
+
+
+def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: str | None) -> dict:
+    m = run.manifest
+    totals = m.get("totals") or {}
+    nodes = [[name, n.get("stage"), n.get("rows"), n.get("computed_shards"), n.get("cached_shards"), n.get("errors"),
+              _num(n.get("seconds"), 3), _num(n.get("peak_rss_mb"), 0)] for name, n in (m.get("nodes") or {}).items()]
+    examples = []
+    if run.errors():
+        for sid, st, err in zip(run.sample_ids, run.values("status"), run.values("error")):
+            if st == "error":
+                examples.append(f"{sid}: {err}")
+                if len(examples) >= 5:
+                    break
+    dataset = run.dataset
+    return {
+        "label": run.label, "graph": run.graph_name, "description": run.description,
+        "dir": str(run.dir.resolve()), "graph_file": m.get("graph_file"),
+        "dataset": f"{dataset.get('source', '?')} {json.dumps(dataset.get('params') or {}, sort_keys=True)}",
+        "samples": len(run), "errors": run.errors(), "error_examples": examples,
+        "metrics": [[name, _num(vals[i])] for name, vals in rows],
+        "manifest_means": [[k, _num(v)] for k, v in (totals.get("metrics") or {}).items()],
+        "nodes": nodes, "seconds": _num(totals.get("seconds"), 2), "started": m.get("started"),
+        "finished": m.get("finished"), "device": m.get("device"), "executor": m.get("executor"),
+        "status": m.get("status"), "render_note": render_note,
+        "has": {"enhanced": bool(run.roles.enhanced), "points": bool(run.roles.points),
+                "mask": bool(run.roles.mask), "heatmap": bool(run.roles.heatmap)},
+    }
+
+
+def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = DEFAULT_PAGE_SIZE,
+                 limit: int = DEFAULT_LIMIT, options: RenderOptions = RenderOptions(),
+                 title: str | None = None) -> Path:
+    """Write a report of ``run_dirs`` to ``out`` (a folder, or an ``.html`` file) and return the
+    HTML file's path. ``page_size``: table rows per page; ``limit``: samples (rounded up to whole
+    images) that get pictures and captions; pictures are cached in each ``RUN/render/``."""
+    if not run_dirs:
+        raise UsageError("report: give at least one run folder")
+    if page_size < 1:
+        raise UsageError(f"page size must be at least 1, got {page_size}")
+    if limit < 0:
+        raise UsageError(f"--limit must be 0 or more samples, got {limit}")
+    runs = [Run(d) for d in run_dirs]
+    unique_labels(runs)
+    html_path, assets = report_paths(out)
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare_assets(assets)
+    rel = assets.name  # pictures are referenced relative to the HTML file's folder
+
+    # samples of all runs, in the first run's order, then new ones of later runs
+    order: list[str] = []
+    seen: set[str] = set()
+    image_of: dict[str, str] = {}
+    for run in runs:
+        for sid, iid in zip(run.sample_ids, run.values("image_id")):
+            if sid not in seen:
+                seen.add(sid)
+                order.append(sid)
+                image_of[sid] = iid
+    detail = _detail_set(order, image_of, limit)
+    detail_set = set(detail)
+
+    # pictures: drawn into RUN/render (cached there), copied next to the report
+    sources: dict[str, SourceImages] = {}
+    views: list[dict[str, dict[str, str]]] = []
+    plain: dict[str, str] = {}
+    notes: list[str | None] = []
+    captions: list[dict[str, Any]] = []
+    for i, run in enumerate(runs):
+        key = json.dumps(run.dataset, sort_keys=True)
+        images = sources.setdefault(key, SourceImages(run.dataset, run.dir))
+        folder = run.dir / "render"
+        if not writable_folder(folder):
+            folder = assets / f".render-r{i}"
+        rendered = render_run(run, detail, images, options, folder) if detail else None
+        target = assets / f"r{i}"
+        target.mkdir()
+        run_views: dict[str, dict[str, str]] = {}
+        if rendered is not None:
+            for sid, files in rendered.samples.items():
+                run_views[sid] = {}
+                for view, name in files.items():
+                    shutil.copyfile(rendered.folder / name, target / name)
+                    run_views[sid][view] = f"{rel}/r{i}/{name}"
+            for iid, name in rendered.images.items():
+                if iid not in plain:
+                    shutil.copyfile(rendered.folder / name, target / name)
+                    plain[iid] = f"{rel}/r{i}/{name}"
+        views.append(run_views)
+        note = None
+        if rendered is not None and rendered.problem:
+            note = f"images of the dataset are not available: {rendered.problem}"
+        elif rendered is not None and rendered.patches_rebuilt:
+            note = ("sampled patches: the caption stage's first round of draws, rebuilt from "
+                    f"{run.roles.caption_sampling['heatmap']} and its seed")
+        notes.append(note)
+        caps = run.details(detail, [run.roles.captions]) if run.roles.captions and detail else {}
+        captions.append({sid: row.get(run.roles.captions) for sid, row in caps.items()})
+        if folder.parent == assets:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    plots = make_plots(runs, assets / "plots")
+
+    rows = metric_rows(runs)
+    shared, diff = disagreements(runs)
+    differ = {sid for sid, _, _ in diff}
+
+    # one record per sample, one entry per run
+    per_run = []
+    for run in runs:
+        r = run.roles
+        ent = run.entropy()
+        cols = {
+            "a": run.values(r.answer), "acc": run.values(r.accuracy), "itm": run.values(r.itm),
+            "st": run.values("status"), "err": run.values("error"), "es": run.values(r.status_enhance),
+        }
+        pg = {lab: run.values(c) for lab, c in r.pointing.items()}
+        em = {lab: run.values(c) for lab, c in r.energy.items()}
+        per_run.append((cols, pg, em, ent))
+    questions = [dict(zip(run.sample_ids, run.values("question"))) for run in runs]
+    qtypes = [dict(zip(run.sample_ids, run.values("question_type"))) for run in runs]
+    answers = [dict(zip(run.sample_ids, run.values("answers"))) for run in runs]
+
+    samples = []
+    for sid in order:
+        first = next(j for j, run in enumerate(runs) if sid in run.index)
+        entries = []
+        for j, run in enumerate(runs):
+            k = run.index.get(sid)
+            if k is None:
+                entries.append(None)
+                continue
+            cols, pg, em, ent = per_run[j]
+            acc = _num(cols["acc"][k])
+            e = {"a": cols["a"][k], "acc": acc, "ok": None if acc is None else int(acc > 0),
+                 "itm": _num(cols["itm"][k]), "st": cols["st"][k]}
+            if cols["err"][k]:
+                e["err"] = cols["err"][k]
+            if cols["es"][k]:
+                e["es"] = cols["es"][k]
+            if pg:
+                e["pg"] = {lab: _num(v[k]) for lab, v in pg.items()}
+            if em:
+                e["em"] = {lab: _num(v[k]) for lab, v in em.items()}
+            if ent:
+                e["en"] = {lab: _num(v[k]) for lab, v in ent.items()}
+            if sid in detail_set:
+                caps = captions[j].get(sid)
+                if caps is not None:
+                    e["caps"] = list(caps)[:MAX_CAPTIONS]
+                    e["ncaps"] = len(caps)
+                if sid in views[j]:
+                    e["v"] = views[j][sid]
+            entries.append(e)
+        samples.append({
+            "id": sid, "im": image_of[sid], "q": questions[first].get(sid), "qt": qtypes[first].get(sid),
+            "gt": _answer_counts(answers[first].get(sid)), "d": int(sid in detail_set),
+            "img": plain.get(image_of[sid]) if sid in detail_set else None,
+            "x": int(sid in differ), "r": entries,
+        })
+
+    data = {
+        "title": title or "PNP-VQA report: " + " vs ".join(r.label for r in runs),
+        "generated": _dt.datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
+        "limit": limit, "page_size": page_size, "detail_samples": len(detail),
+        "runs": [_run_summary(run, rows, i, notes[i]) for i, run in enumerate(runs)],
+        "metrics": [[name, [_num(v) for v in vals]] for name, vals in rows],
+        "shared": shared, "differ": len(diff),
+        "plots": [{"src": f"{rel}/plots/{name}", "title": t} for name, t in plots],
+        "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap", "points": "peak points",
+                  "mask": "SAM mask", "patches": "sampled patches", "attention": "attention per layer"},
+        "samples": samples,
+    }
+    html_path.write_text(render_html(data), encoding="utf-8")
+    return html_path
+

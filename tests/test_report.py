@@ -1,0 +1,436 @@
+"""runtime.report: the HTML report of two real runs (esam_enhanced, pnp_vqa), compare(), the
+render cache, and the page opened in headless chromium (no script errors, not blank).
+
+Browser checks: chromium is run twice on the report, once with ``--screenshot`` and once with
+``--dump-dom``. The page marks itself: ``data-ready="1"`` on <html> once its script ran to the
+end, ``data-js-errors`` from a window 'error' / 'unhandledrejection' hook installed before
+the main script, ``data-broken-images`` for pictures that failed to load. The dumped DOM is
+therefore a reliable verdict (a script that throws never sets data-ready); chromium's own
+console log (``--enable-logging=stderr``: lines with ``:CONSOLE``) is checked as well, for
+anything the page logs or any uncaught error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import GRAPHS, ROOT
+
+CHROMIUM = Path("/usr/bin/chromium")
+OVERRIDES = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two small real runs sharing a cache; the caption stage's patch draws of the esam run
+    are recorded to check the report's rebuilt patches against them."""
+    import stages.blip as blip
+    from runtime.api import run_graph
+
+    tmp = tmp_path_factory.mktemp("runs")
+    draws: dict[str, np.ndarray] = {}
+    original_sample, original_process = blip.sample_patch_sets, blip.Caption.process
+    current: list[list[str]] = []
+
+    def process(self, batch):
+        current.append(list(batch.row_ids))
+        return original_process(self, batch)
+
+    def sample(weights, rngs, num_sets, k):
+        out = original_sample(weights, rngs, num_sets, k)
+        for sid, sets in zip(current[-1], out):
+            draws.setdefault(sid, sets)      # the first round only
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(blip, "sample_patch_sets", sample)
+        mp.setattr(blip.Caption, "process", process)
+        for name in ("esam_enhanced", "pnp_vqa"):
+            run_graph(GRAPHS / f"{name}.yaml", executor="local", progress=False, device="cpu", overrides=OVERRIDES,
+                      output=tmp / name, cache_dir=tmp / "cache")
+            if name == "esam_enhanced":
+                esam_draws = dict(draws)
+    return {"esam": tmp / "esam_enhanced", "pnp": tmp / "pnp_vqa", "draws": esam_draws, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def report(runs):
+    from runtime.report import build_report
+
+    html = build_report([runs["esam"], runs["pnp"]], runs["tmp"] / "report")
+    return html
+
+
+def report_data(html: Path) -> dict:
+    text = html.read_text(encoding="utf-8")
+    m = re.search(r'<script id="report-data" type="application/json">(.*?)</script>', text, re.S)
+    return json.loads(m.group(1))
+
+
+def picture_paths(data: dict) -> list[str]:
+    paths = [p["src"] for p in data["plots"]]
+    for s in data["samples"]:
+        if s["img"]:
+            paths.append(s["img"])
+        for e in s["r"]:
+            if e and e.get("v"):
+                paths.extend(e["v"].values())
+    return paths
+
+
+def test_report_lists_every_sample_and_its_pictures_exist(runs, report):
+    text = report.read_text(encoding="utf-8")
+    ids = set()
+    for run in (runs["esam"], runs["pnp"]):
+        ids |= set(pq.read_table(run / "results.parquet", columns=["sample_id"]).column(0).to_pylist())
+    assert len(ids) == 4
+    for sid in ids:
+        assert sid in text
+    data = report_data(report)
+    assert {s["id"] for s in data["samples"]} == ids
+    paths = picture_paths(data)
+    assert len(paths) > 20
+    for p in paths:
+        assert p.startswith("data:") or (report.parent / p).is_file(), p
+        assert not p.startswith("/") and ".." not in p
+    # nothing from the network
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "http://" not in text and "https://" not in text
+    # the esam run has every view, pnp_vqa only the heatmap and the (rebuilt) caption patches
+    views = [set(s["r"][0]["v"]) for s in data["samples"]], [set(s["r"][1]["v"]) for s in data["samples"]]
+    assert all(v == {"heatmap", "enhanced", "points", "mask", "patches"} for v in views[0])
+    assert all(v == {"heatmap", "patches"} for v in views[1])
+    assert [r["label"] for r in data["runs"]] == ["esam_enhanced", "pnp_vqa"]
+    assert len(data["plots"]) == 3
+    summary = data["runs"][0]
+    assert summary["samples"] == 4 and summary["errors"] == 0
+    assert {n[0] for n in summary["nodes"]} >= {"gradcam", "sam", "enhance", "caption", "answer"}
+    metrics = dict(data["metrics"])
+    assert set(metrics) >= {"VQA accuracy", "pointing game (heatmap)", "pointing game (enhanced)",
+                            "energy in mask (heatmap)", "heatmap entropy (heatmap)"}
+    assert metrics["pointing game (enhanced)"][1] is None      # pnp_vqa has no enhanced heatmap
+
+
+def test_report_folder_can_be_moved(report, tmp_path):
+    moved = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(report.parent, moved)
+    for p in picture_paths(report_data(moved / report.name)):
+        assert (moved / p).is_file()
+
+
+def test_pictures_are_cached_in_the_run_folder(runs, report):
+    from runtime.report import build_report
+
+    index = runs["esam"] / "render" / "index.json"
+    assert index.is_file()
+    before = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.png")}
+    assert before
+    out = build_report([runs["esam"]], runs["tmp"] / "again.html")
+    after = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.png")}
+    assert after == before                        # nothing redrawn
+    assert (runs["tmp"] / "again_files").is_dir() and out.name == "again.html"
+
+
+def test_rebuilt_caption_patches_are_the_caption_stage_draws(runs):
+    from runtime.report.data import Run
+
+    run = Run(runs["esam"])
+    assert run.roles.caption_sampling["heatmap"] == "enhance.heatmap"
+    rows = run.details(run.sample_ids, ["enhance.heatmap"])
+    assert set(runs["draws"]) == set(run.sample_ids)
+    for sid, draws in runs["draws"].items():
+        assert np.array_equal(run.caption_patches(sid, rows[sid]["enhance.heatmap"]), draws)
+
+
+def test_limit_rounds_up_to_whole_images(runs, tmp_path):
+    from runtime.report import build_report
+
+    html = build_report([runs["esam"], runs["pnp"]], tmp_path / "r.html", limit=1)
+    data = report_data(html)
+    detailed = [s for s in data["samples"] if s["d"]]
+    assert len(detailed) == 2 and len({s["im"] for s in detailed}) == 1   # both questions of image 0
+    for s in data["samples"]:
+        if not s["d"]:
+            assert s["img"] is None and all("v" not in e for e in s["r"])
+
+
+def test_compare_lists_both_runs(runs):
+    from runtime.report import compare
+
+    text = compare([runs["esam"], runs["pnp"]])
+    assert "esam_enhanced" in text and "pnp_vqa" in text
+    for metric in ("samples", "errors", "VQA accuracy", "pointing game (heatmap)", "energy in mask (heatmap)"):
+        assert metric in text
+    assert re.search(r"answers differ on \d+ of 4 samples", text)
+
+
+def test_cli_functions(runs, tmp_path, capsys):
+    from argparse import Namespace
+
+    from runtime.report import compare_main, report_main
+
+    assert compare_main(Namespace(runs=[str(runs["esam"]), str(runs["pnp"])])) == 0
+    assert "pnp_vqa" in capsys.readouterr().out
+    out = tmp_path / "rep"
+    assert report_main(Namespace(runs=[str(runs["pnp"])], output=str(out), limit=2)) == 0
+    assert (out / "index.html").is_file() and "report:" in capsys.readouterr().out
+
+
+def test_missing_run_folder_is_a_usage_error(tmp_path):
+    from runtime.errors import UsageError
+    from runtime.report import build_report
+
+    with pytest.raises(UsageError, match="no such run folder"):
+        build_report([tmp_path / "nope"], tmp_path / "r")
+
+
+def test_patch_indices_column_and_model_free_run(runs, tmp_path):
+    """oracle_heatmap keeps sample_patches' indices: the patches view comes from that column."""
+    from runtime.api import run_graph
+    from runtime.report import build_report
+
+    run_graph(GRAPHS / "oracle_heatmap.yaml", executor="local", progress=False, device="cpu",
+              overrides=OVERRIDES[:2], output=tmp_path / "oracle", cache_dir=runs["tmp"] / "cache")
+    data = report_data(build_report([tmp_path / "oracle", runs["esam"]], tmp_path / "rep"))
+    oracle = data["runs"][0]
+    assert oracle["render_note"] is None              # not rebuilt: the column is there
+    assert all(set(s["r"][0]["v"]) == {"heatmap", "enhanced", "points", "patches"} for s in data["samples"])
+
+
+def test_images_of_a_path_source_are_found_from_the_manifest(tmp_path, monkeypatch):
+    """A manifest source with relative image paths, run from its own folder, reported from
+    elsewhere: the images are looked up through the run's manifest, non-square sizes kept."""
+    import cv2
+
+    from runtime.api import run_graph
+    from runtime.report import build_report
+
+    data_dir = tmp_path / "data"
+    (data_dir / "img").mkdir(parents=True)
+    for name, (h, w) in {"a": (60, 100), "b": (90, 40)}.items():
+        cv2.imwrite(str(data_dir / "img" / f"{name}.png"), np.full((h, w, 3), (30, 120, 200), np.uint8))
+    rows = [{"image": "img/a.png", "image_id": "a", "question": "what is it?", "answers": ["x"]},
+            {"image": "img/a.png", "image_id": "a", "question": "where is it?", "answers": ["y"]},
+            {"image": "img/b.png", "image_id": "b", "question": "why?", "answers": ["z"]}]
+    (data_dir / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (data_dir / "g.yaml").write_text("""
+name: paths
+dataset: {source: manifest, params: {path: m.jsonl}}
+nodes:
+  image: {stage: load_image, inputs: {image_path: source.image_path, image_bytes: source.image_bytes}}
+outputs: [source.answers, image.size]
+""")
+    monkeypatch.chdir(data_dir)
+    run_graph("g.yaml", executor="local", progress=False, device="cpu", output=data_dir / "run", no_cache=True)
+    monkeypatch.chdir(tmp_path)
+    html = build_report([data_dir / "run"], tmp_path / "rep")
+    data = report_data(html)
+    assert data["runs"][0]["render_note"] is None
+    sizes = {}
+    for s in data["samples"]:
+        assert s["img"] and s["r"][0]["st"] == "ok"
+        sizes[s["im"]] = cv2.imread(str(html.parent / s["img"])).shape[:2]
+    assert sizes == {"a": (60, 100), "b": (90, 40)}
+
+
+# --- a large synthetic run: the page stays quick --------------------------------------------
+
+def fake_run(folder: Path, n: int, attention: bool = False) -> Path:
+    """A results.parquet of ``n`` samples (4 questions per shapes image) and a manifest;
+    ``attention`` adds QA-ViT-style attention maps per layer ``[3, 8, 8]``."""
+    from artifacts.columns import python_to_column, tensor_type
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    images = [f"shapes-0-{i // 4:06d}" for i in range(n)]
+    heat = rng.random((n, 24, 24)).astype(np.float32)
+    table = pa.table({
+        "sample_id": [f"{im}-q{i % 4}" for i, im in enumerate(images)],
+        "image_id": images,
+        "question": [f"question {i} <b>&amp;</b>?" for i in range(n)],
+        "answers": [["yes"] * 10] * n,
+        "question_type": rng.choice(["color", "count", "shape"], n).tolist(),
+        "gradcam.heatmap": python_to_column(heat, tensor_type("float32", [24, 24]), n),
+        "answer.answer": rng.choice(["yes", "no"], n).tolist(),
+        "accuracy.accuracy": pa.array(rng.choice([0.0, 1.0], n), pa.float32()),
+        "status": ["ok"] * n,
+        "error": pa.nulls(n, pa.string()),
+    })
+    if attention:
+        maps = rng.random((n, 3, 8, 8)).astype(np.float32)
+        table = table.append_column("qavit.layer_attention",
+                                    python_to_column(maps, tensor_type("float32", [3, 8, 8]), n))
+    pq.write_table(table, folder / "results.parquet")
+    manifest = {"graph": {"name": "big", "dataset": {"source": "shapes", "params": {"seed": 0, "num_images": n // 4}},
+                          "nodes": {"gradcam": {"stage": "itm_gradcam"}, "answer": {"stage": "qa_fid"},
+                                    "accuracy": {"stage": "vqa_eval"}}},
+                "nodes": {}, "totals": {}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_attention_maps_per_layer_are_drawn(tmp_path):
+    from runtime.report import build_report
+
+    run = fake_run(tmp_path / "attn", 8, attention=True)
+    data = report_data(build_report([run], tmp_path / "rep", limit=4))
+    views = [set(s["r"][0].get("v", {})) for s in data["samples"]]
+    assert views[:4] == [{"heatmap", "attention"}] * 4 and views[4:] == [set()] * 4
+
+
+# --- headless chromium ------------------------------------------------------------------------
+
+def chromium() -> Path:
+    if not CHROMIUM.exists():
+        script = ROOT / "bin" / "ensure-chromium"
+        if script.exists():
+            subprocess.run([str(script)], check=False, timeout=600)
+    if not CHROMIUM.exists():
+        reason = ("not root" if os.geteuid() != 0
+                  else "no apt-get" if not shutil.which("apt-get") else "the install failed")
+        pytest.skip(f"{CHROMIUM} is missing and could not be installed ({reason}); run bin/ensure-chromium as root")
+    return CHROMIUM
+
+
+def open_page(url: str, profile: Path, *extra: str) -> tuple[str, str]:
+    cmd = [str(chromium()), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--window-size=1280,900",
+           "--virtual-time-budget=4000", *extra, url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    return proc.stdout, proc.stderr
+
+
+def console_problems(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines()
+            if ":CONSOLE" in line or "Uncaught" in line or "SyntaxError" in line]
+
+
+def check_page(html: Path, tmp: Path, fragment: str = "") -> str:
+    url = html.resolve().as_uri() + fragment
+    dom, err = open_page(url, tmp / "profile-dom", "--dump-dom")
+    assert console_problems(err) == []
+    head = dom[:dom.find(">", dom.find("<html")) + 1]
+    assert 'data-ready="1"' in head, head
+    assert "data-js-errors" not in head, head
+    assert "data-broken-images" not in head, head
+    return dom
+
+
+def check_screenshot(html: Path, tmp: Path, fragment: str = "") -> Path:
+    import cv2
+
+    shot = tmp / f"shot{len(list(tmp.glob('shot*.png')))}.png"
+    _, err = open_page(html.resolve().as_uri() + fragment, tmp / "profile-shot", f"--screenshot={shot}")
+    assert console_problems(err) == []
+    img = cv2.imread(str(shot))
+    assert img is not None, f"no screenshot: {err[-2000:]}"
+    assert img.shape[:2] == (900, 1280)
+    assert img.std() > 20 and (img < 250).mean() > 0.05    # not blank, not all white
+    return shot
+
+
+def test_report_opens_in_chromium_without_errors(report, tmp_path):
+    dom = check_page(report, tmp_path)
+    assert dom.count("<tr data-sample=") == 8          # 4 samples x 2 runs, one page
+    check_screenshot(report, tmp_path)
+    sid = report_data(report)["samples"][1]["id"]
+    dom = check_page(report, tmp_path, f"#sample={sid}")
+    assert 'id="tab-sample" class="active"' in dom and "_mask.png" in dom and "_heatmap.png" in dom
+    check_screenshot(report, tmp_path, f"#sample={sid}")
+    image = report_data(report)["samples"][0]["im"]
+    dom = check_page(report, tmp_path, f"#image={image}")
+    assert 'id="tab-image" class="active"' in dom
+
+
+UI_SCRIPT = """
+<script>
+(function () {
+  var out = {};
+  function rows() { return +document.getElementById('samples-table').getAttribute('data-rows'); }
+  function shown() { return document.querySelectorAll('#samples-body tr').length; }
+  function set(i, value) {
+    var sel = document.querySelectorAll('#controls select')[i];
+    sel.value = value; sel.dispatchEvent(new Event('change'));
+  }
+  out.all = rows();
+  set(2, '1'); out.run1 = rows(); set(2, '');
+  set(0, document.querySelectorAll('#controls select')[0].options[1].value); out.qt = rows(); set(0, '');
+  set(1, '0'); out.incorrect = rows(); set(1, '');
+  var th = document.querySelectorAll('#samples-head th');
+  th[7].click(); th[7].click(); th[2].click();           // ITM twice (desc, asc), then question
+  out.firstQuestion = document.querySelector('#samples-body tr td:nth-child(3)').textContent;
+  set(4, '25'); out.perPage = shown();
+  var box = document.getElementById('filter-text');
+  box.value = SID; box.dispatchEvent(new Event('input'));
+  setTimeout(function () {
+    out.text = rows();
+    document.querySelector('#samples-body tr').click();
+    setTimeout(function () {
+      out.sampleTab = document.getElementById('tab-sample').classList.contains('active');
+      out.sampleImages = document.querySelectorAll('#tab-sample img').length;
+      document.querySelector('#tab-sample a[href^="#image="]').click();
+      setTimeout(function () {
+        out.imageTab = document.getElementById('tab-image').classList.contains('active');
+        out.imageImages = document.querySelectorAll('#tab-image img').length;
+        document.getElementById('btn-plots').click();
+        setTimeout(function () {
+          out.plots = document.querySelectorAll('#tab-plots img').length;
+          document.documentElement.setAttribute('data-ui', JSON.stringify(out));
+        }, 50);
+      }, 50);
+    }, 50);
+  }, 400);
+})();
+</script>
+"""
+
+
+def test_report_controls_work_in_chromium(report, tmp_path):
+    """Filters, sorting, paging, row click -> sample view -> image view -> plots, driven by a
+    script added to a copy of the page; any script error would show in data-js-errors."""
+    import html as html_lib
+
+    data = report_data(report)
+    sid = data["samples"][2]["id"]
+    page = report.parent / "ui_test.html"
+    page.write_text(report.read_text(encoding="utf-8").replace(
+        "</body>", UI_SCRIPT.replace("SID", json.dumps(sid)) + "</body>"), encoding="utf-8")
+    dom = check_page(page, tmp_path)
+    m = re.search(r'data-ui="([^"]*)"', dom[:dom.find(">", dom.find("<html")) + 1])
+    assert m, "the UI script did not finish"
+    ui = json.loads(html_lib.unescape(m.group(1)))
+    incorrect = sum(1 for s in data["samples"] for e in s["r"] if e and e["ok"] == 0)
+    questions = sorted(s["q"] for s in data["samples"])
+    qtype = sorted({s["qt"] for s in data["samples"]})[0]
+    assert ui["all"] == 8 and ui["run1"] == 4 and ui["incorrect"] == incorrect
+    assert ui["qt"] == 2 * sum(1 for s in data["samples"] if s["qt"] == qtype)
+    assert ui["firstQuestion"] == questions[0]
+    assert ui["perPage"] == 8 and ui["text"] == 2
+    assert ui["sampleTab"] and ui["sampleImages"] >= 8     # plain image + esam 5 views + pnp 2 views
+    assert ui["imageTab"] and ui["imageImages"] >= 6       # plain + 2 questions x (esam heatmap, enhanced; pnp)
+    assert ui["plots"] == 3
+
+
+def test_large_report_paginates(tmp_path):
+    from runtime.report import build_report
+
+    run = fake_run(tmp_path / "big", 12000)
+    html = build_report([run], tmp_path / "big_report", limit=8, page_size=50)
+    data = report_data(html)
+    assert len(data["samples"]) == 12000 and sum(s["d"] for s in data["samples"]) == 8
+    assert "<b>" not in html.read_text().split('id="report-data"')[1]   # markup in data is escaped
+    dom = check_page(html, tmp_path)
+    assert dom.count("<tr data-sample=") == 50
+    assert 'data-rows="12000"' in dom
+    check_screenshot(html, tmp_path, "#samples")
