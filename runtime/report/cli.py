@@ -37,6 +37,9 @@ def add_report_parsers(sub) -> None:
                     help="picture format (default png; jpeg is about a tenth of the size on photos)")
     rp.add_argument("--max-side", type=int, default=384, metavar="PX",
                     help="pictures are at most this many pixels on the longer side (default 384)")
+    rp.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the report (headless Chromium)")
+    rp.add_argument("--view", default="", metavar="VIEW",
+                    help="page of the screenshot: summary, samples, sample, image, plots, or sample=ID / image=ID")
     cp = sub.add_parser("compare", help="metrics of runs side by side and the samples whose answers differ")
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with results.parquet and manifest.json)")
     cp.add_argument("--show", type=int, default=20, metavar="N", help="disagreeing samples to list (default 20)")
@@ -58,6 +61,11 @@ def report_main(args) -> int:
     path = build_report(runs, Path(output), page_size=arg("page_size", DEFAULT_PAGE_SIZE),
                         limit=arg("limit", DEFAULT_LIMIT), options=options)
     print(f"report: {path}")
+    if getattr(args, "screenshot", None):
+        from runtime.report.screenshot import take_screenshot
+
+        html = path if path.suffix == ".html" else path / "index.html"
+        print(f"screenshot: {take_screenshot(html, Path(args.screenshot), getattr(args, 'view', ''))}")
     return 0
 
 
