@@ -1,0 +1,128 @@
+"""``runtime train fusion`` on the synthetic shapes sample with tiny presets: the loss goes down,
+outputs and checkpoints are written, --resume ends where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models.fusion import load_fusion
+from training.fusion import main
+from training.pairs import SceneFacts, Sample, draw_pairs, majority_answer, swap_candidates
+
+COMMON = ["--num-images", "4", "--batch-size", "4", "--quiet", "--seed", "3"]
+SMALL_DIFNET = ["--mode", "difnet", "--width", "32", "--heads", "4", "--T", "1", "--N", "2", "--dropout", "0.1"]
+
+
+def _losses(folder) -> list[float]:
+    with open(folder / "loss.csv") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--mode", "concat_conv", "--steps", "24", "--lr", "3e-3",
+                 "--checkpoint-every", "10", *COMMON]) == 0
+    losses = _losses(out)
+    assert len(losses) == 24
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+    module, config = load_fusion(out / "fusion.safetensors", expected={"mode": "concat_conv", "blip_width": 64,
+                                                                     "grid": 24, "sam_dim": 32})
+    assert config.mode == "concat_conv"
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 24 and len(ckpt["losses"]) == 24
+    assert set(ckpt) >= {"model", "optimizer", "rng", "step"}
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(ckpt["model"][key], value, atol=0, rtol=0)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["fusion"]["mode"] == "concat_conv" and meta["steps_done"] == 24 and meta["finished"]
+    assert meta["source"]["name"] == "shapes" and meta["source"]["images"] == 4
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave nothing behind
+
+
+def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["--out", str(full), "--steps", "8", "--checkpoint-every", "0", *SMALL_DIFNET, *COMMON]) == 0
+    assert main(["--out", str(split), "--steps", "4", "--checkpoint-every", "2", *SMALL_DIFNET, *COMMON]) == 0
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["step"] == 4
+    assert main(["--out", str(split), "--steps", "8", "--resume", *SMALL_DIFNET, *COMMON]) == 0
+
+    a, b = load_file(str(full / "fusion.safetensors")), load_file(str(split / "fusion.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(full) == _losses(split)
+    ckpt_a = torch.load(full / "checkpoint.pt", weights_only=True)
+    ckpt_b = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert ckpt_a["step"] == ckpt_b["step"] == 8
+    assert torch.equal(ckpt_a["rng"]["torch"], ckpt_b["rng"]["torch"])
+    # trained weights moved away from the identity initialisation
+    assert a["out_proj.weight"].abs().sum() > 0
+
+
+def test_resume_and_out_folder_guards(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--resume", "--steps", "2", *SMALL_DIFNET, *COMMON]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["--out", str(out), "--steps", "1", *SMALL_DIFNET, *COMMON]) == 0
+    assert main(["--out", str(out), "--steps", "2", *SMALL_DIFNET, *COMMON]) == 2
+    assert "--resume" in capsys.readouterr().err
+    changed = [a if a != "0.1" else "0.2" for a in SMALL_DIFNET]  # another dropout
+    assert main(["--out", str(out), "--steps", "2", "--resume", *changed, *COMMON]) == 2
+    assert "dropout" in capsys.readouterr().err
+
+
+def test_bad_options_are_errors(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "a"), "--mode", "difnet", "--Lf", "3", "--N", "3", *COMMON]) == 2
+    assert "N > Lf" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "b"), "--source", "nope", *COMMON]) == 2
+    assert "unknown source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "c"), "--mode", "bogus"])
+
+
+# ---------------------------------------------------------------- pairs
+
+SCENE = SceneFacts.from_json(json.dumps({"objects": [{"shape": "circle", "color": "red"},
+                                                     {"shape": "square", "color": "green"}]}))
+
+
+def test_swap_negatives_mention_something_absent():
+    assert set(swap_candidates("what color is the circle?", SCENE)) == {
+        "what color is the triangle?", "what color is the diamond?"}
+    swaps = swap_candidates("is there a red circle?", SCENE)
+    assert "is there a green circle?" in swaps and "is there a red square?" in swaps
+    assert "is there a red circle?" not in swaps
+    assert all("green square" not in q for q in swaps)  # (square, green) is in the scene
+    assert "how many triangles are there?" in swap_candidates("how many circles are there?", SCENE)
+    assert "what shape is the blue object?" in swap_candidates("what shape is the green object?", SCENE)
+    assert "what shape is the red object?" not in swap_candidates("what shape is the green object?", SCENE)
+    # about something absent, or no colour / shape word: no swap (an other-image negative is used)
+    assert swap_candidates("is there a blue diamond?", SCENE) == []
+    assert swap_candidates("what color is the leftmost shape?", SCENE) == []
+    assert swap_candidates("what color is the circle?", None) == []
+
+
+def test_pairs_are_deterministic_and_negatives_differ():
+    samples = [Sample(image=i // 2, question=q, answer=a, scene=SCENE) for i, (q, a) in enumerate([
+        ("what color is the circle?", "red"), ("how many squares are there?", "1"),
+        ("what color is the square?", "green"), ("is there a blue diamond?", "no"),
+        ("what shape is the red object?", "circle"), ("how many circles are there?", "1")])]
+    a = draw_pairs(samples, 4, np.random.default_rng([0, 5]))
+    b = draw_pairs(samples, 4, np.random.default_rng([0, 5]))
+    assert a == b
+    assert a.labels == [1] * 4 + [0] * 4 and a.images[:4] == a.images[4:]
+    for k, kind in enumerate(a.kinds):
+        pos, neg = a.questions[k], a.questions[4 + k]
+        assert neg != pos
+        if kind == "other_image":
+            other = next(s for s in samples if s.question == neg)
+            assert other.image != a.images[k]
+    assert majority_answer(["Red", "red", "blue"]) == "red" and majority_answer(None) == ""

@@ -1,0 +1,7 @@
+"""Training commands (``runtime train ...``): models that have no published weights.
+
+    fusion.py   ``runtime train fusion``: BLIP + SAM fusion modules on image-question matching
+    pairs.py    positive / hard-negative (image, question) pairs
+    data.py     training samples from any dataset source; frozen-feature store
+    outputs.py  checkpoint (atomic, weights_only), loss.csv, loss.png
+"""

@@ -1,0 +1,137 @@
+"""Training data from any dataset source, and the frozen models' features of its images.
+
+Samples are read once from the source (light records: question, answers, scene, the image as
+bytes or a path); images are decoded only when their features are computed. Frozen features
+(BLIP ViT tokens ``[1+P, C1]`` and the SAM embedding ``[Cs, S, S]`` per image) are computed in
+fixed chunks of image indices (``chunk`` images at a time, always the same chunks), so a
+feature's value never depends on which step first needed it: a resumed run sees bit-identical
+features. At most ``max_cached`` images' features stay in memory (least recently used chunks
+are dropped and recomputed when needed again).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from runtime.sources import SOURCES
+from stages.images import FAMILIES, RESAMPLE, decode_image, read_image
+from stages.text import blip_question
+from training.pairs import Sample, SceneFacts, majority_answer
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """``samples`` (each naming an image by index) and ``images[i]``: ``("bytes", b)`` or
+    ``("path", p)``."""
+
+    samples: list[Sample]
+    images: list[tuple[str, Any]]
+    image_ids: list[str]
+
+
+def source_params(name: str, seed: int, num_images: int | None, extra: dict[str, Any]) -> Any:
+    """The ``Params`` of source ``name``: ``extra``, plus ``seed`` / ``num_images`` where the
+    source has such a field and ``extra`` does not set it."""
+    if name not in SOURCES:
+        raise ValueError(f"unknown source {name!r}; choose one of {', '.join(sorted(SOURCES))}")
+    params_cls = SOURCES[name].Params
+    fields = params_cls.model_fields
+    values = dict(extra)
+    if "seed" in fields:
+        values.setdefault("seed", seed)
+    if num_images is not None:
+        if "num_images" not in fields:
+            raise ValueError(f"source {name!r} has no num_images parameter; use --limit to cap the samples")
+        values.setdefault("num_images", num_images)
+    return params_cls(**values)
+
+
+def load_data(name: str, params: Any, limit: int | None = None) -> TrainData:
+    """Read the samples of source ``name`` (at most ``limit``), questions as BLIP sees them."""
+    source = SOURCES[name](params)
+    problems = source.problems()
+    if problems:
+        raise ValueError(f"source {name!r} is not usable: " + "; ".join(f"{k}: {m}" for k, m in problems))
+    samples: list[Sample] = []
+    images: list[tuple[str, Any]] = []
+    image_ids: list[str] = []
+    index: dict[str, int] = {}
+    for record in source.iter_samples():
+        if limit is not None and len(samples) >= limit:
+            break
+        image_id = str(record["image_id"])
+        if image_id not in index:
+            index[image_id] = len(images)
+            image_ids.append(image_id)
+            if record.get("image_bytes") is not None:
+                images.append(("bytes", record["image_bytes"]))
+            elif record.get("image_path"):
+                images.append(("path", record["image_path"]))
+            else:
+                raise ValueError(f"sample {record['sample_id']} has neither image bytes nor an image path")
+        samples.append(Sample(image=index[image_id], question=blip_question(record["question"]),
+                              answer=majority_answer(record.get("answers")),
+                              scene=SceneFacts.from_json(record.get("scene"))))
+    if len(images) < 2:
+        raise ValueError(f"source {name!r} gave {len(images)} image(s); training needs at least two "
+                         "(negatives are questions of other images)")
+    return TrainData(samples=samples, images=images, image_ids=image_ids)
+
+
+def decode(entry: tuple[str, Any]) -> np.ndarray:
+    kind, value = entry
+    return decode_image(value, "image bytes") if kind == "bytes" else read_image(value)
+
+
+def blip_pixels(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+    """LAVIS BLIP preprocessing (as ``preprocess_image`` family blip): PIL bicubic resize to a
+    square, [0, 1], CLIP mean / std -> ``[B, 3, S, S]`` float32."""
+    family = FAMILIES["blip"]
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size),
+                                                              RESAMPLE[family["interpolation"]]))
+                        for im in images])
+    x = resized.astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(family["mean"], np.float32)) / np.asarray(family["std"], np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+class FeatureStore:
+    """Frozen BLIP ViT tokens and SAM embeddings of the dataset's images, by image index."""
+
+    def __init__(self, data: TrainData, itm, sam, device: torch.device, chunk: int = 16,
+                 max_cached: int = 4096) -> None:
+        self.data, self.itm, self.sam, self.device = data, itm, sam, device
+        self.chunk = max(1, chunk)
+        self.max_chunks = max(1, max_cached // self.chunk)
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    def _compute(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entries = self.data.images[c * self.chunk:(c + 1) * self.chunk]
+        images = [decode(e) for e in entries]
+        with torch.no_grad():
+            pixels = blip_pixels(images, self.itm.config.vit.image_size).to(self.device)
+            tokens = self.itm.encode_image(pixels).float()
+            embed = self.sam.embed(self.sam.preprocess(images, device=self.device)).float()
+        return tokens, embed
+
+    def get(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``blip_tokens [U, 1+P, C1]``, ``sam_embed [U, Cs, S, S]`` of the images ``indices``."""
+        tokens, embeds = [], []
+        for i in indices:
+            c = int(i) // self.chunk
+            if c in self._cache:
+                self._cache.move_to_end(c)
+            else:
+                self._cache[c] = self._compute(c)
+                while len(self._cache) > self.max_chunks:
+                    self._cache.popitem(last=False)
+            t, e = self._cache[c]
+            tokens.append(t[int(i) - c * self.chunk])
+            embeds.append(e[int(i) - c * self.chunk])
+        return torch.stack(tokens), torch.stack(embeds)

@@ -1,0 +1,145 @@
+"""Files a training run writes: the resumable checkpoint, the loss log and its plot.
+
+``checkpoint.pt`` holds tensors and plain containers only (read back with
+``torch.load(weights_only=True)``) and is replaced atomically (written beside, then renamed),
+so a run killed while saving keeps its previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
+CHECKPOINT_VERSION = 1
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    device: torch.device, fusion_config: str, run: str, losses: Sequence[float],
+                    accuracies: Sequence[float]) -> None:
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "rng": rng_state(device),
+        "fusion_config": fusion_config,
+        "run": run,
+        "losses": torch.tensor(list(losses), dtype=torch.float64),
+        "accuracies": torch.tensor(list(accuracies), dtype=torch.float64),
+    }, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle
+        raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a fusion training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
+                         f"version {CHECKPOINT_VERSION}")
+    return state
+
+
+def write_loss_csv(path: Path, losses: Sequence[float], accuracies: Sequence[float]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", "loss", "accuracy"])
+            for i, (loss, acc) in enumerate(zip(losses, accuracies), start=1):
+                writer.writerow([i, f"{loss:.6f}", f"{acc:.4f}"])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class MissingDependency(RuntimeError):
+    """A package the run needs is not installed."""
+
+
+def check_plotting() -> None:
+    """Fail before training when the loss plot cannot be drawn."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise MissingDependency("the loss plot (loss.png) needs matplotlib: pip install matplotlib")
+
+
+def moving_average(values: Sequence[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def write_loss_plot(path: Path, losses: Sequence[float], title: str) -> None:
+    """``loss.png``: the per-step ITM loss and its moving average (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    steps = list(range(1, len(losses) + 1))
+    window = max(1, min(25, len(losses) // 10 or 1))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
+            label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("ITM cross-entropy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,158 @@
+"""(image, question) pairs for ITM training: positives and hard negatives.
+
+Positive: a sample's own question on its own image. Negatives, one per positive:
+
+- swap: a colour or shape word of the question replaced so that the mentioned thing is absent
+  from the scene (needs the ``scene`` JSON of the ``shapes`` source). Only questions whose own
+  mention is present in the scene are swapped ("what color is the circle?" with a circle in the
+  scene -> "what color is the square?" with no square); a question about something absent
+  ("is there a blue diamond?" -> no) gets an other-image negative instead.
+- other image: the question of a sample of another image whose answer differs.
+
+Everything is drawn from the ``numpy`` generator passed in, so a step's pairs depend only on
+that generator's seed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from runtime.sources.shapes_scene import COLORS, SHAPES
+
+OTHER_IMAGE_TRIES = 64
+_WORD = re.compile(r"[a-z]+")
+
+
+@dataclass(frozen=True)
+class SceneFacts:
+    """What a ``shapes`` scene holds: its shapes, colours and (shape, colour) pairs."""
+
+    shapes: frozenset[str]
+    colors: frozenset[str]
+    pairs: frozenset[tuple[str, str]]
+
+    @classmethod
+    def from_json(cls, text: str | None) -> "SceneFacts | None":
+        if not text:
+            return None
+        objects = json.loads(text).get("objects", [])
+        pairs = frozenset((str(o["shape"]), str(o["color"])) for o in objects)
+        return cls(frozenset(s for s, _ in pairs), frozenset(c for _, c in pairs), pairs)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: ``image`` indexes the dataset's distinct images."""
+
+    image: int
+    question: str
+    answer: str
+    scene: SceneFacts | None
+
+
+def majority_answer(answers: Sequence[str] | None) -> str:
+    """The most frequent answer (first seen wins a tie), lower-cased; '' when unknown."""
+    if not answers:
+        return ""
+    return Counter(a.strip().lower() for a in answers).most_common(1)[0][0]  # ties: first seen
+
+
+def _mentions(question: str) -> list[tuple[int, int, str, str]]:
+    """``(start, end, kind, value)`` of each colour / shape word (plurals included)."""
+    out = []
+    for m in _WORD.finditer(question.lower()):
+        word = m.group()
+        if word in COLORS:
+            out.append((m.start(), m.end(), "color", word))
+        elif word in SHAPES or (word.endswith("s") and word[:-1] in SHAPES):
+            out.append((m.start(), m.end(), "shape", word if word in SHAPES else word[:-1]))
+    return out
+
+
+def swap_candidates(question: str, scene: SceneFacts | None) -> list[str]:
+    """Every question made by replacing one colour or shape word so that what it mentions is
+    absent from ``scene``; empty when the question mentions nothing or something absent."""
+    if scene is None:
+        return []
+    mentions = _mentions(question)
+    color = next((m for m in mentions if m[2] == "color"), None)
+    shape = next((m for m in mentions if m[2] == "shape"), None)
+    if color is None and shape is None:
+        return []
+    if color and shape:
+        present = (shape[3], color[3]) in scene.pairs
+    else:
+        present = shape[3] in scene.shapes if shape else color[3] in scene.colors
+    if not present:
+        return []
+    out = []
+    for word in ([color] if color else []) + ([shape] if shape else []):
+        start, end, kind, value = word
+        options = COLORS if kind == "color" else SHAPES
+        for other in options:
+            if other == value:
+                continue
+            if color and shape:
+                absent = ((shape[3], other) if kind == "color" else (other, color[3])) not in scene.pairs
+            else:
+                absent = other not in (scene.colors if kind == "color" else scene.shapes)
+            if absent:
+                plural = question[start:end].lower() != value
+                text = other + ("s" if plural else "")
+                out.append(question[:start] + text + question[end:])
+    return out
+
+
+def other_image_negative(index: int, samples: Sequence[Sample], rng: np.random.Generator) -> str:
+    """The question of a random sample of another image whose answer differs (any other
+    image's question when none is found in a few tries)."""
+    me = samples[index]
+    fallback = None
+    for _ in range(OTHER_IMAGE_TRIES):
+        other = samples[int(rng.integers(len(samples)))]
+        if other.image == me.image:
+            continue
+        if other.answer != me.answer:
+            return other.question
+        fallback = fallback or other.question
+    if fallback is not None:
+        return fallback
+    for other in samples:  # tiny datasets: a deterministic scan
+        if other.image != me.image:
+            return other.question
+    raise ValueError("other-image negatives need at least two images in the training data")
+
+
+@dataclass(frozen=True)
+class PairBatch:
+    """``2B`` pairs: ``images[k]`` (dataset image index), ``questions[k]``, ``labels[k]`` (1 =
+    match); positives first, then their negatives in the same order; ``kinds`` of negatives."""
+
+    images: list[int]
+    questions: list[str]
+    labels: list[int]
+    kinds: list[str]
+
+
+def draw_pairs(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator,
+               swap_fraction: float = 0.5) -> PairBatch:
+    """``batch_size`` positives (without replacement) and one negative each."""
+    picked = rng.choice(len(samples), size=min(batch_size, len(samples)), replace=False)
+    negatives, kinds = [], []
+    for i in picked:
+        swaps = swap_candidates(samples[i].question, samples[i].scene)
+        if swaps and rng.random() < swap_fraction:
+            negatives.append(swaps[int(rng.integers(len(swaps)))])
+            kinds.append("swap")
+        else:
+            negatives.append(other_image_negative(int(i), samples, rng))
+            kinds.append("other_image")
+    images = [samples[i].image for i in picked]
+    return PairBatch(images=images + images, questions=[samples[i].question for i in picked] + negatives,
+                     labels=[1] * len(picked) + [0] * len(picked), kinds=kinds)
