@@ -61,3 +61,15 @@ def test_fusion_weights_are_checked_before_work(tmp_path):
     save_fusion(module, config, tmp_path / "trained.safetensors")
     table = run(tmp_path, "fusion_caption", [f"fusion.weights={tmp_path / 'trained.safetensors'}"], out="trained")
     assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
+
+
+def test_weights_from_the_training_command_run_in_fusion_caption(tmp_path):
+    from training.fusion import main as train
+
+    out = tmp_path / "train"
+    assert train(["--out", str(out), "--mode", "concat_conv", "--steps", "3", "--batch-size", "2",
+                  "--num-images", "2", "--checkpoint-every", "3", "--quiet"]) == 0
+    weights = out / "fusion.safetensors"
+    assert weights.exists() and (out / "loss.png").exists()
+    table = run(tmp_path, "fusion_caption", [f"fusion.weights={weights}"], out="with_trained")
+    assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
