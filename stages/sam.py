@@ -40,12 +40,30 @@ def _embedding_type(preset: str) -> pa.DataType:
     return tensor_type("float32", [cfg.embed_dim, cfg.embed_grid, cfg.embed_grid])
 
 
+class _EfficientSamStage(Stage):
+    """Checks, fingerprint and loading shared by the EfficientSAM stages."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        return _weights_problems(self.params.preset, self.params.checkpoint)
+
+    def weights_fingerprint(self) -> str | None:
+        from models.efficient_sam import weights_fingerprint
+
+        return weights_fingerprint(self.params.preset, self.params.checkpoint)
+
+    def setup(self, device: str) -> None:
+        from models.efficient_sam import load_efficient_sam
+
+        super().setup(device)
+        self.model, self.report = load_efficient_sam(self.params.preset, self.params.checkpoint, device)
+
+
 class SamEmbedParams(StageParams):
     preset: Preset = Field("tiny", description=PRESET_DOC)
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's")
 
 
-class SamEmbed(Stage):
+class SamEmbed(_EfficientSamStage):
     """EfficientSAM image embedding, computed once per image for all of its questions.
 
     The decoded image is resized (bilinear, aspect ratio not kept) to the encoder's square
@@ -62,20 +80,6 @@ class SamEmbed(Stage):
 
     def outputs(self) -> dict[str, Output]:
         return {"embedding": Output(_embedding_type(self.params.preset), "image embedding [256, 64, 64] (real sizes)")}
-
-    def problems(self) -> list[tuple[str, str]]:
-        return _weights_problems(self.params.preset, self.params.checkpoint)
-
-    def weights_fingerprint(self) -> str | None:
-        from models.efficient_sam import weights_fingerprint
-
-        return weights_fingerprint(self.params.preset, self.params.checkpoint)
-
-    def setup(self, device: str) -> None:
-        from models.efficient_sam import load_efficient_sam
-
-        super().setup(device)
-        self.model, self.report = load_efficient_sam(self.params.preset, self.params.checkpoint, device)
 
     def process(self, batch: Batch) -> dict[str, Any]:
         import torch
@@ -98,7 +102,7 @@ class SamMaskParams(StageParams):
     grid: int = Field(24, ge=1, le=256, description="side of mask_grid (the heatmap grid)")
 
 
-class SamMask(Stage):
+class SamMask(_EfficientSamStage):
     """Point-prompted EfficientSAM mask for each question, from its heatmap's peak points.
 
     All questions of a batch go through one decoder call. Points are in image pixels with labels
@@ -127,20 +131,6 @@ class SamMask(Stage):
             "candidate_iou": Output(tensor_type("float32", [3]), "predicted IoU of the 3 candidates"),
             "mask_index": Output(pa.int32(), "chosen candidate (0..2), -1 without points"),
         }
-
-    def problems(self) -> list[tuple[str, str]]:
-        return _weights_problems(self.params.preset, self.params.checkpoint)
-
-    def weights_fingerprint(self) -> str | None:
-        from models.efficient_sam import weights_fingerprint
-
-        return weights_fingerprint(self.params.preset, self.params.checkpoint)
-
-    def setup(self, device: str) -> None:
-        from models.efficient_sam import load_efficient_sam
-
-        super().setup(device)
-        self.model, self.report = load_efficient_sam(self.params.preset, self.params.checkpoint, device)
 
     def process(self, batch: Batch) -> dict[str, Any]:
         import torch

@@ -29,6 +29,7 @@ from models.blip.config import PRESETS, BlipConfig, blip_config
 from models.blip.itm import BlipITM
 from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  # noqa: F401  (re-exported)
 from models.blip.vit import resize_pos_embed
+from models.build import build_preset
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
                             load_checkpoint)
 
@@ -146,16 +147,8 @@ def build_model(kind: Kind, preset: str, device: torch.device | str = "cpu", *,
     cls = _MODELS[kind]
     if empty is None:
         empty = preset != "tiny"
-    if not empty:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = cls.preset(preset)
-        return model.to(device)
-    with torch.device("meta"):
-        model = cls.preset(preset)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    if isinstance(model, BlipCaption):
+    model = build_preset(lambda: cls.preset(preset), empty, device, TINY_SEED)
+    if empty and isinstance(model, BlipCaption):
         model.tie_weights()
     return model
 

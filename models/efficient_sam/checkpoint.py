@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from models.build import build_preset
 from models.efficient_sam.config import PRESETS, sam_config
 from models.efficient_sam.efficient_sam import EfficientSam
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
@@ -96,16 +97,7 @@ def build_model(preset: str, device: torch.device | str = "cpu", *, empty: bool 
     _check(preset)
     if empty is None:
         empty = preset != "tiny"
-    if not empty:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = EfficientSam.preset(preset)
-        return model.to(device)
-    with torch.device("meta"):
-        model = EfficientSam.preset(preset)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    return model
+    return build_preset(lambda: EfficientSam.preset(preset), empty, device, TINY_SEED)
 
 
 def _check_is_sam(state: dict[str, torch.Tensor], path: Path, preset: str) -> None:
