@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on a dataset source (`runtime train fusion --help`)",
                        add_help=False)
-    t.add_argument("model", choices=["fusion"], help="fusion: the BLIP + SAM feature fusion module (frozen BLIP, SAM)")
+    t.add_argument("model", choices=["fusion", "itm"], help="fusion: the BLIP + SAM feature fusion module (frozen BLIP, "
+                   "SAM); itm: a BLIP ITM model (all parameters, ITM + ITC losses)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
 
     from runtime.report.cli import add_report_parsers
@@ -129,7 +130,7 @@ def _load(a):
                              "standard names; see README, 'Real checkpoints')")
         os.environ[WEIGHTS_ENV] = str(folder.resolve())
     graph = load_graph(a.graph, a.overrides, presets=a.preset)
-    if a.preset:
+    if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
         if left:
             print(f"warning: {', '.join(left)} still use the random 'tiny' preset; add --preset for them "
@@ -151,7 +152,10 @@ def _cmd_run(a) -> int:
 
 
 def _cmd_validate(a) -> int:
+    from runtime.api import check_sources
+
     g = _load(a)
+    check_sources(g)
     print(f"{a.graph}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
     return 0
 
@@ -292,6 +296,10 @@ def _cmd_cache(a) -> int:
 
 
 def _cmd_train(a) -> int:
+    if a.model == "itm":
+        from training import itm
+
+        return itm.main(a.args) or 0
     from training import fusion
 
     return fusion.main(a.args) or 0
