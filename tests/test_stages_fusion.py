@@ -73,3 +73,12 @@ def test_weights_from_the_training_command_run_in_fusion_caption(tmp_path):
     assert weights.exists() and (out / "loss.png").exists()
     table = run(tmp_path, "fusion_caption", [f"fusion.weights={weights}"], out="with_trained")
     assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
+
+
+@pytest.mark.parametrize("graph", ["fusion_caption", "fusion_gradcam", "qavit"])
+def test_new_graphs_run_on_ray(tmp_path, graph, ray_session):
+    summary = run_graph(GRAPHS / f"{graph}.yaml", overrides=SMALL, executor="ray", output=tmp_path / "o",
+                        cache_dir=tmp_path / "cache", progress=False, device="cpu")
+    table = pq.read_table(tmp_path / "o" / "results.parquet")
+    assert summary.samples == table.num_rows == 4 and summary.errors == 0
+    assert all(isinstance(a, str) for a in table.column("answer.answer").to_pylist())
