@@ -142,6 +142,9 @@ def _cmd_run(a) -> int:
     from runtime.api import run_graph
     from runtime.run import format_summary
 
+    if a.debug:
+        os.environ["RUNTIME_DEBUG"] = "1"
+
     graph = _load(a)
     summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
                         force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,

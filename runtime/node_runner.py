@@ -6,6 +6,7 @@ give the same results.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -213,5 +214,5 @@ class NodeRunner:
 
 
 def _log_traceback(node: str, row_id: str) -> None:
-    if "--debug" in sys.argv:
+    if os.environ.get("RUNTIME_DEBUG"):  # set by `runtime run --debug`, forwarded to Ray workers
         print(f"[{node}] row {row_id}:\n{traceback.format_exc()}", file=sys.stderr)
