@@ -79,8 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on a dataset source (`runtime train fusion --help`)",
                        add_help=False)
-    t.add_argument("model", choices=["fusion", "itm"], help="fusion: the BLIP + SAM feature fusion module (frozen BLIP, "
-                   "SAM); itm: a BLIP ITM model (all parameters, ITM + ITC losses)")
+    t.add_argument("model", choices=["fusion", "itm", "caption"], help="fusion: the BLIP + SAM feature fusion module "
+                   "(frozen BLIP, SAM); itm: a BLIP ITM model (all parameters, ITM + ITC losses); caption: the BLIP "
+                   "captioner on captions of sampled patches")
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
 
     from runtime.report.cli import add_report_parsers
@@ -299,13 +300,10 @@ def _cmd_cache(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    if a.model == "itm":
-        from training import itm
+    from training import caption, fusion, itm
 
-        return itm.main(a.args) or 0
-    from training import fusion
-
-    return fusion.main(a.args) or 0
+    trainers = {"fusion": fusion.main, "itm": itm.main, "caption": caption.main}
+    return trainers[a.model](a.args) or 0
 
 
 def _cmd_report(a) -> int:

@@ -1,0 +1,102 @@
+"""``runtime train caption``: the target caption of a patch subset, and a short tiny run (outputs,
+falling loss, loadable weights, --resume bit-identical to an uninterrupted run)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training.caption import caption_for_patches, main, mentioned_objects
+
+# 40 px scene on a 4 x 4 grid: patch (r, c) = index 4 r + c spans pixels [10 c, 10 c + 10) x [10 r, 10 r + 10)
+SCENE = {
+    "image_size": 40,
+    "background": "plain",
+    "objects": [  # listed right-to-left: the caption must order them left to right
+        {"shape": "square", "color": "blue", "center": [25, 25], "size": 10, "bbox": [18, 20, 30, 30]},
+        {"shape": "circle", "color": "red", "center": [5, 5], "size": 10, "bbox": [0, 0, 10, 10]},
+    ],
+}
+
+
+def test_caption_for_patches_on_a_hand_made_scene():
+    assert caption_for_patches(SCENE, [0, 3], 4) == "a picture of a red circle"
+    assert caption_for_patches(SCENE, [10], 4) == "a picture of a blue square"
+    both = "a picture of a red circle and a blue square"
+    assert caption_for_patches(SCENE, [10, 0], 4) == both
+    assert caption_for_patches(json.dumps(SCENE), [0, 10, 15], 4, 40) == both  # JSON, explicit size
+    assert caption_for_patches(SCENE, [3, 12, 15], 4) == "a picture of a plain background"
+    assert caption_for_patches({**SCENE, "background": "stripes"}, [], 4) == "a picture of a textured background"
+    # the square's bbox covers two pixel columns (20 %) of patch 9
+    assert caption_for_patches(SCENE, [9], 4) == "a picture of a blue square"
+    assert caption_for_patches(SCENE, [9], 4, min_overlap=0.5) == "a picture of a plain background"
+    # masks take precedence over the bboxes: a mask covering only patch 5 (x, y in [10, 20))
+    masks = [np.zeros((40, 40), np.uint8), np.zeros((40, 40), np.uint8)]
+    masks[0][12:18, 12:18] = 1
+    masks[1][0:10, 0:10] = 1
+    assert caption_for_patches(SCENE, [5, 10], 4, masks=masks) == "a picture of a blue square"
+    orange = {**SCENE, "objects": [{**SCENE["objects"][1], "color": "orange"}]}
+    assert caption_for_patches(orange, [0], 4) == "a picture of an orange circle"
+    assert mentioned_objects("a red circle and an orange square") == [("red", "circle"), ("orange", "square")]
+    with pytest.raises(ValueError):
+        caption_for_patches(SCENE, [16], 4)
+
+
+COMMON = ["--num-images", "3", "--batch-size", "6", "--lr", "3e-3", "--quiet", "--seed", "2",
+          "--eval-images", "1", "--eval-subsets", "2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: tiny models run fastest so, and shared CPUs do not stall the run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _losses(folder) -> list[float]:
+    with open(folder / "loss.csv") as fh:
+        return [float(row["loss"]) for row in csv.DictReader(fh)]
+
+
+def test_short_run_writes_outputs_lowers_loss_and_resumes_bit_identically(tmp_path):
+    from models.blip.checkpoint import load_blip_caption
+
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["--out", str(full), "--steps", "6", "--checkpoint-every", "0", *COMMON]) == 0
+    for name in ("caption.safetensors", "checkpoint.pt", "loss.csv", "loss.png", "config.json", "metrics.json"):
+        assert (full / name).is_file(), name
+    assert not list(full.glob(".*tmp*"))
+    losses = _losses(full)
+    assert len(losses) == 6
+    assert np.mean(losses[-2:]) < np.mean(losses[:2])
+    assert (full / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    model, report = load_blip_caption("tiny", full / "caption.safetensors")
+    ckpt = torch.load(full / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 6
+    for key, value in model.state_dict().items():
+        assert torch.equal(ckpt["model"][key], value), key
+    metrics = json.loads((full / "metrics.json").read_text())
+    assert metrics["steps_done"] == 6 and metrics["finished"]
+    assert metrics["eval"]["step"] == 6 and metrics["eval"]["subsets"] == 2
+    assert 0.0 <= metrics["eval"]["exact_match"] <= 1.0
+    assert metrics["initial_eval"]["step"] == 0
+    config = json.loads((full / "config.json").read_text())
+    assert config["steps_done"] == 6 and config["source"]["images"] == 3
+
+    assert main(["--out", str(split), "--steps", "3", "--checkpoint-every", "0", *COMMON]) == 0
+    assert main(["--out", str(split), "--steps", "3", *COMMON]) == 2  # existing checkpoint, no --resume
+    assert main(["--out", str(split), "--steps", "6", "--resume", *COMMON[:-2], "--lr", "1e-3"]) == 2
+    assert main(["--out", str(split), "--steps", "6", "--resume", *COMMON]) == 0
+    a, b = load_file(str(full / "caption.safetensors")), load_file(str(split / "caption.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(full) == _losses(split)

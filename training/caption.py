@@ -1,0 +1,662 @@
+"""``runtime train caption``: train the BLIP captioner (ViT + decoder) to caption sampled patches.
+
+PNP-VQA's ``caption`` stage feeds the decoder only ``num_patches`` (20) patch tokens of the
+image (sampled from the question-guided heatmap; index + 1 skips the ViT's CLS) after the prompt
+``[DEC] a picture of``. This command trains the captioner for exactly that input on the
+synthetic ``shapes`` data: each sample is an image and a random subset of ``--num-patches``
+patches (uniform, or with ``--object-bias B`` drawn with weight ``1 + B`` on patches an object
+covers), and the target is the caption of the objects visible in those patches
+(:func:`caption_for_patches`), e.g. ``"a picture of a red circle and a blue square"``, or
+``"a picture of a plain background"`` / ``"a picture of a textured background"`` when the
+subset shows no object. Loss: teacher-forced cross-entropy on the caption tokens after the
+prompt (and its ``[SEP]``), as LAVIS's ``BlipCaption`` (prompt tokens masked with -100).
+Every parameter is trained; AdamW (no weight decay on biases / norms), linear warmup over
+``--warmup`` steps then a constant learning rate, gradient clipping.
+
+Initialisation: ``--preset tiny`` without ``--init`` is the preset's seeded random init;
+``--init FILE`` loads a LAVIS caption ``.pth`` or a previous ``caption.safetensors``;
+``base`` / ``large`` need ``--init`` or their standard file in the weights folder.
+
+Determinism: step ``k``'s images and patch subsets come from ``numpy.random.default_rng([seed,
+k])`` alone; images are rendered and preprocessed per image; the model has no dropout and the
+patch gather has distinct indices per row (deterministic backward). So ``--resume`` (model,
+optimiser, step and torch RNG state from ``DIR/checkpoint.pt``) ends with the same weights as
+an uninterrupted run (same device and threads). Evaluation does not touch the training state.
+
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps): ``--eval-images``
+shapes images of seed ``--eval-seed`` (default seed + 1000), ``--eval-subsets`` patch subsets
+each (drawn from ``default_rng(eval_seed)``, same sampling as training), greedy captions
+compared with the builder's: exact-match rate, object precision (mentioned objects that are
+visible in the subset) and recall (visible objects that are mentioned), micro-averaged.
+
+Outputs in ``--out DIR``: ``caption.safetensors`` (state dict with LAVIS key names;
+``load_blip_caption(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
+``weights_only``), ``loss.csv`` (loss, teacher-forced token accuracy), ``loss.png``,
+``config.json``, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+DEFAULT_STEPS = 300
+CHECKPOINT_FORMAT = "pnpvqa-caption-training"
+CHECKPOINT_VERSION = 1
+PROMPT = "a picture of "
+MIN_OVERLAP = 0.1  # share of a patch an object must cover to count as visible in it
+EVAL_BATCH = 64
+GENERATE_MAX_LENGTH = 24  # prompt (4) + 4 objects x 3 words + 3 "and" + [SEP] = 20, with room
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights",
+                     "eval_every", "eval_seed", "eval_images", "eval_subsets")
+
+
+# --- the caption of a patch subset ------------------------------------------------------------
+
+def object_coverage(scene: Mapping[str, Any] | str, grid: int, image_size: int | None = None,
+                    masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """``[O, grid * grid]`` float: the share of each patch (row-major, CLS excluded) covered by
+    each object of ``scene`` (exact area; from ``masks`` when given, else from the bboxes)."""
+    from stages.grid import pool_to_grid
+
+    scene = json.loads(scene) if isinstance(scene, str) else scene
+    objects = scene.get("objects", [])
+    size = int(image_size if image_size is not None else scene["image_size"])
+    if not objects:
+        return np.zeros((0, grid * grid), np.float32)
+    if masks is not None:
+        stack = np.stack([np.asarray(m) != 0 for m in masks])
+        if stack.shape != (len(objects), size, size):
+            raise ValueError(f"masks must be [{len(objects)}, {size}, {size}], got {stack.shape}")
+    else:
+        stack = np.zeros((len(objects), size, size), bool)
+        for i, o in enumerate(objects):
+            x0, y0, x1, y1 = (int(v) for v in o["bbox"])
+            stack[i, max(0, y0):min(size, y1), max(0, x0):min(size, x1)] = True
+    return pool_to_grid(stack, grid).reshape(len(objects), grid * grid)
+
+
+def visible_objects(scene: Mapping[str, Any] | str, patch_indices: Sequence[int], grid: int,
+                    image_size: int | None = None, *, masks: Sequence[np.ndarray] | None = None,
+                    min_overlap: float = MIN_OVERLAP, coverage: np.ndarray | None = None) -> list[tuple[str, str]]:
+    """``(color, shape)`` of the objects covering at least ``min_overlap`` of some patch of
+    ``patch_indices``, left to right (by centre x, then y, then name)."""
+    scene = json.loads(scene) if isinstance(scene, str) else scene
+    objects = scene.get("objects", [])
+    if coverage is None:
+        coverage = object_coverage(scene, grid, image_size, masks)
+    index = np.asarray(list(patch_indices), dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= grid * grid):
+        raise ValueError(f"patch indices must be in [0, {grid * grid}), got {index.min()}..{index.max()}")
+    seen = [i for i in range(len(objects)) if index.size and float(coverage[i, index].max()) >= min_overlap]
+    seen.sort(key=lambda i: (objects[i]["center"][0], objects[i]["center"][1], objects[i]["color"],
+                             objects[i]["shape"]))
+    return [(str(objects[i]["color"]), str(objects[i]["shape"])) for i in seen]
+
+
+def caption_for_patches(scene: Mapping[str, Any] | str, patch_indices: Sequence[int], grid: int,
+                        image_size: int | None = None, *, masks: Sequence[np.ndarray] | None = None,
+                        min_overlap: float = MIN_OVERLAP, coverage: np.ndarray | None = None) -> str:
+    """The target caption of a patch subset: the objects visible in it, left to right.
+
+    ``scene``: the shapes scene (dict or its JSON: ``image_size``, ``background``, ``objects``
+    with ``shape``, ``color``, ``center [x, y]``, ``bbox [x0, y0, x1, y1]`` exclusive ends);
+    ``patch_indices``: cells of the ``grid x grid`` patch grid, row-major (the ViT token index
+    minus 1); ``image_size``: side of the scene's pixel frame (default ``scene["image_size"]``).
+    Patch ``(r, c)`` spans pixels ``[c, c + 1) * image_size / grid`` horizontally, likewise
+    vertically. An object is visible when its mask (``masks``, one ``[S, S]`` array per object)
+    or, without masks, its bbox covers at least ``min_overlap`` of one sampled patch. Objects
+    are ordered by centre x (then y). Returns ``"a picture of a red circle and an orange square"``,
+    or ``"a picture of a plain background"`` / ``"a picture of a textured background"`` when
+    no object is visible (textured = any background other than ``plain``). Pure function.
+    """
+    scene = json.loads(scene) if isinstance(scene, str) else scene
+    seen = visible_objects(scene, patch_indices, grid, image_size, masks=masks, min_overlap=min_overlap,
+                           coverage=coverage)
+    if seen:
+        return PROMPT + " and ".join(f"{_article(color)} {color} {shape}" for color, shape in seen)
+    plain = scene.get("background", "plain") == "plain"
+    return PROMPT + ("a plain background" if plain else "a textured background")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def mentioned_objects(text: str) -> list[tuple[str, str]]:
+    """``(color, shape)`` pairs named in a caption (a colour word directly before a shape word)."""
+    from runtime.sources.shapes_scene import COLORS, SHAPES
+
+    words = text.lower().replace(",", " ").split()
+    return [(w, n) for w, n in zip(words, words[1:]) if w in COLORS and n in SHAPES]
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass
+class CaptionSettings:
+    out: str
+    preset: str = "tiny"
+    init: str | None = None
+    weights: str | None = None
+    seed: int = 0
+    num_images: int = 16
+    source_params: dict[str, Any] = field(default_factory=dict)
+    num_patches: int = 20
+    object_bias: float = 0.0
+    min_overlap: float = MIN_OVERLAP
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 0
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    eval_seed: int | None = None
+    eval_images: int = 16
+    eval_subsets: int = 4
+    device: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+
+    @property
+    def held_out_seed(self) -> int:
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+@dataclass
+class CaptionResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runtime train caption",
+        description="Train the BLIP captioner (ViT + decoder) to caption random patch subsets of shapes images "
+                    "(the objects those patches show), as PNP-VQA feeds it sampled patches. Writes "
+                    "DIR/caption.safetensors (loadable by load_blip_caption), DIR/checkpoint.pt, DIR/loss.csv, "
+                    "DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out greedy-caption accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
+                   "--steps may grow)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help="BLIP captioner architecture")
+    m.add_argument("--init", metavar="FILE", help="initial weights (LAVIS caption .pth or caption.safetensors); "
+                   "default: the preset's own (tiny: seeded random init; base/large: the standard file)")
+    m.add_argument("--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+    d = p.add_argument_group("data (the shapes source)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
+    d.add_argument("--num-images", type=int, default=16, help="shapes images to train on")
+    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
+    d.add_argument("--num-patches", type=int, default=20, help="patches fed to the decoder per caption")
+    d.add_argument("--object-bias", type=float, default=0.0, metavar="B",
+                   help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
+    d.add_argument("--min-overlap", type=float, default=MIN_OVERLAP,
+                   help="share of a patch an object must cover to be visible in it")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    t.add_argument("--batch-size", type=int, default=16, help="(image, patch subset) samples per step")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (after the warmup: constant)")
+    t.add_argument("--weight-decay", type=float, default=0.01, help="on weight matrices only")
+    t.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear learning-rate warmup")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write the checkpoint and weights every N steps (0 = only at the end)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate every N steps (0 = only at the start and the end)")
+    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out images (default: seed + 1000)")
+    e.add_argument("--eval-images", type=int, default=16, help="held-out images (0 = no evaluation)")
+    e.add_argument("--eval-subsets", type=int, default=4, help="patch subsets captioned per held-out image")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
+    import yaml
+
+    extra: dict[str, Any] = {}
+    for item in args.source_param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
+        extra[key.strip()] = yaml.safe_load(value)
+    names = ("out", "preset", "init", "weights", "seed", "num_images", "num_patches", "object_bias", "min_overlap",
+             "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "checkpoint_every", "eval_every",
+             "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
+    return CaptionSettings(source_params=extra, **{n: getattr(args, n) for n in names})
+
+
+def check_settings(s: CaptionSettings) -> None:
+    for name in ("steps", "batch_size", "num_images", "num_patches", "eval_subsets"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.object_bias < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --object-bias >= 0")
+    if not 0.0 < s.min_overlap <= 1.0:
+        raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
+    if {"seed", "num_images"} & set(s.source_params):
+        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+class ShapesImages:
+    """Rendered shapes scenes of one seed, with their per-patch object coverage, by index."""
+
+    def __init__(self, params, count: int, grid: int, image_size: int, min_overlap: float) -> None:
+        from runtime.sources.shapes import render_scene
+
+        self.grid, self.image_size, self.min_overlap = grid, image_size, min_overlap
+        self.scenes, self.images, self.coverage = [], [], []
+        for i in range(count):
+            scene = render_scene(params.seed, i, params)
+            self.images.append(scene.image)
+            self.scenes.append(json.loads(scene.to_json()))
+            self.coverage.append(object_coverage(self.scenes[-1], grid, masks=scene.masks))
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def pixels(self, indices: Sequence[int]):
+        from training.data import blip_pixels
+
+        return blip_pixels([self.images[i] for i in indices], self.image_size)
+
+    def sample_patches(self, i: int, rng: np.random.Generator, k: int, object_bias: float) -> np.ndarray:
+        """``[k]`` sorted distinct patch indices of image ``i`` (Gumbel-top-k on the weights)."""
+        from stages.grid import sample_patch_sets
+
+        cover = self.coverage[i]
+        on_object = (cover >= self.min_overlap).any(axis=0) if len(cover) else np.zeros(self.grid ** 2, bool)
+        weights = 1.0 + object_bias * on_object.astype(np.float64)
+        return sample_patch_sets(weights[None], [rng], 1, k)[0, 0]
+
+    def caption(self, i: int, patches: Sequence[int]) -> str:
+        return caption_for_patches(self.scenes[i], patches, self.grid, min_overlap=self.min_overlap,
+                                   coverage=self.coverage[i])
+
+    def visible(self, i: int, patches: Sequence[int]) -> list[tuple[str, str]]:
+        return visible_objects(self.scenes[i], patches, self.grid, min_overlap=self.min_overlap,
+                               coverage=self.coverage[i])
+
+
+def patch_states(tokens, patches):
+    """``tokens [B, 1+P, C]``, ``patches [B, K]`` (CLS excluded) -> ``[B, K, C]`` (index + 1)."""
+    import torch
+
+    index = (patches + 1)[..., None].expand(-1, -1, tokens.shape[-1])
+    return torch.gather(tokens, 1, index)
+
+
+def caption_batch(tokenizer, captions: Sequence[str], prompt_length: int):
+    """``input_ids [B, T]`` (``[DEC]`` first) and ``targets [B, T]`` (-100 on the prompt and padding)."""
+    enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
+    input_ids = enc["input_ids"].clone()
+    input_ids[:, 0] = tokenizer.bos_token_id
+    targets = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
+    targets[:, :prompt_length] = -100
+    return input_ids, targets
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, images: ShapesImages, subsets: list[tuple[int, np.ndarray]], prompt_ids,
+             device, step: int) -> dict[str, Any]:
+    """Greedy captions of the held-out patch subsets against :func:`caption_for_patches`."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    texts: list[str] = []
+    with torch.no_grad():
+        for s in range(0, len(subsets), EVAL_BATCH):
+            chunk = subsets[s:s + EVAL_BATCH]
+            tokens = model.encode_image(images.pixels([i for i, _ in chunk]).to(device))
+            patches = torch.from_numpy(np.stack([p for _, p in chunk])).to(device).long()
+            ids = model.generate(patch_states(tokens, patches), prompt_ids.to(device), None,
+                                 max_length=GENERATE_MAX_LENGTH, min_length=0,
+                                 eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+            texts += tokenizer.batch_decode(ids[:, len(prompt_ids):], skip_special_tokens=True)
+    model.train(was_training)
+    exact = mentioned = mentioned_ok = visible_total = visible_found = empty = empty_ok = 0
+    examples = []
+    for (i, patches), text in zip(subsets, texts):
+        target = images.caption(i, patches)[len(PROMPT):]
+        text = " ".join(text.split())
+        exact += text == target
+        seen = set(images.visible(i, patches))
+        named = mentioned_objects(text)
+        mentioned += len(named)
+        mentioned_ok += sum(o in seen for o in named)
+        visible_total += len(seen)
+        visible_found += len(seen & set(named))
+        if not seen:
+            empty += 1
+            empty_ok += text == target
+        if len(examples) < 8:
+            examples.append({"image": int(i), "target": PROMPT + target, "generated": PROMPT + text})
+    n = len(subsets)
+    return {"step": step, "subsets": n, "exact_match": exact / n if n else None,
+            "object_precision": mentioned_ok / mentioned if mentioned else None,
+            "object_recall": visible_found / visible_total if visible_total else None,
+            "mentioned_objects": mentioned, "visible_objects": visible_total,
+            "empty_subsets": empty, "empty_exact_match": empty_ok / empty if empty else None,
+            "examples": examples}
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle
+        raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a caption training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
+                         f"version {CHECKPOINT_VERSION}")
+    return state
+
+
+def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
+    """The model's state dict (LAVIS key names) as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_loss_plot(path: Path, losses: Sequence[float], title: str) -> None:
+    """``loss.png``: the per-step caption loss and its moving average (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    from training.outputs import moving_average
+
+    steps = list(range(1, len(losses) + 1))
+    window = max(1, min(25, len(losses) // 10 or 1))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
+            label=f"moving average ({window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("caption cross-entropy (per token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
+    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from models.blip.checkpoint import build_model, caption_fingerprint, load_blip_caption
+    from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
+    from models.weights import file_fingerprint
+    from training import outputs
+    from training.data import source_params
+    from training.fusion import _device, _mean
+
+    check_settings(s)
+    outputs.check_plotting()
+    if s.weights:
+        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = _device(s.device)
+    resume_state = None
+    if s.resume:
+        resume_state = load_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
+                         "or choose another --out")
+    init_fingerprint = caption_fingerprint(s.preset, s.init)
+    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
+    if resume_state is not None:
+        before, now = json.loads(resume_state["run"]), json.loads(run_identity)
+        diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
+                             + "). Use the same options (only --steps, --checkpoint-every and --eval-* may "
+                               "change).")
+
+    if resume_state is not None:
+        model = build_model("caption", s.preset, device, empty=True)
+    else:
+        model, _ = load_blip_caption(s.preset, s.init, device=device)
+    model.train()
+    grid, image_size = model.grid, model.config.vit.image_size
+    if s.num_patches > grid * grid:
+        raise ValueError(f"--num-patches {s.num_patches} exceeds the {grid}x{grid} patch grid")
+    tokenizer = load_blip_tokenizer_for(s.preset)
+    prompt_ids = caption_prompt_ids(tokenizer, PROMPT)
+
+    params = source_params("shapes", s.seed, s.num_images, s.source_params)
+    data = ShapesImages(params, s.num_images, grid, image_size, s.min_overlap)
+    eval_data = eval_subsets = eval_params = None
+    if s.eval_images:
+        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+        eval_data = ShapesImages(eval_params, s.eval_images, grid, image_size, s.min_overlap)
+        rng = np.random.default_rng(s.held_out_seed)
+        eval_subsets = [(i, eval_data.sample_patches(i, rng, s.num_patches, s.object_bias))
+                        for i in range(s.eval_images) for _ in range(s.eval_subsets)]
+
+    torch.manual_seed(s.seed)
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    losses: list[float] = []
+    accuracies: list[float] = []
+    evals: list[dict[str, Any]] = []
+    invocations: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        model.reset_buffers()
+        optimizer.load_state_dict(resume_state["optimizer"])
+        outputs.set_rng_state(resume_state["rng"], device)
+        start = int(resume_state["step"])
+        losses = resume_state["losses"].tolist()
+        accuracies = resume_state["accuracies"].tolist()
+        evals = json.loads(resume_state["evals"])
+        invocations = json.loads(resume_state["invocations"])
+        train_seconds = float(resume_state["train_seconds"])
+    invocations.append({"command": "runtime train caption " + shlex.join(command), "from_step": start,
+                        "to_step": None})
+
+    meta = {
+        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
+        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
+                  "batches": f"numpy default_rng([{s.seed}, step])",
+                  "eval_subsets": f"numpy default_rng({s.held_out_seed})"},
+        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
+                  "config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+                  "grid": grid},
+        "prompt": PROMPT,
+        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data)},
+        "eval_source": None if eval_params is None else {
+            "name": "shapes", "params": eval_params.model_dump(mode="json"), "images": len(eval_data),
+            "subsets": len(eval_subsets)},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+
+    def run_eval(step: int) -> None:
+        if eval_subsets is None or any(e["step"] == step for e in evals):
+            return
+        result = evaluate(model, tokenizer, eval_data, eval_subsets, prompt_ids, device, step)
+        evals.append(result)
+        if not s.quiet:
+            print(f"step {step}: held-out exact match {result['exact_match']:.3f}, object precision "
+                  f"{_fmt(result['object_precision'])}, recall {_fmt(result['object_recall'])}", file=sys.stderr)
+
+    def save(step: int, final: bool, seconds: float) -> None:
+        outputs.atomic_torch_save({
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "rng": outputs.rng_state(device), "run": run_identity,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "accuracies": torch.tensor(accuracies, dtype=torch.float64),
+            "evals": json.dumps(evals), "invocations": json.dumps(invocations), "train_seconds": seconds,
+        }, ckpt_path)
+        save_weights(model, out / "caption.safetensors",
+                     {"format": "pnpvqa-blip-caption", "preset": s.preset, "step": str(step), "prompt": PROMPT,
+                      "config": json.dumps(model.config.to_dict(), sort_keys=True)})
+        outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
+        if final:
+            write_loss_plot(out / "loss.png", losses, f"BLIP caption {s.preset}: {s.num_patches} patches, "
+                            f"{len(data)} images")
+        finished = final and step >= s.steps
+        summary = {"loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:]),
+                   "token_accuracy_last": _mean(accuracies[-10:])}
+        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
+        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
+                  "finished": finished, "train_seconds": seconds,
+                  "weights_fingerprint": file_fingerprint(out / "caption.safetensors"), **summary}
+        outputs.atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
+                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
+                   "history": [{k: v for k, v in e.items() if k != "examples"} for e in evals], **summary}
+        outputs.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    if start == 0:
+        run_eval(0)
+    started = time.perf_counter()
+    base_seconds = train_seconds
+    prompt_length = len(prompt_ids)
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train caption {s.preset}", unit="step",
+               disable=s.quiet, dynamic_ncols=True)
+    try:
+        for step in range(start, s.steps):
+            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rng = np.random.default_rng([s.seed, step])
+            chosen = rng.integers(0, len(data), size=s.batch_size)
+            patches = np.stack([data.sample_patches(int(i), rng, s.num_patches, s.object_bias) for i in chosen])
+            captions = [data.caption(int(i), p) for i, p in zip(chosen, patches)]
+            input_ids, targets = caption_batch(tokenizer, captions, prompt_length)
+            input_ids, targets = input_ids.to(device), targets.to(device)
+
+            tokens = model.encode_image(data.pixels([int(i) for i in chosen]).to(device))   # [B, 1+P, C]
+            states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]
+            logits = model.decoder_logits(input_ids, states)[:, :-1].float()               # [B, T-1, V]
+            labels = targets[:, 1:]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+            mask = labels != -100
+            losses.append(value)
+            accuracies.append(float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{_mean(losses[-20:]):.4f}")
+            done = step + 1
+            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                run_eval(done)
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
+    finally:
+        bar.close()
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    return CaptionResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
+                         seconds=time.perf_counter() - started)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train caption``; returns the exit status."""
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        result = train(settings, command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    m = result.metrics
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; held-out exact match {m['exact_match']:.3f}, object precision {_fmt(m['object_precision'])}, "
+             f"recall {_fmt(m['object_recall'])}" if m else "")
+          + f"; weights {result.out / 'caption.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

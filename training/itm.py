@@ -1,0 +1,649 @@
+"""``runtime train itm``: train a BLIP ITM model (every parameter, the ViT included).
+
+Objective, per step of ``batch_size`` samples (see :mod:`training.pairs`):
+
+- ITM: cross-entropy of the ITM head (``[ENC]`` first, cross-attention to the image tokens)
+  on each positive pair (an image, its own question) and one hard negative per positive (a
+  colour / shape word swapped to one absent from the scene, or the question of another image
+  whose answer differs);
+- ITC (weight ``--itc-weight``): symmetric InfoNCE between the normalised
+  ``vision_proj(image CLS)`` and ``text_proj(text CLS)`` (text-only encoder, ``[CLS]`` first as
+  in LAVIS) over the batch's positives, with temperature ``temp`` (LAVIS's parameterisation:
+  learned, clamped to [0.001, 0.5], unless ``--fixed-temp``). Positives sharing an image or an
+  identical question are all targets (soft targets, normalised per row). A tiny ITM barely
+  learns from the ITM loss alone; ITC gives the image and text encoders a direct signal.
+
+AdamW (no weight decay on biases, norms and the temperature), linear warmup over ``--warmup``
+steps then a constant learning rate, gradient clipping.
+
+Initialisation: ``--preset tiny`` without ``--init`` is the preset's seeded random init (the
+same in every process); ``--init FILE`` loads a checkpoint (LAVIS ``.pth`` or a previous
+``itm.safetensors``) into the preset's architecture; ``base`` / ``large`` need ``--init`` or
+their standard file in the weights folder.
+
+Determinism: step ``k``'s pairs come from ``numpy.random.default_rng([seed, k])`` alone; the
+image pixels are preprocessed per image; repeated images are gathered with a one-hot matmul
+(deterministic backward); the model has no dropout. So the same command gives the same
+weights, and ``--resume`` (model, optimiser, temperature, step and torch RNG state from
+``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted run (same device and
+threads). Evaluation does not touch the training state, so ``--eval-*`` may change on resume.
+
+Held-out evaluation (at the end, and every ``--eval-every`` steps): the same source with seed
+``--eval-seed`` (default seed + 1000), ``--eval-images`` images; every sample gives a positive
+and one hard negative (drawn from ``default_rng(eval_seed)``); ITM accuracy with the threshold
+0.5 on the softmax match probability, also per positives / negatives and per negative kind.
+
+Outputs in ``--out DIR``: ``itm.safetensors`` (the state dict with LAVIS key names, plus
+``temp``; ``load_blip_itm(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
+``weights_only``), ``loss.csv``, ``loss.png``, ``config.json`` (command lines, seeds, settings,
+times), ``metrics.json`` (held-out ITM accuracy, its history, loss summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+DEFAULT_STEPS = 300
+CHECKPOINT_FORMAT = "pnpvqa-itm-training"
+CHECKPOINT_VERSION = 1
+EVAL_BATCH = 32  # pairs per evaluation forward
+# settings that may differ between a run and its --resume continuation (the --init file is
+# compared by its fingerprint; evaluation does not change the training)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights", "image_cache",
+                     "eval_every", "eval_seed", "eval_images")
+
+
+@dataclass
+class ItmSettings:
+    out: str
+    preset: str = "tiny"
+    init: str | None = None
+    weights: str | None = None
+    source: str = "shapes"
+    seed: int = 0
+    num_images: int | None = 16
+    source_params: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    swap_fraction: float = 0.5
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.05
+    warmup: int = 0
+    grad_clip: float = 1.0
+    itc_weight: float = 1.0
+    temp: float = 0.07
+    fixed_temp: bool = False
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    eval_seed: int | None = None
+    eval_images: int | None = None
+    image_cache: int = 1024
+    device: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+    @property
+    def held_out_seed(self) -> int:
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+
+@dataclass
+class ItmResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runtime train itm",
+        description="Train a BLIP ITM model (all parameters) on image-question matching (ITM cross-entropy on "
+                    "positives and hard negatives) + ITC (symmetric InfoNCE). Writes DIR/itm.safetensors (loadable "
+                    "by load_blip_itm), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
+                    "DIR/metrics.json (held-out ITM accuracy).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
+                   "--steps may grow)")
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help="BLIP ITM architecture")
+    m.add_argument("--init", metavar="FILE", help="initial weights (LAVIS .pth or itm.safetensors); default: the "
+                   "preset's own (tiny: seeded random init; base/large: the standard file)")
+    m.add_argument("--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+    d = p.add_argument_group("data")
+    d.add_argument("--source", default="shapes", help="dataset source (runtime sources)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
+    d.add_argument("--num-images", type=int, default=None,
+                   help="images of the source (sources with num_images; shapes default 16)")
+    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="other source parameter (VALUE parsed as YAML); repeatable")
+    d.add_argument("--limit", type=int, help="use only the first N samples")
+    d.add_argument("--swap-fraction", type=float, default=0.5,
+                   help="share of negatives made by a colour/shape word swap where the scene allows it")
+    d.add_argument("--image-cache", type=int, default=1024, metavar="IMAGES",
+                   help="preprocessed images kept in memory")
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    t.add_argument("--batch-size", type=int, default=8, help="positives per step (as many negatives)")
+    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (after the warmup: constant)")
+    t.add_argument("--weight-decay", type=float, default=0.05, help="on weight matrices only")
+    t.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear learning-rate warmup")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    t.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0 = ITM only)")
+    t.add_argument("--temp", type=float, default=0.07, help="initial ITC temperature")
+    t.add_argument("--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
+    t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="write the checkpoint and weights every N steps (0 = only at the end)")
+    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
+                   "at the start and the end)")
+    e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
+    e.add_argument("--eval-images", type=int, help="images of the held-out set (default: --num-images; "
+                   "0 = no evaluation)")
+    return p
+
+
+def parse_source_params(items: Sequence[str]) -> dict[str, Any]:
+    import yaml
+
+    extra: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
+        extra[key.strip()] = yaml.safe_load(value)
+    return extra
+
+
+def settings_from_args(args: argparse.Namespace) -> ItmSettings:
+    extra = parse_source_params(args.source_param)
+    num_images = args.num_images
+    if num_images is None and args.source == "shapes" and "num_images" not in extra:
+        num_images = 16
+    return ItmSettings(
+        out=args.out, preset=args.preset, init=args.init, weights=args.weights, source=args.source,
+        seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit,
+        swap_fraction=args.swap_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, itc_weight=args.itc_weight,
+        temp=args.temp, fixed_temp=args.fixed_temp, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
+        image_cache=args.image_cache, device=args.device, resume=args.resume, quiet=args.quiet)
+
+
+def check_settings(s: ItmSettings) -> None:
+    for name in ("steps", "batch_size", "image_cache"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("checkpoint_every", "eval_every", "warmup"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if s.eval_images is not None and s.eval_images < 0:
+        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
+    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.itc_weight < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --itc-weight >= 0")
+    if not 0.001 <= s.temp <= 0.5:
+        raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
+    if not 0.0 <= s.swap_fraction <= 1.0:
+        raise ValueError(f"--swap-fraction must be in [0, 1], got {s.swap_fraction}")
+
+
+class PixelStore:
+    """BLIP pixels of the dataset's images (LAVIS preprocessing, as
+    :func:`training.data.blip_pixels`), the resized uint8 images of the ``max_cached`` most
+    recently used ones kept in memory. Each image is preprocessed alone, so a value never
+    depends on the batch it first appeared in."""
+
+    def __init__(self, data, image_size: int, max_cached: int) -> None:
+        from collections import OrderedDict
+
+        self.data, self.size, self.max_cached = data, image_size, max(1, max_cached)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _resized(self, i: int) -> np.ndarray:
+        from PIL import Image
+
+        from stages.images import FAMILIES, RESAMPLE
+        from training.data import decode
+
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        image = decode(self.data.images[i])
+        resized = np.asarray(Image.fromarray(image).resize(
+            (self.size, self.size), RESAMPLE[FAMILIES["blip"]["interpolation"]]))
+        self._cache[i] = resized
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return resized
+
+    def get(self, indices: Sequence[int]):
+        """``[U, 3, S, S]`` float32 (normalised) of the images ``indices``."""
+        import torch
+
+        from stages.images import FAMILIES
+
+        family = FAMILIES["blip"]
+        x = np.stack([self._resized(int(i)) for i in indices]).astype(np.float32) / np.float32(255)
+        x = (x - np.asarray(family["mean"], np.float32)) / np.asarray(family["std"], np.float32)
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id: int, temp, images, questions):
+    """Symmetric InfoNCE over the positives: ``image_embeds [U, 1+P, C]`` of the unique images,
+    ``rows [B]`` (row ``b``'s image), ``input_ids``/``attention_mask [B, T]`` ([ENC] first; the
+    text encoder gets [CLS] first). Targets: pairs of the same image or the same question."""
+    import torch
+    import torch.nn.functional as F
+
+    from training.fusion import pair_rows
+
+    ids = input_ids.clone()
+    ids[:, 0] = cls_token_id
+    text = model.text_encoder(ids, attention_mask).hidden[:, 0]
+    text_feat = F.normalize(model.text_proj(text), dim=-1)                          # [B, E]
+    image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]), dim=-1)         # [U, E]
+    image_feat = pair_rows(image_feat, rows)                                          # [B, E]
+    sim = image_feat @ text_feat.t() / temp                                           # [B, B]
+    same = torch.tensor([[a == b or qa == qb for b, qb in zip(images, questions)] for a, qa in zip(images, questions)],
+                        dtype=sim.dtype, device=sim.device)
+    targets = same / same.sum(dim=1, keepdim=True)
+    i2t = -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
+    t2i = -(F.log_softmax(sim.t(), dim=1) * targets).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> dict[str, Any]:
+    """ITM accuracy (softmax match probability > 0.5 = match) on the held-out pairs."""
+    import torch
+
+    from models.blip import tokenize_questions
+    from training.fusion import pair_rows
+
+    was_training = model.training
+    model.eval()
+    probs: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(pairs.images), EVAL_BATCH):
+            images = pairs.images[start:start + EVAL_BATCH]
+            unique = sorted(set(images))
+            rows = torch.tensor([unique.index(i) for i in images], device=device)
+            embeds = model.encode_image(store.get(unique).to(device))
+            input_ids, attention_mask = tokenize_questions(tokenizer, pairs.questions[start:start + EVAL_BATCH])
+            logits = model.itm_logits(pair_rows(embeds, rows), input_ids.to(device), attention_mask.to(device))
+            probs += logits.float().softmax(dim=-1)[:, 1].cpu().tolist()
+    model.train(was_training)
+    p = np.asarray(probs)
+    labels = np.asarray(pairs.labels)
+    correct = (p > 0.5) == (labels == 1)
+    n_pos = int((labels == 1).sum())
+    kinds = np.asarray(["positive"] * n_pos + list(pairs.kinds))
+    out: dict[str, Any] = {
+        "step": step, "pairs": len(p), "itm_accuracy": float(correct.mean()),
+        "positive_accuracy": float(correct[labels == 1].mean()),
+        "negative_accuracy": float(correct[labels == 0].mean()),
+        "mean_match_prob_positive": float(p[labels == 1].mean()),
+        "mean_match_prob_negative": float(p[labels == 0].mean()),
+        # ranking quality, threshold-free: P(prob of a positive > prob of a negative)
+        "positive_above_negative": float((p[labels == 1][:, None] > p[labels == 0][None, :]).mean()),
+    }
+    for kind in ("swap", "other_image"):
+        mask = kinds == kind
+        if mask.any():
+            out[f"{kind}_accuracy"] = float(correct[mask].mean())
+            out[f"{kind}_pairs"] = int(mask.sum())
+    return out
+
+
+def save_checkpoint(path: Path, **state: Any) -> None:
+    from training.outputs import atomic_torch_save
+
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, foreign pickle
+        raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an ITM training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
+                         f"version {CHECKPOINT_VERSION}")
+    return state
+
+
+def save_weights(model, temp, path: Path, metadata: dict[str, str]) -> None:
+    """The model's state dict (LAVIS key names) and ``temp``, as safetensors, atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors["temp"] = temp.detach().cpu().reshape(()).clone()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "accuracy", "lr", "temp")
+
+
+def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
+    from training.outputs import atomic_write_text
+
+    rows = [",".join(("step",) + LOG_COLUMNS)]
+    for i in range(len(log["loss"])):
+        rows.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c in ("lr", "temp") else f"{log[c][i]:.6f}"
+                                             for c in LOG_COLUMNS]))
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
+    """``loss.png``: total, ITM and ITC losses per step (moving averages, raw total faint)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    from training.outputs import moving_average
+
+    n = len(log["loss"])
+    steps = list(range(1, n + 1))
+    window = max(1, min(25, n // 10 or 1))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
+    for key, color in (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green")):
+        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
+                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
+    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from models.blip import build_model, load_blip_itm, load_blip_tokenizer_for, tokenize_questions
+    from models.blip.checkpoint import itm_fingerprint
+    from training import outputs
+    from training.data import load_data, source_params
+    from training.fusion import _device, _mean, pair_rows
+    from training.pairs import draw_pairs
+
+    check_settings(s)
+    outputs.check_plotting()
+    if s.weights:
+        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = _device(s.device)
+    resume_state = None
+    if s.resume:
+        resume_state = load_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
+                         "or choose another --out")
+    init_fingerprint = itm_fingerprint(s.preset, s.init)
+    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
+    if resume_state is not None:
+        before, now = json.loads(resume_state["run"]), json.loads(run_identity)
+        diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                if before.get(k) != now.get(k)]
+        if diff:
+            raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
+                             + "). Use the same options (only --steps, --checkpoint-every and --eval-* may "
+                               "change).")
+
+    params = source_params(s.source, s.seed, s.num_images, s.source_params)
+    data = load_data(s.source, params, s.limit)
+    eval_data = eval_params = None
+    eval_images = s.num_images if s.eval_images is None else s.eval_images
+    held_out = True
+    if eval_images != 0:
+        fields = type(params).model_fields
+        held_out = "seed" in fields
+        eval_extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
+        eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None,
+                                    eval_extra)
+        eval_data = load_data(s.source, eval_params, s.limit)
+
+    if resume_state is not None:
+        model = build_model("itm", s.preset, device, empty=True)
+    else:
+        model, _ = load_blip_itm(s.preset, s.init, device=device)
+    model.train()
+    tokenizer = load_blip_tokenizer_for(s.preset)
+    store = PixelStore(data, model.config.vit.image_size, s.image_cache)
+    eval_store = eval_pairs = None
+    if eval_data is not None:
+        eval_store = PixelStore(eval_data, model.config.vit.image_size, s.image_cache)
+        eval_pairs = draw_pairs(eval_data.samples, len(eval_data.samples), np.random.default_rng(s.held_out_seed),
+                                s.swap_fraction)
+
+    torch.manual_seed(s.seed)
+    temp = torch.nn.Parameter(torch.tensor(float(s.temp), device=device), requires_grad=not s.fixed_temp)
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if not s.fixed_temp:
+        groups.append({"params": [temp], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
+    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
+    evals: list[dict[str, Any]] = []
+    invocations: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        model.reset_buffers()
+        with torch.no_grad():
+            temp.copy_(resume_state["temp"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        outputs.set_rng_state(resume_state["rng"], device)
+        start = int(resume_state["step"])
+        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
+        evals = json.loads(resume_state["evals"])
+        invocations = json.loads(resume_state["invocations"])
+        train_seconds = float(resume_state["train_seconds"])
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    invocations.append({"command": "runtime train itm " + shlex.join(command), "started": started_at,
+                        "from_step": start, "to_step": None, "finished": None})
+
+    meta = {
+        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
+        "seeds": {"train": s.seed, "source": getattr(params, "seed", None), "eval": s.held_out_seed,
+                  "pairs": f"numpy default_rng([{s.seed}, step])", "torch": s.seed},
+        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
+                  "config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters())},
+        "source": {"name": s.source, "params": params.model_dump(mode="json"),
+                   "samples": len(data.samples), "images": len(data.images)},
+        "eval_source": None if eval_data is None else {
+            "name": s.source, "params": eval_params.model_dump(mode="json"), "samples": len(eval_data.samples),
+            "images": len(eval_data.images), "held_out": held_out},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+
+    def run_eval(step: int) -> None:
+        if eval_pairs is None or any(e["step"] == step for e in evals):
+            return
+        result = evaluate(model, tokenizer, eval_store, eval_pairs, device, step)
+        evals.append(result)
+        if not s.quiet:
+            print(f"step {step}: held-out ITM accuracy {result['itm_accuracy']:.3f} "
+                  f"(positives {result['positive_accuracy']:.3f}, negatives {result['negative_accuracy']:.3f})",
+                  file=sys.stderr)
+
+    def save(step: int, final: bool, seconds: float) -> None:
+        save_checkpoint(ckpt_path, step=step, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        temp=temp.detach().cpu(), optimizer=optimizer.state_dict(), rng=outputs.rng_state(device),
+                        run=run_identity, log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
+                        .reshape(len(log["loss"]), len(LOG_COLUMNS)),
+                        evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
+        save_weights(model, temp, out / "itm.safetensors",
+                     {"format": "pnpvqa-blip-itm", "preset": s.preset, "step": str(step),
+                      "config": json.dumps(model.config.to_dict(), sort_keys=True)})
+        write_log_csv(out / "loss.csv", log)
+        if final:
+            write_log_plot(out / "loss.png", log, f"BLIP ITM {s.preset}: ITM + {s.itc_weight:g} x ITC, "
+                           f"{len(data.images)} images")
+        finished = final and step >= s.steps
+        summary = {"loss_first": _mean(log["loss"][:10]), "loss_last": _mean(log["loss"][-10:]),
+                   "itm_loss_first": _mean(log["itm_loss"][:10]), "itm_loss_last": _mean(log["itm_loss"][-10:]),
+                   "itc_loss_first": _mean(log["itc_loss"][:10]), "itc_loss_last": _mean(log["itc_loss"][-10:]),
+                   "train_accuracy_last": _mean(log["accuracy"][-10:]),
+                   "temp": float(temp.detach())}
+        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
+        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
+                  "finished": finished, "train_seconds": seconds,
+                  "weights_fingerprint": outputs_fingerprint(out / "itm.safetensors"), **summary,
+                  "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
+        outputs.atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
+                   "held_out": held_out if eval_pairs is not None else None,
+                   "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"],
+                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
+                   "history": evals, **summary}
+        outputs.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+    if start == 0:
+        run_eval(0)
+    started = time.perf_counter()
+    base_seconds = train_seconds
+    cls_id = tokenizer.cls_token_id
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train itm {s.preset}", unit="step",
+               disable=s.quiet, dynamic_ncols=True)
+    try:
+        for step in range(start, s.steps):
+            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction)
+            unique = sorted(set(batch.images))
+            rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
+            input_ids, attention_mask = tokenize_questions(tokenizer, batch.questions)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            labels = torch.tensor(batch.labels, device=device)
+
+            embeds = model.encode_image(store.get(unique).to(device))              # [U, 1+P, C]
+            logits = model.itm_logits(pair_rows(embeds, rows), input_ids, attention_mask)
+            loss_itm = F.cross_entropy(logits.float(), labels)
+            n_pos = sum(batch.labels)
+            if s.itc_weight > 0:
+                loss_itc = itc_loss(model, embeds, rows[:n_pos], input_ids[:n_pos], attention_mask[:n_pos], cls_id,
+                                    temp, batch.images[:n_pos], batch.questions[:n_pos])
+                loss = loss_itm + s.itc_weight * loss_itc
+            else:
+                loss_itc, loss = torch.zeros(()), loss_itm
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], s.grad_clip)
+            optimizer.step()
+            with torch.no_grad():
+                temp.clamp_(0.001, 0.5)
+
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+            log["loss"].append(value)
+            log["itm_loss"].append(float(loss_itm.detach()))
+            log["itc_loss"].append(float(loss_itc.detach()))
+            log["accuracy"].append(float((logits.argmax(dim=1) == labels).float().mean()))
+            log["lr"].append(lr)
+            log["temp"].append(float(temp.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{_mean(log['loss'][-20:]):.4f}")
+            done = step + 1
+            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                run_eval(done)
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
+    finally:
+        bar.close()
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    return ItmResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+                     seconds=time.perf_counter() - started)
+
+
+def outputs_fingerprint(path: Path) -> str:
+    from models.weights import file_fingerprint
+
+    return file_fingerprint(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train itm``; returns the exit status."""
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        result = train(settings, command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    acc = result.metrics.get("itm_accuracy")
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; held-out ITM accuracy {acc:.3f}" if acc is not None else "")
+          + f"; weights {result.out / 'itm.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
