@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import shlex
 import sys
 import time
@@ -49,6 +47,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
+                             add_optimisation_options, add_output_options, check_same_run, finite_loss, mean_or_none,
+                             parse_source_params, set_warmup_lr, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-caption-training"
@@ -196,14 +198,10 @@ def parser() -> argparse.ArgumentParser:
                     "DIR/caption.safetensors (loadable by load_blip_caption), DIR/checkpoint.pt, DIR/loss.csv, "
                     "DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out greedy-caption accuracy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
-                   "--steps may grow)")
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help="BLIP captioner architecture")
-    m.add_argument("--init", metavar="FILE", help="initial weights (LAVIS caption .pth or caption.safetensors); "
-                   "default: the preset's own (tiny: seeded random init; base/large: the standard file)")
-    m.add_argument("--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+    add_output_options(p)
+    add_blip_model_options(p, architecture="BLIP captioner", init_help="initial weights (LAVIS caption .pth or "
+                           "caption.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
+                           "the standard file)")
     d = p.add_argument_group("data (the shapes source)")
     d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
     d.add_argument("--num-images", type=int, default=16, help="shapes images to train on")
@@ -214,17 +212,12 @@ def parser() -> argparse.ArgumentParser:
                    help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
     d.add_argument("--min-overlap", type=float, default=MIN_OVERLAP,
                    help="share of a patch an object must cover to be visible in it")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    t.add_argument("--batch-size", type=int, default=16, help="(image, patch subset) samples per step")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (after the warmup: constant)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="on weight matrices only")
-    t.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear learning-rate warmup")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="write the checkpoint and weights every N steps (0 = only at the end)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=16, batch_help="(image, patch subset) "
+                                 "samples per step", lr=1e-3, lr_help="AdamW learning rate (after the warmup: "
+                                 "constant)", weight_decay=0.01, weight_decay_help="on weight matrices only",
+                                 warmup=True)
+    add_checkpoint_option(t)
+    add_device_options(t)
     e = p.add_argument_group("held-out evaluation")
     e.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="also evaluate every N steps (0 = only at the start and the end)")
@@ -235,14 +228,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
-    import yaml
-
-    extra: dict[str, Any] = {}
-    for item in args.source_param:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
+    extra = parse_source_params(args.source_param)
     names = ("out", "preset", "init", "weights", "seed", "num_images", "num_patches", "object_bias", "min_overlap",
              "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "checkpoint_every", "eval_every",
              "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
@@ -373,63 +359,17 @@ def evaluate(model, tokenizer, images: ShapesImages, subsets: list[tuple[int, np
 # --- files ------------------------------------------------------------------------------------
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
+    from training.outputs import load_checkpoint as load
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle
-        raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a caption training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
-                         f"version {CHECKPOINT_VERSION}")
-    return state
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a caption")
 
 
 def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     """The model's state dict (LAVIS key names) as safetensors, atomically."""
-    from safetensors.torch import save_file
+    from training.outputs import atomic_save_safetensors
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_loss_plot(path: Path, losses: Sequence[float], title: str) -> None:
-    """``loss.png``: the per-step caption loss and its moving average (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    from training.outputs import moving_average
-
-    steps = list(range(1, len(losses) + 1))
-    window = max(1, min(25, len(losses) // 10 or 1))
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
-            label=f"moving average ({window} steps)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("caption cross-entropy (per token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(tensors, path, metadata)
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -445,32 +385,12 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
     from models.weights import file_fingerprint
     from training import outputs
     from training.data import source_params
-    from training.fusion import _device, _mean
 
     check_settings(s)
-    outputs.check_plotting()
-    if s.weights:
-        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    device = _device(s.device)
-    resume_state = None
-    if s.resume:
-        resume_state = load_checkpoint(ckpt_path)
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
-                         "or choose another --out")
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
     init_fingerprint = caption_fingerprint(s.preset, s.init)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    if resume_state is not None:
-        before, now = json.loads(resume_state["run"]), json.loads(run_identity)
-        diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                if before.get(k) != now.get(k)]
-        if diff:
-            raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
-                             + "). Use the same options (only --steps, --checkpoint-every and --eval-* may "
-                               "change).")
+    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
     if resume_state is not None:
         model = build_model("caption", s.preset, device, empty=True)
@@ -494,11 +414,7 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                         for i in range(s.eval_images) for _ in range(s.eval_subsets)]
 
     torch.manual_seed(s.seed)
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
     losses: list[float] = []
     accuracies: list[float] = []
     evals: list[dict[str, Any]] = []
@@ -545,33 +461,31 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                   f"{_fmt(result['object_precision'])}, recall {_fmt(result['object_recall'])}", file=sys.stderr)
 
     def save(step: int, final: bool, seconds: float) -> None:
-        outputs.atomic_torch_save({
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
-            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "rng": outputs.rng_state(device), "run": run_identity,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "accuracies": torch.tensor(accuracies, dtype=torch.float64),
-            "evals": json.dumps(evals), "invocations": json.dumps(invocations), "train_seconds": seconds,
-        }, ckpt_path)
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
+            losses=torch.tensor(losses, dtype=torch.float64), accuracies=torch.tensor(accuracies, dtype=torch.float64),
+            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
         save_weights(model, out / "caption.safetensors",
                      {"format": "pnpvqa-blip-caption", "preset": s.preset, "step": str(step), "prompt": PROMPT,
                       "config": json.dumps(model.config.to_dict(), sort_keys=True)})
         outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
         if final:
-            write_loss_plot(out / "loss.png", losses, f"BLIP caption {s.preset}: {s.num_patches} patches, "
-                            f"{len(data)} images")
+            outputs.write_loss_plot(out / "loss.png", losses, f"BLIP caption {s.preset}: {s.num_patches} "
+                                    f"patches, {len(data)} images", "caption cross-entropy (per token)")
         finished = final and step >= s.steps
-        summary = {"loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:]),
-                   "token_accuracy_last": _mean(accuracies[-10:])}
+        summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
+                   "token_accuracy_last": mean_or_none(accuracies[-10:])}
         final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
         config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
                   "finished": finished, "train_seconds": seconds,
                   "weights_fingerprint": file_fingerprint(out / "caption.safetensors"), **summary}
-        outputs.atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        outputs.write_json(out / "config.json", config)
         metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
                    "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
                    "history": [{k: v for k, v in e.items() if k != "examples"} for e in evals], **summary}
-        outputs.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        outputs.write_json(out / "metrics.json", metrics)
 
     if start == 0:
         run_eval(0)
@@ -582,9 +496,7 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_warmup_lr(optimizer, s.lr, s.warmup, step)
             rng = np.random.default_rng([s.seed, step])
             chosen = rng.integers(0, len(data), size=s.batch_size)
             patches = np.stack([data.sample_patches(int(i), rng, s.num_patches, s.object_bias) for i in chosen])
@@ -603,14 +515,12 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             optimizer.step()
 
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+            value = finite_loss(loss, step)
             mask = labels != -100
             losses.append(value)
             accuracies.append(float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum()))
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{_mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
             done = step + 1
             if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 run_eval(done)

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options,
+                             add_output_options, add_source_options, check_same_run, finite_loss, mean_or_none,
+                             add_weights_option, parse_source_params, source_num_images, start_run)
+
 DEFAULT_STEPS = 200
+CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
+CHECKPOINT_VERSION = 1
 # settings that may differ between a run and its --resume continuation
 # (the frozen models are compared by their weights' fingerprints, not by file paths)
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "feature_cache", "weights",
@@ -96,16 +100,14 @@ def parser() -> argparse.ArgumentParser:
                     "image-question matching with frozen BLIP ITM and SAM. Writes DIR/fusion.safetensors (the "
                     "weights a graph names), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
-                   "--steps may grow)")
+    add_output_options(p)
     m = p.add_argument_group("models")
     m.add_argument("--mode", choices=["concat_conv", "cross_attention", "difnet"], default="difnet")
     m.add_argument("--blip-preset", default="tiny", choices=["tiny", "base", "large"], help="frozen BLIP ITM")
     m.add_argument("--blip-checkpoint", metavar="FILE", help="explicit BLIP ITM checkpoint file")
     m.add_argument("--sam-preset", default="tiny", choices=["tiny", "vitt", "vits"], help="frozen EfficientSAM")
     m.add_argument("--sam-checkpoint", metavar="FILE", help="explicit EfficientSAM checkpoint file")
-    m.add_argument("--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+    add_weights_option(m)
     f = p.add_argument_group("fusion module")
     f.add_argument("--width", type=int, help="fusion width (default: the BLIP width, at most 256)")
     f.add_argument("--heads", type=int, default=8)
@@ -116,44 +118,21 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--T", type=int, default=2, help="DIFNet: applications of each pre-fusion layer per stream")
     f.add_argument("--N", type=int, default=3, help="DIFNet: layers in all (N > Lf)")
     f.add_argument("--sam-cls", choices=["zero", "learned"], default="zero", help="DIFNet: SAM stream CLS slot")
-    d = p.add_argument_group("data")
-    d.add_argument("--source", default="shapes", help="dataset source (runtime sources)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=None,
-                   help="images of the source (sources with num_images; shapes default 16)")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other source parameter (VALUE parsed as YAML); repeatable")
-    d.add_argument("--limit", type=int, help="use only the first N samples")
-    d.add_argument("--swap-fraction", type=float, default=0.5,
-                   help="share of negatives made by a colour/shape word swap where the scene allows it")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    t.add_argument("--batch-size", type=int, default=8, help="positives per step (as many negatives)")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
-    t.add_argument("--weight-decay", type=float, default=0.01)
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="write the checkpoint and weights every N steps (0 = only at the end)")
+    add_source_options(p)
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="positives per step (as many "
+                                 "negatives)", lr=1e-3, lr_help="AdamW learning rate (constant)", weight_decay=0.01,
+                                 weight_decay_help=None, warmup=False)
+    add_checkpoint_option(t)
     t.add_argument("--feature-cache", type=int, default=4096, metavar="IMAGES",
                    help="images whose frozen features stay in memory")
     t.add_argument("--feature-batch", type=int, default=16, help="images per frozen-feature forward")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_device_options(t)
     return p
 
 
 def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    import yaml
-
-    extra: dict[str, Any] = {}
-    for item in args.source_param:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
-    num_images = args.num_images
-    if num_images is None and args.source == "shapes" and "num_images" not in extra:
-        num_images = 16
+    extra = parse_source_params(args.source_param)
+    num_images = source_num_images(args.source, args.num_images, extra)
     return TrainSettings(
         out=args.out, mode=args.mode, blip_preset=args.blip_preset, blip_checkpoint=args.blip_checkpoint,
         sam_preset=args.sam_preset, sam_checkpoint=args.sam_checkpoint, weights=args.weights, source=args.source,
@@ -177,14 +156,10 @@ def check_settings(s: TrainSettings) -> None:
         raise ValueError(f"--swap-fraction must be in [0, 1], got {s.swap_fraction}")
 
 
-def _device(name: str):
-    import torch
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    from training.outputs import load_checkpoint as load
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a fusion")
 
 
 def train(s: TrainSettings) -> TrainResult:
@@ -203,29 +178,11 @@ def train(s: TrainSettings) -> TrainResult:
     from training.pairs import draw_pairs
 
     check_settings(s)
-    outputs.check_plotting()
-    if s.weights:
-        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    device = _device(s.device)
-    resume_state = None
-    if s.resume:
-        resume_state = outputs.load_checkpoint(ckpt_path)
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
-                         "or choose another --out")
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
     fingerprints = {"blip_weights": itm_fingerprint(s.blip_preset, s.blip_checkpoint),
                     "sam_weights": sam_fingerprint(s.sam_preset, s.sam_checkpoint)}
     run_identity = json.dumps({**s.run_identity(), **fingerprints}, sort_keys=True)
-    if resume_state is not None:
-        before, now = json.loads(resume_state["run"]), json.loads(run_identity)
-        diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                if before.get(k) != now.get(k)]
-        if diff:
-            raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
-                             + "). Use the same options (only --steps and --checkpoint-every may change).")
+    check_same_run(resume_state, run_identity, ckpt_path, "--steps and --checkpoint-every")
 
     # frozen models, eval mode, no gradients
     itm, _ = load_blip_itm(s.blip_preset, s.blip_checkpoint, device=device)
@@ -270,18 +227,21 @@ def train(s: TrainSettings) -> TrainResult:
     }
 
     def save(step: int, final: bool) -> None:
-        outputs.save_checkpoint(ckpt_path, step=step, model=model, optimizer=optimizer, device=device,
-                                fusion_config=config.to_json(), run=run_identity, losses=losses,
-                                accuracies=accuracies)
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), fusion_config=config.to_json(),
+            run=run_identity, losses=torch.tensor(list(losses), dtype=torch.float64),
+            accuracies=torch.tensor(list(accuracies), dtype=torch.float64))
         save_fusion(model, config, out / "fusion.safetensors")
         outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
         if final:
             outputs.write_loss_plot(out / "loss.png", losses, f"fusion {s.mode}: BLIP {s.blip_preset} + "
-                                    f"SAM {s.sam_preset}, {len(data.images)} images")
+                                    f"SAM {s.sam_preset}, {len(data.images)} images", "ITM cross-entropy")
         summary = {**meta, "steps_done": step, "finished": final and step >= s.steps,
                    "fusion_fingerprint": fusion_fingerprint(out / "fusion.safetensors"),
-                   "loss_first": _mean(losses[:10]), "loss_last": _mean(losses[-10:])}
-        outputs.atomic_write_text(out / "config.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                   "loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:])}
+        outputs.write_json(out / "config.json", summary)
 
     started = time.perf_counter()
     bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train fusion {s.mode}", unit="step",
@@ -304,13 +264,11 @@ def train(s: TrainSettings) -> TrainResult:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
             optimizer.step()
 
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+            value = finite_loss(loss, step)
             losses.append(value)
             accuracies.append(float((logits.argmax(dim=1) == labels).float().mean()))
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{_mean(losses[-20:]):.4f}")
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
             done = step + 1
             if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
                 save(done, final=False)
@@ -330,10 +288,6 @@ def pair_rows(fused, rows):
 
     onehot = F.one_hot(rows, fused.shape[0]).to(fused.dtype)                 # [R, U]
     return (onehot @ fused.flatten(1)).view(rows.shape[0], *fused.shape[1:])
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if len(values) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,10 +42,7 @@ times), ``metrics.json`` (held-out ITM accuracy, its history, loss summary).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import math
-import os
 import shlex
 import sys
 import time
@@ -55,6 +52,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
+                             add_optimisation_options, add_output_options, add_source_options, check_same_run,
+                             finite_loss, mean_or_none, parse_source_params, set_warmup_lr, source_num_images,
+                             start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-itm-training"
@@ -122,40 +124,20 @@ def parser() -> argparse.ArgumentParser:
                     "by load_blip_itm), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
                     "DIR/metrics.json (held-out ITM accuracy).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
-                   "--steps may grow)")
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help="BLIP ITM architecture")
-    m.add_argument("--init", metavar="FILE", help="initial weights (LAVIS .pth or itm.safetensors); default: the "
-                   "preset's own (tiny: seeded random init; base/large: the standard file)")
-    m.add_argument("--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
-    d = p.add_argument_group("data")
-    d.add_argument("--source", default="shapes", help="dataset source (runtime sources)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=None,
-                   help="images of the source (sources with num_images; shapes default 16)")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other source parameter (VALUE parsed as YAML); repeatable")
-    d.add_argument("--limit", type=int, help="use only the first N samples")
-    d.add_argument("--swap-fraction", type=float, default=0.5,
-                   help="share of negatives made by a colour/shape word swap where the scene allows it")
+    add_output_options(p)
+    add_blip_model_options(p, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or itm.safetensors); "
+                           "default: the preset's own (tiny: seeded random init; base/large: the standard file)")
+    d = add_source_options(p)
     d.add_argument("--image-cache", type=int, default=1024, metavar="IMAGES",
                    help="preprocessed images kept in memory")
-    t = p.add_argument_group("optimisation")
-    t.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    t.add_argument("--batch-size", type=int, default=8, help="positives per step (as many negatives)")
-    t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (after the warmup: constant)")
-    t.add_argument("--weight-decay", type=float, default=0.05, help="on weight matrices only")
-    t.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear learning-rate warmup")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="positives per step (as many "
+                                 "negatives)", lr=1e-4, lr_help="AdamW learning rate (after the warmup: constant)",
+                                 weight_decay=0.05, weight_decay_help="on weight matrices only", warmup=True)
     t.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0 = ITM only)")
     t.add_argument("--temp", type=float, default=0.07, help="initial ITC temperature")
     t.add_argument("--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
-    t.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
-                   help="write the checkpoint and weights every N steps (0 = only at the end)")
-    t.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    add_checkpoint_option(t)
+    add_device_options(t)
     e = p.add_argument_group("held-out evaluation")
     e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
                    "at the start and the end)")
@@ -165,23 +147,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_source_params(items: Sequence[str]) -> dict[str, Any]:
-    import yaml
-
-    extra: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
-        extra[key.strip()] = yaml.safe_load(value)
-    return extra
-
-
 def settings_from_args(args: argparse.Namespace) -> ItmSettings:
     extra = parse_source_params(args.source_param)
-    num_images = args.num_images
-    if num_images is None and args.source == "shapes" and "num_images" not in extra:
-        num_images = 16
+    num_images = source_num_images(args.source, args.num_images, extra)
     return ItmSettings(
         out=args.out, preset=args.preset, init=args.init, weights=args.weights, source=args.source,
         seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit,
@@ -316,41 +284,19 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> d
     return out
 
 
-def save_checkpoint(path: Path, **state: Any) -> None:
-    from training.outputs import atomic_torch_save
-
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}, path)
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
+    from training.outputs import load_checkpoint as load
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated file, foreign pickle
-        raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an ITM training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
-                         f"version {CHECKPOINT_VERSION}")
-    return state
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="an ITM")
 
 
 def save_weights(model, temp, path: Path, metadata: dict[str, str]) -> None:
     """The model's state dict (LAVIS key names) and ``temp``, as safetensors, atomically."""
-    from safetensors.torch import save_file
+    from training.outputs import atomic_save_safetensors
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     tensors["temp"] = temp.detach().cpu().reshape(()).clone()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(tensors, path, metadata)
 
 
 LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "accuracy", "lr", "temp")
@@ -368,34 +314,16 @@ def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
 
 def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
     """``loss.png``: total, ITM and ITC losses per step (moving averages, raw total faint)."""
-    import matplotlib
+    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
 
-    matplotlib.use("Agg", force=True)
-    from matplotlib.figure import Figure
-
-    from training.outputs import moving_average
-
-    n = len(log["loss"])
-    steps = list(range(1, n + 1))
-    window = max(1, min(25, n // 10 or 1))
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
+    steps = list(range(1, len(log["loss"]) + 1))
+    window = smoothing_window(len(log["loss"]))
+    fig, ax = loss_figure()
     ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
     for key, color in (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green")):
         ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
                 label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
 
 
 def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
@@ -408,33 +336,14 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     from models.blip.checkpoint import itm_fingerprint
     from training import outputs
     from training.data import load_data, source_params
-    from training.fusion import _device, _mean, pair_rows
+    from training.fusion import pair_rows
     from training.pairs import draw_pairs
 
     check_settings(s)
-    outputs.check_plotting()
-    if s.weights:
-        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    device = _device(s.device)
-    resume_state = None
-    if s.resume:
-        resume_state = load_checkpoint(ckpt_path)
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
-                         "or choose another --out")
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
     init_fingerprint = itm_fingerprint(s.preset, s.init)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    if resume_state is not None:
-        before, now = json.loads(resume_state["run"]), json.loads(run_identity)
-        diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
-                if before.get(k) != now.get(k)]
-        if diff:
-            raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
-                             + "). Use the same options (only --steps, --checkpoint-every and --eval-* may "
-                               "change).")
+    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
     params = source_params(s.source, s.seed, s.num_images, s.source_params)
     data = load_data(s.source, params, s.limit)
@@ -464,10 +373,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
 
     torch.manual_seed(s.seed)
     temp = torch.nn.Parameter(torch.tensor(float(s.temp), device=device), requires_grad=not s.fixed_temp)
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, s.weight_decay)
     if not s.fixed_temp:
         groups.append({"params": [temp], "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=s.lr)
@@ -517,11 +423,13 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
                   file=sys.stderr)
 
     def save(step: int, final: bool, seconds: float) -> None:
-        save_checkpoint(ckpt_path, step=step, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        temp=temp.detach().cpu(), optimizer=optimizer.state_dict(), rng=outputs.rng_state(device),
-                        run=run_identity, log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
-                        .reshape(len(log["loss"]), len(LOG_COLUMNS)),
-                        evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()}, temp=temp.detach().cpu(),
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
+            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
+            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
+            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
         save_weights(model, temp, out / "itm.safetensors",
                      {"format": "pnpvqa-blip-itm", "preset": s.preset, "step": str(step),
                       "config": json.dumps(model.config.to_dict(), sort_keys=True)})
@@ -530,23 +438,21 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             write_log_plot(out / "loss.png", log, f"BLIP ITM {s.preset}: ITM + {s.itc_weight:g} x ITC, "
                            f"{len(data.images)} images")
         finished = final and step >= s.steps
-        summary = {"loss_first": _mean(log["loss"][:10]), "loss_last": _mean(log["loss"][-10:]),
-                   "itm_loss_first": _mean(log["itm_loss"][:10]), "itm_loss_last": _mean(log["itm_loss"][-10:]),
-                   "itc_loss_first": _mean(log["itc_loss"][:10]), "itc_loss_last": _mean(log["itc_loss"][-10:]),
-                   "train_accuracy_last": _mean(log["accuracy"][-10:]),
-                   "temp": float(temp.detach())}
+        summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
+                   for key in ("loss", "itm_loss", "itc_loss") for end in ("first", "last")}
+        summary.update(train_accuracy_last=mean_or_none(log["accuracy"][-10:]), temp=float(temp.detach()))
         final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
         config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
                   "finished": finished, "train_seconds": seconds,
                   "weights_fingerprint": outputs_fingerprint(out / "itm.safetensors"), **summary,
                   "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
-        outputs.atomic_write_text(out / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        outputs.write_json(out / "config.json", config)
         metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
                    "held_out": held_out if eval_pairs is not None else None,
                    "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"],
                    "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
                    "history": evals, **summary}
-        outputs.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        outputs.write_json(out / "metrics.json", metrics)
 
     if start == 0:
         run_eval(0)
@@ -557,9 +463,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
             batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction)
             unique = sorted(set(batch.images))
             rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
@@ -585,9 +489,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             with torch.no_grad():
                 temp.clamp_(0.001, 0.5)
 
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+            value = finite_loss(loss, step)
             log["loss"].append(value)
             log["itm_loss"].append(float(loss_itm.detach()))
             log["itc_loss"].append(float(loss_itc.detach()))
@@ -595,7 +497,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             log["lr"].append(lr)
             log["temp"].append(float(temp.detach()))
             bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{_mean(log['loss'][-20:]):.4f}")
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}")
             done = step + 1
             if s.eval_every and done % s.eval_every == 0 and done < s.steps:
                 run_eval(done)

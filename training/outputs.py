@@ -8,14 +8,12 @@ so a run killed while saving keeps its previous checkpoint.
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-
-CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
-CHECKPOINT_VERSION = 1
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -49,37 +47,42 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path: Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    device: torch.device, fusion_config: str, run: str, losses: Sequence[float],
-                    accuracies: Sequence[float]) -> None:
-    atomic_torch_save({
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "step": step,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "rng": rng_state(device),
-        "fusion_config": fusion_config,
-        "run": run,
-        "losses": torch.tensor(list(losses), dtype=torch.float64),
-        "accuracies": torch.tensor(list(accuracies), dtype=torch.float64),
-    }, path)
+def save_checkpoint(path: Path, *, format: str, version: int, **state: Any) -> None:
+    """``state`` (tensors and plain containers), tagged with its ``format`` and ``version``, atomically."""
+    atomic_torch_save({"format": format, "version": version, **state}, path)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
+def load_checkpoint(path: Path, *, format: str, version: int, kind: str) -> dict[str, Any]:
+    """A checkpoint written by :func:`save_checkpoint` (``weights_only=True``) with this
+    ``format`` and ``version``; ``kind`` names it in errors ("a fusion", "an ITM")."""
     if not path.is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {path} (run without --resume first)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle
         raise ValueError(f"{path} is not a readable training checkpoint: {type(exc).__name__}: {exc}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a fusion training checkpoint")
-    if state.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(state, dict) or state.get("format") != format:
+        raise ValueError(f"{path} is not {kind} training checkpoint")
+    if state.get("version") != version:
         raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this code reads "
-                         f"version {CHECKPOINT_VERSION}")
+                         f"version {version}")
     return state
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as indented JSON with sorted keys, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_loss_csv(path: Path, losses: Sequence[float], accuracies: Sequence[float]) -> None:
@@ -117,22 +120,26 @@ def moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def write_loss_plot(path: Path, losses: Sequence[float], title: str) -> None:
-    """``loss.png``: the per-step ITM loss and its moving average (Agg backend)."""
+def smoothing_window(n: int) -> int:
+    """Moving-average window of a loss plot of ``n`` steps."""
+    return max(1, min(25, n // 10 or 1))
+
+
+def loss_figure():
+    """A ``(figure, axes)`` for a loss plot (Agg backend); finish with :func:`save_loss_figure`."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    steps = list(range(1, len(losses) + 1))
-    window = max(1, min(25, len(losses) // 10 or 1))
     fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
-            label=f"moving average ({window} steps)")
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def save_loss_figure(fig, ax, path: Path, *, ylabel: str, title: str) -> None:
+    """Label the loss plot's axes and write it to ``path`` as PNG, atomically."""
     ax.set_xlabel("step")
-    ax.set_ylabel("ITM cross-entropy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -143,3 +150,14 @@ def write_loss_plot(path: Path, losses: Sequence[float], title: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_loss_plot(path: Path, losses: Sequence[float], title: str, ylabel: str) -> None:
+    """``loss.png``: the per-step loss and its moving average."""
+    steps = list(range(1, len(losses) + 1))
+    window = smoothing_window(len(losses))
+    fig, ax = loss_figure()
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
+            label=f"moving average ({window} steps)")
+    save_loss_figure(fig, ax, path, ylabel=ylabel, title=title)
