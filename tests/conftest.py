@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,21 @@ def ray_session():
              object_store_memory=256 * 2**20)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Count process() calls per stage name (wraps every registered stage)."""
+    import stages
+
+    counter: Counter = Counter()
+
+    for name, cls in stages.STAGES.items():
+        original = cls.process
+
+        def counted(self, batch, _orig=original, _name=name):
+            counter[_name] += 1
+            return _orig(self, batch)
+
+        monkeypatch.setattr(cls, "process", counted)
+    return counter

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 import stages
 from artifacts.columns import column_to_python
@@ -18,21 +16,6 @@ from runtime.run import RunContext
 from runtime.shards import iter_shards
 
 SMALL = ["dataset.num_images=6", "shard_size=8"]
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Count process() calls per stage name (wraps every registered stage)."""
-    counter: Counter = Counter()
-    for name, cls in stages.STAGES.items():
-        original = cls.process
-
-        def counted(self, batch, _orig=original, _name=name):
-            counter[_name] += 1
-            return _orig(self, batch)
-
-        monkeypatch.setattr(cls, "process", counted)
-    return counter
 
 
 def run(tmp_path, overrides=(), graph=GRAPHS / "oracle_heatmap.yaml", out="run", **kw):

@@ -3,13 +3,11 @@ previous pnp_vqa run's cached results."""
 
 from __future__ import annotations
 
-from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-import stages
 from artifacts.columns import column_to_python
 from conftest import GRAPHS
 from runtime.api import run_graph
@@ -76,19 +74,6 @@ def test_mask_selection(embedded):
     assert best["mask_index"][0] == int(np.argmax(best["candidate_iou"][0]))
     assert best["iou"][0] == pytest.approx(float(best["candidate_iou"][0].max()))
 
-
-@pytest.fixture
-def calls(monkeypatch):
-    counter: Counter = Counter()
-    for name, cls in stages.STAGES.items():
-        original = cls.process
-
-        def counted(self, batch, _orig=original, _name=name):
-            counter[_name] += 1
-            return _orig(self, batch)
-
-        monkeypatch.setattr(cls, "process", counted)
-    return counter
 
 
 def test_esam_enhanced_reuses_a_previous_pnp_vqa_run(tmp_path, calls):
