@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 WEIGHTS_ENV = "PNPVQA_WEIGHTS"
+# the ``shapes`` presets' weights, trained by the project and shipped with it (docs/quality.md)
+SHAPES_WEIGHTS_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
 
 
 class WeightsError(Exception):
@@ -44,6 +46,15 @@ def find_weights(file_name: str, published: str) -> Path:
         raise WeightsError(
             f"checkpoint '{file_name}' not found in the weights folder {root} (expected {path}). "
             f"Published at: {published}")
+    return path
+
+
+def shapes_weights(file_name: str, train_command: str) -> Path:
+    """The bundled ``shapes`` preset file ``file_name``, or a ``WeightsError`` saying how to make it."""
+    path = SHAPES_WEIGHTS_DIR / file_name
+    if not path.exists():
+        raise WeightsError(f"the shapes preset's weights {path} are missing (a partial checkout?). Restore them "
+                           f"with git, or train them: {train_command}")
     return path
 
 

@@ -26,6 +26,7 @@ EPILOG = """examples:
   runtime report runs/esam_enhanced runs/pnp_vqa          HTML report with both runs side by side
   runtime compare runs/esam_enhanced runs/pnp_vqa         metrics per run and disagreements, in the terminal
   runtime train fusion --out runs/fusion_train           train the BLIP + SAM fusion module
+  runtime quality                                        every variant on held-out shapes data -> docs/quality.md
 """
 
 
@@ -79,10 +80,17 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model on a dataset source (`runtime train fusion --help`)",
                        add_help=False)
-    t.add_argument("model", choices=["fusion", "itm", "caption"], help="fusion: the BLIP + SAM feature fusion module "
-                   "(frozen BLIP, SAM); itm: a BLIP ITM model (all parameters, ITM + ITC losses); caption: the BLIP "
-                   "captioner on captions of sampled patches")
+    t.add_argument("model", choices=["itm", "caption", "sam", "fid", "fusion", "qavit", "bundle"],
+                   help="itm: a BLIP ITM model (all parameters, ITM + ITC (+ grounding) losses); caption: the BLIP "
+                   "captioner on captions of sampled patches; sam: EfficientSAM on point prompts; fid: the UnifiedQA "
+                   "FiD T5 on question + captions; fusion: the BLIP + SAM feature fusion module (frozen BLIP, SAM); "
+                   "qavit: QA-ViT's instruction modules; bundle: ship a finished training as a shapes preset "
+                   "(models/assets/shapes, with its manifest)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
+
+    q = sub.add_parser("quality", help="VQA accuracy and heatmap quality of every variant on held-out shapes data "
+                       "(writes docs/quality.md; `runtime quality --help`)", add_help=False)
+    q.add_argument("args", nargs=argparse.REMAINDER, help="options of the quality command")
 
     from runtime.report.cli import add_report_parsers
 
@@ -299,11 +307,27 @@ def _cmd_cache(a) -> int:
     return 0
 
 
-def _cmd_train(a) -> int:
-    from training import caption, fusion, itm
+def _trainer(model: str):
+    """The ``main`` of ``runtime train MODEL`` (imported on demand: each pulls in its models)."""
+    if model == "itm":
+        from training.itm import main
+    elif model == "caption":
+        from training.caption import main
+    elif model == "sam":
+        from training.sam import main
+    elif model == "fid":
+        from training.fid import main
+    elif model == "fusion":
+        from training.fusion import main
+    elif model == "qavit":
+        from training.qavit import main
+    else:
+        from training.bundle import main
+    return main
 
-    trainers = {"fusion": fusion.main, "itm": itm.main, "caption": caption.main}
-    return trainers[a.model](a.args) or 0
+
+def _cmd_train(a) -> int:
+    return _trainer(a.model)(a.args) or 0
 
 
 def _cmd_report(a) -> int:
@@ -318,7 +342,13 @@ def _cmd_compare(a) -> int:
     return compare_main(a)
 
 
-COMMANDS = {"run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+def _cmd_quality(a) -> int:
+    from runtime.quality import main as quality_main
+
+    return quality_main(a.args)
+
+
+COMMANDS = {"run": _cmd_run, "train": _cmd_train, "quality": _cmd_quality, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 

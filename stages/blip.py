@@ -25,7 +25,7 @@ from stages.text import blip_question
 if TYPE_CHECKING:
     import torch
 
-Preset = Literal["tiny", "base", "large"]
+Preset = Literal["tiny", "shapes", "base", "large"]
 
 
 def _image_inputs(config) -> dict[str, Input]:
@@ -78,8 +78,9 @@ def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> l
 # --- itm_gradcam ----------------------------------------------------------------------------
 
 class ItmGradcamParams(StageParams):
-    preset: Preset = Field("tiny", description="BLIP ITM model: tiny (random, tests), base or large "
-                           "(LAVIS retrieval checkpoints from the --weights folder)")
+    preset: Preset = Field("tiny", description="BLIP ITM model: tiny (random, tests), shapes (trained on the "
+                           "shapes data, bundled), base or large (LAVIS retrieval checkpoints from the --weights "
+                           "folder)")
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's "
                                    "standard file in the --weights folder")
     block_num: int = Field(7, ge=0, description="text layer whose cross-attention gives the GradCAM "
@@ -156,8 +157,9 @@ class ItmGradcam(Stage):
 # --- caption --------------------------------------------------------------------------------
 
 class CaptionParams(StageParams):
-    preset: Preset = Field("tiny", description="BLIP captioner: tiny (random, tests), base or large "
-                           "(LAVIS caption checkpoints from the --weights folder)")
+    preset: Preset = Field("tiny", description="BLIP captioner: tiny (random, tests), shapes (trained on the "
+                           "shapes data, bundled), base or large (LAVIS caption checkpoints from the --weights "
+                           "folder)")
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's standard one")
     num_captions: int = Field(5, ge=1, le=1000, description="distinct captions per question (LAVIS VQAv2: 100)")
     num_patches: int = Field(20, ge=1, description="patches sampled per caption, proportional to the heatmap")

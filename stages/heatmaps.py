@@ -214,14 +214,19 @@ class HeatmapMetricsParams(StageParams):
     cell_threshold: float = Field(
         0.5, gt=0, le=1,
         description="a cell is inside the mask when this fraction of it is covered")
+    recall_k: int = Field(
+        20, ge=1, description="heatmap cells of topk_recall (PNP-VQA samples 20 patches per caption)")
 
 
 class HeatmapMetrics(Stage):
-    """Score a heatmap against a ground-truth mask: pointing game, energy in mask, top-k IoU.
+    """Score a heatmap against a ground-truth mask: pointing game, energy in mask, top-k IoU
+    and top-k recall.
 
     ``pointing_game`` is 1 when the argmax cell overlaps the mask; ``energy_in_mask`` the
     share of positive heatmap mass weighted by cell coverage; ``topk_iou`` the IoU of the
-    top-k cells with the cells covered at least ``cell_threshold``. Null without a mask.
+    top-k cells with the cells covered at least ``cell_threshold``; ``topk_recall`` the share
+    of those mask cells among the ``recall_k`` highest cells (ties: first cells first). Null
+    without a mask (``topk_recall`` also when no cell is covered ``cell_threshold``).
     """
 
     name = "heatmap_metrics"
@@ -236,6 +241,7 @@ class HeatmapMetrics(Stage):
         "energy_in_mask": Output(pa.float32(),
                                  "sum(h+ * mask_frac) / sum(h+); null without positive mass"),
         "topk_iou": Output(pa.float32(), "IoU of the top-k heatmap cells and the mask cells"),
+        "topk_recall": Output(pa.float32(), "share of the mask cells among the recall_k highest heatmap cells"),
     }
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -261,11 +267,14 @@ class HeatmapMetrics(Stage):
         rank[rows[:, None], np.argsort(-h, axis=1, kind="stable")] = np.arange(g * g)
         top = rank < k[:, None]
         iou = (top & inside).sum(axis=1) / (top | inside).sum(axis=1)
+        cells_in = inside.sum(axis=1)
+        recall = (inside & (rank < self.params.recall_k)).sum(axis=1) / np.maximum(cells_in, 1)
 
         return {
             "pointing_game": nullable(pointing, valid),
             "energy_in_mask": nullable(energy, valid & (mass > 0)),
             "topk_iou": nullable(iou, valid),
+            "topk_recall": nullable(recall, valid & (cells_in > 0)),
         }
 
 

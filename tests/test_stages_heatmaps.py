@@ -261,6 +261,21 @@ def test_metrics_hand_made():
     np.testing.assert_allclose(out["topk_iou"], [1 / 3])
 
 
+def test_metrics_topk_recall():
+    h = [[[0.9, 0.1], [0.3, 0.0]], [[0.0, 1.0], [0.0, 0.0]], [[0.5, -2.0], [0.5, 0.0]]]
+    # inside (>= 0.2) = {(0,0), (1,1)}; ranks: row 0 -> (0,0), (1,0), (0,1), (1,1);
+    # row 1 -> (0,1), then ties (0,0), (1,0), (1,1); row 2 -> (0,0), (1,0), (1,1), (0,1)
+    out = metrics(h, [metrics_mask()] * 3, cell_threshold=0.2, recall_k=1)
+    np.testing.assert_allclose(out["topk_recall"], [0.5, 0.0, 0.5])
+    out = metrics(h, [metrics_mask()] * 3, cell_threshold=0.2, recall_k=3)
+    np.testing.assert_allclose(out["topk_recall"], [0.5, 0.5, 1.0])
+    out = metrics(h, [metrics_mask()] * 3, recall_k=4)  # everything ranked: all mask cells found
+    np.testing.assert_allclose(out["topk_recall"], [1.0, 1.0, 1.0])
+    empty = np.zeros((4, 4), np.uint8)
+    empty[3, 3] = 1  # covers a quarter of one cell: no cell inside at 0.5
+    assert metrics(h[:1], [empty])["topk_recall"] == [None]
+
+
 def test_metrics_null_cases():
     h = [[[0.0, -1.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]
     out = metrics(h, [metrics_mask()] * 2, valid=[True, False])
@@ -268,7 +283,7 @@ def test_metrics_null_cases():
     assert out["pointing_game"][1] is None and out["energy_in_mask"][1] is None
     assert out["topk_iou"][1] is None
     out = run(HeatmapMetrics, make_batch(heatmap=np.asarray(h, np.float32)))  # no gt_mask column
-    assert out == {name: [None, None] for name in ("pointing_game", "energy_in_mask", "topk_iou")}
+    assert out == {name: [None, None] for name in ("pointing_game", "energy_in_mask", "topk_iou", "topk_recall")}
 
 
 # --- sample_patches -------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -95,3 +96,46 @@ def test_cli_dispatches_train_itm(tmp_path):
     assert cli_main(["train", "itm", "--out", str(out), "--steps", "1", "--num-images", "2", "--batch-size", "2",
                      "--eval-images", "0", "--quiet"]) == 0
     assert (out / "itm.safetensors").is_file()
+
+
+def test_grounding_loss_is_minus_log_of_the_question_tokens_mass_on_the_object():
+    from training.itm import grounding_loss
+
+    # 1 row, 2 heads, 4 tokens ([ENC], two question tokens, [SEP]), CLS + 3 patches
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, 0, :, :] = torch.tensor([0.1, 0.6, 0.2, 0.1])
+    probs[0, 1, :, :] = torch.tensor([0.1, 0.2, 0.2, 0.5])
+    probs[0, :, 2, :] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # token 2 puts everything on patch 0
+    mask = torch.tensor([[1, 1, 1, 1]])
+    cells = torch.tensor([[0.3, 0.0, 0.0]])  # the object overlaps patch 0 only
+    # token 1: heads' mass on patch 0 = (0.6 + 0.2) / 2 = 0.4; token 2: 1.0; mean = 0.7
+    assert grounding_loss(probs, mask, cells).item() == pytest.approx(-np.log(0.7), rel=1e-6)
+    padded = torch.cat([probs, torch.zeros(1, 2, 1, 4)], dim=2)  # a padding token changes nothing
+    assert grounding_loss(padded, torch.tensor([[1, 1, 1, 1, 0]]), cells).item() == pytest.approx(-np.log(0.7),
+                                                                                                   rel=1e-6)
+
+
+def test_pairs_drawn_per_image_keep_each_positive_with_its_image():
+    from training.pairs import Sample, draw_pairs
+
+    samples = [Sample(image=i // 4, question=f"q{i}", answer=str(i % 3), scene=None) for i in range(40)]
+    batch = draw_pairs(samples, 12, np.random.default_rng(0), per_image=4)
+    n = len(batch.indices)
+    assert n == 12 and len(set(batch.images[:n])) == 3  # 3 images x 4 questions
+    assert batch.images[n:] == batch.images[:n]  # every negative is asked about its positive's image
+    assert [samples[i].question for i in batch.indices] == batch.questions[:n]
+    assert all(samples[i].image == img for i, img in zip(batch.indices, batch.images))
+    assert draw_pairs(samples, 12, np.random.default_rng(0), per_image=4).questions == batch.questions
+
+
+def test_grounded_run_reports_pointing_game(tmp_path):
+    out = tmp_path / "grounded"
+    assert main(["--out", str(out), "--steps", "2", "--grounding-weight", "1", "--block-num", "3",
+                 "--questions-per-image", "2", *COMMON]) == 0
+    with open(out / "loss.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(float(r["grounding_loss"]) > 0 for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["eval"]["pointing_game"] <= 1.0 and metrics["eval"]["pointing_samples"] > 0
+    assert metrics["eval"]["block_num"] == 3
+    assert main(["--out", str(tmp_path / "bad"), "--steps", "1", "--block-num", "11", *COMMON]) == 2

@@ -156,6 +156,7 @@ class CaptionSettings:
     source_params: dict[str, Any] = field(default_factory=dict)
     num_patches: int = 20
     object_bias: float = 0.0
+    subsets_per_image: int = 1
     min_overlap: float = MIN_OVERLAP
     steps: int = DEFAULT_STEPS
     batch_size: int = 16
@@ -210,6 +211,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--num-patches", type=int, default=20, help="patches fed to the decoder per caption")
     d.add_argument("--object-bias", type=float, default=0.0, metavar="B",
                    help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
+    d.add_argument("--subsets-per-image", type=int, default=1, metavar="S",
+                   help="patch subsets per drawn image in a step (batch = batch-size / S images, each encoded once)")
     d.add_argument("--min-overlap", type=float, default=MIN_OVERLAP,
                    help="share of a patch an object must cover to be visible in it")
     t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=16, batch_help="(image, patch subset) "
@@ -229,14 +232,15 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
     extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "weights", "seed", "num_images", "num_patches", "object_bias", "min_overlap",
+    names = ("out", "preset", "init", "weights", "seed", "num_images", "num_patches", "object_bias", "subsets_per_image",
+             "min_overlap",
              "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "checkpoint_every", "eval_every",
              "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
     return CaptionSettings(source_params=extra, **{n: getattr(args, n) for n in names})
 
 
 def check_settings(s: CaptionSettings) -> None:
-    for name in ("steps", "batch_size", "num_images", "num_patches", "eval_subsets"):
+    for name in ("steps", "batch_size", "num_images", "num_patches", "eval_subsets", "subsets_per_image"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
@@ -356,6 +360,28 @@ def evaluate(model, tokenizer, images: ShapesImages, subsets: list[tuple[int, np
             "examples": examples}
 
 
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, subsets: int = 4,
+                  num_patches: int = 20, object_bias: float = 3.0) -> dict[str, float]:
+    """Held-out greedy-caption exact match and object precision / recall of the shapes captioner
+    ``weights`` on ``subsets`` patch subsets of each of ``num_images`` shapes images of ``seed``:
+    the quick, deterministic check that a shipped file still gives its manifest's numbers."""
+    import torch
+
+    from models.blip.checkpoint import load_blip_caption
+    from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
+    from training.data import source_params
+
+    model, _ = load_blip_caption("shapes", weights)
+    tokenizer = load_blip_tokenizer_for("shapes")
+    images = ShapesImages(source_params("shapes", seed, num_images, {}), num_images, model.grid,
+                          model.config.vit.image_size, MIN_OVERLAP)
+    rng = np.random.default_rng(seed)
+    chosen = [(i, images.sample_patches(i, rng, num_patches, object_bias)) for i in range(num_images)
+              for _ in range(subsets)]
+    result = evaluate(model, tokenizer, images, chosen, caption_prompt_ids(tokenizer, PROMPT), torch.device("cpu"), 0)
+    return {k: result[k] for k in ("exact_match", "object_precision", "object_recall")}
+
+
 # --- files ------------------------------------------------------------------------------------
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -380,22 +406,22 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from models.blip.checkpoint import build_model, caption_fingerprint, load_blip_caption
+    from models.blip.checkpoint import build_model
+    from training.common import initial_blip, initial_blip_fingerprint
     from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
     from models.weights import file_fingerprint
     from training import outputs
     from training.data import source_params
+    from training.fusion import pair_rows
 
     check_settings(s)
     out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    init_fingerprint = caption_fingerprint(s.preset, s.init)
+    init_fingerprint = initial_blip_fingerprint("caption", s.preset, s.init)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
     check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
-    if resume_state is not None:
-        model = build_model("caption", s.preset, device, empty=True)
-    else:
-        model, _ = load_blip_caption(s.preset, s.init, device=device)
+    model = (build_model("caption", s.preset, device, empty=True) if resume_state is not None
+             else initial_blip("caption", s.preset, s.init, device))
     model.train()
     grid, image_size = model.grid, model.config.vit.image_size
     if s.num_patches > grid * grid:
@@ -498,13 +524,16 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
         for step in range(start, s.steps):
             set_warmup_lr(optimizer, s.lr, s.warmup, step)
             rng = np.random.default_rng([s.seed, step])
-            chosen = rng.integers(0, len(data), size=s.batch_size)
+            drawn = rng.integers(0, len(data), size=-(-s.batch_size // s.subsets_per_image))
+            chosen = np.repeat(drawn, s.subsets_per_image)[:s.batch_size]
             patches = np.stack([data.sample_patches(int(i), rng, s.num_patches, s.object_bias) for i in chosen])
             captions = [data.caption(int(i), p) for i, p in zip(chosen, patches)]
             input_ids, targets = caption_batch(tokenizer, captions, prompt_length)
             input_ids, targets = input_ids.to(device), targets.to(device)
 
-            tokens = model.encode_image(data.pixels([int(i) for i in chosen]).to(device))   # [B, 1+P, C]
+            tokens = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))    # [U, 1+P, C]
+            rows = torch.arange(len(drawn), device=device).repeat_interleave(s.subsets_per_image)[:s.batch_size]
+            tokens = pair_rows(tokens, rows)                                                # [B, 1+P, C]
             states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]
             logits = model.decoder_logits(input_ids, states)[:, :-1].float()               # [B, T-1, V]
             labels = targets[:, 1:]

@@ -24,9 +24,30 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
 def add_blip_model_options(p: argparse.ArgumentParser, *, architecture: str, init_help: str) -> None:
     """The ``model`` group of a command that trains a BLIP model: ``--preset``, ``--init``, ``--weights``."""
     m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=["tiny", "base", "large"], help=f"{architecture} architecture")
+    m.add_argument("--preset", default="tiny", choices=["tiny", "shapes", "base", "large"],
+                   help=f"{architecture} architecture")
     m.add_argument("--init", metavar="FILE", help=init_help)
     add_weights_option(m)
+
+
+def initial_blip_fingerprint(kind: str, preset: str, init: str | None) -> str:
+    """Identifies the weights :func:`initial_blip` starts from."""
+    from models.blip.checkpoint import random_init_fingerprint, weights_fingerprint
+
+    if init is None and preset in ("tiny", "shapes"):
+        return random_init_fingerprint(kind, preset)
+    return weights_fingerprint(kind, preset, init)
+
+
+def initial_blip(kind: str, preset: str, init: str | None, device):
+    """The BLIP model a training starts from: ``init`` when given, else the seeded random
+    initialisation for ``tiny`` / ``shapes`` (training ``shapes`` from scratch), else the
+    preset's standard checkpoint (``base`` / ``large``)."""
+    from models.blip.checkpoint import build_model, load_blip
+
+    if init is None and preset in ("tiny", "shapes"):
+        return build_model(kind, preset, device, empty=False)
+    return load_blip(kind, preset, init, device)[0]
 
 
 def add_weights_option(group: argparse._ArgumentGroup) -> None:

@@ -52,8 +52,11 @@ def source_params(name: str, seed: int, num_images: int | None, extra: dict[str,
     return params_cls(**values)
 
 
-def load_data(name: str, params: Any, limit: int | None = None) -> TrainData:
-    """Read the samples of source ``name`` (at most ``limit``), questions as BLIP sees them."""
+def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int | None = None) -> TrainData:
+    """Read the samples of source ``name`` (at most ``limit``), questions as BLIP sees them;
+    with ``mask_grid``, each sample's ground-truth mask (``gt_mask``) pooled to that grid."""
+    from stages.grid import pool_to_grid
+
     source = SOURCES[name](params)
     problems = source.problems()
     if problems:
@@ -75,9 +78,12 @@ def load_data(name: str, params: Any, limit: int | None = None) -> TrainData:
                 images.append(("path", record["image_path"]))
             else:
                 raise ValueError(f"sample {record['sample_id']} has neither image bytes nor an image path")
+        cells = None
+        if mask_grid is not None and record.get("gt_mask") is not None:
+            cells = pool_to_grid(np.asarray(record["gt_mask"])[None], mask_grid).reshape(-1)
         samples.append(Sample(image=index[image_id], question=blip_question(record["question"]),
                               answer=majority_answer(record.get("answers")),
-                              scene=SceneFacts.from_json(record.get("scene"))))
+                              scene=SceneFacts.from_json(record.get("scene")), cells=cells))
     if len(images) < 2:
         raise ValueError(f"source {name!r} gave {len(images)} image(s); training needs at least two "
                          "(negatives are questions of other images)")

@@ -11,7 +11,17 @@ Objective, per step of ``batch_size`` samples (see :mod:`training.pairs`):
   in LAVIS) over the batch's positives, with temperature ``temp`` (LAVIS's parameterisation:
   learned, clamped to [0.001, 0.5], unless ``--fixed-temp``). Positives sharing an image or an
   identical question are all targets (soft targets, normalised per row). A tiny ITM barely
-  learns from the ITM loss alone; ITC gives the image and text encoders a direct signal.
+  learns from the ITM loss alone; ITC gives the image and text encoders a direct signal;
+- grounding (weight ``--grounding-weight``, default 0 = off; needs ground-truth masks, as the
+  ``shapes`` source has): ``-log`` of the cross-attention mass that layer ``--block-num``'s
+  question tokens (mean over heads and tokens ``1..L-2``, as GradCAM averages them) put on the
+  patches the positive's referred objects overlap. It teaches the attention GradCAM reads
+  where the answer is, as large-scale pre-training does for the published BLIP; heatmap
+  quality measured on a model trained with it is supervised, not emergent (docs/quality.md).
+
+``--questions-per-image Q`` draws a step's positives as ``batch / Q`` images with up to ``Q``
+questions each: all pairs of a positive use its image, so a step encodes ``Q`` times fewer
+images. Cross-attention keys / values are computed once per image and shared by its pairs.
 
 AdamW (no weight decay on biases, norms and the temperature), linear warmup over ``--warmup``
 steps then a constant learning rate, gradient clipping.
@@ -31,7 +41,9 @@ threads). Evaluation does not touch the training state, so ``--eval-*`` may chan
 Held-out evaluation (at the end, and every ``--eval-every`` steps): the same source with seed
 ``--eval-seed`` (default seed + 1000), ``--eval-images`` images; every sample gives a positive
 and one hard negative (drawn from ``default_rng(eval_seed)``); ITM accuracy with the threshold
-0.5 on the softmax match probability, also per positives / negatives and per negative kind.
+0.5 on the softmax match probability, also per positives / negatives and per negative kind;
+and the GradCAM pointing game at ``--block-num`` (LAVIS recipe, as ``itm_gradcam``) on the
+held-out positives that refer to objects: 1 when the heatmap's argmax cell overlaps them.
 
 Outputs in ``--out DIR``: ``itm.safetensors`` (the state dict with LAVIS key names, plus
 ``temp``; ``load_blip_itm(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
@@ -57,6 +69,7 @@ from training.common import (add_blip_model_options, add_checkpoint_option, add_
                              add_optimisation_options, add_output_options, add_source_options, check_same_run,
                              finite_loss, mean_or_none, parse_source_params, set_warmup_lr, source_num_images,
                              start_run, weight_decay_groups)
+from training.pairs import draw_pairs
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-itm-training"
@@ -87,6 +100,9 @@ class ItmSettings:
     warmup: int = 0
     grad_clip: float = 1.0
     itc_weight: float = 1.0
+    grounding_weight: float = 0.0
+    block_num: int = 7
+    questions_per_image: int = 1
     temp: float = 0.07
     fixed_temp: bool = False
     checkpoint_every: int = 50
@@ -134,6 +150,12 @@ def parser() -> argparse.ArgumentParser:
                                  "negatives)", lr=1e-4, lr_help="AdamW learning rate (after the warmup: constant)",
                                  weight_decay=0.05, weight_decay_help="on weight matrices only", warmup=True)
     t.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0 = ITM only)")
+    t.add_argument("--grounding-weight", type=float, default=0.0, help="weight of the grounding loss on the "
+                   "cross-attention of --block-num (0 = off; needs ground-truth masks)")
+    t.add_argument("--block-num", type=int, default=7, help="text layer of the grounding loss and of the held-out "
+                   "GradCAM pointing game (as itm_gradcam's block_num)")
+    t.add_argument("--questions-per-image", type=int, default=1, metavar="Q",
+                   help="positives per drawn image (batch = batch-size / Q images)")
     t.add_argument("--temp", type=float, default=0.07, help="initial ITC temperature")
     t.add_argument("--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
     add_checkpoint_option(t)
@@ -155,13 +177,14 @@ def settings_from_args(args: argparse.Namespace) -> ItmSettings:
         seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit,
         swap_fraction=args.swap_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, itc_weight=args.itc_weight,
+        grounding_weight=args.grounding_weight, block_num=args.block_num, questions_per_image=args.questions_per_image,
         temp=args.temp, fixed_temp=args.fixed_temp, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
         image_cache=args.image_cache, device=args.device, resume=args.resume, quiet=args.quiet)
 
 
 def check_settings(s: ItmSettings) -> None:
-    for name in ("steps", "batch_size", "image_cache"):
+    for name in ("steps", "batch_size", "image_cache", "questions_per_image"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     for name in ("checkpoint_every", "eval_every", "warmup"):
@@ -169,8 +192,8 @@ def check_settings(s: ItmSettings) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.eval_images is not None and s.eval_images < 0:
         raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.itc_weight < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --itc-weight >= 0")
+    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.itc_weight, s.grounding_weight) < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --itc-weight and --grounding-weight >= 0")
     if not 0.001 <= s.temp <= 0.5:
         raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
     if not 0.0 <= s.swap_fraction <= 1.0:
@@ -242,8 +265,9 @@ def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id:
     return (i2t + t2i) / 2
 
 
-def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> dict[str, Any]:
-    """ITM accuracy (softmax match probability > 0.5 = match) on the held-out pairs."""
+def evaluate(model, tokenizer, store: PixelStore, pairs, samples, device, step: int, block_num: int) -> dict[str, Any]:
+    """ITM accuracy (softmax match probability > 0.5 = match) on the held-out pairs, and the
+    GradCAM pointing game at ``block_num`` on the positives whose sample has ``cells``."""
     import torch
 
     from models.blip import tokenize_questions
@@ -252,20 +276,29 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> d
     was_training = model.training
     model.eval()
     probs: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(pairs.images), EVAL_BATCH):
-            images = pairs.images[start:start + EVAL_BATCH]
-            unique = sorted(set(images))
-            rows = torch.tensor([unique.index(i) for i in images], device=device)
-            embeds = model.encode_image(store.get(unique).to(device))
-            input_ids, attention_mask = tokenize_questions(tokenizer, pairs.questions[start:start + EVAL_BATCH])
-            logits = model.itm_logits(pair_rows(embeds, rows), input_ids.to(device), attention_mask.to(device))
-            probs += logits.float().softmax(dim=-1)[:, 1].cpu().tolist()
+    pointing: list[float] = []
+    n_pos = sum(pairs.labels)
+    for start in range(0, len(pairs.images), EVAL_BATCH):
+        images = pairs.images[start:start + EVAL_BATCH]
+        unique = sorted(set(images))
+        rows = torch.tensor([unique.index(i) for i in images], device=device)
+        input_ids, attention_mask = tokenize_questions(tokenizer, pairs.questions[start:start + EVAL_BATCH])
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        with torch.no_grad():
+            embeds = pair_rows(model.encode_image(store.get(unique).to(device)), rows)
+            logits = model.itm_logits(embeds, input_ids, attention_mask)
+        probs += logits.float().softmax(dim=-1)[:, 1].cpu().tolist()
+        cells = [samples[pairs.indices[k]].cells if k < n_pos else None
+                 for k in range(start, start + len(images))]
+        keep = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
+        if keep:
+            heatmap, _ = model.gradcam(embeds[keep], input_ids[keep], attention_mask[keep], block_num)
+            best = heatmap.flatten(1).argmax(dim=1).cpu().numpy()
+            pointing += [float(cells[k][b] > 0) for k, b in zip(keep, best)]
     model.train(was_training)
     p = np.asarray(probs)
     labels = np.asarray(pairs.labels)
     correct = (p > 0.5) == (labels == 1)
-    n_pos = int((labels == 1).sum())
     kinds = np.asarray(["positive"] * n_pos + list(pairs.kinds))
     out: dict[str, Any] = {
         "step": step, "pairs": len(p), "itm_accuracy": float(correct.mean()),
@@ -275,6 +308,8 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> d
         "mean_match_prob_negative": float(p[labels == 0].mean()),
         # ranking quality, threshold-free: P(prob of a positive > prob of a negative)
         "positive_above_negative": float((p[labels == 1][:, None] > p[labels == 0][None, :]).mean()),
+        "pointing_game": float(np.mean(pointing)) if pointing else None,
+        "pointing_samples": len(pointing), "block_num": block_num,
     }
     for kind in ("swap", "other_image"):
         mask = kinds == kind
@@ -282,6 +317,40 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, device, step: int) -> d
             out[f"{kind}_accuracy"] = float(correct[mask].mean())
             out[f"{kind}_pairs"] = int(mask.sum())
     return out
+
+
+def grounding_loss(probs, attention_mask, cells):
+    """``-log`` of the cross-attention mass on the referred objects' patches.
+
+    probs ``[N, heads, T, 1+P]`` (one layer's cross-attention of N positives), attention_mask
+    ``[N, T]``, cells ``[N, P]`` (> 0 where the referred objects overlap a patch). The mass is
+    averaged over heads and over the question tokens ``1..L-2`` (GradCAM's averaging)."""
+    import torch
+
+    mask = attention_mask.to(probs.dtype)
+    count = mask.sum(dim=1) - 2
+    position = torch.arange(mask.shape[1], device=mask.device)
+    tokens = ((position[None, :] >= 1) & (position[None, :] <= count[:, None])).to(probs.dtype)   # [N, T]
+    inside = (probs[..., 1:].mean(dim=1) * (cells > 0).to(probs.dtype)[:, None, :]).sum(dim=-1)   # [N, T]
+    mass = (inside * tokens).sum(dim=1) / count.clamp(min=1)
+    return -torch.log(mass.clamp(min=1e-6)).mean()
+
+
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, block_num: int = 7) -> dict[str, float]:
+    """Held-out ITM accuracy (overall, swap negatives) and GradCAM pointing game of the shapes
+    ITM ``weights`` on ``num_images`` shapes images of ``seed``: the quick, deterministic check
+    that a shipped file still gives its manifest's numbers."""
+    import torch
+
+    from models.blip import load_blip_itm, load_blip_tokenizer_for
+    from training.data import load_data, source_params
+
+    model, _ = load_blip_itm("shapes", weights)
+    data = load_data("shapes", source_params("shapes", seed, num_images, {}), mask_grid=model.grid)
+    pairs = draw_pairs(data.samples, len(data.samples), np.random.default_rng(seed))
+    result = evaluate(model, load_blip_tokenizer_for("shapes"), PixelStore(data, model.config.vit.image_size,
+                      num_images), pairs, data.samples, torch.device("cpu"), 0, block_num)
+    return {k: result[k] for k in ("itm_accuracy", "swap_accuracy", "pointing_game")}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -299,7 +368,7 @@ def save_weights(model, temp, path: Path, metadata: dict[str, str]) -> None:
     atomic_save_safetensors(tensors, path, metadata)
 
 
-LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "accuracy", "lr", "temp")
+LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "grounding_loss", "accuracy", "lr", "temp")
 
 
 def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
@@ -320,7 +389,8 @@ def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
     window = smoothing_window(len(log["loss"]))
     fig, ax = loss_figure()
     ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
-    for key, color in (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green")):
+    for key, color in (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green"),
+                       ("grounding_loss", "tab:red")):
         ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
                 label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
     save_loss_figure(fig, ax, path, ylabel="loss", title=title)
@@ -332,21 +402,24 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from models.blip import build_model, load_blip_itm, load_blip_tokenizer_for, tokenize_questions
-    from models.blip.checkpoint import itm_fingerprint
+    from models.blip import build_model, load_blip_tokenizer_for, tokenize_questions
+    from training.common import initial_blip, initial_blip_fingerprint
     from training import outputs
     from training.data import load_data, source_params
     from training.fusion import pair_rows
-    from training.pairs import draw_pairs
-
     check_settings(s)
     out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    init_fingerprint = itm_fingerprint(s.preset, s.init)
+    init_fingerprint = initial_blip_fingerprint("itm", s.preset, s.init)
+    model = (build_model("itm", s.preset, device, empty=True) if resume_state is not None
+             else initial_blip("itm", s.preset, s.init, device))
+    model.train()
+    if s.grounding_weight > 0 or s.eval_images != 0:
+        model.check_block_num(s.block_num)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
     check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
     params = source_params(s.source, s.seed, s.num_images, s.source_params)
-    data = load_data(s.source, params, s.limit)
+    data = load_data(s.source, params, s.limit, mask_grid=model.grid)
     eval_data = eval_params = None
     eval_images = s.num_images if s.eval_images is None else s.eval_images
     held_out = True
@@ -356,13 +429,10 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
         eval_extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
         eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None,
                                     eval_extra)
-        eval_data = load_data(s.source, eval_params, s.limit)
+        eval_data = load_data(s.source, eval_params, s.limit, mask_grid=model.grid)
+    if s.grounding_weight > 0 and not any(x.cells is not None for x in data.samples):
+        raise ValueError(f"--grounding-weight needs ground-truth masks (gt_mask); source {s.source!r} has none")
 
-    if resume_state is not None:
-        model = build_model("itm", s.preset, device, empty=True)
-    else:
-        model, _ = load_blip_itm(s.preset, s.init, device=device)
-    model.train()
     tokenizer = load_blip_tokenizer_for(s.preset)
     store = PixelStore(data, model.config.vit.image_size, s.image_cache)
     eval_store = eval_pairs = None
@@ -415,11 +485,12 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     def run_eval(step: int) -> None:
         if eval_pairs is None or any(e["step"] == step for e in evals):
             return
-        result = evaluate(model, tokenizer, eval_store, eval_pairs, device, step)
+        result = evaluate(model, tokenizer, eval_store, eval_pairs, eval_data.samples, device, step, s.block_num)
         evals.append(result)
         if not s.quiet:
             print(f"step {step}: held-out ITM accuracy {result['itm_accuracy']:.3f} "
-                  f"(positives {result['positive_accuracy']:.3f}, negatives {result['negative_accuracy']:.3f})",
+                  f"(positives {result['positive_accuracy']:.3f}, negatives {result['negative_accuracy']:.3f}); "
+                  f"pointing game {result['pointing_game']}",
                   file=sys.stderr)
 
     def save(step: int, final: bool, seconds: float) -> None:
@@ -439,7 +510,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
                            f"{len(data.images)} images")
         finished = final and step >= s.steps
         summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
-                   for key in ("loss", "itm_loss", "itc_loss") for end in ("first", "last")}
+                   for key in ("loss", "itm_loss", "itc_loss", "grounding_loss") for end in ("first", "last")}
         summary.update(train_accuracy_last=mean_or_none(log["accuracy"][-10:]), temp=float(temp.detach()))
         final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
         config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
@@ -464,7 +535,8 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     try:
         for step in range(start, s.steps):
             lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
-            batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction)
+            batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction,
+                               s.questions_per_image)
             unique = sorted(set(batch.images))
             rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
             input_ids, attention_mask = tokenize_questions(tokenizer, batch.questions)
@@ -472,15 +544,27 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             labels = torch.tensor(batch.labels, device=device)
 
             embeds = model.encode_image(store.get(unique).to(device))              # [U, 1+P, C]
-            logits = model.itm_logits(pair_rows(embeds, rows), input_ids, attention_mask)
-            loss_itm = F.cross_entropy(logits.float(), labels)
+            # keys / values once per image, then one copy per pair
+            cross_kv = [(pair_rows(k, rows), pair_rows(v, rows)) for k, v in model.text_encoder.cross_kv(embeds)]
             n_pos = sum(batch.labels)
+            cells = [data.samples[i].cells for i in batch.indices]
+            grounded = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
+            use_grounding = s.grounding_weight > 0 and bool(grounded)
+            text = model.text_encoder(input_ids, attention_mask, cross_kv=cross_kv,
+                                      probs_layer=s.block_num if use_grounding else None)
+            logits = model.itm_head(text.hidden[:, 0])
+            loss_itm = F.cross_entropy(logits.float(), labels)
+            loss_ground = torch.zeros((), device=device)
+            if use_grounding:
+                target = torch.from_numpy(np.stack([cells[k] for k in grounded])).to(device)
+                loss_ground = grounding_loss(text.cross_probs[grounded], attention_mask[grounded], target)
             if s.itc_weight > 0:
                 loss_itc = itc_loss(model, embeds, rows[:n_pos], input_ids[:n_pos], attention_mask[:n_pos], cls_id,
                                     temp, batch.images[:n_pos], batch.questions[:n_pos])
                 loss = loss_itm + s.itc_weight * loss_itc
             else:
                 loss_itc, loss = torch.zeros(()), loss_itm
+            loss = loss + s.grounding_weight * loss_ground
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
@@ -493,6 +577,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             log["loss"].append(value)
             log["itm_loss"].append(float(loss_itm.detach()))
             log["itc_loss"].append(float(loss_itc.detach()))
+            log["grounding_loss"].append(float(loss_ground.detach()))
             log["accuracy"].append(float((logits.argmax(dim=1) == labels).float().mean()))
             log["lr"].append(lr)
             log["temp"].append(float(temp.detach()))

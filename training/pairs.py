@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -48,12 +48,15 @@ class SceneFacts:
 
 @dataclass(frozen=True)
 class Sample:
-    """One training sample: ``image`` indexes the dataset's distinct images."""
+    """One training sample: ``image`` indexes the dataset's distinct images; ``cells`` (when
+    the source has ground-truth masks and a grid was asked for) is the ``[g*g]`` float32
+    fraction of each patch-grid cell covered by the objects the answer refers to."""
 
     image: int
     question: str
     answer: str
     scene: SceneFacts | None
+    cells: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 def majority_answer(answers: Sequence[str] | None) -> str:
@@ -132,18 +135,40 @@ def other_image_negative(index: int, samples: Sequence[Sample], rng: np.random.G
 @dataclass(frozen=True)
 class PairBatch:
     """``2B`` pairs: ``images[k]`` (dataset image index), ``questions[k]``, ``labels[k]`` (1 =
-    match); positives first, then their negatives in the same order; ``kinds`` of negatives."""
+    match); positives first (``indices``: their samples), then their negatives in the same
+    order; ``kinds`` of negatives."""
 
+    indices: list[int]  # the positives' sample indices
     images: list[int]
     questions: list[str]
     labels: list[int]
     kinds: list[str]
 
 
+def _pick_by_image(samples: Sequence[Sample], batch_size: int, per_image: int,
+                   rng: np.random.Generator) -> np.ndarray:
+    by_image: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_image.setdefault(sample.image, []).append(i)
+    images = sorted(by_image)
+    count = min(len(images), -(-batch_size // per_image))
+    picked: list[int] = []
+    for image in rng.choice(len(images), size=count, replace=False):
+        members = by_image[images[int(image)]]
+        take = min(per_image, len(members), batch_size - len(picked))
+        picked += [members[int(j)] for j in rng.choice(len(members), size=take, replace=False)]
+    return np.asarray(picked)
+
+
 def draw_pairs(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator,
-               swap_fraction: float = 0.5) -> PairBatch:
-    """``batch_size`` positives (without replacement) and one negative each."""
-    picked = rng.choice(len(samples), size=min(batch_size, len(samples)), replace=False)
+               swap_fraction: float = 0.5, per_image: int = 1) -> PairBatch:
+    """``batch_size`` positives (without replacement) and one negative each. ``per_image > 1``:
+    ``ceil(batch_size / per_image)`` distinct images and up to ``per_image`` questions of each
+    (every pair of a positive uses its image, so a step encodes fewer images)."""
+    if per_image > 1:
+        picked = _pick_by_image(samples, batch_size, per_image, rng)
+    else:
+        picked = rng.choice(len(samples), size=min(batch_size, len(samples)), replace=False)
     negatives, kinds = [], []
     for i in picked:
         swaps = swap_candidates(samples[i].question, samples[i].scene)
@@ -154,5 +179,5 @@ def draw_pairs(samples: Sequence[Sample], batch_size: int, rng: np.random.Genera
             negatives.append(other_image_negative(int(i), samples, rng))
             kinds.append("other_image")
     images = [samples[i].image for i in picked]
-    return PairBatch(images=images + images, questions=[samples[i].question for i in picked] + negatives,
-                     labels=[1] * len(picked) + [0] * len(picked), kinds=kinds)
+    return PairBatch(indices=[int(i) for i in picked], images=images + images,
+                     questions=[samples[i].question for i in picked] + negatives, labels=[1] * len(picked) + [0] * len(picked), kinds=kinds)

@@ -31,7 +31,7 @@ from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  #
 from models.blip.vit import resize_pos_embed
 from models.build import build_preset
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            load_checkpoint)
+                            load_checkpoint, shapes_weights)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ CHECKPOINT_FILES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
                    _BLIP + "model_large_caption_coco_train2014.pth")),
     },
 }
+SHAPES_TRAIN_COMMAND = {kind: f"bin/train-shapes {kind}" for kind in ("itm", "caption")}
 IGNORED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "temp")
 _OWN_PART = {"itm": "text_encoder.", "caption": "text_decoder."}
 _MODELS: dict[str, type[nn.Module]] = {"itm": BlipITM, "caption": BlipCaption}
@@ -66,18 +67,21 @@ _MODELS: dict[str, type[nn.Module]] = {"itm": BlipITM, "caption": BlipCaption}
 def load_blip_itm(preset: str, path: str | Path | None = None,
                   device: torch.device | str = "cpu") -> tuple[BlipITM, LoadReport]:
     """The ITM model of ``preset`` in eval mode and what the loading did."""
-    return _load("itm", preset, path, device)  # type: ignore[return-value]
+    return load_blip("itm", preset, path, device)  # type: ignore[return-value]
 
 
 def load_blip_caption(preset: str, path: str | Path | None = None,
                       device: torch.device | str = "cpu") -> tuple[BlipCaption, LoadReport]:
     """The caption model of ``preset`` in eval mode and what the loading did."""
-    return _load("caption", preset, path, device)  # type: ignore[return-value]
+    return load_blip("caption", preset, path, device)  # type: ignore[return-value]
 
 
 def checkpoint_path(kind: Kind, preset: str) -> Path:
     """The checkpoint of a ``base`` / ``large`` model in the weights folder: the first of its
-    accepted file names that exists, else a ``WeightsError`` naming the preferred one."""
+    accepted file names that exists, else a ``WeightsError`` naming the preferred one. For
+    ``shapes``: the bundled file ``models/assets/shapes/blip_{kind}.safetensors``."""
+    if preset == "shapes":
+        return shapes_weights(f"blip_{kind}.safetensors", SHAPES_TRAIN_COMMAND[kind])
     candidates = _candidates(kind, preset)
     first_error = None
     for name, url in candidates:
@@ -89,14 +93,20 @@ def checkpoint_path(kind: Kind, preset: str) -> Path:
     raise WeightsError(f"{first_error}" + (f" (also accepted: {others})" if others else "")) from None
 
 
+def random_init_fingerprint(kind: Kind, preset: str) -> str:
+    """Identifies the seeded random initialisation of ``preset`` (``build_model(empty=False)``)."""
+    _check(kind, preset)
+    spec = {"kind": kind, "config": blip_config(preset).to_dict(), "seed": TINY_SEED,
+            "init_version": TINY_INIT_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None) -> str:
-    """Identifies the weights a load would give: for ``tiny`` without a file, a hash of the
-    preset's sizes, the seed and the init version; otherwise the checkpoint file's fingerprint."""
+    """Identifies the weights a load would give: for ``tiny`` without a file, its
+    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint."""
     _check(kind, preset)
     if path is None and preset == "tiny":
-        spec = {"kind": kind, "config": blip_config(preset).to_dict(), "seed": TINY_SEED,
-                "init_version": TINY_INIT_VERSION}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+        return random_init_fingerprint(kind, preset)
     return file_fingerprint(Path(path) if path is not None else checkpoint_path(kind, preset))
 
 
@@ -167,7 +177,7 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
     return state
 
 
-def _load(kind: Kind, preset: str, path: str | Path | None, device) -> tuple[nn.Module, LoadReport]:
+def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple[nn.Module, LoadReport]:
     path = find_checkpoint(kind, preset, path)
     if path is None:  # tiny without a file: seeded random weights, nothing loaded
         return build_model(kind, preset, device).eval(), LoadReport()

@@ -4,6 +4,8 @@
 1024-wide image tokens; ``tiny``: the same architecture with small widths but the real grid (384 px,
 24x24 patches) and the real 12 text layers, so graphs written for the real models (GradCAM
 ``block_num`` 7, 20 sampled patches) run unchanged; it uses the bundled tiny vocabulary.
+``shapes``: the same grid and 12 text layers, twice tiny's widths and a deeper ViT; trained by
+the project on the ``shapes`` data (weights bundled in ``models/assets/shapes``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from models.blip.med import BertConfig
 from models.blip.tokenizer import TINY_TOKENIZER_DIR
 from models.blip.vit import VitConfig
 
-PRESETS = ("tiny", "base", "large")
+PRESETS = ("tiny", "shapes", "base", "large")
 EMBED_DIM = 256  # ITC projection width (vision_proj / text_proj)
 
 
@@ -42,6 +44,10 @@ def blip_config(preset: str) -> BlipConfig:
         vit = VitConfig.tiny()
         text = BertConfig(vocab_size=tiny_vocab_size(), hidden_size=64, num_layers=12, num_heads=4,
                           intermediate_size=128, max_position=64)
+    elif preset == "shapes":
+        vit = VitConfig.shapes()
+        text = BertConfig(vocab_size=tiny_vocab_size(), hidden_size=128, num_layers=12, num_heads=4,
+                          intermediate_size=512, max_position=64)
     elif preset in ("base", "large"):
         vit = VitConfig.base() if preset == "base" else VitConfig.large()
         text = BertConfig()

@@ -38,14 +38,14 @@ def load_blip_tokenizer(path: str | Path):
 
 
 def blip_tokenizer_dir(preset: str) -> Path:
-    """The bundled tiny tokenizer for ``tiny``; ``bert-base-uncased/`` in the weights folder
+    """The bundled tiny tokenizer for ``tiny`` and ``shapes``; ``bert-base-uncased/`` in the weights folder
     (``WeightsError`` naming it when absent) for ``base`` / ``large``."""
     from models.weights import find_weights
 
-    if preset == "tiny":
+    if preset in ("tiny", "shapes"):
         return TINY_TOKENIZER_DIR
     if preset not in ("base", "large"):
-        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of tiny, base, large")
+        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of tiny, shapes, base, large")
     return find_weights(*TOKENIZER_FOLDER)
 
 

@@ -37,6 +37,10 @@ class VitConfig:
         return cls(image_size=384, width=64, depth=2, heads=4)  # 24x24 grid, as the real models
 
     @classmethod
+    def shapes(cls) -> "VitConfig":
+        return cls(image_size=384, width=128, depth=4, heads=4)  # 24x24 grid
+
+    @classmethod
     def base(cls) -> "VitConfig":
         return cls(image_size=384, width=768, depth=12, heads=12)  # ViT-B/16, 24x24 grid
 

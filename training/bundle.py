@@ -1,0 +1,170 @@
+"""``runtime train bundle``: ship a finished training run as a ``shapes`` preset file.
+
+Copies the run's weights into ``models/assets/shapes/`` under the preset's file name and writes
+``<name>.manifest.json`` beside it: the file's sha256 and size, the exact training command (and
+every invocation of a resumed run), seeds, steps, training time, device and threads, the data
+the model was trained and evaluated on, the run's held-out metrics, and the quick check's
+metrics (the model's ``check_metrics`` on a small held-out set, seed 7000, never used in
+training), which ``tests/test_shapes_weights.py`` recomputes from the shipped file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+CHECK_SEED = 7000  # shapes seed of the quick checks; training uses 0, the runs' held-out sets 1000
+
+
+def _itm_check(path: Path) -> dict[str, float]:
+    from training.itm import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+def _caption_check(path: Path) -> dict[str, float]:
+    from training.caption import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+def _sam_check(path: Path) -> dict[str, float]:
+    from training.sam import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+def _fid_check(path: Path) -> dict[str, float]:
+    from training.fid import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+def _qavit_check(path: Path) -> dict[str, float]:
+    from training.qavit import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+def _fusion_check(path: Path) -> dict[str, float]:
+    from training.fusion import check_metrics
+
+    return check_metrics(path, seed=CHECK_SEED)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A model family's training output file and how its shipped copy is checked."""
+
+    run_file: str                                   # the weights file a training run writes
+    check: Callable[[Path], dict[str, float]]
+
+
+# what each training command writes -> how the shipped copy is checked
+SHIPPED: dict[str, Shipped] = {
+    "blip_itm": Shipped("itm.safetensors", _itm_check),
+    "blip_caption": Shipped("caption.safetensors", _caption_check),
+    "efficient_sam": Shipped("efficient_sam.safetensors", _sam_check),
+    "fid_t5": Shipped("fid_t5.safetensors", _fid_check),
+    "qavit": Shipped("qavit.safetensors", _qavit_check),
+    "fusion_concat_conv": Shipped("fusion.safetensors", _fusion_check),
+    "fusion_cross_attention": Shipped("fusion.safetensors", _fusion_check),
+    "fusion_difnet": Shipped("fusion.safetensors", _fusion_check),
+}
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def manifest_path(weights: Path) -> Path:
+    return weights.with_name(weights.name.removesuffix(".safetensors") + ".manifest.json")
+
+
+def bundle(run_dir: Path, name: str, dest: Path, allow_unfinished: bool = False) -> dict[str, Any]:
+    """Copy ``run_dir``'s weights to ``dest/<name>.safetensors``, check them and write the manifest."""
+    if name not in SHIPPED:
+        raise ValueError(f"unknown shipped model {name!r}; choose one of {', '.join(SHIPPED)}")
+    shipped = SHIPPED[name]
+    source = run_dir / shipped.run_file
+    config_file, metrics_file = run_dir / "config.json", run_dir / "metrics.json"
+    for path in (source, config_file, metrics_file):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: is {run_dir} the --out folder of a finished "
+                                    f"training that writes {shipped.run_file}?")
+    config = json.loads(config_file.read_text())
+    metrics = json.loads(metrics_file.read_text())
+    if not config.get("finished") and not allow_unfinished:
+        raise ValueError(f"{run_dir} is not finished (steps done: {config.get('steps_done')}); finish it with "
+                         "--resume, or pass --allow-unfinished")
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{name}.safetensors"
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    held_out = {k: v for k, v in (metrics.get("eval") or {}).items() if k != "examples"}
+    manifest = {
+        "file": target.name,
+        "sha256": sha256_file(target),
+        "bytes": target.stat().st_size,
+        "command": config.get("command"),
+        "invocations": config.get("invocations"),
+        "seeds": config.get("seeds"),
+        "steps": config.get("steps_done"),
+        "train_seconds": config.get("train_seconds"),
+        "device": config.get("device"),
+        "torch_threads": config.get("torch_threads"),
+        "model": config.get("model"),
+        "source": config.get("source"),
+        "eval_source": config.get("eval_source"),
+        "held_out_metrics": held_out,
+        "check": {"seed": CHECK_SEED, "metrics": shipped.check(target),
+                  "note": "recomputed by tests/test_shapes_weights.py; must agree within 0.02"},
+        "bundled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    manifest_path(target).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def parser() -> argparse.ArgumentParser:
+    from models.weights import SHAPES_WEIGHTS_DIR
+
+    p = argparse.ArgumentParser(
+        prog="runtime train bundle",
+        description="Ship a finished training run as a shapes preset file: copy its weights to "
+                    "DEST/NAME.safetensors, run the model's quick held-out check, write NAME.manifest.json.")
+    p.add_argument("run", metavar="RUN_DIR", help="the --out folder of a finished `runtime train ...` run")
+    p.add_argument("--as", dest="name", required=True, choices=sorted(SHIPPED), help="the shipped model")
+    p.add_argument("--dest", default=str(SHAPES_WEIGHTS_DIR), help="folder of the shapes preset files")
+    p.add_argument("--allow-unfinished", action="store_true", help="ship a run that stopped before --steps")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train bundle``; returns the exit status."""
+    from models.weights import WeightsError
+
+    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        manifest = bundle(Path(args.run), args.name, Path(args.dest), args.allow_unfinished)
+    except (ValueError, FileNotFoundError, WeightsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"shipped {Path(args.dest) / manifest['file']} ({manifest['bytes'] / 1e6:.2f} MB, sha256 "
+          f"{manifest['sha256'][:12]}...); check metrics: {json.dumps(manifest['check']['metrics'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
