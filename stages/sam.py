@@ -17,8 +17,9 @@ from artifacts.columns import TensorSpec, tensor_type
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.grid import pool_to_grid
 
-Preset = Literal["tiny", "vitt", "vits"]
-PRESET_DOC = ("EfficientSAM: tiny (random, tests), vitt (ViT-T) or vits (ViT-S) from the --weights folder "
+Preset = Literal["tiny", "shapes", "vitt", "vits"]
+PRESET_DOC = ("EfficientSAM: tiny (random, tests), shapes (trained by the project on the synthetic shapes data, "
+              "shipped in models/assets/shapes), vitt (ViT-T) or vits (ViT-S) from the --weights folder "
               "(efficient_sam_vitt.pt / efficient_sam_vits.pt); use the same preset on sam_embed and sam_mask")
 
 

@@ -293,3 +293,45 @@ def test_embedding_is_reused_for_several_prompt_sets(sam, embedding):
         assert torch.allclose(x, y, atol=1e-6)
     assert second[0].shape == (2, 2, 3, 64, 64)
     assert sam.mask_threshold == 0.0  # a mask pixel is on where its logit is > 0
+
+
+# ---------------------------------------------------------------- the shapes preset
+
+def test_shapes_preset_builds_small_and_fast_sizes():
+    from models.efficient_sam.checkpoint import random_init_fingerprint
+
+    cfg = sam_config("shapes")
+    assert (cfg.image_size, cfg.embed_grid, cfg.low_res_size, cfg.max_points) == (256, 16, 64, 6)
+    assert (cfg.encoder_width, cfg.encoder_depth, cfg.embed_dim) == (64, 4, 64)
+    model = build_model("shapes", empty=False).eval()
+    assert sum(p.numel() for p in model.parameters()) * 4 < 4e6  # float32 weights file under 4 MB
+    with torch.no_grad():
+        emb = model.embed(model.preprocess(torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(1))))
+        logits, iou = model.predict_masks(emb, *_prompts(b=1), (H, W))
+    assert emb.shape == (1, 64, 16, 16)
+    assert logits.shape == (1, 3, 3, 64, 64) and iou.shape == (1, 3, 3)
+    again = build_model("shapes", empty=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert random_init_fingerprint("shapes") != random_init_fingerprint("tiny")
+    assert random_init_fingerprint("tiny") == weights_fingerprint("tiny")
+
+
+def test_shapes_preset_loads_a_file_and_names_how_to_train_it_when_missing(tmp_path, monkeypatch):
+    import models.weights
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(models.weights, "SHAPES_WEIGHTS_DIR", tmp_path)
+    with pytest.raises(WeightsError, match=r"efficient_sam\.safetensors.*bin/train-shapes sam"):
+        load_efficient_sam("shapes")
+    with pytest.raises(WeightsError, match="train-shapes sam"):
+        weights_fingerprint("shapes")
+    state = build_model("shapes", empty=False).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "efficient_sam.safetensors"))
+    assert find_efficient_sam("shapes") == tmp_path / "efficient_sam.safetensors"
+    model, report = load_efficient_sam("shapes")
+    assert report.missing == [] and report.unexpected == [] and not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model.pixel_std.flatten(), torch.tensor(PIXEL_STD))
+    assert weights_fingerprint("shapes") == weights_fingerprint("tiny", tmp_path / "efficient_sam.safetensors")
+    with pytest.raises(WeightsError, match="width 32 but the 'shapes' preset is 64"):
+        load_efficient_sam("shapes", _save(dict(build_model("tiny").state_dict()), tmp_path / "tiny.pt"))

@@ -100,3 +100,25 @@ def test_short_run_writes_outputs_lowers_loss_and_resumes_bit_identically(tmp_pa
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert _losses(full) == _losses(split)
+
+
+def test_vision_from_another_checkpoint_frozen(tmp_path):
+    from safetensors.torch import load_file
+
+    from training.itm import main as train_itm
+
+    itm = tmp_path / "itm"
+    assert train_itm(["--out", str(itm), "--steps", "1", "--num-images", "2", "--batch-size", "2", "--lr", "1e-2",
+                      "--eval-images", "0", "--quiet"]) == 0
+    out = tmp_path / "cap"
+    assert main(["--out", str(out), "--steps", "2", "--checkpoint-every", "0", "--vision-from",
+                 str(itm / "itm.safetensors"), "--freeze-vision", "--subsets-per-image", "2", *COMMON]) == 0
+    theirs, ours = load_file(str(itm / "itm.safetensors")), load_file(str(out / "caption.safetensors"))
+    vision = [k for k in ours if k.startswith("visual_encoder.")]
+    assert vision and all(torch.equal(ours[k], theirs[k]) for k in vision)  # copied, and not trained
+    from models.blip.checkpoint import build_model
+
+    initial = build_model("caption", "tiny", empty=False).state_dict()
+    assert not all(torch.equal(ours[k], initial[k]) for k in ours if k.startswith("text_decoder."))  # trained
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["model"]["freeze_vision"] and meta["model"]["vision_fingerprint"]

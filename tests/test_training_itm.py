@@ -139,3 +139,25 @@ def test_grounded_run_reports_pointing_game(tmp_path):
     assert 0.0 <= metrics["eval"]["pointing_game"] <= 1.0 and metrics["eval"]["pointing_samples"] > 0
     assert metrics["eval"]["block_num"] == 3
     assert main(["--out", str(tmp_path / "bad"), "--steps", "1", "--block-num", "11", *COMMON]) == 2
+
+
+def test_questions_about_absent_things_are_not_positives_and_other_image_negatives_do_not_fit():
+    from training.pairs import SceneFacts, Sample, draw_pairs, mentions_present
+
+    scene = SceneFacts(frozenset({"circle", "square"}), frozenset({"red", "blue"}),
+                       frozenset({("circle", "red"), ("square", "blue")}))
+    assert mentions_present("is there a red circle", scene) is True
+    assert mentions_present("is there a blue circle", scene) is False  # both words present, not together
+    assert mentions_present("how many triangles are there", scene) is False
+    assert mentions_present("what color is the leftmost shape", scene) is None
+    other = SceneFacts(frozenset({"diamond"}), frozenset({"green"}), frozenset({("diamond", "green")}))
+    samples = [Sample(0, "is there a red circle", "yes", scene), Sample(0, "is there a green circle", "no", scene),
+               Sample(0, "what color is the leftmost shape", "red", scene),
+               Sample(1, "what color is the diamond", "green", other), Sample(1, "how many circles are there", "0", other)]
+    for seed in range(20):
+        batch = draw_pairs(samples, 5, np.random.default_rng(seed), swap_fraction=0.0)
+        assert sorted(batch.indices) == [0, 2, 3]  # the absent-thing questions are never positives
+        for i, negative in zip(batch.indices, batch.questions[3:]):
+            assert mentions_present(negative, samples[i].scene) is not True
+            if samples[i].image == 0:  # image 1's questions that do not describe image 0
+                assert negative in ("what color is the diamond", "how many circles are there")

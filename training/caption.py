@@ -13,9 +13,14 @@ prompt (and its ``[SEP]``), as LAVIS's ``BlipCaption`` (prompt tokens masked wit
 Every parameter is trained; AdamW (no weight decay on biases / norms), linear warmup over
 ``--warmup`` steps then a constant learning rate, gradient clipping.
 
-Initialisation: ``--preset tiny`` without ``--init`` is the preset's seeded random init;
-``--init FILE`` loads a LAVIS caption ``.pth`` or a previous ``caption.safetensors``;
-``base`` / ``large`` need ``--init`` or their standard file in the weights folder.
+Initialisation: ``--preset tiny`` / ``shapes`` without ``--init`` is the preset's seeded
+random init; ``--init FILE`` loads a LAVIS caption ``.pth`` or a previous
+``caption.safetensors``; ``base`` / ``large`` need ``--init`` or their standard file in the
+weights folder. ``--vision-from FILE`` then replaces the ViT (``visual_encoder.*``) with the
+one of another BLIP checkpoint, e.g. the ITM's, and ``--freeze-vision`` keeps it fixed (only
+the decoder learns; the ViT runs without autograd). The shipped ``shapes`` captioner shares
+the shapes ITM's ViT this way, so tokens fused by a fusion module trained against the ITM's
+ViT mean the same to the captioner.
 
 Determinism: step ``k``'s images and patch subsets come from ``numpy.random.default_rng([seed,
 k])`` alone; images are rendered and preprocessed per image; the model has no dropout and the
@@ -59,7 +64,7 @@ PROMPT = "a picture of "
 MIN_OVERLAP = 0.1  # share of a patch an object must cover to count as visible in it
 EVAL_BATCH = 64
 GENERATE_MAX_LENGTH = 24  # prompt (4) + 4 objects x 3 words + 3 "and" + [SEP] = 20, with room
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights",
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "vision_from", "weights",
                      "eval_every", "eval_seed", "eval_images", "eval_subsets")
 
 
@@ -150,6 +155,8 @@ class CaptionSettings:
     out: str
     preset: str = "tiny"
     init: str | None = None
+    vision_from: str | None = None
+    freeze_vision: bool = False
     weights: str | None = None
     seed: int = 0
     num_images: int = 16
@@ -203,6 +210,10 @@ def parser() -> argparse.ArgumentParser:
     add_blip_model_options(p, architecture="BLIP captioner", init_help="initial weights (LAVIS caption .pth or "
                            "caption.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
                            "the standard file)")
+    m = p.add_argument_group("vision encoder")
+    m.add_argument("--vision-from", metavar="FILE", help="take the ViT (visual_encoder.*) from this BLIP checkpoint, "
+                   "e.g. a trained itm.safetensors of the same preset")
+    m.add_argument("--freeze-vision", action="store_true", help="keep the ViT fixed (train the decoder only)")
     d = p.add_argument_group("data (the shapes source)")
     d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
     d.add_argument("--num-images", type=int, default=16, help="shapes images to train on")
@@ -232,7 +243,7 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
     extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "weights", "seed", "num_images", "num_patches", "object_bias", "subsets_per_image",
+    names = ("out", "preset", "init", "vision_from", "freeze_vision", "weights", "seed", "num_images", "num_patches", "object_bias", "subsets_per_image",
              "min_overlap",
              "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "checkpoint_every", "eval_every",
              "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
@@ -398,6 +409,19 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     atomic_save_safetensors(tensors, path, metadata)
 
 
+def load_vision(model, path: Path) -> None:
+    """Copy the ``visual_encoder.*`` tensors of the BLIP checkpoint ``path`` into ``model``."""
+    from models.blip.checkpoint import adapt_state_dict
+    from models.weights import WeightsError, apply_state_dict, load_checkpoint as read
+
+    state = {k: v for k, v in read(path).items() if k.startswith("visual_encoder.")}
+    if not state:
+        raise WeightsError(f"{path} holds no visual_encoder.* tensors (not a BLIP checkpoint?)")
+    apply_state_dict(model.visual_encoder, {k.removeprefix("visual_encoder."): v
+                                            for k, v in adapt_state_dict(state, model).items()},
+                     f"the ViT of {path}")
+
+
 # --- training ---------------------------------------------------------------------------------
 
 def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
@@ -417,7 +441,9 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
     check_settings(s)
     out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
     init_fingerprint = initial_blip_fingerprint("caption", s.preset, s.init)
-    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
+    vision_fingerprint = None if s.vision_from is None else file_fingerprint(Path(s.vision_from))
+    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint,
+                               "vision_weights": vision_fingerprint}, sort_keys=True)
     check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
     model = (build_model("caption", s.preset, device, empty=True) if resume_state is not None
@@ -440,6 +466,10 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                         for i in range(s.eval_images) for _ in range(s.eval_subsets)]
 
     torch.manual_seed(s.seed)
+    if s.vision_from is not None and resume_state is None:
+        load_vision(model, Path(s.vision_from))
+    if s.freeze_vision:
+        model.visual_encoder.requires_grad_(False)
     optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
     losses: list[float] = []
     accuracies: list[float] = []
@@ -467,6 +497,8 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                   "batches": f"numpy default_rng([{s.seed}, step])",
                   "eval_subsets": f"numpy default_rng({s.held_out_seed})"},
         "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
+                  "vision_from": s.vision_from, "vision_fingerprint": vision_fingerprint,
+                  "freeze_vision": s.freeze_vision,
                   "config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
                   "grid": grid},
         "prompt": PROMPT,
@@ -531,7 +563,8 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
             input_ids, targets = caption_batch(tokenizer, captions, prompt_length)
             input_ids, targets = input_ids.to(device), targets.to(device)
 
-            tokens = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))    # [U, 1+P, C]
+            with torch.set_grad_enabled(not s.freeze_vision):
+                tokens = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))  # [U, 1+P, C]
             rows = torch.arange(len(drawn), device=device).repeat_interleave(s.subsets_per_image)[:s.batch_size]
             tokens = pair_rows(tokens, rows)                                                # [B, 1+P, C]
             states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]

@@ -69,7 +69,7 @@ from training.common import (add_blip_model_options, add_checkpoint_option, add_
                              add_optimisation_options, add_output_options, add_source_options, check_same_run,
                              finite_loss, mean_or_none, parse_source_params, set_warmup_lr, source_num_images,
                              start_run, weight_decay_groups)
-from training.pairs import draw_pairs
+from training.pairs import draw_pairs, positive_indices
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-itm-training"
@@ -527,6 +527,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
 
     if start == 0:
         run_eval(0)
+    positives = positive_indices(data.samples)
     started = time.perf_counter()
     base_seconds = train_seconds
     cls_id = tokenizer.cls_token_id
@@ -536,7 +537,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
         for step in range(start, s.steps):
             lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
             batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction,
-                               s.questions_per_image)
+                               s.questions_per_image, positives)
             unique = sorted(set(batch.images))
             rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
             input_ids, attention_mask = tokenize_questions(tokenizer, batch.questions)

@@ -1,13 +1,18 @@
 """(image, question) pairs for ITM training: positives and hard negatives.
 
-Positive: a sample's own question on its own image. Negatives, one per positive:
+Positive: a sample's own question on its own image, unless the question mentions something the
+scene lacks ("is there a blue diamond?" -> no; "how many squares are there?" -> 0): such a
+question does not describe its image, and it reads exactly like a swap negative, so as a
+positive it would contradict the negatives. Negatives, one per positive:
 
 - swap: a colour or shape word of the question replaced so that the mentioned thing is absent
   from the scene (needs the ``scene`` JSON of the ``shapes`` source). Only questions whose own
   mention is present in the scene are swapped ("what color is the circle?" with a circle in the
   scene -> "what color is the square?" with no square); a question about something absent
   ("is there a blue diamond?" -> no) gets an other-image negative instead.
-- other image: the question of a sample of another image whose answer differs.
+- other image: the question of a sample of another image whose answer differs and which
+  mentions something this scene lacks (so it does not describe this image either; a question
+  without colour or shape words, "what color is the leftmost shape?", fits every image).
 
 Everything is drawn from the ``numpy`` generator passed in, so a step's pairs depend only on
 that generator's seed.
@@ -78,6 +83,31 @@ def _mentions(question: str) -> list[tuple[int, int, str, str]]:
     return out
 
 
+def mentions_present(question: str, scene: SceneFacts | None) -> bool | None:
+    """Whether what the question mentions is in the scene: ``True`` (all of it; a colour and a
+    shape together as one object), ``False`` (something is absent), ``None`` (no colour or
+    shape word, or no scene facts)."""
+    if scene is None:
+        return None
+    mentions = _mentions(question)
+    color = next((m[3] for m in mentions if m[2] == "color"), None)
+    shape = next((m[3] for m in mentions if m[2] == "shape"), None)
+    if color is None and shape is None:
+        return None
+    if color and shape:
+        return (shape, color) in scene.pairs
+    return shape in scene.shapes if shape else color in scene.colors
+
+
+def is_positive(sample: Sample) -> bool:
+    """Whether the sample's question describes its image (see the module docstring)."""
+    return mentions_present(sample.question, sample.scene) is not False
+
+
+def positive_indices(samples: Sequence[Sample]) -> list[int]:
+    return [i for i, sample in enumerate(samples) if is_positive(sample)]
+
+
 def swap_candidates(question: str, scene: SceneFacts | None) -> list[str]:
     """Every question made by replacing one colour or shape word so that what it mentions is
     absent from ``scene``; empty when the question mentions nothing or something absent."""
@@ -121,7 +151,8 @@ def other_image_negative(index: int, samples: Sequence[Sample], rng: np.random.G
         other = samples[int(rng.integers(len(samples)))]
         if other.image == me.image:
             continue
-        if other.answer != me.answer:
+        describes_me = me.scene is not None and mentions_present(other.question, me.scene) is not False
+        if other.answer != me.answer and not describes_me:
             return other.question
         fallback = fallback or other.question
     if fallback is not None:
@@ -145,11 +176,11 @@ class PairBatch:
     kinds: list[str]
 
 
-def _pick_by_image(samples: Sequence[Sample], batch_size: int, per_image: int,
+def _pick_by_image(samples: Sequence[Sample], positives: Sequence[int], batch_size: int, per_image: int,
                    rng: np.random.Generator) -> np.ndarray:
     by_image: dict[int, list[int]] = {}
-    for i, sample in enumerate(samples):
-        by_image.setdefault(sample.image, []).append(i)
+    for i in positives:
+        by_image.setdefault(samples[i].image, []).append(i)
     images = sorted(by_image)
     count = min(len(images), -(-batch_size // per_image))
     picked: list[int] = []
@@ -161,14 +192,18 @@ def _pick_by_image(samples: Sequence[Sample], batch_size: int, per_image: int,
 
 
 def draw_pairs(samples: Sequence[Sample], batch_size: int, rng: np.random.Generator,
-               swap_fraction: float = 0.5, per_image: int = 1) -> PairBatch:
+               swap_fraction: float = 0.5, per_image: int = 1, positives: Sequence[int] | None = None) -> PairBatch:
     """``batch_size`` positives (without replacement) and one negative each. ``per_image > 1``:
     ``ceil(batch_size / per_image)`` distinct images and up to ``per_image`` questions of each
-    (every pair of a positive uses its image, so a step encodes fewer images)."""
+    (every pair of a positive uses its image, so a step encodes fewer images). ``positives``:
+    :func:`positive_indices` of ``samples``, when the caller keeps them between calls."""
+    if positives is None:
+        positives = positive_indices(samples)
     if per_image > 1:
-        picked = _pick_by_image(samples, batch_size, per_image, rng)
+        picked = _pick_by_image(samples, positives, batch_size, per_image, rng)
     else:
-        picked = rng.choice(len(samples), size=min(batch_size, len(samples)), replace=False)
+        picked = np.asarray(positives)[rng.choice(len(positives), size=min(batch_size, len(positives)),
+                                                  replace=False)]
     negatives, kinds = [], []
     for i in picked:
         swaps = swap_candidates(samples[i].question, samples[i].scene)

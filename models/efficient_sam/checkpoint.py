@@ -1,7 +1,10 @@
 """Build EfficientSAM models of a preset and load the published checkpoints into them.
 
 ``tiny``: random initialisation from a fixed seed (identical in every process), no file needed;
-a ``path`` still loads a file into it. ``vitt`` / ``vits``: ``efficient_sam_vitt.pt`` /
+a ``path`` still loads a file into it. ``shapes``: the project's model trained on the synthetic
+``shapes`` data (``runtime train sam``), shipped as ``models/assets/shapes/efficient_sam.safetensors``
+(:func:`models.weights.shapes_weights`), or a ``path``; ``runtime train sam`` starts it from its
+seeded random initialisation (:func:`random_init_fingerprint`). ``vitt`` / ``vits``: ``efficient_sam_vitt.pt`` /
 ``efficient_sam_vits.pt`` given as ``path`` or found in the weights folder
 (:func:`models.weights.find_weights`); the model is then built on the meta device and
 materialised, so no time goes into a random initialisation that the file overwrites.
@@ -24,10 +27,12 @@ from models.build import build_preset
 from models.efficient_sam.config import PRESETS, sam_config
 from models.efficient_sam.efficient_sam import EfficientSam
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            load_checkpoint, weights_dir)
+                            load_checkpoint, shapes_weights, weights_dir)
 
 TINY_SEED = 0
 TINY_INIT_VERSION = 1  # bump when the tiny initialisation changes (it is part of the fingerprint)
+SHAPES_FILE = "efficient_sam.safetensors"
+SHAPES_TRAIN_COMMAND = "bin/train-shapes sam"
 
 _REPO = "https://github.com/yformer/EfficientSAM"
 CHECKPOINT_FILES: dict[str, tuple[str, str]] = {
@@ -54,8 +59,9 @@ def load_efficient_sam(preset: str, path: str | Path | None = None,
 
 
 def find_efficient_sam(preset: str, path: str | Path | None = None) -> Path | None:
-    """The file a load would read: ``path`` (which must exist), else the preset's standard file in
-    the weights folder, else ``None`` for ``tiny``. Raises ``WeightsError`` when missing."""
+    """The file a load would read: ``path`` (which must exist), else the bundled file for
+    ``shapes``, else the preset's standard file in the weights folder, else ``None`` for ``tiny``.
+    Raises ``WeightsError`` when missing."""
     _check(preset)
     if path is not None:
         path = Path(path)
@@ -67,6 +73,8 @@ def find_efficient_sam(preset: str, path: str | Path | None = None) -> Path | No
         return path
     if preset == "tiny":
         return None
+    if preset == "shapes":
+        return shapes_weights(SHAPES_FILE, SHAPES_TRAIN_COMMAND)
     name, published = CHECKPOINT_FILES[preset]
     try:
         return find_weights(name, published)
@@ -78,20 +86,29 @@ def find_efficient_sam(preset: str, path: str | Path | None = None) -> Path | No
         raise
 
 
+def random_init_fingerprint(preset: str) -> str:
+    """Identifies the seeded random initialisation of ``preset`` (``build_model(empty=False)``):
+    a hash of the preset's sizes, the seed and the init version."""
+    _check(preset)
+    spec = {"model": "efficient_sam", "config": sam_config(preset).to_dict(), "seed": TINY_SEED,
+            "init_version": TINY_INIT_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def weights_fingerprint(preset: str, path: str | Path | None = None) -> str:
-    """Identifies the weights a load would give: for ``tiny`` without a file, a hash of the
-    preset's sizes, the seed and the init version; otherwise the checkpoint file's fingerprint."""
+    """Identifies the weights a load would give: for ``tiny`` without a file, its
+    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint (for ``shapes``
+    without a file: the bundled one's)."""
     found = find_efficient_sam(preset, path)
     if found is None:
-        spec = {"model": "efficient_sam", "config": sam_config(preset).to_dict(), "seed": TINY_SEED,
-                "init_version": TINY_INIT_VERSION}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+        return random_init_fingerprint(preset)
     return file_fingerprint(found)
 
 
 def build_model(preset: str, device: torch.device | str = "cpu", *, empty: bool | None = None) -> EfficientSam:
-    """A model of ``preset``. ``empty=False`` (default for ``tiny``): seeded random init on the CPU,
-    the same weights in every process and on every device. ``empty=True`` (default otherwise, and
+    """A model of ``preset``. ``empty=False`` (default for ``tiny``; what ``runtime train sam``
+    starts ``tiny`` and ``shapes`` from): seeded random init on the CPU, the same weights in every
+    process and on every device. ``empty=True`` (default otherwise, ``shapes`` included, and
     whenever a checkpoint follows): built on the meta device and materialised uninitialised, the
     non-persistent buffers refilled; every parameter must then come from a checkpoint."""
     _check(preset)

@@ -5,14 +5,18 @@
 1024x1024 inputs (64x64 grid), neck and decoder width 256, two-way transformer of depth 2 with
 8 heads and MLP 2048, upscaling 256 -> 64 -> 32 channels, 3 multimask outputs, at most 6
 prompt points. ``tiny``: the same architecture with small widths and 256x256 inputs (16x16
-grid, 64x64 low-res masks), for tests and for running without a checkpoint.
+grid, 64x64 low-res masks), for tests and for running without a checkpoint. ``shapes``: the
+same architecture at 256x256 inputs (16x16 grid, 64x64 low-res masks), wide enough to segment
+the synthetic ``shapes`` scenes and cheap on a CPU (ViT width 64, 4 blocks of 4 heads, neck
+and decoder width 64, decoder MLP 256, upscaling 64 -> 32 -> 16 channels; under 1 M
+parameters), trained by the project (``runtime train sam``) and shipped with it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRESETS = ("tiny", "vitt", "vits")
+PRESETS = ("tiny", "shapes", "vitt", "vits")
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,7 @@ class SamConfig:
 
 
 def sam_config(preset: str) -> SamConfig:
-    """The sizes of ``preset`` (``tiny``, ``vitt``, ``vits``)."""
+    """The sizes of ``preset`` (``tiny``, ``shapes``, ``vitt``, ``vits``)."""
     if preset == "vitt":
         return SamConfig(image_size=1024, encoder_width=192, encoder_depth=12, encoder_heads=3)
     if preset == "vits":
@@ -57,4 +61,7 @@ def sam_config(preset: str) -> SamConfig:
     if preset == "tiny":
         return SamConfig(image_size=256, encoder_width=32, encoder_depth=2, encoder_heads=2, embed_dim=32,
                          decoder_heads=4, decoder_mlp_dim=64, upscaling_dims=(16, 8), iou_head_hidden=32)
+    if preset == "shapes":
+        return SamConfig(image_size=256, encoder_width=64, encoder_depth=4, encoder_heads=4, embed_dim=64,
+                         decoder_heads=4, decoder_mlp_dim=256, upscaling_dims=(32, 16), iou_head_hidden=64)
     raise ValueError(f"unknown EfficientSAM preset {preset!r}; choose one of {', '.join(PRESETS)}")

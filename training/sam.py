@@ -1,0 +1,717 @@
+"""``runtime train sam``: train EfficientSAM (every parameter) to segment the object under point prompts.
+
+The pipeline's ``sam_mask`` stage prompts EfficientSAM with the question heatmap's peak points
+(1-5 foreground points, usually on one object, sometimes background points) and keeps the
+candidate mask of best predicted IoU. This command trains for exactly that on the synthetic
+``shapes`` scenes (:func:`runtime.sources.shapes.render_scene`: flat-coloured shapes on plain or
+textured backgrounds with exact per-object masks).
+
+Prompt sampling, per step: ``--batch-size`` images drawn uniformly (with replacement) from the
+``--num-images`` training scenes, each encoded once; ``--prompts-per-image`` prompt sets per image
+on its objects (a random permutation of the objects, repeated to fill the prompts). A prompt set
+is ``1..--max-points`` foreground points (label 1; the count uniform) drawn uniformly from the
+object's pixels, plus, with probability ``--negative-fraction``, one background point (label 0)
+drawn uniformly from the pixels off the object; it is padded to the model's ``max_points`` with
+label -1 at (-1, -1), as :meth:`EfficientSam.prepare_points` pads. Points are pixel coordinates
+``(x, y) = (column, row)`` of the scene.
+
+Losses, at the decoder's low-res size (``low_res_size``: 64 for ``tiny`` / ``shapes``) against
+the object's mask area-pooled to that size and thresholded at 0.5:
+
+- mask loss: per candidate mask, the mean per-pixel binary cross-entropy on the logits plus the
+  soft Dice loss ``1 - (2 |p t| + 1) / (|p| + |t| + 1)`` of the sigmoid; the minimum over the 3
+  multimask candidates (as SAM: only the best candidate is pulled to the target, so the
+  candidates can cover several plausible masks), plus the same loss of the single-mask output
+  (``multimask=False``) so that it is trained too;
+- IoU loss (weight ``--iou-weight``): mean squared error between the predicted IoU of each of
+  the 4 outputs and the actual IoU of its binarised mask (logit > 0) with the target.
+
+Every parameter is trained, the image encoder included (from scratch for ``tiny`` / ``shapes``).
+AdamW (no weight decay on biases / norms), linear warmup over ``--warmup`` steps then a
+constant learning rate, gradient clipping.
+
+Initialisation: ``tiny`` / ``shapes`` without ``--init`` start from the preset's seeded random
+init (the same in every process); ``--init FILE`` loads a checkpoint (``efficient_sam_*.pt`` or
+a previous ``efficient_sam.safetensors``) into the preset; ``vitt`` / ``vits`` need ``--init`` or
+their standard file in the weights folder.
+
+Determinism: step ``k``'s images and prompts come from ``numpy.random.default_rng([seed, k])``
+alone; scenes are rendered per image, preprocessed per image; the model has no dropout and no
+random op. So the same command gives the same weights, and ``--resume`` (model, optimiser, step
+and torch RNG state from ``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted
+run (same device and threads). Evaluation does not touch the training state.
+
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps): ``--eval-images``
+scenes of seed ``--eval-seed`` (default seed + 1000); for every object one 1-point and one
+3-point prompt (foreground points drawn uniformly from the object, from
+``default_rng(eval_seed)``), decoded with the pipeline's call (``predict_masks``, multimask,
+low-res logits); the candidate of best predicted IoU is kept, as ``sam_mask`` does. Metrics:
+``miou_1pt`` / ``miou_3pt`` (mean IoU of the kept mask with the object at the low-res size),
+``iou50_1pt`` / ``iou50_3pt`` (share of prompts whose kept mask has IoU >= 0.5), and, as
+diagnostics, ``oracle_miou_*`` (the best candidate's IoU) and ``iou_error_*`` (mean absolute
+error of the kept candidate's predicted IoU). :func:`check_metrics` computes the first four on
+a fixed small set for the shipped file's manifest.
+
+Outputs in ``--out DIR``: ``efficient_sam.safetensors`` (the state dict with the published key
+names; ``load_efficient_sam(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
+``weights_only``), ``loss.csv`` (loss, mask loss, IoU loss, training mIoU of the kept mask, learning
+rate), ``loss.png``, ``config.json`` (command lines, seeds, settings, model, data, device, times),
+``metrics.json`` (final held-out metrics, their history, loss summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+
+from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
+                             add_weights_option, check_same_run, finite_loss, mean_or_none, parse_source_params,
+                             set_warmup_lr, start_run, weight_decay_groups)
+
+DEFAULT_STEPS = 300
+CHECKPOINT_FORMAT = "pnpvqa-sam-training"
+CHECKPOINT_VERSION = 1
+PRESETS = ("tiny", "shapes", "vitt", "vits")
+EVAL_BATCH = 8            # held-out images per embedding call
+EVAL_POINTS = (1, 3)      # foreground points of the held-out prompts
+HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
+LOG_COLUMNS = ("loss", "mask_loss", "iou_loss", "train_miou", "lr")
+# settings that may differ between a run and its --resume continuation (the --init file is
+# compared by its fingerprint; evaluation does not change the training)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights",
+                     "eval_every", "eval_seed", "eval_images")
+METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50"))
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass
+class SamSettings:
+    out: str
+    preset: str = "tiny"
+    init: str | None = None
+    weights: str | None = None
+    seed: int = 0
+    num_images: int = 16
+    source_params: dict[str, Any] = field(default_factory=dict)
+    prompts_per_image: int = 4
+    max_points: int = 3
+    negative_fraction: float = 0.2
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 0
+    grad_clip: float = 1.0
+    iou_weight: float = 1.0
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    eval_seed: int | None = None
+    eval_images: int = 16
+    device: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+
+    @property
+    def held_out_seed(self) -> int:
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+@dataclass
+class SamResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runtime train sam",
+        description="Train EfficientSAM (all parameters) to segment the object under 1..N point prompts on "
+                    "synthetic shapes scenes: BCE + Dice on the best of the 3 candidate masks (and on the single-mask "
+                    "output) + MSE of the predicted IoU. Writes DIR/efficient_sam.safetensors (loadable by "
+                    "load_efficient_sam), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
+                    "DIR/metrics.json (held-out mIoU of the kept mask for 1- and 3-point prompts).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_output_options(p)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="EfficientSAM architecture")
+    m.add_argument("--init", metavar="FILE", help="initial weights (efficient_sam_*.pt or efficient_sam.safetensors); "
+                   "default: tiny / shapes: the seeded random init; vitt / vits: the standard file")
+    add_weights_option(m)
+    d = p.add_argument_group("data (the shapes source)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
+    d.add_argument("--num-images", type=int, default=16, help="shapes scenes to train on")
+    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
+    d.add_argument("--prompts-per-image", type=int, default=4, metavar="Q",
+                   help="prompt sets per image in a step (each image is encoded once)")
+    d.add_argument("--max-points", type=int, default=3, help="most foreground points of a prompt set (1..N, uniform)")
+    d.add_argument("--negative-fraction", type=float, default=0.2,
+                   help="share of prompt sets with one background point (label 0) off the object")
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="images per step (each with "
+                                 "--prompts-per-image prompt sets)", lr=1e-3, lr_help="AdamW learning rate (after "
+                                 "the warmup: constant)", weight_decay=0.01, weight_decay_help="on weight matrices "
+                                 "only", warmup=True)
+    t.add_argument("--iou-weight", type=float, default=1.0, help="weight of the IoU-prediction MSE")
+    add_checkpoint_option(t)
+    add_device_options(t)
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate every N steps (0 = only at the start and the end)")
+    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out scenes (default: seed + 1000)")
+    e.add_argument("--eval-images", type=int, default=16, help="held-out scenes (0 = no evaluation)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> SamSettings:
+    extra = parse_source_params(args.source_param)
+    names = ("out", "preset", "init", "weights", "seed", "num_images", "prompts_per_image", "max_points",
+             "negative_fraction", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "iou_weight",
+             "checkpoint_every", "eval_every", "eval_seed", "eval_images", "device", "resume", "quiet")
+    return SamSettings(source_params=extra, **{n: getattr(args, n) for n in names})
+
+
+def check_settings(s: SamSettings) -> None:
+    from models.efficient_sam.config import sam_config
+
+    if s.preset not in PRESETS:
+        raise ValueError(f"--preset {s.preset!r}: choose one of {', '.join(PRESETS)}")
+    for name in ("steps", "batch_size", "num_images", "prompts_per_image", "max_points"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.iou_weight < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --iou-weight >= 0")
+    if not 0.0 <= s.negative_fraction <= 1.0:
+        raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
+    capacity = sam_config(s.preset).max_points
+    needed = s.max_points + (1 if s.negative_fraction > 0 else 0)
+    if needed > capacity:
+        raise ValueError(f"--max-points {s.max_points}" + (" plus the background point" if s.negative_fraction > 0
+                         else "") + f" exceeds the {capacity} prompt points EfficientSAM takes")
+    if {"seed", "num_images"} & set(s.source_params):
+        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
+
+
+# --- data -------------------------------------------------------------------------------------
+
+class Rendered(NamedTuple):
+    image: np.ndarray      # uint8 [S, S, 3]
+    masks: np.ndarray      # bool [O, S, S]
+    targets: np.ndarray    # float32 0/1 [O, L, L]: the masks area-pooled to the low-res size, >= 0.5
+
+
+class ShapesScenes:
+    """Shapes scenes of one seed, rendered on demand (:func:`render_scene` is cheap and exact),
+    with their per-object masks and low-res mask targets; ``keep=True`` keeps them in memory."""
+
+    def __init__(self, params, count: int, low_res: int, keep: bool = False) -> None:
+        self.params, self.count, self.low_res, self.keep = params, count, low_res, keep
+        self._kept: dict[int, Rendered] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Rendered:
+        from runtime.sources.shapes import render_scene
+        from stages.grid import pool_to_grid
+
+        i = int(i)
+        if i in self._kept:
+            return self._kept[i]
+        scene = render_scene(self.params.seed, i, self.params)
+        masks = np.stack([np.asarray(m) != 0 for m in scene.masks])
+        targets = (pool_to_grid(masks, self.low_res) >= 0.5).astype(np.float32)
+        out = Rendered(scene.image, masks, targets)
+        if self.keep:
+            self._kept[i] = out
+        return out
+
+
+def sample_prompt(rng: np.random.Generator, mask: np.ndarray, num_points: int, negative: bool,
+                  pad_to: int) -> tuple[np.ndarray, np.ndarray]:
+    """``num_points`` foreground points (label 1) drawn uniformly from the pixels of ``mask``
+    (bool ``[H, W]``), then one background point (label 0) off it when ``negative``; padded with
+    (-1, -1) / label -1 to ``pad_to``. Returns points ``[pad_to, 2]`` float32 ``(x, y)`` pixel
+    coordinates and labels ``[pad_to]`` int64."""
+    points = np.full((pad_to, 2), -1.0, np.float32)
+    labels = np.full(pad_to, -1, np.int64)
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        raise ValueError("cannot prompt an empty mask")
+    pick = rng.integers(0, len(ys), size=num_points)
+    points[:num_points, 0], points[:num_points, 1] = xs[pick], ys[pick]
+    labels[:num_points] = 1
+    if negative:
+        ys0, xs0 = np.nonzero(~mask)
+        if len(ys0):
+            j = int(rng.integers(0, len(ys0)))
+            points[num_points] = (xs0[j], ys0[j])
+            labels[num_points] = 0
+    return points, labels
+
+
+class StepBatch(NamedTuple):
+    images: np.ndarray     # [B] scene indices
+    points: np.ndarray     # float32 [B, Q, N, 2]
+    labels: np.ndarray     # int64 [B, Q, N]
+    targets: np.ndarray    # float32 [B, Q, L, L]
+
+
+def draw_batch(scenes: ShapesScenes, rng: np.random.Generator, s: SamSettings, pad_to: int) -> StepBatch:
+    """One step's images and prompt sets, from ``rng`` alone."""
+    images = rng.integers(0, len(scenes), size=s.batch_size)
+    points, labels, targets = [], [], []
+    for i in images:
+        r = scenes[int(i)]
+        n = len(r.masks)
+        order = rng.permutation(n)
+        objects = np.resize(order, s.prompts_per_image)
+        rows = []
+        for o in objects:
+            k = int(rng.integers(1, s.max_points + 1))
+            negative = bool(rng.random() < s.negative_fraction)
+            rows.append(sample_prompt(rng, r.masks[o], k, negative, pad_to))
+        points.append(np.stack([p for p, _ in rows]))
+        labels.append(np.stack([lab for _, lab in rows]))
+        targets.append(r.targets[objects])
+    return StepBatch(images, np.stack(points), np.stack(labels), np.stack(targets))
+
+
+class EvalPrompt(NamedTuple):
+    image: int
+    obj: int
+    num_points: int
+    points: np.ndarray
+    labels: np.ndarray
+
+
+def eval_prompts(scenes: ShapesScenes, rng: np.random.Generator, pad_to: int) -> list[EvalPrompt]:
+    """For every object of every scene, a prompt of each of :data:`EVAL_POINTS` foreground points."""
+    prompts = []
+    for i in range(len(scenes)):
+        r = scenes[i]
+        for o in range(len(r.masks)):
+            for k in EVAL_POINTS:
+                pts, labs = sample_prompt(rng, r.masks[o], k, False, pad_to)
+                prompts.append(EvalPrompt(i, o, k, pts, labs))
+    return prompts
+
+
+# --- losses and metrics -----------------------------------------------------------------------
+
+def mask_iou(logits, targets):
+    """IoU of ``logits > 0`` with 0/1 ``targets`` (broadcast), over the last two axes (no grad);
+    1 where both are empty."""
+    import torch
+
+    with torch.no_grad():
+        pred = logits > 0
+        tgt = targets > 0.5
+        inter = (pred & tgt).sum((-2, -1)).float()
+        union = (pred | tgt).sum((-2, -1)).float()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def mask_losses(logits, targets):
+    """Per mask: mean BCE on the logits + soft Dice of the sigmoid; ``logits [..., L, L]``,
+    ``targets`` broadcastable -> ``[...]``."""
+    import torch.nn.functional as F
+
+    targets = targets.expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((-2, -1))
+    prob = logits.sigmoid()
+    inter = (prob * targets).sum((-2, -1))
+    dice = 1 - (2 * inter + 1) / (prob.sum((-2, -1)) + targets.sum((-2, -1)) + 1)
+    return bce + dice
+
+
+def decode_all(model, embeddings, points, labels, input_size):
+    """Every decoder output for ``Q`` prompt sets per image: masks ``[B, Q, 4, L, L]`` (output 0 the
+    single-mask one, 1..3 the multimask candidates) and predicted IoU ``[B, Q, 4]``. The same
+    computation as :meth:`EfficientSam.predict_masks` (low-res, no upsampling), all outputs kept."""
+    scaled, labels = model.prepare_points(points, labels, input_size)
+    b, q, n, _ = scaled.shape
+    tokens = model.prompt_encoder(scaled.reshape(b * q, n, 2), labels.reshape(b * q, n)).to(embeddings.dtype)
+    image = embeddings.repeat_interleave(q, dim=0)
+    pe = model.prompt_encoder.dense_pe().to(embeddings.dtype)
+    masks, iou = model.mask_decoder.predict(image, pe, tokens)
+    return masks.reshape(b, q, *masks.shape[1:]), iou.reshape(b, q, -1)
+
+
+def training_loss(model, embeddings, batch: StepBatch, input_size, iou_weight: float, device):
+    """``(loss, mask loss, IoU loss, mean IoU of the candidate of best predicted IoU)``."""
+    import torch
+    import torch.nn.functional as F
+
+    points = torch.from_numpy(batch.points).to(device)
+    labels = torch.from_numpy(batch.labels).to(device)
+    targets = torch.from_numpy(batch.targets).to(device)[:, :, None]             # [B, Q, 1, L, L]
+    masks, iou_pred = decode_all(model, embeddings, points, labels, input_size)  # [B, Q, 4, L, L], [B, Q, 4]
+    masks, iou_pred = masks.float(), iou_pred.float()
+    per_mask = mask_losses(masks, targets)                                       # [B, Q, 4]
+    mask_loss = per_mask[..., 1:].min(dim=-1).values.mean() + per_mask[..., 0].mean()
+    actual = mask_iou(masks, targets)                                            # [B, Q, 4]
+    iou_loss = F.mse_loss(iou_pred, actual)
+    kept = iou_pred[..., 1:].argmax(dim=-1, keepdim=True)
+    train_miou = float(actual[..., 1:].gather(-1, kept).mean())
+    return mask_loss + iou_weight * iou_loss, mask_loss, iou_loss, train_miou
+
+
+def evaluate(model, scenes: ShapesScenes, prompts: Sequence[EvalPrompt], device, step: int) -> dict[str, Any]:
+    """Held-out metrics of the kept (best predicted IoU) candidate, as ``sam_mask`` keeps it."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    size = scenes.params.image_size
+    by_image: dict[int, list[int]] = {}
+    for k, p in enumerate(prompts):
+        by_image.setdefault(p.image, []).append(k)
+    kept_iou = np.zeros(len(prompts))
+    best_iou = np.zeros(len(prompts))
+    iou_err = np.zeros(len(prompts))
+    images = sorted(by_image)
+    with torch.no_grad():
+        for start in range(0, len(images), EVAL_BATCH):
+            chunk = images[start:start + EVAL_BATCH]
+            emb = model.embed(model.preprocess(np.stack([scenes[i].image for i in chunk]), channels_last=True))
+            index = [k for i in chunk for k in by_image[i]]
+            rows = torch.tensor([chunk.index(prompts[k].image) for k in index], device=device)
+            points = torch.from_numpy(np.stack([prompts[k].points for k in index])[:, None]).to(device)
+            labels = torch.from_numpy(np.stack([prompts[k].labels for k in index])[:, None]).to(device)
+            logits, iou = model.predict_masks(emb[rows], points, labels, input_size=(size, size))
+            logits, iou = logits[:, 0].float(), iou[:, 0].float()                    # [P, 3, L, L], [P, 3]
+            targets = torch.from_numpy(np.stack([scenes[prompts[k].image].targets[prompts[k].obj]
+                                                 for k in index])).to(device)[:, None]
+            actual = mask_iou(logits, targets)                                        # [P, 3]
+            choice = iou.argmax(dim=1, keepdim=True)
+            kept = actual.gather(1, choice)[:, 0]
+            kept_iou[index] = kept.cpu().numpy()
+            best_iou[index] = actual.max(dim=1).values.cpu().numpy()
+            iou_err[index] = (iou.gather(1, choice)[:, 0] - kept).abs().cpu().numpy()
+    model.train(was_training)
+    result: dict[str, Any] = {"step": step, "images": len(images), "prompts": len(prompts)}
+    for n in EVAL_POINTS:
+        sel = np.array([p.num_points == n for p in prompts], bool)
+        any_ = bool(sel.any())
+        result[f"miou_{n}pt"] = float(kept_iou[sel].mean()) if any_ else None
+        result[f"iou50_{n}pt"] = float((kept_iou[sel] >= HIT_IOU).mean()) if any_ else None
+        result[f"oracle_miou_{n}pt"] = float(best_iou[sel].mean()) if any_ else None
+        result[f"iou_error_{n}pt"] = float(iou_err[sel].mean()) if any_ else None
+    return result
+
+
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, preset: str | None = None,
+                  ) -> dict[str, float]:
+    """Held-out mIoU and IoU >= 0.5 share of the kept mask for 1- and 3-point prompts of the
+    EfficientSAM ``weights`` on every object of ``num_images`` shapes scenes of ``seed`` (prompts
+    from ``default_rng(seed)``): the quick, deterministic check that a shipped file still gives
+    its manifest's numbers. ``preset``: default the one recorded in the file (else ``shapes``)."""
+    import torch
+
+    from models.efficient_sam.checkpoint import load_efficient_sam
+    from training.data import source_params
+
+    weights = Path(weights)
+    if preset is None:
+        preset = _recorded_preset(weights) or "shapes"
+    model, _ = load_efficient_sam(preset, weights)
+    scenes = ShapesScenes(source_params("shapes", seed, num_images, {}), num_images,
+                          model.config.low_res_size, keep=True)
+    prompts = eval_prompts(scenes, np.random.default_rng(seed), model.config.max_points)
+    with _threads(1):
+        result = evaluate(model, scenes, prompts, torch.device("cpu"), 0)
+    return {k: result[k] for k in METRIC_KEYS}
+
+
+class _threads:
+    """Run with ``n`` torch threads (the quick check is fastest and reproducible so)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        torch.set_num_threads(self.before)
+
+
+def _recorded_preset(path: Path) -> str | None:
+    if path.suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        preset = (fh.metadata() or {}).get("preset")
+    return preset if preset in PRESETS else None
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    from training.outputs import load_checkpoint as load
+
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="an EfficientSAM")
+
+
+def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
+    """The model's state dict (published key names) as safetensors, atomically."""
+    from training.outputs import atomic_save_safetensors
+
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_save_safetensors(tensors, path, metadata)
+
+
+def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
+    from training.outputs import atomic_write_text
+
+    rows = [",".join(("step",) + LOG_COLUMNS)]
+    for i in range(len(log["loss"])):
+        rows.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c == "lr" else f"{log[c][i]:.6f}"
+                                             for c in LOG_COLUMNS]))
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
+    """``loss.png``: total, mask and IoU losses per step (moving averages, raw total faint)."""
+    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
+
+    steps = list(range(1, len(log["loss"]) + 1))
+    window = smoothing_window(len(log["loss"]))
+    fig, ax = loss_figure()
+    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
+    for key, color in (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green")):
+        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
+                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
+    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def initial_fingerprint(preset: str, init: str | None) -> str:
+    """Identifies the weights :func:`initial_model` starts from."""
+    from models.efficient_sam.checkpoint import random_init_fingerprint, weights_fingerprint
+
+    if init is None and preset in ("tiny", "shapes"):
+        return random_init_fingerprint(preset)
+    return weights_fingerprint(preset, init)
+
+
+def initial_model(preset: str, init: str | None, device):
+    """``init`` when given, else the seeded random init for ``tiny`` / ``shapes``, else the
+    preset's standard checkpoint (``vitt`` / ``vits``)."""
+    from models.efficient_sam.checkpoint import build_model, load_efficient_sam
+
+    if init is None and preset in ("tiny", "shapes"):
+        return build_model(preset, device, empty=False)
+    return load_efficient_sam(preset, init, device)[0]
+
+
+def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
+    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
+    import torch
+    from tqdm import tqdm
+
+    from models.efficient_sam.checkpoint import build_model
+    from models.weights import file_fingerprint
+    from training import outputs
+    from training.data import source_params
+
+    check_settings(s)
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
+    init_fingerprint = initial_fingerprint(s.preset, s.init)
+    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
+    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+
+    model = (build_model(s.preset, device, empty=True) if resume_state is not None
+             else initial_model(s.preset, s.init, device))
+    model.train()
+    cfg = model.config
+    pad_to = cfg.max_points
+
+    params = source_params("shapes", s.seed, s.num_images, s.source_params)
+    size = params.image_size
+    data = ShapesScenes(params, s.num_images, cfg.low_res_size)
+    eval_data = eval_list = eval_params = None
+    if s.eval_images:
+        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+        eval_data = ShapesScenes(eval_params, s.eval_images, cfg.low_res_size, keep=True)
+        eval_list = eval_prompts(eval_data, np.random.default_rng(s.held_out_seed), pad_to)
+
+    torch.manual_seed(s.seed)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
+    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
+    evals: list[dict[str, Any]] = []
+    invocations: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start = 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        model.reset_buffers()
+        optimizer.load_state_dict(resume_state["optimizer"])
+        outputs.set_rng_state(resume_state["rng"], device)
+        start = int(resume_state["step"])
+        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
+        evals = json.loads(resume_state["evals"])
+        invocations = json.loads(resume_state["invocations"])
+        train_seconds = float(resume_state["train_seconds"])
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    invocations.append({"command": "runtime train sam " + shlex.join(command), "started": started_at,
+                        "from_step": start, "to_step": None, "finished": None})
+
+    meta = {
+        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
+        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
+                  "batches": f"numpy default_rng([{s.seed}, step])",
+                  "eval_prompts": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
+                  "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
+                  "low_res_size": cfg.low_res_size},
+        "prompts": {"per_image": s.prompts_per_image, "max_points": s.max_points,
+                    "negative_fraction": s.negative_fraction, "padded_to": pad_to},
+        "loss": "min over the 3 candidates of (BCE + Dice) + (BCE + Dice) of the single-mask output "
+                f"+ {s.iou_weight:g} x MSE(predicted IoU, actual IoU)",
+        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data)},
+        "eval_source": None if eval_params is None else {
+            "name": "shapes", "params": eval_params.model_dump(mode="json"), "images": len(eval_data),
+            "prompts": len(eval_list), "points": list(EVAL_POINTS)},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+
+    def run_eval(step: int) -> None:
+        if eval_list is None or any(e["step"] == step for e in evals):
+            return
+        result = evaluate(model, eval_data, eval_list, device, step)
+        evals.append(result)
+        if not s.quiet:
+            print(f"step {step}: held-out mIoU 1 point {result['miou_1pt']:.3f} (IoU>=0.5: "
+                  f"{result['iou50_1pt']:.3f}), 3 points {result['miou_3pt']:.3f} (IoU>=0.5: "
+                  f"{result['iou50_3pt']:.3f})", file=sys.stderr)
+
+    def save(step: int, final: bool, seconds: float) -> None:
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
+            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
+            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
+            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
+        save_weights(model, out / "efficient_sam.safetensors",
+                     {"format": "pnpvqa-efficient-sam", "preset": s.preset, "step": str(step),
+                      "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+        write_log_csv(out / "loss.csv", log)
+        if final:
+            write_log_plot(out / "loss.png", log, f"EfficientSAM {s.preset}: BCE + Dice + {s.iou_weight:g} x IoU MSE, "
+                           f"{len(data)} images")
+        finished = final and step >= s.steps
+        summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
+                   for key in ("loss", "mask_loss", "iou_loss", "train_miou") for end in ("first", "last")}
+        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
+        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
+                  "finished": finished, "train_seconds": seconds,
+                  "weights_fingerprint": file_fingerprint(out / "efficient_sam.safetensors"), **summary}
+        outputs.write_json(out / "config.json", config)
+        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
+                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
+                   "history": evals, **summary}
+        outputs.write_json(out / "metrics.json", metrics)
+
+    if start == 0:
+        run_eval(0)
+    started = time.perf_counter()
+    base_seconds = train_seconds
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train sam {s.preset}", unit="step",
+               disable=s.quiet, dynamic_ncols=True)
+    try:
+        for step in range(start, s.steps):
+            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
+            batch = draw_batch(data, np.random.default_rng([s.seed, step]), s, pad_to)
+            pixels = model.preprocess([data[int(i)].image for i in batch.images], channels_last=True)
+            embeddings = model.embed(pixels)                                           # [B, C, g, g]
+            loss, mask_loss, iou_loss, train_miou = training_loss(model, embeddings, batch, (size, size),
+                                                                  s.iou_weight, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+
+            value = finite_loss(loss, step)
+            log["loss"].append(value)
+            log["mask_loss"].append(float(mask_loss.detach()))
+            log["iou_loss"].append(float(iou_loss.detach()))
+            log["train_miou"].append(train_miou)
+            log["lr"].append(lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}",
+                            miou=f"{mean_or_none(log['train_miou'][-20:]):.3f}")
+            done = step + 1
+            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                run_eval(done)
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
+    finally:
+        bar.close()
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    return SamResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+                     seconds=time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train sam``; returns the exit status."""
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        result = train(settings, command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    m = result.metrics
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; held-out mIoU 1 point {m['miou_1pt']:.3f}, 3 points {m['miou_3pt']:.3f}" if m else "")
+          + f"; weights {result.out / 'efficient_sam.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
