@@ -5,9 +5,15 @@ of all passages of a sample are concatenated and the decoder attends over all of
 model is a plain ``transformers.T5ForConditionalGeneration`` (a UnifiedQA Hugging Face folder
 loads as is); :class:`FiDT5` only reshapes around it and adds no parameters.
 
-Presets: ``tiny`` (random init, fixed seed, tokenizer in ``models/assets/tiny_t5``) and
-``base`` / ``large`` / ``3b`` (a local folder ``unifiedqa-v2-t5-<size>-1363200`` in the
-weights folder; nothing is downloaded).
+Presets: ``tiny`` (random init, fixed seed, tokenizer in ``models/assets/tiny_t5``),
+``shapes`` (a small T5 trained by the project on the synthetic ``shapes`` data with
+``runtime train fid``; the same tokenizer, the weights bundled as
+``models/assets/shapes/fid_t5.safetensors``) and ``base`` / ``large`` / ``3b`` (a local folder
+``unifiedqa-v2-t5-<size>-1363200`` in the weights folder; nothing is downloaded).
+
+The built-in presets (``tiny``, ``shapes``) have their architecture in code
+(:data:`BUILTIN_CONFIGS`); their weights file is a safetensors file of the T5 state dict
+(Hugging Face key names, tied embedding aliases stored once: :func:`fid_t5_state`).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ from torch import nn
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.weights import WeightsError, find_weights, tree_fingerprint
+from models.weights import (WeightsError, apply_state_dict, file_fingerprint, find_weights, shapes_weights,
+                            tree_fingerprint)
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t5"
 TINY_SEED = 0
@@ -30,12 +37,21 @@ TINY_CONFIG = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_laye
                    feed_forward_proj="relu", tie_word_embeddings=True,
                    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
                    initializer_factor=3.0)  # a random model whose answers vary with the input
+# ``shapes``: sized to learn the shapes QA task from captions on a CPU (1.45 M parameters, 5.8 MB
+# float32): 3 + 3 layers, width 128, 4 heads of 32, ReLU feed-forward 512, tied embeddings, no dropout
+SHAPES_CONFIG = dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4,
+                     feed_forward_proj="relu", tie_word_embeddings=True, dropout_rate=0.0,
+                     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+BUILTIN_CONFIGS = {"tiny": TINY_CONFIG, "shapes": SHAPES_CONFIG}
+SHAPES_FILE = "fid_t5.safetensors"
+SHAPES_TRAIN_COMMAND = "bin/train-shapes fid"
+WEIGHTS_FORMAT = "pnpvqa-fid-t5"  # the "format" metadata of a built-in preset's safetensors file
 REAL_PRESETS = {
     "base": "unifiedqa-v2-t5-base-1363200",
     "large": "unifiedqa-v2-t5-large-1363200",
     "3b": "unifiedqa-v2-t5-3b-1363200",
 }
-PRESETS = ("tiny", *REAL_PRESETS)
+PRESETS = ("tiny", "shapes", *REAL_PRESETS)
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")
 FINGERPRINT_FILES = ("config.json", "generation_config.json", *WEIGHT_FILES, *TOKENIZER_FILES,
@@ -151,6 +167,75 @@ def tiny_config(vocab_size: int) -> T5Config:
     return T5Config(vocab_size=vocab_size, **TINY_CONFIG)
 
 
+def builtin_config(preset: str, vocab_size: int) -> T5Config:
+    """The ``T5Config`` of a built-in preset (``tiny`` or ``shapes``) for a vocabulary size."""
+    if preset not in BUILTIN_CONFIGS:
+        raise ValueError(f"'{preset}' is not a built-in FiD T5 preset; choose one of {', '.join(BUILTIN_CONFIGS)}")
+    return T5Config(vocab_size=vocab_size, **BUILTIN_CONFIGS[preset])
+
+
+def build_fid_t5(preset: str, *, seed: int = TINY_SEED, dtype: torch.dtype | None = None):
+    """``(FiDT5 in eval mode, tokenizer)``: a built-in preset's architecture (the bundled tiny
+    tokenizer), randomly initialised from ``seed`` without touching the global RNG state. For
+    ``tiny`` this is the preset itself; for ``shapes`` the starting point of its training."""
+    tokenizer = _tiny_tokenizer()
+    config = builtin_config(preset, len(tokenizer))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        t5 = T5ForConditionalGeneration(config)
+    if dtype is not None:
+        t5 = t5.to(dtype)
+    return FiDT5(t5).eval(), tokenizer
+
+
+def tied_aliases(model: nn.Module) -> list[str]:
+    """State-dict keys that alias an earlier key's tensor (T5's tied embeddings: the encoder's and
+    decoder's ``embed_tokens`` and, with ``tie_word_embeddings``, ``lm_head`` share ``shared``)."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    aliases = []
+    for key, value in model.state_dict(keep_vars=True).items():
+        ident = (value.data_ptr(), tuple(value.shape))
+        if ident in seen:
+            aliases.append(key)
+        seen.add(ident)
+    return aliases
+
+
+def fid_t5_state(model: FiDT5 | T5ForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """The T5 state dict to store in a safetensors file (CPU, contiguous copies, Hugging Face key
+    names), each tied tensor once (safetensors refuses shared storage)."""
+    t5 = model.t5 if isinstance(model, FiDT5) else model
+    skip = set(tied_aliases(t5))
+    return {k: v.detach().cpu().contiguous().clone() for k, v in t5.state_dict().items() if k not in skip}
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # not a safetensors file: load_checkpoint reports it
+        return {}
+
+
+def _load_builtin_file(preset: str, path: Path, dtype: torch.dtype | None):
+    """A built-in preset's architecture with the weights of the safetensors / torch file ``path``."""
+    from models.weights import load_checkpoint
+
+    meta = _file_metadata(path)
+    if meta.get("preset") and meta["preset"] != preset:
+        raise WeightsError(f"{path} holds a '{meta['preset']}' FiD T5, not '{preset}': load it with preset "
+                           f"'{meta['preset']}'")
+    state = load_checkpoint(path)
+    model, tokenizer = build_fid_t5(preset)
+    apply_state_dict(model.t5, state, str(path), optional=tied_aliases(model.t5))
+    model.t5.tie_weights()
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), tokenizer
+
+
 def _tiny_tokenizer():
     if not (TINY_TOKENIZER_DIR / "tokenizer.json").exists():
         raise WeightsError(f"the tiny T5 tokenizer is missing from {TINY_TOKENIZER_DIR}: rebuild it with "
@@ -163,14 +248,25 @@ def _has_sentencepiece() -> bool:
 
 
 def find_fid_t5(preset: str, path: str | Path | None = None) -> Path | None:
-    """The Hugging Face folder a preset loads, checked without loading it: ``path`` if given
-    (for any preset, ``tiny`` included), else ``<weights folder>/unifiedqa-v2-t5-<size>-1363200``;
-    ``None`` for the built-in ``tiny``. ``WeightsError`` naming what is missing (config, weights,
-    tokenizer) and where it is published; ``ValueError`` for an unknown preset."""
+    """What a preset loads, checked without loading it: ``path`` if given (for any preset, ``tiny``
+    included: a Hugging Face folder; for ``tiny`` / ``shapes`` also a weights file such as the
+    ``fid_t5.safetensors`` of ``runtime train fid``), else the bundled
+    ``models/assets/shapes/fid_t5.safetensors`` for ``shapes``, else
+    ``<weights folder>/unifiedqa-v2-t5-<size>-1363200``; ``None`` for the built-in ``tiny``.
+    ``WeightsError`` naming what is missing (config, weights, tokenizer) and where it is published
+    (for ``shapes``: how to train it); ``ValueError`` for an unknown preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown FiD T5 preset '{preset}'; choose one of {', '.join(PRESETS)}")
     if preset == "tiny" and path is None:
         return None
+    if preset == "shapes" and path is None:
+        return shapes_weights(SHAPES_FILE, SHAPES_TRAIN_COMMAND)
+    if preset in BUILTIN_CONFIGS and path is not None and (Path(path).is_file() or Path(path).suffix in
+                                                           (".safetensors", ".pt", ".pth")):
+        if not Path(path).is_file():
+            raise WeightsError(f"FiD T5 weights file {path} not found (a '{preset}' state dict, e.g. the "
+                               f"{SHAPES_FILE} written by `runtime train fid --preset {preset}`)")
+        return Path(path)
     name = REAL_PRESETS.get(preset, "a T5ForConditionalGeneration folder")
     published = (f"https://huggingface.co/allenai/{name}" if preset in REAL_PRESETS
                  else "save_pretrained() of a T5ForConditionalGeneration and its tokenizer")
@@ -199,30 +295,31 @@ def find_fid_t5(preset: str, path: str | Path | None = None) -> Path | None:
 
 
 def load_fid_t5(preset: str, path: str | Path | None = None, *, dtype: torch.dtype | None = None):
-    """``(FiDT5 in eval mode, tokenizer)``: the built-in random ``tiny``, or the local folder of
-    :func:`find_fid_t5` (``from_pretrained(..., local_files_only=True)``; nothing is downloaded)."""
+    """``(FiDT5 in eval mode, tokenizer)``: the built-in random ``tiny``; a built-in preset's
+    architecture with the weights file of :func:`find_fid_t5` (``shapes``; read with safetensors
+    or ``weights_only``, every key checked); or the local folder of :func:`find_fid_t5`
+    (``from_pretrained(..., local_files_only=True)``; nothing is downloaded)."""
     folder = find_fid_t5(preset, path)
     if folder is None:
-        tokenizer = _tiny_tokenizer()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            t5 = T5ForConditionalGeneration(tiny_config(len(tokenizer)))
-        if dtype is not None:
-            t5 = t5.to(dtype)
-    else:
-        try:
-            t5 = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise WeightsError(f"cannot load the UnifiedQA folder {folder}: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        return build_fid_t5("tiny", dtype=dtype)
+    if folder.is_file():
+        return _load_builtin_file(preset, folder, dtype)
+    try:
+        t5 = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot load the UnifiedQA folder {folder}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     return FiDT5(t5).eval(), tokenizer
 
 
 def weights_fingerprint(preset: str, path: str | Path | None = None) -> str:
     """What identifies the weights: for the built-in ``tiny`` a hash of its config, seed and
-    tokenizer; for a folder ``tree_fingerprint`` of its config, weight and tokenizer files."""
+    tokenizer; for a weights file (``shapes``) its ``file_fingerprint``; for a folder
+    ``tree_fingerprint`` of its config, weight and tokenizer files."""
     folder = find_fid_t5(preset, path)
+    if folder is not None and folder.is_file():
+        return file_fingerprint(folder)
     if folder is not None:
         return tree_fingerprint(folder, FINGERPRINT_FILES)
     tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()

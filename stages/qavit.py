@@ -5,6 +5,12 @@ The image is preprocessed once per image (``per_image`` input) but encoded once 
 since the question changes the ViT from its first instruction layer on; the layers before that
 (none with ``all`` / ``early`` / ``sparse``, the first half with ``late``) run once per image.
 
+Presets and the ``pixels`` they need (``preprocess_image`` family ``clip`` at ``image_size``):
+``tiny`` 112 (random weights, 8x8 grid), ``shapes`` 168 (trained by ``runtime train qavit`` on the
+shapes data, bundled; 12x12 grid), ``l14_336`` 336 (the published QA-ViT; 24x24 grid). The
+``shapes`` weights were trained with a grounding loss on the heatmap this stage reads (``mode``
+layer, ``block_num`` -1): its heatmap quality on shapes is supervised, not emergent.
+
 Models and torch are imported inside the methods: graphs without model stages (and their Ray
 workers) never pay for importing torch.
 """
@@ -23,7 +29,7 @@ from stages.base import Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import nullable
 from stages.grid import cell_weights
 
-Preset = Literal["tiny", "l14_336"]
+Preset = Literal["tiny", "shapes", "l14_336"]
 IntegrationPoint = Literal["all", "early", "late", "late2", "late3", "sparse"]
 
 
@@ -90,9 +96,12 @@ def map_layers(layers: tuple[int, ...] | list[int], depth: int, layers_depth: in
 # --- the stage -----------------------------------------------------------------------------------
 
 class QAViTAttentionParams(StageParams):
-    preset: Preset = Field("tiny", description="QA-ViT: tiny (random, tests) or l14_336 (CLIP ViT-L/14-336 + "
-                           "flan-t5-base question encoder, from the --weights folder)")
-    checkpoint: str | None = Field(None, description="vision weights instead of the preset's qavit-base2.pth: a "
+    preset: Preset = Field("tiny", description="QA-ViT: tiny (random, tests; pixels at 112 px), shapes (trained "
+                           "on the shapes data, bundled; 168 px) or l14_336 (CLIP ViT-L/14-336 + flan-t5-base "
+                           "question encoder, from the --weights folder; 336 px)")
+    checkpoint: str | None = Field(None, description="vision weights instead of the preset's (qavit-base2.pth; "
+                                   "shapes: models/assets/shapes/qavit.safetensors, or any qavit.safetensors of "
+                                   "runtime train qavit): a "
                                    "QA-ViT / VisualT5 checkpoint (prefixes stripped), or plain CLIP weights (a "
                                    "Hugging Face folder such as clip-vit-large-patch14-336, or a vision_model.* "
                                    "state dict) whose instruction modules then start at identity")
@@ -105,7 +114,8 @@ class QAViTAttentionParams(StageParams):
     formulation: Literal["auto", "reference", "gated"] = Field(
         "auto", description="instruction attention: reference (the published computation), gated (the "
         "instruction keys reach the output only through the gated projection: the plain ViT at gate 0); auto = "
-        "reference for QA-ViT weights, gated for tiny / plain CLIP")
+        "the one a runtime train qavit file records (shapes: gated), else reference for QA-ViT weights, gated for "
+        "tiny / plain CLIP")
     mode: Literal["layer", "layers", "rollout"] = Field(
         "layer", description="heatmap: CLS-to-patch attention of block_num (layer), its mean over `layers` "
         "(layers), or the CLS row of the attention rollout of layers 0..block_num (rollout)")

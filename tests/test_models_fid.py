@@ -282,3 +282,77 @@ def test_t5_base_state_dict_matches_reference_count():
     assert len(keys) == int(stated.group(1)) == 260
     assert "lm_head.weight" in keys and fid.t5.lm_head.weight is fid.t5.shared.weight
     assert len(fid.state_dict()) == len(keys)  # the FiD wrapper adds no parameters
+
+
+# ---------------------------------------------------------------- the shapes preset (bundled weights file)
+
+def _shapes_file(tmp_path, name="fid_t5.safetensors", seed=5):
+    """A shapes-architecture weights file (a random init other than the preset's own)."""
+    from safetensors.torch import save_file
+
+    model, _ = fid_t5.build_fid_t5("shapes", seed=seed)
+    path = tmp_path / name
+    save_file(fid_t5.fid_t5_state(model), str(path), metadata={"format": fid_t5.WEIGHTS_FORMAT, "preset": "shapes"})
+    return model, path
+
+
+def test_shapes_preset_builds_small_with_the_tiny_tokenizer():
+    model, tok = fid_t5.build_fid_t5("shapes")
+    cfg = model.config
+    assert "shapes" in fid_t5.PRESETS
+    assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers, cfg.num_heads) == (128, 512, 3, 3, 4)
+    assert cfg.vocab_size == len(tok) and tok.pad_token_id == cfg.pad_token_id == 0
+    assert cfg.dropout_rate == 0.0 and cfg.tie_word_embeddings
+    state = fid_t5.fid_t5_state(model)
+    assert sum(v.numel() * v.element_size() for v in state.values()) < 6e6  # < 6 MB float32
+    # the tied embeddings are stored once
+    assert "shared.weight" in state and not {"lm_head.weight", "encoder.embed_tokens.weight"} & set(state)
+    again, _ = fid_t5.build_fid_t5("shapes")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+
+
+def test_shapes_weights_file_round_trip(tmp_path, batch):
+    from models.weights import file_fingerprint
+
+    model, path = _shapes_file(tmp_path)
+    passages, ids, mask = batch
+    loaded, tok = load_fid_t5("shapes", path)
+    assert isinstance(loaded, FiDT5) and not loaded.training
+    assert loaded.t5.lm_head.weight is loaded.t5.shared.weight  # still tied after loading
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded.generate(ids, mask, max_new_tokens=4), model.generate(ids, mask, max_new_tokens=4))
+    assert find_fid_t5("shapes", path) == path
+    assert weights_fingerprint("shapes", path) == file_fingerprint(path)
+    with pytest.raises(WeightsError, match="'shapes' FiD T5, not 'tiny'"):
+        load_fid_t5("tiny", path)
+    with pytest.raises(WeightsError, match="not found"):
+        load_fid_t5("shapes", tmp_path / "missing.safetensors")
+    tiny_model, _ = load_fid_t5("tiny")
+    from safetensors.torch import save_file
+
+    save_file(fid_t5.fid_t5_state(tiny_model), str(tmp_path / "tiny.safetensors"))  # no metadata
+    with pytest.raises(WeightsError, match="does not fit the model"):
+        load_fid_t5("shapes", tmp_path / "tiny.safetensors")
+
+
+def test_shapes_preset_reads_the_bundled_file(tmp_path, monkeypatch):
+    from models import weights
+    from stages.qa import QAFiD
+
+    monkeypatch.setattr(weights, "SHAPES_WEIGHTS_DIR", tmp_path / "shapes")
+    with pytest.raises(WeightsError, match=r"shapes.*fid_t5\.safetensors.*missing.*bin/train-shapes fid"):
+        load_fid_t5("shapes")
+    with pytest.raises(WeightsError, match="bin/train-shapes fid"):
+        weights_fingerprint("shapes")
+    stage = QAFiD(QAFiD.Params(preset="shapes"))
+    assert [field for field, _ in stage.problems()] == ["preset"]
+    (tmp_path / "shapes").mkdir()
+    model, path = _shapes_file(tmp_path / "shapes")
+    assert find_fid_t5("shapes") == path
+    loaded, _ = load_fid_t5("shapes")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert weights_fingerprint("shapes") == weights_fingerprint("shapes", path) != weights_fingerprint("tiny")
+    assert stage.problems() == [] and stage.weights_fingerprint() == weights_fingerprint("shapes")

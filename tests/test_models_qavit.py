@@ -305,3 +305,82 @@ def test_tiny_is_deterministic_and_fingerprinted(tiny):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert weights_fingerprint("tiny") == weights_fingerprint("tiny")
     assert weights_fingerprint("tiny") != weights_fingerprint("tiny", integration_point="all")
+
+
+# ---------------------------------------------------------------- the shapes preset
+
+def _shapes_file(folder: Path, *, question_encoder: bool = True) -> dict[str, torch.Tensor]:
+    """A runtime-train-qavit-style file for ``shapes`` in ``folder``: vision tower (gates 0.4),
+    a perturbed question encoder (without T5's tied embedding copy), an answer head."""
+    from safetensors.torch import save_file
+
+    from models.qavit.checkpoint import TIED_EMBEDDING, load_question_encoder
+
+    tower = build_vision(qavit_config("shapes"))
+    tower.set_gates(0.4)
+    encoder, _, _ = load_question_encoder("shapes")
+    tensors = {k: v.clone() for k, v in tower.state_dict().items()}
+    if question_encoder:
+        tensors.update({f"question_encoder.{k}": v + 0.01 for k, v in encoder.state_dict().items()
+                        if k != TIED_EMBEDDING})
+    tensors.update({"answer_head.weight": torch.zeros(17, 128), "answer_head.bias": torch.zeros(17)})
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "qavit.safetensors"), metadata={"formulation": "gated", "preset": "shapes"})
+    return tensors
+
+
+def test_shapes_preset_sizes():
+    from models.qavit import clip_preprocess
+    from models.qavit.checkpoint import load_question_encoder
+    from stages.qavit import QAViTAttention
+
+    cfg = qavit_config("shapes")
+    assert (cfg.image_size, cfg.patch_size, cfg.grid, cfg.width, cfg.depth) == (168, 14, 12, 128, 6)
+    assert cfg.instruction_layers == [3, 4, 5] and clip_preprocess("shapes")["image_size"] == 168
+    with torch.device("meta"):
+        tower = InstructCLIPVisionModel(cfg)
+    encoder, tokenizer, source = load_question_encoder("shapes")
+    assert source == "shapes" and encoder.config.d_model == cfg.text_dim and encoder.config.dropout_rate == 0
+    params = sum(p.numel() for p in tower.parameters()) + sum(p.numel() for p in encoder.parameters())
+    assert params * 4 < 8e6  # float32 weights under 8 MB
+    stage = QAViTAttention(QAViTAttention.Params(preset="shapes"))
+    assert stage.inputs()["pixels"].spec.shape == [3, 168, 168]
+    assert stage.outputs()["native_heatmap"].spec.shape == [12, 12]
+
+
+def test_shapes_weights_missing_say_how_to_make_them(monkeypatch, tmp_path):
+    from stages.qavit import QAViTAttention
+
+    monkeypatch.setattr("models.weights.SHAPES_WEIGHTS_DIR", tmp_path / "nowhere")
+    with pytest.raises(WeightsError, match="train-shapes qavit"):
+        load_qavit("shapes")
+    with pytest.raises(WeightsError, match="qavit.safetensors"):
+        weights_fingerprint("shapes")
+    problems = QAViTAttention(QAViTAttention.Params(preset="shapes")).problems()
+    assert [f for f, _ in problems] == ["preset"] and "train-shapes qavit" in problems[0][1]
+
+
+def test_shapes_weights_load_with_their_question_encoder(monkeypatch, tmp_path):
+    monkeypatch.setattr("models.weights.SHAPES_WEIGHTS_DIR", tmp_path)
+    tensors = _shapes_file(tmp_path)
+    model, tokenizer, report = load_qavit("shapes")
+    assert report.kind == "qavit" and report.formulation == "gated" and report.integration_point == "late"
+    assert report.question_encoder.endswith("(question_encoder.*)")
+    assert sorted(report.vision.ignored) == ["answer_head.bias", "answer_head.weight",
+                                             "vision_model.embeddings.position_ids"]
+    own = model.question_encoder.state_dict()
+    assert all(torch.equal(own[k[len("question_encoder."):]], v) for k, v in tensors.items()
+               if k.startswith("question_encoder."))
+    assert torch.equal(own["encoder.embed_tokens.weight"], tensors["question_encoder.shared.weight"])
+    assert model.vision.layers[-1].self_attn.instruction_proj_gate.item() == pytest.approx(0.4)
+    states, mask = _questions(model, tokenizer, QUESTIONS[:2])
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, 168, 168), states[:1], mask[:1], mean_heads=True)
+    assert out.attentions[-1].shape == (1, 145, 145)
+    fingerprint = weights_fingerprint("shapes")
+    assert fingerprint == weights_fingerprint("shapes", checkpoint=tmp_path / "qavit.safetensors")
+    assert load_qavit("shapes", formulation="reference")[2].formulation == "reference"
+    _shapes_file(tmp_path, question_encoder=False)
+    with pytest.raises(WeightsError, match="question_encoder"):
+        load_qavit("shapes")
+    assert weights_fingerprint("shapes") != fingerprint

@@ -6,8 +6,8 @@
     two_way_transformer.py the decoder's two-way transformer
     mask_decoder.py        tokens + embedding -> 3 mask logits + predicted IoU
     efficient_sam.py       EfficientSam (embed once, predict_masks many times), preprocess
-    config.py              tiny / vitt / vits sizes
-    checkpoint.py          presets -> models, published checkpoints, fingerprints
+    config.py              tiny / shapes / vitt / vits sizes
+    checkpoint.py          presets -> models, published and bundled (shapes) checkpoints, fingerprints
 """
 
 from models.efficient_sam.checkpoint import (build_model, find_efficient_sam, load_efficient_sam,

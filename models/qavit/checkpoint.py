@@ -22,6 +22,14 @@ fine-tune their language model with LoRA (q, v and the shared embedding; r 16, a
 ``flan-t5-base`` folder is the encoder before that fine-tuning: for an exact reproduction, merge
 the LoRA weights and save the T5 model to a folder, and pass it as ``question_encoder``.
 
+``shapes``: the preset trained by the project on the synthetic ``shapes`` data (``runtime train
+qavit``), bundled as ``models/assets/shapes/qavit.safetensors`` (or any file that command wrote,
+given as ``checkpoint``). Such a file holds the vision tower in the published layout, the trained
+question encoder under ``question_encoder.*`` (read in place of the built-in one: the shapes T5
+encoder, or tiny's for a ``tiny`` training), the answer head (``answer_head.*``, used by the
+training's evaluation only, ignored here) and, in its metadata, the formulation it was trained
+with, which ``formulation="auto"`` then uses.
+
 ``tiny``: random initialisation from a fixed seed (identical in every process, the caller's RNG
 untouched) with the instruction gates set to ``TINY_GATE`` and the projector weights scaled by
 ``TINY_PROJECTOR_SCALE`` so that the question visibly changes the output, as in a trained model;
@@ -40,10 +48,10 @@ from typing import Literal
 
 import torch
 
-from models.qavit.config import PRESETS, QAViTConfig, integration_point_of, qavit_config
+from models.qavit.config import PRESETS, SHAPES_QUESTION_ENCODER, QAViTConfig, integration_point_of, qavit_config
 from models.qavit.model import InstructCLIPVisionModel, QAViT
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            load_checkpoint, tree_fingerprint)
+                            load_checkpoint, shapes_weights, tree_fingerprint)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,11 @@ _QAVIT_URL = "https://awscv-public-data.s3.us-west-2.amazonaws.com/qavit/checkpo
 CHECKPOINT_FILES = {"l14_336": ("qavit-base2.pth", _QAVIT_URL + "qavit-base2.pth")}  # ViT+T5-base QA-ViT
 QUESTION_ENCODERS = {"l14_336": ("flan-t5-base", "https://huggingface.co/google/flan-t5-base")}
 CLIP_FOLDERS = {"l14_336": ("clip-vit-large-patch14-336", "https://huggingface.co/openai/clip-vit-large-patch14-336")}
+SHAPES_FILE = "qavit.safetensors"            # in models/assets/shapes (models.weights.SHAPES_WEIGHTS_DIR)
+SHAPES_TRAIN_COMMAND = "bin/train-shapes qavit"
+BUILT_IN_ENCODERS = ("tiny", "shapes")       # presets whose question encoder is built in (no T5 folder)
+QUESTION_ENCODER_PREFIX = "question_encoder."  # the trained question encoder in a runtime train qavit file
+TIED_EMBEDDING = "encoder.embed_tokens.weight"  # T5's copy of shared.weight (not stored: tied)
 
 ANCHOR = "embeddings.patch_embedding.weight"
 POSITION_IDS = "vision_model.embeddings.position_ids"
@@ -98,7 +111,8 @@ class QAViTReport:
 
 def find_vision_weights(preset: str, path: str | Path | None = None) -> Path | None:
     """The vision weights a load would read: ``path`` (file or folder, must exist), else the
-    preset's QA-ViT checkpoint in the weights folder, else ``None`` for ``tiny``."""
+    preset's QA-ViT checkpoint (``shapes``: the bundled file; ``l14_336``: in the weights folder),
+    else ``None`` for ``tiny``."""
     _check(preset)
     if path is not None:
         path = Path(path)
@@ -107,6 +121,8 @@ def find_vision_weights(preset: str, path: str | Path | None = None) -> Path | N
         return path
     if preset == "tiny":
         return None
+    if preset == "shapes":
+        return shapes_weights(SHAPES_FILE, SHAPES_TRAIN_COMMAND)
     name, url = CHECKPOINT_FILES[preset]
     clip_name, clip_url = CLIP_FOLDERS[preset]
     try:
@@ -119,9 +135,10 @@ def find_vision_weights(preset: str, path: str | Path | None = None) -> Path | N
 
 def find_question_encoder(preset: str, path: str | Path | None = None) -> Path | None:
     """The Hugging Face T5 folder of the question encoder: ``path``, else the preset's standard
-    folder in the weights folder (``flan-t5-base``), else ``None`` for ``tiny`` (built in)."""
+    folder in the weights folder (``flan-t5-base``), else ``None`` for ``tiny`` and ``shapes`` (built
+    in; ``shapes`` reads its weights from the vision checkpoint)."""
     _check(preset)
-    if path is None and preset == "tiny":
+    if path is None and preset in BUILT_IN_ENCODERS:
         return None
     name, url = QUESTION_ENCODERS.get(preset, ("a T5 folder", "save_pretrained() of a T5 model and its tokenizer"))
     folder = find_weights(name, url) if path is None else Path(path)
@@ -219,19 +236,33 @@ def build_vision(config: QAViTConfig, device: torch.device | str = "cpu", *, emp
     return tower
 
 
+def built_in_encoder_config(preset: str, vocab_size: int):
+    """The ``T5Config`` of the built-in question encoder of ``tiny`` / ``shapes``."""
+    from transformers import T5Config
+
+    from models.fid_t5 import tiny_config
+
+    if preset == "shapes":
+        return T5Config(vocab_size=vocab_size, **SHAPES_QUESTION_ENCODER)
+    return tiny_config(vocab_size)
+
+
 def load_question_encoder(preset: str, path: str | Path | None = None, device: torch.device | str = "cpu"):
-    """``(T5EncoderModel in eval mode, tokenizer, source)`` of the question encoder."""
+    """``(T5EncoderModel in eval mode, tokenizer, source)`` of the question encoder. The built-in
+    encoders (``tiny``, ``shapes``; source ``"tiny"`` / ``"shapes"``) start from a seeded random
+    initialisation (the caller's RNG untouched); :func:`load_qavit` loads ``shapes``' trained
+    weights from its checkpoint."""
     from transformers import AutoTokenizer, T5EncoderModel
 
     folder = find_question_encoder(preset, path)
     if folder is None:
-        from models.fid_t5 import TINY_TOKENIZER_DIR, tiny_config
+        from models.fid_t5 import TINY_TOKENIZER_DIR
 
         tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
-            encoder = T5EncoderModel(tiny_config(len(tokenizer)))
-        return encoder.to(device).eval(), tokenizer, "tiny"
+            encoder = T5EncoderModel(built_in_encoder_config(preset, len(tokenizer)))
+        return encoder.to(device).eval(), tokenizer, preset
     try:
         encoder = T5EncoderModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -247,9 +278,14 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     """``(QAViT in eval mode, tokenizer, QAViTReport)``.
 
     ``integration_point``: ``None`` = the checkpoint's (QA-ViT weights) or ``late``; a QA-ViT
-    checkpoint whose instruction layers differ is an error. ``formulation``: ``auto`` =
-    ``reference`` for QA-ViT weights (reproduces the trained model), ``gated`` otherwise (tiny,
+    checkpoint whose instruction layers differ is an error. ``formulation``: ``auto`` = the one a
+    ``runtime train qavit`` file records in its metadata (``shapes``: ``gated``), else
+    ``reference`` for QA-ViT weights (reproduces the published model), ``gated`` otherwise (tiny,
     plain CLIP: identity while the gates are 0).
+
+    A checkpoint with ``question_encoder.*`` keys (written by ``runtime train qavit``) carries the
+    question encoder it was trained with: with a built-in encoder (``tiny``, ``shapes``) those
+    weights are loaded into it; ``shapes`` requires them. With a T5 folder they are ignored.
     """
     _check(preset)
     path = find_vision_weights(preset, checkpoint)
@@ -269,7 +305,21 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
         report = QAViTReport("tiny", config.integration_point, resolved, encoder_source)
         return QAViT(tower, encoder).eval(), tokenizer, report
 
-    state, kind, prefix, ignored = read_vision_state(path)
+    raw = _read_folder(path) if path.is_dir() else load_checkpoint(path)
+    state, kind, prefix, ignored = to_vision_layout(raw, str(path))
+    recorded = safetensors_metadata(path).get("formulation")
+    if question_encoder is None and preset in BUILT_IN_ENCODERS:  # built in: weights from the file if any
+        own = {k[len(QUESTION_ENCODER_PREFIX):]: v for k, v in raw.items() if k.startswith(QUESTION_ENCODER_PREFIX)}
+        if own:
+            apply_state_dict(encoder, own, f"checkpoint {path} (question_encoder.*)", optional=[TIED_EMBEDDING])
+            ignored = [k for k in ignored if not k.startswith(QUESTION_ENCODER_PREFIX)]
+            encoder_source = f"{path} (question_encoder.*)"
+        elif preset == "shapes":
+            raise WeightsError(f"{path} holds no question encoder (question_encoder.* keys), which the shapes "
+                               "preset reads from its checkpoint: pass a file written by `runtime train qavit "
+                               f"--preset shapes` (or {SHAPES_TRAIN_COMMAND}), or a T5 folder of width {text_dim} as "
+                               "question_encoder")
+    del raw
     point = integration_point or "late"
     if kind == "qavit":
         found = _instruction_layers_in(state)
@@ -289,7 +339,12 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
                                "model the checkpoint was trained with (qavit-base2: flan-t5-base 768, qavit-large: "
                                "flan-t5-large 1024, qavit-xl: flan-t5-xl 2048) as question_encoder")
     config = _with(base, point, text_dim)
-    resolved = ("reference" if kind == "qavit" else "gated") if formulation == "auto" else formulation
+    if formulation != "auto":
+        resolved = formulation
+    elif recorded in ("reference", "gated"):
+        resolved = recorded
+    else:
+        resolved = "reference" if kind == "qavit" and preset != "shapes" else "gated"
     tower = build_vision(config, device, empty=True, formulation=resolved)
     optional = [POSITION_IDS] + (tower.instruction_keys() if kind == "clip" else [])
     vision_report = apply_state_dict(tower, state, f"checkpoint {path}", ignore=[POSITION_IDS], optional=optional)
@@ -319,15 +374,28 @@ def weights_fingerprint(preset: str, checkpoint: str | Path | None = None, quest
         parts["vision"] = tree_fingerprint(path, ("*.safetensors", "*.bin", "*.index.json", "config.json")) \
             if path.is_dir() else file_fingerprint(path)
     folder = find_question_encoder(preset, question_encoder)
-    if folder is None:
+    if folder is None:  # built in: its weights are the seeded init or the vision file's question_encoder.*
         from models.fid_t5 import TINY_CONFIG, TINY_TOKENIZER_DIR
 
         tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
-        parts["question_encoder"] = {"config": TINY_CONFIG, "seed": TINY_SEED,
-                                     "tokenizer": hashlib.sha256(tokenizer_json).hexdigest()}
+        parts["question_encoder"] = {"config": SHAPES_QUESTION_ENCODER if preset == "shapes" else TINY_CONFIG,
+                                     "seed": TINY_SEED, "tokenizer": hashlib.sha256(tokenizer_json).hexdigest()}
     else:
         parts["question_encoder"] = tree_fingerprint(folder, _T5_FINGERPRINT)
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file (``{}`` for other files and folders)."""
+    if path.is_dir() or path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception:  # unreadable: load_checkpoint has already said why, or will
+        return {}
 
 
 def _with(config: QAViTConfig, integration_point: str, text_dim: int) -> QAViTConfig:

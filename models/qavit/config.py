@@ -6,18 +6,32 @@ ViT-L/14 at 336 px (24 layers, width 1024, 16 heads, MLP 4096, quick-GELU, Layer
 integration ``late`` (layers 12-23). ``tiny``: the same architecture with small widths (112 px,
 patch 14 -> 8x8 grid, width 64, 4 layers, 4 heads) and the tiny T5 encoder (width 64), for tests
 and for running without a checkpoint.
+
+``shapes``: the same architecture at a size trained by the project from scratch on the synthetic
+``shapes`` data (``runtime train qavit``; weights bundled as ``models/assets/shapes/qavit.safetensors``):
+168 px, patch 14 -> 12x12 grid (half of l14_336's 336 px with the same patch, and exactly half of
+the captioner's 24x24 grid), width 128, 6 layers (instructions in 3-5, ``late``), 4 heads, MLP
+512, and a 2-layer T5 encoder of width 128 over the tiny T5 vocabulary
+(:data:`SHAPES_QUESTION_ENCODER`), whose trained weights live in the same file
+(``question_encoder.*``). Feed it ``preprocess_image`` family ``clip`` with ``image_size`` 168.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRESETS = ("tiny", "l14_336")
+PRESETS = ("tiny", "shapes", "l14_336")
 INTEGRATION_POINTS = ("all", "early", "late", "late2", "late3", "sparse")
 
 # CLIP's normalisation of [0, 1] RGB pixels (openai/clip-vit-large-patch14-336 preprocessor_config.json)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# the shapes preset's question encoder: a T5 encoder (transformers ``T5Config`` fields) over the tiny
+# T5 vocabulary (models/assets/tiny_t5); no dropout, so training is a deterministic function of the data
+SHAPES_QUESTION_ENCODER = dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4,
+                               feed_forward_proj="relu", dropout_rate=0.0, tie_word_embeddings=True,
+                               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 
 
 def instruction_layers(num_layers: int, integration_point: str) -> list[int]:
@@ -103,6 +117,9 @@ def qavit_config(preset: str, integration_point: str | None = None) -> QAViTConf
     if preset == "tiny":
         cfg = QAViTConfig(image_size=112, patch_size=14, width=64, depth=4, heads=4, mlp_dim=256, text_dim=64,
                           initializer_factor=2.0)
+    elif preset == "shapes":
+        cfg = QAViTConfig(image_size=168, patch_size=14, width=128, depth=6, heads=4, mlp_dim=512,
+                          text_dim=SHAPES_QUESTION_ENCODER["d_model"])
     elif preset == "l14_336":
         cfg = QAViTConfig(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
                           text_dim=768)
