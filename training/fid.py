@@ -1,0 +1,676 @@
+"""``runtime train fid``: train the Fusion-in-Decoder T5 to answer shapes questions from captions.
+
+PNP-VQA's ``qa_fid`` stage reads the question and the captions the ``caption`` stage made of
+heatmap-sampled patches (one caption per passage, ``num_captions_fid: 1``). This command trains
+the FiD T5 (``--preset shapes``: the bundled model's architecture; ``tiny`` for tests) for
+exactly that input on the synthetic ``shapes`` data, with the captions the trained captioner is
+taught to produce (:func:`training.caption.caption_for_patches`, the prompt stripped as the
+``caption`` stage strips it): ``"a red circle and a blue square"``, ``"a plain background"``.
+
+Captions of a training sample (the recipe; :func:`draw_captions`):
+
+1. The heatmap. The *focus* of a question is its referred objects (the source's ``gt_mask``,
+   pooled to the ``--grid`` patch grid as the fraction of each cell covered); a question with
+   none (``is there a blue diamond?`` -> no; ``how many circles?`` -> 0) focuses on the objects
+   whose colour or shape it names, as an ITM heatmap latches onto those words; a question that
+   names nothing in the scene has no focus. The heatmap is ``focus + spread`` with ``spread``
+   drawn log-uniformly from ``[--spread-min, --spread-max]`` per sample (small: nearly every
+   patch on the focus; 1: close to uniform, other objects appear often). With probability
+   ``--uniform-fraction``, and always without a focus, the heatmap is uniform.
+2. The captions, as the ``caption`` stage draws them: rounds of ``--num-captions`` subsets of
+   ``--num-patches`` distinct patches (probability proportional to the heatmap, Gumbel-top-k
+   as ``stages.grid.sample_patch_sets``), each captioned with the objects visible in it
+   (``--min-overlap`` of a patch), a caption kept when it is not a substring of one already
+   kept; until ``--num-captions`` are kept or ``--max-rounds`` rounds are spent (so a focused
+   heatmap gives fewer, repeated-object captions, as in the pipeline).
+3. Passages: :func:`models.fid_t5.make_passages` with ``num_captions_fid=1``; target: the most
+   frequent VQA-normalised human answer (``stages.evaluation.normalize_answer``: ``"Two"`` and
+   ``"two"`` count as ``"2"``), which for the shapes source is the exact answer.
+
+Loss: teacher-forced cross-entropy of the answer tokens (and ``</s>``) through
+``FiDT5.forward``. AdamW (no weight decay on biases / norms), linear warmup over ``--warmup``
+steps then a constant learning rate (``--lr-decay cosine``: a cosine decay to 0 at ``--steps``,
+which then may not change on ``--resume``), gradient clipping. ``--init FILE`` starts from a previous
+``fid_t5.safetensors`` of the same preset, else the preset's seeded random initialisation.
+
+Some questions cannot always be answered from captions: captions list objects left to right
+but carry no vertical position (``what shape is at the top?``), and a caption names each
+visible object once, so counts are only right when the captions together show every object
+counted. The held-out metrics are reported per question type for that reason. The bundled
+tokenizer (``models/assets/tiny_t5``) lacks the word ``textured``: ``"a textured background"``
+reads ``a <unk> background``, still distinct from ``"a plain background"``.
+
+Determinism: step ``k``'s samples and captions come from ``numpy.random.default_rng([seed, k])``
+alone; the ``shapes`` preset has no dropout (``tiny``'s dropout draws from the torch RNG, saved in
+the checkpoint). So ``--resume`` (model, optimiser, step and torch RNG state from
+``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted run (same device and
+threads). Evaluation does not touch the training state.
+
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps): the questions of
+``--eval-images`` shapes images of seed ``--eval-seed`` (default seed + 1000), captions drawn
+once from ``default_rng(eval_seed)`` with the same recipe; greedy answers (as ``qa_fid``: one
+beam, ``max_length`` 20) scored by exact match with the answer and by VQA accuracy against the
+ten human answers (``stages.evaluation.vqa_accuracy``), overall and per question type.
+
+Outputs in ``--out DIR``: ``fid_t5.safetensors`` (the T5 state dict; ``load_fid_t5(preset,
+path)`` reads it), ``checkpoint.pt`` (resumable, atomic, ``weights_only``), ``loss.csv`` (loss,
+teacher-forced answer accuracy), ``loss.png``, ``config.json``, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shlex
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
+                             check_same_run, finite_loss, mean_or_none, parse_source_params, set_warmup_lr, start_run,
+                             weight_decay_groups)
+
+DEFAULT_STEPS = 300
+CHECKPOINT_FORMAT = "pnpvqa-fid-training"
+CHECKPOINT_VERSION = 1
+PRESETS = ("tiny", "shapes")
+GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
+EVAL_BATCH = 64
+MAX_NEW_TOKENS = 19  # qa_fid's max_length 20, the decoder start token included
+MAX_PASSAGE_TOKENS = 512  # qa_fid's max_passage_tokens
+CHECK_IMAGES = 32
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights", "eval_every",
+                     "eval_seed", "eval_images")
+_WORD = re.compile(r"[a-z]+")
+
+
+# --- the captions of a question ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the captions of a sample are drawn (see the module docstring)."""
+
+    num_captions: int = 5
+    num_patches: int = 20
+    max_rounds: int = 10
+    uniform_fraction: float = 0.15
+    spread_min: float = 0.002
+    spread_max: float = 1.0
+    min_overlap: float = 0.1  # training.caption.MIN_OVERLAP
+
+
+@dataclass(frozen=True)
+class QASample:
+    """A question of image ``image``: ``focus [cells]`` float32 (None = no focus), ``target``
+    the answer the model is taught, ``answers`` the ten human answers."""
+
+    image: int
+    question: str
+    question_type: str
+    answers: tuple[str, ...]
+    target: str
+    focus: np.ndarray | None = field(compare=False, repr=False)
+
+
+def target_answer(answers: Sequence[str]) -> str:
+    """The most frequent VQA-normalised answer (the first seen wins a tie); '' when none."""
+    from stages.evaluation import normalize_answer
+
+    if not answers:
+        return ""
+    return Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
+
+
+def named_objects(question: str, scene: dict[str, Any]) -> list[int]:
+    """Indices of the scene's objects whose colour or shape (plural too) the question names."""
+    words = set(_WORD.findall(question.lower()))
+    words |= {w[:-1] for w in words if w.endswith("s")}
+    return [i for i, o in enumerate(scene.get("objects", [])) if o["color"] in words or o["shape"] in words]
+
+
+class QAData:
+    """The questions of a ``shapes`` source with their images' per-patch object coverage."""
+
+    def __init__(self, params, grid: int = GRID) -> None:
+        from runtime.sources.shapes import ShapesSource, render_scene
+        from stages.grid import pool_to_grid
+        from training.caption import object_coverage
+
+        self.grid, self.params = grid, params
+        self.scenes: list[dict[str, Any]] = []
+        self.coverage: list[np.ndarray] = []
+        self.samples: list[QASample] = []
+        self.captions: dict[tuple, str] = {}  # (image, min_overlap, visible objects) -> caption
+        index: dict[str, int] = {}
+        for record in ShapesSource(params).iter_samples():
+            image_id = record["image_id"]
+            if image_id not in index:
+                index[image_id] = len(self.scenes)
+                scene = render_scene(params.seed, int(image_id.rsplit("-", 1)[1]), params)
+                scene_dict = json.loads(scene.to_json())
+                if scene_dict != json.loads(record["scene"]):
+                    raise RuntimeError(f"shapes image {image_id} renders differently from its source record")
+                self.scenes.append(scene_dict)
+                self.coverage.append(object_coverage(scene_dict, grid, masks=scene.masks))
+            i = index[image_id]
+            if record.get("gt_mask") is not None:
+                focus = pool_to_grid(np.asarray(record["gt_mask"])[None], grid)[0].reshape(-1)
+            else:
+                named = named_objects(record["question"], self.scenes[i])
+                focus = np.minimum(1.0, self.coverage[i][named].sum(axis=0)) if named else None
+            if focus is not None and not focus.max() > 0:
+                focus = None
+            answers = tuple(record["answers"] or ())
+            self.samples.append(QASample(i, record["question"], record.get("question_type") or "", answers,
+                                         target_answer(answers),
+                                         None if focus is None else focus.astype(np.float32)))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def heatmap_weights(focus: np.ndarray | None, cells: int, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
+    """``[cells]`` sampling weights of a question (always draws two numbers from ``rng``)."""
+    uniform = rng.random() < recipe.uniform_fraction
+    spread = math.exp(rng.uniform(math.log(recipe.spread_min), math.log(recipe.spread_max)))
+    if focus is None or uniform:
+        return np.ones(cells)
+    return focus.astype(np.float64) + spread
+
+
+def draw_captions(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
+    """The captions of ``sample`` as the ``caption`` stage would keep them (prompt stripped)."""
+    from stages.grid import sample_patch_sets
+    from training.caption import PROMPT, caption_for_patches
+
+    cells = data.grid * data.grid
+    weights = heatmap_weights(sample.focus, cells, rng, recipe)[None]
+    scene, coverage = data.scenes[sample.image], data.coverage[sample.image]
+    visible = coverage >= recipe.min_overlap  # [O, cells]: the caption depends only on the visible set
+    kept: list[str] = []
+    for _ in range(recipe.max_rounds):
+        for patches in sample_patch_sets(weights, [rng], recipe.num_captions, recipe.num_patches)[0]:
+            key = (sample.image, recipe.min_overlap, visible[:, patches].any(axis=1).tobytes())
+            text = data.captions.get(key)
+            if text is None:
+                text = data.captions[key] = caption_for_patches(
+                    scene, patches, data.grid, min_overlap=recipe.min_overlap, coverage=coverage)[len(PROMPT):]
+            if len(kept) < recipe.num_captions and not any(text in k for k in kept):
+                kept.append(text)
+        if len(kept) >= recipe.num_captions:
+            break
+    return kept
+
+
+def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
+    """The FiD passages of a sample: one caption each (``num_captions_fid=1``), as the graphs use."""
+    from models.fid_t5 import make_passages
+
+    return make_passages(sample.question, draw_captions(data, sample, rng, recipe), 1)
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+@dataclass
+class FidSettings:
+    out: str
+    preset: str = "tiny"
+    init: str | None = None
+    weights: str | None = None  # no --weights: the built-in presets need no weights folder (start_run reads it)
+    seed: int = 0
+    num_images: int = 16
+    source_params: dict[str, Any] = field(default_factory=dict)
+    grid: int = GRID
+    num_captions: int = 5
+    num_patches: int = 20
+    max_rounds: int = 10
+    uniform_fraction: float = 0.15
+    spread_min: float = 0.002
+    spread_max: float = 1.0
+    min_overlap: float = 0.1
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: int = 0
+    lr_decay: str = "constant"
+    grad_clip: float = 1.0
+    checkpoint_every: int = 50
+    eval_every: int = 0
+    eval_seed: int | None = None
+    eval_images: int = 16
+    device: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+
+    @property
+    def held_out_seed(self) -> int:
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.num_captions, self.num_patches, self.max_rounds, self.uniform_fraction, self.spread_min,
+                      self.spread_max, self.min_overlap)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+
+@dataclass
+class FidResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runtime train fid",
+        description="Train the Fusion-in-Decoder T5 (qa_fid) to answer shapes questions from captions of "
+                    "heatmap-sampled patches (one caption per passage, as the graphs use). Writes "
+                    "DIR/fid_t5.safetensors (loadable by load_fid_t5(preset, path)), DIR/checkpoint.pt, "
+                    "DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out exact match and "
+                    "VQA accuracy, per question type).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_output_options(p)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="FiD T5 architecture (built-in configs)")
+    m.add_argument("--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
+                   "default: the preset's seeded random initialisation")
+    d = p.add_argument_group("data (the shapes source and the captions of a question)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
+    d.add_argument("--num-images", type=int, default=16, help="shapes images whose questions are trained on")
+    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
+    d.add_argument("--grid", type=int, default=GRID, help="patch grid of the captioner (24 = BLIP 384 / 16)")
+    d.add_argument("--num-captions", type=int, default=5, help="captions kept per question (caption stage)")
+    d.add_argument("--num-patches", type=int, default=20, help="patches per caption (caption stage)")
+    d.add_argument("--max-rounds", type=int, default=10, help="sampling rounds for distinct captions (caption stage)")
+    d.add_argument("--uniform-fraction", type=float, default=0.15,
+                   help="share of questions captioned from a uniform heatmap")
+    d.add_argument("--spread-min", type=float, default=0.002,
+                   help="smallest weight added to every cell of a focused heatmap (log-uniform draw)")
+    d.add_argument("--spread-max", type=float, default=1.0,
+                   help="largest weight added to every cell of a focused heatmap (log-uniform draw)")
+    d.add_argument("--min-overlap", type=float, default=0.1,
+                   help="share of a patch an object must cover to be visible in it (as runtime train caption)")
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=32, batch_help="questions per step",
+                                 lr=1e-3, lr_help="AdamW learning rate (after the warmup: constant)",
+                                 weight_decay=0.01, weight_decay_help="on weight matrices only", warmup=True)
+    t.add_argument("--lr-decay", choices=["constant", "cosine"], default="constant",
+                   help="after the warmup: constant, or cosine decay to 0 at --steps")
+    add_checkpoint_option(t)
+    add_device_options(t)
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate every N steps (0 = only at the start and the end)")
+    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out images (default: seed + 1000)")
+    e.add_argument("--eval-images", type=int, default=16, help="held-out images, all their questions (0 = none)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> FidSettings:
+    extra = parse_source_params(args.source_param)
+    names = ("out", "preset", "init", "seed", "num_images", "grid", "num_captions", "num_patches", "max_rounds",
+             "uniform_fraction", "spread_min", "spread_max", "min_overlap", "steps", "batch_size", "lr",
+             "weight_decay", "warmup", "lr_decay", "grad_clip", "checkpoint_every", "eval_every", "eval_seed", "eval_images",
+             "device", "resume", "quiet")
+    return FidSettings(source_params=extra, **{n: getattr(args, n) for n in names})
+
+
+def check_settings(s: FidSettings) -> None:
+    if s.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
+    for name in ("steps", "batch_size", "num_images", "grid", "num_captions", "num_patches", "max_rounds"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if s.num_patches > s.grid * s.grid:
+        raise ValueError(f"--num-patches {s.num_patches} exceeds the {s.grid}x{s.grid} patch grid")
+    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0:
+        raise ValueError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
+    if s.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
+    if not 0.0 <= s.uniform_fraction <= 1.0:
+        raise ValueError(f"--uniform-fraction must be in [0, 1], got {s.uniform_fraction}")
+    if not 0.0 < s.spread_min <= s.spread_max:
+        raise ValueError(f"need 0 < --spread-min <= --spread-max, got {s.spread_min} and {s.spread_max}")
+    if not 0.0 < s.min_overlap <= 1.0:
+        raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
+    if {"seed", "num_images"} & set(s.source_params):
+        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
+
+
+# --- batches and evaluation -------------------------------------------------------------------
+
+def set_lr(optimizer, s: FidSettings, step: int) -> float:
+    """Set (and return) the learning rate of ``step``: the warmup, then constant or cosine."""
+    if s.lr_decay != "cosine" or step < s.warmup:
+        return set_warmup_lr(optimizer, s.lr, s.warmup, step)
+    lr = s.lr * 0.5 * (1.0 + math.cos(math.pi * (step - s.warmup) / max(1, s.steps - s.warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def answer_batch(tokenizer, targets: Sequence[str], start_token: int):
+    """``decoder_input_ids [B, T]`` (start token, then the answer shifted right) and ``labels
+    [B, T]`` (the answer tokens and ``</s>``, -100 on padding)."""
+    import torch
+
+    enc = tokenizer(list(targets), padding="longest", return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    start = torch.full((labels.shape[0], 1), start_token, dtype=torch.long)
+    decoder_input_ids = torch.cat([start, enc["input_ids"][:, :-1]], dim=1)
+    return decoder_input_ids, labels
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    sample: QASample
+    passages: list[str]
+
+
+def eval_items(data: QAData, seed: int, recipe: Recipe) -> list[EvalItem]:
+    """Every question of ``data`` with captions drawn once from ``default_rng(seed)``, in order."""
+    rng = np.random.default_rng(seed)
+    return [EvalItem(s, sample_passages(data, s, rng, recipe)) for s in data.samples]
+
+
+def generate_answers(model, tokenizer, passages: list[list[str]], device) -> list[str]:
+    """Greedy answers (as ``qa_fid`` with its defaults), ``EVAL_BATCH`` questions at a time."""
+    import torch
+
+    from models.fid_t5 import tokenize_passages
+
+    answers: list[str] = []
+    with torch.no_grad():
+        for start in range(0, len(passages), EVAL_BATCH):
+            ids, mask = tokenize_passages(tokenizer, passages[start:start + EVAL_BATCH], MAX_PASSAGE_TOKENS)
+            out = model.generate(ids.to(device), mask.to(device), num_beams=1, max_new_tokens=MAX_NEW_TOKENS)
+            answers += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate(model, tokenizer, items: list[EvalItem], device, step: int) -> dict[str, Any]:
+    """Exact match (answer == target) and VQA accuracy, overall and per question type."""
+    from stages.evaluation import vqa_accuracy
+
+    was_training = model.training
+    model.eval()
+    predictions = generate_answers(model, tokenizer, [it.passages for it in items], device)
+    model.train(was_training)
+    exact = [float(p == it.sample.target) for p, it in zip(predictions, items)]
+    vqa = [vqa_accuracy(p, it.sample.answers) for p, it in zip(predictions, items)]
+    per_type: dict[str, dict[str, Any]] = {}
+    for kind in sorted({it.sample.question_type for it in items}):
+        rows = [k for k, it in enumerate(items) if it.sample.question_type == kind]
+        per_type[kind] = {"samples": len(rows), "exact_match": float(np.mean([exact[k] for k in rows])),
+                          "vqa_accuracy": mean_or_none([vqa[k] for k in rows if vqa[k] is not None])}
+    examples = [{"question": it.sample.question, "passages": it.passages, "target": it.sample.target,
+                 "answer": p} for p, it in list(zip(predictions, items))[:8]]
+    scored = [v for v in vqa if v is not None]
+    return {"step": step, "samples": len(items), "exact_match": mean_or_none(exact),
+            "vqa_accuracy": mean_or_none(scored), "per_type": per_type,
+            "mean_captions": mean_or_none([len(it.passages) for it in items]), "examples": examples}
+
+
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = CHECK_IMAGES) -> dict[str, float]:
+    """Held-out metrics of a ``fid_t5.safetensors`` (its preset read from the file's metadata,
+    default ``shapes``) on the questions of ``num_images`` default shapes images of ``seed``,
+    captions drawn with the default recipe from ``default_rng(seed)``: ``exact_match``,
+    ``vqa_accuracy`` and ``exact_match_<type>`` per question type. Deterministic."""
+    import torch
+
+    from models.fid_t5 import load_fid_t5
+    from training.data import source_params
+
+    weights = Path(weights)
+    preset = _file_preset(weights) or "shapes"
+    model, tokenizer = load_fid_t5(preset, weights)
+    data = QAData(source_params("shapes", seed, num_images, {}))
+    result = evaluate(model, tokenizer, eval_items(data, seed, Recipe()), torch.device("cpu"), 0)
+    metrics = {"exact_match": float(result["exact_match"]), "vqa_accuracy": float(result["vqa_accuracy"])}
+    metrics.update({f"exact_match_{k}": float(v["exact_match"]) for k, v in result["per_type"].items()})
+    return metrics
+
+
+def _file_preset(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("preset")
+    except Exception:  # load_fid_t5 reports an unreadable file
+        return None
+
+
+# --- files ------------------------------------------------------------------------------------
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    from training.outputs import load_checkpoint as load
+
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a FiD T5")
+
+
+def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
+    """The T5 state dict (tied embeddings once) as safetensors, atomically."""
+    from models.fid_t5 import fid_t5_state
+    from training.outputs import atomic_save_safetensors
+
+    atomic_save_safetensors(fid_t5_state(model), path, metadata)
+
+
+def initial_model(preset: str, init: str | None):
+    """``(FiDT5, tokenizer, fingerprint)`` a training starts from: ``init`` or the seeded random init."""
+    from models.fid_t5 import TINY_SEED, build_fid_t5, load_fid_t5
+    from models.weights import file_fingerprint
+
+    if init is None:
+        model, tokenizer = build_fid_t5(preset)
+        return model, tokenizer, f"random-init:{preset}:seed={TINY_SEED}"
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"--init {init}: no such file")
+    model, tokenizer = load_fid_t5(preset, init)
+    return model, tokenizer, file_fingerprint(init)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def describe(result: dict[str, Any]) -> str:
+    per = ", ".join(f"{k} {_fmt(v['exact_match'])}" for k, v in result["per_type"].items())
+    return f"exact match {_fmt(result['exact_match'])}, VQA accuracy {_fmt(result['vqa_accuracy'])} ({per})"
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
+    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from models.fid_t5 import WEIGHTS_FORMAT, tokenize_passages
+    from models.weights import file_fingerprint
+    from training import outputs
+    from training.data import source_params
+
+    check_settings(s)
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
+    model, tokenizer, init_fingerprint = initial_model(s.preset, s.init)
+    schedule = {"cosine_steps": s.steps} if s.lr_decay == "cosine" else {}  # the decay ends at --steps
+    run_identity = json.dumps({**s.run_identity(), **schedule, "init_weights": init_fingerprint}, sort_keys=True)
+    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --init, --eval-* and, without "
+                   "--lr-decay cosine, --steps")
+    model.to(device).train()
+    recipe = s.recipe
+
+    params = source_params("shapes", s.seed, s.num_images, s.source_params)
+    data = QAData(params, s.grid)
+    eval_items_ = eval_params = None
+    if s.eval_images:
+        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+        eval_items_ = eval_items(QAData(eval_params, s.grid), s.held_out_seed, recipe)
+
+    torch.manual_seed(s.seed)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
+    losses: list[float] = []
+    accuracies: list[float] = []
+    evals: list[dict[str, Any]] = []
+    invocations: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start = 0
+    if resume_state is not None:
+        model.t5.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        outputs.set_rng_state(resume_state["rng"], device)
+        start = int(resume_state["step"])
+        losses = resume_state["losses"].tolist()
+        accuracies = resume_state["accuracies"].tolist()
+        evals = json.loads(resume_state["evals"])
+        invocations = json.loads(resume_state["invocations"])
+        train_seconds = float(resume_state["train_seconds"])
+    invocations.append({"command": "runtime train fid " + shlex.join(command), "from_step": start, "to_step": None})
+
+    config_dict = model.config.to_dict()
+    config_dict.pop("transformers_version", None)
+    type_counts = Counter(x.question_type for x in data.samples)
+    meta = {
+        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
+        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
+                  "batches": f"numpy default_rng([{s.seed}, step])",
+                  "eval_captions": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint, "config": config_dict,
+                  "parameters": sum(p.numel() for p in model.parameters())},
+        "captions": {**asdict(recipe), "grid": s.grid, "num_captions_fid": 1,
+                     "form": "caption stage output, prompt stripped: 'a red circle and a blue square'"},
+        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data.scenes),
+                   "questions": len(data), "question_types": dict(sorted(type_counts.items()))},
+        "eval_source": None if eval_params is None else {
+            "name": "shapes", "params": eval_params.model_dump(mode="json"), "questions": len(eval_items_)},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+
+    def run_eval(step: int) -> None:
+        if eval_items_ is None or any(e["step"] == step for e in evals):
+            return
+        result = evaluate(model, tokenizer, eval_items_, device, step)
+        evals.append(result)
+        if not s.quiet:
+            print(f"step {step}: held-out {describe(result)}", file=sys.stderr)
+
+    def save(step: int, final: bool, seconds: float) -> None:
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in model.t5.state_dict().items()},
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
+            losses=torch.tensor(losses, dtype=torch.float64), accuracies=torch.tensor(accuracies, dtype=torch.float64),
+            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
+        save_weights(model, out / "fid_t5.safetensors",
+                     {"format": WEIGHTS_FORMAT, "preset": s.preset, "step": str(step),
+                      "config": json.dumps(config_dict, sort_keys=True)})
+        outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
+        if final:
+            outputs.write_loss_plot(out / "loss.png", losses, f"FiD T5 {s.preset}: {len(data)} shapes questions, "
+                                    f"{s.num_captions} captions", "answer cross-entropy (per token)")
+        finished = final and step >= s.steps
+        summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
+                   "answer_accuracy_last": mean_or_none(accuracies[-10:])}
+        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
+        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
+                  "finished": finished, "train_seconds": seconds,
+                  "weights_fingerprint": file_fingerprint(out / "fid_t5.safetensors"), **summary}
+        outputs.write_json(out / "config.json", config)
+        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
+                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
+                   "history": [{k: v for k, v in e.items() if k != "examples"} for e in evals], **summary}
+        outputs.write_json(out / "metrics.json", metrics)
+
+    if start == 0:
+        run_eval(0)
+    started = time.perf_counter()
+    base_seconds = train_seconds
+    start_token = model.config.decoder_start_token_id
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train fid {s.preset}", unit="step",
+               disable=s.quiet, dynamic_ncols=True)
+    try:
+        for step in range(start, s.steps):
+            set_lr(optimizer, s, step)
+            rng = np.random.default_rng([s.seed, step])
+            chosen = [data.samples[int(i)] for i in rng.integers(0, len(data), size=s.batch_size)]
+            passages = [sample_passages(data, x, rng, recipe) for x in chosen]
+            ids, mask = tokenize_passages(tokenizer, passages, MAX_PASSAGE_TOKENS)
+            decoder_input_ids, labels = answer_batch(tokenizer, [x.target for x in chosen], start_token)
+            logits = model(ids.to(device), mask.to(device), decoder_input_ids.to(device)).logits.float()
+            labels = labels.to(device)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            optimizer.step()
+
+            value = finite_loss(loss, step)
+            right = (logits.argmax(-1) == labels) | (labels == -100)
+            losses.append(value)
+            accuracies.append(float(right.all(dim=1).float().mean()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
+            done = step + 1
+            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                run_eval(done)
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
+    finally:
+        bar.close()
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    return FidResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
+                     seconds=time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train fid``; returns the exit status."""
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        result = train(settings, command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    m = result.metrics
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; held-out {describe(m)}" if m else "")
+          + f"; weights {result.out / 'fid_t5.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
