@@ -3,7 +3,8 @@
 
 Untrained, every mode returns the BLIP tokens unchanged (zero-initialised output projection),
 so a graph with fusion gives the answers of the graph without it until the fusion is trained
-(`runtime train fusion`). Models and torch are imported inside the methods.
+(`runtime train fusion`; `weights: shapes` names the bundled file of the mode, trained for the
+``shapes`` BLIP and EfficientSAM presets). Models and torch are imported inside the methods.
 """
 
 from __future__ import annotations
@@ -16,13 +17,19 @@ from pydantic import Field
 from artifacts.columns import TensorSpec
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
 
+SHAPES = "shapes"  # the `weights` value naming the bundled file of the node's mode
+SHAPES_TRAIN_COMMAND = "bin/train-shapes fusion"
+
 
 class FeatureFusionParams(StageParams):
     mode: Literal["concat_conv", "cross_attention", "difnet"] = Field(
         "concat_conv", description="concat_conv: SAM resized to the BLIP grid, channels concatenated, 1x1 conv; "
         "cross_attention: BLIP tokens query SAM tokens; difnet: DIFNet two-stream multi-level encoder")
-    weights: str | None = Field(None, description="trained fusion weights (fusion.safetensors written by `runtime "
-                                "train fusion`); none = untrained, i.e. the BLIP tokens unchanged")
+    weights: str | None = Field(None, description="trained fusion weights: a fusion.safetensors written by `runtime "
+                                "train fusion`, or `shapes` = the bundled "
+                                "models/assets/shapes/fusion_<mode>.safetensors of this node's mode, trained for the "
+                                "shapes BLIP and EfficientSAM presets (`bin/train-shapes fusion`); none = untrained, "
+                                "i.e. the BLIP tokens unchanged")
     width: int = Field(256, ge=1, description="fusion width (untrained modules; a weights file brings its own)")
     heads: int = Field(8, ge=1, description="attention heads (cross_attention, difnet)")
     sam_grid: int = Field(16, ge=1, description="cross_attention: SAM tokens resized to this grid of keys")
@@ -45,13 +52,27 @@ class FeatureFusion(Stage):
     }
     OUTPUTS = {"features": Output(TensorSpec("float32", ("t", "c")), "fused tokens [1+P, C], same layout as the input")}
 
+    def _weights_path(self):
+        """The fusion file ``weights`` names (``shapes``: the bundled file of ``mode``); a
+        ``WeightsError`` when the bundled file is missing. ``None`` when untrained."""
+        from pathlib import Path
+
+        from models.weights import shapes_weights
+
+        p = self.params
+        if not p.weights:
+            return None
+        if p.weights == SHAPES:
+            return shapes_weights(f"fusion_{p.mode}.safetensors", SHAPES_TRAIN_COMMAND)
+        return Path(p.weights)
+
     def _config(self, blip_width: int, grid: int, sam_dim: int):
         from models.fusion.checkpoint import read_fusion_config
         from models.fusion.config import FusionConfig
 
         p = self.params
         if p.weights:
-            return read_fusion_config(p.weights)
+            return read_fusion_config(self._weights_path())
         return FusionConfig(mode=p.mode, blip_width=blip_width, sam_dim=sam_dim, grid=grid, width=p.width,
                             heads=p.heads, sam_grid=p.sam_grid, Lf=p.Lf, T=p.T, N=p.N)
 
@@ -62,11 +83,12 @@ class FeatureFusion(Stage):
         p = self.params
         if p.weights:
             try:
-                config = read_fusion_config(p.weights)
+                path = self._weights_path()
+                config = read_fusion_config(path)
             except WeightsError as exc:
                 return [("weights", str(exc))]
             if config.mode != p.mode:
-                return [("mode", f"the weights {p.weights} are a {config.mode} module: set mode: {config.mode}")]
+                return [("mode", f"the weights {path} are a {config.mode} module: set mode: {config.mode}")]
             return []
         if p.mode == "difnet" and p.N <= p.Lf:
             return [("N", f"DIFNet needs N > Lf (the streams are fused at layer Lf): got N={p.N}, Lf={p.Lf}")]
@@ -87,13 +109,16 @@ class FeatureFusion(Stage):
         except WeightsError:
             return []  # reported by problems()
         wrong = config.mismatches({"blip_width": dims["c"], "grid": grid, "sam_dim": dims["d"]})
-        return [("weights", f"{self.params.weights} was trained for other models: {'; '.join(wrong)}")] if wrong else []
+        if not wrong:
+            return []
+        return [("weights", f"{self._weights_path()} was trained for other models: {'; '.join(wrong)}")]
 
     def weights_fingerprint(self) -> str | None:
         from models.fusion.checkpoint import fusion_fingerprint
 
         p = self.params
-        return fusion_fingerprint(p.weights) if p.weights else None  # untrained = identity: params say it all
+        # untrained = identity: the params say it all
+        return fusion_fingerprint(self._weights_path()) if p.weights else None
 
     def setup(self, device: str) -> None:
         super().setup(device)
@@ -105,8 +130,8 @@ class FeatureFusion(Stage):
         from models.fusion.checkpoint import build_fusion, load_fusion
 
         if self.params.weights:
-            module, _ = load_fusion(self.params.weights, {"blip_width": blip_width, "grid": grid, "sam_dim": sam_dim},
-                                    self.device)
+            expected = {"blip_width": blip_width, "grid": grid, "sam_dim": sam_dim}
+            module, _ = load_fusion(self._weights_path(), expected, self.device)
             return module
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the same untrained module in every worker

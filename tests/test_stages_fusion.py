@@ -82,3 +82,71 @@ def test_new_graphs_run_on_ray(tmp_path, graph, ray_session):
     table = pq.read_table(tmp_path / "o" / "results.parquet")
     assert summary.samples == table.num_rows == 4 and summary.errors == 0
     assert all(isinstance(a, str) for a in table.column("answer.answer").to_pylist())
+
+
+def _tiny_fusion_file(path, mode="concat_conv"):
+    """A fusion file for the tiny BLIP (width 64, grid 24) and tiny SAM, its weights moved off
+    the identity initialisation; returns the module."""
+    import torch
+
+    from models.efficient_sam import sam_config
+    from models.fusion.checkpoint import build_fusion, save_fusion
+    from models.fusion.config import FusionConfig
+
+    config = FusionConfig(mode=mode, blip_width=64, sam_dim=sam_config("tiny").embed_dim, grid=24, width=16, heads=2)
+    torch.manual_seed(1)
+    module = build_fusion(config)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_fusion(module, config, path)
+    return module.eval()
+
+
+def test_shapes_weights_resolve_to_the_bundled_file_of_the_mode(tmp_path, monkeypatch):
+    import torch
+
+    import models.weights
+    from models.fusion.checkpoint import fusion_fingerprint
+    from stages.fusion import FeatureFusion, FeatureFusionParams
+
+    bundled = tmp_path / "shapes"
+    monkeypatch.setattr(models.weights, "SHAPES_WEIGHTS_DIR", bundled)
+    module = _tiny_fusion_file(bundled / "fusion_concat_conv.safetensors")
+
+    stage = FeatureFusion(FeatureFusionParams(mode="concat_conv", weights="shapes"))
+    assert stage.problems() == []
+    assert stage.binding_problems({"t": 577, "c": 64, "d": 32}) == []
+    assert stage.weights_fingerprint() == fusion_fingerprint(bundled / "fusion_concat_conv.safetensors")
+    assert stage.weights_fingerprint() != FeatureFusion(FeatureFusionParams(mode="concat_conv")).weights_fingerprint()
+    stage.setup("cpu")
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((2, 577, 64)).astype(np.float32)
+    embedding = rng.standard_normal((2, 32, 16, 16)).astype(np.float32)
+    fused = stage.process({"features": features, "embedding": embedding})["features"]
+    with torch.no_grad():
+        expected = module(torch.from_numpy(features), torch.from_numpy(embedding)).numpy()
+    np.testing.assert_allclose(fused, expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(fused, features, atol=1e-3)  # the trained module, not the untrained identity
+
+    # a graph names it the same way; validation passes before any work
+    graph = load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes"])
+    assert graph is not None
+
+
+def test_missing_shapes_weights_are_a_problem_on_the_weights_field(tmp_path, monkeypatch):
+    import models.weights
+    from stages.fusion import FeatureFusion, FeatureFusionParams
+
+    bundled = tmp_path / "shapes"
+    monkeypatch.setattr(models.weights, "SHAPES_WEIGHTS_DIR", bundled)
+    _tiny_fusion_file(bundled / "fusion_concat_conv.safetensors")  # another mode's file is there
+
+    [(field, message)] = FeatureFusion(FeatureFusionParams(mode="difnet", weights="shapes")).problems()
+    assert field == "weights"
+    assert str(bundled / "fusion_difnet.safetensors") in message and "bin/train-shapes fusion" in message
+    with pytest.raises(GraphError) as info:
+        load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes", "fusion.mode=cross_attention"])
+    [problem] = info.value.problems
+    assert problem.node == "fusion" and problem.field == "params.weights"
+    assert "fusion_cross_attention.safetensors" in problem.message and "bin/train-shapes fusion" in problem.message

@@ -1,5 +1,6 @@
 """``runtime train fusion`` on the synthetic shapes sample with tiny presets: the loss goes down,
-outputs and checkpoints are written, --resume ends where an uninterrupted run ends."""
+outputs and checkpoints are written, --resume ends where an uninterrupted run ends, the held-out
+evaluation (fused and unfused tokens) is recorded, ``check_metrics`` is deterministic."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.fusion import load_fusion
-from training.fusion import main
+from training.fusion import check_metrics, main, parser, quick_metrics
 from training.pairs import SceneFacts, Sample, draw_pairs, majority_answer, swap_candidates
 
 COMMON = ["--num-images", "4", "--batch-size", "4", "--quiet", "--seed", "3"]
@@ -59,12 +60,118 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert _losses(full) == _losses(split)
+    # the held-out evaluations (at 0, at 4 in the first part of the split run, at 8) did not
+    # disturb the training; the resumed run records both invocations
+    config = json.loads((split / "config.json").read_text())
+    assert [(i["from_step"], i["to_step"]) for i in config["invocations"]] == [(0, 4), (4, 8)]
+    assert config["command"] == config["invocations"][-1]["command"] and "--resume" in config["command"]
+    metrics_full = json.loads((full / "metrics.json").read_text())
+    metrics_split = json.loads((split / "metrics.json").read_text())
+    assert [e["step"] for e in metrics_full["history"]] == [0, 8]
+    assert [e["step"] for e in metrics_split["history"]] == [0, 4, 8]
+    assert metrics_split["eval"] == metrics_full["eval"] and metrics_split["baseline"] == metrics_full["baseline"]
     ckpt_a = torch.load(full / "checkpoint.pt", weights_only=True)
     ckpt_b = torch.load(split / "checkpoint.pt", weights_only=True)
     assert ckpt_a["step"] == ckpt_b["step"] == 8
     assert torch.equal(ckpt_a["rng"]["torch"], ckpt_b["rng"]["torch"])
     # trained weights moved away from the identity initialisation
     assert a["out_proj.weight"].abs().sum() > 0
+
+
+METRICS = ("itm_accuracy", "positive_accuracy", "negative_accuracy", "positive_above_negative", "pointing_game",
+           "swap_accuracy", "other_image_accuracy", "mean_match_prob_positive", "mean_match_prob_negative")
+
+
+def _in_range(result: dict) -> None:
+    for key in METRICS:
+        assert result[key] is None or 0.0 <= result[key] <= 1.0, (key, result[key])
+    assert result["itm_loss"] > 0 and result["pairs"] == 2 * (result["swap_pairs"] + result["other_image_pairs"])
+
+
+def test_held_out_metrics_and_config_record_the_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--mode", "concat_conv", "--steps", "4", "--lr", "3e-3", "--eval-every", "2",
+            "--eval-images", "3", "--device", "cpu", "--checkpoint-every", "0", *COMMON]
+    assert main(args) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps_done"] == 4 and metrics["finished"] and metrics["eval_seed"] == 1003
+    assert [e["step"] for e in metrics["history"]] == [0, 2, 4]
+    assert metrics["eval"] == metrics["history"][-1] and metrics["initial_eval"] == metrics["history"][0]
+    for result in metrics["history"]:
+        assert result["tokens"] == "fused" and result["block_num"] == 7
+        _in_range(result)
+        assert result["pointing_samples"] > 0  # shapes questions refer to objects with masks
+    # the unfused BLIP tokens, once; an untrained fusion is the identity, so step 0 equals it
+    baseline = metrics["baseline"]
+    assert baseline["tokens"] == "unfused" and baseline["step"] == 0
+    _in_range(baseline)
+    for key in ("itm_accuracy", "swap_accuracy", "pointing_game", "positive_above_negative"):
+        assert metrics["history"][0][key] == pytest.approx(baseline[key], abs=1e-6)
+        assert metrics["gain"][key] == pytest.approx(metrics["eval"][key] - baseline[key])
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "runtime train fusion " + " ".join(args)
+    [invocation] = config["invocations"]
+    assert invocation["command"] == config["command"] and (invocation["from_step"], invocation["to_step"]) == (0, 4)
+    assert config["seeds"]["train"] == 3 and config["seeds"]["eval"] == 1003 and config["seeds"]["source"] == 3
+    assert config["steps_done"] == 4 and config["finished"] and config["train_seconds"] > 0
+    assert config["model"]["mode"] == "concat_conv" and config["model"]["parameters"] > 0
+    assert config["model"]["blip"]["preset"] == "tiny" and config["model"]["sam"]["preset"] == "tiny"
+    assert config["source"]["images"] == 4 and config["eval_source"]["images"] == 3
+    assert config["eval_source"]["held_out"] and config["eval_source"]["params"]["seed"] == 1003
+    assert config["device"] == "cpu" and config["torch_threads"] >= 1
+    assert config["held_out_itm_accuracy"] == metrics["eval"]["itm_accuracy"]
+
+    # the quick check: deterministic, the keys a bundle manifest records, the run's numbers
+    first = quick_metrics(out / "fusion.safetensors", blip_preset="tiny", sam_preset="tiny", seed=1003, num_images=3)
+    assert set(first) == {"itm_accuracy", "swap_accuracy", "pointing_game"}
+    assert first == quick_metrics(out / "fusion.safetensors", blip_preset="tiny", sam_preset="tiny", seed=1003,
+                                  num_images=3)
+    # same images and pairs as the run's held-out set (default_rng(eval seed), swap fraction 0.5)
+    for key, value in first.items():
+        assert value == pytest.approx(metrics["eval"][key], abs=1e-6), key
+
+
+def test_check_metrics_uses_the_shapes_models(tmp_path, monkeypatch):
+    import models.blip
+    import models.efficient_sam
+
+    out = tmp_path / "run"
+    assert main(["--out", str(out), "--mode", "cross_attention", "--width", "32", "--heads", "4", "--steps", "2",
+                 "--eval-images", "0", *COMMON]) == 0
+    assert not json.loads((out / "metrics.json").read_text())["history"]  # --eval-images 0: no evaluation
+    asked = []
+    real_itm, real_sam = models.blip.load_blip_itm, models.efficient_sam.load_efficient_sam
+
+    def itm(preset, path=None, device="cpu"):
+        asked.append(("itm", preset))
+        return real_itm("tiny", path, device=device)
+
+    def sam(preset, path=None, device="cpu"):
+        asked.append(("sam", preset))
+        return real_sam("tiny", path, device=device)
+
+    monkeypatch.setattr(models.blip, "load_blip_itm", itm)
+    monkeypatch.setattr(models.efficient_sam, "load_efficient_sam", sam)
+    measured = check_metrics(out / "fusion.safetensors", num_images=4)
+    assert sorted(asked) == [("itm", "shapes"), ("sam", "shapes")]
+    assert measured == check_metrics(out / "fusion.safetensors", num_images=4)
+    monkeypatch.undo()
+    assert measured == quick_metrics(out / "fusion.safetensors", blip_preset="tiny", sam_preset="tiny", seed=7000,
+                                     num_images=4)
+    for key in ("itm_accuracy", "swap_accuracy", "pointing_game"):
+        assert measured[key] is None or 0.0 <= measured[key] <= 1.0
+
+
+def test_shapes_presets_are_accepted_and_missing_files_are_errors(tmp_path, monkeypatch, capsys):
+    import models.weights
+
+    args = parser().parse_args(["--out", "x", "--blip-preset", "shapes", "--sam-preset", "shapes"])
+    assert (args.blip_preset, args.sam_preset) == ("shapes", "shapes")
+    monkeypatch.setattr(models.weights, "SHAPES_WEIGHTS_DIR", tmp_path / "empty")
+    assert main(["--out", str(tmp_path / "run"), "--blip-preset", "shapes", *COMMON]) == 2
+    err = capsys.readouterr().err
+    assert "blip_itm.safetensors" in err and "bin/train-shapes itm" in err
 
 
 def test_resume_and_out_folder_guards(tmp_path, capsys):

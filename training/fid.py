@@ -260,8 +260,12 @@ class FidSettings:
                       self.spread_max, self.min_overlap)
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        """The settings a resumed run must share with the run it continues (``lr_decay`` only
+        when not ``constant``, the schedule of runs made before the option existed)."""
+        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        if identity.get("lr_decay") == "constant":
+            del identity["lr_decay"]
+        return identity
 
 
 @dataclass

@@ -1,0 +1,744 @@
+"""``runtime train qavit``: train a QA-ViT (vision tower, instruction modules and question encoder,
+all from scratch) on the synthetic ``shapes`` data, so that the heatmap the ``qavit_attention``
+stage reads is question-aware.
+
+Model: the preset's QA-ViT (``shapes`` or ``tiny``) from its seeded random initialisation, the
+instruction modules initialised as QA-ViT does (``instruction_out_proj`` = ``out_proj``) with the
+``--formulation`` (default ``gated``: the plain ViT at gate 0, the question enters through the
+gated residual only, and the CLS-to-patch map the stage reports is exactly the attention whose
+values make the layer's output; with ``reference`` it is a renormalised view of a joint softmax
+that also covers the instruction keys), the gates at ``--initial-gate`` (default 0.5, tanh = 0.46:
+from scratch there is no pretrained ViT whose output the identity init would preserve, and at gate
+0 the instruction projectors get no gradient until the gates move; 0 = QA-ViT's init), the
+built-in T5 question encoder (seeded random init), and an answer head (a linear layer on the last layer's CLS after
+``post_layernorm``) over the shapes answers (:data:`ANSWERS`: colours, shapes, counts 0-4,
+yes / no). Every parameter is trained.
+
+Objective, per step of ``--batch-size`` questions (``batch / --questions-per-image`` images,
+each with its questions):
+
+- answer (weight ``--answer-weight``): cross-entropy of the answer head. It makes the CLS
+  token, whose attention is the heatmap, depend on the question and learn the scene;
+- grounding (weight ``--grounding-weight``): ``-log`` of the CLS-to-patch attention mass (head
+  mean, layer ``block_num`` -1, the stage's defaults ``mode: layer, block_num: -1``) on the
+  patches the question's referred objects overlap (the question's ``gt_mask`` pooled to the
+  model grid, cells > 0), for the questions that refer to objects ("is there a blue square?"
+  with answer no and "how many circles?" with answer 0 refer to none). This supervises the
+  heatmap itself: the heatmap quality of a model trained with it (pointing game, energy in
+  mask on shapes) is supervised, not emergent, as large-scale pre-training would make it for
+  real images. ``--grounding-weight 0`` trains on answers alone.
+
+AdamW (no weight decay on biases, norms, gates), linear warmup over ``--warmup`` steps then a
+constant learning rate, gradient clipping.
+
+Data: the ``shapes`` source with seed ``--seed``, ``--num-images`` images and
+``--questions-per-image`` questions per image (``--source-param`` sets its other parameters).
+Image ``i`` and its questions are rendered on demand exactly as the source yields them
+(:func:`render_image`), so a large ``--num-images`` costs nothing up front. Step ``k`` draws its
+images from ``numpy.random.default_rng([seed, k])`` alone; pixels are preprocessed per image as
+``preprocess_image`` family ``clip`` does at the preset's size. The model has no dropout
+(``shapes``; the tiny T5 encoder's dropout draws from the torch RNG, which the checkpoint
+saves), so the same command gives the same weights, and ``--resume`` (model, optimiser, step and
+torch RNG state from ``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted run
+(same device and threads). Evaluation does not touch the training state.
+
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps): the shapes source
+with seed ``--eval-seed`` (default seed + 1000), ``--eval-images`` images, every question. The
+heatmaps are the stage's (``qavit_attention`` with mode layer, block_num -1): pointing game
+(the argmax cell of the heatmap at the model grid overlaps the referred mask), energy in mask
+(``heatmap_metrics``' definition), both also at the captioner's 24x24 grid after the stage's
+bilinear resampling, per question type, against the chance level of a random cell; how much the
+heatmaps of an image's questions differ (total variation); and the answer head's accuracy.
+
+Outputs in ``--out DIR``: ``qavit.safetensors`` (vision tower in the published layout,
+``question_encoder.*``, ``answer_head.*``; metadata: preset, formulation, answers; loadable by
+``load_qavit(preset, path)`` and by the stage as ``checkpoint``; bundled as the ``shapes`` preset
+by ``runtime train bundle``), ``checkpoint.pt`` (resumable, atomic, ``weights_only``),
+``loss.csv``, ``loss.png``, ``config.json``, ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
+                             check_same_run, finite_loss, mean_or_none, parse_source_params, set_warmup_lr,
+                             start_run, weight_decay_groups)
+
+DEFAULT_STEPS = 3000
+CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
+CHECKPOINT_VERSION = 1
+WEIGHTS_FORMAT = "pnpvqa-qavit"
+TRAIN_PRESETS = ("tiny", "shapes")
+OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
+EVAL_IMAGES_PER_BATCH = 16
+INIT_VERSION = 1        # bump when the initialisation of a training changes
+# settings that may differ between a run and its --resume continuation (evaluation does not
+# change the training)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "weights", "eval_every", "eval_seed",
+                     "eval_images")
+
+
+def _answers() -> tuple[str, ...]:
+    from runtime.sources.shapes_scene import COLORS, SHAPES
+
+    return (*COLORS, *SHAPES, "0", "1", "2", "3", "4", "yes", "no")
+
+
+ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: counts 0-4)
+
+
+@dataclass
+class QAViTSettings:
+    out: str
+    preset: str = "shapes"
+    integration_point: str = "late"
+    formulation: str = "gated"
+    initial_gate: float = 0.5
+    seed: int = 0
+    num_images: int = 100_000
+    questions_per_image: int = 4
+    source_params: dict[str, Any] = field(default_factory=dict)
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup: int = 100
+    grad_clip: float = 1.0
+    answer_weight: float = 1.0
+    grounding_weight: float = 1.0
+    max_question_tokens: int = 30
+    checkpoint_every: int = 100
+    eval_every: int = 0
+    eval_seed: int | None = None
+    eval_images: int = 64
+    device: str = "auto"
+    resume: bool = False
+    quiet: bool = False
+    weights: str | None = None  # no real checkpoint is read (for start_run)
+
+    def run_identity(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it continues."""
+        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+
+    @property
+    def held_out_seed(self) -> int:
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+
+@dataclass
+class QAViTResult:
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="runtime train qavit",
+        description="Train a QA-ViT (vision tower, instruction modules, question encoder; from scratch) on the "
+                    "shapes data: answer cross-entropy on the CLS token + a grounding loss that puts the CLS-to-patch "
+                    "attention of the last layer (the qavit_attention stage's heatmap) on the referred objects. "
+                    "Writes DIR/qavit.safetensors (loadable by load_qavit and the stage's checkpoint), "
+                    "DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_output_options(p)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", default="shapes", choices=TRAIN_PRESETS, help="QA-ViT architecture (seeded random "
+                   "init)")
+    m.add_argument("--integration-point", default="late", choices=["all", "early", "late", "late2", "late3", "sparse"],
+                   help="layers that read the question")
+    m.add_argument("--formulation", default="gated", choices=["gated", "reference"],
+                   help="instruction attention (gated: the plain ViT at gate 0)")
+    m.add_argument("--initial-gate", type=float, default=0.5, metavar="G",
+                   help="initial instruction_proj_gate of every instruction layer (0 = QA-ViT's identity init: "
+                   "the instruction projectors get no gradient until the gates move)")
+    m.add_argument("--max-question-tokens", type=int, default=30, help="question tokens kept (as the stage)")
+    d = p.add_argument_group("data (the shapes source)")
+    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
+    d.add_argument("--num-images", type=int, default=100_000, help="images of the training source (rendered on "
+                   "demand)")
+    d.add_argument("--questions-per-image", type=int, default=4, metavar="Q",
+                   help="questions per image (the source's questions_per_image; a step has batch / Q images)")
+    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="other shapes source parameter (VALUE parsed as YAML); repeatable")
+    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=32, batch_help="questions per step",
+                                 lr=1e-3, lr_help="AdamW learning rate (after the warmup: constant)",
+                                 weight_decay=0.05, weight_decay_help="on weight matrices only", warmup=False)
+    t.add_argument("--warmup", type=int, default=100, metavar="STEPS", help="linear learning-rate warmup")
+    t.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer cross-entropy")
+    t.add_argument("--grounding-weight", type=float, default=1.0, help="weight of the grounding loss on the "
+                   "last layer's CLS-to-patch attention (0 = off: heatmap quality then emergent)")
+    add_checkpoint_option(t)
+    add_device_options(t)
+    e = p.add_argument_group("held-out evaluation")
+    e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
+                   "at the start and the end)")
+    e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
+    e.add_argument("--eval-images", type=int, default=64, help="images of the held-out set (0 = no evaluation)")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> QAViTSettings:
+    return QAViTSettings(
+        out=args.out, preset=args.preset, integration_point=args.integration_point, formulation=args.formulation,
+        initial_gate=args.initial_gate, seed=args.seed, num_images=args.num_images,
+        questions_per_image=args.questions_per_image,
+        source_params=parse_source_params(args.source_param), steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
+        answer_weight=args.answer_weight, grounding_weight=args.grounding_weight,
+        max_question_tokens=args.max_question_tokens, checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images, device=args.device,
+        resume=args.resume, quiet=args.quiet)
+
+
+def check_settings(s: QAViTSettings) -> None:
+    if s.preset not in TRAIN_PRESETS:
+        raise ValueError(f"--preset {s.preset!r}: runtime train qavit trains {' or '.join(TRAIN_PRESETS)}")
+    for name in ("steps", "batch_size", "num_images", "questions_per_image"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+    if s.max_question_tokens < 2:
+        raise ValueError(f"--max-question-tokens must be >= 2, got {s.max_question_tokens}")
+    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
+        if getattr(s, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
+    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.answer_weight, s.grounding_weight) < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --answer-weight and --grounding-weight >= 0")
+    if s.answer_weight == 0 and s.grounding_weight == 0:
+        raise ValueError("--answer-weight and --grounding-weight are both 0: nothing to train")
+    reserved = {"seed", "num_images", "questions_per_image"} & set(s.source_params)
+    if reserved:
+        raise ValueError(f"--source-param {', '.join(sorted(reserved))}: use --seed, --num-images, "
+                         "--questions-per-image")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+class Rendered(NamedTuple):
+    """One shapes image as the source yields it: ``image uint8 [S, S, 3]``, its questions
+    (``runtime.sources.shapes_questions.Question``) and the ``gt_mask`` of each (``None`` when
+    the question refers to no object)."""
+
+    image: np.ndarray
+    questions: list
+    masks: list
+
+
+def shapes_params(seed: int, num_images: int, questions_per_image: int, extra: dict[str, Any]):
+    from runtime.sources.shapes import ShapesParams
+
+    return ShapesParams(**{**extra, "seed": seed, "num_images": num_images, "questions_per_image": questions_per_image})
+
+
+def render_image(params, index: int) -> Rendered:
+    """Image ``index`` of the shapes source ``params`` and its questions, exactly as
+    ``ShapesSource.iter_samples`` yields them (same generator, same order of draws)."""
+    from runtime.sources.shapes_questions import ask_questions
+    from runtime.sources.shapes_scene import draw_scene
+
+    rng = np.random.default_rng([params.seed, index])
+    scene = draw_scene(rng, params.image_size, params.min_shapes, params.max_shapes, params.textured_fraction)
+    questions = ask_questions(rng, scene, params.questions_per_image)
+    masks = [np.maximum.reduce([scene.masks[i] for i in q.referred]) if q.referred else None for q in questions]
+    return Rendered(scene.image, questions, masks)
+
+
+def clip_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """``preprocess_image`` family ``clip`` at ``size``: PIL bicubic resize to a square, [0, 1],
+    CLIP mean / std -> ``[B, 3, S, S]`` float32 (the same float32 operations as the stage)."""
+    from PIL import Image
+
+    from models.qavit.config import CLIP_MEAN, CLIP_STD
+
+    resized = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+                        for im in images])
+    x = resized.astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+class Batch(NamedTuple):
+    """Rows = questions. ``pixels [U, 3, S, S]`` of the unique images, ``image_rows [B]``,
+    ``questions``, ``types``, ``answers [B]`` (indices into :data:`ANSWERS`), ``cells [B, P]``
+    (fraction of each model-grid cell the referred objects cover; zeros when none),
+    ``grounded [B]`` (the question refers to objects), ``masks`` (the ``gt_mask`` of each row)."""
+
+    pixels: np.ndarray
+    image_rows: np.ndarray
+    questions: list[str]
+    types: list[str]
+    answers: np.ndarray
+    cells: np.ndarray
+    grounded: np.ndarray
+    masks: list
+
+
+def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batch:
+    from stages.grid import pool_to_grid
+
+    rows, questions, types, answers, cells, grounded, masks = [], [], [], [], [], [], []
+    for u, r in enumerate(rendered):
+        for q, mask in zip(r.questions, r.masks):
+            rows.append(u)
+            questions.append(q.text)
+            types.append(q.question_type)
+            answers.append(ANSWERS.index(q.answer))
+            grounded.append(mask is not None)
+            cells.append(np.zeros(grid * grid, np.float32) if mask is None
+                         else pool_to_grid(mask[None], grid).reshape(-1))
+            masks.append(mask)
+    return Batch(clip_pixels([r.image for r in rendered], image_size), np.asarray(rows, np.int64), questions, types,
+                 np.asarray(answers, np.int64), np.stack(cells).astype(np.float32), np.asarray(grounded, bool), masks)
+
+
+def draw_step(params, step_seed: Sequence[int], images: int) -> list[int]:
+    """The image indices of a step: ``images`` distinct indices (with repeats only when the source
+    has fewer) from ``default_rng(step_seed)``."""
+    rng = np.random.default_rng(list(step_seed))
+    return [int(i) for i in rng.choice(params.num_images, size=images, replace=params.num_images < images)]
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+def build_trainee(preset: str, integration_point: str, formulation: str, seed: int, device,
+                  initial_gate: float = 0.5):
+    """The model a training starts from: the preset's seeded random QA-ViT (instruction modules
+    at identity, then the gates set to ``initial_gate``) and question encoder, and an answer head
+    drawn from ``seed``; with its tokenizer."""
+    from models.qavit.checkpoint import build_vision, load_question_encoder
+    from models.qavit.config import qavit_config
+    from models.qavit.model import QAViT
+
+    encoder, tokenizer, _ = load_question_encoder(preset, None, device)
+    config = qavit_config(preset, integration_point)
+    if config.text_dim != encoder.config.d_model:
+        raise ValueError(f"preset {preset!r}: text_dim {config.text_dim} != question encoder width "
+                         f"{encoder.config.d_model}")
+    vision = build_vision(config, device, formulation=formulation)  # gates 0: identity instructions
+    vision.set_gates(initial_gate)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        trainee = QAViTTrainee(QAViT(vision, encoder), len(ANSWERS))
+    return trainee.to(device), tokenizer
+
+
+class QAViTTrainee(nn.Module):
+    """A QA-ViT and an answer head (``Linear`` on ``post_layernorm`` of the last layer's CLS)."""
+
+    def __init__(self, qavit, num_answers: int):
+        super().__init__()
+        self.qavit = qavit
+        self.answer_head = nn.Linear(qavit.config.width, num_answers)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                image_rows: torch.Tensor | None = None, block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(answer logits [B, A], CLS-to-patch attention [B, P] of layer block, head mean)``."""
+        states, mask = self.qavit.encode_question(input_ids, attention_mask)
+        out = self.qavit(pixels, states, mask, output_attentions=[block], mean_heads=True, image_rows=image_rows)
+        cls = self.qavit.vision.vision_model.post_layernorm(out.last_hidden_state[:, 0])
+        return self.answer_head(cls), out.attentions[block][:, 0, 1:]
+
+
+def grounding_loss(heat, cells):
+    """``-log`` of the CLS-to-patch attention mass ``heat [N, P]`` on the cells ``cells [N, P]`` > 0."""
+    mass = (heat * (cells > 0).to(heat.dtype)).sum(dim=1)
+    return -torch.log(mass.clamp(min=1e-6)).mean()
+
+
+def weights_tensors(trainee) -> dict[str, Any]:
+    """The tensors of ``qavit.safetensors``: the vision tower (published layout), the question
+    encoder (``question_encoder.*``, without T5's tied copy of the embedding) and the answer head."""
+    from models.qavit.checkpoint import QUESTION_ENCODER_PREFIX, TIED_EMBEDDING
+
+    tensors = {k: v for k, v in trainee.qavit.vision.state_dict().items()}
+    tensors.update({QUESTION_ENCODER_PREFIX + k: v for k, v in trainee.qavit.question_encoder.state_dict().items()
+                    if k != TIED_EMBEDDING})
+    tensors.update({"answer_head." + k: v for k, v in trainee.answer_head.state_dict().items()})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+
+
+def weights_metadata(preset: str, trainee, formulation: str, step: int, max_question_tokens: int) -> dict[str, str]:
+    """The metadata of ``qavit.safetensors`` (strings): what the loader and ``check_metrics`` read."""
+    return {"format": WEIGHTS_FORMAT, "preset": preset, "step": str(step), "formulation": formulation,
+            "integration_point": trainee.qavit.config.integration_point,
+            "config": json.dumps(trainee.qavit.config.to_dict(), sort_keys=True),
+            "question_encoder": json.dumps(trainee.qavit.question_encoder.config.to_diff_dict(), sort_keys=True,
+                                           default=str),
+            "answers": json.dumps(list(ANSWERS)), "max_question_tokens": str(max_question_tokens)}
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+class EvalSet(NamedTuple):
+    params: Any
+    rendered: list[Rendered]
+
+
+def eval_set(seed: int, num_images: int, questions_per_image: int = 4, extra: dict[str, Any] | None = None) -> EvalSet:
+    params = shapes_params(seed, num_images, questions_per_image, extra or {})
+    return EvalSet(params, [render_image(params, i) for i in range(num_images)])
+
+
+def evaluate(qavit, tokenizer, preset: str, data: EvalSet, device, step: int, *, answer_head=None,
+             max_question_tokens: int = 30) -> dict[str, Any]:
+    """Held-out metrics of the stage's heatmap (``qavit_attention``, mode layer, block_num -1) and,
+    with ``answer_head``, of the answers. Does not change the model's state (mode restored)."""
+    from stages.grid import pool_to_grid
+    from stages.qavit import QAViTAttention, resample_heatmaps
+
+    stage = QAViTAttention(QAViTAttention.Params(preset=preset, mode="layer", block_num=-1,
+                                                 max_question_tokens=max_question_tokens))
+    stage.model, stage.tokenizer, stage.device = qavit, tokenizer, str(device)
+    grid = qavit.config.grid
+    was_training = qavit.training
+    qavit.eval()
+    if answer_head is not None:
+        answer_head.eval()
+    rows: dict[str, list] = {k: [] for k in ("type", "grounded", "pointing", "energy", "pointing_24", "energy_24",
+                                             "chance", "correct")}
+    spreads: list[float] = []
+    try:
+        for start in range(0, len(data.rendered), EVAL_IMAGES_PER_BATCH):
+            chunk = data.rendered[start:start + EVAL_IMAGES_PER_BATCH]
+            batch = make_batch(chunk, qavit.config.image_size, grid)
+            if not batch.questions:
+                continue
+            native = stage.native_heatmaps(batch.pixels, batch.questions, batch.image_rows)   # [B, g, g]
+            heat = native.reshape(len(native), -1).astype(np.float64)
+            heat24 = resample_heatmaps(native, OUTPUT_GRID).reshape(len(native), -1).astype(np.float64)
+            for b, mask in enumerate(batch.masks):
+                rows["type"].append(batch.types[b])
+                rows["grounded"].append(mask is not None)
+                if mask is None:
+                    for key in ("pointing", "energy", "pointing_24", "energy_24", "chance"):
+                        rows[key].append(np.nan)
+                    continue
+                for key, h, frac in (("", heat[b], batch.cells[b].astype(np.float64)),
+                                     ("_24", heat24[b], pool_to_grid(mask[None], OUTPUT_GRID).reshape(-1))):
+                    positive = np.clip(h, 0, None)
+                    rows["pointing" + key].append(float(frac[int(h.argmax())] > 0))
+                    rows["energy" + key].append(float((positive * frac).sum() / positive.sum())
+                                                if positive.sum() > 0 else np.nan)
+                rows["chance"].append(float((batch.cells[b] > 0).mean()))
+            for u in range(len(chunk)):  # how much an image's heatmaps differ between its questions
+                maps = np.clip(heat[batch.image_rows == u], 0, None)
+                maps = maps / np.maximum(maps.sum(axis=1, keepdims=True), 1e-12)
+                if len(maps) > 1:
+                    i, j = np.triu_indices(len(maps), k=1)
+                    spreads.append(float(0.5 * np.abs(maps[i] - maps[j]).sum(axis=1).mean()))
+            if answer_head is not None:
+                enc = tokenizer(batch.questions, padding="longest", truncation=True, max_length=max_question_tokens,
+                                return_tensors="pt")
+                with torch.no_grad():
+                    states, qmask = qavit.encode_question(enc["input_ids"].to(device), enc["attention_mask"].to(device))
+                    out = qavit(torch.from_numpy(batch.pixels).to(device), states, qmask, output_attentions=False,
+                                image_rows=torch.from_numpy(batch.image_rows).to(device))
+                    cls = qavit.vision.vision_model.post_layernorm(out.last_hidden_state[:, 0])
+                    predicted = answer_head(cls).argmax(dim=1).cpu().numpy()
+                rows["correct"] += (predicted == batch.answers).astype(float).tolist()
+    finally:
+        qavit.train(was_training)
+        if answer_head is not None:
+            answer_head.train(was_training)
+
+    types = np.asarray(rows["type"])
+    grounded = np.asarray(rows["grounded"], bool)
+
+    def mean(key: str, select=None) -> float | None:
+        values = np.asarray(rows[key], np.float64)
+        if select is not None:
+            values = values[select]
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if len(values) else None
+
+    result: dict[str, Any] = {
+        "step": step, "questions": len(types), "grounded_questions": int(grounded.sum()), "grid": grid,
+        "pointing_game": mean("pointing"), "energy_in_mask": mean("energy"),
+        "pointing_game_24": mean("pointing_24"), "energy_in_mask_24": mean("energy_24"),
+        "pointing_chance": mean("chance"),
+        "question_spread": float(np.mean(spreads)) if spreads else None,
+        "answer_accuracy": mean("correct") if answer_head is not None else None,
+    }
+    for kind in sorted(set(types.tolist())):
+        select = types == kind
+        result[f"pointing_game_{kind}"] = mean("pointing", select)
+        if answer_head is not None:
+            result[f"answer_accuracy_{kind}"] = mean("correct", select)
+    return result
+
+
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24) -> dict[str, float]:
+    """Pointing game and energy in mask of the stage's heatmap (mode layer, block_num -1, at the
+    model grid) and the answer accuracy (when the file has an answer head) of the QA-ViT
+    ``weights`` (a ``qavit.safetensors`` of ``runtime train qavit``; its preset from the file's
+    metadata, default ``shapes``) on ``num_images`` held-out shapes images of ``seed`` (every
+    question): the quick, deterministic check that a shipped file still gives its manifest's
+    numbers."""
+    from models.qavit.checkpoint import safetensors_metadata, load_qavit
+    from models.weights import load_checkpoint
+
+    weights = Path(weights)
+    meta = safetensors_metadata(weights)
+    preset = meta.get("preset", "shapes")
+    model, tokenizer, _ = load_qavit(preset, weights)
+    state = load_checkpoint(weights)
+    head = None
+    if "answer_head.weight" in state:
+        head = torch.nn.Linear(state["answer_head.weight"].shape[1], state["answer_head.weight"].shape[0])
+        head.load_state_dict({"weight": state["answer_head.weight"], "bias": state["answer_head.bias"]})
+        head.eval()
+    result = evaluate(model, tokenizer, preset, eval_set(seed, num_images), torch.device("cpu"), 0, answer_head=head,
+                      max_question_tokens=int(meta.get("max_question_tokens", 30)))
+    keys = ("pointing_game", "energy_in_mask") + (("answer_accuracy",) if head is not None else ())
+    return {k: float(result[k]) for k in keys if result[k] is not None}
+
+
+# --- outputs ------------------------------------------------------------------------------------
+
+LOG_COLUMNS = ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask", "lr")
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    from training.outputs import load_checkpoint as load
+
+    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a QA-ViT")
+
+
+def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
+    from training.outputs import atomic_write_text
+
+    lines = [",".join(("step",) + LOG_COLUMNS)]
+    for i in range(len(log["loss"])):
+        lines.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c == "lr" else f"{log[c][i]:.6f}"
+                                              for c in LOG_COLUMNS]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
+    """``loss.png``: total, answer and grounding losses per step (moving averages, raw total faint)."""
+    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
+
+    steps = list(range(1, len(log["loss"]) + 1))
+    window = smoothing_window(len(log["loss"]))
+    fig, ax = loss_figure()
+    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
+    for key, color in (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red")):
+        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
+                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
+    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
+
+
+# --- the training -------------------------------------------------------------------------------
+
+def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
+    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from models.weights import file_fingerprint
+    from training import outputs
+
+    check_settings(s)
+    params = shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)  # validates them
+    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
+    trainee, tokenizer = build_trainee(s.preset, s.integration_point, s.formulation, s.seed, device, s.initial_gate)
+    trainee.train()
+    config = trainee.qavit.config
+    run_identity = json.dumps({**s.run_identity(), "init_version": INIT_VERSION}, sort_keys=True)
+    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+    held_out = eval_set(s.held_out_seed, s.eval_images, s.questions_per_image, s.source_params) \
+        if s.eval_images else None
+
+    torch.manual_seed(s.seed)
+    groups = weight_decay_groups(trainee, s.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
+    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
+    evals: list[dict[str, Any]] = []
+    invocations: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start = 0
+    if resume_state is not None:
+        trainee.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        outputs.set_rng_state(resume_state["rng"], device)
+        start = int(resume_state["step"])
+        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
+        evals = json.loads(resume_state["evals"])
+        invocations = json.loads(resume_state["invocations"])
+        train_seconds = float(resume_state["train_seconds"])
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    invocations.append({"command": "runtime train qavit " + shlex.join(command), "started": started_at,
+                        "from_step": start, "to_step": None, "finished": None})
+    images_per_step = max(1, s.batch_size // s.questions_per_image)
+    meta = {
+        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet", "weights")},
+        "seeds": {"train": s.seed, "source": s.seed, "eval": s.held_out_seed,
+                  "images": f"numpy default_rng([{s.seed}, step])", "torch": s.seed,
+                  "initialisation": "models.qavit.checkpoint.TINY_SEED (ViT, question encoder); "
+                                    f"{s.seed} (answer head)"},
+        "model": {"preset": s.preset, "formulation": s.formulation, "integration_point": config.integration_point,
+                  "initial_gate": s.initial_gate,
+                  "config": config.to_dict(),
+                  "question_encoder": trainee.qavit.question_encoder.config.to_diff_dict(),
+                  "answers": list(ANSWERS),
+                  "parameters": sum(p.numel() for p in trainee.parameters()),
+                  "parameters_by_part": {
+                      "vision": sum(p.numel() for p in trainee.qavit.vision.parameters()),
+                      "question_encoder": sum(p.numel() for p in trainee.qavit.question_encoder.parameters()),
+                      "answer_head": sum(p.numel() for p in trainee.answer_head.parameters())}},
+        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images_per_step": images_per_step,
+                   "rendering": "image i and its questions rendered on demand as ShapesSource yields them"},
+        "eval_source": None if held_out is None else {
+            "name": "shapes", "params": held_out.params.model_dump(mode="json"),
+            "questions": sum(len(r.questions) for r in held_out.rendered)},
+        "objective": {"answer": f"{s.answer_weight:g} x cross-entropy of the answer head on the CLS token",
+                      "grounding": f"{s.grounding_weight:g} x -log CLS-to-patch attention mass (head mean, last "
+                                   "layer) on the referred objects' cells: heatmap quality is supervised"},
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+    }
+
+    def run_eval(step: int) -> None:
+        if held_out is None or any(e["step"] == step for e in evals):
+            return
+        result = evaluate(trainee.qavit, tokenizer, s.preset, held_out, device, step,
+                          answer_head=trainee.answer_head, max_question_tokens=s.max_question_tokens)
+        evals.append(result)
+        if not s.quiet:
+            print(f"step {step}: held-out pointing game {result['pointing_game']:.3f} (chance "
+                  f"{result['pointing_chance']:.3f}), energy in mask {result['energy_in_mask']:.3f}, answer accuracy "
+                  f"{result['answer_accuracy']:.3f}", file=sys.stderr)
+
+    def save(step: int, final: bool, seconds: float) -> None:
+        outputs.save_checkpoint(
+            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
+            model={k: v.detach().cpu() for k, v in trainee.state_dict().items()},
+            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
+            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
+            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
+            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
+        weights = out / "qavit.safetensors"
+        outputs.atomic_save_safetensors(weights_tensors(trainee), weights,
+                                        weights_metadata(s.preset, trainee, s.formulation, step, s.max_question_tokens))
+        write_log_csv(out / "loss.csv", log)
+        if final:
+            write_log_plot(out / "loss.png", log, f"QA-ViT {s.preset}: {s.answer_weight:g} x answer + "
+                           f"{s.grounding_weight:g} x grounding, batch {s.batch_size}")
+        finished = final and step >= s.steps
+        summary = {f"{key}_{end}": mean_or_none(log[key][:50] if end == "first" else log[key][-50:])
+                   for key in ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask")
+                   for end in ("first", "last")}
+        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
+        config_json = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
+                       "finished": finished, "train_seconds": seconds,
+                       "seconds_per_step": seconds / step if step else None,
+                       "weights_fingerprint": file_fingerprint(weights), "weights_bytes": weights.stat().st_size,
+                       **summary}
+        outputs.write_json(out / "config.json", config_json)
+        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
+                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
+                   "history": evals, **summary}
+        outputs.write_json(out / "metrics.json", metrics)
+
+    if start == 0:
+        run_eval(0)
+    started = time.perf_counter()
+    base_seconds = train_seconds
+    grid, size = config.grid, config.image_size
+    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train qavit {s.preset}", unit="step",
+               disable=s.quiet, dynamic_ncols=True)
+    try:
+        for step in range(start, s.steps):
+            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
+            indices = draw_step(params, (s.seed, step), images_per_step)
+            batch = make_batch([render_image(params, i) for i in indices], size, grid)
+            enc = tokenizer(batch.questions, padding="longest", truncation=True, max_length=s.max_question_tokens,
+                            return_tensors="pt")
+            answers = torch.from_numpy(batch.answers).to(device)
+            logits, heat = trainee(torch.from_numpy(batch.pixels).to(device), enc["input_ids"].to(device),
+                                   enc["attention_mask"].to(device), torch.from_numpy(batch.image_rows).to(device))
+            loss_answer = F.cross_entropy(logits.float(), answers)
+            grounded = torch.from_numpy(np.flatnonzero(batch.grounded)).to(device)
+            loss_ground = torch.zeros((), device=device)
+            in_mask = float("nan")
+            if len(grounded):
+                cells = torch.from_numpy(batch.cells).to(device)[grounded]
+                loss_ground = grounding_loss(heat[grounded].float(), cells)
+                in_mask = float((heat[grounded].detach() * (cells > 0)).sum(dim=1).mean())
+            loss = s.answer_weight * loss_answer + s.grounding_weight * loss_ground
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainee.parameters(), s.grad_clip)
+            optimizer.step()
+
+            value = finite_loss(loss, step)
+            log["loss"].append(value)
+            log["answer_loss"].append(float(loss_answer.detach()))
+            log["grounding_loss"].append(float(loss_ground.detach()))
+            log["accuracy"].append(float((logits.argmax(dim=1) == answers).float().mean()))
+            log["attention_in_mask"].append(in_mask)
+            log["lr"].append(lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.3f}", avg=f"{mean_or_none(log['loss'][-20:]):.3f}",
+                            acc=f"{mean_or_none(log['accuracy'][-20:]):.2f}")
+            done = step + 1
+            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+                run_eval(done)
+            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
+    finally:
+        bar.close()
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    return QAViTResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+                       seconds=time.perf_counter() - started)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``runtime train qavit``; returns the exit status."""
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        result = train(settings, command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    m = result.metrics
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; held-out pointing game {m['pointing_game']:.3f}, energy in mask {m['energy_in_mask']:.3f}, "
+             f"answer accuracy {m['answer_accuracy']:.3f}" if m.get("pointing_game") is not None else "")
+          + f"; weights {result.out / 'qavit.safetensors'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
