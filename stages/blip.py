@@ -83,8 +83,9 @@ class ItmGradcamParams(StageParams):
                            "folder)")
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's "
                                    "standard file in the --weights folder")
-    block_num: int = Field(7, ge=0, description="text layer whose cross-attention gives the GradCAM "
-                           "(LAVIS PNP-VQA: 7); must be below the last layer")
+    block_num: int | None = Field(None, ge=0, description="text layer whose cross-attention gives the GradCAM; "
+                                  "None = the preset's (LAVIS PNP-VQA and tiny: 7, shapes: 2); must be below the "
+                                  "last layer")
     max_length: int = Field(35, ge=3, le=512, description="question tokens kept (LAVIS max_txt_len)")
 
 
@@ -117,13 +118,19 @@ class ItmGradcam(Stage):
         return {"heatmap": Output(tensor_type("float32", [g, g]), f"GradCAM heatmap [{g}, {g}] (not normalised)"),
                 "itm_score": Output(pa.float32(), "probability that the question matches the image")}
 
+    @property
+    def block_num(self) -> int:
+        """The GradCAM text layer: the param, else the preset's."""
+        p = self.params
+        return self._config().gradcam_block if p.block_num is None else p.block_num
+
     def problems(self) -> list[tuple[str, str]]:
         from models.blip.checkpoint import find_itm_checkpoint
 
         layers = self._config().bert.num_layers
         out = []
-        if self.params.block_num > layers - 2:
-            out.append(("block_num", f"block_num={self.params.block_num} but the '{self.params.preset}' text encoder has "
+        if self.block_num > layers - 2:
+            out.append(("block_num", f"block_num={self.block_num} but the '{self.params.preset}' text encoder has "
                         f"{layers} layers: use 0..{layers - 2} (the last layer's GradCAM is exactly zero, only its "
                         "first token reaches the ITM head)"))
         return out + _weights_problems(find_itm_checkpoint, self.params.preset, self.params.checkpoint)
@@ -149,7 +156,7 @@ class ItmGradcam(Stage):
         device = self.device
         images, image_rows = _image_tokens(self.model, batch, device)
         embeds = images[image_rows]
-        heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.params.block_num)
+        heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.block_num)
         return {"heatmap": heatmap.detach().float().cpu().numpy(),
                 "itm_score": score.detach().float().cpu().numpy()}
 

@@ -72,6 +72,14 @@ def test_gradcam_block_num_is_validated_before_work():
     assert problems and problems[0][0] == "block_num" and "0..10" in problems[0][1]
 
 
+def test_gradcam_block_num_defaults_to_the_presets():
+    assert ItmGradcam(ItmGradcam.Params()).block_num == 7  # tiny: LAVIS's layer 7 of 12
+    assert ItmGradcam(ItmGradcam.Params(preset="shapes")).block_num == 2  # 4 text layers
+    assert ItmGradcam(ItmGradcam.Params(preset="shapes", block_num=1)).block_num == 1
+    problems = ItmGradcam(ItmGradcam.Params(preset="shapes", block_num=3)).problems()
+    assert problems[0][0] == "block_num" and "0..2" in problems[0][1]
+
+
 def test_caption_dedup_and_bounded_rounds(caption_stage, monkeypatch):
     heat = np.random.default_rng(0).random((2, 24, 24)).astype(np.float32)
     batch = batch_of({"pixels": pixels(1), "heatmap": heat}, [0, 0], ["q1", "q2"])

@@ -4,8 +4,9 @@
 1024-wide image tokens; ``tiny``: the same architecture with small widths but the real grid (384 px,
 24x24 patches) and the real 12 text layers, so graphs written for the real models (GradCAM
 ``block_num`` 7, 20 sampled patches) run unchanged; it uses the bundled tiny vocabulary.
-``shapes``: the same grid and 12 text layers, twice tiny's widths and a deeper ViT; trained by
-the project on the ``shapes`` data (weights bundled in ``models/assets/shapes``).
+``shapes``: the same grid, twice tiny's widths, a deeper ViT and 4 text layers (GradCAM at
+layer 2: a 12-layer post-LayerNorm text encoder trained from scratch on a CPU budget stalled);
+trained by the project on the ``shapes`` data (weights bundled in ``models/assets/shapes``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class BlipConfig:
     vit: VitConfig
     bert: BertConfig
     embed_dim: int = EMBED_DIM
+    gradcam_block: int = 7  # the text layer PNP-VQA reads GradCAM from (LAVIS: 7 of 12)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,8 +48,9 @@ def blip_config(preset: str) -> BlipConfig:
                           intermediate_size=128, max_position=64)
     elif preset == "shapes":
         vit = VitConfig.shapes()
-        text = BertConfig(vocab_size=tiny_vocab_size(), hidden_size=128, num_layers=12, num_heads=4,
+        text = BertConfig(vocab_size=tiny_vocab_size(), hidden_size=128, num_layers=4, num_heads=4,
                           intermediate_size=512, max_position=64)
+        return BlipConfig(vit=vit, bert=replace(text, encoder_width=vit.width), gradcam_block=2)
     elif preset in ("base", "large"):
         vit = VitConfig.base() if preset == "base" else VitConfig.large()
         text = BertConfig()
