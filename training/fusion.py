@@ -104,7 +104,7 @@ class TrainSettings:
     eval_every: int = 0
     eval_seed: int | None = None
     eval_images: int | None = None
-    block_num: int = 7
+    block_num: int | None = None
     resume: bool = False
     quiet: bool = False
 
@@ -171,8 +171,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
     e.add_argument("--eval-images", type=int, help="images of the held-out set (default: --num-images; "
                    "0 = no evaluation)")
-    e.add_argument("--block-num", type=int, default=7, help="text layer of the held-out GradCAM pointing game "
-                   "(as itm_gradcam's block_num)")
+    e.add_argument("--block-num", type=int, default=None, help="text layer of the held-out GradCAM pointing game "
+                   "(as itm_gradcam's block_num; default: the ITM preset's, 7 or shapes 2)")
     return p
 
 
@@ -309,7 +309,7 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24) -> d
 
 
 def quick_metrics(weights: Path, *, blip_preset: str, sam_preset: str, seed: int = 7000, num_images: int = 24,
-                  block_num: int = 7, blip_checkpoint: str | None = None,
+                  block_num: int | None = None, blip_checkpoint: str | None = None,
                   sam_checkpoint: str | None = None) -> dict[str, float]:
     """:func:`check_metrics` with any frozen BLIP ITM and EfficientSAM (on the CPU)."""
     import torch
@@ -325,6 +325,7 @@ def quick_metrics(weights: Path, *, blip_preset: str, sam_preset: str, seed: int
     sam, _ = load_efficient_sam(sam_preset, sam_checkpoint, device=device)
     for frozen in (itm, sam):
         frozen.eval().requires_grad_(False)
+    block_num = itm.config.gradcam_block if block_num is None else block_num
     itm.check_block_num(block_num)
     fusion, _ = load_fusion(weights, {"blip_width": itm.config.vit.width, "grid": itm.grid,
                                       "sam_dim": sam.config.embed_dim}, device)
@@ -381,8 +382,9 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
     eval_data = eval_params = eval_store = eval_pairs = None
     eval_images = s.num_images if s.eval_images is None else s.eval_images
     held_out = True
+    block_num = itm.config.gradcam_block if s.block_num is None else s.block_num
     if eval_images != 0:
-        itm.check_block_num(s.block_num)
+        itm.check_block_num(block_num)
         fields = type(params).model_fields
         held_out = "seed" in fields
         eval_extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
@@ -456,12 +458,12 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
             return
         if baseline is None:
             baseline = evaluate(itm, tokenizer, None, eval_store, eval_pairs, eval_data.samples, device, step,
-                                s.block_num)
+                                block_num)
             report(baseline, "unfused BLIP tokens (baseline)")
         if any(e["step"] == step for e in evals):
             return
         result = evaluate(itm, tokenizer, model, eval_store, eval_pairs, eval_data.samples, device, step,
-                          s.block_num)
+                          block_num)
         evals.append(result)
         report(result, f"step {step}")
 

@@ -101,7 +101,7 @@ class ItmSettings:
     grad_clip: float = 1.0
     itc_weight: float = 1.0
     grounding_weight: float = 0.0
-    block_num: int = 7
+    block_num: int | None = None
     questions_per_image: int = 1
     temp: float = 0.07
     fixed_temp: bool = False
@@ -152,8 +152,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0 = ITM only)")
     t.add_argument("--grounding-weight", type=float, default=0.0, help="weight of the grounding loss on the "
                    "cross-attention of --block-num (0 = off; needs ground-truth masks)")
-    t.add_argument("--block-num", type=int, default=7, help="text layer of the grounding loss and of the held-out "
-                   "GradCAM pointing game (as itm_gradcam's block_num)")
+    t.add_argument("--block-num", type=int, default=None, help="text layer of the grounding loss and of the "
+                   "held-out GradCAM pointing game (as itm_gradcam's block_num; default: the preset's, 7 or shapes 2)")
     t.add_argument("--questions-per-image", type=int, default=1, metavar="Q",
                    help="positives per drawn image (batch = batch-size / Q images)")
     t.add_argument("--temp", type=float, default=0.07, help="initial ITC temperature")
@@ -336,7 +336,7 @@ def grounding_loss(probs, attention_mask, cells):
     return -torch.log(mass.clamp(min=1e-6)).mean()
 
 
-def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, block_num: int = 7) -> dict[str, float]:
+def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, block_num: int | None = None) -> dict[str, float]:
     """Held-out ITM accuracy (overall, swap negatives) and GradCAM pointing game of the shapes
     ITM ``weights`` on ``num_images`` shapes images of ``seed``: the quick, deterministic check
     that a shipped file still gives its manifest's numbers."""
@@ -346,6 +346,7 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, bloc
     from training.data import load_data, source_params
 
     model, _ = load_blip_itm("shapes", weights)
+    block_num = model.config.gradcam_block if block_num is None else block_num
     data = load_data("shapes", source_params("shapes", seed, num_images, {}), mask_grid=model.grid)
     pairs = draw_pairs(data.samples, len(data.samples), np.random.default_rng(seed))
     result = evaluate(model, load_blip_tokenizer_for("shapes"), PixelStore(data, model.config.vit.image_size,
@@ -413,8 +414,9 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     model = (build_model("itm", s.preset, device, empty=True) if resume_state is not None
              else initial_blip("itm", s.preset, s.init, device))
     model.train()
+    block_num = model.config.gradcam_block if s.block_num is None else s.block_num
     if s.grounding_weight > 0 or s.eval_images != 0:
-        model.check_block_num(s.block_num)
+        model.check_block_num(block_num)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
     check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
 
@@ -485,7 +487,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     def run_eval(step: int) -> None:
         if eval_pairs is None or any(e["step"] == step for e in evals):
             return
-        result = evaluate(model, tokenizer, eval_store, eval_pairs, eval_data.samples, device, step, s.block_num)
+        result = evaluate(model, tokenizer, eval_store, eval_pairs, eval_data.samples, device, step, block_num)
         evals.append(result)
         if not s.quiet:
             print(f"step {step}: held-out ITM accuracy {result['itm_accuracy']:.3f} "
@@ -552,7 +554,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             grounded = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
             use_grounding = s.grounding_weight > 0 and bool(grounded)
             text = model.text_encoder(input_ids, attention_mask, cross_kv=cross_kv,
-                                      probs_layer=s.block_num if use_grounding else None)
+                                      probs_layer=block_num if use_grounding else None)
             logits = model.itm_head(text.hidden[:, 0])
             loss_itm = F.cross_entropy(logits.float(), labels)
             loss_ground = torch.zeros((), device=device)
