@@ -1,0 +1,56 @@
+"""``runtime quality``: metrics from a results file, the Markdown report, argument errors."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runtime.quality import VARIANTS, findings_from, main, render_markdown, variant_metrics
+
+
+def _results(path, rows):
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def test_variant_metrics_by_question_type_and_heatmap(tmp_path):
+    rows = [
+        {"question_type": "color", "accuracy.accuracy": 1.0, "q.pointing_game": 1.0, "q.energy_in_mask": 0.5,
+         "q.topk_recall": 0.25, "status": "ok"},
+        {"question_type": "color", "accuracy.accuracy": 0.0, "q.pointing_game": 0.0, "q.energy_in_mask": 0.1,
+         "q.topk_recall": 0.75, "status": "ok"},
+        {"question_type": "exists", "accuracy.accuracy": 0.6, "q.pointing_game": None, "q.energy_in_mask": None,
+         "q.topk_recall": None, "status": "ok"},
+        {"question_type": "count", "accuracy.accuracy": None, "q.pointing_game": None, "q.energy_in_mask": None,
+         "q.topk_recall": None, "status": "error"},
+    ]
+    m = variant_metrics(_results(tmp_path / "r.parquet", rows), "q")
+    assert m["questions"] == 4 and m["errors"] == 1
+    assert m["vqa_accuracy"] == pytest.approx(1.6 / 3)
+    assert m["accuracy_color"] == 0.5 and m["accuracy_exists"] == 0.6 and m["accuracy_count"] is None
+    assert m["questions_color"] == 2 and m["questions_count"] == 0  # failed rows are not counted
+    assert m["pointing_game"] == 0.5 and m["energy_in_mask"] == pytest.approx(0.3) and m["topk_recall"] == 0.5
+
+
+def test_report_states_gains_against_the_baselines():
+    base = {f"accuracy_{t}": 0.9 for t in ("color", "shape", "count", "exists")}
+    base.update(accuracy_position=0.2, questions=10, errors=0, pointing_game=0.8, energy_in_mask=0.5,
+                topk_recall=0.6, **{f"questions_{t}": 2 for t in ("color", "shape", "count", "position", "exists")})
+    table = {"pnp_vqa": {**base, "vqa_accuracy": 0.7}, "uniform_sampling": {**base, "vqa_accuracy": 0.72},
+             "gt_mask_heatmap": {**base, "vqa_accuracy": 0.8}}
+    findings = findings_from(table)
+    assert findings[0].startswith("`pnp_vqa`: VQA accuracy 0.700, -0.020 vs uniform sampling (no gain")
+    assert "-0.100 vs the ground-truth-mask heatmap" in findings[0]
+    assert any("position" in f for f in findings)  # below 0.5 everywhere
+    text = render_markdown(table, {"itm_accuracy": 0.9, "swap_accuracy": 0.95, "pointing_game": 0.8}, seed=9000,
+                           images=3, command="runtime quality --images 3", findings=findings)
+    assert "| `pnp_vqa` | 0.700 | 0.900 | 0.900 | 0.900 | 0.200 | 0.900 | 0.800 | 0.500 | 0.600 |" in text
+    assert "runtime quality --images 3" in text and "**0.900**" in text
+
+
+def test_unknown_variant_is_refused(capsys):
+    assert main(["--only", "nope"]) == 2
+    assert "unknown variant" in capsys.readouterr().err
+    assert {v.name for v in VARIANTS} >= {"pnp_vqa", "esam_enhanced", "fusion_caption", "fusion_gradcam", "qavit",
+                                         "uniform_sampling", "gt_mask_heatmap"}
