@@ -131,10 +131,12 @@ def test_pairs_drawn_per_image_keep_each_positive_with_its_image():
 def test_grounded_run_reports_pointing_game(tmp_path):
     out = tmp_path / "grounded"
     assert main(["--out", str(out), "--steps", "2", "--grounding-weight", "1", "--block-num", "3",
-                 "--questions-per-image", "2", *COMMON]) == 0
+                 "--questions-per-image", "2", "--patch-label-weight", "1", "--checkpoint-every", "1", *COMMON]) == 0
     with open(out / "loss.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert all(float(r["grounding_loss"]) > 0 for r in rows)
+    assert all(float(r["grounding_loss"]) > 0 and float(r["patch_loss"]) > 0 for r in rows)
+    assert "probe" in torch.load(out / "checkpoint.pt", weights_only=True)
+    assert not any("probe" in k for k in load_file(str(out / "itm.safetensors")))  # training-only head
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["eval"]["pointing_game"] <= 1.0 and metrics["eval"]["pointing_samples"] > 0
     assert metrics["eval"]["block_num"] == 3
@@ -161,3 +163,20 @@ def test_questions_about_absent_things_are_not_positives_and_other_image_negativ
             assert mentions_present(negative, samples[i].scene) is not True
             if samples[i].image == 0:  # image 1's questions that do not describe image 0
                 assert negative in ("what color is the diamond", "how many circles are there")
+
+
+def test_patch_labels_from_a_hand_made_scene():
+    from training.itm import PatchLabels
+
+    scene = json.dumps({"image_size": 40, "background": "plain", "objects": [
+        {"shape": "square", "color": "red", "center": [10, 10], "size": 20, "bbox": [0, 0, 20, 20]},
+        {"shape": "circle", "color": "blue", "center": [35, 30], "size": 10, "bbox": [30, 25, 40, 35]}]})
+    colour, shape = PatchLabels([scene, None], 4)([0, 1], "cpu")  # 4x4 grid of 10-px cells
+    # red square covers cells (0,0) (0,1) (1,0) (1,1); the circle's bbox covers cell (3,3) by half
+    # (rows 25..35 of cell rows 30..40) and (2,3) by half (rows 25..30 of 20..30): both >= 0.5
+    expected_colour = np.zeros(16, np.int64)
+    expected_colour[[0, 1, 4, 5]] = 1 + 0   # red is the first colour
+    expected_colour[[11, 15]] = 1 + 2        # blue is the third
+    assert colour[0].tolist() == expected_colour.tolist()
+    assert shape[0][[0, 1, 4, 5]].tolist() == [2] * 4 and shape[0][[11, 15]].tolist() == [1, 1]  # square, circle
+    assert colour[1].sum() == 0 and shape[1].sum() == 0  # no scene: background everywhere

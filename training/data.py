@@ -12,7 +12,7 @@ are dropped and recomputed when needed again).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,11 +28,12 @@ from training.pairs import Sample, SceneFacts, majority_answer
 @dataclass(frozen=True)
 class TrainData:
     """``samples`` (each naming an image by index) and ``images[i]``: ``("bytes", b)`` or
-    ``("path", p)``."""
+    ``("path", p)``; ``scenes[i]``: the image's ``scene`` JSON (shapes) or None."""
 
     samples: list[Sample]
     images: list[tuple[str, Any]]
     image_ids: list[str]
+    scenes: list[str | None] = field(default_factory=list)
 
 
 def source_params(name: str, seed: int, num_images: int | None, extra: dict[str, Any]) -> Any:
@@ -64,6 +65,7 @@ def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int |
     samples: list[Sample] = []
     images: list[tuple[str, Any]] = []
     image_ids: list[str] = []
+    scenes: list[str | None] = []
     index: dict[str, int] = {}
     for record in source.iter_samples():
         if limit is not None and len(samples) >= limit:
@@ -72,6 +74,7 @@ def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int |
         if image_id not in index:
             index[image_id] = len(images)
             image_ids.append(image_id)
+            scenes.append(record.get("scene"))
             if record.get("image_bytes") is not None:
                 images.append(("bytes", record["image_bytes"]))
             elif record.get("image_path"):
@@ -87,7 +90,7 @@ def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int |
     if len(images) < 2:
         raise ValueError(f"source {name!r} gave {len(images)} image(s); training needs at least two "
                          "(negatives are questions of other images)")
-    return TrainData(samples=samples, images=images, image_ids=image_ids)
+    return TrainData(samples=samples, images=images, image_ids=image_ids, scenes=scenes)
 
 
 def decode(entry: tuple[str, Any]) -> np.ndarray:
