@@ -1,6 +1,8 @@
 """``runtime train bundle``: ship a finished training run as a ``shapes`` preset file.
 
-Copies the run's weights into ``models/assets/shapes/`` under the preset's file name and writes
+Copies the run's weights into ``models/assets/shapes/`` under the preset's file name (float32
+tensors stored as float16: half the size, and the loaders cast them back; the quick check below
+runs on the shipped file) and writes
 ``<name>.manifest.json`` beside it: the file's sha256 and size, the exact training command (and
 every invocation of a resumed run), seeds, steps, training time, device and threads, the data
 the model was trained and evaluated on, the run's held-out metrics, and the quick check's
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -88,6 +89,21 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_half(source: Path, target: Path) -> None:
+    """Copy a safetensors file with its float32 tensors as float16 (metadata kept), atomically."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(source), framework="pt") as fh:
+        metadata = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    tensors = {k: (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous() for k, v in tensors.items()}
+    tmp = target.with_name(f".{target.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(target)
+
+
 def manifest_path(weights: Path) -> Path:
     return weights.with_name(weights.name.removesuffix(".safetensors") + ".manifest.json")
 
@@ -110,9 +126,7 @@ def bundle(run_dir: Path, name: str, dest: Path, allow_unfinished: bool = False)
                          "--resume, or pass --allow-unfinished")
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / f"{name}.safetensors"
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.copyfile(source, tmp)
-    tmp.replace(target)
+    write_half(source, target)
     held_out = {k: v for k, v in (metrics.get("eval") or {}).items() if k != "examples"}
     manifest = {
         "file": target.name,
@@ -129,6 +143,8 @@ def bundle(run_dir: Path, name: str, dest: Path, allow_unfinished: bool = False)
         "source": config.get("source"),
         "eval_source": config.get("eval_source"),
         "held_out_metrics": held_out,
+        "storage": "float16 (trained in float32; held_out_metrics are the float32 run's, check metrics the shipped "
+                   "file's)",
         "check": {"seed": CHECK_SEED, "metrics": shipped.check(target),
                   "note": "recomputed by tests/test_shapes_weights.py; must agree within 0.02"},
         "bundled": datetime.now(timezone.utc).isoformat(timespec="seconds"),
