@@ -47,6 +47,7 @@ def run_graph(
     graph: str | Path | Graph,
     *,
     overrides: list[str] | None = None,
+    presets: list[str] | None = None,
     executor: str = "ray",
     output: str | Path | None = None,
     cache_dir: str | Path | None = None,
@@ -61,7 +62,7 @@ def run_graph(
 ) -> RunSummary:
     """Validate ``graph`` and run it; every problem found before work raises ``GraphError``."""
     if not isinstance(graph, Graph):
-        graph = load_graph(graph, overrides)
+        graph = load_graph(graph, overrides, presets=presets or ())
     if executor not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}; got '{executor}'")
     if limit is not None and limit < 1:

@@ -342,17 +342,16 @@ def _cmd_compare(a) -> int:
     return compare_main(a)
 
 
-def _cmd_quality(a) -> int:
-    from runtime.quality import main as quality_main
-
-    return quality_main(a.args)
-
-
-COMMANDS = {"run": _cmd_run, "train": _cmd_train, "quality": _cmd_quality, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+COMMANDS = {"run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["quality"]:  # its options start with "--": argparse's REMAINDER would not take them
+        from runtime.quality import main as quality_main
+
+        return quality_main(argv[1:])
     parser = _parser()
     a = parser.parse_args(argv)
     if a.command is None:

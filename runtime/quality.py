@@ -54,7 +54,7 @@ def run_variant(variant: Variant, *, seed: int, images: int, runs: Path, executo
     """Run one variant on the held-out data; returns its results.parquet."""
     from runtime.api import run_graph
 
-    overrides = [f"dataset.params.seed={seed}", f"dataset.params.num_images={images}"]
+    overrides = [f"dataset.seed={seed}", f"dataset.num_images={images}"]
     summary = run_graph(variant.graph, overrides=overrides, executor=executor, output=runs / variant.name,
                         cache_dir=cache_dir, progress=progress,
                         arguments={"graph": str(variant.graph), "overrides": overrides, "quality": True})
@@ -192,14 +192,24 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{', '.join(v.name for v in VARIANTS)}", file=sys.stderr)
         return 2
     chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
+    from models.weights import WeightsError
+    from runtime.errors import GraphError
+
     table: dict[str, dict[str, Any]] = {}
-    for variant in chosen:
-        if not args.quiet:
-            print(f"== {variant.name} ({variant.graph.relative_to(GRAPHS.parent)})", file=sys.stderr)
-        results = run_variant(variant, seed=args.seed, images=args.images, runs=Path(args.runs),
-                              executor=args.executor, cache_dir=args.cache, progress=not args.quiet)
-        table[variant.name] = variant_metrics(results, variant.heatmap_node)
-    itm = itm_accuracy(args.seed, args.images)
+    try:
+        for variant in chosen:
+            if not args.quiet:
+                print(f"== {variant.name} ({variant.graph.relative_to(GRAPHS.parent)})", file=sys.stderr)
+            results = run_variant(variant, seed=args.seed, images=args.images, runs=Path(args.runs),
+                                  executor=args.executor, cache_dir=args.cache, progress=not args.quiet)
+            table[variant.name] = variant_metrics(results, variant.heatmap_node)
+        itm = itm_accuracy(args.seed, args.images)
+    except GraphError as exc:
+        print("error: " + "; ".join(str(p) for p in exc.problems), file=sys.stderr)
+        return 2
+    except WeightsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     command = "runtime quality" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = render_markdown(table, itm, seed=args.seed, images=args.images, command=command.strip(),
                            findings=findings_from(table))

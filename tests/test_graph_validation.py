@@ -196,7 +196,7 @@ def test_preset_sets_every_model_node_that_offers_it():
     with pytest.raises(GraphError) as info:
         load_graph(GRAPHS / "pnp_vqa.yaml", presets=["huge"])
     [problem] = info.value.problems
-    assert problem.file == "--preset" and "presets: 3b, base, large, tiny" in problem.message
+    assert problem.file == "--preset" and "presets: 3b, base, large, shapes, tiny" in problem.message
     g = load_graph(GRAPHS / "pnp_vqa.yaml", ["answer.preset=tiny"], presets=["tiny"])
     assert {n.stage.params.preset for n in g.nodes.values() if hasattr(n.stage.params, "preset")} == {"tiny"}
     with pytest.raises(GraphError) as info:

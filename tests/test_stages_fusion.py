@@ -13,10 +13,11 @@ from runtime.errors import GraphError
 from runtime.graph import load_graph
 
 SMALL = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
+TINY = ["tiny"]  # the graphs default to the shipped shapes presets; fusion files made here fit tiny
 
 
-def run(tmp_path, graph, extra=(), out=None):
-    run_graph(GRAPHS / f"{graph}.yaml", overrides=[*SMALL, *extra], executor="local",
+def run(tmp_path, graph, extra=(), out=None, presets=()):
+    run_graph(GRAPHS / f"{graph}.yaml", overrides=[*SMALL, *extra], presets=list(presets), executor="local",
               output=tmp_path / (out or graph), cache_dir=tmp_path / "cache", progress=False, device="cpu")
     return pq.read_table(tmp_path / (out or graph) / "results.parquet").sort_by("sample_id")
 
@@ -25,7 +26,7 @@ def test_untrained_fusion_graphs_equal_the_plain_graph(tmp_path):
     # every mode is the identity at init (tests/test_models_fusion.py); here through whole graphs
     plain = run(tmp_path, "pnp_vqa")
     for graph, mode in (("fusion_caption", "difnet"), ("fusion_gradcam", "cross_attention")):
-        fused = run(tmp_path, graph, [f"fusion.mode={mode}"], out=f"{graph}_{mode}")
+        fused = run(tmp_path, graph, [f"fusion.mode={mode}", "fusion.weights=null"], out=f"{graph}_{mode}")
         a, _ = column_to_python(plain.column("gradcam.heatmap"))
         b, _ = column_to_python(fused.column("gradcam.heatmap"))
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-12)
@@ -40,13 +41,14 @@ def test_fusion_weights_are_checked_before_work(tmp_path):
     from models.fusion.config import FusionConfig
 
     with pytest.raises(GraphError) as info:
-        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'none.safetensors'}"])
+        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'none.safetensors'}"], TINY)
     assert "fusion weights" in str(info.value) and "runtime train fusion" in str(info.value)
     # weights for another BLIP width are refused at validation, naming the field
     config = FusionConfig(mode="concat_conv", blip_width=32, sam_dim=32, grid=24, width=16, heads=2)
     save_fusion(build_fusion(config), config, tmp_path / "other.safetensors")
     with pytest.raises(GraphError) as info:
-        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'other.safetensors'}"])
+        load_graph(GRAPHS / "fusion_caption.yaml", [f"fusion.weights={tmp_path / 'other.safetensors'}",
+                                                      "fusion.mode=concat_conv"], TINY)
     [problem] = info.value.problems
     assert problem.node == "fusion" and problem.field == "weights" and "blip_width" in problem.message
     # matching weights with a non-zero output projection change the captions' inputs
@@ -59,7 +61,9 @@ def test_fusion_weights_are_checked_before_work(tmp_path):
         for p in module.parameters():
             p.add_(0.05)
     save_fusion(module, config, tmp_path / "trained.safetensors")
-    table = run(tmp_path, "fusion_caption", [f"fusion.weights={tmp_path / 'trained.safetensors'}"], out="trained")
+    table = run(tmp_path, "fusion_caption", [f"fusion.weights={tmp_path / 'trained.safetensors'}", "fusion.mode=concat_conv"],
+                out="trained",
+                presets=TINY)
     assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
 
 
@@ -71,7 +75,8 @@ def test_weights_from_the_training_command_run_in_fusion_caption(tmp_path):
                   "--num-images", "2", "--checkpoint-every", "3", "--quiet"]) == 0
     weights = out / "fusion.safetensors"
     assert weights.exists() and (out / "loss.png").exists()
-    table = run(tmp_path, "fusion_caption", [f"fusion.weights={weights}"], out="with_trained")
+    table = run(tmp_path, "fusion_caption", [f"fusion.weights={weights}", "fusion.mode=concat_conv"], out="with_trained",
+                presets=TINY)
     assert table.num_rows == 4 and set(table.column("status").to_pylist()) == {"ok"}
 
 
@@ -130,7 +135,7 @@ def test_shapes_weights_resolve_to_the_bundled_file_of_the_mode(tmp_path, monkey
     assert not np.allclose(fused, features, atol=1e-3)  # the trained module, not the untrained identity
 
     # a graph names it the same way; validation passes before any work
-    graph = load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes"])
+    graph = load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes", "fusion.mode=concat_conv"], TINY)
     assert graph is not None
 
 
@@ -146,7 +151,7 @@ def test_missing_shapes_weights_are_a_problem_on_the_weights_field(tmp_path, mon
     assert field == "weights"
     assert str(bundled / "fusion_difnet.safetensors") in message and "bin/train-shapes fusion" in message
     with pytest.raises(GraphError) as info:
-        load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes", "fusion.mode=cross_attention"])
+        load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes", "fusion.mode=cross_attention"], TINY)
     [problem] = info.value.problems
     assert problem.node == "fusion" and problem.field == "params.weights"
     assert "fusion_cross_attention.safetensors" in problem.message and "bin/train-shapes fusion" in problem.message
