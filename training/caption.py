@@ -18,9 +18,9 @@ random init; ``--init FILE`` loads a LAVIS caption ``.pth`` or a previous
 ``caption.safetensors``; ``base`` / ``large`` need ``--init`` or their standard file in the
 weights folder. ``--vision-from FILE`` then replaces the ViT (``visual_encoder.*``) with the
 one of another BLIP checkpoint, e.g. the ITM's, and ``--freeze-vision`` keeps it fixed (only
-the decoder learns; the ViT runs without autograd). The shipped ``shapes`` captioner shares
-the shapes ITM's ViT this way, so tokens fused by a fusion module trained against the ITM's
-ViT mean the same to the captioner.
+the decoder learns; the ViT runs without autograd; a captioner sharing the ITM's ViT reads
+tokens fused by a fusion module trained against that ViT as the ITM does). The shipped
+``shapes`` captioner starts from the shapes ITM's ViT and trains it further (docs/training.md).
 
 Determinism: step ``k``'s images and patch subsets come from ``numpy.random.default_rng([seed,
 k])`` alone; images are rendered and preprocessed per image; the model has no dropout and the
