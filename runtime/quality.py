@@ -140,6 +140,17 @@ def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, 
         "",
         *[f"- {f}" for f in findings],
         "",
+        "## How to read them",
+        "",
+        "- The shapes ITM and QA-ViT were trained with a grounding loss on the attention their heatmaps "
+        "read (docs/training.md): their heatmap quality here is supervised, not emergent as in the "
+        "published models; the question is whether the rest of each variant turns a good heatmap into answers.",
+        "- Captions name the visible objects left to right; nothing in them says top / bottom, and a count "
+        "is only right when one caption shows every object of the kind, so `position` and `count` questions "
+        "are bounded by the captions, not by the heatmap (see the ground-truth-mask row).",
+        "- `uniform_sampling` keeps the same captioner and QA model: the gap to it is what the question "
+        "guidance buys; the gap to `gt_mask_heatmap` is what a perfect heatmap would add.",
+        "",
     ]
     return "\n".join(lines)
 
