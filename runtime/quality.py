@@ -134,7 +134,9 @@ def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, 
         f"`fusion_caption`) on the same images, each question as a positive and one hard negative "
         f"(a colour or shape swapped to a combination absent from the scene, or another image's question): "
         f"**{_fmt(itm.get('itm_accuracy'))}** overall, {_fmt(itm.get('swap_accuracy'))} on swapped negatives; "
-        f"its GradCAM pointing game on these questions: {_fmt(itm.get('pointing_game'))}.",
+        f"its GradCAM pointing game on the positives (questions whose colour / shape words are all in the "
+        f"scene; the table's pointing column covers every question that refers to objects): "
+        f"{_fmt(itm.get('pointing_game'))}.",
         "",
         "## What the numbers say",
         "",
@@ -175,8 +177,7 @@ def findings_from(table: dict[str, dict[str, Any]]) -> list[str]:
     weakest = [t for t in QUESTION_TYPES if all((m.get(f"accuracy_{t}") or 0) < 0.5 for m in table.values())]
     if weakest:
         out.append("Below 0.5 for every variant, the upper bound included: " + ", ".join(weakest)
-                   + " questions (the captions name objects but not where they are or how many there are "
-                   "beyond what one caption shows; the question-answering model can only read captions).")
+                   + " questions: there the captioner / question-answering chain is the limit, not the heatmap.")
     return out
 
 
