@@ -55,7 +55,7 @@ import numpy as np
 
 from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
                              add_optimisation_options, add_output_options, check_same_run, finite_loss, mean_or_none,
-                             parse_source_params, set_warmup_lr, start_run, weight_decay_groups)
+                             parse_source_params, run_command, set_warmup_lr, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-caption-training"
@@ -606,28 +606,9 @@ def _fmt(value: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``runtime train caption``; returns the exit status."""
-    from models.weights import WeightsError
-    from training.outputs import MissingDependency
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        result = train(settings, command=argv)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    first, last = result.losses[:10], result.losses[-10:]
-    m = result.metrics
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
-          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
-          + (f"; held-out exact match {m['exact_match']:.3f}, object precision {_fmt(m['object_precision'])}, "
-             f"recall {_fmt(m['object_recall'])}" if m else "")
-          + f"; weights {result.out / 'caption.safetensors'}")
-    return 0
+    return run_command(argv, parser(), settings_from_args, train, "caption.safetensors",
+                       lambda m: (f"held-out exact match {m['exact_match']:.3f}, object precision "
+                       f"{_fmt(m['object_precision'])}, recall {_fmt(m['object_recall'])}") if m else None)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,31 @@ def finite_loss(loss, step: int) -> float:
 def mean_or_none(values: Sequence[float]) -> float | None:
     """The mean of ``values``; ``None`` when there are none."""
     return float(np.mean(values)) if len(values) else None
+
+
+def run_command(argv: Sequence[str] | None, parser: argparse.ArgumentParser, settings_from_args: Callable,
+                train: Callable, weights_file: str, held_out: Callable[[dict], str | None]) -> int:
+    """The body of every ``runtime train MODEL`` entry point: parse, train, report; returns the
+    exit status (2 for bad settings or files, 130 when interrupted). ``held_out`` words the final
+    held-out metrics (``None``: nothing to say)."""
+    import sys
+
+    from models.weights import WeightsError
+    from training.outputs import MissingDependency
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    try:
+        result = train(settings_from_args(args), command=argv)
+    except KeyboardInterrupt:
+        print("interrupted; continue with the same command and --resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    first, last = result.losses[:10], result.losses[-10:]
+    said = held_out(result.metrics or {})
+    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
+          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
+          + (f"; {said}" if said else "") + f"; weights {result.out / weights_file}")
+    return 0

@@ -50,9 +50,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options,
-                             add_output_options, add_source_options, check_same_run, finite_loss, mean_or_none,
-                             add_weights_option, parse_source_params, source_num_images, start_run)
+from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
+                             add_source_options, add_weights_option, check_same_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, source_num_images, start_run)
 
 DEFAULT_STEPS = 200
 CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
@@ -561,28 +561,8 @@ def pair_rows(fused, rows):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``runtime train fusion``; returns the exit status."""
-    from models.weights import WeightsError
-    from training.outputs import MissingDependency
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        result = train(settings, command=argv)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    first = result.losses[:10]
-    last = result.losses[-10:]
-    acc = result.metrics.get("itm_accuracy")
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
-          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
-          + (f"; held-out ITM accuracy {acc:.3f}" if acc is not None else "")
-          + f"; weights {result.out / 'fusion.safetensors'}")
-    return 0
+    return run_command(argv, parser(), settings_from_args, train, "fusion.safetensors",
+                       lambda m: None if m.get("itm_accuracy") is None else f"held-out ITM accuracy {m['itm_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -76,8 +76,8 @@ import numpy as np
 from runtime.sources.shapes_scene import COLORS, SHAPES
 from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
                              add_optimisation_options, add_output_options, add_source_options, check_same_run,
-                             finite_loss, mean_or_none, parse_source_params, set_warmup_lr, source_num_images,
-                             start_run, weight_decay_groups)
+                             finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
+                             source_num_images, start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
 
 DEFAULT_STEPS = 300
@@ -677,27 +677,8 @@ def outputs_fingerprint(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``runtime train itm``; returns the exit status."""
-    from models.weights import WeightsError
-    from training.outputs import MissingDependency
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        result = train(settings, command=argv)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    first, last = result.losses[:10], result.losses[-10:]
-    acc = result.metrics.get("itm_accuracy")
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
-          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
-          + (f"; held-out ITM accuracy {acc:.3f}" if acc is not None else "")
-          + f"; weights {result.out / 'itm.safetensors'}")
-    return 0
+    return run_command(argv, parser(), settings_from_args, train, "itm.safetensors",
+                       lambda m: None if m.get("itm_accuracy") is None else f"held-out ITM accuracy {m['itm_accuracy']:.3f}")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,8 @@ import torch
 from torch import nn
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             check_same_run, finite_loss, mean_or_none, parse_source_params, set_warmup_lr,
-                             start_run, weight_decay_groups)
+                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command,
+                             set_warmup_lr, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 3000
 CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
@@ -716,28 +716,10 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``runtime train qavit``; returns the exit status."""
-    from models.weights import WeightsError
-    from training.outputs import MissingDependency
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        result = train(settings, command=argv)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    first, last = result.losses[:10], result.losses[-10:]
-    m = result.metrics
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
-          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
-          + (f"; held-out pointing game {m['pointing_game']:.3f}, energy in mask {m['energy_in_mask']:.3f}, "
-             f"answer accuracy {m['answer_accuracy']:.3f}" if m.get("pointing_game") is not None else "")
-          + f"; weights {result.out / 'qavit.safetensors'}")
-    return 0
+    return run_command(argv, parser(), settings_from_args, train, "qavit.safetensors",
+                       lambda m: (f"held-out pointing game {m['pointing_game']:.3f}, energy in mask "
+                       f"{m['energy_in_mask']:.3f}, answer accuracy {m['answer_accuracy']:.3f}")
+                       if m.get("pointing_game") is not None else None)
 
 
 if __name__ == "__main__":

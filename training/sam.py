@@ -75,7 +75,7 @@ import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
                              add_weights_option, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             set_warmup_lr, start_run, weight_decay_groups)
+                             run_command, set_warmup_lr, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-sam-training"
@@ -690,27 +690,8 @@ def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``runtime train sam``; returns the exit status."""
-    from models.weights import WeightsError
-    from training.outputs import MissingDependency
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        result = train(settings, command=argv)
-    except KeyboardInterrupt:
-        print("interrupted; continue with the same command and --resume", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, WeightsError, FloatingPointError, MissingDependency) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    first, last = result.losses[:10], result.losses[-10:]
-    m = result.metrics
-    print(f"trained {result.steps} steps in {result.seconds:.1f} s: loss {np.mean(first):.4f} (first "
-          f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
-          + (f"; held-out mIoU 1 point {m['miou_1pt']:.3f}, 3 points {m['miou_3pt']:.3f}" if m else "")
-          + f"; weights {result.out / 'efficient_sam.safetensors'}")
-    return 0
+    return run_command(argv, parser(), settings_from_args, train, "efficient_sam.safetensors",
+                       lambda m: f"held-out mIoU 1 point {m['miou_1pt']:.3f}, 3 points {m['miou_3pt']:.3f}" if m else None)
 
 
 if __name__ == "__main__":
