@@ -30,6 +30,24 @@ EPILOG = """examples:
 """
 
 
+TRAIN_MODELS = {
+    "itm": "a BLIP ITM model (every parameter; ITM + ITC, optional grounding and patch-probe losses)",
+    "caption": "the BLIP captioner, on captions of the objects visible in sampled patches",
+    "sam": "EfficientSAM, on point prompts from object pixels",
+    "fid": "the UnifiedQA FiD T5, on question + captions -> answer",
+    "fusion": "a BLIP + SAM feature fusion module (frozen BLIP ITM and EfficientSAM)",
+    "qavit": "QA-ViT (vision tower, instruction modules, question encoder)",
+    "bundle": "ship a finished run as a shapes preset file with its manifest (models/assets/shapes)",
+}
+
+
+def _train_usage() -> str:
+    width = max(map(len, TRAIN_MODELS))
+    return ("usage: runtime train MODEL --out DIR [options]\n\nmodels:\n"
+            + "".join(f"  {name:<{width}}  {text}\n" for name, text in TRAIN_MODELS.items())
+            + "\n`runtime train MODEL --help` lists the options of one; docs/training.md explains them.")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="runtime", description="Run question-guided heatmap variants of "
                                 "plug-and-play VQA as typed, cached, resumable graphs.",
@@ -78,14 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     so = sub.add_parser("sources", help="list dataset sources with their params and columns")
     so.add_argument("name", nargs="?", help="only this source")
 
-    t = sub.add_parser("train", help="train a model on a dataset source (`runtime train fusion --help`)",
+    t = sub.add_parser("train", help="train a model (`runtime train --help` lists them; docs/training.md)",
                        add_help=False)
-    t.add_argument("model", choices=["itm", "caption", "sam", "fid", "fusion", "qavit", "bundle"],
-                   help="itm: a BLIP ITM model (all parameters, ITM + ITC (+ grounding) losses); caption: the BLIP "
-                   "captioner on captions of sampled patches; sam: EfficientSAM on point prompts; fid: the UnifiedQA "
-                   "FiD T5 on question + captions; fusion: the BLIP + SAM feature fusion module (frozen BLIP, SAM); "
-                   "qavit: QA-ViT's instruction modules; bundle: ship a finished training as a shapes preset "
-                   "(models/assets/shapes, with its manifest)")
+    t.add_argument("model", choices=list(TRAIN_MODELS), help="; ".join(f"{k}: {v}" for k, v in TRAIN_MODELS.items()))
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
 
     q = sub.add_parser("quality", help="VQA accuracy and heatmap quality of every variant on held-out shapes data "
@@ -348,6 +361,9 @@ COMMANDS = {"run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compar
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print(_train_usage())
+        return 0 if len(argv) > 1 else 2
     if argv[:1] == ["quality"]:  # its options start with "--": argparse's REMAINDER would not take them
         from runtime.quality import main as quality_main
 

@@ -83,3 +83,12 @@ def test_run_limit_ids_and_cache_commands(capsys, tmp_path):
     assert main(["cache", "gc", "--cache", cache, "--max-size", "1K"]) == 0
     assert main(["cache", "ls", "--cache", cache]) == 0
     assert "total: " in capsys.readouterr().out
+
+
+def test_train_help_lists_every_training_command(capsys):
+    from runtime.cli import TRAIN_MODELS, main
+
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in TRAIN_MODELS) and "docs/training.md" in out
+    assert main(["train"]) == 2  # no model: the same list, as an error
