@@ -122,3 +122,27 @@ def test_vision_from_another_checkpoint_frozen(tmp_path):
     assert not all(torch.equal(ours[k], initial[k]) for k in ours if k.startswith("text_decoder."))  # trained
     meta = json.loads((out / "config.json").read_text())
     assert meta["model"]["freeze_vision"] and meta["model"]["vision_fingerprint"]
+
+
+def test_patch_probe_resumes_bit_identically_and_cosine_fixes_steps(tmp_path):
+    """The probe (weights and optimiser state) travels in the checkpoint; the logged loss is the
+    caption loss alone; a cosine run may not change --steps on resume."""
+    probe = ["--patch-label-weight", "1", "--patch-object-weight", "10"]
+    full, split, plain = tmp_path / "full", tmp_path / "split", tmp_path / "plain"
+    assert main(["--out", str(full), "--steps", "4", "--checkpoint-every", "0", *probe, *COMMON]) == 0
+    assert main(["--out", str(split), "--steps", "2", "--checkpoint-every", "0", *probe, *COMMON]) == 0
+    ckpt = torch.load(split / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt["probe"]) == {"weight", "bias"}
+    assert main(["--out", str(split), "--steps", "4", "--resume", *COMMON]) == 2  # the probe is part of the run
+    assert main(["--out", str(split), "--steps", "4", "--resume", *probe, *COMMON]) == 0
+    a, b = load_file(str(full / "caption.safetensors")), load_file(str(split / "caption.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(full) == _losses(split)
+    assert main(["--out", str(plain), "--steps", "1", "--checkpoint-every", "0", *COMMON]) == 0
+    assert _losses(plain)[0] == pytest.approx(_losses(full)[0], abs=1e-6)  # same first batch, same caption loss
+
+    cosine = tmp_path / "cosine"
+    assert main(["--out", str(cosine), "--steps", "2", "--lr-decay", "cosine", *COMMON]) == 0
+    assert main(["--out", str(cosine), "--steps", "3", "--lr-decay", "cosine", "--resume", *COMMON]) == 2
+    assert main(["--out", str(tmp_path / "bad"), "--patch-label-weight", "1", "--freeze-vision", *COMMON]) == 2

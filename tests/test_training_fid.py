@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import numpy as np
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -157,12 +159,12 @@ def test_unknown_preset_is_refused(tmp_path):
 
 
 def test_cosine_decay_ends_at_steps_which_then_may_not_change(tmp_path, capsys):
-    from training.fid import FidSettings, set_lr
+    from training.common import set_scheduled_lr
 
-    s = FidSettings(out="x", steps=10, warmup=2, lr=1e-3, lr_decay="cosine")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    lrs = [set_lr(opt, s, k) for k in range(10)]
-    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and lrs[-1] < 1e-4
+    lrs = [set_scheduled_lr(opt, 1e-3, 2, k, 10, "cosine") for k in range(10)]
+    # warmup (k + 1) / 2, then 1e-3 * (1 + cos(pi * (k - 2) / 8)) / 2
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and lrs[-1] == pytest.approx(1e-3 * (1 + math.cos(7 * math.pi / 8)) / 2)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and opt.param_groups[0]["lr"] == lrs[-1]
     out = tmp_path / "run"
     assert main(["--out", str(out), "--steps", "2", "--lr-decay", "cosine", *COMMON]) == 0

@@ -166,7 +166,7 @@ def test_questions_about_absent_things_are_not_positives_and_other_image_negativ
 
 
 def test_patch_labels_from_a_hand_made_scene():
-    from training.itm import PatchLabels
+    from training.patch_labels import PatchLabels
 
     scene = json.dumps({"image_size": 40, "background": "plain", "objects": [
         {"shape": "square", "color": "red", "center": [10, 10], "size": 20, "bbox": [0, 0, 20, 20]},
@@ -180,3 +180,18 @@ def test_patch_labels_from_a_hand_made_scene():
     assert colour[0].tolist() == expected_colour.tolist()
     assert shape[0][[0, 1, 4, 5]].tolist() == [2] * 4 and shape[0][[11, 15]].tolist() == [1, 1]  # square, circle
     assert colour[1].sum() == 0 and shape[1].sum() == 0  # no scene: background everywhere
+
+
+def test_patch_label_loss_weighs_object_patches():
+    """Weighted mean of the per-patch colour + shape cross-entropies, by hand."""
+    import torch.nn.functional as F
+
+    from training.patch_labels import CLASSES, patch_label_loss
+
+    logits = torch.randn(4, CLASSES, generator=torch.Generator().manual_seed(0))
+    colour, shape = torch.tensor([0, 2, 0, 5]), torch.tensor([0, 1, 0, 4])
+    per = (F.cross_entropy(logits[:, :7], colour, reduction="none")
+           + F.cross_entropy(logits[:, 7:], shape, reduction="none"))
+    w = torch.tensor([1.0, 10.0, 1.0, 10.0])
+    assert patch_label_loss(logits, colour, shape, 10.0) == pytest.approx(float((w * per).sum() / 22.0), rel=1e-6)
+    assert patch_label_loss(logits, colour, shape) == pytest.approx(float(per.mean()), rel=1e-6)

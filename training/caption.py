@@ -11,7 +11,11 @@ covers), and the target is the caption of the objects visible in those patches
 subset shows no object. Loss: teacher-forced cross-entropy on the caption tokens after the
 prompt (and its ``[SEP]``), as LAVIS's ``BlipCaption`` (prompt tokens masked with -100).
 Every parameter is trained; AdamW (no weight decay on biases / norms), linear warmup over
-``--warmup`` steps then a constant learning rate, gradient clipping.
+``--warmup`` steps then a constant learning rate (``--lr-decay cosine``: a cosine decay to 0 at
+``--steps``), gradient clipping. ``--patch-label-weight`` adds the ITM's training-only patch
+probe loss on the ViT tokens (colour and shape per patch, :mod:`training.patch_labels`;
+``--patch-object-weight`` weighs object patches against background ones), so the captioner's
+ViT is told which shape each patch belongs to, not only through the caption tokens.
 
 Initialisation: ``--preset tiny`` / ``shapes`` without ``--init`` is the preset's seeded
 random init; ``--init FILE`` loads a LAVIS caption ``.pth`` or a previous
@@ -54,8 +58,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
-                             add_optimisation_options, add_output_options, check_same_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, set_warmup_lr, start_run, weight_decay_groups)
+                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run,
+                             finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
+                             start_run, weight_decay_groups)
+from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-caption-training"
@@ -170,7 +176,10 @@ class CaptionSettings:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup: int = 0
+    lr_decay: str = "constant"
     grad_clip: float = 1.0
+    patch_label_weight: float = 0.0
+    patch_object_weight: float = 1.0
     checkpoint_every: int = 50
     eval_every: int = 0
     eval_seed: int | None = None
@@ -185,8 +194,16 @@ class CaptionSettings:
         return self.seed + 1000 if self.eval_seed is None else self.eval_seed
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        """The settings a resumed run must share with the run it continues (the options added
+        later only when not at their defaults, as runs made before them; a cosine decay also
+        fixes ``steps``, where it ends)."""
+        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        for name, default in (("lr_decay", "constant"), ("patch_label_weight", 0.0), ("patch_object_weight", 1.0)):
+            if identity[name] == default:
+                del identity[name]
+        if self.lr_decay == "cosine":
+            identity["cosine_steps"] = self.steps
+        return identity
 
 
 @dataclass
@@ -230,6 +247,11 @@ def parser() -> argparse.ArgumentParser:
                                  "samples per step", lr=1e-3, lr_help="AdamW learning rate (after the warmup: "
                                  "constant)", weight_decay=0.01, weight_decay_help="on weight matrices only",
                                  warmup=True)
+    add_lr_decay_option(t)
+    t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
+                   "probe loss on the ViT tokens (0 = off)")
+    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
+                   "patch relative to a background patch in the probe loss")
     add_checkpoint_option(t)
     add_device_options(t)
     e = p.add_argument_group("held-out evaluation")
@@ -243,9 +265,9 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
     extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "vision_from", "freeze_vision", "weights", "seed", "num_images", "num_patches", "object_bias", "subsets_per_image",
-             "min_overlap",
-             "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "checkpoint_every", "eval_every",
+    names = ("out", "preset", "init", "vision_from", "freeze_vision", "weights", "seed", "num_images", "num_patches",
+             "object_bias", "subsets_per_image", "min_overlap", "steps", "batch_size", "lr", "weight_decay", "warmup",
+             "lr_decay", "grad_clip", "patch_label_weight", "patch_object_weight", "checkpoint_every", "eval_every",
              "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
     return CaptionSettings(source_params=extra, **{n: getattr(args, n) for n in names})
 
@@ -257,8 +279,14 @@ def check_settings(s: CaptionSettings) -> None:
     for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
         if getattr(s, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.object_bias < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --object-bias >= 0")
+    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.object_bias, s.patch_label_weight) < 0:
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --object-bias and --patch-label-weight >= 0")
+    if not s.patch_object_weight > 0:
+        raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
+    if s.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
+    if s.patch_label_weight > 0 and s.freeze_vision:
+        raise ValueError("--patch-label-weight trains the ViT: it cannot go with --freeze-vision")
     if not 0.0 < s.min_overlap <= 1.0:
         raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
     if {"seed", "num_images"} & set(s.source_params):
@@ -444,7 +472,8 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
     vision_fingerprint = None if s.vision_from is None else file_fingerprint(Path(s.vision_from))
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint,
                                "vision_weights": vision_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
+                   "--lr-decay cosine, --steps")
 
     model = (build_model("caption", s.preset, device, empty=True) if resume_state is not None
              else initial_blip("caption", s.preset, s.init, device))
@@ -470,7 +499,13 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
         load_vision(model, Path(s.vision_from))
     if s.freeze_vision:
         model.visual_encoder.requires_grad_(False)
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
+    groups = weight_decay_groups(model, s.weight_decay)
+    probe = patch_targets = None
+    if s.patch_label_weight > 0:
+        probe = build_probe(model.config.vit.width).to(device)
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
+        patch_targets = PatchLabels(data.scenes, grid)
+    optimizer = torch.optim.AdamW(groups, lr=s.lr)
     losses: list[float] = []
     accuracies: list[float] = []
     evals: list[dict[str, Any]] = []
@@ -480,6 +515,8 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         model.reset_buffers()
+        if probe is not None:
+            probe.load_state_dict(resume_state["probe"])
         optimizer.load_state_dict(resume_state["optimizer"])
         outputs.set_rng_state(resume_state["rng"], device)
         start = int(resume_state["step"])
@@ -522,6 +559,7 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
         outputs.save_checkpoint(
             ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
             model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+            probe={} if probe is None else {k: v.detach().cpu() for k, v in probe.state_dict().items()},
             optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
             losses=torch.tensor(losses, dtype=torch.float64), accuracies=torch.tensor(accuracies, dtype=torch.float64),
             evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
@@ -554,7 +592,7 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            set_warmup_lr(optimizer, s.lr, s.warmup, step)
+            set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
             rng = np.random.default_rng([s.seed, step])
             drawn = rng.integers(0, len(data), size=-(-s.batch_size // s.subsets_per_image))
             chosen = np.repeat(drawn, s.subsets_per_image)[:s.batch_size]
@@ -564,20 +602,26 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
             input_ids, targets = input_ids.to(device), targets.to(device)
 
             with torch.set_grad_enabled(not s.freeze_vision):
-                tokens = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))  # [U, 1+P, C]
+                tokens_image = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))  # [U, 1+P, C]
             rows = torch.arange(len(drawn), device=device).repeat_interleave(s.subsets_per_image)[:s.batch_size]
-            tokens = pair_rows(tokens, rows)                                                # [B, 1+P, C]
+            tokens = pair_rows(tokens_image, rows)                                          # [B, 1+P, C]
             states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]
             logits = model.decoder_logits(input_ids, states)[:, :-1].float()               # [B, T-1, V]
             labels = targets[:, 1:]
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+            value = finite_loss(loss, step)  # the caption loss is what the log shows
+            if probe is not None:
+                colour, shape = patch_targets([int(i) for i in drawn], device)
+                logits_patch = probe(tokens_image[:, 1:]).flatten(0, 1).float()         # [U * P, CLASSES]
+                loss = loss + s.patch_label_weight * patch_label_loss(logits_patch, colour.flatten(), shape.flatten(),
+                                                                      s.patch_object_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+                trained = list(model.parameters()) + ([] if probe is None else list(probe.parameters()))
+                torch.nn.utils.clip_grad_norm_(trained, s.grad_clip)
             optimizer.step()
 
-            value = finite_loss(loss, step)
             mask = labels != -100
             losses.append(value)
             accuracies.append(float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum()))

@@ -189,6 +189,24 @@ def set_warmup_lr(optimizer, lr: float, warmup: int, step: int) -> float:
     return lr
 
 
+def set_scheduled_lr(optimizer, lr: float, warmup: int, step: int, steps: int, decay: str) -> float:
+    """Set (and return) the learning rate of ``step``: the linear warmup, then constant
+    (``decay="constant"``) or a cosine decay to 0 at ``steps`` (``"cosine"``)."""
+    import math
+
+    if decay != "cosine" or step < warmup:
+        return set_warmup_lr(optimizer, lr, warmup, step)
+    lr = lr * 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def add_lr_decay_option(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--lr-decay", choices=["constant", "cosine"], default="constant",
+                       help="after the warmup: constant, or cosine decay to 0 at --steps")
+
+
 def finite_loss(loss, step: int) -> float:
     """The loss of ``step`` as a float; raises :class:`FloatingPointError` when it is not finite."""
     import math

@@ -73,9 +73,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command,
-                             set_warmup_lr, start_run, weight_decay_groups)
+from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
+                             add_output_options, check_same_run, finite_loss, mean_or_none, parse_source_params,
+                             run_command, set_scheduled_lr, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-fid-training"
@@ -311,8 +311,7 @@ def parser() -> argparse.ArgumentParser:
     t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=32, batch_help="questions per step",
                                  lr=1e-3, lr_help="AdamW learning rate (after the warmup: constant)",
                                  weight_decay=0.01, weight_decay_help="on weight matrices only", warmup=True)
-    t.add_argument("--lr-decay", choices=["constant", "cosine"], default="constant",
-                   help="after the warmup: constant, or cosine decay to 0 at --steps")
+    add_lr_decay_option(t)
     add_checkpoint_option(t)
     add_device_options(t)
     e = p.add_argument_group("held-out evaluation")
@@ -358,16 +357,6 @@ def check_settings(s: FidSettings) -> None:
 
 
 # --- batches and evaluation -------------------------------------------------------------------
-
-def set_lr(optimizer, s: FidSettings, step: int) -> float:
-    """Set (and return) the learning rate of ``step``: the warmup, then constant or cosine."""
-    if s.lr_decay != "cosine" or step < s.warmup:
-        return set_warmup_lr(optimizer, s.lr, s.warmup, step)
-    lr = s.lr * 0.5 * (1.0 + math.cos(math.pi * (step - s.warmup) / max(1, s.steps - s.warmup)))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
 
 def answer_batch(tokenizer, targets: Sequence[str], start_token: int):
     """``decoder_input_ids [B, T]`` (start token, then the answer shifted right) and ``labels
@@ -613,7 +602,7 @@ def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            set_lr(optimizer, s, step)
+            set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
             rng = np.random.default_rng([s.seed, step])
             chosen = [data.samples[int(i)] for i in rng.integers(0, len(data), size=s.batch_size)]
             passages = [sample_passages(data, x, rng, recipe) for x in chosen]

@@ -26,13 +26,17 @@ Objective, per step of ``batch_size`` samples (see :mod:`training.pairs`):
   ``itm.safetensors``); it gives the ViT, trained from scratch, the dense signal that
   pre-training gives the published one: without it the 4-layer shapes ITM stayed at chance
   (ITM loss 0.69 for 300 steps) while its attention learned to find *some* object.
+  Object patches are a few percent of the grid, so ``--patch-object-weight W`` weighs each
+  object patch ``W`` times a background patch in that cross-entropy (default 1: a plain mean,
+  which the shape classes hardly move).
 
 ``--questions-per-image Q`` draws a step's positives as ``batch / Q`` images with up to ``Q``
 questions each: all pairs of a positive use its image, so a step encodes ``Q`` times fewer
 images. Cross-attention keys / values are computed once per image and shared by its pairs.
 
 AdamW (no weight decay on biases, norms and the temperature), linear warmup over ``--warmup``
-steps then a constant learning rate, gradient clipping.
+steps then a constant learning rate (``--lr-decay cosine``: a cosine decay to 0 at
+``--steps``), gradient clipping.
 
 Initialisation: ``--preset tiny`` without ``--init`` is the preset's seeded random init (the
 same in every process); ``--init FILE`` loads a checkpoint (LAVIS ``.pth`` or a previous
@@ -73,12 +77,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from runtime.sources.shapes_scene import COLORS, SHAPES
 from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
-                             add_optimisation_options, add_output_options, add_source_options, check_same_run,
-                             finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
-                             source_num_images, start_run, weight_decay_groups)
+                             add_lr_decay_option, add_optimisation_options, add_output_options, add_source_options,
+                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command,
+                             set_scheduled_lr, source_num_images, start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
+from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-itm-training"
@@ -107,10 +111,12 @@ class ItmSettings:
     lr: float = 1e-4
     weight_decay: float = 0.05
     warmup: int = 0
+    lr_decay: str = "constant"
     grad_clip: float = 1.0
     itc_weight: float = 1.0
     grounding_weight: float = 0.0
     patch_label_weight: float = 0.0
+    patch_object_weight: float = 1.0
     block_num: int | None = None
     questions_per_image: int = 1
     temp: float = 0.07
@@ -125,8 +131,17 @@ class ItmSettings:
     quiet: bool = False
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        """The settings a resumed run must share with the run it continues (``lr_decay`` and
+        ``patch_object_weight`` only when not at their defaults, the behaviour of runs made
+        before the options existed; a cosine decay also fixes ``steps``, where it ends)."""
+        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        if identity["lr_decay"] == "constant":
+            del identity["lr_decay"]
+        else:
+            identity["cosine_steps"] = self.steps
+        if identity["patch_object_weight"] == 1.0:
+            del identity["patch_object_weight"]
+        return identity
 
     @property
     def held_out_seed(self) -> int:
@@ -164,6 +179,9 @@ def parser() -> argparse.ArgumentParser:
                    "cross-attention of --block-num (0 = off; needs ground-truth masks)")
     t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
                    "probe loss on the ViT tokens (0 = off; needs the scene column)")
+    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
+                   "patch relative to a background patch in the probe loss")
+    add_lr_decay_option(t)
     t.add_argument("--block-num", type=int, default=None, help="text layer of the grounding loss and of the "
                    "held-out GradCAM pointing game (as itm_gradcam's block_num; default: the preset's, 7 or shapes 2)")
     t.add_argument("--questions-per-image", type=int, default=1, metavar="Q",
@@ -189,7 +207,9 @@ def settings_from_args(args: argparse.Namespace) -> ItmSettings:
         seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit,
         swap_fraction=args.swap_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, itc_weight=args.itc_weight,
-        grounding_weight=args.grounding_weight, patch_label_weight=args.patch_label_weight, block_num=args.block_num, questions_per_image=args.questions_per_image,
+        grounding_weight=args.grounding_weight, patch_label_weight=args.patch_label_weight,
+        patch_object_weight=args.patch_object_weight, lr_decay=args.lr_decay, block_num=args.block_num,
+        questions_per_image=args.questions_per_image,
         temp=args.temp, fixed_temp=args.fixed_temp, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
         image_cache=args.image_cache, device=args.device, resume=args.resume, quiet=args.quiet)
@@ -205,7 +225,12 @@ def check_settings(s: ItmSettings) -> None:
     if s.eval_images is not None and s.eval_images < 0:
         raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
     if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.itc_weight, s.grounding_weight, s.patch_label_weight) < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --itc-weight and --grounding-weight >= 0")
+        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --itc-weight, --grounding-weight and "
+                         "--patch-label-weight >= 0")
+    if not s.patch_object_weight > 0:
+        raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
+    if s.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
     if not 0.001 <= s.temp <= 0.5:
         raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
     if not 0.0 <= s.swap_fraction <= 1.0:
@@ -331,41 +356,6 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, samples, device, step: 
     return out
 
 
-class PatchLabels:
-    """Per-patch colour and shape classes of the dataset's images (0 = background; an object
-    labels the patches its bounding box covers at least half of; the most covered wins)."""
-
-    def __init__(self, scenes, grid: int) -> None:
-        self.scenes, self.grid = scenes, grid
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from training.caption import object_coverage
-
-        if i not in self._cache:
-            colour = np.zeros(self.grid * self.grid, np.int64)
-            shape = np.zeros_like(colour)
-            if self.scenes[i]:
-                scene = json.loads(self.scenes[i])
-                cover = object_coverage(scene, self.grid)                          # [O, P]
-                if len(cover):
-                    best, frac = cover.argmax(axis=0), cover.max(axis=0)
-                    on = frac >= 0.5
-                    objects = scene["objects"]
-                    colour[on] = [1 + list(COLORS).index(objects[o]["color"]) for o in best[on]]
-                    shape[on] = [1 + SHAPES.index(objects[o]["shape"]) for o in best[on]]
-            self._cache[i] = (colour, shape)
-        return self._cache[i]
-
-    def __call__(self, images: Sequence[int], device):
-        """``colour``, ``shape`` ``[U, P]`` long of the images ``images``."""
-        import torch
-
-        pairs = [self._labels(int(i)) for i in images]
-        return (torch.from_numpy(np.stack([c for c, _ in pairs])).to(device),
-                torch.from_numpy(np.stack([h for _, h in pairs])).to(device))
-
-
 def grounding_loss(probs, attention_mask, cells):
     """``-log`` of the cross-attention mass on the referred objects' patches.
 
@@ -465,7 +455,8 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     if s.grounding_weight > 0 or s.eval_images != 0:
         model.check_block_num(block_num)
     run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
+                   "--lr-decay cosine, --steps")
 
     params = source_params(s.source, s.seed, s.num_images, s.source_params)
     data = load_data(s.source, params, s.limit, mask_grid=model.grid)
@@ -499,7 +490,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
     if s.patch_label_weight > 0:
         if not any(data.scenes):
             raise ValueError(f"--patch-label-weight needs the scene column; source {s.source!r} has none")
-        probe = torch.nn.Linear(model.config.vit.width, len(COLORS) + 1 + len(SHAPES) + 1).to(device)
+        probe = build_probe(model.config.vit.width).to(device)
         groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
         patch_targets = PatchLabels(data.scenes, model.grid)
     optimizer = torch.optim.AdamW(groups, lr=s.lr)
@@ -595,7 +586,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
+            lr = set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
             batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction,
                                s.questions_per_image, positives)
             unique = sorted(set(batch.images))
@@ -628,9 +619,9 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             loss_patch = torch.zeros((), device=device)
             if probe is not None:
                 colour, shape = patch_targets(unique, device)
-                logits_patch = probe(embeds[:, 1:])                                    # [U, P, 7 + 5]
-                loss_patch = (F.cross_entropy(logits_patch[..., :7].flatten(0, 1).float(), colour.flatten())
-                              + F.cross_entropy(logits_patch[..., 7:].flatten(0, 1).float(), shape.flatten()))
+                logits_patch = probe(embeds[:, 1:])                                    # [U, P, CLASSES]
+                loss_patch = patch_label_loss(logits_patch.flatten(0, 1).float(), colour.flatten(),
+                                              shape.flatten(), s.patch_object_weight)
             loss = loss + s.grounding_weight * loss_ground + s.patch_label_weight * loss_patch
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
