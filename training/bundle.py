@@ -4,7 +4,8 @@ Copies the run's weights into ``models/assets/shapes/`` under the preset's file 
 tensors stored as float16: half the size, and the loaders cast them back; the quick check below
 runs on the shipped file) and writes
 ``<name>.manifest.json`` beside it: the file's sha256 and size, the exact training command (and
-every invocation of a resumed run), seeds, steps, training time, device and threads, the data
+every invocation of a resumed run; ``earlier_stages``: the runs whose weights it started from,
+``--init`` / ``--vision-from``, found by the ``config.json`` beside those files), seeds, steps, training time, device and threads, the data
 the model was trained and evaluated on, the run's held-out metrics, and the quick check's
 metrics (the model's ``check_metrics`` on a small held-out set, seed 7000, never used in
 training), which ``tests/test_shapes_weights.py`` recomputes from the shipped file.
@@ -108,6 +109,27 @@ def manifest_path(weights: Path) -> Path:
     return weights.with_name(weights.name.removesuffix(".safetensors") + ".manifest.json")
 
 
+def earlier_stages(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs ``config``'s run started from (its ``--init`` / ``--vision-from`` files), earliest
+    first: each file's command, invocations, steps and time from the ``config.json`` beside it,
+    or only the file when there is none (a copied file)."""
+    stages: list[dict[str, Any]] = []
+    for option in ("init", "vision_from"):
+        weights = (config.get("training") or {}).get(option)
+        if not weights:
+            continue
+        stage: dict[str, Any] = {"option": "--" + option.replace("_", "-"), "weights": weights}
+        earlier = Path(weights).parent / "config.json"
+        if earlier.is_file() and earlier.resolve() != Path(weights).resolve():
+            before = json.loads(earlier.read_text())
+            stages += earlier_stages(before)
+            stage.update({k: before.get(k) for k in ("command", "invocations", "steps_done", "train_seconds")})
+        else:
+            stage["run"] = "unknown: no config.json beside the file"
+        stages.append(stage)
+    return stages
+
+
 def bundle(run_dir: Path, name: str, dest: Path, allow_unfinished: bool = False) -> dict[str, Any]:
     """Copy ``run_dir``'s weights to ``dest/<name>.safetensors``, check them and write the manifest."""
     if name not in SHIPPED:
@@ -134,6 +156,7 @@ def bundle(run_dir: Path, name: str, dest: Path, allow_unfinished: bool = False)
         "bytes": target.stat().st_size,
         "command": config.get("command"),
         "invocations": config.get("invocations"),
+        "earlier_stages": earlier_stages(config),
         "seeds": config.get("seeds"),
         "steps": config.get("steps_done"),
         "train_seconds": config.get("train_seconds"),
