@@ -164,7 +164,8 @@ def test_cosine_decay_ends_at_steps_which_then_may_not_change(tmp_path, capsys):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     lrs = [set_scheduled_lr(opt, 1e-3, 2, k, 10, "cosine") for k in range(10)]
     # warmup (k + 1) / 2, then 1e-3 * (1 + cos(pi * (k - 2) / 8)) / 2
-    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3]) and lrs[-1] == pytest.approx(1e-3 * (1 + math.cos(7 * math.pi / 8)) / 2)
+    assert lrs[:3] == pytest.approx([5e-4, 1e-3, 1e-3])
+    assert lrs[-1] == pytest.approx(1e-3 * (1 + math.cos(7 * math.pi / 8)) / 2)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and opt.param_groups[0]["lr"] == lrs[-1]
     out = tmp_path / "run"
     assert main(["--out", str(out), "--steps", "2", "--lr-decay", "cosine", *COMMON]) == 0

@@ -57,10 +57,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
-                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run,
-                             finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
-                             start_run, weight_decay_groups)
+from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options, add_lr_decay_option,
+                             add_optimisation_options, add_output_options, check_same_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, set_scheduled_lr, settings_identity, start_run,
+                             weight_decay_groups)
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 300
@@ -194,16 +194,9 @@ class CaptionSettings:
         return self.seed + 1000 if self.eval_seed is None else self.eval_seed
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues (the options added
-        later only when not at their defaults, as runs made before them; a cosine decay also
-        fixes ``steps``, where it ends)."""
-        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
-        for name, default in (("lr_decay", "constant"), ("patch_label_weight", 0.0), ("patch_object_weight", 1.0)):
-            if identity[name] == default:
-                del identity[name]
-        if self.lr_decay == "cosine":
-            identity["cosine_steps"] = self.steps
-        return identity
+        """The settings a resumed run must share with the run it continues."""
+        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_label_weight": 0.0,
+                                                           "patch_object_weight": 1.0})
 
 
 @dataclass

@@ -7,7 +7,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -144,6 +144,23 @@ def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunS
         raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
                          "or choose another --out")
     return RunStart(out, ckpt_path, device, resume_state)
+
+
+def settings_identity(settings, resumable: Sequence[str], later_options: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues: every field of the
+    ``settings`` dataclass but the ``resumable`` ones; ``later_options`` (name -> default),
+    options added after runs were made, only when not at their defaults, so those runs still
+    resume; a cosine ``lr_decay`` also fixes ``steps`` (``cosine_steps``), where it ends."""
+    from dataclasses import asdict
+
+    identity = {k: v for k, v in asdict(settings).items() if k not in resumable}
+    for name, default in (later_options or {}).items():
+        if identity.get(name) == default:
+            del identity[name]
+    if getattr(settings, "lr_decay", "constant") == "cosine":
+        identity["cosine_steps"] = settings.steps
+    return identity
 
 
 def check_same_run(resume_state: dict[str, Any] | None, run_identity: str, ckpt_path: Path,

@@ -75,7 +75,7 @@ import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
                              add_output_options, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_scheduled_lr, start_run, weight_decay_groups)
+                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-fid-training"
@@ -260,12 +260,8 @@ class FidSettings:
                       self.spread_max, self.min_overlap)
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues (``lr_decay`` only
-        when not ``constant``, the schedule of runs made before the option existed)."""
-        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
-        if identity.get("lr_decay") == "constant":
-            del identity["lr_decay"]
-        return identity
+        """The settings a resumed run must share with the run it continues."""
+        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant"})
 
 
 @dataclass
@@ -505,8 +501,7 @@ def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
     check_settings(s)
     out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
     model, tokenizer, init_fingerprint = initial_model(s.preset, s.init)
-    schedule = {"cosine_steps": s.steps} if s.lr_decay == "cosine" else {}  # the decay ends at --steps
-    run_identity = json.dumps({**s.run_identity(), **schedule, "init_weights": init_fingerprint}, sort_keys=True)
+    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
     check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --init, --eval-* and, without "
                    "--lr-decay cosine, --steps")
     model.to(device).train()

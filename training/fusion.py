@@ -52,7 +52,7 @@ import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
                              add_source_options, add_weights_option, check_same_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, source_num_images, start_run)
+                             parse_source_params, run_command, settings_identity, source_num_images, start_run)
 
 DEFAULT_STEPS = 200
 CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
@@ -110,7 +110,7 @@ class TrainSettings:
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        return settings_identity(self, RESUMABLE_CHANGES)
 
     @property
     def held_out_seed(self) -> int:

@@ -77,10 +77,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options,
-                             add_lr_decay_option, add_optimisation_options, add_output_options, add_source_options,
-                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command,
-                             set_scheduled_lr, source_num_images, start_run, weight_decay_groups)
+from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options, add_lr_decay_option,
+                             add_optimisation_options, add_output_options, add_source_options, check_same_run,
+                             finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
+                             settings_identity, source_num_images, start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
@@ -131,17 +131,8 @@ class ItmSettings:
     quiet: bool = False
 
     def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues (``lr_decay`` and
-        ``patch_object_weight`` only when not at their defaults, the behaviour of runs made
-        before the options existed; a cosine decay also fixes ``steps``, where it ends)."""
-        identity = {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
-        if identity["lr_decay"] == "constant":
-            del identity["lr_decay"]
-        else:
-            identity["cosine_steps"] = self.steps
-        if identity["patch_object_weight"] == 1.0:
-            del identity["patch_object_weight"]
-        return identity
+        """The settings a resumed run must share with the run it continues."""
+        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_object_weight": 1.0})
 
     @property
     def held_out_seed(self) -> int:

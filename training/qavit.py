@@ -74,8 +74,8 @@ import torch
 from torch import nn
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command,
-                             set_warmup_lr, start_run, weight_decay_groups)
+                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
+                             settings_identity, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 3000
 CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
@@ -131,7 +131,7 @@ class QAViTSettings:
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        return settings_identity(self, RESUMABLE_CHANGES)
 
     @property
     def held_out_seed(self) -> int:

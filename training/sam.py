@@ -75,7 +75,7 @@ import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
                              add_weights_option, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_warmup_lr, start_run, weight_decay_groups)
+                             run_command, set_warmup_lr, settings_identity, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-sam-training"
@@ -127,7 +127,7 @@ class SamSettings:
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        return {k: v for k, v in asdict(self).items() if k not in RESUMABLE_CHANGES}
+        return settings_identity(self, RESUMABLE_CHANGES)
 
 
 @dataclass
