@@ -156,3 +156,32 @@ def test_resume_and_option_guards(tmp_path, capsys):
     assert "--seed" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--out", other, "--preset", "l14_336"])
+
+
+def test_init_from_a_run_and_patch_probe_resume_exactly(tmp_path):
+    """--init starts from a previous run's file (model and answer head as saved); the probe's
+    state travels in the checkpoint, so a resumed probe run ends with the same weights."""
+    from safetensors.torch import load_file
+
+    from training.qavit import build_trainee
+
+    first = tmp_path / "first"
+    assert main(["--out", str(first), "--steps", "2", "--checkpoint-every", "0", *COMMON]) == 0
+    trainee, _ = build_trainee("tiny", "late", "gated", 5, torch.device("cpu"))
+    trainee.load_file("tiny", first / "qavit.safetensors")
+    saved = load_file(str(first / "qavit.safetensors"))
+    assert torch.equal(trainee.answer_head.weight, saved["answer_head.weight"])
+    assert main(["--out", str(tmp_path / "zero"), "--steps", "0", "--init", str(first / "qavit.safetensors"),
+                 *COMMON]) == 2  # --steps must be >= 1
+
+    probe = ["--init", str(first / "qavit.safetensors"), "--patch-label-weight", "1", "--patch-object-weight", "5"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["--out", str(full), "--steps", "4", "--checkpoint-every", "0", *probe, *COMMON]) == 0
+    assert main(["--out", str(split), "--steps", "2", "--checkpoint-every", "0", *probe, *COMMON]) == 0
+    assert set(torch.load(split / "checkpoint.pt", weights_only=True)["probe"]) == {"weight", "bias"}
+    assert main(["--out", str(split), "--steps", "4", "--resume", *COMMON]) == 2  # the init and probe are the run's
+    assert main(["--out", str(split), "--steps", "4", "--resume", *probe, *COMMON]) == 0
+    a, b = load_file(str(full / "qavit.safetensors")), load_file(str(split / "qavit.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert main(["--out", str(tmp_path / "bad"), "--init", str(tmp_path / "missing.safetensors"), *COMMON]) == 2

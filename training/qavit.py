@@ -28,8 +28,15 @@ each with its questions):
   mask on shapes) is supervised, not emergent, as large-scale pre-training would make it for
   real images. ``--grounding-weight 0`` trains on answers alone.
 
+- patch labels (weight ``--patch-label-weight``, default 0 = off): the ITM's training-only probe
+  (:mod:`training.patch_labels`) on the last layer's patch tokens, colour and shape of the object
+  at each patch, object patches weighted ``--patch-object-weight`` times a background patch. The
+  answer head reads a CLS that must know the objects' shapes; this tells the ViT directly.
+
 AdamW (no weight decay on biases, norms, gates), linear warmup over ``--warmup`` steps then a
-constant learning rate, gradient clipping.
+constant learning rate (``--lr-decay cosine``: a cosine decay to 0 at ``--steps``), gradient
+clipping. ``--init FILE`` starts from a previous ``qavit.safetensors`` (model and answer head)
+instead of the seeded random initialisation.
 
 Data: the ``shapes`` source with seed ``--seed``, ``--num-images`` images and
 ``--questions-per-image`` questions per image (``--source-param`` sets its other parameters).
@@ -73,9 +80,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             check_same_run, finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
-                             settings_identity, start_run, weight_decay_groups)
+from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
+                             add_output_options, check_same_run, finite_loss, mean_or_none, parse_source_params,
+                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
+from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 3000
 CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
@@ -104,6 +112,7 @@ ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: co
 class QAViTSettings:
     out: str
     preset: str = "shapes"
+    init: str | None = None
     integration_point: str = "late"
     formulation: str = "gated"
     initial_gate: float = 0.5
@@ -119,6 +128,9 @@ class QAViTSettings:
     grad_clip: float = 1.0
     answer_weight: float = 1.0
     grounding_weight: float = 1.0
+    patch_label_weight: float = 0.0
+    patch_object_weight: float = 1.0
+    lr_decay: str = "constant"
     max_question_tokens: int = 30
     checkpoint_every: int = 100
     eval_every: int = 0
@@ -131,7 +143,8 @@ class QAViTSettings:
 
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES)
+        return settings_identity(self, RESUMABLE_CHANGES, {"init": None, "patch_label_weight": 0.0,
+                                                           "patch_object_weight": 1.0, "lr_decay": "constant"})
 
     @property
     def held_out_seed(self) -> int:
@@ -160,6 +173,8 @@ def parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--preset", default="shapes", choices=TRAIN_PRESETS, help="QA-ViT architecture (seeded random "
                    "init)")
+    m.add_argument("--init", metavar="FILE", help="start from this qavit.safetensors (a previous run's) instead of "
+                   "the seeded random initialisation")
     m.add_argument("--integration-point", default="late", choices=["all", "early", "late", "late2", "late3", "sparse"],
                    help="layers that read the question")
     m.add_argument("--formulation", default="gated", choices=["gated", "reference"],
@@ -183,6 +198,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer cross-entropy")
     t.add_argument("--grounding-weight", type=float, default=1.0, help="weight of the grounding loss on the "
                    "last layer's CLS-to-patch attention (0 = off: heatmap quality then emergent)")
+    t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
+                   "probe loss on the last layer's patch tokens (0 = off)")
+    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
+                   "patch relative to a background patch in the probe loss")
+    add_lr_decay_option(t)
     add_checkpoint_option(t)
     add_device_options(t)
     e = p.add_argument_group("held-out evaluation")
@@ -195,12 +215,13 @@ def parser() -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> QAViTSettings:
     return QAViTSettings(
-        out=args.out, preset=args.preset, integration_point=args.integration_point, formulation=args.formulation,
+        out=args.out, preset=args.preset, init=args.init, integration_point=args.integration_point, formulation=args.formulation,
         initial_gate=args.initial_gate, seed=args.seed, num_images=args.num_images,
         questions_per_image=args.questions_per_image,
         source_params=parse_source_params(args.source_param), steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
         answer_weight=args.answer_weight, grounding_weight=args.grounding_weight,
+        patch_label_weight=args.patch_label_weight, patch_object_weight=args.patch_object_weight, lr_decay=args.lr_decay,
         max_question_tokens=args.max_question_tokens, checkpoint_every=args.checkpoint_every,
         eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images, device=args.device,
         resume=args.resume, quiet=args.quiet)
@@ -219,6 +240,12 @@ def check_settings(s: QAViTSettings) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.answer_weight, s.grounding_weight) < 0:
         raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --answer-weight and --grounding-weight >= 0")
+    if s.patch_label_weight < 0 or not s.patch_object_weight > 0:
+        raise ValueError("--patch-label-weight must be >= 0 and --patch-object-weight > 0")
+    if s.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
+    if s.init is not None and not Path(s.init).is_file():
+        raise ValueError(f"--init {s.init}: no such file (a qavit.safetensors written by runtime train qavit)")
     if s.answer_weight == 0 and s.grounding_weight == 0:
         raise ValueError("--answer-weight and --grounding-weight are both 0: nothing to train")
     reserved = {"seed", "num_images", "questions_per_image"} & set(s.source_params)
@@ -237,6 +264,7 @@ class Rendered(NamedTuple):
     image: np.ndarray
     questions: list
     masks: list
+    scene: dict | None = None
 
 
 def shapes_params(seed: int, num_images: int, questions_per_image: int, extra: dict[str, Any]):
@@ -255,7 +283,7 @@ def render_image(params, index: int) -> Rendered:
     scene = draw_scene(rng, params.image_size, params.min_shapes, params.max_shapes, params.textured_fraction)
     questions = ask_questions(rng, scene, params.questions_per_image)
     masks = [np.maximum.reduce([scene.masks[i] for i in q.referred]) if q.referred else None for q in questions]
-    return Rendered(scene.image, questions, masks)
+    return Rendered(scene.image, questions, masks, json.loads(scene.to_json()))
 
 
 def clip_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
@@ -276,7 +304,8 @@ class Batch(NamedTuple):
     """Rows = questions. ``pixels [U, 3, S, S]`` of the unique images, ``image_rows [B]``,
     ``questions``, ``types``, ``answers [B]`` (indices into :data:`ANSWERS`), ``cells [B, P]``
     (fraction of each model-grid cell the referred objects cover; zeros when none),
-    ``grounded [B]`` (the question refers to objects), ``masks`` (the ``gt_mask`` of each row)."""
+    ``grounded [B]`` (the question refers to objects), ``masks`` (the ``gt_mask`` of each row),
+    ``scenes`` (the scene of each unique image)."""
 
     pixels: np.ndarray
     image_rows: np.ndarray
@@ -286,6 +315,7 @@ class Batch(NamedTuple):
     cells: np.ndarray
     grounded: np.ndarray
     masks: list
+    scenes: list
 
 
 def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batch:
@@ -303,7 +333,8 @@ def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batc
                          else pool_to_grid(mask[None], grid).reshape(-1))
             masks.append(mask)
     return Batch(clip_pixels([r.image for r in rendered], image_size), np.asarray(rows, np.int64), questions, types,
-                 np.asarray(answers, np.int64), np.stack(cells).astype(np.float32), np.asarray(grounded, bool), masks)
+                 np.asarray(answers, np.int64), np.stack(cells).astype(np.float32), np.asarray(grounded, bool), masks,
+                 [r.scene for r in rendered])
 
 
 def draw_step(params, step_seed: Sequence[int], images: int) -> list[int]:
@@ -346,12 +377,29 @@ class QAViTTrainee(nn.Module):
         self.answer_head = nn.Linear(qavit.config.width, num_answers)
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_rows: torch.Tensor | None = None, block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(answer logits [B, A], CLS-to-patch attention [B, P] of layer block, head mean)``."""
+                image_rows: torch.Tensor | None = None, block: int = -1, patch_probe: nn.Module | None = None):
+        """``(answer logits [B, A], CLS-to-patch attention [B, P] of layer block, head mean)``, and
+        with ``patch_probe`` its logits on the last layer's patch tokens ``[B, P, classes]``."""
         states, mask = self.qavit.encode_question(input_ids, attention_mask)
         out = self.qavit(pixels, states, mask, output_attentions=[block], mean_heads=True, image_rows=image_rows)
         cls = self.qavit.vision.vision_model.post_layernorm(out.last_hidden_state[:, 0])
-        return self.answer_head(cls), out.attentions[block][:, 0, 1:]
+        result = (self.answer_head(cls), out.attentions[block][:, 0, 1:])
+        if patch_probe is None:
+            return result
+        return (*result, patch_probe(out.last_hidden_state[:, 1:]))
+
+    def load_file(self, preset: str, path: str | Path) -> None:
+        """Load a ``qavit.safetensors`` of :func:`weights_tensors` (the vision tower in the
+        published layout, ``question_encoder.*``, ``answer_head.*``) of ``preset`` into this model."""
+        from safetensors.torch import load_file
+
+        from models.qavit.checkpoint import load_qavit
+
+        qavit, _, _ = load_qavit(preset, path, integration_point=self.qavit.config.integration_point,
+                                 device=next(self.parameters()).device)
+        self.qavit.load_state_dict(qavit.state_dict())
+        state = load_file(str(path))
+        self.answer_head.load_state_dict({"weight": state["answer_head.weight"], "bias": state["answer_head.bias"]})
 
 
 def grounding_loss(heat, cells):
@@ -559,13 +607,24 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
     trainee, tokenizer = build_trainee(s.preset, s.integration_point, s.formulation, s.seed, device, s.initial_gate)
     trainee.train()
     config = trainee.qavit.config
-    run_identity = json.dumps({**s.run_identity(), "init_version": INIT_VERSION}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+    init_fingerprint = None if s.init is None else file_fingerprint(Path(s.init))
+    identity = {**s.run_identity(), "init_version": INIT_VERSION}
+    if init_fingerprint is not None:
+        identity["init_weights"] = init_fingerprint
+    run_identity = json.dumps(identity, sort_keys=True)
+    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
+                   "--lr-decay cosine, --steps")
+    if s.init is not None and resume_state is None:
+        trainee.load_file(s.preset, s.init)
     held_out = eval_set(s.held_out_seed, s.eval_images, s.questions_per_image, s.source_params) \
         if s.eval_images else None
 
     torch.manual_seed(s.seed)
     groups = weight_decay_groups(trainee, s.weight_decay)
+    probe = None
+    if s.patch_label_weight > 0:
+        probe = build_probe(config.width).to(device)
+        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
     optimizer = torch.optim.AdamW(groups, lr=s.lr)
     log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
     evals: list[dict[str, Any]] = []
@@ -574,6 +633,8 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
     start = 0
     if resume_state is not None:
         trainee.load_state_dict(resume_state["model"])
+        if probe is not None:
+            probe.load_state_dict(resume_state["probe"])
         optimizer.load_state_dict(resume_state["optimizer"])
         outputs.set_rng_state(resume_state["rng"], device)
         start = int(resume_state["step"])
@@ -627,6 +688,7 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
         outputs.save_checkpoint(
             ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
             model={k: v.detach().cpu() for k, v in trainee.state_dict().items()},
+            probe={} if probe is None else {k: v.detach().cpu() for k, v in probe.state_dict().items()},
             optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
             log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
             .reshape(len(log["loss"]), len(LOG_COLUMNS)),
@@ -663,14 +725,16 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
                disable=s.quiet, dynamic_ncols=True)
     try:
         for step in range(start, s.steps):
-            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
+            lr = set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
             indices = draw_step(params, (s.seed, step), images_per_step)
             batch = make_batch([render_image(params, i) for i in indices], size, grid)
             enc = tokenizer(batch.questions, padding="longest", truncation=True, max_length=s.max_question_tokens,
                             return_tensors="pt")
             answers = torch.from_numpy(batch.answers).to(device)
-            logits, heat = trainee(torch.from_numpy(batch.pixels).to(device), enc["input_ids"].to(device),
-                                   enc["attention_mask"].to(device), torch.from_numpy(batch.image_rows).to(device))
+            image_rows = torch.from_numpy(batch.image_rows).to(device)
+            logits, heat, *patch_logits = trainee(torch.from_numpy(batch.pixels).to(device),
+                                                  enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                                  image_rows, patch_probe=probe)
             loss_answer = F.cross_entropy(logits.float(), answers)
             grounded = torch.from_numpy(np.flatnonzero(batch.grounded)).to(device)
             loss_ground = torch.zeros((), device=device)
@@ -680,10 +744,16 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
                 loss_ground = grounding_loss(heat[grounded].float(), cells)
                 in_mask = float((heat[grounded].detach() * (cells > 0)).sum(dim=1).mean())
             loss = s.answer_weight * loss_answer + s.grounding_weight * loss_ground
+            if probe is not None:  # labels of each row's image
+                colour, shape = PatchLabels(batch.scenes, grid)(range(len(batch.scenes)), device)
+                loss = loss + s.patch_label_weight * patch_label_loss(
+                    patch_logits[0].flatten(0, 1).float(), colour[image_rows].flatten(), shape[image_rows].flatten(),
+                    s.patch_object_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(trainee.parameters(), s.grad_clip)
+                trained = list(trainee.parameters()) + ([] if probe is None else list(probe.parameters()))
+                torch.nn.utils.clip_grad_norm_(trained, s.grad_clip)
             optimizer.step()
 
             value = finite_loss(loss, step)
