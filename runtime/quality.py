@@ -1,8 +1,8 @@
 """``runtime quality``: what each heatmap variant is worth, measured on held-out shapes data.
 
 Runs every variant graph (and two baselines: uniform patch sampling, the ground-truth-mask
-heatmap) on the same held-out ``shapes`` images (seed 9000 by default: training used seed 0,
-the training runs' held-out sets 1000 and the shipped weights' checks 7000), with the graphs'
+heatmap) on the same held-out ``shapes`` images (seed 9000 by default: training used seeds 0-2,
+the training runs' held-out sets 1000-1002 and the shipped weights' checks 7000), with the graphs'
 own defaults (the ``shapes`` presets), then writes a Markdown report: per variant VQA accuracy,
 accuracy per question type, and the quality of the heatmap that drives the captions (pointing
 game, energy inside the referred object's mask, top-20 patch recall), plus the ITM accuracy on
@@ -31,16 +31,17 @@ class Variant:
     graph: Path
     heatmap_node: str        # the heatmap_metrics node scoring the heatmap that drives the captions
     note: str
+    changes: str | None = None  # the variant this one modifies (its graph extends that graph)
 
 
 VARIANTS = (
     Variant("pnp_vqa", GRAPHS / "pnp_vqa.yaml", "heatmap_quality", "BLIP ITM GradCAM (LAVIS recipe)"),
     Variant("esam_enhanced", GRAPHS / "esam_enhanced.yaml", "enhanced_quality",
-            "GradCAM blended with the EfficientSAM mask prompted at its peaks"),
+            "GradCAM blended with the EfficientSAM mask prompted at its peaks", "pnp_vqa"),
     Variant("fusion_caption", GRAPHS / "fusion_caption.yaml", "heatmap_quality",
-            "GradCAM; the captioner reads BLIP tokens fused with SAM (DIFNet)"),
+            "GradCAM; the captioner reads BLIP tokens fused with SAM (DIFNet)", "pnp_vqa"),
     Variant("fusion_gradcam", GRAPHS / "fusion_gradcam.yaml", "heatmap_quality",
-            "GradCAM through the ITM on BLIP + SAM fused tokens"),
+            "GradCAM through the ITM on BLIP + SAM fused tokens", "pnp_vqa"),
     Variant("qavit", GRAPHS / "qavit.yaml", "heatmap_quality", "QA-ViT question-aware attention"),
     Variant("uniform_sampling", GRAPHS / "baselines" / "uniform_sampling.yaml", "heatmap_quality",
             "baseline: flat heatmap, patches sampled uniformly"),
@@ -173,7 +174,29 @@ def findings_from(table: dict[str, dict[str, Any]]) -> list[str]:
                          + (" (no gain: the heatmap does not help here)" if diff <= 0.005 else ""))
         if upper is not None:
             parts.append(f"{acc - upper:+.3f} vs the ground-truth-mask heatmap")
+        base = next((v.changes for v in VARIANTS if v.name == name), None)
+        base_acc = table.get(base, {}).get("vqa_accuracy") if base else None
+        if base_acc is not None:
+            diff = acc - base_acc
+            parts.append(f"{diff:+.3f} vs `{base}`, the graph it changes"
+                         + (" (no gain over it)" if diff <= 0.005 else ""))
         out.append(", ".join(parts) + ".")
+    sizes = [(m["vqa_accuracy"], m.get("questions")) for m in table.values() if m.get("vqa_accuracy") is not None]
+    if sizes and all(n for _, n in sizes):
+        p, n = sizes[0]
+        se = (p * (1 - p) / n) ** 0.5
+        out.append(f"Sampling noise: one standard error of a VQA accuracy near {p:.2f} over {n} questions is "
+                   f"{se:.3f}; differences smaller than about {2 * se:.3f} may not hold on other images.")
+    guided = {n: m for n, m in table.items() if n not in ("uniform_sampling", "gt_mask_heatmap")}
+    uniform_row = table.get("uniform_sampling", {})
+    for qtype in QUESTION_TYPES:
+        flat = uniform_row.get(f"accuracy_{qtype}")
+        scores = {n: m.get(f"accuracy_{qtype}") for n, m in guided.items() if m.get(f"accuracy_{qtype}") is not None}
+        if flat is not None and scores and max(scores.values()) < flat:
+            best = max(scores, key=scores.get)
+            out.append(f"`{qtype}` questions: uniform sampling ({flat:.3f}) beats every heatmap variant (best "
+                       f"`{best}`, {scores[best]:.3f}): concentrating the sampled patches on the question's "
+                       "object does not help this type.")
     weakest = [t for t in QUESTION_TYPES if all((m.get(f"accuracy_{t}") or 0) < 0.5 for m in table.values())]
     if weakest:
         out.append("Below 0.5 for every variant, the upper bound included: " + ", ".join(weakest)
@@ -191,7 +214,8 @@ def parser() -> argparse.ArgumentParser:
                     "beside it). Runs share the cache: a second call recomputes only what changed.")
     p.add_argument("--images", type=int, default=100, help="held-out shapes images, 4 questions each (default 100)")
     p.add_argument("--seed", type=int, default=QUALITY_SEED,
-                   help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0, 1000, 7000)")
+                   help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0-2, its "
+                        "held-out sets 1000-1002, the shipped weights' checks 7000)")
     p.add_argument("--out", default="docs/quality.md", help="Markdown report to write (default docs/quality.md)")
     p.add_argument("--runs", default="runs/quality", help="folder of the variants' runs (default runs/quality)")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="as `runtime run` (default local)")

@@ -43,6 +43,19 @@ def test_report_states_gains_against_the_baselines():
     assert findings[0].startswith("`pnp_vqa`: VQA accuracy 0.700, -0.020 vs uniform sampling (no gain")
     assert "-0.100 vs the ground-truth-mask heatmap" in findings[0]
     assert any("position" in f for f in findings)  # below 0.5 everywhere
+
+    # against the graph a variant changes, and the types where no heatmap beats uniform sampling
+    table["esam_enhanced"] = {**base, "vqa_accuracy": 0.69, "accuracy_count": 0.95}
+    table["uniform_sampling"]["accuracy_count"] = 0.93
+    table["uniform_sampling"]["accuracy_color"] = 0.95
+    findings = findings_from(table)
+    esam = next(f for f in findings if f.startswith("`esam_enhanced`"))
+    assert "-0.010 vs `pnp_vqa`, the graph it changes (no gain over it)" in esam
+    assert any(f.startswith("`color` questions: uniform sampling (0.950) beats every heatmap variant (best "
+                            "`pnp_vqa`, 0.900)") for f in findings)
+    assert not any(f.startswith("`count` questions") for f in findings)  # esam_enhanced 0.95 > 0.93
+    # sqrt(0.7 * 0.3 / 10) = 0.145
+    assert any("one standard error of a VQA accuracy near 0.70 over 10 questions is 0.145" in f for f in findings)
     text = render_markdown(table, {"itm_accuracy": 0.9, "swap_accuracy": 0.95, "pointing_game": 0.8}, seed=9000,
                            images=3, command="runtime quality --images 3", findings=findings)
     assert "| `pnp_vqa` | 0.700 | 0.900 | 0.900 | 0.900 | 0.200 | 0.900 | 0.800 | 0.500 | 0.600 |" in text
