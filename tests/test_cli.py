@@ -62,7 +62,7 @@ def test_run_limit_ids_and_cache_commands(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "5 samples" in out and "results:" in out
     assert pq.read_table(tmp_path / "a" / "results.parquet").num_rows == 5
-    ids = "shapes-0-000003-q1,shapes-0-000000-q0"
+    ids = "shapes-8000-000003-q1,shapes-8000-000000-q0"
     assert main(["run", ORACLE, "--executor", "local", "--ids", ids, "--quiet", "--device", "cpu",
                  "--output", str(tmp_path / "b"), "--cache", cache]) == 0
     got = pq.read_table(tmp_path / "b" / "results.parquet").column("sample_id").to_pylist()

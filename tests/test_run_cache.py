@@ -130,7 +130,7 @@ def test_results_and_manifest(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["graph_hash"]
     assert manifest["graph"]["nodes"]["points"]["params"]["num_points"] == 5
-    assert manifest["seeds"]["patches.seed"] == 0 and manifest["seeds"]["dataset.seed"] == 0
+    assert manifest["seeds"]["patches.seed"] == 0 and manifest["seeds"]["dataset.seed"] == 8000
     assert manifest["versions"]["pyarrow"] and manifest["nodes"]["points"]["rows"] == 24
     # values are real: every patch row is sorted, unique, inside the 24x24 grid
     patches, valid = column_to_python(table.column("patches.patches"))
