@@ -398,31 +398,8 @@ def save_weights(model, temp, path: Path, metadata: dict[str, str]) -> None:
 
 
 LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss", "accuracy", "lr", "temp")
-
-
-def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
-    from training.outputs import atomic_write_text
-
-    rows = [",".join(("step",) + LOG_COLUMNS)]
-    for i in range(len(log["loss"])):
-        rows.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c in ("lr", "temp") else f"{log[c][i]:.6f}"
-                                             for c in LOG_COLUMNS]))
-    atomic_write_text(path, "\n".join(rows) + "\n")
-
-
-def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
-    """``loss.png``: total, ITM and ITC losses per step (moving averages, raw total faint)."""
-    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
-
-    steps = list(range(1, len(log["loss"]) + 1))
-    window = smoothing_window(len(log["loss"]))
-    fig, ax = loss_figure()
-    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
-    for key, color in (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green"),
-                       ("grounding_loss", "tab:red"), ("patch_loss", "tab:purple")):
-        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
-                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
-    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
+LOSS_CURVES = (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green"),
+               ("grounding_loss", "tab:red"), ("patch_loss", "tab:purple"))  # loss.png
 
 
 def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
@@ -545,10 +522,11 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
         save_weights(model, temp, out / "itm.safetensors",
                      {"format": "pnpvqa-blip-itm", "preset": s.preset, "step": str(step),
                       "config": json.dumps(model.config.to_dict(), sort_keys=True)})
-        write_log_csv(out / "loss.csv", log)
+        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS, general=("lr", "temp"))
         if final:
-            write_log_plot(out / "loss.png", log, f"BLIP ITM {s.preset}: ITM + {s.itc_weight:g} x ITC, "
-                           f"{len(data.images)} images")
+            title = (f"BLIP ITM {s.preset}: ITM + {s.itc_weight:g} x ITC, "
+                     f"{len(data.images)} images")
+            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
         finished = final and step >= s.steps
         summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
                    for key in ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss")

@@ -11,7 +11,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -150,6 +150,31 @@ def save_loss_figure(fig, ax, path: Path, *, ylabel: str, title: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_log_table_csv(path: Path, log: Mapping[str, Sequence[float]], columns: Sequence[str],
+                        general: Sequence[str] = ("lr",)) -> None:
+    """``loss.csv`` of a per-step log: ``step`` then ``columns`` (6 decimals; ``general``
+    columns, e.g. the learning rate, in 6 significant digits), atomically."""
+    rows = [",".join(("step", *columns))]
+    for i in range(len(log[columns[0]])):
+        rows.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c in general else f"{log[c][i]:.6f}"
+                                             for c in columns]))
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+def write_losses_plot(path: Path, log: Mapping[str, Sequence[float]], curves: Sequence[tuple[str, str]],
+                      title: str) -> None:
+    """``loss.png`` of a per-step log: the raw total ``loss`` faint, and the moving average of
+    each ``(column, colour)`` of ``curves``."""
+    steps = list(range(1, len(log["loss"]) + 1))
+    window = smoothing_window(len(log["loss"]))
+    fig, ax = loss_figure()
+    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
+    for key, color in curves:
+        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
+                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
+    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
 
 
 def write_loss_plot(path: Path, losses: Sequence[float], title: str, ylabel: str) -> None:

@@ -559,36 +559,13 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24) -> d
 # --- outputs ------------------------------------------------------------------------------------
 
 LOG_COLUMNS = ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask", "lr")
+LOSS_CURVES = (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red"))  # loss.png
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     from training.outputs import load_checkpoint as load
 
     return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a QA-ViT")
-
-
-def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
-    from training.outputs import atomic_write_text
-
-    lines = [",".join(("step",) + LOG_COLUMNS)]
-    for i in range(len(log["loss"])):
-        lines.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c == "lr" else f"{log[c][i]:.6f}"
-                                              for c in LOG_COLUMNS]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
-    """``loss.png``: total, answer and grounding losses per step (moving averages, raw total faint)."""
-    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
-
-    steps = list(range(1, len(log["loss"]) + 1))
-    window = smoothing_window(len(log["loss"]))
-    fig, ax = loss_figure()
-    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
-    for key, color in (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red")):
-        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
-                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
-    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
 
 
 # --- the training -------------------------------------------------------------------------------
@@ -696,10 +673,11 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
         weights = out / "qavit.safetensors"
         outputs.atomic_save_safetensors(weights_tensors(trainee), weights,
                                         weights_metadata(s.preset, trainee, s.formulation, step, s.max_question_tokens))
-        write_log_csv(out / "loss.csv", log)
+        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS)
         if final:
-            write_log_plot(out / "loss.png", log, f"QA-ViT {s.preset}: {s.answer_weight:g} x answer + "
-                           f"{s.grounding_weight:g} x grounding, batch {s.batch_size}")
+            title = (f"QA-ViT {s.preset}: {s.answer_weight:g} x answer + "
+                     f"{s.grounding_weight:g} x grounding, batch {s.batch_size}")
+            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
         finished = final and step >= s.steps
         summary = {f"{key}_{end}": mean_or_none(log[key][:50] if end == "first" else log[key][-50:])
                    for key in ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask")

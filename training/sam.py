@@ -85,6 +85,7 @@ EVAL_BATCH = 8            # held-out images per embedding call
 EVAL_POINTS = (1, 3)      # foreground points of the held-out prompts
 HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
 LOG_COLUMNS = ("loss", "mask_loss", "iou_loss", "train_miou", "lr")
+LOSS_CURVES = (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green"))  # loss.png
 # settings that may differ between a run and its --resume continuation (the --init file is
 # compared by its fingerprint; evaluation does not change the training)
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights",
@@ -487,30 +488,6 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     atomic_save_safetensors(tensors, path, metadata)
 
 
-def write_log_csv(path: Path, log: dict[str, list[float]]) -> None:
-    from training.outputs import atomic_write_text
-
-    rows = [",".join(("step",) + LOG_COLUMNS)]
-    for i in range(len(log["loss"])):
-        rows.append(",".join([str(i + 1)] + [f"{log[c][i]:.6g}" if c == "lr" else f"{log[c][i]:.6f}"
-                                             for c in LOG_COLUMNS]))
-    atomic_write_text(path, "\n".join(rows) + "\n")
-
-
-def write_log_plot(path: Path, log: dict[str, list[float]], title: str) -> None:
-    """``loss.png``: total, mask and IoU losses per step (moving averages, raw total faint)."""
-    from training.outputs import loss_figure, moving_average, save_loss_figure, smoothing_window
-
-    steps = list(range(1, len(log["loss"]) + 1))
-    window = smoothing_window(len(log["loss"]))
-    fig, ax = loss_figure()
-    ax.plot(steps, log["loss"], color="tab:blue", alpha=0.3, linewidth=1)
-    for key, color in (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green")):
-        ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
-                label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
-    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
-
-
 # --- training ---------------------------------------------------------------------------------
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
@@ -624,10 +601,11 @@ def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
         save_weights(model, out / "efficient_sam.safetensors",
                      {"format": "pnpvqa-efficient-sam", "preset": s.preset, "step": str(step),
                       "config": json.dumps(cfg.to_dict(), sort_keys=True)})
-        write_log_csv(out / "loss.csv", log)
+        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS)
         if final:
-            write_log_plot(out / "loss.png", log, f"EfficientSAM {s.preset}: BCE + Dice + {s.iou_weight:g} x IoU MSE, "
-                           f"{len(data)} images")
+            title = (f"EfficientSAM {s.preset}: BCE + Dice + {s.iou_weight:g} x IoU MSE, "
+                     f"{len(data)} images")
+            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
         finished = final and step >= s.steps
         summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
                    for key in ("loss", "mask_loss", "iou_loss", "train_miou") for end in ("first", "last")}
