@@ -20,9 +20,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from runtime.sources.shapes_scene import TEXTURES
+
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 QUALITY_SEED = 9000
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
+BACKGROUNDS = ("plain", *TEXTURES)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,17 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def variant_metrics(results: Path, heatmap_node: str) -> dict[str, Any]:
-    """VQA accuracy (overall, per question type) and heatmap metrics from a results file."""
+def sample_backgrounds(seed: int, images: int) -> dict[str, str]:
+    """``sample_id -> background`` (``plain`` or a texture name) of the held-out shapes samples."""
+    from runtime.sources.shapes import ShapesParams, ShapesSource
+
+    source = ShapesSource(ShapesParams(seed=seed, num_images=images))
+    return {row["sample_id"]: json.loads(row["scene"])["background"] for row in source.iter_samples()}
+
+
+def variant_metrics(results: Path, heatmap_node: str, backgrounds: dict[str, str] | None = None) -> dict[str, Any]:
+    """VQA accuracy (overall, per question type) and heatmap metrics from a results file; with
+    ``backgrounds`` (sample_id -> background) also VQA accuracy and pointing game per background."""
     import pyarrow.parquet as pq
 
     rows = pq.read_table(results).to_pylist()
@@ -84,6 +96,13 @@ def variant_metrics(results: Path, heatmap_node: str) -> dict[str, Any]:
     for metric in ("pointing_game", "energy_in_mask", "topk_recall"):
         column = f"{heatmap_node}.{metric}"
         out[metric] = _mean(r.get(column) for r in ok)
+    if backgrounds is not None:
+        out["by_background"] = {
+            kind: {"questions": sum(backgrounds.get(r["sample_id"]) == kind for r in ok),
+                   "vqa_accuracy": _mean(r["accuracy.accuracy"] for r in ok if backgrounds.get(r["sample_id"]) == kind),
+                   "pointing_game": _mean(r.get(f"{heatmap_node}.pointing_game") for r in ok
+                                          if backgrounds.get(r["sample_id"]) == kind)}
+            for kind in BACKGROUNDS}
     return out
 
 
@@ -97,6 +116,10 @@ def itm_accuracy(seed: int, images: int) -> dict[str, float]:
 
 def _fmt(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"
+
+
+def _background_questions(table: dict[str, dict[str, Any]], background: str) -> int:
+    return next(iter(table.values()))["by_background"][background]["questions"]
 
 
 def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, seed: int, images: int,
@@ -125,6 +148,17 @@ def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, 
                                         + [_fmt(m["pointing_game"]), _fmt(m["energy_in_mask"]),
                                            _fmt(m["topk_recall"])]) + " |")
     counts = next(iter(table.values()))
+    kinds = [k for k in BACKGROUNDS if any((m.get("by_background") or {}).get(k, {}).get("questions")
+                                          for m in table.values())]
+    if kinds:
+        lines += ["", "By background (VQA accuracy / pointing game; the background is plain or a texture, "
+                  "questions per background in the header):", "",
+                  "| variant | " + " | ".join(f"{k} ({_background_questions(table, k)})" for k in kinds) + " |",
+                  "|---|" + "---|" * len(kinds)]
+        for name, m in table.items():
+            cells = [f"{_fmt(m['by_background'][k]['vqa_accuracy'])} / {_fmt(m['by_background'][k]['pointing_game'])}"
+                     for k in kinds]
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Questions per type: " + ", ".join(f"{t} {counts[f'questions_{t}']}" for t in QUESTION_TYPES) + ".",
@@ -188,6 +222,14 @@ def findings_from(table: dict[str, dict[str, Any]]) -> list[str]:
         out.append(f"Sampling noise: one standard error of a VQA accuracy near {p:.2f} over {n} questions is "
                    f"{se:.3f}; differences smaller than about {2 * se:.3f} may not hold on other images.")
     guided = {n: m for n, m in table.items() if n not in ("uniform_sampling", "gt_mask_heatmap")}
+    for name, m in guided.items():
+        by = m.get("by_background") or {}
+        plain = (by.get("plain") or {}).get("pointing_game")
+        textured = {k: v["pointing_game"] for k, v in by.items() if k != "plain" and v.get("pointing_game") is not None}
+        if plain is not None and textured and min(textured.values()) < plain - 0.1:
+            worst = min(textured, key=textured.get)
+            out.append(f"`{name}`'s heatmap finds the referred object less often on textured backgrounds: "
+                       f"pointing game {plain:.3f} on plain, {textured[worst]:.3f} on {worst}.")
     uniform_row = table.get("uniform_sampling", {})
     for qtype in QUESTION_TYPES:
         flat = uniform_row.get(f"accuracy_{qtype}")
@@ -239,13 +281,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from runtime.errors import GraphError
 
     table: dict[str, dict[str, Any]] = {}
+    backgrounds = sample_backgrounds(args.seed, args.images)
     try:
         for variant in chosen:
             if not args.quiet:
                 print(f"== {variant.name} ({variant.graph.relative_to(GRAPHS.parent)})", file=sys.stderr)
             results = run_variant(variant, seed=args.seed, images=args.images, runs=Path(args.runs),
                                   executor=args.executor, cache_dir=args.cache, progress=not args.quiet)
-            table[variant.name] = variant_metrics(results, variant.heatmap_node)
+            table[variant.name] = variant_metrics(results, variant.heatmap_node, backgrounds)
         itm = itm_accuracy(args.seed, args.images)
     except GraphError as exc:
         print("error: " + "; ".join(str(p) for p in exc.problems), file=sys.stderr)

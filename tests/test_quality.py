@@ -67,3 +67,25 @@ def test_unknown_variant_is_refused(capsys):
     assert "unknown variant" in capsys.readouterr().err
     assert {v.name for v in VARIANTS} >= {"pnp_vqa", "esam_enhanced", "fusion_caption", "fusion_gradcam", "qavit",
                                          "uniform_sampling", "gt_mask_heatmap"}
+
+
+def test_metrics_and_findings_by_background(tmp_path):
+    from runtime.quality import sample_backgrounds
+
+    rows = [{"sample_id": f"s{i}", "question_type": "color", "accuracy.accuracy": acc, "q.pointing_game": hit,
+             "q.energy_in_mask": 0.5, "q.topk_recall": 0.5, "status": "ok"}
+            for i, (acc, hit) in enumerate([(1.0, 1.0), (1.0, 1.0), (0.0, 0.0), (1.0, None)])]
+    backgrounds = {"s0": "plain", "s1": "plain", "s2": "checker", "s3": "checker"}
+    m = variant_metrics(_results(tmp_path / "r.parquet", rows), "q", backgrounds)
+    assert m["by_background"]["plain"] == {"questions": 2, "vqa_accuracy": 1.0, "pointing_game": 1.0}
+    assert m["by_background"]["checker"] == {"questions": 2, "vqa_accuracy": 0.5, "pointing_game": 0.0}
+    assert m["by_background"]["noise"] == {"questions": 0, "vqa_accuracy": None, "pointing_game": None}
+    findings = findings_from({"pnp_vqa": m})
+    assert "`pnp_vqa`'s heatmap finds the referred object less often on textured backgrounds: pointing game " \
+           "1.000 on plain, 0.000 on checker." in findings
+    text = render_markdown({"pnp_vqa": m}, {}, seed=1, images=2, command="c", findings=findings)
+    assert "| variant | plain (2) | checker (2) |" in text and "| `pnp_vqa` | 1.000 / 1.000 | 0.500 / 0.000 |" in text
+
+    real = sample_backgrounds(9000, 3)  # the source's own scenes
+    assert len(real) >= 6 and set(real.values()) <= {"plain", "noise", "stripes", "checker"}
+    assert all(k.startswith("shapes-9000-") for k in real)
