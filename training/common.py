@@ -224,6 +224,30 @@ def add_lr_decay_option(group: argparse._ArgumentGroup) -> None:
                        help="after the warmup: constant, or cosine decay to 0 at --steps")
 
 
+def due(done: int, every: int, steps: int) -> bool:
+    """Whether a periodic action (``--eval-every``, ``--checkpoint-every`` ``every``; 0 = never)
+    runs after ``done`` steps; the last step has its own final one."""
+    return bool(every) and done % every == 0 and done < steps
+
+
+def finish_run(*, start: int, steps: int, started: float, base_seconds: float, run_eval, save,
+               invocations: list[dict[str, Any]], evals: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The end of every training run: the training time (evaluation excluded), the final held-out
+    evaluation, the invocation's end, the final save; returns the final step's evaluation."""
+    import time
+    from datetime import datetime, timezone
+
+    from training.outputs import eval_at
+
+    final_step = max(start, steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    return eval_at(evals, final_step)
+
+
 def finite_loss(loss, step: int) -> float:
     """The loss of ``step`` as a float; raises :class:`FloatingPointError` when it is not finite."""
     import math

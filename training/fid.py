@@ -74,8 +74,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
-                             add_output_options, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
+                             add_output_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, set_scheduled_lr, settings_identity, start_run,
+                             weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-fid-training"
@@ -578,15 +579,9 @@ def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
         finished = final and step >= s.steps
         summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
                    "answer_accuracy_last": mean_or_none(accuracies[-10:])}
-        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
-        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
-                  "finished": finished, "train_seconds": seconds,
-                  "weights_fingerprint": file_fingerprint(out / "fid_t5.safetensors"), **summary}
-        outputs.write_json(out / "config.json", config)
-        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
-                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
-                   "history": [{k: v for k, v in e.items() if k != "examples"} for e in evals], **summary}
-        outputs.write_json(out / "metrics.json", metrics)
+        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
+                                  eval_seed=s.held_out_seed, summary=summary,
+                                  config_extra={"weights_fingerprint": file_fingerprint(out / "fid_t5.safetensors")})
 
     if start == 0:
         run_eval(0)
@@ -619,18 +614,14 @@ def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
             done = step + 1
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if due(done, s.eval_every, s.steps):
                 run_eval(done)
-            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            if due(done, s.checkpoint_every, s.steps):
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_step = max(start, s.steps)
-    train_seconds = base_seconds + time.perf_counter() - started
-    run_eval(final_step)
-    invocations[-1].update(to_step=final_step, seconds=round(time.perf_counter() - started, 3))
-    save(final_step, final=True, seconds=train_seconds)
-    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
+                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
     return FidResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 

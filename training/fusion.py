@@ -51,8 +51,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             add_source_options, add_weights_option, check_same_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, settings_identity, source_num_images, start_run)
+                             add_source_options, add_weights_option, check_same_run, due, finish_run, finite_loss,
+                             mean_or_none, parse_source_params, run_command, settings_identity, source_num_images,
+                             start_run)
 
 DEFAULT_STEPS = 200
 CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
@@ -484,18 +485,14 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
         finished = final and step >= s.steps
         summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
                    "train_accuracy_last": mean_or_none(accuracies[-10:])}
-        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
-        config_json = {**meta, "command": invocations[-1]["command"], "invocations": invocations,
-                       "steps_done": step, "finished": finished, "train_seconds": seconds,
-                       "fusion_fingerprint": fusion_fingerprint(out / "fusion.safetensors"), **summary,
-                       "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
-        outputs.write_json(out / "config.json", config_json)
-        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
-                   "held_out": held_out if eval_pairs is not None else None,
-                   "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"],
-                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
-                   "baseline": baseline, "gain": gain(final_eval, baseline), "history": evals, **summary}
-        outputs.write_json(out / "metrics.json", metrics)
+        final_eval = outputs.eval_at(evals, step)
+        accuracy = {"held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
+        outputs.write_run_records(
+            out, meta, invocations, evals, step=step, finished=finished, seconds=seconds, eval_seed=s.held_out_seed,
+            summary=summary, config_extra={"fusion_fingerprint": fusion_fingerprint(out / "fusion.safetensors"),
+                                           **accuracy},
+            metrics_extra={"held_out": held_out if eval_pairs is not None else None, "baseline": baseline,
+                           "gain": gain(final_eval, baseline), **accuracy})
 
     if start == 0:
         run_eval(0)
@@ -527,19 +524,14 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
             done = step + 1
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if due(done, s.eval_every, s.steps):
                 run_eval(done)
-            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            if due(done, s.checkpoint_every, s.steps):
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_step = max(start, s.steps)
-    train_seconds = base_seconds + time.perf_counter() - started
-    run_eval(final_step)
-    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           seconds=round(time.perf_counter() - started, 3))
-    save(final_step, final=True, seconds=train_seconds)
-    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
+                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
     return TrainResult(out=out, steps=len(losses), losses=losses, accuracies=accuracies,
                        seconds=time.perf_counter() - started, metrics=final_eval or {})
 

@@ -78,8 +78,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options, add_lr_decay_option,
-                             add_optimisation_options, add_output_options, add_source_options, check_same_run,
-                             finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
+                             add_optimisation_options, add_output_options, add_source_options, check_same_run, due,
+                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
                              settings_identity, source_num_images, start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
@@ -532,18 +532,13 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
                    for key in ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss")
                    for end in ("first", "last")}
         summary.update(train_accuracy_last=mean_or_none(log["accuracy"][-10:]), temp=float(temp.detach()))
-        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
-        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
-                  "finished": finished, "train_seconds": seconds,
-                  "weights_fingerprint": outputs_fingerprint(out / "itm.safetensors"), **summary,
-                  "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
-        outputs.write_json(out / "config.json", config)
-        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
-                   "held_out": held_out if eval_pairs is not None else None,
-                   "held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"],
-                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
-                   "history": evals, **summary}
-        outputs.write_json(out / "metrics.json", metrics)
+        final_eval = outputs.eval_at(evals, step)
+        accuracy = {"held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
+        outputs.write_run_records(
+            out, meta, invocations, evals, step=step, finished=finished, seconds=seconds, eval_seed=s.held_out_seed,
+            summary=summary, config_extra={"weights_fingerprint": outputs_fingerprint(out / "itm.safetensors"),
+                                           **accuracy},
+            metrics_extra={"held_out": held_out if eval_pairs is not None else None, **accuracy})
 
     if start == 0:
         run_eval(0)
@@ -612,19 +607,14 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}")
             done = step + 1
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if due(done, s.eval_every, s.steps):
                 run_eval(done)
-            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            if due(done, s.checkpoint_every, s.steps):
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_step = max(start, s.steps)
-    train_seconds = base_seconds + time.perf_counter() - started
-    run_eval(final_step)
-    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           seconds=round(time.perf_counter() - started, 3))
-    save(final_step, final=True, seconds=train_seconds)
-    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
+                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
     return ItmResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 

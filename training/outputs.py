@@ -85,6 +85,27 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def eval_at(evals: Sequence[dict[str, Any]], step: int) -> dict[str, Any] | None:
+    """The held-out evaluation of ``step`` in a run's evaluation history (None when there is none)."""
+    return next((e for e in reversed(evals) if e["step"] == step), None)
+
+
+def write_run_records(out: Path, meta: Mapping[str, Any], invocations: Sequence[dict[str, Any]],
+                      evals: Sequence[dict[str, Any]], *, step: int, finished: bool, seconds: float, eval_seed: int,
+                      summary: Mapping[str, Any], config_extra: Mapping[str, Any] | None = None,
+                      metrics_extra: Mapping[str, Any] | None = None) -> None:
+    """``config.json`` (the run's ``meta``, its command and every invocation, steps, time,
+    ``summary``) and ``metrics.json`` (the held-out evaluation of ``step``, the first one and the
+    history without caption examples, ``summary``) of a training run at ``step``, atomically."""
+    write_json(out / "config.json", {**meta, "command": invocations[-1]["command"], "invocations": list(invocations),
+                                     "steps_done": step, "finished": finished, "train_seconds": seconds,
+                                     **summary, **(config_extra or {})})
+    write_json(out / "metrics.json", {
+        "steps_done": step, "finished": finished, "eval_seed": eval_seed, "eval": eval_at(evals, step),
+        "initial_eval": eval_at(evals, 0), "history": [{k: v for k, v in e.items() if k != "examples"} for e in evals],
+        **summary, **(metrics_extra or {})})
+
+
 def write_loss_csv(path: Path, losses: Sequence[float], accuracies: Sequence[float]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -81,8 +81,9 @@ import torch
 from torch import nn
 
 from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
-                             add_output_options, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
+                             add_output_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, set_scheduled_lr, settings_identity, start_run,
+                             weight_decay_groups)
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 3000
@@ -682,17 +683,11 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
         summary = {f"{key}_{end}": mean_or_none(log[key][:50] if end == "first" else log[key][-50:])
                    for key in ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask")
                    for end in ("first", "last")}
-        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
-        config_json = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
-                       "finished": finished, "train_seconds": seconds,
-                       "seconds_per_step": seconds / step if step else None,
-                       "weights_fingerprint": file_fingerprint(weights), "weights_bytes": weights.stat().st_size,
-                       **summary}
-        outputs.write_json(out / "config.json", config_json)
-        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
-                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
-                   "history": evals, **summary}
-        outputs.write_json(out / "metrics.json", metrics)
+        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
+                                  eval_seed=s.held_out_seed, summary=summary, config_extra={
+                                      "seconds_per_step": seconds / step if step else None,
+                                      "weights_fingerprint": file_fingerprint(weights),
+                                      "weights_bytes": weights.stat().st_size})
 
     if start == 0:
         run_eval(0)
@@ -745,19 +740,14 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
             bar.set_postfix(loss=f"{value:.3f}", avg=f"{mean_or_none(log['loss'][-20:]):.3f}",
                             acc=f"{mean_or_none(log['accuracy'][-20:]):.2f}")
             done = step + 1
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if due(done, s.eval_every, s.steps):
                 run_eval(done)
-            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            if due(done, s.checkpoint_every, s.steps):
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_step = max(start, s.steps)
-    train_seconds = base_seconds + time.perf_counter() - started
-    run_eval(final_step)
-    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           seconds=round(time.perf_counter() - started, 3))
-    save(final_step, final=True, seconds=train_seconds)
-    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
+                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
     return QAViTResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                        seconds=time.perf_counter() - started)
 

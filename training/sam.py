@@ -74,8 +74,9 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             add_weights_option, check_same_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_warmup_lr, settings_identity, start_run, weight_decay_groups)
+                             add_weights_option, check_same_run, due, finish_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, set_warmup_lr, settings_identity, start_run,
+                             weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-sam-training"
@@ -609,15 +610,10 @@ def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
         finished = final and step >= s.steps
         summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
                    for key in ("loss", "mask_loss", "iou_loss", "train_miou") for end in ("first", "last")}
-        final_eval = next((e for e in reversed(evals) if e["step"] == step), None)
-        config = {**meta, "command": invocations[-1]["command"], "invocations": invocations, "steps_done": step,
-                  "finished": finished, "train_seconds": seconds,
-                  "weights_fingerprint": file_fingerprint(out / "efficient_sam.safetensors"), **summary}
-        outputs.write_json(out / "config.json", config)
-        metrics = {"steps_done": step, "finished": finished, "eval_seed": s.held_out_seed,
-                   "eval": final_eval, "initial_eval": next((e for e in evals if e["step"] == 0), None),
-                   "history": evals, **summary}
-        outputs.write_json(out / "metrics.json", metrics)
+        fingerprint = file_fingerprint(out / "efficient_sam.safetensors")
+        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
+                                  eval_seed=s.held_out_seed, summary=summary,
+                                  config_extra={"weights_fingerprint": fingerprint})
 
     if start == 0:
         run_eval(0)
@@ -649,19 +645,14 @@ def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
             bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}",
                             miou=f"{mean_or_none(log['train_miou'][-20:]):.3f}")
             done = step + 1
-            if s.eval_every and done % s.eval_every == 0 and done < s.steps:
+            if due(done, s.eval_every, s.steps):
                 run_eval(done)
-            if s.checkpoint_every and done % s.checkpoint_every == 0 and done < s.steps:
+            if due(done, s.checkpoint_every, s.steps):
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_step = max(start, s.steps)
-    train_seconds = base_seconds + time.perf_counter() - started
-    run_eval(final_step)
-    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                           seconds=round(time.perf_counter() - started, 3))
-    save(final_step, final=True, seconds=train_seconds)
-    final_eval = next((e for e in reversed(evals) if e["step"] == final_step), None)
+    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
+                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
     return SamResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 
