@@ -57,10 +57,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options, add_lr_decay_option,
-                             add_optimisation_options, add_output_options, check_same_run, due, finish_run, finite_loss,
-                             mean_or_none, parse_source_params, run_command, set_scheduled_lr, settings_identity,
-                             start_run, weight_decay_groups)
+from training.common import (HeldOutSeed, TrainingResult, add_blip_model_options, add_checkpoint_option,
+                             add_device_options, add_lr_decay_option, add_optimisation_options, add_output_options,
+                             check_same_run, due, finish_run, finite_loss, mean_or_none, parse_source_params,
+                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 300
@@ -157,7 +157,7 @@ def mentioned_objects(text: str) -> list[tuple[str, str]]:
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class CaptionSettings:
+class CaptionSettings(HeldOutSeed):
     out: str
     preset: str = "tiny"
     init: str | None = None
@@ -189,23 +189,10 @@ class CaptionSettings:
     resume: bool = False
     quiet: bool = False
 
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_label_weight": 0.0,
                                                            "patch_object_weight": 1.0})
-
-
-@dataclass
-class CaptionResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    metrics: dict[str, Any]
-    seconds: float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -445,7 +432,7 @@ def load_vision(model, path: Path) -> None:
 
 # --- training ---------------------------------------------------------------------------------
 
-def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
+def train(s: CaptionSettings, command: Sequence[str] = ()) -> TrainingResult:
     """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
     import torch
     import torch.nn.functional as F
@@ -623,7 +610,7 @@ def train(s: CaptionSettings, command: Sequence[str] = ()) -> CaptionResult:
         bar.close()
     final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
                             run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return CaptionResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
+    return TrainingResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
                          seconds=time.perf_counter() - started)
 
 

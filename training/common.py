@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -144,6 +145,27 @@ def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunS
         raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
                          "or choose another --out")
     return RunStart(out, ckpt_path, device, resume_state)
+
+
+class HeldOutSeed:
+    """Mixin of the training settings dataclasses (fields ``seed``, ``eval_seed``)."""
+
+    @property
+    def held_out_seed(self) -> int:
+        """Source seed of the held-out evaluation: ``--eval-seed``, default seed + 1000."""
+        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
+
+
+@dataclass
+class TrainingResult:
+    """What a ``train`` function returns: the output folder, the steps of the whole run, their
+    losses, the final held-out metrics, and the seconds this invocation took."""
+
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
 
 
 def settings_identity(settings, resumable: Sequence[str], later_options: Mapping[str, Any] | None = None

@@ -73,10 +73,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
-                             add_output_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, set_scheduled_lr, settings_identity, start_run,
-                             weight_decay_groups)
+from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
+                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run, due,
+                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
+                             settings_identity, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-fid-training"
@@ -220,7 +220,7 @@ def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, re
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class FidSettings:
+class FidSettings(HeldOutSeed):
     out: str
     preset: str = "tiny"
     init: str | None = None
@@ -252,10 +252,6 @@ class FidSettings:
     quiet: bool = False
 
     @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
-    @property
     def recipe(self) -> Recipe:
         return Recipe(self.num_captions, self.num_patches, self.max_rounds, self.uniform_fraction, self.spread_min,
                       self.spread_max, self.min_overlap)
@@ -263,15 +259,6 @@ class FidSettings:
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant"})
-
-
-@dataclass
-class FidResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    metrics: dict[str, Any]
-    seconds: float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -488,7 +475,7 @@ def describe(result: dict[str, Any]) -> str:
 
 # --- training ---------------------------------------------------------------------------------
 
-def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
+def train(s: FidSettings, command: Sequence[str] = ()) -> TrainingResult:
     """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
     import torch
     import torch.nn.functional as F
@@ -622,7 +609,7 @@ def train(s: FidSettings, command: Sequence[str] = ()) -> FidResult:
         bar.close()
     final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
                             run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return FidResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
+    return TrainingResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 
 

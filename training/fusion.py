@@ -50,10 +50,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             add_source_options, add_weights_option, check_same_run, due, finish_run, finite_loss,
-                             mean_or_none, parse_source_params, run_command, settings_identity, source_num_images,
-                             start_run)
+from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
+                             add_optimisation_options, add_output_options, add_source_options, add_weights_option,
+                             check_same_run, due, finish_run, finite_loss, mean_or_none, parse_source_params,
+                             run_command, settings_identity, source_num_images, start_run)
 
 DEFAULT_STEPS = 200
 CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
@@ -70,7 +70,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "fea
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(HeldOutSeed):
     out: str
     mode: str = "difnet"
     blip_preset: str = "tiny"
@@ -113,19 +113,10 @@ class TrainSettings:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES)
 
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
 
 @dataclass
-class TrainResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    accuracies: list[float]
-    seconds: float
-    metrics: dict[str, Any] = field(default_factory=dict)
+class TrainResult(TrainingResult):
+    accuracies: list[float] = field(default_factory=list)
 
 
 def parser() -> argparse.ArgumentParser:

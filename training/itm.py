@@ -77,10 +77,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (add_blip_model_options, add_checkpoint_option, add_device_options, add_lr_decay_option,
-                             add_optimisation_options, add_output_options, add_source_options, check_same_run, due,
-                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
-                             settings_identity, source_num_images, start_run, weight_decay_groups)
+from training.common import (HeldOutSeed, TrainingResult, add_blip_model_options, add_checkpoint_option,
+                             add_device_options, add_lr_decay_option, add_optimisation_options, add_output_options,
+                             add_source_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
+                             parse_source_params, run_command, set_scheduled_lr, settings_identity, source_num_images,
+                             start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
@@ -95,7 +96,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "ini
 
 
 @dataclass
-class ItmSettings:
+class ItmSettings(HeldOutSeed):
     out: str
     preset: str = "tiny"
     init: str | None = None
@@ -133,19 +134,6 @@ class ItmSettings:
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_object_weight": 1.0})
-
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
-
-@dataclass
-class ItmResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    metrics: dict[str, Any]
-    seconds: float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -402,7 +390,7 @@ LOSS_CURVES = (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "t
                ("grounding_loss", "tab:red"), ("patch_loss", "tab:purple"))  # loss.png
 
 
-def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
+def train(s: ItmSettings, command: Sequence[str] = ()) -> TrainingResult:
     """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
     import torch
     import torch.nn.functional as F
@@ -615,7 +603,7 @@ def train(s: ItmSettings, command: Sequence[str] = ()) -> ItmResult:
         bar.close()
     final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
                             run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return ItmResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 
 

@@ -80,10 +80,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.common import (add_checkpoint_option, add_device_options, add_lr_decay_option, add_optimisation_options,
-                             add_output_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, set_scheduled_lr, settings_identity, start_run,
-                             weight_decay_groups)
+from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
+                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run, due,
+                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
+                             settings_identity, start_run, weight_decay_groups)
 from training.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 3000
@@ -110,7 +110,7 @@ ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: co
 
 
 @dataclass
-class QAViTSettings:
+class QAViTSettings(HeldOutSeed):
     out: str
     preset: str = "shapes"
     init: str | None = None
@@ -146,19 +146,6 @@ class QAViTSettings:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES, {"init": None, "patch_label_weight": 0.0,
                                                            "patch_object_weight": 1.0, "lr_decay": "constant"})
-
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
-
-@dataclass
-class QAViTResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    metrics: dict[str, Any]
-    seconds: float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -571,7 +558,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 # --- the training -------------------------------------------------------------------------------
 
-def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
+def train(s: QAViTSettings, command: Sequence[str] = ()) -> TrainingResult:
     """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -748,7 +735,7 @@ def train(s: QAViTSettings, command: Sequence[str] = ()) -> QAViTResult:
         bar.close()
     final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
                             run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return QAViTResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                        seconds=time.perf_counter() - started)
 
 

@@ -73,10 +73,10 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from training.common import (add_checkpoint_option, add_device_options, add_optimisation_options, add_output_options,
-                             add_weights_option, check_same_run, due, finish_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, set_warmup_lr, settings_identity, start_run,
-                             weight_decay_groups)
+from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
+                             add_optimisation_options, add_output_options, add_weights_option, check_same_run, due,
+                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
+                             settings_identity, start_run, weight_decay_groups)
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-sam-training"
@@ -97,7 +97,7 @@ METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50")
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class SamSettings:
+class SamSettings(HeldOutSeed):
     out: str
     preset: str = "tiny"
     init: str | None = None
@@ -123,22 +123,9 @@ class SamSettings:
     resume: bool = False
     quiet: bool = False
 
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1000 if self.eval_seed is None else self.eval_seed
-
     def run_identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues."""
         return settings_identity(self, RESUMABLE_CHANGES)
-
-
-@dataclass
-class SamResult:
-    out: Path
-    steps: int
-    losses: list[float]
-    metrics: dict[str, Any]
-    seconds: float
 
 
 def parser() -> argparse.ArgumentParser:
@@ -510,7 +497,7 @@ def initial_model(preset: str, init: str | None, device):
     return load_efficient_sam(preset, init, device)[0]
 
 
-def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
+def train(s: SamSettings, command: Sequence[str] = ()) -> TrainingResult:
     """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
     import torch
     from tqdm import tqdm
@@ -653,7 +640,7 @@ def train(s: SamSettings, command: Sequence[str] = ()) -> SamResult:
         bar.close()
     final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
                             run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return SamResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
+    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                      seconds=time.perf_counter() - started)
 
 
