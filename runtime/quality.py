@@ -252,8 +252,9 @@ def parser() -> argparse.ArgumentParser:
         description="Run every heatmap variant (pnp_vqa, esam_enhanced, fusion_caption, fusion_gradcam, qavit) and two "
                     "baselines (uniform patch sampling, ground-truth-mask heatmap) with their graph defaults on "
                     "held-out shapes data, and write a Markdown table of VQA accuracy (overall and per question "
-                    "type), heatmap pointing game, energy in mask, top-20 recall and ITM accuracy (plus a .json "
-                    "beside it). Runs share the cache: a second call recomputes only what changed.")
+                    "type), heatmap pointing game, energy in mask, top-20 recall and ITM accuracy, VQA "
+                    "accuracy and pointing game per background, and findings computed from the numbers (plus a "
+                    ".json beside it). Runs share the cache: a second call recomputes only what changed.")
     p.add_argument("--images", type=int, default=100, help="held-out shapes images, 4 questions each (default 100)")
     p.add_argument("--seed", type=int, default=QUALITY_SEED,
                    help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0-2, its "
