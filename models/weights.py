@@ -20,6 +20,8 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
+from artifacts.filehash import file_sha256
+
 WEIGHTS_ENV = "PNPVQA_WEIGHTS"
 # the ``shapes`` presets' weights, trained by the project and shipped with it (docs/quality.md)
 SHAPES_WEIGHTS_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
@@ -136,19 +138,10 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     return report
 
 
-def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 of the size, the first and the last MiB of a file: cheap for multi-GB checkpoints,
-    and it changes when the file is replaced by another one."""
-    path = Path(path)
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    h.update(str(size).encode())
-    with open(path, "rb") as fh:
-        h.update(fh.read(chunk))
-        if size > chunk:
-            fh.seek(max(chunk, size - chunk))
-            h.update(fh.read(chunk))
-    return h.hexdigest()[:32]
+def file_fingerprint(path: str | Path) -> str:
+    """The sha256 of the whole file (32 hex digits), computed once per file version
+    (``artifacts.filehash`` remembers it by path, size, mtime and inode)."""
+    return file_sha256(path)[:32]
 
 
 def tree_fingerprint(folder: str | Path, patterns: Iterable[str] = ("*",)) -> str:

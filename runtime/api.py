@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
+from artifacts.location import Location
 from artifacts.store import Store
 from runtime.errors import GraphError, Problem, UsageError
 from runtime.executors import Progress, init_ray, run_local, run_ray, stop_ray
 from runtime.graph import Graph, load_graph
-from runtime.run import RunContext, RunSummary
+from runtime.run import PARTS, RunContext, RunSummary
+from runtime.run_lock import RunLock
 from runtime.shards import iter_shards
 
 DEFAULT_CACHE = ".runtime_cache"
@@ -23,6 +24,17 @@ def default_cache_dir() -> Path:
 
 def default_output(graph: Graph) -> Path:
     return Path("runs") / graph.name
+
+
+def folder_location(where: str | Path | Location, option: str) -> Location:
+    """A folder given on the command line (path or URI), refused when it is a file."""
+    try:
+        loc = where if isinstance(where, Location) else Location(where)
+    except ValueError as exc:
+        raise UsageError(f"{option} {where}: {exc}") from None
+    if loc.is_file():
+        raise UsageError(f"{option} {where}: this is a file; {option} takes a folder (it is created if missing)")
+    return loc
 
 
 def resolve_device(device: str) -> str:
@@ -49,8 +61,8 @@ def run_graph(
     overrides: list[str] | None = None,
     presets: list[str] | None = None,
     executor: str = "ray",
-    output: str | Path | None = None,
-    cache_dir: str | Path | None = None,
+    output: str | Path | Location | None = None,
+    cache_dir: str | Path | Location | None = None,
     no_cache: bool = False,
     force: list[str] | None = None,
     limit: int | None = None,
@@ -59,6 +71,8 @@ def run_graph(
     address: str | None = None,
     progress: bool = True,
     arguments: dict | None = None,
+    retry_errors: bool = False,
+    wait: bool = False,
 ) -> RunSummary:
     """Validate ``graph`` and run it; every problem found before work raises ``GraphError``."""
     if not isinstance(graph, Graph):
@@ -72,37 +86,43 @@ def run_graph(
             raise UsageError(f"--force {name}: no such node in {graph.path}; nodes: {', '.join(graph.nodes)}")
     check_sources(graph)
     device = resolve_device(device)
-    out = Path(output) if output else default_output(graph)
-    store = None if no_cache else Store(cache_dir or default_cache_dir())
-    if no_cache and (out / "parts").exists():
-        shutil.rmtree(out / "parts")
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(graph, out, store, set(force or []))
+    out = folder_location(output or default_output(graph), "--output")
+    store = None if no_cache else Store(folder_location(cache_dir or default_cache_dir(), "--cache"))
     args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
-                force=list(force or []), ids=sorted(ids) if ids else None)
-    ctx.write_manifest("running", executor, device, args)
-
-    total = graph.source.count()
-    if ids is not None:
-        total = None
-    if limit is not None:
-        total = min(total, limit) if total is not None else limit
-    bars = Progress(ctx, total, progress)
-    shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
+                force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors)
+    lock = RunLock(out, command=str((arguments or {}).get("graph", graph.path)))
+    lock.acquire(wait=wait)
     try:
-        if executor == "local":
-            run_local(ctx, shards, device, bars)
-        else:
-            started = []
+        ctx = RunContext(graph, out, store, set(force or []), device=device, retry_errors=retry_errors)
+        ctx.clean_output()
+        if no_cache:
+            out.delete_dir(PARTS)
+        ctx.write_manifest("running", executor, device, args)
+        total = graph.source.count()
+        if ids is not None:
+            total = None
+        if limit is not None:
+            total = min(total, limit) if total is not None else limit
+        bars = Progress(ctx, total, progress)
+        shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
+        try:
+            if executor == "local":
+                run_local(ctx, shards, device, bars)
+            else:
+                started = []
 
-            def connect() -> None:
-                started.append(init_ray(address))
+                def connect() -> None:
+                    started.append(init_ray(address))
 
-            try:
-                run_ray(ctx, shards, device, bars, connect)
-            finally:
-                if any(started):
-                    stop_ray()
+                try:
+                    run_ray(ctx, shards, device, bars, connect)
+                finally:
+                    if any(started):
+                        stop_ray()
+        finally:
+            bars.close()
+            if store is not None:
+                store.close()
+        return ctx.finish(executor, device, args)
     finally:
-        bars.close()
-    return ctx.finish(executor, device, args)
+        lock.release()

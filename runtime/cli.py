@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
 from pathlib import Path
 
 from runtime.errors import GraphError, UsageError
@@ -22,7 +20,7 @@ EPILOG = """examples:
   runtime validate graphs/oracle_heatmap.yaml             check a graph without running it
   runtime show graphs/oracle_heatmap.yaml --dot | dot -Tpng > graph.png
   runtime stages heatmap_points                          params and columns of one stage
-  runtime cache ls ; runtime cache gc --older-than 30
+  runtime cache ls ; runtime cache verify ; runtime cache gc --older-than 30
   runtime report runs/esam_enhanced runs/pnp_vqa          HTML report with both runs side by side
   runtime compare runs/esam_enhanced runs/pnp_vqa         metrics per run and disagreements, in the terminal
   runtime train fusion --out runs/fusion_train           train the BLIP + SAM fusion module
@@ -72,15 +70,22 @@ def _parser() -> argparse.ArgumentParser:
     graph_args(r)
     r.add_argument("--executor", choices=["ray", "local"], default="ray",
                    help="ray: actors per node on an embedded local Ray or --address (default); local: in-process")
-    r.add_argument("--output", "-o", metavar="DIR", help="run folder (default: runs/<graph name>)")
+    r.add_argument("--output", "-o", metavar="DIR|URI", help="run folder or URI (default: runs/<graph name>); "
+                   "one run at a time per folder")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     r.add_argument("--ids", metavar="ID,ID|@FILE", help="only these sample ids (comma list, or @file with one id a line)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where models run (default: cuda if available)")
     r.add_argument("--address", metavar="ADDR", help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
-    r.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
+    r.add_argument("--cache", metavar="DIR|URI", help="cache folder or URI, e.g. s3://bucket/cache, shared by runs "
+                   "and machines (default: $RUNTIME_CACHE_DIR or ./.runtime_cache; docs/store.md)")
     r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (recompute everything)")
     r.add_argument("--force", action="append", default=[], metavar="NODE",
                    help="recompute NODE and everything downstream of it, ignoring cached results; repeatable")
+    r.add_argument("--retry-errors", action="store_true",
+                   help="recompute rows that failed on their data too (rows that failed transiently, e.g. out of "
+                   "memory, are always retried)")
+    r.add_argument("--wait", action="store_true", help="when another run holds the output folder, wait for it "
+                   "instead of stopping")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="print tracebacks of failing rows and errors")
 
@@ -109,17 +114,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_report_parsers(sub)
 
-    c = sub.add_parser("cache", help="inspect or clean the result cache")
-    csub = c.add_subparsers(dest="cache_command", metavar="ACTION")
-    ls = csub.add_parser("ls", help="entries per stage: count, rows, size, last use")
-    ls.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
-    ls.add_argument("--all", action="store_true", help="one line per entry")
-    gc = csub.add_parser("gc", help="remove stale temp files and old or excess entries")
-    gc.add_argument("--cache", metavar="DIR", help="cache folder (default: $RUNTIME_CACHE_DIR or ./.runtime_cache)")
-    gc.add_argument("--older-than", type=float, metavar="DAYS", help="remove entries not used for DAYS days")
-    gc.add_argument("--max-size", metavar="SIZE", help="then remove least recently used entries until the cache is under SIZE (e.g. 20G, 500M)")
-    gc.add_argument("--stage", metavar="NAME", help="remove every entry of this stage")
-    gc.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    from runtime.cache_commands import add_cache_parser
+
+    add_cache_parser(sub)
     return p
 
 
@@ -132,13 +129,6 @@ def _parse_ids(text: str | None) -> set[str] | None:
             raise UsageError(f"--ids {text}: file {path} not found (one sample id a line)")
         return {line.strip() for line in path.read_text().splitlines() if line.strip()}
     return {t.strip() for t in text.split(",") if t.strip()}
-
-
-def _parse_size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise UsageError(f"--max-size: expected a size like 500M or 20G, got '{text}'")
-    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
 
 
 def _load(a):
@@ -170,8 +160,9 @@ def _cmd_run(a) -> int:
     graph = _load(a)
     summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
                         force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
-                        progress=not a.quiet, arguments={"graph": a.graph, "overrides": a.overrides,
-                                                            "preset": a.preset, "weights": a.weights})
+                        progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
+                        arguments={"graph": a.graph, "overrides": a.overrides, "preset": a.preset,
+                                   "weights": a.weights})
     print(format_summary(summary, graph))
     return 0
 
@@ -259,65 +250,12 @@ def _cmd_sources(a) -> int:
     return 0
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if n < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
-
-
 def _cmd_cache(a) -> int:
     from artifacts.store import Store
-    from runtime.api import default_cache_dir
+    from runtime.api import default_cache_dir, folder_location
+    from runtime.cache_commands import cache_main
 
-    if a.cache_command is None:
-        raise UsageError("runtime cache: choose an action: ls or gc")
-    store = Store(a.cache or default_cache_dir())
-    entries = list(store.entries())
-    now = time.time()
-    if a.cache_command == "ls":
-        print(f"cache: {store.root.resolve()}")
-        if a.all:
-            for e in entries:
-                print(f"  {e.stage:<18} {e.key}  node={e.meta.get('node')} graph={e.meta.get('graph')} "
-                      f"shard={e.meta.get('shard')} rows={e.meta.get('rows')} {_human(e.size)}")
-        by_stage: dict[str, list] = {}
-        for e in entries:
-            by_stage.setdefault(e.stage, []).append(e)
-        print(f"  {'stage':<18} {'entries':>7} {'rows':>9} {'size':>8} {'last used':>10}")
-        for stage, es in sorted(by_stage.items()):
-            rows = sum(int(e.meta.get("rows") or 0) for e in es)
-            age = (now - max(e.mtime for e in es)) / 86400
-            print(f"  {stage:<18} {len(es):>7} {rows:>9} {_human(sum(e.size for e in es)):>8} {age:>8.1f} d")
-        print(f"  total: {len(entries)} entries, {_human(sum(e.size for e in entries))}; "
-              f"{len(store.stray_temp_files())} stray temp files")
-        return 0
-    remove = set(store.stray_temp_files())
-    keep = []
-    for e in entries:
-        if (a.stage and e.stage == a.stage) or (a.older_than is not None and now - e.mtime > a.older_than * 86400):
-            remove.add(e.path)
-        else:
-            keep.append(e)
-    if a.max_size:
-        limit = _parse_size(a.max_size)
-        total = sum(e.size for e in keep)
-        for e in sorted(keep, key=lambda e: e.mtime):
-            if total <= limit:
-                break
-            remove.add(e.path)
-            total -= e.size
-    freed = 0
-    for path in sorted(remove):
-        try:
-            freed += path.stat().st_size
-            if not a.dry_run:
-                path.unlink()
-        except FileNotFoundError:
-            pass
-    print(f"{'would remove' if a.dry_run else 'removed'} {len(remove)} files, {_human(freed)}")
-    return 0
+    return cache_main(a, Store(folder_location(a.cache or default_cache_dir(), "--cache")))
 
 
 def _trainer(model: str):

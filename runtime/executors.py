@@ -16,7 +16,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from runtime.node_runner import NodeRunner, NodeStats
-from runtime.run import RunContext, ShardPlan
+from runtime.run import RunContext, ShardPlan, node_device
 from runtime.shards import Shard
 
 
@@ -59,11 +59,11 @@ def run_local(ctx: RunContext, shards: Iterator[Shard], device: str, progress: P
             ctx.note_part_reused()
             progress.shard(shard, ctx.graph.nodes)
             continue
-        tables: dict[str, pa.Table] = {name: ctx.load(plan, name) for name in plan.load}
+        tables: dict[str, pa.Table] = dict(plan.loaded)
         ctx.note_cached(plan)
         for name in plan.compute:
             runner = runners[name]
-            runner.setup(device)  # models load on first use: a fully cached run loads none
+            runner.setup(node_device(runner.stage, device))  # models load on first use: a fully cached run loads none
             tables[name], stats = runner.run(shard, tables)
             ctx.save(plan, name, tables[name], stats)
             progress.node(name, shard)
@@ -171,7 +171,7 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Pro
         shard_ref = ray.put(plan.shard)
         refs: dict[str, tuple] = {}
         for name in plan.load:
-            refs[name] = (ray.put(ctx.load(plan, name)), None)
+            refs[name] = (ray.put(plan.loaded[name]), None)
         ctx.note_cached(plan)
         for name in plan.compute:
             ups = ctx.graph.upstream(name)

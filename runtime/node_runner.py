@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +22,23 @@ from runtime.shards import Shard
 from stages.base import Batch, Granularity
 
 ERROR = "_error"
+ERROR_KIND = "_error_kind"
 ROW_ID = "_row_id"
+
+# What a failed row's error says about the next attempt:
+SOURCE_ERROR = "source"        # the dataset record is bad (no image, empty question): same next time
+DATA_ERROR = "data"            # the stage failed on this row's data: same next time (--retry-errors)
+TRANSIENT_ERROR = "transient"  # out of memory, a timeout, a lost worker: the next run retries it
+TRANSIENT_TYPES = (MemoryError, TimeoutError, ConnectionError)
+
+
+def error_kind(exc: BaseException) -> str:
+    """``transient`` for failures that another attempt may not repeat, else ``data``."""
+    if isinstance(exc, TRANSIENT_TYPES) or type(exc).__name__ == "OutOfMemoryError":
+        return TRANSIENT_ERROR
+    if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # CUDA / allocator
+        return TRANSIENT_ERROR
+    return DATA_ERROR
 
 
 @dataclass
@@ -34,16 +50,6 @@ class NodeStats:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0
     calls: int = 0         # process() calls
-    extra: dict = field(default_factory=dict)
-
-    def add(self, other: "NodeStats") -> None:
-        self.rows += other.rows
-        self.computed += other.computed
-        self.errors += other.errors
-        self.seconds += other.seconds
-        self.calls += other.calls
-        self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
-        self.peak_gpu_mb = max(self.peak_gpu_mb, other.peak_gpu_mb)
 
 
 def peak_rss_mb() -> float:
@@ -98,14 +104,16 @@ class NodeRunner:
         n = len(row_ids)
         stats.rows = n
 
-        # rows failed upstream (or bad in the source) keep the first error message
+        # rows failed upstream (or bad in the source) keep the first error message and its kind
         per_image = self.node.granularity is Granularity.IMAGE
         errors: list[str | None] = list(shard.image_errors if per_image else shard.sample_errors)
+        kinds: list[str | None] = [SOURCE_ERROR if e else None for e in errors]
         for up in sorted({r.node for r in self.node.inputs.values() if r.node != SOURCE}):
-            col = self._gather(shard, upstream, up, ERROR)
-            for i, msg in enumerate(col.to_pylist()):
+            col = self._gather(shard, upstream, up, ERROR).to_pylist()
+            kind_col = self._gather(shard, upstream, up, ERROR_KIND).to_pylist()
+            for i, msg in enumerate(col):
                 if msg is not None and errors[i] is None:
-                    errors[i] = msg
+                    errors[i], kinds[i] = msg, kind_col[i] or DATA_ERROR
 
         declared = self.stage.inputs()
         self._image_inputs = set() if per_image else {k for k in self.node.inputs if declared[k].per_image}
@@ -118,8 +126,8 @@ class NodeRunner:
         for rows in self._batches(todo):
             done_rows, outs, failures = self._process_rows(rows, inputs, row_ids, out_types)
             stats.calls += 1
-            for i, msg in failures.items():
-                errors[i] = f"[{self.node.name}] {msg}"
+            for i, (msg, kind) in failures.items():
+                errors[i], kinds[i] = f"[{self.node.name}] {msg}", kind
                 stats.errors += 1
             if done_rows:
                 pieces.append((done_rows, outs))
@@ -142,6 +150,7 @@ class NodeRunner:
                     pa.ExtensionArray.from_storage(t, pa.nulls(n, type=t.storage_type))
             columns[name] = full
         columns[ERROR] = pa.array(errors, type=pa.string())
+        columns[ERROR_KIND] = pa.array(kinds, type=pa.string())
         columns[ROW_ID] = pa.array(row_ids, type=pa.string())
         table = pa.table(columns)
         stats.seconds = time.perf_counter() - start
@@ -176,7 +185,7 @@ class NodeRunner:
         if missing:
             raise RuntimeError(f"stage '{self.stage.name}' returned no column(s) {sorted(missing)}")
         outs = {name: python_to_column(raw[name], t, len(rows)) for name, t in out_types.items()}
-        failures = {rows[i]: msg for i, msg in batch.failures.items()}
+        failures = {rows[i]: (msg, DATA_ERROR) for i, msg in batch.failures.items()}
         return outs, failures
 
     def _process_rows(self, rows, inputs, row_ids, out_types):
@@ -185,14 +194,14 @@ class NodeRunner:
             outs, failures = self._call(rows, inputs, row_ids, out_types)
         except Exception:  # noqa: BLE001 - isolate the bad rows below
             if len(rows) == 1:
-                exc_type, exc, _ = sys.exc_info()
-                return [], {}, {rows[0]: f"{exc_type.__name__}: {exc}"}
+                exc = sys.exc_info()[1]
+                return [], {}, {rows[0]: (f"{type(exc).__name__}: {exc}", error_kind(exc))}
             done, pieces, failures = [], [], {}
             for i in rows:
                 try:
                     o, f = self._call([i], inputs, row_ids, out_types)
                 except Exception as exc:  # noqa: BLE001
-                    failures[i] = f"{type(exc).__name__}: {exc}"
+                    failures[i] = (f"{type(exc).__name__}: {exc}", error_kind(exc))
                     _log_traceback(self.node.name, row_ids[i])
                     continue
                 failures.update(f)

@@ -65,7 +65,7 @@ def run_variant(variant: Variant, *, seed: int, images: int, runs: Path, executo
     if summary.errors:
         print(f"warning: {variant.name}: {summary.errors} rows failed ({'; '.join(summary.error_examples[:2])})",
               file=sys.stderr)
-    return summary.output / "results.parquet"
+    return summary.results
 
 
 def _mean(values) -> float | None:

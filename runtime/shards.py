@@ -1,10 +1,24 @@
-"""Cut the sample stream into shards at image boundaries and fingerprint their content."""
+"""Cut the sample stream into shards whose boundaries the samples decide, and fingerprint them.
+
+Boundaries are content-defined, so that a subset, an appended or removed question, a block of
+images moved elsewhere or another ``--limit`` changes only the shards around the edit: a
+shard ends after an image when one of that image's questions is a *cut sample* (the hash of
+its ``sample_id`` falls in the lowest ``1/shard_size`` of the hash space), or when it reached
+``MAX_FACTOR * shard_size`` samples. Shards hold about ``shard_size`` samples on average and
+never split an image's questions.
+
+What a node's result depends on is fingerprinted per node, not per shard
+(:meth:`Shard.source_fingerprint`): the ids of its rows and the content of the source columns
+it reads, in an order-free way (rows sorted by id), so reordering questions inside a shard,
+or editing a column a node does not read, keeps its cached result. Image files count by the
+sha256 of their bytes (remembered per file version: ``artifacts.filehash``), not by path, so a
+dataset moved to another folder or machine keeps its cache.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import itertools
-import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -12,21 +26,26 @@ import numpy as np
 import pyarrow as pa
 
 from artifacts.columns import python_to_column
+from artifacts.filehash import hash_files, sha256_bytes
 from artifacts.fingerprint import fingerprint
 from runtime.sources.base import Source
+
+MAX_FACTOR = 4  # a shard is cut at MAX_FACTOR * shard_size samples when no cut sample came
+IMAGE_COLUMNS = ("image_path", "image_bytes")
 
 
 @dataclass
 class Shard:
-    """A run of consecutive samples; all questions of an image are in the same shard.
+    """Consecutive samples of the stream; all questions of an image are in the same shard.
 
     ``table`` holds the source columns, one row per sample; ``image_rows[i]`` is the image
-    row of sample ``i`` and ``image_first[j]`` the first sample of image ``j``.
+    row of sample ``i`` and ``image_first[j]`` the first sample of image ``j``. ``tokens`` maps
+    each source column to a per-sample content token (hashes for bytes, arrays and image files).
     """
 
     index: int
     table: pa.Table
-    fingerprint: str
+    tokens: dict[str, list]
     image_rows: np.ndarray
     image_first: np.ndarray
     sample_errors: list[str | None]  # bad records (empty question, no image), per sample
@@ -49,35 +68,47 @@ class Shard:
         ids = self.table.column("image_id").to_pylist()
         return [ids[i] for i in self.image_first]
 
+    def source_fingerprint(self, columns: Iterable[str], per_image: bool) -> str:
+        """Identity of what a node sees of this shard: its row ids (image ids for a per-image
+        node, sample ids with their image ids otherwise), which rows arrive failed from the
+        source, and the tokens of the source ``columns`` it reads. Row order does not count."""
+        columns = sorted(set(columns))
+        ids = self.table.column("sample_id").to_pylist()
+        images = self.table.column("image_id").to_pylist()
+        if per_image:
+            rows = [[images[i], self.image_errors[j], [self.tokens[c][i] for c in columns]]
+                    for j, i in enumerate(self.image_first)]
+        else:
+            rows = [[ids[i], images[i], self.sample_errors[i], [self.tokens[c][i] for c in columns]]
+                    for i in range(self.num_samples)]
+        rows.sort(key=lambda r: fingerprint(r))
+        return fingerprint("per-image" if per_image else "per-sample", columns, rows)
 
-def _image_token(record: dict[str, Any]) -> Any:
-    """What identifies the image content cheaply: bytes hash, or path + size + mtime."""
-    data = record.get("image_bytes")
-    if data:
-        return ["bytes", hashlib.sha256(data).hexdigest()]
-    path = record.get("image_path")
-    if path:
-        try:
-            st = os.stat(path)
-            return ["path", path, st.st_size, st.st_mtime_ns]
-        except OSError:
-            return ["path", path, None]
-    return None
+    def ordered_fingerprint(self, columns: Iterable[str]) -> str:
+        """Identity of the rows in their order with the tokens of ``columns`` (for results parts,
+        which keep the dataset's order)."""
+        columns = sorted(set(columns))
+        return fingerprint(columns, self.sample_errors, [self.tokens[c] for c in columns])
 
 
-def _record_token(record: dict[str, Any]) -> list:
-    out = []
-    for key in sorted(record):
-        value = record[key]
-        if key in ("image_bytes", "image_path"):
-            continue
-        if isinstance(value, np.ndarray):
-            value = [list(value.shape), str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
-        elif isinstance(value, (bytes, bytearray)):
-            value = hashlib.sha256(value).hexdigest()
-        out.append([key, value])
-    out.append(["image", _image_token(record)])
-    return out
+def _value_token(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return ["array", list(value.shape), str(value.dtype), hashlib.sha256(value.tobytes()).hexdigest()]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return ["bytes", sha256_bytes(value)]
+    return value
+
+
+def _tokens(records: list[dict[str, Any]], schema: dict[str, pa.DataType]) -> dict[str, list]:
+    tokens = {name: [_value_token(r.get(name)) for r in records] for name in schema if name != "image_path"}
+    if "image_path" in schema:
+        paths = [r.get("image_path") for r in records]
+        unique = sorted({p for p in paths if p})
+        digests = dict(zip(unique, hash_files(unique, missing_ok=True)))
+        # a readable file counts by its bytes; a missing one by its path (its error names it)
+        tokens["image_path"] = [None if not p else (["file", digests[p]] if digests[p] else ["missing", p])
+                                for p in paths]
+    return tokens
 
 
 def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataType]) -> Shard:
@@ -93,7 +124,6 @@ def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataT
             image_index[img] = len(image_first)
             image_first.append(i)
         image_rows[i] = image_index[img]
-    fp = fingerprint([_record_token(r) for r in records])
     image_errors = [None if (records[i].get("image_path") or records[i].get("image_bytes"))
                     else "[source] no image: the record has neither an image path nor image bytes"
                     for i in image_first]
@@ -106,7 +136,8 @@ def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataT
             sample_errors.append("[source] empty question")
         else:
             sample_errors.append(None)
-    return Shard(index, table, fp, image_rows, np.asarray(image_first, dtype=np.int64), sample_errors, image_errors)
+    return Shard(index, table, _tokens(records, schema), image_rows, np.asarray(image_first, dtype=np.int64),
+                 sample_errors, image_errors)
 
 
 def select_samples(records: Iterable[dict[str, Any]], ids: set[str] | None, limit: int | None) -> Iterator[dict[str, Any]]:
@@ -118,17 +149,28 @@ def select_samples(records: Iterable[dict[str, Any]], ids: set[str] | None, limi
     return iter(records)
 
 
+def is_cut_sample(sample_id: Any, shard_size: int) -> bool:
+    """True for about one sample in ``shard_size``, decided by the sample id alone."""
+    h = int.from_bytes(hashlib.sha256(str(sample_id).encode()).digest()[:8], "big")
+    return h < (1 << 64) // max(1, shard_size)
+
+
 def iter_shards(source: Source, shard_size: int, ids: set[str] | None = None,
                 limit: int | None = None) -> Iterator[Shard]:
-    """Yield shards of about ``shard_size`` samples, cut only between images."""
+    """Yield shards of about ``shard_size`` samples with content-defined boundaries (module doc)."""
     schema = {name: col.type for name, col in source.columns().items()}
     current: list[dict[str, Any]] = []
+    cut_after_image = False  # the current image holds a cut sample
     index = 0
     for record in select_samples(source.iter_samples(), ids, limit):
-        if len(current) >= shard_size and record["image_id"] != current[-1]["image_id"]:
+        new_image = bool(current) and record["image_id"] != current[-1]["image_id"]
+        if new_image and (cut_after_image or len(current) >= MAX_FACTOR * shard_size):
             yield _build(index, current, schema)
             index += 1
             current = []
+        if new_image:
+            cut_after_image = False
         current.append(record)
+        cut_after_image = cut_after_image or is_cut_sample(record["sample_id"], shard_size)
     if current:
         yield _build(index, current, schema)

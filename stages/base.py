@@ -137,6 +137,11 @@ class Stage:
         """A fingerprint of the model weights this stage will load (part of the cache key)."""
         return None
 
+    def compute_dtype(self) -> str:
+        """The floating-point type the stage computes in (part of the cache key): its ``dtype``
+        param when it has one, else float32."""
+        return str(getattr(self.params, "dtype", None) or "float32")
+
     # --- work ----------------------------------------------------------------------------
     def setup(self, device: str) -> None:
         """Load models once per worker."""

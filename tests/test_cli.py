@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import time
 
 import pyarrow.parquet as pq
@@ -72,17 +74,25 @@ def test_run_limit_ids_and_cache_commands(capsys, tmp_path):
     assert main(["cache", "ls", "--cache", cache]) == 0
     out = capsys.readouterr().out
     assert "heatmap_points" in out and "load_image" not in out  # decoded images are never cached
-    stray = next((tmp_path / "cache").glob("*/*/")) / "x.parquet.tmp-dead"
+    # a temp file of a writer on this host whose process is gone
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    folder = next((tmp_path / "cache" / "heatmap_points").glob("[0-9a-f][0-9a-f]"))
+    stray = folder / f".x.parquet.tmp-{socket.gethostname().replace('-', '_')}-{dead.pid}-deadbeef-abcdef"
     stray.write_bytes(b"partial")
-    old = next((tmp_path / "cache" / "sample_patches").glob("*/*.parquet"))
+    old = next((tmp_path / "cache" / "sample_patches").glob("[0-9a-f][0-9a-f]/*.parquet"))
     os.utime(old, (time.time() - 40 * 86400,) * 2)
     assert main(["cache", "gc", "--cache", cache, "--older-than", "30", "--dry-run"]) == 0
     assert "would remove 2 files" in capsys.readouterr().out and stray.exists()
     assert main(["cache", "gc", "--cache", cache, "--older-than", "30"]) == 0
     assert not stray.exists() and not old.exists()
-    assert main(["cache", "gc", "--cache", cache, "--max-size", "1K"]) == 0
+    assert main(["cache", "gc", "--cache", cache, "--max-size", "1K"]) == 0  # all used just now: kept
     assert main(["cache", "ls", "--cache", cache]) == 0
-    assert "total: " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "removed 0 files" in out and "total: " in out and "0 bad" in out
+    assert main(["cache", "gc", "--cache", cache, "--max-size", "1K", "--grace", "0"]) == 0
+    assert main(["cache", "ls", "--cache", cache]) == 0
+    assert "total: 0 entries" in capsys.readouterr().out
 
 
 def test_train_help_lists_every_training_command(capsys):

@@ -1,0 +1,149 @@
+"""Full content hashes of files (weights, images), computed once per file version.
+
+A file's sha256 is remembered in a small SQLite table keyed by its real path, size,
+modification time (ns) and inode, so a multi-GB checkpoint or a folder of 40k images is read
+once per machine, and any change to the file (a new mtime or size) hashes it again. The memo
+lives in ``$PNPVQA_HASH_MEMO`` (default ``~/.cache/pnpvqa-runtime/file-hashes.sqlite3``;
+``off`` keeps it in memory only). A memo that cannot be opened is not an error: hashes are
+then computed every time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable
+
+MEMO_ENV = "PNPVQA_HASH_MEMO"
+CHUNK = 1 << 22
+
+
+def _memo_path() -> Path | None:
+    value = os.environ.get(MEMO_ENV)
+    if value == "off":
+        return None
+    if value:
+        return Path(value)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pnpvqa-runtime" / "file-hashes.sqlite3"
+
+
+class _Memo:
+    """(real path, size, mtime_ns, inode) -> sha256, in SQLite when possible, else in memory."""
+
+    def __init__(self) -> None:
+        self.local: dict[tuple, str] = {}
+        self.lock = threading.Lock()
+        self.db: sqlite3.Connection | None = None
+        self.opened_for: Path | None = None
+
+    def _connect(self) -> sqlite3.Connection | None:
+        path = _memo_path()
+        if path != self.opened_for:
+            self.opened_for, self.db = path, None
+            if path is not None:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
+                    db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                               "inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, inode))")
+                    db.commit()
+                    self.db = db
+                except (OSError, sqlite3.Error):
+                    self.db = None
+        return self.db
+
+    def get(self, ident: tuple) -> str | None:
+        with self.lock:
+            if ident in self.local:
+                return self.local[ident]
+            db = self._connect()
+            if db is None:
+                return None
+            try:
+                row = db.execute("SELECT sha256 FROM hashes WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                                 ident).fetchone()
+            except sqlite3.Error:
+                return None
+            if row:
+                self.local[ident] = row[0]
+            return row[0] if row else None
+
+    def put(self, items: list[tuple[tuple, str]]) -> None:
+        with self.lock:
+            for ident, digest in items:
+                self.local[ident] = digest
+            db = self._connect()
+            if db is None or not items:
+                return
+            try:
+                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)",
+                               [(*ident, digest) for ident, digest in items])
+                db.commit()
+            except sqlite3.Error:
+                pass
+
+
+_MEMO = _Memo()
+
+
+def _identity(path: Path) -> tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def sha256_bytes(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of the whole file (remembered per file version, see the module doc)."""
+    return hash_files([path])[0]  # type: ignore[return-value]
+
+
+def hash_files(paths: Iterable[str | os.PathLike], threads: int = 4, missing_ok: bool = False) -> list[str | None]:
+    """sha256 of each file, reading only files whose version is not in the memo (in threads:
+    hashlib releases the GIL). A file that cannot be read raises ``OSError``, or gives ``None``
+    with ``missing_ok``."""
+    paths = [Path(p) for p in paths]
+    idents: list[tuple | None] = []
+    for p in paths:
+        try:
+            idents.append(_identity(p))
+        except OSError:
+            if not missing_ok:
+                raise
+            idents.append(None)
+    digests: list[str | None] = [None if i is None else _MEMO.get(i) for i in idents]
+    todo = [k for k, d in enumerate(digests) if d is None and idents[k] is not None]
+
+    def compute(k: int) -> str | None:
+        try:
+            return _hash_file(paths[k])
+        except OSError:
+            if not missing_ok:
+                raise
+            return None
+
+    if todo:
+        if len(todo) == 1:
+            computed = [compute(todo[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, min(threads, len(todo)))) as pool:
+                computed = list(pool.map(compute, todo))
+        for k, digest in zip(todo, computed):
+            digests[k] = digest
+        _MEMO.put([(idents[k], digests[k]) for k in todo if digests[k] is not None])
+    return digests

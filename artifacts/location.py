@@ -1,0 +1,300 @@
+"""A folder on any filesystem pyarrow understands: a local path or a URI.
+
+``Location("runs/x")``, ``Location("file:///data/cache")``, ``Location("s3://bucket/cache")``,
+``gs://`` and ``hdfs://`` all work the same way. Local folders (plain paths and ``file://``)
+use the operating system directly: ``fsync`` before an atomic rename, exclusive creation,
+modification times as "last used". Other filesystems go through ``pyarrow.fs``: objects are
+written under a temporary name and moved into place (on object stores a move is a copy, and
+the destination still appears whole or not at all).
+
+Temporary names start with a dot and carry the writer's id (``host-pid-random``), so listings
+skip them and a cleaner can tell whose they are (:func:`writer_alive`).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import socket
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+HOST = socket.gethostname()
+
+
+def new_writer_id() -> str:
+    """``host-pid-random``: unique per process, and says where and who wrote a temp file."""
+    return f"{HOST.replace('-', '_')}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def writer_alive(writer_id: str) -> bool | None:
+    """True / False when the writer ran on this host (its pid is checked), None elsewhere."""
+    host, _, rest = writer_id.partition("-")
+    pid_text = rest.partition("-")[0]
+    if host != HOST.replace("-", "_") or not pid_text.isdigit():
+        return None
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class HashingWriter(io.RawIOBase):
+    """A write-only file that passes bytes on and keeps their sha256 and count."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.target.write(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+@dataclass(frozen=True)
+class FileStat:
+    name: str       # relative to the listed folder
+    size: int
+    mtime: float    # seconds since the epoch
+
+
+class Location:
+    """A folder given as a path or URI; every method takes paths relative to it ('a/b.txt')."""
+
+    def __init__(self, where: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+        text = os.fspath(where)
+        self.text = text
+        if filesystem is not None:  # an explicit pyarrow filesystem (tests use the mock one)
+            self.fs, self.root = filesystem, text.rstrip("/")
+        elif "://" in text:
+            try:
+                self.fs, self.root = pafs.FileSystem.from_uri(text)
+            except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise ValueError(f"{text}: not a filesystem URI pyarrow can open ({exc})") from None
+            self.root = self.root.rstrip("/")
+        else:
+            self.fs, self.root = None, str(Path(text).absolute())
+        self.local = self.fs is None or (isinstance(self.fs, pafs.LocalFileSystem) and filesystem is None)
+        if self.local:
+            self.fs = None
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Location({self.text!r})"
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, rel: str = "") -> str:
+        """The full path of ``rel`` (an OS path for local folders, the filesystem's otherwise)."""
+        if not rel:
+            return self.root
+        return os.path.join(self.root, *rel.split("/")) if self.local else f"{self.root}/{rel}"
+
+    def local_path(self, rel: str = "") -> Path | None:
+        return Path(self.path(rel)) if self.local else None
+
+    def child(self, rel: str) -> "Location":
+        if self.local:
+            return Location(self.path(rel))
+        return Location(self.path(rel), filesystem=self.fs)
+
+    def display(self, rel: str = "") -> str:
+        """A name for messages: the path or the URI of ``rel``."""
+        if self.local or "://" not in self.text:
+            return self.path(rel)
+        return self.text.rstrip("/") + ("/" + rel if rel else "")
+
+    # -- reading -----------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        if self.local:
+            return os.path.exists(self.path(rel))
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The file's bytes; ``FileNotFoundError`` when it is not there."""
+        if self.local:
+            with open(self.path(rel), "rb") as fh:
+                return fh.read()
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.NotFound:
+            raise FileNotFoundError(errno.ENOENT, "no such file", self.display(rel))
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return fh.read()
+
+    def read_tail(self, rel: str, n: int) -> bytes:
+        if self.local:
+            with open(self.path(rel), "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                fh.seek(max(0, size - n))
+                return fh.read()
+        with self.fs.open_input_file(self.path(rel)) as fh:
+            size = fh.size()
+            fh.seek(max(0, size - n))
+            return fh.read()
+
+    def list(self, rel: str = "") -> list[FileStat]:
+        """Plain files directly in folder ``rel`` (none when it does not exist)."""
+        out = []
+        if self.local:
+            try:
+                with os.scandir(self.path(rel)) as it:
+                    for e in it:
+                        try:
+                            if e.is_file():
+                                st = e.stat()
+                                out.append(FileStat(e.name, st.st_size, st.st_mtime))
+                        except FileNotFoundError:
+                            continue
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return out
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        for info in self.fs.get_file_info(sel):
+            if info.type == pafs.FileType.File:
+                mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+                out.append(FileStat(PurePosixPath(info.path).name, info.size or 0, mtime))
+        return out
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        if self.local:
+            try:
+                with os.scandir(self.path(rel)) as it:
+                    return sorted(e.name for e in it if e.is_dir())
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
+        return sorted(PurePosixPath(i.path).name for i in self.fs.get_file_info(sel)
+                      if i.type == pafs.FileType.Directory)
+
+    def is_dir(self) -> bool:
+        if self.local:
+            return os.path.isdir(self.root)
+        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        if self.local:
+            return os.path.isfile(self.root)
+        return self.fs.get_file_info(self.root).type == pafs.FileType.File
+
+    # -- writing -----------------------------------------------------------------------------
+    def makedirs(self, rel: str = "") -> None:
+        if self.local:
+            os.makedirs(self.path(rel), exist_ok=True)
+        else:
+            self.fs.create_dir(self.path(rel), recursive=True)
+
+    def temp_name(self, rel: str, writer_id: str) -> str:
+        head, _, name = rel.rpartition("/")
+        temp = f".{name}.tmp-{writer_id}-{uuid.uuid4().hex[:6]}"
+        return f"{head}/{temp}" if head else temp
+
+    def write_bytes_atomic(self, rel: str, data: bytes, writer_id: str) -> None:
+        """Write ``data`` to ``rel`` so that readers see the old file or the whole new one."""
+        head = rel.rpartition("/")[0]
+        self.makedirs(head)
+        temp = self.temp_name(rel, writer_id)
+        try:
+            if self.local:
+                with open(self.path(temp), "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(self.path(temp), self.path(rel))
+            else:
+                with self.fs.open_output_stream(self.path(temp)) as fh:
+                    fh.write(data)
+                self.fs.move(self.path(temp), self.path(rel))
+        finally:
+            self.delete(temp)
+
+    @contextmanager
+    def atomic_writer(self, rel: str, writer_id: str) -> Iterator[HashingWriter]:
+        """A file to stream into; it appears at ``rel`` whole when the block ends without an
+        error (and not at all otherwise). The writer holds the bytes' sha256 and size."""
+        self.makedirs(rel.rpartition("/")[0])
+        temp = self.temp_name(rel, writer_id)
+        fh = open(self.path(temp), "wb") if self.local else self.fs.open_output_stream(self.path(temp))
+        try:
+            writer = HashingWriter(fh)
+            yield writer
+            fh.flush()
+            if self.local:
+                os.fsync(fh.fileno())
+            fh.close()
+            if self.local:
+                os.replace(self.path(temp), self.path(rel))
+            else:
+                self.fs.move(self.path(temp), self.path(rel))
+        finally:
+            if not fh.closed:
+                fh.close()
+            self.delete(temp)
+
+    def create_exclusive(self, rel: str, data: bytes) -> bool:
+        """Create ``rel`` with ``data`` unless it exists; True when this call created it.
+        Atomic on local folders; elsewhere a check followed by a write (see docs/store.md)."""
+        if self.local:
+            self.makedirs(rel.rpartition("/")[0])
+            try:
+                fd = os.open(self.path(rel), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return True
+        if self.exists(rel):
+            return False
+        self.write_bytes_atomic(rel, data, "lock")
+        return True
+
+    def delete(self, rel: str) -> bool:
+        """Remove a file; False when it was not there."""
+        try:
+            if self.local:
+                os.unlink(self.path(rel))
+            else:
+                if self.fs.get_file_info(self.path(rel)).type == pafs.FileType.NotFound:
+                    return False
+                self.fs.delete_file(self.path(rel))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def delete_dir(self, rel: str) -> None:
+        if self.local:
+            import shutil
+
+            shutil.rmtree(self.path(rel), ignore_errors=True)
+        elif self.fs.get_file_info(self.path(rel)).type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+
+    def touch(self, rel: str) -> None:
+        """Mark as used now (local folders only: objects in a store keep their creation time)."""
+        if self.local:
+            try:
+                os.utime(self.path(rel), None)
+            except OSError:
+                pass

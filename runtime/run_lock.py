@@ -1,0 +1,121 @@
+"""One run at a time per output folder: a lock file with a heartbeat.
+
+``OUTPUT/.lock`` holds who runs there (host, pid, command, start) and a heartbeat that a
+background thread refreshes every ``HEARTBEAT`` seconds. A second run into the folder stops
+with a message naming the holder, or with ``wait`` waits for it. A lock left by a run that
+died (its pid is gone on this host, or its heartbeat is older than ``TTL`` for a run on
+another host) is taken over. Creating the lock is atomic on local folders; on object stores
+it is a check followed by a write, so two runs started in the same instant can both get in
+(docs/store.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+from artifacts.location import HOST, Location, new_writer_id, writer_alive
+from runtime.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+LOCK = ".lock"
+HEARTBEAT = 15.0
+TTL = 120.0
+
+
+class RunLocked(UsageError):
+    """The output folder is held by another run."""
+
+
+class RunLock:
+    def __init__(self, folder: Location, command: str = ""):
+        self.folder = folder
+        self.owner = new_writer_id()
+        self.command = command
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def _record(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": HOST, "pid": os.getpid(), "command": self.command,
+                           "started": self.started, "heartbeat": time.time()}).encode()
+
+    def _holder(self) -> dict | None:
+        try:
+            return json.loads(self.folder.read_bytes(LOCK))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # being written: treat as held, fresh
+            return {"owner": "?", "heartbeat": time.time()}
+
+    @staticmethod
+    def _dead(holder: dict) -> bool:
+        alive = writer_alive(str(holder.get("owner", "")))
+        if alive is not None:
+            return not alive
+        return time.time() - float(holder.get("heartbeat", 0)) > TTL
+
+    def acquire(self, wait: bool = False, poll: float = 2.0, timeout: float | None = None) -> None:
+        self.folder.makedirs()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        announced = False
+        while True:
+            if self.folder.create_exclusive(LOCK, self._record()):
+                break
+            holder = self._holder()
+            if holder is None:
+                continue
+            if self._dead(holder):
+                log.warning("warning: %s was locked by a run that is gone (pid %s on %s); taking it over",
+                            self.folder.display(), holder.get("pid"), holder.get("host"))
+                if self._holder() == holder:
+                    self.folder.delete(LOCK)
+                continue
+            if not wait or (deadline is not None and time.monotonic() > deadline):
+                raise RunLocked(describe_holder(self.folder, holder)
+                                + "; wait for it to finish, choose another --output, or pass --wait to wait for it")
+            if not announced:
+                log.warning("waiting: %s", describe_holder(self.folder, holder))
+                announced = True
+            time.sleep(poll)
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            holder = self._holder()
+            if holder is None or holder.get("owner") != self.owner:
+                self.lost = True
+                log.warning("warning: the lock of %s was taken by another run", self.folder.display())
+                return
+            try:
+                self.folder.write_bytes_atomic(LOCK, self._record(), self.owner)
+            except OSError as exc:
+                log.warning("warning: cannot refresh the lock of %s: %s", self.folder.display(), exc)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        holder = self._holder()
+        if holder is not None and holder.get("owner") == self.owner:
+            self.folder.delete(LOCK)
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def describe_holder(folder: Location, holder: dict) -> str:
+    started = holder.get("started")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+    command = f", command: {holder['command']}" if holder.get("command") else ""
+    return (f"{folder.display()} is in use by another run (pid {holder.get('pid', '?')} on host "
+            f"{holder.get('host', '?')}, started {when}{command})")

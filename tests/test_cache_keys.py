@@ -1,0 +1,188 @@
+"""Cache keys change exactly when a result could: each ingredient changes the key of its node
+(and of the nodes downstream), and nothing else does."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+
+import pytest
+
+import stages
+from artifacts import filehash
+from conftest import GRAPHS
+from runtime import code_identity
+from runtime.graph import load_graph
+from runtime.run import RunContext
+from runtime.shards import iter_shards
+from stages.heatmaps import MaskHeatmap, SamplePatches
+
+ORACLE = GRAPHS / "oracle_heatmap.yaml"
+SMALL = ["dataset.num_images=6", "shard_size=8"]
+ALL = {"image", "oracle", "points", "enhance", "patches", "metrics", "enhanced_metrics"}
+
+
+def keys_of(overrides=(), graph=ORACLE, device="cpu", shard_index=0):
+    g = load_graph(graph, [*SMALL, *overrides])
+    ctx = RunContext(g, "/nonexistent", None, set(), device=device)
+    shard = list(iter_shards(g.source, g.shard_size))[shard_index]
+    return ctx.keys(shard)
+
+
+def changed(a, b):
+    return {n for n in a if a[n] != b.get(n)}
+
+
+@pytest.fixture
+def base():
+    return keys_of()
+
+
+def test_stage_name_params_weights_dtype_and_wiring(base, monkeypatch):
+    assert keys_of() == base
+    with monkeypatch.context() as m:
+        m.setattr(SamplePatches, "name", "sample_patches_renamed")
+        assert changed(base, keys_of()) == {"patches"}
+    assert changed(base, keys_of(["points.num_points=3"])) == {"points", "enhance", "patches", "enhanced_metrics"}
+    with monkeypatch.context() as m:
+        m.setattr(MaskHeatmap, "weights_fingerprint", lambda self: "other weights")
+        assert changed(base, keys_of()) == ALL - {"image"}
+    with monkeypatch.context() as m:
+        m.setattr(SamplePatches, "compute_dtype", lambda self: "bfloat16")
+        assert changed(base, keys_of()) == {"patches"}
+    assert changed(base, keys_of(["metrics.inputs.heatmap=enhance.heatmap"])) == {"metrics"}
+
+
+def test_device_counts_only_for_model_stages():
+    g_cpu, g_gpu = keys_of(graph=GRAPHS / "pnp_vqa.yaml"), keys_of(graph=GRAPHS / "pnp_vqa.yaml", device="cuda")
+    # GPU stages and what they feed change; image decoding and preprocessing do not
+    assert changed(g_cpu, g_gpu) == {"gradcam", "caption", "answer", "accuracy", "heatmap_quality"}
+    assert keys_of(device="cuda") == keys_of()  # a graph without model stages
+
+
+def test_library_versions_count_only_where_they_are_imported(base, monkeypatch):
+    real = code_identity._distribution_version
+
+    def fake(bumped):
+        def version(names):
+            return "999.0" if names[0] == bumped else real(names)
+        return version
+
+    code_identity._library_versions.cache_clear()
+    with monkeypatch.context() as m:
+        m.setattr(code_identity, "_distribution_version", fake("torch"))
+        code_identity._library_versions.cache_clear()
+        assert changed(base, keys_of()) == set()  # no stage of this graph imports torch
+        torch_graph = keys_of(graph=GRAPHS / "pnp_vqa.yaml")
+    code_identity._library_versions.cache_clear()
+    assert changed(torch_graph, keys_of(graph=GRAPHS / "pnp_vqa.yaml")) == {
+        "gradcam", "caption", "answer", "accuracy", "heatmap_quality"}
+    with monkeypatch.context() as m:
+        m.setattr(code_identity, "_distribution_version", fake("numpy"))
+        code_identity._library_versions.cache_clear()
+        assert changed(base, keys_of()) == ALL
+    with monkeypatch.context() as m:
+        m.setattr(code_identity, "_distribution_version", fake("pillow"))
+        code_identity._library_versions.cache_clear()
+        # what depends on the decoded image (the oracle heatmap is made from the mask alone)
+        assert changed(base, keys_of()) == {"image", "points", "enhance", "patches", "enhanced_metrics"}
+    code_identity._library_versions.cache_clear()
+
+
+def test_real_stage_code_reaches_its_model_modules():
+    ident = code_identity.code_identity(stages.STAGES["itm_gradcam"])
+    assert {"stages.blip", "models.blip.med", "models.blip.vit", "models.blip.checkpoint", "models.weights",
+            "runtime.node_runner"} <= set(ident.modules)
+    assert "stages.heatmaps" not in ident.modules and "stages" not in ident.modules  # not every stage
+    assert {"torch", "transformers", "timm"} <= dict(ident.libraries).keys()
+    assert "torch" not in dict(code_identity.code_identity(stages.STAGES["heatmap_points"]).libraries)
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A stage in its own package (as a user's plugin) whose module imports a helper module."""
+    pkg = tmp_path / "keyplug"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helper.py").write_text("SCALE = 1.0\n")
+    (pkg / "stage.py").write_text(textwrap.dedent('''
+        """A plugin stage."""
+        from keyplug import helper
+        from stages.heatmaps import SamplePatches
+
+        class PluginPatches(SamplePatches):
+            name = "plugin_patches"
+
+            def process(self, batch):
+                return super().process(batch)
+        '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    module = importlib.import_module("keyplug.stage")
+    monkeypatch.setitem(stages.STAGES, "plugin_patches", module.PluginPatches)
+    yield pkg
+    for name in ("keyplug", "keyplug.stage", "keyplug.helper"):
+        sys.modules.pop(name, None)
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_code_changes_change_the_key_comments_do_not(plugin, write_graph):
+    graph = write_graph(f"""
+        extends: {ORACLE}
+        nodes:
+          patches: {{stage: plugin_patches, inputs: {{heatmap: enhance.heatmap}}}}
+        """)
+    base = keys_of(graph=graph)
+    _edit(plugin / "stage.py", '"""A plugin stage."""', '"""A plugin stage, documented better."""\n# a comment')
+    assert keys_of(graph=graph) == base  # docstrings and comments do not change numbers
+    _edit(plugin / "stage.py", "return super().process(batch)", "out = super().process(batch)\n        return out")
+    edited = keys_of(graph=graph)
+    assert changed(base, edited) == {"patches"}
+    _edit(plugin / "helper.py", "SCALE = 1.0", "SCALE = 2.0")  # a module the stage imports
+    assert changed(edited, keys_of(graph=graph)) == {"patches"}
+
+
+def test_weights_fingerprint_reads_the_whole_file_once(tmp_path, monkeypatch):
+    monkeypatch.setenv(filehash.MEMO_ENV, str(tmp_path / "memo.sqlite3"))
+    from models.weights import file_fingerprint
+
+    path = tmp_path / "w.bin"
+    data = bytearray(os.urandom(3 << 20))
+    path.write_bytes(bytes(data))
+    first = file_fingerprint(path)
+    reads = []
+    real = filehash._hash_file
+    monkeypatch.setattr(filehash, "_hash_file", lambda p: reads.append(p) or real(p))
+    filehash._MEMO.local.clear()
+    assert file_fingerprint(path) == first and reads == []  # from the memo on disk
+    data[len(data) // 2] ^= 1  # one bit in the middle: the old fingerprint read only the ends
+    path.write_bytes(bytes(data))
+    assert file_fingerprint(path) != first and len(reads) == 1
+
+
+def test_shard_content_and_what_does_not_count(base, write_graph):
+    # the dataset's content changes every node of the shard
+    assert changed(base, keys_of(["dataset.seed=1"])) == ALL
+    # the graph's name, node names, batch sizes and replicas do not count
+    renamed = write_graph(f"""
+        extends: {ORACLE}
+        name: another_name
+        nodes:
+          patches: {{batch_size: 3, replicas: 2}}
+          image: {{batch_size: 1}}
+        """)
+    assert keys_of(graph=renamed) == base
+    text = ORACLE.read_text().replace("  oracle:", "  heat:").replace("oracle.heatmap", "heat.heatmap")
+    other = write_graph(text, name="renamed_nodes.yaml")
+    k = keys_of(graph=other)
+    assert k["heat"] == base["oracle"] and {n: k[n] for n in base if n != "oracle"} == \
+        {n: base[n] for n in base if n != "oracle"}
