@@ -10,12 +10,16 @@ from artifacts.store import Store
 from runtime.errors import GraphError, Problem, UsageError
 from runtime.executors import Progress, init_ray, run_local, run_ray, stop_ray
 from runtime.graph import Graph, load_graph
-from runtime.run import PARTS, RunContext, RunSummary
+from runtime.run import RunContext, RunSummary
+from runtime.shard_work import PARTS
 from runtime.run_lock import RunLock
 from runtime.shards import iter_shards
 
 DEFAULT_CACHE = ".runtime_cache"
-EXECUTORS = ("ray", "local")
+EXECUTORS = ("auto", "ray", "local")
+# `auto` picks Ray from this many samples on (or when joining a cluster): below it, Ray's start-up
+# (about 25 s on 2 cores, bench/results/ray_engine.md) costs more than a second worker saves
+AUTO_RAY_SAMPLES = 500
 
 
 def default_cache_dir() -> Path:
@@ -49,6 +53,21 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def choose_executor(graph: Graph, executor: str, address: str | None, limit: int | None,
+                    ids: set[str] | None) -> str:
+    """``auto``: Ray for a cluster (``address``) or a run of at least ``AUTO_RAY_SAMPLES``
+    samples on a machine with more than one CPU; the local executor otherwise."""
+    if executor != "auto":
+        return executor
+    if address:
+        return "ray"
+    samples = len(ids) if ids is not None else graph.source.count()
+    if limit is not None:
+        samples = limit if samples is None else min(samples, limit)
+    big = samples is None or samples >= AUTO_RAY_SAMPLES
+    return "ray" if big and (os.cpu_count() or 1) > 1 else "local"
+
+
 def check_sources(graph: Graph) -> None:
     problems = [Problem(graph.path, None, f"dataset.params.{f}", msg) for f, msg in graph.source.problems()]
     if problems:
@@ -60,7 +79,7 @@ def run_graph(
     *,
     overrides: list[str] | None = None,
     presets: list[str] | None = None,
-    executor: str = "ray",
+    executor: str = "auto",
     output: str | Path | Location | None = None,
     cache_dir: str | Path | Location | None = None,
     no_cache: bool = False,
@@ -73,6 +92,8 @@ def run_graph(
     arguments: dict | None = None,
     retry_errors: bool = False,
     wait: bool = False,
+    workers: int | None = None,
+    gpus_per_worker: float | None = None,
 ) -> RunSummary:
     """Validate ``graph`` and run it; every problem found before work raises ``GraphError``."""
     if not isinstance(graph, Graph):
@@ -85,44 +106,47 @@ def run_graph(
         if name not in graph.nodes:
             raise UsageError(f"--force {name}: no such node in {graph.path}; nodes: {', '.join(graph.nodes)}")
     check_sources(graph)
-    device = resolve_device(device)
-    out = folder_location(output or default_output(graph), "--output")
-    store = None if no_cache else Store(folder_location(cache_dir or default_cache_dir(), "--cache"))
-    args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
-                force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors)
-    lock = RunLock(out, command=str((arguments or {}).get("graph", graph.path)))
-    lock.acquire(wait=wait)
+    executor = choose_executor(graph, executor, address, limit, ids)
+    started: list[bool] = []
+
+    def connect() -> None:
+        if not started:
+            started.append(init_ray(address))
+
     try:
-        ctx = RunContext(graph, out, store, set(force or []), device=device, retry_errors=retry_errors)
-        ctx.clean_output()
-        if no_cache:
-            out.delete_dir(PARTS)
-        ctx.write_manifest("running", executor, device, args)
-        total = graph.source.count()
-        if ids is not None:
-            total = None
-        if limit is not None:
-            total = min(total, limit) if total is not None else limit
-        bars = Progress(ctx, total, progress)
-        shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
-        try:
-            if executor == "local":
-                run_local(ctx, shards, device, bars)
-            else:
-                started = []
+        if executor == "ray" and address and device == "auto":  # the driver may have no GPU, the cluster may
+            import ray
 
-                def connect() -> None:
-                    started.append(init_ray(address))
-
-                try:
-                    run_ray(ctx, shards, device, bars, connect)
-                finally:
-                    if any(started):
-                        stop_ray()
-        finally:
-            bars.close()
-            if store is not None:
-                store.close()
-        return ctx.finish(executor, device, args)
+            connect()
+            device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+        device = resolve_device(device)
+        out = folder_location(output or default_output(graph), "--output")
+        store = None if no_cache else Store(folder_location(cache_dir or default_cache_dir(), "--cache"))
+        args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
+                    force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors,
+                    workers=workers, gpus_per_worker=gpus_per_worker)
+        with RunLock(out, command=str((arguments or {}).get("graph", graph.path))) as lock:
+            lock.acquire(wait=wait)
+            ctx = RunContext(graph, out, store, set(force or []), device=device, retry_errors=retry_errors)
+            ctx.clean_output()
+            if no_cache:
+                out.delete_dir(PARTS)
+            ctx.write_manifest("running", executor, device, args)
+            total = graph.source.count()
+            if ids is not None:
+                total = None
+            if limit is not None:
+                total = min(total, limit) if total is not None else limit
+            bars = Progress(ctx, total, progress)
+            shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
+            try:
+                if executor == "local":
+                    run_local(ctx, shards, bars)
+                else:
+                    run_ray(ctx, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker)
+            finally:
+                bars.close()
+            return ctx.finish(executor, device, args)
     finally:
-        lock.release()
+        if any(started):
+            stop_ray()

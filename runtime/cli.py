@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--weights", metavar="DIR",
                         help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
-                        help="override a node param (or dataset.PARAM, NODE.batch_size, NODE.replicas, "
+                        help="override a node param (or dataset.PARAM, NODE.batch_size, "
                              "shard_size) without editing the file; repeatable; VALUE is parsed as YAML")
 
     r = sub.add_parser("run", help="validate and run a graph", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -68,14 +68,22 @@ def _parser() -> argparse.ArgumentParser:
                        "sample: kept columns as NODE.COLUMN, status, error) with a manifest.json. Killed runs resume "
                        "with the same command; finished (node, shard) results are served from the cache.")
     graph_args(r)
-    r.add_argument("--executor", choices=["ray", "local"], default="ray",
-                   help="ray: actors per node on an embedded local Ray or --address (default); local: in-process")
+    r.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                   help="auto (default): Ray for --address or runs of 500 samples or more, local below (Ray's "
+                   "start-up, about 25 s on 2 cores, would dominate a small run); ray: shards spread over Ray "
+                   "workers (an embedded local Ray, or --address); local: shards one after another in this process")
     r.add_argument("--output", "-o", metavar="DIR|URI", help="run folder or URI (default: runs/<graph name>); "
                    "one run at a time per folder")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     r.add_argument("--ids", metavar="ID,ID|@FILE", help="only these sample ids (comma list, or @file with one id a line)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where models run (default: cuda if available)")
-    r.add_argument("--address", metavar="ADDR", help="join an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    r.add_argument("--address", metavar="ADDR", help="join an existing Ray cluster (e.g. auto, or head:6379); "
+                   "its nodes need this project installed and the --cache / --output locations reachable (README)")
+    r.add_argument("--workers", type=int, metavar="N", help="Ray workers, each running the whole graph on one "
+                   "shard at a time (default: one per GPU share on GPUs, one per CPU up to 4 on CPUs)")
+    r.add_argument("--gpus-per-worker", type=float, metavar="G",
+                   help="GPUs each Ray worker asks for (default: what the graph's model stages declare, at most 1, "
+                   "so they share one GPU; 0.5 puts two workers on a GPU; 2 gives a worker two GPUs)")
     r.add_argument("--cache", metavar="DIR|URI", help="cache folder or URI, e.g. s3://bucket/cache, shared by runs "
                    "and machines (default: $RUNTIME_CACHE_DIR or ./.runtime_cache; docs/store.md)")
     r.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (recompute everything)")
@@ -160,6 +168,7 @@ def _cmd_run(a) -> int:
     graph = _load(a)
     summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
                         force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
+                        workers=a.workers, gpus_per_worker=a.gpus_per_worker,
                         progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
                         arguments={"graph": a.graph, "overrides": a.overrides, "preset": a.preset,
                                    "weights": a.weights})

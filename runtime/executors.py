@@ -1,30 +1,54 @@
-"""Executors: ``local`` (in-process) and ``ray`` (one pool of actors per node, each loading
-its model once; Ray schedules the (node, shard) tasks from their data dependencies).
+"""Executors: ``local`` (shards one after another in this process) and ``ray`` (shards spread
+over a pool of Ray actors, each running the whole graph on the shards it is given).
 
-Both walk the same shard plans and use the same ``NodeRunner``, so the same inputs and
-seeds give the same results.
+Both run the same ``ShardWork``, so the same inputs give the same results. On Ray the driver
+plans which shards to run and hands each to a free worker; the worker reads the cached
+inputs it needs from the store, computes the rest (uncached tensors such as decoded images
+or SAM embeddings never leave it), writes its results to the store and the shard's part to the
+run folder, and returns a small outcome. Nothing bigger than a shard's records passes through
+the driver.
+
+Why whole-graph workers rather than an actor per node: every node of a shard then runs in
+one process (no object-store round trip per node, no 13 processes for a 13-node graph), a
+shard goes to whichever worker is free, and models load once per worker. Workers are sized
+from the cluster: on GPUs, one per ``gpus_per_worker`` (by default what the graph's model
+stages declare, capped at one GPU: they share it); on CPUs, one per CPU up to
+``MAX_CPU_WORKERS``, each with its share of threads.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import pickle
+import socket
+import sys
+import time
 from collections import deque
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
-import pyarrow as pa
 from tqdm import tqdm
 
-from runtime.node_runner import NodeRunner, NodeStats
-from runtime.run import RunContext, ShardPlan, node_device
+from runtime.errors import UsageError
+from runtime.run import RunContext
+from runtime.shard_work import ShardOutcome, ShardWork
 from runtime.shards import Shard
+
+log = logging.getLogger(__name__)
+
+MAX_CPU_WORKERS = 4       # CPU-only clusters: at most this many workers by default (each loads every model)
+SHARD_ATTEMPTS = 3        # a shard whose worker is lost is tried this many times, then failed transiently
+ACTOR_RESTARTS = 4        # a lost worker is restarted (when the cluster has room) this many times
+BYTES_IN_FLIGHT = 0.25    # shards handed out hold at most this share of the object store
+WORKER_WAIT = 600.0       # seconds to wait for a lost worker's restart when no other worker is left
 
 
 class Progress:
-    """One bar for shards plus one per node (rows processed or served from the cache)."""
+    """One bar for samples plus one per node (rows processed or served from the cache)."""
 
     def __init__(self, ctx: RunContext, total_samples: int | None, enabled: bool):
-        self.enabled = enabled
         self.samples = tqdm(total=total_samples, desc="samples", unit="q", position=0, disable=not enabled,
                             dynamic_ncols=True, leave=True)
         self.nodes = {
@@ -33,42 +57,34 @@ class Progress:
             for i, name in enumerate(ctx.graph.nodes)
         }
 
-    def node(self, name: str, shard: Shard) -> None:
-        self.nodes[name].update(shard.num_samples)
-
-    def shard(self, shard: Shard, cached_nodes: Iterable[str] = ()) -> None:
-        for name in cached_nodes:
-            self.nodes[name].update(shard.num_samples)
-        self.samples.update(shard.num_samples)
+    def shard(self, samples: int) -> None:
+        for bar in [*self.nodes.values(), self.samples]:
+            bar.update(samples)
 
     def close(self) -> None:
         for bar in [*self.nodes.values(), self.samples]:
             bar.close()
 
 
-def _cached_only(plan: ShardPlan, ctx: RunContext) -> list[str]:
-    return [n for n in ctx.graph.nodes if n not in plan.compute]
-
-
-def run_local(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Progress) -> None:
-    """Run every shard in this process, node by node in topological order."""
-    runners = {name: NodeRunner(node, ctx.per_image) for name, node in ctx.graph.nodes.items()}
+def run_local(ctx: RunContext, shards: Iterator[Shard], progress: Progress) -> None:
+    """Run every unfinished shard in this process (models load on first use)."""
     for shard in shards:
-        plan = ctx.plan(shard)
-        if plan is None:
-            ctx.note_part_reused()
-            progress.shard(shard, ctx.graph.nodes)
-            continue
-        tables: dict[str, pa.Table] = dict(plan.loaded)
-        ctx.note_cached(plan)
-        for name in plan.compute:
-            runner = runners[name]
-            runner.setup(node_device(runner.stage, device))  # models load on first use: a fully cached run loads none
-            tables[name], stats = runner.run(shard, tables)
-            ctx.save(plan, name, tables[name], stats)
-            progress.node(name, shard)
-        ctx.write_part(plan, tables)
-        progress.shard(shard, _cached_only(plan, ctx))
+        if ctx.finished_part(shard) is None:
+            ctx.absorb(ctx.work.run(shard, worker=worker_info()))
+        progress.shard(shard.num_samples)
+
+
+def worker_info() -> dict:
+    """Where a worker runs: host, pid, the GPUs Ray gave it and what CUDA will see."""
+    info = {"host": socket.gethostname(), "pid": os.getpid(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ctx = ray.get_runtime_context()
+            info.update(node_id=ctx.get_node_id(), gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    return info
 
 
 # --- Ray ----------------------------------------------------------------------------------
@@ -90,137 +106,6 @@ def init_ray(address: str | None, quiet: bool = True) -> bool:
     return True
 
 
-def _memory_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return 8 * 2**30
-
-
-class _NodeActor:
-    """Body of the Ray actor that holds one node's stage."""
-
-    def __init__(self, node, per_image: set[str], device: str):
-        self.runner = NodeRunner(node, per_image)
-        self.device = device
-
-    def run(self, shard: Shard, names: list[str], *tables: pa.Table) -> tuple[pa.Table, NodeStats]:
-        self.runner.setup(self.device)
-        return self.runner.run(shard, dict(zip(names, tables)))
-
-
-def actor_resources(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, device: str) -> dict[str, dict]:
-    """Replicas and per-actor CPU/GPU requests so every actor fits at once (no deadlock).
-
-    GPU stages ask for their declared GPU fraction; when one replica of each fits several times
-    into the cluster's GPUs, each gets that many replicas, and when they do not all fit, the
-    fractions are scaled down together (a model's memory is its own; the fraction only places
-    actors). Every actor gets an equal slice of the CPUs left after one for the driver.
-    """
-    use_gpu = device != "cpu" and cluster_gpus > 0
-    want = {n: (nd.stage.resources.gpu if use_gpu else 0.0) for n, nd in ctx.graph.nodes.items()}
-    one_each = sum(want.values())
-    sets = max(1, int(cluster_gpus / one_each)) if one_each else 1
-    plan: dict[str, dict] = {}
-    for name, node in ctx.graph.nodes.items():
-        replicas = node.replicas or (sets if want[name] else 1)
-        plan[name] = {"replicas": replicas, "num_gpus": want[name]}
-    asked = sum(p["num_gpus"] * p["replicas"] for p in plan.values())
-    scale = min(1.0, cluster_gpus / asked) if asked else 1.0
-    for p in plan.values():
-        p["num_gpus"] = math.floor(p["num_gpus"] * scale * 1000) / 1000
-    total_actors = sum(p["replicas"] for p in plan.values())
-    cpu_each = max(0.01, min(1.0, (cluster_cpus - 1.0) / total_actors if cluster_cpus > 1 else 0.5 / total_actors))
-    for p in plan.values():
-        p["num_cpus"] = math.floor(cpu_each * 100) / 100
-    return plan
-
-
-def run_ray(ctx: RunContext, shards: Iterator[Shard], device: str, progress: Progress,
-            connect: Callable[[], None]) -> None:
-    """Submit each shard's (node, shard) tasks to per-node actor pools; write results as they land.
-
-    ``connect`` starts or joins Ray; it is called only when a shard needs computing, so a run
-    served entirely from finished parts starts no cluster.
-    """
-    import ray
-
-    pools: dict[str, list] = {}
-    window = 2
-    in_flight: deque = deque()
-
-    def start_pools() -> None:
-        nonlocal window
-        connect()
-        resources = ray.cluster_resources()
-        res = actor_resources(ctx, resources.get("CPU", 1.0), resources.get("GPU", 0.0), device)
-        actor_cls = ray.remote(_NodeActor)
-        # workers see the driver's settings (weights folder, debug flags), on any cluster
-        env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
-        for name, node in ctx.graph.nodes.items():
-            r = res[name]
-            actor_device = "cuda" if r["num_gpus"] > 0 else "cpu"
-            options = dict(num_cpus=r["num_cpus"], num_gpus=r["num_gpus"], max_concurrency=1)
-            if env:
-                options["runtime_env"] = {"env_vars": env}
-            pools[name] = [actor_cls.options(**options).remote(node, ctx.per_image, actor_device)
-                           for _ in range(r["replicas"])]
-        window = max(2, 2 * max(len(p) for p in pools.values()))
-
-    def submit(plan: ShardPlan) -> dict:
-        shard_ref = ray.put(plan.shard)
-        refs: dict[str, tuple] = {}
-        for name in plan.load:
-            refs[name] = (ray.put(plan.loaded[name]), None)
-        ctx.note_cached(plan)
-        for name in plan.compute:
-            ups = ctx.graph.upstream(name)
-            pool = pools[name]
-            actor = pool[plan.shard.index % len(pool)]
-            table_ref, stats_ref = actor.run.options(num_returns=2).remote(
-                shard_ref, ups, *[refs[u][0] for u in ups])
-            refs[name] = (table_ref, stats_ref)
-        return {"plan": plan, "refs": refs, "pending": {refs[n][1]: n for n in plan.compute}}
-
-    def drain(item: dict, block: bool) -> bool:
-        """Save node results of one shard as they finish; True when the shard is complete."""
-        plan = item["plan"]
-        while item["pending"]:
-            ready, _ = ray.wait(list(item["pending"]), num_returns=1, timeout=None if block else 0)
-            if not ready:
-                return False
-            name = item["pending"].pop(ready[0])
-            stats = ray.get(ready[0])
-            table = ray.get(item["refs"][name][0])
-            ctx.save(plan, name, table, stats)
-            progress.node(name, plan.shard)
-        tables = {n: ray.get(item["refs"][n][0]) for n in plan.final}
-        ctx.write_part(plan, tables)
-        progress.shard(plan.shard, _cached_only(plan, ctx))
-        return True
-
-    try:
-        for shard in shards:
-            plan = ctx.plan(shard)
-            if plan is None:
-                ctx.note_part_reused()
-                progress.shard(shard, ctx.graph.nodes)
-                continue
-            if not pools:
-                start_pools()
-            in_flight.append(submit(plan))
-            while in_flight and drain(in_flight[0], block=False):
-                in_flight.popleft()
-            while len(in_flight) >= window:
-                drain(in_flight.popleft(), block=True)
-        while in_flight:
-            drain(in_flight.popleft(), block=True)
-    finally:
-        for pool in pools.values():
-            for actor in pool:
-                ray.kill(actor)
-
-
 def stop_ray() -> None:
     import ray
 
@@ -228,4 +113,230 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-__all__ = ["Progress", "run_local", "run_ray", "init_ray", "stop_ray", "actor_resources"]
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 8 * 2**30
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    count: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def plan_workers(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, workers: int | None = None,
+                 gpus_per_worker: float | None = None) -> WorkerPlan:
+    """How many workers and what each asks for, so that all of them fit in the cluster at once."""
+    declared = [nd.stage.resources.gpu for nd in ctx.graph.nodes.values()]
+    if gpus_per_worker is None:
+        gpus_per_worker = max(max(declared, default=0.0), min(1.0, sum(declared))) if ctx.device == "cuda" else 0.0
+    if gpus_per_worker < 0 or (workers is not None and workers < 1):
+        raise UsageError("--workers must be >= 1 and --gpus-per-worker >= 0")
+    if gpus_per_worker > 0:
+        fit = int(math.floor(cluster_gpus / gpus_per_worker + 1e-9))
+        if fit < 1:
+            raise UsageError(f"each worker asks for {gpus_per_worker:g} GPUs but the Ray cluster has {cluster_gpus:g}; "
+                             "use --device cpu, a smaller --gpus-per-worker, or a cluster with GPUs")
+        count = min(workers or fit, fit)
+    else:
+        count = workers or max(1, min(int(cluster_cpus), MAX_CPU_WORKERS))
+    num_cpus = math.floor(max(cluster_cpus, 0.01) / count * 100) / 100
+    return WorkerPlan(count, max(0.01, num_cpus), gpus_per_worker, max(1, int(num_cpus)))
+
+
+class ShardWorker:
+    """Body of the Ray actor that runs whole shards (see the module doc)."""
+
+    def __init__(self, work: ShardWork, threads: int):
+        self.work = work
+        self.threads = threads
+        if work.device == "cuda" and any(nd.stage.resources.gpu for nd in work.nodes.values()):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"this worker on {socket.gethostname()} was given GPUs "
+                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')} but CUDA sees none")
+
+    def info(self, probes: tuple = ()) -> dict:
+        """Where this worker is, and whether it sees each ``(location, file)`` the driver wrote."""
+        return {**worker_info(), "threads": self.threads, "sees": [loc.exists(rel) for loc, rel in probes]}
+
+    def run(self, shard: Shard) -> ShardOutcome:
+        return self.work.run(shard, worker={"pid": os.getpid(), "host": socket.gethostname()})
+
+    def close(self) -> None:
+        self.work.close()
+
+
+def shared_storage_probes(ctx: RunContext) -> list:
+    """A small file in the run folder and one in the cache, for workers to look for."""
+    probes = []
+    for loc in (ctx.output, ctx.work.store_location):
+        if loc is not None:
+            rel = f".probe-{ctx.writer_id}"
+            loc.write_bytes_atomic(rel, b"can you see me?", ctx.writer_id)
+            probes.append((loc, rel))
+    return probes
+
+
+def check_workers_see(probes: list, infos: list[dict]) -> None:
+    """Refuse to run when a worker cannot see the run folder or the cache (its results would be
+    written where the driver never looks)."""
+    for info in infos:
+        blind = [loc.display() for (loc, _), seen in zip(probes, info.pop("sees")) if not seen]
+        if blind:
+            raise UsageError(f"the Ray worker on {info['host']} (node {str(info.get('node_id', '?'))[:12]}) cannot "
+                             f"see {' and '.join(blind)}: the run folder and the cache must be on storage every "
+                             "node reaches at the same path (a shared filesystem), or a URI such as s3://... "
+                             "(README, 'Running on a Ray cluster')")
+
+
+def _lost_worker_errors() -> tuple[type, ...]:
+    import ray.exceptions as rex
+
+    names = ("RayActorError", "WorkerCrashedError", "NodeDiedError", "ObjectLostError", "OwnerDiedError",
+             "OutOfMemoryError", "ActorUnavailableError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connect: Callable[[], None],
+            workers: int | None = None, gpus_per_worker: float | None = None) -> None:
+    """Hand each unfinished shard to a free worker; collect outcomes as they come.
+
+    ``connect`` starts or joins Ray; it is called only when a shard needs computing, so a run
+    served entirely from finished parts starts no cluster. A worker that dies (killed, out of
+    memory, its node lost) is restarted by Ray when the cluster has room for it; its shard
+    goes to another worker, up to ``SHARD_ATTEMPTS`` times, then its rows fail with a transient
+    error that the next run retries.
+    """
+    import ray
+
+    pool: list = []
+    free: deque = deque()
+    probes: dict = {}      # ref of a restarted worker's info() -> worker
+    running: dict = {}     # ref -> (worker, shard, bytes, attempt)
+    in_flight = 0
+    budget = 0
+    lost = _lost_worker_errors()
+
+    def start() -> None:
+        nonlocal budget
+        began = time.perf_counter()
+        connect()
+        res = ray.cluster_resources()
+        plan = plan_workers(ctx, res.get("CPU", 1.0), res.get("GPU", 0.0), workers, gpus_per_worker)
+        budget = int(BYTES_IN_FLIGHT * res.get("object_store_memory", 2**30))
+        # workers see the driver's settings (weights folder, debug flags) and their thread share
+        env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
+        env.update(OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
+        actor = ray.remote(ShardWorker).options(
+            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=1, max_restarts=ACTOR_RESTARTS,
+            max_task_retries=0, runtime_env={"env_vars": env})
+        pool.extend(actor.remote(ctx.work, plan.threads) for _ in range(plan.count))
+        probes = shared_storage_probes(ctx)
+        try:
+            infos = ray.get([w.info.remote(tuple(probes)) for w in pool])
+        finally:
+            for loc, rel in probes:
+                loc.delete(rel)
+        check_workers_see(probes, infos)
+        ctx.summary.startup_seconds = time.perf_counter() - began
+        ctx.note_workers([{**i, "num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus} for i in infos])
+        free.extend(pool)
+
+    def submit(worker, shard: Shard, size: int, attempt: int) -> None:
+        nonlocal in_flight
+        running[worker.run.remote(shard)] = (worker, shard, size, attempt)
+        in_flight += size
+        ctx.summary.driver_bytes += size
+
+    retry: deque = deque()
+
+    def collect() -> None:
+        """Wait for one finished shard or one restarted worker and deal with it."""
+        nonlocal in_flight
+        ready, _ = ray.wait([*running, *probes], num_returns=1, timeout=None if running else WORKER_WAIT)
+        if not ready:
+            raise RuntimeError(f"no Ray worker came back within {WORKER_WAIT:.0f} s after workers were lost "
+                               "(their nodes may be gone and the cluster too small to restart them); run the "
+                               "same command again to resume")
+        ref = ready[0]
+        if ref in probes:
+            worker = probes.pop(ref)
+            try:
+                ray.get(ref)
+                free.append(worker)  # back after a restart
+            except lost:
+                pool.remove(worker)  # out of restarts
+            return
+        worker, shard, size, attempt = running.pop(ref)
+        in_flight -= size
+        try:
+            outcome = ray.get(ref)
+        except lost as exc:
+            log.warning("warning: a worker was lost running shard %d (%s); %s", shard.index,
+                        type(exc).__name__, "trying it again" if attempt < SHARD_ATTEMPTS else "giving up on it")
+            probes[worker.info.remote()] = worker  # returns once Ray has restarted it
+            if attempt < SHARD_ATTEMPTS:
+                retry.append((shard, attempt + 1))
+            else:
+                outcome = ctx.work.write_failed_part(
+                    shard, f"[runtime] the worker was lost {attempt} times ({type(exc).__name__}); "
+                    "run again to retry these rows")
+                ctx.absorb(outcome)
+                progress.shard(shard.num_samples)
+            return
+        ctx.summary.driver_bytes += outcome_bytes(outcome)
+        ctx.absorb(outcome)
+        progress.shard(shard.num_samples)
+        free.append(worker)
+
+    def dispatch(shard: Shard, attempt: int) -> None:
+        size = shard_bytes(shard)
+        while running and (not free or in_flight + size > budget):  # backpressure by bytes
+            collect()
+        while not free:
+            if not pool:
+                raise RuntimeError("every Ray worker was lost and none could be restarted")
+            collect()
+        submit(free.popleft(), shard, size, attempt)
+
+    try:
+        for shard in shards:
+            if ctx.finished_part(shard) is not None:
+                progress.shard(shard.num_samples)
+                continue
+            if not pool:
+                start()
+            dispatch(shard, 1)
+            while retry:
+                dispatch(*retry.popleft())
+        while running or retry:
+            while retry:
+                dispatch(*retry.popleft())
+            if running:
+                collect()
+        for ref in [w.close.remote() for w in free]:  # flush the live workers' index segments
+            try:
+                ray.get(ref, timeout=60)
+            except (*lost, ray.exceptions.GetTimeoutError):
+                pass
+    finally:
+        for worker in pool:
+            ray.kill(worker)
+
+
+def shard_bytes(shard: Shard) -> int:
+    """What handing a shard to a worker ships: its pickled records (image bytes, if embedded)."""
+    return len(pickle.dumps(shard, protocol=5))
+
+
+def outcome_bytes(outcome: ShardOutcome) -> int:
+    return len(pickle.dumps(outcome, protocol=5))
+
+
+__all__ = ["Progress", "run_local", "run_ray", "init_ray", "stop_ray", "plan_workers", "WorkerPlan"]

@@ -31,7 +31,7 @@ from stages.base import Granularity, Stage
 
 SOURCE = "source"  # the reserved node name of the dataset in input references
 TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size"}
-NODE_KEYS = {"stage", "params", "inputs", "batch_size", "replicas"}
+NODE_KEYS = {"stage", "params", "inputs", "batch_size"}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_SHARD_SIZE = 256
 
@@ -54,7 +54,6 @@ class Node:
     inputs: dict[str, Ref]
     output_types: dict[str, pa.DataType]
     batch_size: int
-    replicas: int | None
     origin: str  # the file that defined (or last overrode) the node
 
     @property
@@ -215,7 +214,7 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
             problems.append(Problem("--set", target, key, f"no node '{target}' in {file}; nodes: {', '.join(nodes) or 'none'}"))
             continue
         spec = nodes[target]
-        if param in ("batch_size", "replicas"):
+        if param in ("batch_size", "replicas"):  # replicas: refused by validation with its reason
             spec[param] = parsed
         elif param.startswith("inputs."):
             spec.setdefault("inputs", {})[param[len("inputs."):]] = parsed
@@ -341,7 +340,11 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             problems.append(Problem(nfile, name, None, "a node must be a mapping {stage, params, inputs}"))
             continue
         for k in sorted(set(spec) - NODE_KEYS):
-            problems.append(Problem(nfile, name, k, f"unknown node key; valid keys: {', '.join(sorted(NODE_KEYS))}"))
+            if k == "replicas":
+                problems.append(Problem(nfile, name, k, "nodes no longer have replicas: every Ray worker runs the "
+                                        "whole graph; set the number of workers with `runtime run --workers N`"))
+            else:
+                problems.append(Problem(nfile, name, k, f"unknown node key; valid keys: {', '.join(sorted(NODE_KEYS))}"))
         stage_name = spec.get("stage")
         if stage_name not in STAGES:
             problems.append(Problem(nfile, name, "stage", f"unknown stage '{stage_name}'; {_suggest(str(stage_name), list(STAGES))}"
@@ -365,11 +368,10 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             inputs = {}
         inputs = {k: v for k, v in inputs.items() if v is not None}  # `input: null` unwires (with extends)
         wiring[name] = inputs
-        batch_size, replicas = spec.get("batch_size"), spec.get("replicas")
-        for key, val in (("batch_size", batch_size), ("replicas", replicas)):
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-                problems.append(Problem(nfile, name, key, f"must be a positive integer; got {val!r}"))
-        extras[name] = (batch_size, replicas)
+        batch_size = spec.get("batch_size")
+        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+            problems.append(Problem(nfile, name, "batch_size", f"must be a positive integer; got {batch_size!r}"))
+        extras[name] = batch_size
 
     # edges + cycles
     g = nx.DiGraph()
@@ -499,9 +501,8 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
     nodes = {}
     for name in order:
         stage = stages[name]
-        batch_size, replicas = extras[name]
         nodes[name] = Node(name, stage, refs.get(name, {}), output_types[name],
-                           batch_size or stage.resources.batch_size, replicas, origins.get(name, file))
+                           extras[name] or stage.resources.batch_size, origins.get(name, file))
     resolved = {
         "name": doc["name"],
         "description": doc.get("description", ""),
@@ -510,7 +511,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         "nodes": {n: {"stage": nd.stage.name, "version": nd.stage.version,
                       "params": nd.stage.params.model_dump(mode="json"),
                       "inputs": {k: str(v) for k, v in nd.inputs.items()},
-                      "batch_size": nd.batch_size, **({"replicas": nd.replicas} if nd.replicas else {})}
+                      "batch_size": nd.batch_size}
                   for n, nd in nodes.items()},
         "outputs": [str(r) for r in outputs],
     }

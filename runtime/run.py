@@ -1,26 +1,12 @@
-"""One run of a graph: shard plans, cache keys, run folder (parts, results, manifest), summary.
-
-A (node, shard) result is stored under a key that changes exactly when the result could:
-the node's *identity* (stage name and version, params, the code of the stage and of the
-project modules it imports, the versions of the numeric libraries they import, device,
-dtype, full content hash of the weights: :meth:`RunContext.identity`), the keys of its inputs,
-and what it reads of the shard (its row ids and the source columns it is wired to:
-``Shard.source_fingerprint``). The node's name, the graph's name, batch sizes and replicas
-are not in it, so graphs that share upstream nodes share their results.
-
-Planning a shard reads (and so checks) the cached results it needs, walking up from the
-nodes whose rows make the results: a node is computed when its result is missing, corrupt,
-holds rows that failed transiently (or any failed rows, with ``retry_errors``), or is not
-cacheable; its inputs are then planned the same way.
+"""One run of a graph, on the driver: which shards are finished, the run folder (parts,
+results, manifest) and the summary. The work of a shard is ``runtime.shard_work.ShardWork``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import platform
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -31,38 +17,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from artifacts.columns import is_fixed_tensor, is_variable_tensor
-from artifacts.fingerprint import fingerprint
 from artifacts.location import Location, new_writer_id
-from artifacts.store import Store, check_bytes, parse_table, table_bytes
+from artifacts.store import Store, check_bytes, parse_table
 from runtime.code_identity import code_identity
-from runtime.graph import SOURCE, Graph
-from runtime.node_runner import (DATA_ERROR, ERROR, ERROR_KIND, ROW_ID, SOURCE_ERROR, TRANSIENT_ERROR,
-                                 NodeStats)
+from runtime.graph import Graph
+from runtime.node_runner import TRANSIENT_ERROR
+from runtime.shard_work import PART_RE, PARTS, ShardOutcome, ShardWork, node_device
 from runtime.shards import Shard
-from stages.base import Granularity
 
 log = logging.getLogger(__name__)
 
 RESULTS = "results.parquet"
 MANIFEST = "manifest.json"
-PARTS = "parts"
-PART_RE = re.compile(r"^part-(?P<key>[0-9a-f]{32})\.(?P<sha>[0-9a-f]{64})\.parquet$")
-SOURCE_RESULT_COLUMNS = ("sample_id", "image_id", "question")
 
 
 class RunError(Exception):
     """The run cannot finish as asked (a results part went bad under it)."""
-
-
-@dataclass
-class ShardPlan:
-    shard: Shard
-    keys: dict[str, str]
-    compute: list[str]   # nodes to run, in topological order
-    load: list[str]      # nodes read from the cache
-    final: list[str]     # nodes whose rows make the results (kept outputs + sinks)
-    part_key: str
-    loaded: dict[str, pa.Table] = field(default_factory=dict)  # the cached tables of ``load``
 
 
 @dataclass
@@ -91,19 +61,27 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[str] = field(default_factory=list)
     corrupt_discarded: int = 0
+    produced_bytes: int = 0   # Arrow bytes of every table computed by the stages
+    driver_bytes: int = 0     # bytes the driver sent to or received from workers (Ray)
+    startup_seconds: float = 0.0  # Ray: from connecting to every worker being up
+    workers: list[dict] = field(default_factory=list)
 
     @property
     def results(self) -> Path | str:
         return self.output / RESULTS if isinstance(self.output, Path) else f"{self.output.rstrip('/')}/{RESULTS}"
 
 
-def node_device(stage, device: str) -> str:
-    """Where a node's stage computes: the run's device for model stages, the CPU for the rest."""
-    return device if stage.resources.gpu > 0 else "cpu"
+def node_identity(graph: Graph, name: str, device: str, weights: str | None) -> dict:
+    """Everything but the inputs that a node's cache key is made of (docs/store.md)."""
+    stage = graph.nodes[name].stage
+    code = code_identity(type(stage))
+    return {"stage": stage.name, "version": stage.version, "params": stage.params.model_dump(mode="json"),
+            "code": code.code, "libraries": dict(code.libraries), "device": node_device(stage, device),
+            "dtype": stage.compute_dtype(), "weights": weights, "granularity": stage.granularity.value}
 
 
 class RunContext:
-    """State shared by the executors for one run."""
+    """The driver's side of one run."""
 
     def __init__(self, graph: Graph, output: Location | str | Path, store: Store | None, force: set[str],
                  device: str = "cpu", retry_errors: bool = False):
@@ -111,109 +89,26 @@ class RunContext:
         self.output = output if isinstance(output, Location) else Location(output)
         self.store = store
         self.device = device
-        self.retry_errors = retry_errors
-        self.force = set(force)
-        for name in list(force):
-            self.force |= graph.descendants(name)
+        forced = set(force)
+        for name in force:
+            forced |= graph.descendants(name)
+        self.force = forced
         self.weights = {name: node.stage.weights_fingerprint() for name, node in graph.nodes.items()}
-        self.per_image = {n for n, nd in graph.nodes.items() if nd.granularity is Granularity.IMAGE}
-        consumers = {up for n in graph.nodes for up in graph.upstream(n)}
-        kept = {r.node for r in graph.outputs if r.node != SOURCE}
-        self.final = [n for n in graph.nodes if n in kept or n not in consumers]
-        self._identity = {name: self._node_identity(name) for name in graph.nodes}
+        self.identities = {name: node_identity(graph, name, device, self.weights[name]) for name in graph.nodes}
+        self.work = ShardWork(graph, self.identities, store.loc if store is not None else None, self.output,
+                              forced, retry_errors, device)
         self.summary = RunSummary(self.output.local_path() or self.output.display(),
                                   nodes={n: NodeSummary(nd.stage.name) for n, nd in graph.nodes.items()})
         self.started = time.time()
         self.writer_id = new_writer_id()
         self.part_files: list[str | None] = []  # per shard index: the part's name under parts/
         self._existing_parts = self._list_parts()
+        self._running_manifest: tuple | None = None
 
-    # -- identity and keys -------------------------------------------------------------------
-    def _node_identity(self, name: str) -> dict:
-        stage = self.graph.nodes[name].stage
-        code = code_identity(type(stage))
-        return {"stage": stage.name, "version": stage.version, "params": stage.params.model_dump(mode="json"),
-                "code": code.code, "libraries": dict(code.libraries), "device": node_device(stage, self.device),
-                "dtype": stage.compute_dtype(), "weights": self.weights[name],
-                "granularity": stage.granularity.value}
-
-    def identity(self, name: str) -> dict:
-        """Everything but the inputs that a node's cache key is made of (see the module doc)."""
-        return self._identity[name]
-
+    # -- which shards are finished -----------------------------------------------------------
     def keys(self, shard: Shard) -> dict[str, str]:
-        keys: dict[str, str] = {}
-        seen: dict[tuple, str] = {}
-        for name, node in self.graph.nodes.items():
-            wired = {inp: [SOURCE if r.node == SOURCE else keys[r.node], r.column] for inp, r in node.inputs.items()}
-            read = tuple(sorted({r.column for r in node.inputs.values() if r.node == SOURCE}))
-            what = (read, node.granularity is Granularity.IMAGE)
-            if what not in seen:
-                seen[what] = shard.source_fingerprint(*what)
-            keys[name] = fingerprint(self._identity[name], wired, seen[what])
-        return keys
+        return self.work.keys(shard)
 
-    def part_key(self, shard: Shard, keys: dict[str, str]) -> str:
-        source_cols = set(SOURCE_RESULT_COLUMNS) | {r.column for r in self.graph.outputs if r.node == SOURCE}
-        return fingerprint(shard.ordered_fingerprint(source_cols), [keys[n] for n in self.final],
-                           [str(r) for r in self.graph.outputs])
-
-    # -- planning --------------------------------------------------------------------------
-    def plan(self, shard: Shard) -> ShardPlan | None:
-        """What to compute and load for ``shard``; None when its results part already exists."""
-        keys = self.keys(shard)
-        part_key = self.part_key(shard, keys)
-        while len(self.part_files) <= shard.index:
-            self.part_files.append(None)
-        if self.store is not None and not self.force:
-            name = self._usable_part(part_key)
-            if name is not None:
-                self.part_files[shard.index] = name
-                return None
-        compute, loaded, seen = set(), {}, set()
-        stack = list(self.final)
-        while stack:
-            name = stack.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            table = self._load(name, keys[name], shard)
-            if table is not None:
-                loaded[name] = table
-                continue
-            compute.add(name)
-            stack.extend(self.graph.upstream(name))
-        order = list(self.graph.nodes)
-        return ShardPlan(shard, keys, [n for n in order if n in compute], [n for n in order if n in loaded],
-                         self.final, part_key, loaded)
-
-    def _retry(self, kinds: list[str | None]) -> bool:
-        """Whether rows with these error kinds make a stored result (or part) stale."""
-        if TRANSIENT_ERROR in kinds:
-            return True
-        return self.retry_errors and DATA_ERROR in kinds
-
-    def _load(self, name: str, key: str, shard: Shard) -> pa.Table | None:
-        """The node's checked cached table, in the shard's row order; None when it must be computed."""
-        node = self.graph.nodes[name]
-        if self.store is None or not node.stage.cacheable or name in self.force:
-            return None
-        table = self.store.read(node.stage.name, key)
-        if table is None:
-            return None
-        needed = {*node.output_types, ERROR, ERROR_KIND, ROW_ID}
-        if not needed <= set(table.column_names) or self._retry(table.column(ERROR_KIND).to_pylist()):
-            return None
-        want = shard.image_ids if node.granularity is Granularity.IMAGE else shard.sample_ids
-        have = table.column(ROW_ID).to_pylist()
-        if have != want:  # same rows in another order (the key does not depend on the order)
-            position = {rid: i for i, rid in enumerate(have)}
-            if len(position) != len(have) or sorted(have) != sorted(want):
-                return None
-            table = table.take(pa.array([position[r] for r in want], type=pa.int64()))
-        return table
-
-    # -- parts ------------------------------------------------------------------------------
     def _list_parts(self) -> dict[str, list[str]]:
         found: dict[str, list[str]] = {}
         for f in self.output.list(PARTS):
@@ -222,8 +117,14 @@ class RunContext:
                 found.setdefault(m["key"], []).append(f.name)
         return found
 
-    def _usable_part(self, part_key: str) -> str | None:
-        """The name of a good finished part for ``part_key`` (checked whole), or None."""
+    def finished_part(self, shard: Shard) -> str | None:
+        """The name of a good finished part for ``shard`` (checked whole), or None when the
+        shard must run. Only with a store: without one nothing is reused."""
+        while len(self.part_files) <= shard.index:
+            self.part_files.append(None)
+        if self.store is None or self.work.force:
+            return None
+        part_key = self.work.part_key(shard, self.work.keys(shard))
         for name in self._existing_parts.get(part_key, []):
             rel = f"{PARTS}/{name}"
             try:
@@ -237,69 +138,36 @@ class RunContext:
                 self.summary.corrupt_discarded += 1
                 self.output.delete(rel)
                 continue
-            if self._retry(parse_table(data, ["error_kind"]).column("error_kind").to_pylist()):
+            if self.work.stale(parse_table(data, ["error_kind"]).column("error_kind").to_pylist()):
                 continue
+            self.part_files[shard.index] = name
+            self.summary.shards_from_parts += 1
+            for s in self.summary.nodes.values():
+                s.cached_shards += 1
             return name
         return None
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def save(self, plan: ShardPlan, name: str, table: pa.Table, stats: NodeStats) -> None:
-        node = self.graph.nodes[name]
-        s = self.summary.nodes[name]
-        s.computed_shards += 1
-        s.rows += stats.rows
-        s.errors += stats.errors
-        s.seconds += stats.seconds
-        s.calls += stats.calls
-        s.peak_rss_mb = max(s.peak_rss_mb, stats.peak_rss_mb)
-        s.peak_gpu_mb = max(s.peak_gpu_mb, stats.peak_gpu_mb)
-        if self.store is not None and node.stage.cacheable:
-            kinds = table.column(ERROR_KIND).to_pylist()
-            meta = {"node": name, "graph": self.graph.name, "shard": plan.shard.index,
-                    "errors": sum(k is not None for k in kinds), "transient_errors": kinds.count(TRANSIENT_ERROR)}
-            self.store.write(node.stage.name, plan.keys[name], table, meta, described=self._identity[name])
-
-    def note_cached(self, plan: ShardPlan) -> None:
-        for name in plan.load:
+    def absorb(self, outcome: ShardOutcome) -> None:
+        """Add a finished shard's outcome to the summary."""
+        while len(self.part_files) <= outcome.index:
+            self.part_files.append(None)
+        self.part_files[outcome.index] = outcome.part
+        for name, stats in outcome.computed.items():
+            s = self.summary.nodes[name]
+            s.computed_shards += 1
+            s.rows += stats.rows
+            s.errors += stats.errors
+            s.seconds += stats.seconds
+            s.calls += stats.calls
+            s.peak_rss_mb = max(s.peak_rss_mb, stats.peak_rss_mb)
+            s.peak_gpu_mb = max(s.peak_gpu_mb, stats.peak_gpu_mb)
+        for name in outcome.loaded:
             self.summary.nodes[name].cached_shards += 1
+        self.summary.corrupt_discarded += len(outcome.discarded)
+        self.summary.produced_bytes += outcome.produced_bytes
 
-    def note_part_reused(self) -> None:
-        self.summary.shards_from_parts += 1
-        for s in self.summary.nodes.values():
-            s.cached_shards += 1
-
-    def write_part(self, plan: ShardPlan, tables: dict[str, pa.Table]) -> None:
-        """Join the kept columns of one shard, one row per sample, and write it atomically."""
-        shard = plan.shard
-        cols: dict[str, pa.Array] = {c: shard.table.column(c) for c in SOURCE_RESULT_COLUMNS}
-        take_images = pa.array(shard.image_rows)
-
-        def per_sample(name: str, column: str):
-            col = tables[name].column(column)
-            return col.take(take_images) if name in self.per_image else col
-
-        for ref in self.graph.outputs:
-            if ref.node == SOURCE:
-                cols[ref.column] = shard.table.column(ref.column)
-            else:
-                cols[str(ref)] = per_sample(ref.node, ref.column)
-        errors: list[str | None] = list(shard.sample_errors)
-        kinds: list[str | None] = [SOURCE_ERROR if e else None for e in errors]
-        for name in plan.final:
-            messages = per_sample(name, ERROR).to_pylist()
-            node_kinds = per_sample(name, ERROR_KIND).to_pylist()
-            for i, msg in enumerate(messages):
-                if msg is not None and errors[i] is None:
-                    errors[i], kinds[i] = msg, node_kinds[i] or DATA_ERROR
-        cols["status"] = pa.array(["error" if e else "ok" for e in errors], type=pa.string())
-        cols["error"] = pa.array(errors, type=pa.string())
-        cols["error_kind"] = pa.array(kinds, type=pa.string())
-        data = table_bytes(pa.table(cols))
-        name = f"part-{plan.part_key}.{hashlib.sha256(data).hexdigest()}.parquet"
-        self.output.write_bytes_atomic(f"{PARTS}/{name}", data, self.writer_id)
-        self.part_files[shard.index] = name
-
-    # -- finishing -------------------------------------------------------------------------
+    # -- the run folder -----------------------------------------------------------------------
     def clean_output(self) -> int:
         """Remove temporary files left in the run folder by runs that died (the caller holds the
         folder's lock, so no live run writes there). Returns how many were removed."""
@@ -310,6 +178,7 @@ class RunContext:
                     removed += self.output.delete(f"{folder}/{f.name}" if folder else f.name)
         return removed
 
+    # -- finishing -------------------------------------------------------------------------
     def finish(self, executor: str, device: str, args: dict) -> RunSummary:
         """Concatenate the parts into results.parquet, drop stale parts, write the manifest."""
         expected = set(filter(None, self.part_files))
@@ -318,8 +187,7 @@ class RunContext:
                 self.output.delete(f"{PARTS}/{f.name}")
         summary = self.summary
         summary.shards = len(self.part_files)
-        if self.store is not None:
-            summary.corrupt_discarded += len(self.store.discarded)
+        self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
         results = None
         parts = [name for name in self.part_files if name]
@@ -371,7 +239,15 @@ class RunContext:
                 acc[0] += pc.sum(col).as_py() or 0.0
                 acc[1] += len(col) - col.null_count
 
+    def note_workers(self, workers: list[dict]) -> None:
+        """Record where the run's workers are (in the running manifest too)."""
+        self.summary.workers = workers
+        if self._running_manifest is not None:
+            self.write_manifest("running", *self._running_manifest)
+
     def write_manifest(self, status: str, executor: str, device: str, args: dict, results: dict | None = None) -> None:
+        if status == "running":
+            self._running_manifest = (executor, device, args)
         seeds = {f"{n}.{k}": v for n, nd in self.graph.nodes.items()
                  for k, v in nd.stage.params.model_dump(mode="json").items() if "seed" in k}
         seeds.update({f"dataset.{k}": v for k, v in self.graph.raw["dataset"]["params"].items() if "seed" in k})
@@ -387,14 +263,14 @@ class RunContext:
             "arguments": args,
             "versions": package_versions(),
             "weights": self.weights,
-            "identity": self._identity,
+            "identity": self.identities,
+            "workers": self.summary.workers,
             "seeds": seeds,
             "results": results,
             "parts": [name for name in self.part_files if name],
-            "totals": {k: v for k, v in asdict(self.summary).items() if k not in ("nodes", "output")},
+            "totals": {k: v for k, v in asdict(self.summary).items() if k not in ("nodes", "output", "workers")},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
-            "cache_discarded": self.store.discarded if self.store else [],
         }
         self.output.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=2, default=str).encode(),
                                        self.writer_id)
@@ -432,6 +308,10 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
     lines.append("-" * len(head))
     lines.append(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_from_parts} already done), "
                  f"{summary.errors} errors, {summary.seconds:.1f} s")
+    if summary.workers:
+        lines.append(f"  Ray: {len(summary.workers)} workers up in {summary.startup_seconds:.1f} s; the driver "
+                     f"carried {summary.driver_bytes / 2**20:.1f} MiB for {summary.produced_bytes / 2**20:.1f} MiB "
+                     "the stages produced")
     if summary.transient_errors:
         lines.append(f"  {summary.transient_errors} rows failed in ways another attempt may not repeat "
                      "(out of memory, timeout, lost worker): run the same command again to retry them")

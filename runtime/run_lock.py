@@ -99,9 +99,11 @@ class RunLock:
                 log.warning("warning: cannot refresh the lock of %s: %s", self.folder.display(), exc)
 
     def release(self) -> None:
+        if self._thread is None:  # never acquired
+            return
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)
+        self._thread = None
         holder = self._holder()
         if holder is not None and holder.get("owner") == self.owner:
             self.folder.delete(LOCK)

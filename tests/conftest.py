@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
@@ -24,15 +25,37 @@ def write_graph(tmp_path):
     return write
 
 
-@pytest.fixture(scope="session")
+RAY_OPTIONS = dict(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+
+
+@pytest.fixture
 def ray_session():
-    """An embedded Ray started once for every test that needs it, stopped by handle at the end."""
+    """An embedded Ray shared by the tests that need one: started by the first, stopped by handle
+    at the end of the session (or by a test that needs a Ray of its own, see ``own_ray``)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=256 * 2**20)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=256 * 2**20, **RAY_OPTIONS)
     yield ray
-    ray.shutdown()
+
+
+@pytest.fixture
+def own_ray():
+    """For tests that start a Ray of their own (logical GPUs, a multi-node cluster): the shared
+    one is stopped first, and whatever the test connected to is stopped after it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture

@@ -1,31 +1,48 @@
-"""The Ray executor gives the local executor's results; actor requests never oversubscribe."""
+"""The Ray executor: the local executor's results, workers sized from the cluster, placement on
+(logical) GPUs, a worker killed mid-run survived."""
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
+import json
+import os
+import signal
+import sys
+import threading
+import time
 
-from conftest import GRAPHS
+import pyarrow.parquet as pq
+import pytest
+
+import stages
+from conftest import GRAPHS, RAY_OPTIONS
 from runtime.api import run_graph
-from runtime.executors import actor_resources
+from runtime.errors import UsageError
+from runtime.executors import MAX_CPU_WORKERS, plan_workers
 from runtime.graph import load_graph
 from runtime.run import RunContext
+from stages.heatmaps import SamplePatches
 
 SMALL = ["dataset.num_images=6", "shard_size=8"]
 
 
+def local_reference(tmp_path, graph=GRAPHS / "oracle_heatmap.yaml", overrides=SMALL):
+    run_graph(graph, overrides=overrides, executor="local", output=tmp_path / "local",
+              cache_dir=tmp_path / "cache_local", progress=False, device="cpu")
+    return pq.read_table(tmp_path / "local" / "results.parquet")
+
+
 def test_ray_and_local_give_identical_results(tmp_path, ray_session):
-    results = {}
-    for executor in ("local", "ray"):
-        summary = run_graph(GRAPHS / "oracle_heatmap.yaml", overrides=SMALL, executor=executor,
-                            output=tmp_path / executor, cache_dir=tmp_path / f"cache_{executor}",
-                            progress=False, device="cpu")
-        assert summary.samples == 24 and all(s.computed_shards == summary.shards for s in summary.nodes.values())
-        results[executor] = pq.read_table(tmp_path / executor / "results.parquet")
-    assert results["ray"].equals(results["local"])
-    # a second Ray run is served from the cache (and from the finished parts)
+    want = local_reference(tmp_path)
+    summary = run_graph(GRAPHS / "oracle_heatmap.yaml", overrides=SMALL, executor="ray", output=tmp_path / "ray",
+                        cache_dir=tmp_path / "cache_ray", progress=False, device="cpu")
+    assert summary.samples == 24 and all(s.computed_shards == summary.shards for s in summary.nodes.values())
+    assert pq.read_table(tmp_path / "ray" / "results.parquet").equals(want)
+    # two workers on the two CPUs, each with one thread
+    assert len(summary.workers) == 2 and {w["threads"] for w in summary.workers} == {1}
+    # a second Ray run is served from the finished parts without starting any worker
     again = run_graph(GRAPHS / "oracle_heatmap.yaml", overrides=SMALL, executor="ray", output=tmp_path / "ray",
                       cache_dir=tmp_path / "cache_ray", progress=False, device="cpu")
-    assert all(s.computed_shards == 0 for s in again.nodes.values())
+    assert all(s.computed_shards == 0 for s in again.nodes.values()) and again.workers == []
 
 
 def test_ray_partial_cache_mixes_loaded_and_computed_nodes(tmp_path, ray_session):
@@ -35,34 +52,139 @@ def test_ray_partial_cache_mixes_loaded_and_computed_nodes(tmp_path, ray_session
                         output=tmp_path / "b", **kw)
     computed = {n for n, s in summary.nodes.items() if s.computed_shards}
     assert computed == {"enhance", "patches", "enhanced_metrics"}
-    local = run_graph(GRAPHS / "oracle_heatmap.yaml", overrides=[*SMALL, "enhance.alpha=0.3"], executor="local",
-                      output=tmp_path / "c", cache_dir=tmp_path / "cache_local", progress=False, device="cpu")
-    assert local.samples == summary.samples
-    assert pq.read_table(tmp_path / "b" / "results.parquet").equals(pq.read_table(tmp_path / "c" / "results.parquet"))
+    want = local_reference(tmp_path, overrides=[*SMALL, "enhance.alpha=0.3"])
+    assert pq.read_table(tmp_path / "b" / "results.parquet").equals(want)
 
 
-def test_actor_requests_fit_two_cpus(tmp_path):
-    g = load_graph(GRAPHS / "oracle_heatmap.yaml")
-    ctx = RunContext(g, tmp_path, None, set())
-    res = actor_resources(ctx, cluster_cpus=2.0, cluster_gpus=0.0, device="cpu")
-    total = sum(r["num_cpus"] * r["replicas"] for r in res.values())
-    assert total <= 1.0 and all(r["num_gpus"] == 0 for r in res.values())
-    # on a 1-CPU cluster too
-    res = actor_resources(ctx, cluster_cpus=1.0, cluster_gpus=0.0, device="cpu")
-    assert sum(r["num_cpus"] * r["replicas"] for r in res.values()) <= 1.0
+def _ctx(tmp_path, graph, device):
+    return RunContext(load_graph(GRAPHS / graph), tmp_path, None, set(), device=device)
 
 
-def test_gpu_requests_fit_the_cluster(tmp_path):
-    g = load_graph(GRAPHS / "esam_enhanced.yaml")
-    ctx = RunContext(g, tmp_path, None, set())
-    declared = {n: nd.stage.resources.gpu for n, nd in g.nodes.items()}
-    assert sum(declared.values()) > 1  # the model stages together ask for more than one GPU
+def test_workers_fit_the_cluster(tmp_path):
+    oracle = _ctx(tmp_path, "oracle_heatmap.yaml", "cpu")
+    assert plan_workers(oracle, 2.0, 0.0) == plan_workers(oracle, 2.0, 8.0)  # no model stage: no GPU
+    two = plan_workers(oracle, 2.0, 0.0)
+    assert (two.count, two.num_cpus, two.num_gpus, two.threads) == (2, 1.0, 0.0, 1)
+    assert plan_workers(oracle, 1.0, 0.0).count == 1
+    big = plan_workers(oracle, 16.0, 0.0)
+    assert big.count == MAX_CPU_WORKERS and big.threads == 16 // MAX_CPU_WORKERS
+    assert plan_workers(oracle, 16.0, 0.0, workers=16).num_cpus == 1.0
+    esam = _ctx(tmp_path, "esam_enhanced.yaml", "cuda")
+    assert sum(nd.stage.resources.gpu for nd in esam.graph.nodes.values()) > 1  # the models share one GPU
     for gpus in (1.0, 2.0, 8.0):
-        res = actor_resources(ctx, cluster_cpus=16.0, cluster_gpus=gpus, device="cuda")
-        assert sum(r["num_gpus"] * r["replicas"] for r in res.values()) <= gpus + 1e-9
-        assert all(r["num_gpus"] > 0 for n, r in res.items() if declared[n] > 0)
-        assert sum(r["num_cpus"] * r["replicas"] for r in res.values()) <= 15.0
-    eight = actor_resources(ctx, cluster_cpus=16.0, cluster_gpus=8.0, device="cuda")
-    assert eight["gradcam"]["replicas"] >= 2 and eight["image"]["replicas"] == 1
-    # --device cpu on a GPU cluster asks for no GPU
-    assert all(r["num_gpus"] == 0 for r in actor_resources(ctx, 16.0, 8.0, "cpu").values())
+        p = plan_workers(esam, 16.0, gpus)
+        assert p.num_gpus == 1.0 and p.count == int(gpus) and p.count * p.num_cpus <= 16.0
+    half = plan_workers(esam, 16.0, 2.0, gpus_per_worker=0.5)
+    assert half.count == 4 and half.num_gpus == 0.5
+    assert plan_workers(esam, 16.0, 4.0, gpus_per_worker=2).count == 2
+    assert plan_workers(esam, 16.0, 8.0, workers=3).count == 3
+    with pytest.raises(UsageError, match="asks for 2 GPUs but the Ray cluster has 1"):
+        plan_workers(esam, 16.0, 1.0, gpus_per_worker=2)
+    assert plan_workers(_ctx(tmp_path, "esam_enhanced.yaml", "cpu"), 16.0, 8.0).num_gpus == 0.0
+
+
+def test_workers_see_only_their_gpus(tmp_path, own_ray):
+    """Logical GPUs on this CPU machine: each worker is given its own GPU ids, and
+    CUDA_VISIBLE_DEVICES says exactly those (models compute on the CPU here: --device cpu)."""
+    own_ray.init(num_cpus=2, num_gpus=2, object_store_memory=256 * 2**20, **RAY_OPTIONS)
+    kw = dict(overrides=SMALL, executor="ray", cache_dir=tmp_path / "cache", progress=False, device="cpu")
+    one = run_graph(GRAPHS / "oracle_heatmap.yaml", output=tmp_path / "one", gpus_per_worker=1, **kw)
+    ids = [w["gpu_ids"] for w in one.workers]
+    assert len(ids) == 2 and sorted(i for g in ids for i in g) == ["0", "1"]
+    assert all(w["cuda_visible_devices"] == ",".join(w["gpu_ids"]) for w in one.workers)
+    two = run_graph(GRAPHS / "oracle_heatmap.yaml", output=tmp_path / "two", gpus_per_worker=2, **kw)
+    assert [sorted(w["gpu_ids"]) for w in two.workers] == [["0", "1"]]
+    assert sorted(two.workers[0]["cuda_visible_devices"].split(",")) == ["0", "1"]
+    shared = run_graph(GRAPHS / "oracle_heatmap.yaml", output=tmp_path / "shared", gpus_per_worker=0.5, **kw)
+    per_gpu: dict[str, int] = {}
+    for w in shared.workers:
+        assert len(w["gpu_ids"]) == 1
+        per_gpu[w["gpu_ids"][0]] = per_gpu.get(w["gpu_ids"][0], 0) + 1
+    assert sorted(per_gpu.values()) == [2, 2]  # two workers share each GPU
+    want = pq.read_table(tmp_path / "one" / "results.parquet")
+    assert pq.read_table(tmp_path / "shared" / "results.parquet").equals(want)
+
+
+class SlowPatches(SamplePatches):
+    """sample_patches with a pause, so a run lasts long enough to kill a worker in it."""
+
+    name = "slow_patches"
+
+    def process(self, batch):
+        time.sleep(0.4)
+        return super().process(batch)
+
+
+@pytest.fixture
+def slow_graph(write_graph, monkeypatch):
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+    monkeypatch.setitem(stages.STAGES, "slow_patches", SlowPatches)
+    yield write_graph(f"""
+        extends: {GRAPHS / 'oracle_heatmap.yaml'}
+        name: slow
+        shard_size: 4
+        dataset: {{params: {{num_images: 16}}}}
+        nodes:
+          patches: {{stage: slow_patches, params: {{num_captions: 3}}, inputs: {{heatmap: enhance.heatmap}}}}
+        """)
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def run_in_thread(**kw):
+    result: dict = {}
+
+    def target():
+        try:
+            result["summary"] = run_graph(**kw)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, result
+
+
+def wait_for_workers(out, thread, timeout=120):
+    """The pids of the run's workers, once they run and a part is written."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert thread.is_alive(), "the run ended before a worker could be killed"
+        try:
+            workers = json.loads((out / "manifest.json").read_text()).get("workers") or []
+        except (FileNotFoundError, ValueError):
+            workers = []
+        if workers and list((out / "parts").glob("part-*.parquet")):
+            return [w["pid"] for w in workers]
+        time.sleep(0.05)
+    raise AssertionError("the workers did not start")
+
+
+def test_a_killed_worker_is_restarted_and_its_shard_retried(tmp_path, slow_graph, ray_session, caplog):
+    want = local_reference(tmp_path, graph=slow_graph, overrides=[])
+    out = tmp_path / "ray"
+    thread, result = run_in_thread(graph=slow_graph, executor="ray", output=out, cache_dir=tmp_path / "cache",
+                                   progress=False, device="cpu")
+    pids = wait_for_workers(out, thread)
+    os.kill(pids[0], signal.SIGKILL)  # as the out-of-memory killer would
+    thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert summary.errors == 0 and "worker was lost" in caplog.text
+    assert pq.read_table(out / "results.parquet").equals(want)
+
+
+def test_workers_that_cannot_see_the_run_folder_stop_the_run(tmp_path):
+    """Every worker looks for a file the driver wrote in the run folder and the cache; one that
+    cannot see them (a folder local to the driver's machine) stops the run before any shard."""
+    from artifacts.location import Location
+    from runtime.executors import check_workers_see, shared_storage_probes
+
+    ctx = RunContext(load_graph(GRAPHS / "oracle_heatmap.yaml"), tmp_path / "out", None, set())
+    probes = shared_storage_probes(ctx)
+    assert [loc.exists(rel) for loc, rel in probes] == [True]  # no cache: the run folder only
+    check_workers_see(probes, [{"host": "a", "sees": [True]}])
+    with pytest.raises(UsageError, match=f"worker on b .* cannot see {tmp_path / 'out'}: .*shared filesystem"):
+        check_workers_see(probes, [{"host": "a", "sees": [True]}, {"host": "b", "node_id": "n2", "sees": [False]}])
+    assert isinstance(probes[0][0], Location)
