@@ -151,7 +151,10 @@ def plan_workers(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, work
 class ShardWorker:
     """Body of the Ray actor that runs whole shards (see the module doc)."""
 
-    def __init__(self, work: ShardWork, threads: int):
+    def __init__(self, work: ShardWork, threads: int, env: dict[str, str]):
+        # set here rather than as a Ray runtime_env (which costs a runtime-env agent round trip
+        # and a fresh process per actor): no model library is imported in this process yet
+        os.environ.update(env)
         self.work = work
         self.threads = threads
         if work.device == "cuda" and any(nd.stage.resources.gpu for nd in work.nodes.values()):
@@ -235,8 +238,8 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
         env.update(OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
         actor = ray.remote(ShardWorker).options(
             num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=1, max_restarts=ACTOR_RESTARTS,
-            max_task_retries=0, runtime_env={"env_vars": env})
-        pool.extend(actor.remote(ctx.work, plan.threads) for _ in range(plan.count))
+            max_task_retries=0)
+        pool.extend(actor.remote(ctx.work, plan.threads, env) for _ in range(plan.count))
         probes = shared_storage_probes(ctx)
         try:
             infos = ray.get([w.info.remote(tuple(probes)) for w in pool])

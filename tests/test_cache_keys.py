@@ -177,7 +177,7 @@ def test_shard_content_and_what_does_not_count(base, write_graph):
         extends: {ORACLE}
         name: another_name
         nodes:
-          patches: {{batch_size: 3, replicas: 2}}
+          patches: {{batch_size: 3}}
           image: {{batch_size: 1}}
         """)
     assert keys_of(graph=renamed) == base

@@ -55,7 +55,8 @@ class Source:
         return []
 
     def count(self) -> int | None:
-        """Number of samples, when known without reading images (for progress bars)."""
+        """Number of samples (or an upper bound) when known without reading images: for
+        progress bars and for ``--executor auto``."""
         return None
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:

@@ -60,6 +60,19 @@ class ManifestSource(Source):
                                     "set format to jsonl, csv or parquet"))
         return found
 
+    def count(self) -> int | None:
+        """Rows of the file: Parquet metadata, or non-empty lines (CSV: minus the header)."""
+        path = Path(self.params.path).expanduser()
+        fmt = self._format()
+        try:
+            if fmt == "parquet":
+                return pq.ParquetFile(path).metadata.num_rows
+            with open(path, "rb") as f:
+                lines = sum(1 for line in f if line.strip())
+            return max(0, lines - 1) if fmt == "csv" else lines
+        except (OSError, ValueError):
+            return None
+
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         path = Path(self.params.path).expanduser().absolute()
         read_rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[self._format()]

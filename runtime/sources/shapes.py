@@ -72,6 +72,10 @@ class ShapesSource(Source):
                 "bbox [x0, y0, x1, y1] with exclusive ends)", image_level=True),
         }
 
+    def count(self) -> int:
+        """At most (a scene with few objects may offer fewer distinct questions)."""
+        return self.params.num_images * self.params.questions_per_image
+
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
         for index in range(p.num_images):
