@@ -23,6 +23,7 @@ EPILOG = """examples:
   runtime cache ls ; runtime cache verify ; runtime cache gc --older-than 30
   runtime report runs/esam_enhanced runs/pnp_vqa          HTML report with both runs side by side
   runtime compare runs/esam_enhanced runs/pnp_vqa         metrics per run and disagreements, in the terminal
+  runtime export runs/pnp_vqa_vqav2_large --format vqav2   answers for the VQAv2 evaluation server
   runtime train fusion --out runs/fusion_train           train the BLIP + SAM fusion module
   runtime quality                                        every variant on held-out shapes data -> docs/quality.md
 """
@@ -123,8 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     add_report_parsers(sub)
 
     from runtime.cache_commands import add_cache_parser
+    from runtime.export import add_export_parser
 
     add_cache_parser(sub)
+    add_export_parser(sub)
     return p
 
 
@@ -286,6 +289,12 @@ def _trainer(model: str):
     return main
 
 
+def _cmd_export(a) -> int:
+    from runtime.export import export_main
+
+    return export_main(a)
+
+
 def _cmd_train(a) -> int:
     return _trainer(a.model)(a.args) or 0
 
@@ -302,7 +311,7 @@ def _cmd_compare(a) -> int:
     return compare_main(a)
 
 
-COMMANDS = {"run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+COMMANDS = {"export": _cmd_export, "run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 

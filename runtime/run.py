@@ -24,6 +24,9 @@ from runtime.graph import Graph
 from runtime.node_runner import TRANSIENT_ERROR
 from runtime.shard_work import PART_RE, PARTS, ShardOutcome, ShardWork, node_device
 from runtime.shards import Shard
+from stages.evaluation import VQAEval, official_report
+
+VQA_EVAL = VQAEval.name
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class RunSummary:
     seconds: float = 0.0
     nodes: dict[str, NodeSummary] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, dict] = field(default_factory=dict)  # per vqa_eval node: the official report
     error_examples: list[str] = field(default_factory=list)
     corrupt_discarded: int = 0
     produced_bytes: int = 0   # Arrow bytes of every table computed by the stages
@@ -189,6 +193,8 @@ class RunContext:
         summary.shards = len(self.part_files)
         self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
+        scored = self._scored_columns()
+        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type")}
         results = None
         parts = [name for name in self.part_files if name]
         if parts:  # streamed part by part: memory stays flat however many samples
@@ -200,13 +206,26 @@ class RunContext:
                         writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
                     writer.write_table(table)
                     self._summarise(table, means)
+                    for column, values in graded.items():
+                        values.extend(table.column(column).to_pylist() if column in table.column_names
+                                      else [None] * table.num_rows)
                 writer.close()
             results = {"file": RESULTS, "rows": summary.samples, "bytes": sink.size,
                        "sha256": sink.sha256.hexdigest()}
         summary.metrics = {k: v[0] / v[1] for k, v in means.items() if v[1]}
+        for node, column in scored.items():
+            metric = self.graph.nodes[node].stage.params.metric
+            summary.evaluation[node] = {"metric": metric, **official_report(
+                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None)}
         summary.seconds = time.time() - self.started
         self.write_manifest("finished", executor, device, args, results)
         return summary
+
+    def _scored_columns(self) -> dict[str, str]:
+        """vqa_eval nodes whose accuracy is kept in the results: node -> results column."""
+        kept = {str(r) for r in self.graph.outputs}
+        return {name: f"{name}.accuracy" for name, node in self.graph.nodes.items()
+                if node.stage.name == VQA_EVAL and f"{name}.accuracy" in kept}
 
     def _read_part(self, name: str) -> pa.Table:
         rel = f"{PARTS}/{name}"
@@ -268,7 +287,9 @@ class RunContext:
             "seeds": seeds,
             "results": results,
             "parts": [name for name in self.part_files if name],
-            "totals": {k: v for k, v in asdict(self.summary).items() if k not in ("nodes", "output", "workers")},
+            "evaluation": self.summary.evaluation,
+            "totals": {k: v for k, v in asdict(self.summary).items()
+                       if k not in ("nodes", "output", "workers", "evaluation")},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
         }
@@ -317,6 +338,12 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
                      "(out of memory, timeout, lost worker): run the same command again to retry them")
     if summary.corrupt_discarded:
         lines.append(f"  {summary.corrupt_discarded} corrupt cache entries or parts were found, removed and recomputed")
+    for node, report in summary.evaluation.items():
+        if report.get("overall") is not None:
+            types = ", ".join(f"{t} {v:.2f}" for t, v in sorted((report.get("perAnswerType") or {}).items()))
+            name = "VQA accuracy" if report["metric"] == "vqa" else "GQA accuracy"
+            lines.append(f"  {name} ({node}, official): {report['overall']:.2f} over {report['questions']} questions"
+                         + (f"; per answer type: {types}" if types else ""))
     for k, v in summary.metrics.items():
         lines.append(f"  mean {k}: {v:.4f}")
     for ex in summary.error_examples:

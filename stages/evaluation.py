@@ -1,7 +1,22 @@
-"""Answer evaluation: the official VQA answer normalisation and accuracy (VQAv2, OK-VQA, GQA).
+"""Answer evaluation exactly as the official scripts score it (VQAv2, OK-VQA, GQA).
 
-The tables and the punctuation rules follow the official VQA evaluation script (vqaEval.py),
-including its quirks, so accuracies are comparable with published numbers.
+VQAv2 / OK-VQA follow the official ``vqaEval.py`` (also LAVIS's
+``lavis/common/vqa_tools/vqa_eval.py``), quirks included, which treats the two sides
+differently:
+
+- the prediction: newlines and tabs become spaces, it is stripped, then
+  :func:`process_punctuation` and :func:`process_digit_article` (lowercase, number words to
+  digits, articles dropped, contractions restored);
+- the human answers: only :func:`process_punctuation`, and only when the ten answers are not
+  all the same string; nothing else (no lowercasing, no stripping, no number mapping).
+
+A prediction ``2`` against ten ``two`` therefore scores 0, as it does officially. The accuracy of
+a question is the mean, over each human answer left out in turn, of
+``min(1, matches among the other nine / 3)``. Reports round ``100 * mean`` to two decimals
+(:func:`official_report`).
+
+GQA follows LAVIS's ``GQATask``: exact match after :func:`process_punctuation` and
+:func:`process_digit_article` on both sides (no newline or whitespace handling first).
 """
 
 from __future__ import annotations
@@ -63,9 +78,10 @@ PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
 COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
 
 
-def _strip_punctuation(text: str) -> str:
-    # A mark touching a space (or any text with a comma between digits) is deleted;
-    # otherwise it becomes a space, so "black/white" -> "black white".
+def process_punctuation(text: str) -> str:
+    """The official ``processPunctuation``: a mark touching a space (or any mark, when the text
+    has a comma between digits) is deleted, otherwise it becomes a space ("black/white" ->
+    "black white"); then periods not followed by a digit are removed."""
     delete_all = COMMA_STRIP.search(text) is not None
     out = text
     for mark in PUNCTUATION:
@@ -77,42 +93,70 @@ def _strip_punctuation(text: str) -> str:
     return PERIOD_STRIP.sub("", out, count=32)
 
 
-def normalize_answer(text: str) -> str:
-    """The official VQA answer normalisation: punctuation, number words, articles, contractions."""
-    text = _strip_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+def process_digit_article(text: str) -> str:
+    """The official ``processDigitArticle``: lowercase, split on whitespace, number words to
+    digits, articles dropped, contractions restored, joined by single spaces."""
     words = [NUMBERS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float | None:
-    """VQA accuracy: the mean over leave-one-out subsets of ``min(1, matches / 3)``.
+def normalize_answer(text: str) -> str:
+    """What the official VQA evaluation does to a *prediction* before comparing it."""
+    return process_digit_article(process_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
 
-    Prediction and answers are normalised; None when there is no answer.
-    """
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float | None:
+    """The official VQA accuracy of one question (module doc); None when there is no answer."""
     if not answers:
         return None
     pred = normalize_answer(prediction)
-    hits = np.array([normalize_answer(a) == pred for a in answers])
+    human = [process_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
+    hits = np.array([a == pred for a in human])
     others = hits.sum() - hits  # matches among the other answers, each one left out in turn
-    return float(np.minimum(1.0, others / 3.0).mean())
+    return float(sum(min(1, float(k) / 3) for k in others)) / len(human)
 
 
 def gqa_accuracy(prediction: str, answers: Sequence[str]) -> float | None:
-    """GQA accuracy: exact match of the normalised prediction with the first answer."""
+    """GQA accuracy as LAVIS's GQATask: exact match of the processed prediction and answer."""
     if not answers:
         return None
-    return float(normalize_answer(prediction) == normalize_answer(answers[0]))
+    gqa = lambda text: process_digit_article(process_punctuation(text))  # noqa: E731
+    return float(gqa(prediction) == gqa(answers[0]))
+
+
+def official_report(accuracies: Sequence[float | None], question_types: Sequence[str | None] | None = None,
+                    answer_types: Sequence[str | None] | None = None, digits: int = 2) -> dict[str, Any]:
+    """The official report: ``overall``, ``perQuestionType`` and ``perAnswerType`` as
+    ``round(100 * mean, 2)`` over the questions that have answers (in the given order, summed
+    as the official code sums). Types that are null are left out of their table."""
+    rows = [k for k, a in enumerate(accuracies) if a is not None]
+
+    def pct(ks: list[int]) -> float:
+        return round(100 * float(sum(accuracies[k] for k in ks)) / len(ks), digits)
+
+    report: dict[str, Any] = {"questions": len(rows), "overall": pct(rows) if rows else None}
+    for name, types in (("perQuestionType", question_types), ("perAnswerType", answer_types)):
+        if types is None:
+            continue
+        groups: dict[str, list[int]] = {}
+        for k in rows:
+            if types[k] is not None:
+                groups.setdefault(types[k], []).append(k)
+        report[name] = {t: pct(ks) for t, ks in groups.items()}
+    return report
 
 
 class VQAEvalParams(StageParams):
     metric: Literal["vqa", "gqa"] = Field(
-        "vqa", description="vqa: VQAv2/OK-VQA soft accuracy over 10 answers; gqa: exact match")
+        "vqa", description="vqa: the official VQAv2 / OK-VQA accuracy over the human answers; gqa: exact "
+        "match as LAVIS's GQATask")
 
 
 class VQAEval(Stage):
-    """Score a predicted answer against the human answers with the official VQA normalisation.
+    """Score a predicted answer against the human answers exactly as the official evaluation does.
 
-    ``accuracy`` is null when a row has no answers.
+    ``accuracy`` is null when a row has no answers. The run's summary and manifest carry the
+    official report (overall, per question type, per answer type, rounded to two decimals).
     """
 
     name = "vqa_eval"
@@ -123,8 +167,9 @@ class VQAEval(Stage):
         "answers": Input(pa.list_(pa.string()), "human answers (10 for VQAv2)", optional=True),
     }
     OUTPUTS = {
-        "accuracy": Output(pa.float32(), "accuracy in [0, 1], null without answers"),
-        "normalized": Output(pa.string(), "the normalised prediction"),
+        "accuracy": Output(pa.float64(), "accuracy in [0, 1] (float64, as the official code computes it), "
+                           "null without answers"),
+        "normalized": Output(pa.string(), "the prediction as the evaluation compares it"),
     }
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -134,5 +179,6 @@ class VQAEval(Stage):
         return {
             "accuracy": [score(p, a) if ok else None
                          for p, a, ok in zip(predictions, answers, valid)],
-            "normalized": [normalize_answer(p) for p in predictions],
+            "normalized": [normalize_answer(p) if self.params.metric == "vqa"
+                           else process_digit_article(process_punctuation(p)) for p in predictions],
         }

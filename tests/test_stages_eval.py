@@ -1,4 +1,5 @@
-"""vqa_eval: the official answer normalisation and the leave-one-out VQA accuracy."""
+"""vqa_eval: scores identical to the official VQA evaluation (vqaEval.py), quirks included, and
+LAVIS's GQA exact match; the official report's rounding."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from stages.base import Batch
-from stages.evaluation import CONTRACTIONS, VQAEval, normalize_answer, vqa_accuracy
+from stages.evaluation import (CONTRACTIONS, VQAEval, gqa_accuracy, normalize_answer, official_report,
+                               process_punctuation, vqa_accuracy)
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -50,9 +52,57 @@ def test_leave_one_out_accuracy(matches, expected):
     assert vqa_accuracy("two", answers) == pytest.approx(expected)
 
 
-def test_accuracy_normalises_both_sides():
+def test_prediction_is_normalised_fully():
     assert vqa_accuracy("The dog.", ["dog"] * 3 + ["cat"] * 7) == pytest.approx(0.9)
+    assert vqa_accuracy("  Two\n", ["2"] * 10) == 1.0
     assert vqa_accuracy("yes", []) is None
+
+
+@pytest.mark.parametrize("prediction, answers, official", [
+    # human answers are never lowercased, stripped or mapped from number words
+    ("2", ["two"] * 10, 0.0),
+    ("yes", ["Yes"] * 10, 0.0),
+    ("2", ["two"] * 7 + ["2"] * 3, 0.9),       # seven left-out "two": 3 matches -> 1; three "2": 2 -> 2/3
+    ("dog", [" dog"] * 4 + ["dog"] * 6, 1.0),  # " dog" never matches; six "dog" do
+    ("dog", [" dog"] * 8 + ["dog"] * 2, 0.6),
+    # punctuation is processed on human answers only when they are not all the same string
+    ("yes", ["yes."] * 10, 0.0),
+    ("yes", ["yes."] * 9 + ["yes"], 1.0),
+    ("red", ["red!"] * 5 + ["blue"] * 5, 0.0),  # "red!" -> "red " (a mark not touching a space becomes one)
+    ("black white", ["black/white"] * 4 + ["gray"] * 6, 1.0),
+    ("1000", ["1,000"] * 3 + ["10"] * 7, 0.9),
+    ("the cat", ["cat"] * 10, 1.0),             # articles leave the prediction, not the answers
+    ("cat", ["the cat"] * 4 + ["cat"] * 6, 1.0),
+    ("cat", ["the cat"] * 8 + ["cat"] * 2, 0.6),
+])
+def test_scores_equal_the_official_rules(prediction, answers, official):
+    assert vqa_accuracy(prediction, answers) == pytest.approx(official, abs=1e-12)
+
+
+def test_human_answers_get_punctuation_processing_only():
+    assert process_punctuation("Two.") == "Two" and normalize_answer("Two.") == "2"
+    assert process_punctuation("red!") == "red " and process_punctuation("red !") == "red "
+
+
+def test_gqa_processes_both_sides_without_whitespace_handling():
+    assert gqa_accuracy("The Dog", ["dog"]) == 1.0
+    assert gqa_accuracy("two", ["2"]) == 1.0 and gqa_accuracy("2", ["Two"]) == 1.0  # both sides mapped
+    assert gqa_accuracy("yes!", ["yes"]) == 1.0  # "yes " -> split and joined
+    assert gqa_accuracy("left side", ["left"]) == 0.0
+    assert gqa_accuracy("x", []) is None
+
+
+def test_official_report_rounds_as_the_official_code():
+    acc = [1.0, 0.3, 0.6, None, 0.9, 0.0, 2 / 3]
+    qtypes = ["what color", "how many", "how many", "how many", "is the", None, "is the"]
+    atypes = ["other", "number", "number", "number", "yes/no", "yes/no", "yes/no"]
+    report = official_report(acc, qtypes, atypes)
+    scored = [a for a in acc if a is not None]
+    assert report["questions"] == 6
+    assert report["overall"] == round(100 * float(sum(scored)) / 6, 2) == 57.78
+    assert report["perQuestionType"] == {"what color": 100.0, "how many": 45.0, "is the": round(100 * (0.9 + 2 / 3) / 2, 2)}
+    assert report["perAnswerType"] == {"other": 100.0, "number": 45.0, "yes/no": 52.22}
+    assert official_report([None]) == {"questions": 0, "overall": None}
 
 
 def make_batch(predictions, answers, valid) -> Batch:
@@ -80,3 +130,57 @@ def test_stage_without_answers_column():
     batch = Batch(columns={"prediction": ["A cat"]}, validity={"prediction": np.ones(1, bool)},
                   row_ids=["q"])
     assert VQAEval(VQAEval.Params()).process(batch) == {"accuracy": [None], "normalized": ["cat"]}
+
+
+def test_export_in_the_official_formats(tmp_path, capsys):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from runtime.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pq.write_table(pa.table({"sample_id": ["262148000", "262148001", "262148002"],
+                             "answer.answer": ["yes", None, "2"], "status": ["ok", "error", "ok"]}),
+                   run / "results.parquet")
+    assert main(["export", str(run), "--format", "vqav2"]) == 0
+    assert "3 predictions (1 rows without an answer" in capsys.readouterr().out
+    assert json.loads((run / "predictions_vqav2.json").read_text()) == [
+        {"question_id": 262148000, "answer": "yes"}, {"question_id": 262148001, "answer": ""},
+        {"question_id": 262148002, "answer": "2"}]
+    assert main(["export", str(run), "--format", "gqa", "--out", str(tmp_path / "g.json")]) == 0
+    assert json.loads((tmp_path / "g.json").read_text())[0] == {"questionId": "262148000", "prediction": "yes"}
+    pq.write_table(pa.table({"sample_id": ["a"], "x.answer": ["1"], "y.answer": ["2"]}), run / "results.parquet")
+    assert main(["export", str(run), "--format", "gqa"]) == 2
+    assert "several answer columns (x.answer, y.answer)" in capsys.readouterr().err
+    assert main(["export", str(run), "--format", "vqav2", "--answer", "x.answer"]) == 2
+    assert "integer question ids" in capsys.readouterr().err
+
+
+def test_run_summary_and_manifest_carry_the_official_report(tmp_path, write_graph):
+    import json
+
+    from runtime.api import run_graph
+    from runtime.run import format_summary
+
+    rows = [("2", ["two"] * 7 + ["2"] * 3, "how many"), ("yes", ["yes"] * 10, "is the"),
+            ("Two", ["two"] * 10, "how many"), ("red", ["red."] * 9 + ["blue"], "what color")]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"sample_id": str(i), "image_bytes": "aGk=", "question": q,
+                                              "answers": a, "question_type": t}) for i, (q, a, t) in enumerate(rows)))
+    graph = write_graph(f"""
+        dataset: {{source: manifest, params: {{path: {manifest}}}}}
+        nodes:
+          acc: {{stage: vqa_eval, inputs: {{prediction: source.question, answers: source.answers}}}}
+        outputs: [acc.accuracy, source.question_type]
+        """)
+    summary = run_graph(graph, executor="local", output=tmp_path / "out", cache_dir=tmp_path / "c",
+                        progress=False, device="cpu")
+    # the prediction is the question here: 0.9, 1.0, 0.0 ("Two" -> "2" against ten "two"), 1.0
+    want = {"metric": "vqa", "questions": 4, "overall": round(100 * 2.9 / 4, 2),
+            "perQuestionType": {"how many": 45.0, "is the": 100.0, "what color": 100.0}, "perAnswerType": {}}
+    assert summary.evaluation == {"acc": want}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["evaluation"] == {"acc": want}
+    assert "VQA accuracy (acc, official): 72.50 over 4 questions" in format_summary(summary, None)

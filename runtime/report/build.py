@@ -79,6 +79,16 @@ def _detail_set(order: list[str], image_of: dict[str, str], limit: int) -> list[
     return [s for s in order if image_of[s] in images]
 
 
+def _official(report: dict) -> str:
+    """'62.34 over 64 questions; yes/no 75.29, number 74.55, ...' (the official report's numbers)."""
+    parts = [f"{report['overall']:.2f} over {report['questions']} questions"]
+    for title, key in (("per answer type", "perAnswerType"), ("per question type", "perQuestionType")):
+        table = report.get(key) or {}
+        if table:
+            parts.append(f"{title}: " + ", ".join(f"{t} {v:.2f}" for t, v in sorted(table.items())))
+    return "; ".join(parts)
+
+
 def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: str | None) -> dict:
     m = run.manifest
     totals = m.get("totals") or {}
@@ -99,6 +109,8 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
         "samples": len(run), "errors": run.errors(), "error_examples": examples,
         "metrics": [[name, _num(vals[i])] for name, vals in rows],
         "manifest_means": [[k, _num(v)] for k, v in (totals.get("metrics") or {}).items()],
+        "evaluation": [[f"{'VQA' if e.get('metric') == 'vqa' else 'GQA'} accuracy, official ({node})", _official(e)]
+                       for node, e in (m.get("evaluation") or {}).items() if e.get("overall") is not None],
         "nodes": nodes, "seconds": _num(totals.get("seconds"), 2), "started": m.get("started"),
         "finished": m.get("finished"), "device": m.get("device"), "executor": m.get("executor"),
         "status": m.get("status"), "render_note": render_note,

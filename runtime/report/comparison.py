@@ -25,6 +25,14 @@ def _cut(text: str | None, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
+def official_overall(run: Run) -> float | None:
+    """The overall accuracy of the run's first evaluation node, as the official code reports it."""
+    for report in (run.manifest.get("evaluation") or {}).values():
+        if report.get("overall") is not None:
+            return report["overall"]
+    return None
+
+
 def metric_rows(runs: list[Run]) -> list[tuple[str, list]]:
     """``[(metric, value per run)]`` in a fixed order; heatmap metrics once per heatmap label."""
     rows: list[tuple[str, list]] = [
@@ -32,6 +40,8 @@ def metric_rows(runs: list[Run]) -> list[tuple[str, list]]:
         ("errors", [r.errors() for r in runs]),
         ("VQA accuracy", [r.mean(r.roles.accuracy) for r in runs]),
     ]
+    if any(official_overall(r) is not None for r in runs):
+        rows.append(("accuracy, official report (%)", [official_overall(r) for r in runs]))
     for kind, title in (("pointing", "pointing game"), ("energy", "energy in mask")):
         for label in dict.fromkeys(lab for r in runs for lab in getattr(r.roles, kind)):
             rows.append((f"{title} ({label})", [r.mean(getattr(r.roles, kind).get(label)) for r in runs]))

@@ -159,7 +159,8 @@ SCRIPT = r"""
       h('thead', null, h('tr', null, h('th', {text: 'metric'}), RUNS.map(function (r) { return h('th', {cls: 'num', text: r.label}); }))),
       h('tbody', null, DATA.metrics.map(function (m) {
         return h('tr', null, h('td', {text: m[0]}), m[1].map(function (v) {
-          return h('td', {cls: 'num', text: (m[0] === 'samples' || m[0] === 'errors') ? fmt(v, 0) : fmt(v, 4)});
+          return h('td', {cls: 'num', text: (m[0] === 'samples' || m[0] === 'errors') ? fmt(v, 0) :
+            fmt(v, m[0].indexOf('(%)') >= 0 ? 2 : 4)});
         }));
       })));
     root.appendChild(h('div', {cls: 'card', style: 'margin-bottom:14px; overflow-x:auto'},
@@ -177,6 +178,7 @@ SCRIPT = r"""
       row('samples', String(r.samples));
       row('errors', h('span', {cls: r.errors ? 'err' : null, text: String(r.errors)}));
       r.metrics.forEach(function (m) { if (m[0] !== 'samples' && m[0] !== 'errors' && m[1] !== null) row(m[0], fmt(m[1], 4)); });
+      (r.evaluation || []).forEach(function (e) { row(e[0], e[1]); });
       row('status', (r.status || '?') + ', ' + (r.executor || '?') + ' on ' + (r.device || '?') + ', ' + fmt(r.seconds, 1) + ' s');
       row('started', (r.started || '-') + ' \u2192 ' + (r.finished || '-'));
       var nodes = h('table', {cls: 'grid small'},

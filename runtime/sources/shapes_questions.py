@@ -49,8 +49,8 @@ def ask_questions(rng: np.random.Generator, scene: Scene, count: int) -> list[Qu
 
 
 def human_answers(rng: np.random.Generator, answer: str) -> list[str]:
-    """Ten answers as VQAv2 annotators give them: mostly ``answer``, some spelling variants
-    that normalise to it, a few plausible wrong ones; at least four exact copies."""
+    """Ten answers as VQAv2 annotators give them: mostly ``answer``, some variants that the
+    official evaluation maps back to it, a few plausible wrong ones; at least four exact copies."""
     wrong = min(int(rng.binomial(NUM_ANSWERS, 0.1)), MAX_WRONG_ANSWERS)
     variant = min(int(rng.binomial(NUM_ANSWERS - wrong, 0.2)), NUM_ANSWERS - wrong - MIN_EXACT_ANSWERS)
     spellings, alternatives = _variants(answer), _wrong_answers(answer)
@@ -125,14 +125,13 @@ def _position_questions(scene: Scene) -> list[Question]:
 
 
 def _variants(answer: str) -> list[str]:
-    """Spellings that VQA answer normalisation maps back to ``answer``."""
+    """Other ways annotators typed ``answer`` that the official VQA evaluation still maps back
+    to it: it only runs its punctuation rule on human answers (no lowercasing, no number words),
+    and that rule drops a trailing period. (The lists keep their former lengths, two for
+    numbers and three or four otherwise, so the random draws and every scene stay the same.)"""
     if answer.isdigit():
-        word = NUMBER_WORDS[int(answer)]
-        return [word, word.capitalize()]
-    variants = [answer.capitalize(), answer + ".", answer.upper()]
-    if answer in SHAPES:
-        variants.append(f"a {answer}")
-    return variants
+        return [f"{answer}.", f"{answer}."]
+    return [f"{answer}."] * (4 if answer in SHAPES else 3)
 
 
 def _wrong_answers(answer: str) -> list[str]:
