@@ -171,6 +171,16 @@ class CaptionParams(StageParams):
     num_captions: int = Field(5, ge=1, le=1000, description="distinct captions per question (LAVIS VQAv2: 100)")
     num_patches: int = Field(20, ge=1, description="patches sampled per caption, proportional to the heatmap")
     prompt: str = Field("a picture of ", description="decoder prompt, stripped from the captions")
+    text: Literal["reference", "tokens"] = Field(
+        "reference", description="how the prompt leaves the caption: reference = LAVIS's decoded_text[len(prompt):] "
+        "(a first word-piece glued to the prompt's last word goes with it); tokens = decode only the new tokens, "
+        "leading word-pieces (##...) dropped. Neither shows ## pieces")
+    decoding: Literal["sample", "beam"] = Field(
+        "sample", description="sample: top-k / top-p sampling (PNP-VQA); beam: beam search (LAVIS captioning), "
+        "deterministic")
+    num_beams: int = Field(3, ge=1, le=64, description="beams of decoding=beam (LAVIS: 3)")
+    length_penalty: float = Field(1.0, description="beam search: hypotheses are scored sum(log p) / length ** "
+                                  "length_penalty (Hugging Face's default 1.0)")
     max_length: int = Field(20, ge=2, le=512, description="most tokens, prompt included ([DEC] a picture of = 4)")
     min_length: int = Field(10, ge=0, description="fewest tokens before [SEP] may end a caption, prompt included")
     top_k: int = Field(50, ge=0, description="top-k sampling (0 = off)")
@@ -186,11 +196,11 @@ class Caption(Stage):
     """Question-guided captions: BLIP decodes from heatmap-sampled patches of the image.
 
     Each round draws ``num_captions`` patch sets per question (without replacement, proportional
-    to the heatmap, sorted; CLS never drawn), decodes one caption from each with top-k sampling,
-    and keeps captions that are not a substring of one already kept, until ``num_captions`` are
-    kept or ``max_rounds`` are spent (the shortfall is recorded). The prompt is stripped by
-    tokens, not characters (the reference cuts ``len(prompt)`` characters from the decoded text,
-    which loses a first word-piece glued to the prompt's last word).
+    to the heatmap, sorted; CLS never drawn), decodes one caption from each (top-k sampling, or
+    beam search), and keeps captions that are not a substring of one already kept, until
+    ``num_captions`` are kept or ``max_rounds`` are spent (the shortfall is recorded). Without a
+    heatmap wired, captions decode from the whole image (every token, CLS included), as LAVIS's
+    plain captioning does. The caption text is LAVIS's by default (``text``).
     """
 
     name = "caption"
@@ -205,10 +215,15 @@ class Caption(Stage):
     def inputs(self) -> dict[str, Input]:
         g = self._config().vit.grid
         return {**_image_inputs(self._config()),
-                "heatmap": Input(tensor_type("float32", [g, g]), f"question-guided heatmap [{g}, {g}]")}
+                "heatmap": Input(tensor_type("float32", [g, g]), f"question-guided heatmap [{g}, {g}]; leave it "
+                                 "unwired to caption the whole image", optional=True)}
 
     def wiring_problems(self, wired: set[str]) -> list[tuple[str, str]]:
-        return _one_image_input(wired)
+        out = _one_image_input(wired)
+        if "heatmap" not in wired and self.params.decoding == "beam" and self.params.num_captions > 1:
+            out.append(("params.num_captions", "beam search on the whole image (no heatmap wired) gives one "
+                        "caption: set num_captions to 1, or wire a heatmap, or use decoding: sample"))
+        return out
 
     def outputs(self) -> dict[str, Output]:
         return {"captions": Output(pa.list_(pa.string()), "distinct captions, at most num_captions"),
@@ -247,7 +262,8 @@ class Caption(Stage):
         p, device = self.params, self.device
         n = len(batch)
         images, image_rows = _image_tokens(self.model, batch, device)  # [I, 1+P, C], [N]
-        heat = batch["heatmap"].reshape(n, -1)
+        whole_image = "heatmap" not in batch.columns
+        heat = None if whole_image else batch["heatmap"].reshape(n, -1)
         new_tokens = p.max_length - len(self.prompt_ids)
         captions: list[list[str]] = [[] for _ in range(n)]
         rounds = np.zeros(n, dtype=np.int32)
@@ -256,10 +272,16 @@ class Caption(Stage):
             if not active:
                 break
             rngs = [row_rng(p.seed, f"{batch.row_ids[i]}#{r}") for i in active]
-            patches = sample_patch_sets(heat[active], rngs, p.num_captions, p.num_patches)  # [A, C, K]
-            uniforms = np.stack([rng.random((p.num_captions, new_tokens)) for rng in rngs])  # [A, C, T]
-            index = torch.from_numpy(patches + 1).to(device).long()  # +1 skips CLS
-            texts = self._decode(images, image_rows[active], index, torch.from_numpy(uniforms).to(device))
+            if whole_image:  # every token of the image, CLS included
+                tokens = images.shape[1]
+                index = torch.arange(tokens, device=device).expand(len(active), p.num_captions, tokens)
+            else:
+                patches = sample_patch_sets(heat[active], rngs, p.num_captions, p.num_patches)  # [A, C, K]
+                index = torch.from_numpy(patches + 1).to(device).long()  # +1 skips CLS
+            uniforms = None
+            if p.decoding == "sample":
+                uniforms = torch.from_numpy(np.stack([rng.random((p.num_captions, new_tokens)) for rng in rngs]))
+            texts = self._decode(images, image_rows[active], index, uniforms)
             for a, i in enumerate(active):
                 rounds[i] = r + 1
                 for text in texts[a]:
@@ -269,28 +291,56 @@ class Caption(Stage):
         return {"captions": captions, "shortfall": shortfall, "rounds": rounds}
 
     def _decode(self, images: torch.Tensor, image_of: torch.Tensor, index: torch.Tensor,
-                uniforms: torch.Tensor) -> list[list[str]]:
-        """Generate one caption per patch set: ``index [A, C, K]`` patch ids (CLS = 0) into the
-        image features of ``image_of [A]``; returns ``A`` lists of ``C`` captions."""
+                uniforms: torch.Tensor | None) -> list[list[str]]:
+        """One caption per token set: ``index [A, C, K]`` token ids (CLS = 0) into the image
+        features of ``image_of [A]``, ``uniforms [A, C, T]`` for sampling (None: beam search);
+        returns ``A`` lists of ``C`` captions."""
         import torch
+
+        from models.blip.beam_search import beam_search
 
         p = self.params
         a, c, k = index.shape
         width = images.shape[-1]
         states = images[image_of][:, None].expand(a, c, -1, -1)                  # [A, C, 1+P, W]
         states = torch.gather(states, 2, index[..., None].expand(a, c, k, width))  # [A, C, K, W]
-        states, flat_uniforms = states.reshape(a * c, k, width), uniforms.reshape(a * c, -1)
+        states = states.reshape(a * c, k, width)
+        flat_uniforms = None if uniforms is None else uniforms.reshape(a * c, -1).to(states.device)
         texts: list[str] = []
         prompt = self.prompt_ids.to(states.device)
+        special = dict(eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id)
         with torch.no_grad():
             for s in range(0, a * c, p.generation_batch):
-                ids = self.model.generate(
-                    states[s:s + p.generation_batch], prompt, flat_uniforms[s:s + p.generation_batch],
-                    max_length=p.max_length, min_length=p.min_length, top_k=p.top_k, top_p=p.top_p,
-                    repetition_penalty=p.repetition_penalty, eos_token_id=self.tokenizer.sep_token_id,
-                    pad_token_id=self.tokenizer.pad_token_id)
-                texts += self.tokenizer.batch_decode(ids[:, len(prompt):], skip_special_tokens=True)
+                chunk = states[s:s + p.generation_batch]
+                if flat_uniforms is None:
+                    ids = beam_search(self.model.text_decoder, chunk, prompt, num_beams=p.num_beams,
+                                      max_length=p.max_length, min_length=p.min_length,
+                                      repetition_penalty=p.repetition_penalty, length_penalty=p.length_penalty,
+                                      **special)
+                else:
+                    ids = self.model.generate(chunk, prompt, flat_uniforms[s:s + p.generation_batch],
+                                              max_length=p.max_length, min_length=p.min_length, top_k=p.top_k,
+                                              top_p=p.top_p, repetition_penalty=p.repetition_penalty, **special)
+                texts += caption_texts(self.tokenizer, ids, len(prompt), p.prompt, p.text)
         return [texts[i * c:(i + 1) * c] for i in range(a)]
+
+
+def caption_texts(tokenizer, ids, prompt_tokens: int, prompt: str, mode: str) -> list[str]:
+    """The captions of generated ``ids [N, T]`` (prompt included). ``reference``: LAVIS's
+    ``tokenizer.decode(ids, skip_special_tokens=True)[len(prompt):]`` (with the tokenizer's
+    spacing clean-up on, as in the transformers LAVIS used); ``tokens``: the new tokens alone,
+    leading word-pieces dropped."""
+    if mode == "reference":
+        full = tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [text[len(prompt):] for text in full]
+    rows = []
+    for row in ids[:, prompt_tokens:].tolist():
+        pieces = tokenizer.convert_ids_to_tokens(row)
+        start = 0
+        while start < len(pieces) and pieces[start].startswith("##"):
+            start += 1
+        rows.append(row[start:])
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 # --- blip_features --------------------------------------------------------------------------

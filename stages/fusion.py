@@ -36,6 +36,11 @@ class FeatureFusionParams(StageParams):
     Lf: int = Field(1, ge=0, description="difnet: layers before the streams are fused (each applied T times)")
     T: int = Field(2, ge=1, description="difnet: repetitions of each pre-fusion layer per stream")
     N: int = Field(3, ge=1, description="difnet: total layers (N > Lf)")
+    formulation: Literal["gated", "reference"] = Field(
+        "gated", description="difnet (untrained modules; a weights file brings its own): gated = one residual and "
+        "LayerNorm per sub-layer, per-stream LayerNorms; reference = the published DIFNet encoder layer for layer "
+        "(double residual, shared attention LayerNorm, padded SAM tokens kept)")
+    identity_map_reordering: bool = Field(False, description="difnet reference: the published pre-norm variant")
 
 
 class FeatureFusion(Stage):
@@ -74,7 +79,9 @@ class FeatureFusion(Stage):
         if p.weights:
             return read_fusion_config(self._weights_path())
         return FusionConfig(mode=p.mode, blip_width=blip_width, sam_dim=sam_dim, grid=grid, width=p.width,
-                            heads=p.heads, sam_grid=p.sam_grid, Lf=p.Lf, T=p.T, N=p.N)
+                            heads=p.heads, sam_grid=p.sam_grid, Lf=p.Lf, T=p.T, N=p.N,
+                            formulation=p.formulation if p.mode == "difnet" else "gated",
+                            identity_map_reordering=p.identity_map_reordering)
 
     def problems(self) -> list[tuple[str, str]]:
         from models.fusion.checkpoint import read_fusion_config
@@ -92,6 +99,8 @@ class FeatureFusion(Stage):
             return []
         if p.mode == "difnet" and p.N <= p.Lf:
             return [("N", f"DIFNet needs N > Lf (the streams are fused at layer Lf): got N={p.N}, Lf={p.Lf}")]
+        if p.identity_map_reordering and (p.mode != "difnet" or p.formulation != "reference"):
+            return [("identity_map_reordering", "it belongs to mode: difnet with formulation: reference")]
         if p.width % p.heads:
             return [("heads", f"width {p.width} is not divisible by heads {p.heads}")]
         return []

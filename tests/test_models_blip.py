@@ -502,3 +502,61 @@ def test_tokenize_questions(tokenizer):
 def test_caption_prompt(tokenizer):
     prompt = caption_prompt_ids(tokenizer)
     assert tokenizer.convert_ids_to_tokens(prompt) == ["[DEC]", "a", "picture", "of"]
+
+
+# ---------------------------------------------------------------- beam search and caption text
+
+def _hf_decoder(captioner):
+    """transformers' own BLIP text decoder holding our captioner's decoder weights."""
+    from transformers.models.blip.configuration_blip import BlipTextConfig
+    from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel
+
+    c = captioner.config.bert
+    config = BlipTextConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, encoder_hidden_size=c.encoder_width,
+                            intermediate_size=c.intermediate_size, num_hidden_layers=c.num_layers,
+                            num_attention_heads=c.num_heads, max_position_embeddings=c.max_position,
+                            layer_norm_eps=c.layer_norm_eps, hidden_act="gelu", pad_token_id=c.pad_token_id,
+                            bos_token_id=None, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    hf = BlipTextLMHeadModel(config).eval()
+    missing, unexpected = hf.load_state_dict(captioner.text_decoder.state_dict(), strict=False)
+    assert not missing and set(unexpected) <= {"bert.embeddings.position_ids"}
+    return hf
+
+
+def _until_eos(row, eos):
+    row = row.tolist()
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+@pytest.mark.parametrize("num_beams, min_length, penalty, length_penalty",
+                         [(3, 10, 1.0, 1.0), (4, 5, 1.3, 1.0), (2, 0, 1.0, 0.5)])
+def test_beam_search_equals_transformers_generate(captioner, tokenizer, num_beams, min_length, penalty,
+                                                  length_penalty):
+    from models.blip.beam_search import beam_search
+
+    hf = _hf_decoder(captioner)
+    prompt = caption_prompt_ids(tokenizer)
+    states = _states(captioner, 3, seed=4)
+    with torch.no_grad():
+        ours = beam_search(captioner.text_decoder, states, prompt, num_beams=num_beams, max_length=14,
+                           min_length=min_length, repetition_penalty=penalty, length_penalty=length_penalty,
+                           eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+        theirs = hf.generate(input_ids=prompt.expand(3, -1), encoder_hidden_states=states, num_beams=num_beams,
+                             max_length=14, min_length=min_length, repetition_penalty=penalty,
+                             length_penalty=length_penalty, do_sample=False, eos_token_id=tokenizer.sep_token_id,
+                             pad_token_id=tokenizer.pad_token_id, early_stopping=False)
+    for a, b in zip(ours, theirs):
+        assert _until_eos(a, tokenizer.sep_token_id) == _until_eos(b, tokenizer.sep_token_id)
+
+
+def test_caption_text_is_lavis_and_never_shows_word_pieces(tokenizer):
+    from stages.blip import caption_texts
+
+    prompt = caption_prompt_ids(tokenizer)
+    piece = tokenizer.convert_tokens_to_ids("##9")
+    words = tokenizer.convert_tokens_to_ids(["red", "circle"])
+    ids = torch.tensor([[*prompt.tolist(), piece, *words, tokenizer.sep_token_id],
+                        [*prompt.tolist(), *words, tokenizer.sep_token_id, tokenizer.pad_token_id]])
+    # LAVIS: decode everything, cut len("a picture of ") characters: "##9" glued to "of" goes with it
+    assert caption_texts(tokenizer, ids, len(prompt), "a picture of ", "reference") == [" red circle", "red circle"]
+    assert caption_texts(tokenizer, ids, len(prompt), "a picture of ", "tokens") == ["red circle", "red circle"]

@@ -4,12 +4,13 @@ fusion layer and final residual checked by hand, masks, config validation, safet
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from models.fusion import (DifnetTrace, FusionConfig, build_fusion, fusion_fingerprint, load_fusion,
-                           read_fusion_config, save_fusion)
+                           load_reference_encoder, read_fusion_config, save_fusion)
 from models.weights import WeightsError
 
 GRID, BLIP_WIDTH, SAM_DIM = 4, 24, 8
@@ -322,3 +323,130 @@ def test_load_refuses_other_files(tmp_path):
 def test_save_refuses_a_config_that_is_not_the_modules(tmp_path):
     with pytest.raises(ValueError, match="built with"):
         save_fusion(build(make_config("difnet")), make_config("difnet", N=4), tmp_path / "f.safetensors")
+
+
+# ---------------------------------------------------------------- the published DIFNet encoder
+
+REFERENCE_KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "difnet_encoder_default.keys.json"
+
+
+def _published_state(keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random values under the published encoder's names and shapes (LayerNorms away from 1 / 0)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in keys.items():
+        if name.endswith("weight") and len(shape) == 1:
+            state[name] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif len(shape) == 1:
+            state[name] = 0.1 * torch.randn(shape, generator=g)
+        else:
+            state[name] = torch.randn(shape, generator=g) / shape[1] ** 0.5
+    return state
+
+
+def _published_encoder(state, s1, s2, m1, m2, Lf, T, N, heads, reorder):
+    """The published MultiLevelEncoder written out from its rules (mrwu-mac/DIFNet encoders.py,
+    attention.py, utils.py; eval mode): EncoderLayer = lnorm(x + mhatt(x)) then pwff, where mhatt
+    adds its own residual + layer_norm (always stream 0's), pwff its per-stream layer_norm; with
+    identity_map_reordering both sub-layers are x + relu(f(layer_norm(x))). Masks: True = keep."""
+    import torch.nn.functional as F
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], state[name + ".weight"], state[name + ".bias"])
+
+    def lin(x, name):
+        return F.linear(x, state[name + ".weight"], state[name + ".bias"])
+
+    def attention(x, i, mask):
+        b, t, d = x.shape
+        q, k, v = (lin(x, f"layers.{i}.mhatt.attention.fc_{n}").view(b, t, heads, -1).transpose(1, 2) for n in "qkv")
+        scores = q @ k.transpose(-1, -2) / (d // heads) ** 0.5
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        return lin((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, d), f"layers.{i}.mhatt.attention.fc_o")
+
+    def layer(x, i, mask, m):
+        p = f"layers.{i}"
+        if reorder:
+            att = x + torch.relu(attention(ln(x, f"{p}.mhatt.layer_norm"), i, mask))
+        else:
+            att = ln(x + attention(x, i, mask), f"{p}.mhatt.layer_norm")
+        att = ln(x + att, f"{p}.lnorm" if m == 0 else f"{p}.lnorm1")
+        ffn_norm = f"{p}.pwff.layer_norm" if m == 0 else f"{p}.pwff.layer_norm1"
+        if reorder:
+            return att + torch.relu(lin(torch.relu(lin(ln(att, ffn_norm), f"{p}.pwff.fc1")), f"{p}.pwff.fc2"))
+        return ln(att + lin(torch.relu(lin(att, f"{p}.pwff.fc1")), f"{p}.pwff.fc2"), ffn_norm)
+
+    out, out1 = s1, s2
+    for i in range(N):
+        if i < Lf:
+            for _ in range(T):
+                out, out1 = layer(out, i, m1, 0), layer(out1, i, m2, 1)
+        elif i == Lf:
+            x1, x2 = out, out1
+            out = layer(out + out1, i, m1, 0)
+        else:
+            out = layer(out, i, m1, 0)
+    return out + x1 + x2
+
+
+def _reference_module(Lf=1, T=2, N=3, reorder=False):
+    config = FusionConfig(mode="difnet", blip_width=512, sam_dim=512, grid=3, width=512, heads=8, ffn_dim=2048,
+                          Lf=Lf, T=T, N=N, formulation="reference", identity_map_reordering=reorder)
+    return build_fusion(config).eval()
+
+
+def test_reference_layout_is_the_published_one():
+    if not REFERENCE_KEYS.exists():
+        pytest.skip(f"{REFERENCE_KEYS} is not beside this checkout")
+    keys = json.loads(REFERENCE_KEYS.read_text())
+    assert len(keys) == 72
+    ours = {k: list(v.shape) for k, v in _reference_module().encoder.state_dict().items()}
+    assert ours == keys
+
+
+@pytest.mark.parametrize("Lf, T, N", [(1, 2, 3), (2, 1, 4), (0, 3, 2)])
+@pytest.mark.parametrize("reorder", [False, True])
+def test_reference_formulation_equals_the_published_encoder(Lf, T, N, reorder):
+    module = _reference_module(Lf, T, N, reorder)
+    keys = {k: list(v.shape) for k, v in module.encoder.state_dict().items()}
+    state = _published_state(keys, seed=Lf + 10 * T + 100 * N)
+    # a captioning checkpoint nests the encoder under "encoder." beside the decoder's weights
+    nested = {f"encoder.{k}": v for k, v in state.items()}
+    nested["decoder.layers.0.pwff.fc1.weight"] = torch.zeros(3, 3)
+    report = load_reference_encoder(module, nested, "published.pth")
+    assert len(report.loaded) == len(state) and report.ignored == ["decoder.layers.0.pwff.fc1.weight"]
+    g = torch.Generator().manual_seed(7)
+    s1, s2 = torch.randn(2, 10, 512, generator=g), torch.randn(2, 10, 512, generator=g)
+    m1 = torch.ones(2, 10, dtype=torch.bool)
+    m2 = m1.clone()
+    m1[1, 4] = False
+    m2[0, 0] = m2[1, 7] = False  # padded SAM tokens: masked as keys, yet kept in the sum (x2 = out1)
+    with torch.no_grad():
+        got = module.encode(s1, s2, m1, m2)
+        want = _published_encoder(state, s1, s2, m1, m2, Lf, T, N, 8, reorder)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def test_reference_encoder_loader_refuses_what_does_not_fit():
+    module = _reference_module()
+    keys = {k: list(v.shape) for k, v in module.encoder.state_dict().items()}
+    state = _published_state(keys)
+    bad = dict(state, **{"layers.0.pwff.fc1.weight": torch.zeros(1024, 512)})
+    with pytest.raises(WeightsError, match="mismatched"):
+        load_reference_encoder(module, bad, "other.pth")
+    with pytest.raises(WeightsError, match="one DIFNet encoder"):
+        load_reference_encoder(module, {"visual_encoder.blocks.0.attn.qkv.weight": torch.zeros(3)}, "blip.pth")
+    gated = build_fusion(FusionConfig(mode="difnet", blip_width=64, sam_dim=32, grid=4, width=64))
+    with pytest.raises(ValueError, match="formulation='reference'"):
+        load_reference_encoder(gated, state, "x")
+    with pytest.raises(ValueError, match="identity_map_reordering"):
+        FusionConfig(mode="difnet", blip_width=64, identity_map_reordering=True)
+
+
+def test_untrained_reference_fusion_returns_blip_tokens():
+    config = FusionConfig(mode="difnet", blip_width=64, sam_dim=32, grid=4, width=64, heads=4,
+                          formulation="reference", identity_map_reordering=True)
+    module = build_fusion(config).eval()
+    blip = torch.randn(2, 17, 64)
+    with torch.no_grad():
+        assert torch.equal(module(blip, torch.randn(2, 32, 8, 8)), blip)

@@ -147,3 +147,33 @@ def test_pnp_vqa_graph_runs(tmp_path, executor, request):
     assert all(len(r["caption.captions"]) == 2 and isinstance(r["answer.answer"], str) for r in rows)
     assert all(0.0 <= r["accuracy.accuracy"] <= 1.0 for r in rows)
     assert summary.nodes["pixels"].rows == 2 and summary.nodes["gradcam"].rows == 4
+
+
+def test_caption_beam_search_and_whole_image_captioning(caption_stage):
+    from models.blip.beam_search import beam_search
+
+    beam = Caption(Caption.Params(num_captions=1, decoding="beam", num_beams=3, max_rounds=2))
+    beam.setup("cpu")
+    px = pixels(2, seed=5)
+    out = beam.process(batch_of({"pixels": px}, [0, 1], ["a", "b"]))  # no heatmap: the whole image
+    assert [len(c) for c in out["captions"]] == [1, 1] and list(out["rounds"]) == [1, 1]
+    # the text is beam search over every image token (CLS included), decoded as LAVIS does
+    import torch
+
+    with torch.no_grad():
+        tokens = beam.model.encode_image(torch.from_numpy(px))
+        ids = beam_search(beam.model.text_decoder, tokens, beam.prompt_ids, num_beams=3, max_length=20,
+                          min_length=10, repetition_penalty=1.0, length_penalty=1.0,
+                          eos_token_id=beam.tokenizer.sep_token_id, pad_token_id=beam.tokenizer.pad_token_id)
+    want = [t[len("a picture of "):] for t in beam.tokenizer.batch_decode(ids, skip_special_tokens=True,
+                                                                          clean_up_tokenization_spaces=True)]
+    assert [c[0] for c in out["captions"]] == want
+    # with a heatmap, beam search is deterministic per patch set (and per row)
+    heat = np.random.default_rng(2).random((2, 24, 24)).astype(np.float32)
+    three = Caption(Caption.Params(num_captions=3, decoding="beam", max_rounds=3))
+    three.setup("cpu")
+    batch = batch_of({"pixels": px, "heatmap": heat}, [0, 1], ["a", "b"])
+    assert three.process(batch)["captions"] == three.process(batch)["captions"]
+    # beam search on the whole image cannot give several distinct captions: refused before work
+    problems = Caption(Caption.Params(num_captions=3, decoding="beam")).wiring_problems({"pixels"})
+    assert problems and problems[0][0] == "params.num_captions"

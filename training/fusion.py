@@ -98,6 +98,9 @@ class TrainSettings(HeldOutSeed):
     T: int = 2
     N: int = 3
     sam_cls: str = "zero"
+    formulation: str = "gated"
+    identity_map_reordering: bool = False
+    difnet_encoder: str | None = None
     checkpoint_every: int = 50
     feature_cache: int = 4096
     feature_batch: int = 16
@@ -148,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--T", type=int, default=2, help="DIFNet: applications of each pre-fusion layer per stream")
     f.add_argument("--N", type=int, default=3, help="DIFNet: layers in all (N > Lf)")
     f.add_argument("--sam-cls", choices=["zero", "learned"], default="zero", help="DIFNet: SAM stream CLS slot")
+    f.add_argument("--formulation", choices=["gated", "reference"], default="gated",
+                   help="DIFNet: gated (one residual per sub-layer) or reference (the published encoder, layer for "
+                   "layer; models/fusion/difnet_reference.py)")
+    f.add_argument("--identity-map-reordering", action="store_true", help="DIFNet reference: the pre-norm variant")
+    f.add_argument("--difnet-encoder", metavar="FILE", help="DIFNet reference: start the encoder from a published "
+                   "mrwu-mac/DIFNet checkpoint (its encoder keys, e.g. encoder.layers.N.mhatt...; --width, --heads, "
+                   "--ffn-dim, --N must match it)")
     add_source_options(p)
     t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="positives per step (as many "
                                  "negatives)", lr=1e-3, lr_help="AdamW learning rate (constant)", weight_decay=0.01,
@@ -178,7 +188,8 @@ def settings_from_args(args: argparse.Namespace) -> TrainSettings:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         swap_fraction=args.swap_fraction, width=args.width, heads=args.heads, ffn_dim=args.ffn_dim,
         dropout=args.dropout, sam_grid=args.sam_grid, Lf=args.Lf, T=args.T, N=args.N, sam_cls=args.sam_cls,
-        checkpoint_every=args.checkpoint_every, feature_cache=args.feature_cache, feature_batch=args.feature_batch,
+        formulation=args.formulation, identity_map_reordering=args.identity_map_reordering,
+        difnet_encoder=args.difnet_encoder, checkpoint_every=args.checkpoint_every, feature_cache=args.feature_cache, feature_batch=args.feature_batch,
         device=args.device, eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
         block_num=args.block_num, resume=args.resume, quiet=args.quiet)
 
@@ -343,7 +354,8 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
     from models.blip.checkpoint import itm_fingerprint
     from models.efficient_sam import load_efficient_sam
     from models.efficient_sam import weights_fingerprint as sam_fingerprint
-    from models.fusion import FusionConfig, build_fusion, fusion_fingerprint, save_fusion
+    from models.fusion import FusionConfig, build_fusion, fusion_fingerprint, load_reference_encoder, save_fusion
+    from models.weights import load_checkpoint
     from training import outputs
     from training.data import FeatureStore, load_data, source_params
     from training.pairs import draw_pairs
@@ -365,7 +377,9 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
     blip_width = itm.config.vit.width
     config = FusionConfig(mode=s.mode, blip_width=blip_width, sam_dim=sam.config.embed_dim, grid=itm.grid,
                           width=s.width or min(blip_width, 256), heads=s.heads, ffn_dim=s.ffn_dim,
-                          dropout=s.dropout, sam_grid=s.sam_grid, Lf=s.Lf, T=s.T, N=s.N, sam_cls=s.sam_cls)
+                          dropout=s.dropout, sam_grid=s.sam_grid, Lf=s.Lf, T=s.T, N=s.N, sam_cls=s.sam_cls,
+                          formulation=s.formulation if s.mode == "difnet" else "gated",
+                          identity_map_reordering=s.identity_map_reordering)
     params = source_params(s.source, s.seed, s.num_images, s.source_params)
     data = load_data(s.source, params, s.limit)
     store = FeatureStore(data, itm, sam, device, chunk=s.feature_batch, max_cached=s.feature_cache)
@@ -388,7 +402,11 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
                                 s.swap_fraction)
 
     torch.manual_seed(s.seed)
-    model = build_fusion(config).to(device).train()
+    model = build_fusion(config)
+    if s.difnet_encoder:
+        report = load_reference_encoder(model, load_checkpoint(s.difnet_encoder), s.difnet_encoder)
+        print(f"DIFNet encoder from {s.difnet_encoder}: {report.summary()}", file=sys.stderr)
+    model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     losses: list[float] = []
     accuracies: list[float] = []

@@ -13,16 +13,18 @@ is trained.
     common.py          input checks, SAM resampling, masks, attention
     concat_conv.py     1x1 conv over [BLIP grid ; SAM resized], learned CLS
     cross_attention.py BLIP tokens query (resized) SAM tokens
-    difnet.py          DIFNet two-stream multi-level encoder
-    checkpoint.py      build / save / load (safetensors + config metadata), fingerprints
+    difnet.py          DIFNet two-stream multi-level encoder (formulation "gated")
+    difnet_reference.py  the published DIFNet encoder, layer for layer (formulation "reference")
+    checkpoint.py      build / save / load (safetensors + config metadata), fingerprints, the
+                       published DIFNet encoder's key layout (load_reference_encoder)
 
-There are no pretrained fusion weights; ``runtime train fusion`` (``training.fusion``) trains
+There are no pretrained BLIP + SAM fusion weights; ``runtime train fusion`` (``training.fusion``) trains
 them with frozen BLIP ITM and SAM. GradCAM on fused tokens has a weaker spatial meaning than on
 the original ViT tokens (attention and convolutions mix positions).
 """
 
-from models.fusion.checkpoint import (FORMAT, build_fusion, fusion_fingerprint, load_fusion, read_fusion_config,
-                                      save_fusion)
+from models.fusion.checkpoint import (FORMAT, build_fusion, fusion_fingerprint, import_difnet_encoder, load_fusion,
+                                      load_reference_encoder, read_fusion_config, save_fusion)
 from models.fusion.concat_conv import ConcatConvFusion
 from models.fusion.config import MODES, FusionConfig
 from models.fusion.cross_attention import CrossAttentionFusion
@@ -30,5 +32,6 @@ from models.fusion.difnet import DifnetFusion, DifnetLayer, DifnetTrace
 
 __all__ = [
     "ConcatConvFusion", "CrossAttentionFusion", "DifnetFusion", "DifnetLayer", "DifnetTrace", "FORMAT", "FusionConfig",
-    "MODES", "build_fusion", "fusion_fingerprint", "load_fusion", "read_fusion_config", "save_fusion",
+    "MODES", "build_fusion", "fusion_fingerprint", "import_difnet_encoder", "load_fusion", "load_reference_encoder",
+    "read_fusion_config", "save_fusion",
 ]

@@ -8,6 +8,7 @@ against what the caller expects (a graph knows its BLIP width and grid and its S
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from models.fusion.config import FusionConfig
-from models.weights import WeightsError, apply_state_dict, file_fingerprint
+from models.weights import LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint
 
 FORMAT = "pnpvqa-fusion"
 
@@ -106,3 +107,43 @@ def fusion_fingerprint(path: str | Path) -> str:
         raise WeightsError(f"fusion weights {path} do not exist")
     return file_fingerprint(path)
 
+
+
+# an encoder layer of the published DIFNet layout (the decoder's layers have no mhatt / lnorm)
+_DIFNET_ENCODER_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?)layers\.\d+\.(?:mhatt|lnorm1?)\.")
+
+
+def load_reference_encoder(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> LoadReport:
+    """Load the encoder of a published mrwu-mac/DIFNet state dict into a ``difnet`` module of
+    ``formulation: reference``: keys ``[PREFIX]layers.N.{mhatt.attention.fc_q,fc_k,fc_v,fc_o,
+    mhatt.layer_norm, mhatt.layer_norm1, lnorm, lnorm1, pwff.fc1, pwff.fc2, pwff.layer_norm,
+    pwff.layer_norm1}`` (PREFIX is found: ``encoder.`` in a captioning checkpoint). Every encoder
+    key must fit (names and shapes: ``WeightsError`` otherwise); the other keys (decoder, ...)
+    are reported as ignored. The module's projections around the encoder are not in such a file
+    and keep their initialisation (``out_proj`` zero: the fused tokens equal BLIP's)."""
+    config = getattr(module, "config", None)
+    if config is None or config.mode != "difnet" or config.formulation != "reference":
+        raise ValueError("a published DIFNet encoder loads into a difnet module with formulation='reference'")
+    prefixes = {m["prefix"] for k in state if (m := _DIFNET_ENCODER_KEY.match(k))}
+    if len(prefixes) != 1:
+        found = ", ".join(sorted(p or "(none)" for p in prefixes)) or "none"
+        raise WeightsError(f"{source}: expected the layers of one DIFNet encoder (layers.N.mhatt..., layers.N.lnorm "
+                           f"...), found prefixes: {found}")
+    outer = prefixes.pop()
+    prefix = outer + "layers."
+    encoder_state = {k[len(outer):]: v for k, v in state.items() if k.startswith(prefix)}
+    report = apply_state_dict(module.encoder, encoder_state, f"the DIFNet encoder in {source}")
+    if report.unexpected:
+        raise WeightsError(f"the DIFNet encoder in {source} does not fit ({module.config.N} layers, width "
+                           f"{module.config.width}): {report.summary()}")
+    report.ignored = sorted(k for k in state if not k.startswith(prefix))
+    return report
+
+
+def import_difnet_encoder(path: str | Path, config: FusionConfig) -> tuple[nn.Module, LoadReport]:
+    """A ``reference`` DIFNet fusion module of ``config`` with the encoder of the published
+    checkpoint at ``path`` (read with ``weights_only``; a ``{"state_dict": ...}`` wrapper is
+    unwrapped)."""
+    module = build_fusion(config)
+    report = load_reference_encoder(module, load_checkpoint(path), str(path))
+    return module, report

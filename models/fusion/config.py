@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 MODES = ("concat_conv", "cross_attention", "difnet")
 SAM_CLS = ("zero", "learned")
+FORMULATIONS = ("gated", "reference")
 CONFIG_VERSION = 1  # bump when a module's architecture changes for the same config
 
 
@@ -30,6 +31,10 @@ class FusionConfig:
     sam_grid    cross_attention: SAM tokens are resized to ``sam_grid x sam_grid`` keys
     Lf, T, N    difnet: layers before fusion (each applied T times per stream), total layers (N > Lf)
     sam_cls     difnet: SAM stream's CLS slot: "zero" (masked out) or "learned" (a kept token)
+    formulation difnet: "gated" (one residual + LayerNorm per sub-layer, per-stream LayerNorms,
+                masked SAM tokens zeroed at the fusion) or "reference" (the published DIFNet
+                encoder, layer for layer: models/fusion/difnet_reference.py)
+    identity_map_reordering  difnet reference: the published pre-norm variant
     """
 
     mode: str
@@ -45,6 +50,8 @@ class FusionConfig:
     T: int = 2
     N: int = 3
     sam_cls: str = "zero"
+    formulation: str = "gated"
+    identity_map_reordering: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -71,6 +78,10 @@ class FusionConfig:
                        f"got N={self.N}, Lf={self.Lf}")
         if not 0.0 <= float(self.dropout) < 1.0:
             out.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.formulation not in FORMULATIONS:
+            out.append(f"formulation {self.formulation!r} is not one of {', '.join(FORMULATIONS)}")
+        if self.identity_map_reordering and self.formulation != "reference":
+            out.append("identity_map_reordering belongs to the reference DIFNet formulation")
         if self.sam_cls not in SAM_CLS:
             out.append(f"sam_cls {self.sam_cls!r} is not one of {', '.join(SAM_CLS)}")
         if self.version != CONFIG_VERSION:

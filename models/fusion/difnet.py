@@ -22,10 +22,13 @@ so changing it changes no other token. Stream-2 tokens that are masked (the zero
 default) are zeroed before the sum, so they never reach the fused stream; the fused layers use
 the stream-1 mask. The BLIP tokens masked out are returned unchanged.
 
-Differences from mrwu-mac/DIFNet ``encoders.py``: explicit masks (above); the reference's
-``MultiHeadAttention`` applies its own residual + LayerNorm and ``EncoderLayer`` another one on
-top (a double residual); here each sub-layer has one residual and one LayerNorm, as the paper
-describes; input projections and the zero-initialised output projection are ours.
+This is the ``gated`` formulation. It differs from mrwu-mac/DIFNet's published encoder:
+explicit masks (above); the published ``MultiHeadAttention`` applies its own residual +
+LayerNorm (shared by both streams) and ``EncoderLayer`` another one on top (a double residual),
+and masked SAM tokens are kept at the fusion; here each sub-layer has one residual and one
+LayerNorm per stream, as the paper describes. ``formulation: reference`` runs the published
+encoder instead (``difnet_reference.py``), with the same projections around it. The input
+projections and the zero-initialised output projection are ours in both.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import nn
 from models.fusion.common import (MultiHeadAttention, check_inputs, check_mask, flatten_grid, projection,
                                   residual, sam_to_grid, xavier_linear, zero_linear)
 from models.fusion.config import FusionConfig
+from models.fusion.difnet_reference import ReferenceEncoder
 
 
 class DifnetLayer(nn.Module):
@@ -87,9 +91,12 @@ class DifnetFusion(nn.Module):
         if config.sam_cls == "learned":
             self.sam_cls = nn.Parameter(torch.zeros(1, 1, d))
             nn.init.trunc_normal_(self.sam_cls, std=0.02)
-        self.layers = nn.ModuleList(
-            DifnetLayer(d, config.heads, config.ffn_width, config.dropout, streams=2 if i < config.Lf else 1)
-            for i in range(config.N))
+        if config.formulation == "reference":
+            self.encoder = ReferenceEncoder(config)
+        else:
+            self.layers = nn.ModuleList(
+                DifnetLayer(d, config.heads, config.ffn_width, config.dropout, streams=2 if i < config.Lf else 1)
+                for i in range(config.N))
         self.out_proj = zero_linear(d, config.blip_width)
 
     def streams(self, blip_tokens: torch.Tensor, sam_embed: torch.Tensor, blip_mask: torch.Tensor | None = None,
@@ -122,6 +129,8 @@ class DifnetFusion(nn.Module):
         """The multi-level encoder on the streams of :meth:`streams` -> ``encoded [B, 1+P, d]``
         (``out + x1 + x2``). ``trace``: filled with the intermediate states."""
         cfg = self.config
+        if cfg.formulation == "reference":
+            return self.encoder(s1, s2, m1, m2, trace)
         out, out2 = s1, s2
         x1 = x2 = None
         k1 = None if bool(m1.all()) else m1  # no mask: the faster attention kernels
