@@ -355,7 +355,7 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
     from models.efficient_sam import load_efficient_sam
     from models.efficient_sam import weights_fingerprint as sam_fingerprint
     from models.fusion import FusionConfig, build_fusion, fusion_fingerprint, load_reference_encoder, save_fusion
-    from models.weights import load_checkpoint
+    from models.weights import load_checkpoint as load_weights_file
     from training import outputs
     from training.data import FeatureStore, load_data, source_params
     from training.pairs import draw_pairs
@@ -404,7 +404,7 @@ def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
     torch.manual_seed(s.seed)
     model = build_fusion(config)
     if s.difnet_encoder:
-        report = load_reference_encoder(model, load_checkpoint(s.difnet_encoder), s.difnet_encoder)
+        report = load_reference_encoder(model, load_weights_file(s.difnet_encoder), s.difnet_encoder)
         print(f"DIFNet encoder from {s.difnet_encoder}: {report.summary()}", file=sys.stderr)
     model = model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
