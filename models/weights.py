@@ -133,6 +133,11 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     if report.missing or report.mismatched:
         raise WeightsError(f"{source} does not fit the model: {report.summary()}. Is it the checkpoint of "
                            "another model or size (check --preset)?")
+    broken = [k for k, v in usable.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise WeightsError(f"{source} holds NaN or infinite values in {len(broken)} tensors ({', '.join(broken[:5])}"
+                           f"{', ...' if len(broken) > 5 else ''}): a diverged training run or a damaged file; "
+                           "results from it would be meaningless")
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     return report

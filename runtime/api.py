@@ -13,7 +13,8 @@ from runtime.graph import Graph, load_graph
 from runtime.run import RunContext, RunSummary
 from runtime.shard_work import PARTS
 from runtime.run_lock import RunLock
-from runtime.shards import iter_shards
+from runtime.records import check_dataset
+from runtime.shards import iter_shards, select_samples
 
 DEFAULT_CACHE = ".runtime_cache"
 EXECUTORS = ("auto", "ray", "local")
@@ -53,19 +54,14 @@ def resolve_device(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def choose_executor(graph: Graph, executor: str, address: str | None, limit: int | None,
-                    ids: set[str] | None) -> str:
+def choose_executor(executor: str, address: str | None, samples: int) -> str:
     """``auto``: Ray for a cluster (``address``) or a run of at least ``AUTO_RAY_SAMPLES``
     samples on a machine with more than one CPU; the local executor otherwise."""
     if executor != "auto":
         return executor
     if address:
         return "ray"
-    samples = len(ids) if ids is not None else graph.source.count()
-    if limit is not None:
-        samples = limit if samples is None else min(samples, limit)
-    big = samples is None or samples >= AUTO_RAY_SAMPLES
-    return "ray" if big and (os.cpu_count() or 1) > 1 else "local"
+    return "ray" if samples >= AUTO_RAY_SAMPLES and (os.cpu_count() or 1) > 1 else "local"
 
 
 def check_sources(graph: Graph) -> None:
@@ -106,7 +102,9 @@ def run_graph(
         if name not in graph.nodes:
             raise UsageError(f"--force {name}: no such node in {graph.path}; nodes: {', '.join(graph.nodes)}")
     check_sources(graph)
-    executor = choose_executor(graph, executor, address, limit, ids)
+    dataset = check_dataset(select_samples(graph.source.iter_samples(), ids, limit), ids,
+                            source=f"the dataset of {graph.path} ({graph.source.name})")
+    executor = choose_executor(executor, address, dataset.samples)
     started: list[bool] = []
 
     def connect() -> None:
@@ -132,12 +130,7 @@ def run_graph(
             if no_cache:
                 out.delete_dir(PARTS)
             ctx.write_manifest("running", executor, device, args)
-            total = graph.source.count()
-            if ids is not None:
-                total = None
-            if limit is not None:
-                total = min(total, limit) if total is not None else limit
-            bars = Progress(ctx, total, progress)
+            bars = Progress(ctx, dataset.samples, progress)
             shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
             try:
                 if executor == "local":

@@ -46,24 +46,48 @@ WORKER_WAIT = 600.0       # seconds to wait for a lost worker's restart when no 
 
 
 class Progress:
-    """One bar for samples plus one per node (rows processed or served from the cache)."""
+    """Progress of a run. On a terminal: one bar for samples plus one per node. Elsewhere (a
+    log file, a cluster job): one plain line per node every ``PROGRESS_SECONDS`` (and at the
+    end): samples done, rate, errors, time left."""
 
-    def __init__(self, ctx: RunContext, total_samples: int | None, enabled: bool):
-        self.samples = tqdm(total=total_samples, desc="samples", unit="q", position=0, disable=not enabled,
-                            dynamic_ncols=True, leave=True)
-        self.nodes = {
-            name: tqdm(total=total_samples, desc=f"  {name}", unit="q", position=i + 1, disable=not enabled,
-                       dynamic_ncols=True, leave=True)
-            for i, name in enumerate(ctx.graph.nodes)
-        }
+    def __init__(self, ctx: RunContext, total_samples: int | None, enabled: bool, stream=None):
+        self.ctx, self.total, self.enabled = ctx, total_samples, enabled
+        self.stream = stream or sys.stderr
+        self.plain = enabled and not self.stream.isatty()
+        self.done, self.started, self.printed = 0, time.monotonic(), time.monotonic()
+        self.interval = float(os.environ.get("RUNTIME_PROGRESS_SECONDS", "30"))
+        bars = enabled and not self.plain
+        self.bars = [tqdm(total=total_samples, desc="samples", unit="q", position=0, dynamic_ncols=True,
+                          leave=True, file=self.stream)] if bars else []
+        if bars:
+            self.bars += [tqdm(total=total_samples, desc=f"  {name}", unit="q", position=i + 1, dynamic_ncols=True,
+                               leave=True, file=self.stream) for i, name in enumerate(ctx.graph.nodes)]
 
     def shard(self, samples: int) -> None:
-        for bar in [*self.nodes.values(), self.samples]:
+        self.done += samples
+        for bar in self.bars:
             bar.update(samples)
+        if self.plain and time.monotonic() - self.printed >= self.interval:
+            self.lines()
+
+    def lines(self) -> None:
+        """One line per node: where the run stands."""
+        self.printed = time.monotonic()
+        elapsed = max(1e-9, self.printed - self.started)
+        rate = self.done / elapsed
+        total = f"/{self.total}" if self.total is not None else ""
+        left = ""
+        if self.total and rate > 0 and self.done < self.total:
+            left = f", about {(self.total - self.done) / rate:.0f} s left"
+        for name, node in self.ctx.summary.nodes.items():
+            print(f"[progress] {name}: {self.done}{total} samples, {rate:.1f}/s, {node.errors} errors{left}",
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
-        for bar in [*self.nodes.values(), self.samples]:
+        for bar in self.bars:
             bar.close()
+        if self.plain:
+            self.lines()
 
 
 def run_local(ctx: RunContext, shards: Iterator[Shard], progress: Progress) -> None:

@@ -197,7 +197,13 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
         if not sep or not key:
             problems.append(Problem("--set", None, item, "expected NODE.PARAM=VALUE, dataset.PARAM=VALUE or shard_size=N"))
             continue
-        parsed = parse_value(value)
+        try:
+            parsed = parse_value(value)
+        except Exception as exc:  # yaml.YAMLError and friends: the value, not the graph, is wrong
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            problems.append(Problem("--set", None, key, f"the value {value!r} is not valid YAML ({first}); quote "
+                                    "strings, write lists as [a, b]"))
+            continue
         if key == "shard_size":
             doc["shard_size"] = parsed
             continue

@@ -7,6 +7,7 @@ give the same results.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import sys
 import time
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from artifacts.columns import column_to_python, python_to_column
+from artifacts.columns import column_to_python, is_fixed_tensor, is_variable_tensor, python_to_column
 from runtime.graph import SOURCE, Node
 from runtime.shards import Shard
 from stages.base import Batch, Granularity
@@ -30,6 +31,15 @@ SOURCE_ERROR = "source"        # the dataset record is bad (no image, empty ques
 DATA_ERROR = "data"            # the stage failed on this row's data: same next time (--retry-errors)
 TRANSIENT_ERROR = "transient"  # out of memory, a timeout, a lost worker: the next run retries it
 TRANSIENT_TYPES = (MemoryError, TimeoutError, ConnectionError)
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def clean_message(message: str) -> str:
+    """An error message without memory addresses ("<_io.BytesIO object at 0x7f..>" loses the
+    address), so the same data gives the same text in every run."""
+    return _ADDRESS.sub("", message)
 
 
 def error_kind(exc: BaseException) -> str:
@@ -50,6 +60,19 @@ class NodeStats:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0
     calls: int = 0         # process() calls
+
+
+def non_finite_rows(values, t: pa.DataType) -> list[int]:
+    """Rows of a float tensor output (``[N, ...]`` array or list of arrays / None) holding NaN
+    or infinity; none for other types (scalar statistics may be NaN on purpose)."""
+    if not (is_fixed_tensor(t) or is_variable_tensor(t)):
+        return []
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind != "f":
+            return []
+        return np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1)).tolist()
+    return [k for k, v in enumerate(values) if isinstance(v, np.ndarray) and v.dtype.kind == "f"
+            and not bool(np.isfinite(v).all())]
 
 
 def peak_rss_mb() -> float:
@@ -127,7 +150,7 @@ class NodeRunner:
             done_rows, outs, failures = self._process_rows(rows, inputs, row_ids, out_types)
             stats.calls += 1
             for i, (msg, kind) in failures.items():
-                errors[i], kinds[i] = f"[{self.node.name}] {msg}", kind
+                errors[i], kinds[i] = f"[{self.node.name}] {clean_message(msg)}", kind
                 stats.errors += 1
             if done_rows:
                 pieces.append((done_rows, outs))
@@ -184,6 +207,9 @@ class NodeRunner:
         missing = set(out_types) - set(raw)
         if missing:
             raise RuntimeError(f"stage '{self.stage.name}' returned no column(s) {sorted(missing)}")
+        for name, t in out_types.items():  # a NaN tensor is never a result (e.g. weights gone bad)
+            for k in non_finite_rows(raw[name], t):
+                batch.failures.setdefault(k, f"non-finite values (NaN or infinity) in its output '{name}'")
         outs = {name: python_to_column(raw[name], t, len(rows)) for name, t in out_types.items()}
         failures = {rows[i]: (msg, DATA_ERROR) for i, msg in batch.failures.items()}
         return outs, failures

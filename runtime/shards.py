@@ -28,6 +28,7 @@ import pyarrow as pa
 from artifacts.columns import python_to_column
 from artifacts.filehash import hash_files, sha256_bytes
 from artifacts.fingerprint import fingerprint
+from runtime.records import ERROR, clean_records
 from runtime.sources.base import Source
 
 MAX_FACTOR = 4  # a shard is cut at MAX_FACTOR * shard_size samples when no cut sample came
@@ -124,13 +125,21 @@ def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataT
             image_index[img] = len(image_first)
             image_first.append(i)
         image_rows[i] = image_index[img]
-    image_errors = [None if (records[i].get("image_path") or records[i].get("image_bytes"))
-                    else "[source] no image: the record has neither an image path nor image bytes"
-                    for i in image_first]
+    image_errors = []
+    for i in image_first:
+        r = records[i]
+        if r.get("image_path") or r.get("image_bytes"):
+            image_errors.append(None)
+        elif ERROR in r:
+            image_errors.append(f"[source] {r[ERROR]}")
+        else:
+            image_errors.append("[source] no image: the record has neither an image path nor image bytes")
     sample_errors = []
     for i, r in enumerate(records):
         question = r.get("question")
-        if image_errors[image_rows[i]]:
+        if ERROR in r:
+            sample_errors.append(f"[source] {r[ERROR]}")
+        elif image_errors[image_rows[i]]:
             sample_errors.append(image_errors[image_rows[i]])
         elif not isinstance(question, str) or not question.strip():
             sample_errors.append("[source] empty question")
@@ -143,7 +152,7 @@ def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataT
 def select_samples(records: Iterable[dict[str, Any]], ids: set[str] | None, limit: int | None) -> Iterator[dict[str, Any]]:
     """Keep samples whose id is in ``ids`` (when given), then the first ``limit``."""
     if ids is not None:
-        records = (r for r in records if r["sample_id"] in ids)
+        records = (r for r in records if str(r.get("sample_id")) in ids)
     if limit is not None:
         records = itertools.islice(records, limit)
     return iter(records)
@@ -162,7 +171,7 @@ def iter_shards(source: Source, shard_size: int, ids: set[str] | None = None,
     current: list[dict[str, Any]] = []
     cut_after_image = False  # the current image holds a cut sample
     index = 0
-    for record in select_samples(source.iter_samples(), ids, limit):
+    for record in clean_records(select_samples(source.iter_samples(), ids, limit)):
         new_image = bool(current) and record["image_id"] != current[-1]["image_id"]
         if new_image and (cut_after_image or len(current) >= MAX_FACTOR * shard_size):
             yield _build(index, current, schema)

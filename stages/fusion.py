@@ -118,9 +118,16 @@ class FeatureFusion(Stage):
         except WeightsError:
             return []  # reported by problems()
         wrong = config.mismatches({"blip_width": dims["c"], "grid": grid, "sam_dim": dims["d"]})
-        if not wrong:
-            return []
-        return [("weights", f"{self._weights_path()} was trained for other models: {'; '.join(wrong)}")]
+        if wrong:
+            return [("weights", f"{self._weights_path()} was trained for other models: {'; '.join(wrong)}")]
+        from models.fusion.checkpoint import fusion_file_problems
+
+        broken = fusion_file_problems(self._weights_path(), config)
+        if broken:
+            return [("weights", f"{self._weights_path()} does not fit the {config.mode} module its own config "
+                     f"describes: {'; '.join(broken[:5])}{'; ...' if len(broken) > 5 else ''} (a damaged or "
+                     "hand-edited file: train it again with `runtime train fusion`)")]
+        return []
 
     def weights_fingerprint(self) -> str | None:
         from models.fusion.checkpoint import fusion_fingerprint

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,20 +36,75 @@ RESAMPLE = {
 }
 
 
-def decode_image(data: bytes, source: str) -> np.ndarray:
-    """Encoded image bytes -> ``uint8[H, W, 3]`` upright RGB; ValueError naming ``source``."""
+DEFAULT_MAX_PIXELS = 50_000_000  # a 7000 x 7000 photo; VQAv2 / GQA images are under 1 megapixel
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> ``uint8[H, W, 3]`` upright RGB; ValueError naming ``source``.
+
+    The size is read from the header before any pixel is decoded: a JPEG above ``max_pixels``
+    is decoded at 1/2, 1/4 or 1/8 scale (JPEG draft mode, no full-size buffer), any other image
+    above it is refused, so memory stays bounded whatever the dataset holds. Every mode keeps
+    its real range (:func:`to_rgb`).
+    """
     if not data:
         raise ValueError(f"{source} is empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # sizes are checked below, before decoding
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                if img.format != "JPEG":
+                    raise ImageTooLarge(f"{source} is {w} x {h} = {w * h:,} pixels, above max_pixels "
+                                        f"({max_pixels:,}); raise load_image.max_pixels to read it")
+                scale = next((s for s in (2, 4, 8) if (w // s) * (h // s) <= max_pixels), None)
+                if scale is None:
+                    raise ImageTooLarge(f"{source} is {w} x {h} pixels; even at 1/8 scale it is above "
+                                        f"max_pixels ({max_pixels:,})")
+                img.draft("RGB", (w // scale, h // scale))  # the JPEG decoder's own 1/scale reduction
             img = ImageOps.exif_transpose(img)
-            # Grayscale, RGBA, CMYK, palette -> RGB, as LAVIS does.
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            return to_rgb(img)
+    except ImageTooLarge as exc:
+        raise ValueError(str(exc)) from None
+    except Image.DecompressionBombError as exc:  # PIL's own limit (twice MAX_IMAGE_PIXELS), from the header
+        raise ValueError(f"{source} is refused as too large: {exc}") from None
     except Exception as exc:  # PIL raises many types for bad data; any of them fails this row
         raise ValueError(f"cannot decode {source}: {type(exc).__name__}: {exc}") from exc
 
 
-def read_image(path: str) -> np.ndarray:
+class ImageTooLarge(Exception):
+    pass
+
+
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """``uint8[H, W, 3]`` from any PIL mode, each with its real range: 16-bit grayscale
+    (``I;16*``) and 32-bit integer (``I``, as 16-bit PNGs open) scaled from 0..65535; float (``F``)
+    from 0..1 when it stays there, else 0..255, else its own min..max; every other mode (L, LA,
+    P with or without transparency, RGBA, CMYK, YCbCr, 1) through PIL's own RGB conversion, which
+    drops alpha as LAVIS's ``convert("RGB")`` does."""
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        gray = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or gray.max(initial=0) <= 65535 else float(gray.max())
+        gray = np.clip(gray, 0, top) / top * 255.0
+    elif mode == "F":
+        gray = np.asarray(img, dtype=np.float64)
+        finite = gray[np.isfinite(gray)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        if lo >= 0 and hi <= 1:
+            gray = gray * 255.0
+        elif not (lo >= 0 and hi <= 255):
+            gray = (gray - lo) / (hi - lo or 1.0) * 255.0
+        gray = np.nan_to_num(gray, nan=0.0, posinf=255.0, neginf=0.0)
+    else:
+        return np.array(img.convert("RGB"), dtype=np.uint8)
+    gray = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Read and decode an image file; ValueError saying which file and why."""
     p = Path(path)
     if not p.exists():
@@ -59,17 +115,25 @@ def read_image(path: str) -> np.ndarray:
         data = p.read_bytes()
     except OSError as exc:
         raise ValueError(f"cannot read image file {path}: {exc.strerror or exc}") from exc
-    return decode_image(data, f"image file {path}")
+    return decode_image(data, f"image file {path}", max_pixels)
+
+
+class LoadImageParams(StageParams):
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="largest image (width x height) decoded at full "
+                            "size: a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale, any other larger image fails its "
+                            "row; read from the header, so memory per worker stays bounded")
 
 
 class LoadImage(Stage):
     """Decode an image file or bytes to upright RGB pixels.
 
-    EXIF orientation is applied and every mode (grayscale, RGBA, CMYK, palette) becomes RGB.
-    Bytes win when a row has both. Missing, empty or undecodable images fail their row.
+    EXIF orientation is applied and every mode becomes RGB with its real range (16-bit and
+    float images scaled, not clipped; palette, LA and RGBA through PIL's conversion). Bytes win
+    when a row has both. Missing, empty, undecodable or too large images fail their row.
     """
 
     name = "load_image"
+    Params = LoadImageParams
     granularity = Granularity.IMAGE
     cacheable = False
     resources = Resources(batch_size=32)
@@ -89,9 +153,9 @@ class LoadImage(Stage):
         for i in range(len(batch)):
             try:
                 if has_bytes[i]:
-                    images.append(decode_image(blobs[i], "image bytes"))
+                    images.append(decode_image(blobs[i], "image bytes", self.params.max_pixels))
                 elif has_path[i]:
-                    images.append(read_image(paths[i]))
+                    images.append(read_image(paths[i], self.params.max_pixels))
                 else:
                     raise ValueError("row has neither image_path nor image_bytes")
             except ValueError as exc:

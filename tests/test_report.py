@@ -434,3 +434,32 @@ def test_large_report_paginates(tmp_path):
     assert dom.count("<tr data-sample=") == 50
     assert 'data-rows="12000"' in dom
     check_screenshot(html, tmp_path, "#samples")
+
+
+def test_report_of_a_run_without_ground_truth_opens_every_view(tmp_path, write_graph):
+    """A manifest dataset (as VQAv2 or GQA) has no masks: the per-sample view has no heatmap
+    metrics to show and must still render."""
+    import cv2
+
+    from runtime.api import run_graph
+    from runtime.report import build_report
+
+    lines = []
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((48, 64, 3), 60 + 80 * i, np.uint8))
+        lines += [json.dumps({"sample_id": f"s{i}{q}", "image": f"{i}.png", "question": "what color is it?",
+                              "answers": ["red"] * 10}) for q in range(2)]
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    graph = write_graph(f"""
+        extends: {GRAPHS / 'pnp_vqa.yaml'}
+        dataset: {{source: manifest, params: {{path: {tmp_path / 'm.jsonl'}}}}}
+        nodes:
+          heatmap_quality: null
+        outputs: [gradcam.heatmap, caption.captions, answer.answer, accuracy.accuracy]
+        """)
+    run_graph(graph, executor="local", progress=False, device="cpu", presets=["tiny"], output=tmp_path / "run",
+              cache_dir=tmp_path / "cache", overrides=["caption.num_captions=2", "caption.min_length=5"])
+    html = build_report([tmp_path / "run"], tmp_path / "report")
+    check_page(html, tmp_path)
+    dom = check_page(html, tmp_path, "#sample=s01")
+    assert 'id="tab-sample" class="active"' in dom

@@ -72,6 +72,21 @@ def read_fusion_config(path: str | Path) -> FusionConfig:
         raise WeightsError(f"{path} holds an unusable fusion config: {exc}") from None
 
 
+def fusion_file_problems(path: str | Path, config: FusionConfig) -> list[str]:
+    """What keeps the weights in ``path`` from loading into a module of ``config``, read from the
+    file's header (names and shapes; no tensor is read): missing, unexpected or misshapen keys."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        own = {k: tuple(v.shape) for k, v in build_fusion(config).state_dict().items()}
+    with safe_open(str(path), framework="pt") as fh:
+        stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    out = [f"missing {k}" for k in own if k not in stored]
+    out += [f"unexpected {k}" for k in stored if k not in own]
+    out += [f"{k} is {stored[k]}, the module needs {own[k]}" for k in own if k in stored and stored[k] != own[k]]
+    return out
+
+
 def load_fusion(path: str | Path, expected: FusionConfig | Mapping[str, Any] | None = None,
                 device: torch.device | str = "cpu") -> tuple[nn.Module, FusionConfig]:
     """The fusion module stored in ``path`` (eval mode) and its config.

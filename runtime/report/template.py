@@ -367,9 +367,8 @@ SCRIPT = r"""
       col.appendChild(h('div', {style: 'font-size:16px; margin-bottom:4px'}, okBadge(e), ' ', h('b', {text: e.a === null || e.a === undefined ? '(no answer)' : e.a})));
       col.appendChild(h('div', {cls: 'small'}, h('span', {cls: 'muted', text: 'accuracy '}), fmt(e.acc, 2), h('span', {cls: 'muted', text: ' \u00b7 ITM '}), fmt(e.itm, 3),
         e.es ? h('span', {cls: 'muted', text: ' \u00b7 ' + e.es}) : null));
-      col.appendChild(metricLine('pointing game', e.pg, 0));
-      col.appendChild(metricLine('energy in mask', e.em, 3));
-      col.appendChild(metricLine('entropy', e.en, 3));
+      [metricLine('pointing game', e.pg, 0), metricLine('energy in mask', e.em, 3), metricLine('entropy', e.en, 3)]
+        .forEach(function (line) { if (line) col.appendChild(line); });  // runs without ground truth have none
       if (e.err) col.appendChild(h('div', {cls: 'small err', text: e.err}));
       if (e.v) {
         var views = h('div', {cls: 'views'});

@@ -61,7 +61,9 @@ class Source:
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         """Yield one dict per sample with a value (or None) for every column of ``columns()``,
-        keeping the questions of one image consecutive."""
+        keeping the questions of one image consecutive. A record may also carry ``_where``
+        (where it comes from, for messages) and ``_error`` (what is wrong with it alone: it
+        becomes an error row); see ``runtime.records``."""
         raise NotImplementedError
 
     @classmethod

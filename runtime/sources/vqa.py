@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 from pydantic import Field
 
+from runtime.records import ERROR, WHERE
 from runtime.sources.base import BASE_COLUMNS, Source, SourceColumn, SourceParams
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,31 @@ class VQAv2Source(Source):
 
     @functools.cached_property
     def _data(self) -> dict:
-        return _read_json(self.params.questions)
+        data = _read_json(self.params.questions)
+        if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
+            hint = " (this looks like an annotations file)" if isinstance(data, dict) and "annotations" in data else ""
+            raise ValueError(f"{self.params.questions}: no 'questions' list{hint}; questions must be a VQAv2 "
+                             "questions file (OpenEnded_mscoco_*_questions.json)")
+        for i, q in enumerate(data["questions"]):
+            missing = [k for k in ("question_id", "image_id", "question") if not isinstance(q, dict) or k not in q]
+            if missing:
+                raise ValueError(f"{self.params.questions}, questions[{i}]: no {missing[0]}; every question needs "
+                                 "question_id, image_id and question")
+        return data
+
+    def _annotations(self) -> dict:
+        path = self.params.annotations
+        data = _read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+            hint = " (this looks like a questions file)" if isinstance(data, dict) and "questions" in data else ""
+            raise ValueError(f"{path}: no 'annotations' list{hint}; annotations must be a VQAv2 annotations file "
+                             "(mscoco_*_annotations.json)")
+        out = {}
+        for i, a in enumerate(data["annotations"]):
+            if not isinstance(a, dict) or "question_id" not in a:
+                raise ValueError(f"{path}, annotations[{i}]: no question_id")
+            out[a["question_id"]] = a
+        return out
 
     def count(self) -> int:
         return len(self._data["questions"])
@@ -78,7 +103,7 @@ class VQAv2Source(Source):
         subtype = data.get("data_subtype")
         answers_by_qid = {}
         if p.annotations is not None:
-            answers_by_qid = {a["question_id"]: a for a in _read_json(p.annotations)["annotations"]}
+            answers_by_qid = self._annotations()
         if p.image_pattern:
             if subtype is None and "{data_subtype" in p.image_pattern:
                 raise ValueError(
@@ -88,12 +113,20 @@ class VQAv2Source(Source):
             patterns = VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
         images = _ImageFolder(p.images)
         for image_id, group in _by_image(data["questions"], "image_id"):
-            names = [pat.format(image_id=image_id, data_subtype=subtype) for pat in patterns]
-            image_path = images.path(names)
-            for q in group:
+            error = image_path = None
+            number = int(image_id) if isinstance(image_id, str) and image_id.isdigit() else image_id
+            if isinstance(number, int) and not isinstance(number, bool):
+                image_path = images.path([pat.format(image_id=number, data_subtype=subtype) for pat in patterns])
+            else:
+                error = f"image_id must be a COCO image number, got {type(image_id).__name__} {image_id!r:.40}"
+            for index, q in group:
+                where = f"{p.questions}, questions[{index}]"
                 ann = answers_by_qid.get(q["question_id"], {})
                 human = ann.get("answers")
-                yield {
+                if human is not None and not (isinstance(human, list) and all(isinstance(a, dict) and "answer" in a
+                                                                              for a in human)):
+                    human, error = None, error or "its annotation's answers are not a list of {answer: ...}"
+                record = {
                     "sample_id": str(q["question_id"]),
                     "image_id": str(image_id),
                     "question": q["question"],
@@ -102,7 +135,11 @@ class VQAv2Source(Source):
                     "answers": None if human is None else [a["answer"] for a in human],
                     "question_type": ann.get("question_type"),
                     "answer_type": ann.get("answer_type"),
+                    WHERE: where,
                 }
+                if error:
+                    record[ERROR] = f"{where}: {error}"
+                yield record
 
 
 class GQASource(Source):
@@ -123,7 +160,14 @@ class GQASource(Source):
 
     @functools.cached_property
     def _questions(self) -> dict:
-        return _read_json(self.params.questions)
+        data = _read_json(self.params.questions)
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.params.questions}: a GQA questions file is an object keyed by question id")
+        for qid, q in data.items():
+            missing = [k for k in ("imageId", "question") if not isinstance(q, dict) or k not in q]
+            if missing:
+                raise ValueError(f"{self.params.questions}, question {qid!r}: no {missing[0]}")
+        return data
 
     def count(self) -> int:
         return len(self._questions)
@@ -134,7 +178,7 @@ class GQASource(Source):
         images = _ImageFolder(p.images)
         for image_id, group in _by_image(questions, "imageId"):
             image_path = images.path([p.image_pattern.format(image_id=image_id)])
-            for q in group:
+            for _, q in group:
                 types = q.get("types") or {}
                 yield {
                     "sample_id": str(q["qid"]),
@@ -165,17 +209,23 @@ class _ImageFolder:
         return str(found or paths[0])
 
 
-def _by_image(items: Iterable[dict], key: str) -> Iterator[tuple[Any, list[dict]]]:
-    """``(image id, its items)`` in order of first appearance of the image."""
-    groups: dict[Any, list[dict]] = {}
-    for item in items:
-        groups.setdefault(item[key], []).append(item)
+def _by_image(items: Iterable[dict], key: str) -> Iterator[tuple[Any, list[tuple[int, dict]]]]:
+    """``(image id, [(index, item)])`` in order of first appearance of the image."""
+    groups: dict[Any, list[tuple[int, dict]]] = {}
+    for index, item in enumerate(items):
+        image = item[key]
+        groups.setdefault(image if isinstance(image, (str, int)) else repr(image), []).append((index, item))
     yield from groups.items()
 
 
 def _read_json(path: str) -> Any:
-    with open(Path(path).expanduser(), encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(Path(path).expanduser(), encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def _missing_file(param: str, path: str, expected: str) -> list[tuple[str, str]]:

@@ -1,0 +1,162 @@
+"""Dataset records as the runtime takes them: field types checked one record at a time, and
+the whole selection checked before a run.
+
+A record with a bad value (a question that is a number, answers that are not a list, an
+image reference of the wrong type, or what its source flagged: undecodable base64, bad JSON in
+a CSV cell, bytes that are not UTF-8) becomes an error row with a message naming where it
+came from and the field; the run goes on. What makes the selection as a whole wrong stops the
+run before any work (exit 2), naming the ids: duplicate sample ids, an image id that names two
+different images, ``--ids`` that match nothing, a file a source cannot read at all.
+
+Sources put ``_where`` (e.g. ``"m.jsonl, line 7"``) and, for problems only they can see,
+``_error`` into a record; both are private keys, not columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+from runtime.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+WHERE = "_where"
+ERROR = "_error"
+TEXT_FIELDS = ("question", "question_type", "answer_type", "image_path")
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def clean_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the types of one record in place (ids that are numbers become text, answers
+    become strings); a value that cannot be taken is set to None and the first such problem is
+    recorded in ``record["_error"]``. A ``sample_id`` that is neither text nor a number raises
+    ``UsageError`` (a row needs an id)."""
+    where = record.get(WHERE) or "a record"
+
+    def fail(name: str, value: Any, expected: str) -> None:
+        record[name] = None
+        record.setdefault(ERROR, f"{where}: {name} must be {expected}, got {_describe(value)}")
+
+    sid = record.get("sample_id")
+    if isinstance(sid, bool) or not isinstance(sid, (str, int)):
+        raise UsageError(f"{where}: sample_id must be text or a whole number, got {_describe(sid)}; every record "
+                         "needs an id (fix the dataset file)")
+    record["sample_id"] = str(sid)
+    image_id = record.get("image_id")
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        record["image_id"] = str(image_id)
+    elif not isinstance(image_id, str) or not image_id:
+        record["image_id"] = f"(no valid image_id: sample {record['sample_id']})"
+        record.setdefault(ERROR, f"{where}: image_id must be text or a whole number, got {_describe(image_id)}")
+    for name in TEXT_FIELDS:
+        value = record.get(name)
+        if value is not None and not isinstance(value, str):
+            fail(name, value, "text")
+    blob = record.get("image_bytes")
+    if blob is not None and not isinstance(blob, (bytes, bytearray, memoryview)):
+        fail("image_bytes", blob, "bytes")
+    answers = record.get("answers")
+    if answers is not None:
+        if isinstance(answers, (list, tuple)) and all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                                      for a in answers):
+            record["answers"] = [a if isinstance(a, str) else str(a) for a in answers]
+        else:
+            fail("answers", answers, "a list of answers (text)")
+    return record
+
+
+def clean_records(records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for record in records:
+        yield clean_record(record)
+
+
+@dataclass
+class DatasetCheck:
+    """What a pass over the selected records found."""
+
+    samples: int = 0
+    images: int = 0
+    record_errors: int = 0
+    missing_ids: list[str] = field(default_factory=list)
+
+
+def _image_token(record: dict[str, Any]) -> Any:
+    blob = record.get("image_bytes")
+    if blob:
+        return ("bytes", hashlib.sha1(bytes(blob)).hexdigest())
+    return ("path", record.get("image_path"))
+
+
+def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None, source: str = "the dataset",
+                  max_listed: int = 5) -> DatasetCheck:
+    """One pass over the selected records before a run: every record's types (bad ones are
+    counted; they become error rows), then the selection as a whole (``UsageError`` for
+    duplicate sample ids, an image id naming two images, ``ids`` that match nothing)."""
+    check = DatasetCheck()
+    first_seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    images: dict[str, tuple[Any, str]] = {}
+    conflicts: list[str] = []
+    try:
+        for record in records:
+            clean_record(record)
+            check.samples += 1
+            check.record_errors += ERROR in record
+            sid, where = record["sample_id"], record.get(WHERE) or f"record {check.samples - 1}"
+            if sid in first_seen:
+                if len(duplicates) < max_listed:
+                    duplicates.append(f"{sid!r} ({first_seen[sid]} and {where})")
+                else:
+                    duplicates.append("")
+            else:
+                first_seen[sid] = where
+            if ERROR in record:
+                continue
+            token = _image_token(record)
+            known = images.setdefault(record["image_id"], (token, where))
+            if known[0] != token:
+                if len(conflicts) < max_listed:
+                    conflicts.append(f"{record['image_id']!r} ({known[1]}: {_image_text(known[0])}; "
+                                     f"{where}: {_image_text(token)})")
+                else:
+                    conflicts.append("")
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{source} cannot be read: {type(exc).__name__}: {exc}") from None
+    problems = []
+    if duplicates:
+        listed = ", ".join(d for d in duplicates if d)
+        problems.append(f"{len(duplicates)} duplicate sample ids: {listed}{', ...' if len(duplicates) > max_listed else ''}; "
+                        "a sample id must name one (image, question) pair")
+    if conflicts:
+        listed = "; ".join(c for c in conflicts if c)
+        problems.append(f"{len(conflicts)} image ids name more than one image: {listed}"
+                        f"{'; ...' if len(conflicts) > max_listed else ''}; an image id must name one image (its "
+                        "results are computed once and shared by its questions)")
+    if ids is not None:
+        check.missing_ids = sorted(set(ids) - set(first_seen))
+        if not first_seen:
+            shown = ", ".join(sorted(ids)[:max_listed])
+            problems.append(f"--ids: none of the {len(ids)} ids ({shown}{', ...' if len(ids) > max_listed else ''}) "
+                            "is a sample id of the dataset")
+        elif check.missing_ids:
+            log.warning("warning: --ids: %d of %d ids are not in the dataset (%s%s)", len(check.missing_ids),
+                        len(ids), ", ".join(check.missing_ids[:max_listed]),
+                        ", ..." if len(check.missing_ids) > max_listed else "")
+    if problems:
+        raise UsageError(f"{source}: " + "; ".join(problems))
+    check.images = len(images)
+    return check
+
+
+def _image_text(token: tuple) -> str:
+    kind, value = token
+    return f"image bytes sha1 {value[:12]}" if kind == "bytes" else f"file {value}"
