@@ -296,3 +296,16 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("[progress]")]
     assert "\x1b" not in proc.stderr and "\r" not in proc.stderr
     assert "[progress] patches: 16/16 samples" in proc.stderr and len(lines) >= 7
+
+
+def test_the_reliability_table_names_real_tests():
+    import re
+
+    root = GRAPHS.parent
+    table = (root / "docs" / "reliability.md").read_text()
+    cited = re.findall(r"`(test_\w+\.py)::(test_\w+)`", table)
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`test_" in line]
+    assert len(rows) >= 30 and len(cited) == len(rows)
+    for file, name in cited:
+        source = (root / "tests" / file).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} is not a test"
