@@ -25,6 +25,7 @@ import pickle
 import socket
 import sys
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -133,6 +134,7 @@ def init_ray(address: str | None, quiet: bool = True) -> bool:
 def stop_ray() -> None:
     import ray
 
+    _POOL.clear()  # its workers end with the connection
     if ray.is_initialized():
         ray.shutdown()
 
@@ -173,30 +175,68 @@ def plan_workers(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, work
 
 
 class ShardWorker:
-    """Body of the Ray actor that runs whole shards (see the module doc)."""
+    """Body of the Ray actor that runs whole shards (see the module doc).
 
-    def __init__(self, work: ShardWork, threads: int, env: dict[str, str]):
+    A worker outlives a run when the driver keeps its Ray connection (an embedded Ray started
+    by someone else, a long-lived driver): the next run with the same worker plan reuses it,
+    and its set-up stages (loaded models) of the same identity, so a sweep of graphs sharing
+    nodes loads each model once. It keeps the stages the current run's graph uses, and drops
+    the others when a run with another graph arrives.
+    """
+
+    def __init__(self, threads: int, env: dict[str, str]):
         # set here rather than as a Ray runtime_env (which costs a runtime-env agent round trip
         # and a fresh process per actor): no model library is imported in this process yet
         os.environ.update(env)
-        self.work = work
         self.threads = threads
-        if work.device == "cuda" and any(nd.stage.resources.gpu for nd in work.nodes.values()):
-            import torch
-
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"this worker on {socket.gethostname()} was given GPUs "
-                                   f"{os.environ.get('CUDA_VISIBLE_DEVICES')} but CUDA sees none")
+        self.work_id: str | None = None
+        self.work: ShardWork | None = None
+        self.stages: dict[str, object] = {}
 
     def info(self, probes: tuple = ()) -> dict:
         """Where this worker is, and whether it sees each ``(location, file)`` the driver wrote."""
         return {**worker_info(), "threads": self.threads, "sees": [loc.exists(rel) for loc, rel in probes]}
 
-    def run(self, shard: Shard) -> ShardOutcome:
-        return self.work.run(shard, worker={"pid": os.getpid(), "host": socket.gethostname()})
+    def _use(self, work_id: str, work_ref: list) -> ShardWork:
+        if work_id != self.work_id:
+            import ray
+
+            work = ray.get(work_ref[0])  # in a list: Ray passes it unresolved, fetched once per worker
+            if work.device == "cuda" and any(nd.stage.resources.gpu for nd in work.nodes.values()):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise RuntimeError(f"this worker on {socket.gethostname()} was given GPUs "
+                                       f"{os.environ.get('CUDA_VISIBLE_DEVICES')} but CUDA sees none")
+            keep = {work.stage_key(name) for name in work.nodes}
+            self.stages = {k: v for k, v in self.stages.items() if k in keep}
+            work.stage_cache = self.stages
+            if self.work is not None:
+                self.work.close()
+            self.work_id, self.work = work_id, work
+        return self.work
+
+    def run(self, work_id: str, work_ref: list, shard: Shard) -> ShardOutcome:
+        return self._use(work_id, work_ref).run(shard, worker={"pid": os.getpid(), "host": socket.gethostname()})
 
     def close(self) -> None:
-        self.work.close()
+        if self.work is not None:
+            self.work.close()
+
+
+# workers kept between runs of this driver: (Ray job, plan, settings) -> actors
+_POOL: dict[str, object] = {}
+
+
+def _drop_pool() -> None:
+    import ray
+
+    for actor in _POOL.get("actors", []):
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - a handle of an earlier Ray session: nothing to stop
+            pass
+    _POOL.clear()
 
 
 def shared_storage_probes(ctx: RunContext) -> list:
@@ -244,6 +284,7 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
 
     pool: list = []
     free: deque = deque()
+    work_id, work_ref = uuid.uuid4().hex, None
     probes: dict = {}      # ref of a restarted worker's info() -> worker
     running: dict = {}     # ref -> (worker, shard, bytes, attempt)
     in_flight = 0
@@ -251,7 +292,7 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
     lost = _lost_worker_errors()
 
     def start() -> None:
-        nonlocal budget
+        nonlocal budget, work_ref
         began = time.perf_counter()
         connect()
         res = ray.cluster_resources()
@@ -260,10 +301,17 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
         # workers see the driver's settings (weights folder, debug flags) and their thread share
         env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
         env.update(OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
-        actor = ray.remote(ShardWorker).options(
-            num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=1, max_restarts=ACTOR_RESTARTS,
-            max_task_retries=0)
-        pool.extend(actor.remote(ctx.work, plan.threads, env) for _ in range(plan.count))
+        signature = repr((ray.get_runtime_context().get_job_id(), plan, sorted(env.items())))
+        if _POOL.get("signature") == signature:
+            pool.extend(_POOL["actors"])
+        else:
+            _drop_pool()
+            actor = ray.remote(ShardWorker).options(
+                num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, max_concurrency=1, max_restarts=ACTOR_RESTARTS,
+                max_task_retries=0)
+            pool.extend(actor.remote(plan.threads, env) for _ in range(plan.count))
+            _POOL.update(signature=signature, actors=list(pool))
+        work_ref = [ray.put(ctx.work)]
         probes = shared_storage_probes(ctx)
         try:
             infos = ray.get([w.info.remote(tuple(probes)) for w in pool])
@@ -277,7 +325,7 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
 
     def submit(worker, shard: Shard, size: int, attempt: int) -> None:
         nonlocal in_flight
-        running[worker.run.remote(shard)] = (worker, shard, size, attempt)
+        running[worker.run.remote(work_id, work_ref, shard)] = (worker, shard, size, attempt)
         in_flight += size
         ctx.summary.driver_bytes += size
 
@@ -332,6 +380,7 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
             collect()
         submit(free.popleft(), shard, size, attempt)
 
+    finished = False
     try:
         for shard in shards:
             if ctx.finished_part(shard) is not None:
@@ -352,9 +401,10 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
                 ray.get(ref, timeout=60)
             except (*lost, ray.exceptions.GetTimeoutError):
                 pass
+        finished = not running and len(free) == len(pool)
     finally:
-        for worker in pool:
-            ray.kill(worker)
+        if pool and not finished:  # interrupted, or workers lost: start afresh next time
+            _drop_pool()
 
 
 def shard_bytes(shard: Shard) -> int:

@@ -96,6 +96,10 @@ class NodeRunner:
         self.per_image_upstream = per_image_upstream  # upstream nodes with one row per image
         self._ready = False
 
+    def adopt(self, stage) -> None:
+        """Use an already set-up stage (a worker's model of the same identity, from an earlier run)."""
+        self.stage, self._ready = stage, True
+
     def setup(self, device: str) -> None:
         if not self._ready:
             self.stage.setup(device)

@@ -90,9 +90,15 @@ class ShardWork:
         self.final = [n for n in graph.nodes if n in kept or n not in consumers]
         self._store: Store | None = None
         self._runners: dict[str, NodeRunner] | None = None
+        self.stage_cache: dict[str, object] | None = None  # identity -> set-up stage, kept by a worker
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_store": None, "_runners": None}
+        return {**self.__dict__, "_store": None, "_runners": None, "stage_cache": None}
+
+    def stage_key(self, name: str) -> str:
+        """What makes a set-up stage reusable by another node (of this graph or another): its
+        identity (stage, params, code, weights, device, dtype)."""
+        return fingerprint(self.identities[name])
 
     @property
     def store(self) -> Store | None:
@@ -102,9 +108,16 @@ class ShardWork:
 
     @property
     def runners(self) -> dict[str, NodeRunner]:
-        """One runner per node, each setting up its stage (loading its model) on first use."""
+        """One runner per node, each setting up its stage (loading its model) on first use; a
+        stage of the same identity already set up in this process (``stage_cache``) is reused."""
         if self._runners is None:
-            self._runners = {name: NodeRunner(node, self.per_image) for name, node in self.nodes.items()}
+            self._runners = {}
+            for name, node in self.nodes.items():
+                runner = NodeRunner(node, self.per_image)
+                cached = None if self.stage_cache is None else self.stage_cache.get(self.stage_key(name))
+                if cached is not None:
+                    runner.adopt(cached)
+                self._runners[name] = runner
         return self._runners
 
     def close(self) -> None:
@@ -186,6 +199,8 @@ class ShardWork:
         for name in plan.compute:
             runner = self.runners[name]
             runner.setup(node_device(runner.stage, self.device))  # models load on first use
+            if self.stage_cache is not None:
+                self.stage_cache[self.stage_key(name)] = runner.stage
             tables[name], stats = runner.run(shard, tables)
             outcome.computed[name] = stats
             outcome.produced_bytes += tables[name].nbytes
