@@ -463,7 +463,8 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"'{stage.name}' runs once per image, but {ref} is a per-question "
                                         "column; wire an image-level column (e.g. source.image_path or a per-image node)"))
                 ok = False
-        if ok:
+        required = {k for k, i in stage.inputs().items() if not i.optional}
+        if ok and required <= set(refs.get(name, {})):  # sizes are checked once every input is right
             for fld, msg in stage.binding_problems(dict(bindings)):
                 problems.append(Problem(nfile, name, fld, msg))
         outs = {}

@@ -106,6 +106,8 @@ class FeatureFusion(Stage):
         return []
 
     def binding_problems(self, dims: dict[str, int]) -> list[tuple[str, str]]:
+        if not {"t", "c", "d"} <= set(dims):  # an input is not wired: reported as such
+            return []
         grid = math.isqrt(dims["t"] - 1)
         if grid * grid != dims["t"] - 1:
             return [("inputs.features", f"{dims['t']} tokens are not a CLS token plus a square patch grid")]

@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -24,6 +23,7 @@ from runtime.api import run_graph
 from runtime.cli import main
 from runtime.run import read_results
 from runtime.run_lock import RunLock, RunLocked
+from test_resume import _cli as slow_cli  # the CLI with a slow sample_patches registered
 from stages.heatmaps import SamplePatches
 
 ORACLE = GRAPHS / "oracle_heatmap.yaml"
@@ -150,30 +150,12 @@ def test_run_lock_refuses_waits_and_takes_over_dead_holders(tmp_path):
         RunLock(folder).acquire()
 
 
-SLOW_CLI = """
-import sys, time
-import stages
-from stages.heatmaps import SamplePatches
-
-class SlowPatches(SamplePatches):
-    name = "slow_patches"
-    def process(self, batch):
-        time.sleep(0.3)
-        return super().process(batch)
-
-stages.STAGES["slow_patches"] = SlowPatches
-from runtime.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
 class SlowPatches(SamplePatches):
     name = "slow_patches"
 
 
 @pytest.fixture
 def slow_graph(tmp_path, write_graph, monkeypatch):
-    (tmp_path / "slow_cli.py").write_text(SLOW_CLI)
     monkeypatch.setitem(stages.STAGES, "slow_patches", SlowPatches)  # for runs in this process
     return write_graph(f"""
         extends: {ORACLE}
@@ -183,11 +165,6 @@ def slow_graph(tmp_path, write_graph, monkeypatch):
         nodes:
           patches: {{stage: slow_patches, params: {{num_captions: 3}}, inputs: {{heatmap: enhance.heatmap}}}}
         """)
-
-
-def slow_cli(tmp_path, graph, out, cache):
-    return [sys.executable, str(tmp_path / "slow_cli.py"), "run", str(graph), "--executor", "local", "--quiet",
-            "--device", "cpu", "--output", str(out), "--cache", str(cache)]
 
 
 def _env():

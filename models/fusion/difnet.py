@@ -42,7 +42,7 @@ from torch import nn
 from models.fusion.common import (MultiHeadAttention, check_inputs, check_mask, flatten_grid, projection,
                                   residual, sam_to_grid, xavier_linear, zero_linear)
 from models.fusion.config import FusionConfig
-from models.fusion.difnet_reference import ReferenceEncoder
+from models.fusion.difnet_reference import ReferenceEncoder, multi_level
 
 
 class DifnetLayer(nn.Module):
@@ -128,32 +128,9 @@ class DifnetFusion(nn.Module):
                trace: DifnetTrace | None = None) -> torch.Tensor:
         """The multi-level encoder on the streams of :meth:`streams` -> ``encoded [B, 1+P, d]``
         (``out + x1 + x2``). ``trace``: filled with the intermediate states."""
-        cfg = self.config
-        if cfg.formulation == "reference":
+        if self.config.formulation == "reference":
             return self.encoder(s1, s2, m1, m2, trace)
-        out, out2 = s1, s2
-        x1 = x2 = None
-        k1 = None if bool(m1.all()) else m1  # no mask: the faster attention kernels
-        k2 = None if bool(m2.all()) else m2
-        for i, layer in enumerate(self.layers):
-            if i < cfg.Lf:
-                for _ in range(cfg.T):
-                    out = layer(out, k1, stream=0)
-                    out2 = layer(out2, k2, stream=1)
-                    if trace is not None:
-                        trace.stream1.append(out)
-                        trace.stream2.append(out2)
-                continue
-            if i == cfg.Lf:
-                x1, x2 = out, out2 * m2[..., None].to(out2.dtype)
-                out = x1 + x2
-            out = layer(out, k1, stream=0)
-            if trace is not None:
-                trace.fused.append(out)
-        encoded = out + x1 + x2
-        if trace is not None:
-            trace.x1, trace.x2, trace.encoded = x1, x2, encoded
-        return encoded
+        return multi_level(self.layers, self.config, s1, s2, m1, m2, trace, zero_masked_sam=True)
 
     def forward(self, blip_tokens: torch.Tensor, sam_embed: torch.Tensor, blip_mask: torch.Tensor | None = None,
                 sam_mask: torch.Tensor | None = None, trace: DifnetTrace | None = None) -> torch.Tensor:

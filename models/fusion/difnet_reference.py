@@ -117,25 +117,32 @@ class ReferenceEncoder(nn.Module):
                                   config.identity_map_reordering) for _ in range(config.N))
 
     def forward(self, s1, s2, m1, m2, trace=None) -> torch.Tensor:
-        cfg = self.config
-        k1 = None if bool(m1.all()) else m1
-        k2 = None if bool(m2.all()) else m2
-        out, out2, x1, x2 = s1, s2, None, None
-        for i, layer in enumerate(self.layers):
-            if i < cfg.Lf:
-                for _ in range(cfg.T):
-                    out, out2 = layer(out, k1, 0), layer(out2, k2, 1)
-                    if trace is not None:
-                        trace.stream1.append(out)
-                        trace.stream2.append(out2)
-                continue
-            if i == cfg.Lf:
-                x1, x2 = out, out2
-                out = x1 + x2
-            out = layer(out, k1, 0)
-            if trace is not None:
-                trace.fused.append(out)
-        encoded = out + x1 + x2
+        return multi_level(self.layers, self.config, s1, s2, m1, m2, trace, zero_masked_sam=False)
+
+
+def multi_level(layers, cfg: FusionConfig, s1, s2, m1, m2, trace=None, zero_masked_sam: bool = False) -> torch.Tensor:
+    """DIFNet's multi-level control flow, shared by both formulations: layers ``0 .. Lf-1``
+    applied ``T`` times to each stream (``layer(x, key_mask, stream)``), the streams summed at
+    layer ``Lf`` (``x1``, ``x2`` = the streams before the sum; with ``zero_masked_sam`` the masked
+    SAM tokens are zeroed first), the remaining layers once, ``out + x1 + x2``."""
+    k1 = None if bool(m1.all()) else m1  # no mask: the faster attention kernels
+    k2 = None if bool(m2.all()) else m2
+    out, out2, x1, x2 = s1, s2, None, None
+    for i, layer in enumerate(layers):
+        if i < cfg.Lf:
+            for _ in range(cfg.T):
+                out, out2 = layer(out, k1, 0), layer(out2, k2, 1)
+                if trace is not None:
+                    trace.stream1.append(out)
+                    trace.stream2.append(out2)
+            continue
+        if i == cfg.Lf:
+            x1, x2 = out, (out2 * m2[..., None].to(out2.dtype) if zero_masked_sam else out2)
+            out = x1 + x2
+        out = layer(out, k1, 0)
         if trace is not None:
-            trace.x1, trace.x2, trace.encoded = x1, x2, encoded
-        return encoded
+            trace.fused.append(out)
+    encoded = out + x1 + x2
+    if trace is not None:
+        trace.x1, trace.x2, trace.encoded = x1, x2, encoded
+    return encoded
