@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from artifacts.location import Location
@@ -70,13 +71,19 @@ def check_sources(graph: Graph) -> None:
         raise GraphError(problems)
 
 
-def run_graph(
-    graph: str | Path | Graph,
+def run_graph(graph: str | Path | Graph, *, output: str | Path | Location | None = None, **options) -> RunSummary:
+    """Validate ``graph`` and run it; every problem found before work raises ``GraphError``
+    (options: those of :func:`run_graphs`)."""
+    return run_graphs([graph], outputs=[output] if output is not None else None, **options)[0]
+
+
+def run_graphs(
+    graphs: list[str | Path | Graph],
     *,
     overrides: list[str] | None = None,
     presets: list[str] | None = None,
     executor: str = "auto",
-    output: str | Path | Location | None = None,
+    outputs: list[str | Path | Location] | None = None,
     cache_dir: str | Path | Location | None = None,
     no_cache: bool = False,
     force: list[str] | None = None,
@@ -90,21 +97,42 @@ def run_graph(
     wait: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
-) -> RunSummary:
-    """Validate ``graph`` and run it; every problem found before work raises ``GraphError``."""
-    if not isinstance(graph, Graph):
-        graph = load_graph(graph, overrides, presets=presets or ())
+) -> list[RunSummary]:
+    """Run one graph, or sweep several over one dataset in one pass: each shard goes through
+    every graph in turn, a node with the same key in two graphs is computed once (uncached
+    image-level work included), each model is loaded once, and each graph gets its own run
+    folder as if run alone. Every problem found before work raises ``GraphError`` or
+    ``UsageError``."""
+    graphs = [g if isinstance(g, Graph) else load_graph(g, overrides, presets=presets or ()) for g in graphs]
+    if not graphs:
+        raise UsageError("give at least one graph")
     if executor not in EXECUTORS:
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}; got '{executor}'")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be a positive number of samples; got {limit}")
     for name in force or []:
-        if name not in graph.nodes:
-            raise UsageError(f"--force {name}: no such node in {graph.path}; nodes: {', '.join(graph.nodes)}")
-    check_sources(graph)
-    dataset = check_dataset(select_samples(graph.source.iter_samples(), ids, limit), ids,
-                            source=f"the dataset of {graph.path} ({graph.source.name})")
-    executor = choose_executor(executor, address, dataset.samples)
+        if not any(name in g.nodes for g in graphs):
+            raise UsageError(f"--force {name}: no such node in {', '.join(g.path for g in graphs)}; nodes: "
+                             f"{', '.join(dict.fromkeys(n for g in graphs for n in g.nodes))}")
+    lead = graphs[0]
+    for g in graphs[1:]:
+        if (g.raw["dataset"], g.shard_size) != (lead.raw["dataset"], lead.shard_size):
+            raise UsageError(f"a sweep runs its graphs over one dataset with one shard_size: {g.path} reads "
+                             f"{g.raw['dataset']} (shard_size {g.shard_size}), {lead.path} reads "
+                             f"{lead.raw['dataset']} (shard_size {lead.shard_size}); run them separately or "
+                             "align them with --set")
+    names = [g.name for g in graphs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"the graphs of a sweep need distinct names (their run folders): {', '.join(names)}")
+    if outputs is None:
+        outputs = [default_output(g) for g in graphs]
+    if len(outputs) != len(graphs):
+        raise UsageError(f"{len(graphs)} graphs but {len(outputs)} output folders")
+    for g in graphs:
+        check_sources(g)
+    dataset = check_dataset(select_samples(lead.source.iter_samples(), ids, limit), ids,
+                            source=f"the dataset of {lead.path} ({lead.source.name})")
+    executor = choose_executor(executor, address, dataset.samples * len(graphs))
     started: list[bool] = []
 
     def connect() -> None:
@@ -118,28 +146,34 @@ def run_graph(
             connect()
             device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
         device = resolve_device(device)
-        out = folder_location(output or default_output(graph), "--output")
+        folders = [folder_location(o, "--output") for o in outputs]
         store = None if no_cache else Store(folder_location(cache_dir or default_cache_dir(), "--cache"))
         args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
                     force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors,
-                    workers=workers, gpus_per_worker=gpus_per_worker)
-        with RunLock(out, command=str((arguments or {}).get("graph", graph.path))) as lock:
-            lock.acquire(wait=wait)
-            ctx = RunContext(graph, out, store, set(force or []), device=device, retry_errors=retry_errors)
-            ctx.clean_output()
-            if no_cache:
-                out.delete_dir(PARTS)
-            ctx.write_manifest("running", executor, device, args)
-            bars = Progress(ctx, dataset.samples, progress)
-            shards = iter_shards(graph.source, graph.shard_size, ids=ids, limit=limit)
+                    workers=workers, gpus_per_worker=gpus_per_worker,
+                    sweep=[g.path for g in graphs] if len(graphs) > 1 else None)
+        with ExitStack() as stack:
+            ctxs = []
+            for g, folder in zip(graphs, folders):
+                lock = stack.enter_context(RunLock(folder, command=str((arguments or {}).get("graph", g.path))))
+                lock.acquire(wait=wait)
+                ctx = RunContext(g, folder, store, {n for n in force or [] if n in g.nodes}, device=device,
+                                 retry_errors=retry_errors)
+                ctx.clean_output()
+                if no_cache:
+                    folder.delete_dir(PARTS)
+                ctx.write_manifest("running", executor, device, args)
+                ctxs.append(ctx)
+            bars = Progress(ctxs, dataset.samples, progress)
+            shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit)
             try:
                 if executor == "local":
-                    run_local(ctx, shards, bars)
+                    run_local(ctxs, shards, bars)
                 else:
-                    run_ray(ctx, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker)
+                    run_ray(ctxs, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker)
             finally:
                 bars.close()
-            return ctx.finish(executor, device, args)
+            return [ctx.finish(executor, device, args) for ctx in ctxs]
     finally:
         if any(started):
             stop_ray()

@@ -53,8 +53,12 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def graph_args(sp):
-        sp.add_argument("graph", help="graph YAML file (see graphs/)")
+    def graph_args(sp, several: bool = False):
+        if several:
+            sp.add_argument("graph", nargs="+", help="graph YAML file (see graphs/); several graphs over one "
+                            "dataset run as a sweep: in one pass, sharing every node they have in common")
+        else:
+            sp.add_argument("graph", help="graph YAML file (see graphs/)")
         sp.add_argument("--preset", metavar="NAME", action="append", default=[],
                         help="model preset for every model node that offers it (BLIP / UnifiedQA: tiny, base, large, "
                              "3b; EfficientSAM: tiny, vitt, vits); repeatable, e.g. --preset large --preset vitt")
@@ -67,14 +71,17 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="validate and run a graph", formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Validate and run a graph. Results go to OUTPUT/results.parquet (one row per "
                        "sample: kept columns as NODE.COLUMN, status, error) with a manifest.json. Killed runs resume "
-                       "with the same command; finished (node, shard) results are served from the cache.")
-    graph_args(r)
+                       "with the same command; finished (node, shard) results are served from the cache. Several "
+                       "graphs over one dataset run as a sweep: each shard goes through every graph, nodes with the "
+                       "same key are computed once, each model loads once, and each graph gets its own run folder "
+                       "(OUTPUT/<graph name> with --output).")
+    graph_args(r, several=True)
     r.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
                    help="auto (default): Ray for --address or runs of 500 samples or more, local below (Ray's "
                    "start-up, about 25 s on 2 cores, would dominate a small run); ray: shards spread over Ray "
                    "workers (an embedded local Ray, or --address); local: shards one after another in this process")
     r.add_argument("--output", "-o", metavar="DIR|URI", help="run folder or URI (default: runs/<graph name>); "
-                   "one run at a time per folder")
+                   "one run at a time per folder; for a sweep, the folder holding one run folder per graph")
     r.add_argument("--limit", type=int, metavar="N", help="only the first N samples")
     r.add_argument("--ids", metavar="ID,ID|@FILE", help="only these sample ids (comma list, or @file with one id a line)")
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where models run (default: cuda if available)")
@@ -142,7 +149,7 @@ def _parse_ids(text: str | None) -> set[str] | None:
     return {t.strip() for t in text.split(",") if t.strip()}
 
 
-def _load(a):
+def _load(a, path: str | None = None):
     """Validate the graph of a run / validate / show command, after --weights and --preset."""
     from runtime.graph import load_graph
 
@@ -152,7 +159,7 @@ def _load(a):
             raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
                              "standard names; see README, 'Real checkpoints')")
         os.environ[WEIGHTS_ENV] = str(folder.resolve())
-    graph = load_graph(a.graph, a.overrides, presets=a.preset)
+    graph = load_graph(path or a.graph, a.overrides, presets=a.preset)
     if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
         if left:
@@ -162,20 +169,26 @@ def _load(a):
 
 
 def _cmd_run(a) -> int:
-    from runtime.api import run_graph
+    from runtime.api import run_graphs
     from runtime.run import format_summary
 
     if a.debug:
         os.environ["RUNTIME_DEBUG"] = "1"
 
-    graph = _load(a)
-    summary = run_graph(graph, executor=a.executor, output=a.output, cache_dir=a.cache, no_cache=a.no_cache,
-                        force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
-                        workers=a.workers, gpus_per_worker=a.gpus_per_worker,
-                        progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
-                        arguments={"graph": a.graph, "overrides": a.overrides, "preset": a.preset,
-                                   "weights": a.weights})
-    print(format_summary(summary, graph))
+    graphs = [_load(a, path) for path in a.graph]
+    outputs = None
+    if a.output:
+        outputs = [a.output] if len(graphs) == 1 else [f"{a.output.rstrip('/')}/{g.name}" for g in graphs]
+    summaries = run_graphs(graphs, executor=a.executor, outputs=outputs, cache_dir=a.cache, no_cache=a.no_cache,
+                           force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
+                           workers=a.workers, gpus_per_worker=a.gpus_per_worker,
+                           progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
+                           arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
+                                      "weights": a.weights})
+    for graph, summary in zip(graphs, summaries):
+        if len(graphs) > 1:
+            print(f"== {graph.name} ({graph.path})")
+        print(format_summary(summary, graph))
     return 0
 
 

@@ -47,22 +47,25 @@ WORKER_WAIT = 600.0       # seconds to wait for a lost worker's restart when no 
 
 
 class Progress:
-    """Progress of a run. On a terminal: one bar for samples plus one per node. Elsewhere (a
-    log file, a cluster job): one plain line per node every ``PROGRESS_SECONDS`` (and at the
-    end): samples done, rate, errors, time left."""
+    """Progress of a run (or a sweep of runs). On a terminal: one bar for samples plus one per
+    node. Elsewhere (a log file, a cluster job): one plain line per node every
+    ``PROGRESS_SECONDS`` (and at the end): samples done, rate, errors, time left."""
 
-    def __init__(self, ctx: RunContext, total_samples: int | None, enabled: bool, stream=None):
-        self.ctx, self.total, self.enabled = ctx, total_samples, enabled
+    def __init__(self, ctxs: list[RunContext], total_samples: int | None, enabled: bool, stream=None):
+        self.total, self.enabled = total_samples, enabled
         self.stream = stream or sys.stderr
         self.plain = enabled and not self.stream.isatty()
         self.done, self.started, self.printed = 0, time.monotonic(), time.monotonic()
         self.interval = float(os.environ.get("RUNTIME_PROGRESS_SECONDS", "30"))
+        prefix = len(ctxs) > 1
+        self.nodes = [(f"{ctx.graph.name}/{name}" if prefix else name, node)
+                      for ctx in ctxs for name, node in ctx.summary.nodes.items()]
         bars = enabled and not self.plain
         self.bars = [tqdm(total=total_samples, desc="samples", unit="q", position=0, dynamic_ncols=True,
                           leave=True, file=self.stream)] if bars else []
         if bars:
             self.bars += [tqdm(total=total_samples, desc=f"  {name}", unit="q", position=i + 1, dynamic_ncols=True,
-                               leave=True, file=self.stream) for i, name in enumerate(ctx.graph.nodes)]
+                               leave=True, file=self.stream) for i, (name, _) in enumerate(self.nodes)]
 
     def shard(self, samples: int) -> None:
         self.done += samples
@@ -80,7 +83,7 @@ class Progress:
         left = ""
         if self.total and rate > 0 and self.done < self.total:
             left = f", about {(self.total - self.done) / rate:.0f} s left"
-        for name, node in self.ctx.summary.nodes.items():
+        for name, node in self.nodes:
             print(f"[progress] {name}: {self.done}{total} samples, {rate:.1f}/s, {node.errors} errors{left}",
                   file=self.stream, flush=True)
 
@@ -91,11 +94,18 @@ class Progress:
             self.lines()
 
 
-def run_local(ctx: RunContext, shards: Iterator[Shard], progress: Progress) -> None:
-    """Run every unfinished shard in this process (models load on first use)."""
+def run_local(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress) -> None:
+    """Run every unfinished shard in this process (models load on first use). With several
+    graphs (a sweep), each shard runs through every graph in turn, sharing the tables of nodes
+    with the same key (the same work) and the set-up stages of the same identity."""
+    stage_cache: dict[str, object] = {}
+    for ctx in ctxs:
+        ctx.work.stage_cache = stage_cache
     for shard in shards:
-        if ctx.finished_part(shard) is None:
-            ctx.absorb(ctx.work.run(shard, worker=worker_info()))
+        memo: dict[str, object] = {}
+        for ctx in ctxs:
+            if ctx.finished_part(shard) is None:
+                ctx.absorb(ctx.work.run(shard, worker=worker_info(), memo=memo))
         progress.shard(shard.num_samples)
 
 
@@ -189,39 +199,43 @@ class ShardWorker:
         # and a fresh process per actor): no model library is imported in this process yet
         os.environ.update(env)
         self.threads = threads
-        self.work_id: str | None = None
-        self.work: ShardWork | None = None
+        self.run_id: str | None = None
+        self.works: list[ShardWork] = []
         self.stages: dict[str, object] = {}
 
     def info(self, probes: tuple = ()) -> dict:
         """Where this worker is, and whether it sees each ``(location, file)`` the driver wrote."""
         return {**worker_info(), "threads": self.threads, "sees": [loc.exists(rel) for loc, rel in probes]}
 
-    def _use(self, work_id: str, work_ref: list) -> ShardWork:
-        if work_id != self.work_id:
+    def _use(self, run_id: str, work_refs: list) -> list[ShardWork]:
+        if run_id != self.run_id:
             import ray
 
-            work = ray.get(work_ref[0])  # in a list: Ray passes it unresolved, fetched once per worker
-            if work.device == "cuda" and any(nd.stage.resources.gpu for nd in work.nodes.values()):
+            works = ray.get(work_refs)  # in a list: Ray passes them unresolved, fetched once per worker
+            if any(w.device == "cuda" and any(nd.stage.resources.gpu for nd in w.nodes.values()) for w in works):
                 import torch
 
                 if not torch.cuda.is_available():
                     raise RuntimeError(f"this worker on {socket.gethostname()} was given GPUs "
                                        f"{os.environ.get('CUDA_VISIBLE_DEVICES')} but CUDA sees none")
-            keep = {work.stage_key(name) for name in work.nodes}
+            keep = {w.stage_key(name) for w in works for name in w.nodes}
             self.stages = {k: v for k, v in self.stages.items() if k in keep}
-            work.stage_cache = self.stages
-            if self.work is not None:
-                self.work.close()
-            self.work_id, self.work = work_id, work
-        return self.work
+            for work in works:
+                work.stage_cache = self.stages
+            self.close()
+            self.run_id, self.works = run_id, works
+        return self.works
 
-    def run(self, work_id: str, work_ref: list, shard: Shard) -> ShardOutcome:
-        return self._use(work_id, work_ref).run(shard, worker={"pid": os.getpid(), "host": socket.gethostname()})
+    def run(self, run_id: str, work_refs: list, todo: list[int], shard: Shard) -> list[ShardOutcome]:
+        """The shard through the graphs ``todo`` (indexes into the run's works), sharing work."""
+        works = self._use(run_id, work_refs)
+        memo: dict[str, object] = {}
+        where = {"pid": os.getpid(), "host": socket.gethostname()}
+        return [works[i].run(shard, worker=where, memo=memo) for i in todo]
 
     def close(self) -> None:
-        if self.work is not None:
-            self.work.close()
+        for work in self.works:
+            work.close()
 
 
 # workers kept between runs of this driver: (Ray job, plan, settings) -> actors
@@ -270,9 +284,10 @@ def _lost_worker_errors() -> tuple[type, ...]:
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
-def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connect: Callable[[], None],
+def run_ray(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress, connect: Callable[[], None],
             workers: int | None = None, gpus_per_worker: float | None = None) -> None:
-    """Hand each unfinished shard to a free worker; collect outcomes as they come.
+    """Hand each unfinished shard to a free worker; collect outcomes as they come. With several
+    graphs (a sweep), the worker runs the shard through each graph that still needs it.
 
     ``connect`` starts or joins Ray; it is called only when a shard needs computing, so a run
     served entirely from finished parts starts no cluster. A worker that dies (killed, out of
@@ -282,21 +297,23 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
     """
     import ray
 
+    lead = ctxs[0]
     pool: list = []
     free: deque = deque()
-    work_id, work_ref = uuid.uuid4().hex, None
+    run_id, work_refs = uuid.uuid4().hex, []
     probes: dict = {}      # ref of a restarted worker's info() -> worker
-    running: dict = {}     # ref -> (worker, shard, bytes, attempt)
+    running: dict = {}     # ref -> (worker, shard, todo, bytes, attempt)
     in_flight = 0
     budget = 0
     lost = _lost_worker_errors()
 
     def start() -> None:
-        nonlocal budget, work_ref
+        nonlocal budget
         began = time.perf_counter()
         connect()
         res = ray.cluster_resources()
-        plan = plan_workers(ctx, res.get("CPU", 1.0), res.get("GPU", 0.0), workers, gpus_per_worker)
+        plan = max((plan_workers(c, res.get("CPU", 1.0), res.get("GPU", 0.0), workers, gpus_per_worker)
+                    for c in ctxs), key=lambda p: p.num_gpus)
         budget = int(BYTES_IN_FLIGHT * res.get("object_store_memory", 2**30))
         # workers see the driver's settings (weights folder, debug flags) and their thread share
         env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
@@ -311,23 +328,24 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
                 max_task_retries=0)
             pool.extend(actor.remote(plan.threads, env) for _ in range(plan.count))
             _POOL.update(signature=signature, actors=list(pool))
-        work_ref = [ray.put(ctx.work)]
-        probes = shared_storage_probes(ctx)
+        work_refs.extend(ray.put(c.work) for c in ctxs)
+        probes = [p for c in ctxs for p in shared_storage_probes(c)]
         try:
             infos = ray.get([w.info.remote(tuple(probes)) for w in pool])
         finally:
             for loc, rel in probes:
                 loc.delete(rel)
         check_workers_see(probes, infos)
-        ctx.summary.startup_seconds = time.perf_counter() - began
-        ctx.note_workers([{**i, "num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus} for i in infos])
+        for c in ctxs:
+            c.summary.startup_seconds = time.perf_counter() - began
+            c.note_workers([{**i, "num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus} for i in infos])
         free.extend(pool)
 
-    def submit(worker, shard: Shard, size: int, attempt: int) -> None:
+    def submit(worker, shard: Shard, todo: list[int], size: int, attempt: int) -> None:
         nonlocal in_flight
-        running[worker.run.remote(work_id, work_ref, shard)] = (worker, shard, size, attempt)
+        running[worker.run.remote(run_id, work_refs, todo, shard)] = (worker, shard, todo, size, attempt)
         in_flight += size
-        ctx.summary.driver_bytes += size
+        lead.summary.driver_bytes += size
 
     retry: deque = deque()
 
@@ -348,29 +366,30 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
             except lost:
                 pool.remove(worker)  # out of restarts
             return
-        worker, shard, size, attempt = running.pop(ref)
+        worker, shard, todo, size, attempt = running.pop(ref)
         in_flight -= size
         try:
-            outcome = ray.get(ref)
+            outcomes = ray.get(ref)
         except lost as exc:
             log.warning("warning: a worker was lost running shard %d (%s); %s", shard.index,
                         type(exc).__name__, "trying it again" if attempt < SHARD_ATTEMPTS else "giving up on it")
             probes[worker.info.remote()] = worker  # returns once Ray has restarted it
             if attempt < SHARD_ATTEMPTS:
-                retry.append((shard, attempt + 1))
+                retry.append((shard, todo, attempt + 1))
             else:
-                outcome = ctx.work.write_failed_part(
-                    shard, f"[runtime] the worker was lost {attempt} times ({type(exc).__name__}); "
-                    "run again to retry these rows")
-                ctx.absorb(outcome)
+                for i in todo:
+                    ctxs[i].absorb(ctxs[i].work.write_failed_part(
+                        shard, f"[runtime] the worker was lost {attempt} times ({type(exc).__name__}); "
+                        "run again to retry these rows"))
                 progress.shard(shard.num_samples)
             return
-        ctx.summary.driver_bytes += outcome_bytes(outcome)
-        ctx.absorb(outcome)
+        for i, outcome in zip(todo, outcomes):
+            ctxs[i].absorb(outcome)
+        lead.summary.driver_bytes += outcome_bytes(outcomes)
         progress.shard(shard.num_samples)
         free.append(worker)
 
-    def dispatch(shard: Shard, attempt: int) -> None:
+    def dispatch(shard: Shard, todo: list[int], attempt: int) -> None:
         size = shard_bytes(shard)
         while running and (not free or in_flight + size > budget):  # backpressure by bytes
             collect()
@@ -378,17 +397,18 @@ def run_ray(ctx: RunContext, shards: Iterator[Shard], progress: Progress, connec
             if not pool:
                 raise RuntimeError("every Ray worker was lost and none could be restarted")
             collect()
-        submit(free.popleft(), shard, size, attempt)
+        submit(free.popleft(), shard, todo, size, attempt)
 
     finished = False
     try:
         for shard in shards:
-            if ctx.finished_part(shard) is not None:
+            todo = [i for i, c in enumerate(ctxs) if c.finished_part(shard) is None]
+            if not todo:
                 progress.shard(shard.num_samples)
                 continue
             if not pool:
                 start()
-            dispatch(shard, 1)
+            dispatch(shard, todo, 1)
             while retry:
                 dispatch(*retry.popleft())
         while running or retry:
@@ -412,8 +432,8 @@ def shard_bytes(shard: Shard) -> int:
     return len(pickle.dumps(shard, protocol=5))
 
 
-def outcome_bytes(outcome: ShardOutcome) -> int:
-    return len(pickle.dumps(outcome, protocol=5))
+def outcome_bytes(outcomes: list[ShardOutcome]) -> int:
+    return len(pickle.dumps(outcomes, protocol=5))
 
 
 __all__ = ["Progress", "run_local", "run_ray", "init_ray", "stop_ray", "plan_workers", "WorkerPlan"]

@@ -149,8 +149,9 @@ class ShardWork:
         return self.retry_errors and DATA_ERROR in kinds
 
     # -- planning --------------------------------------------------------------------------
-    def plan(self, shard: Shard) -> ShardPlan:
-        """What to compute and load for ``shard``, reading (and so checking) what it loads."""
+    def plan(self, shard: Shard, memo: dict[str, pa.Table] | None = None) -> ShardPlan:
+        """What to compute and load for ``shard``, reading (and so checking) what it loads.
+        ``memo``: tables of this shard computed or loaded by another graph of a sweep, by key."""
         keys = self.keys(shard)
         compute, loaded, seen = set(), {}, set()
         stack = list(self.final)
@@ -159,7 +160,9 @@ class ShardWork:
             if name in seen:
                 continue
             seen.add(name)
-            table = self._load(name, keys[name], shard)
+            table = memo.get(keys[name]) if memo is not None and name not in self.force else None
+            if table is None:
+                table = self._load(name, keys[name], shard)
             if table is not None:
                 loaded[name] = table
                 continue
@@ -190,10 +193,11 @@ class ShardWork:
         return table
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, shard: Shard, worker: dict | None = None) -> ShardOutcome:
-        """Plan, compute, store and write the part of one shard."""
+    def run(self, shard: Shard, worker: dict | None = None, memo: dict[str, pa.Table] | None = None) -> ShardOutcome:
+        """Plan, compute, store and write the part of one shard. ``memo`` (a sweep): tables by
+        key shared with the other graphs running this shard; filled with this graph's."""
         discarded_before = len(self.store.discarded) if self.store is not None else 0
-        plan = self.plan(shard)
+        plan = self.plan(shard, memo)
         tables: dict[str, pa.Table] = dict(plan.loaded)
         outcome = ShardOutcome(shard.index, shard.num_samples, "", loaded=list(plan.load), worker=worker or {})
         for name in plan.compute:
@@ -206,6 +210,8 @@ class ShardWork:
             outcome.produced_bytes += tables[name].nbytes
             self._save(plan, name, tables[name])
         outcome.part = self.write_part(plan, tables)
+        if memo is not None:
+            memo.update({plan.keys[name]: table for name, table in tables.items()})
         if self.store is not None:
             outcome.discarded = self.store.discarded[discarded_before:]
         return outcome
