@@ -9,7 +9,7 @@ from pathlib import Path
 from artifacts.location import Location
 from artifacts.store import Store
 from runtime.errors import GraphError, Problem, UsageError
-from runtime.executors import Progress, init_ray, run_local, run_ray, stop_ray
+from runtime.executors import Progress, available_cpus, init_ray, run_local, run_ray, stop_ray
 from runtime.graph import Graph, load_graph
 from runtime.run import RunContext, RunSummary
 from runtime.shard_work import PARTS
@@ -97,6 +97,7 @@ def run_graphs(
     wait: bool = False,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
+    threads: int | None = None,
 ) -> list[RunSummary]:
     """Run one graph, or sweep several over one dataset in one pass: each shard goes through
     every graph in turn, a node with the same key in two graphs is computed once (uncached
@@ -110,6 +111,8 @@ def run_graphs(
         raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}; got '{executor}'")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be a positive number of samples; got {limit}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be a positive number; got {threads}")
     for name in force or []:
         if not any(name in g.nodes for g in graphs):
             raise UsageError(f"--force {name}: no such node in {', '.join(g.path for g in graphs)}; nodes: "
@@ -151,6 +154,7 @@ def run_graphs(
         args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
                     force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors,
                     workers=workers, gpus_per_worker=gpus_per_worker,
+                    threads=threads or (available_cpus() if executor == "local" else "per worker: its CPU share"),
                     sweep=[g.path for g in graphs] if len(graphs) > 1 else None)
         with ExitStack() as stack:
             ctxs = []
@@ -168,9 +172,10 @@ def run_graphs(
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit)
             try:
                 if executor == "local":
-                    run_local(ctxs, shards, bars)
+                    run_local(ctxs, shards, bars, threads=threads)
                 else:
-                    run_ray(ctxs, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker)
+                    run_ray(ctxs, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker,
+                            threads=threads)
             finally:
                 bars.close()
             return [ctx.finish(executor, device, args) for ctx in ctxs]

@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                    "its nodes need this project installed and the --cache / --output locations reachable (README)")
     r.add_argument("--workers", type=int, metavar="N", help="Ray workers, each running the whole graph on one "
                    "shard at a time (default: one per GPU share on GPUs, one per CPU up to 4 on CPUs)")
+    r.add_argument("--threads", type=int, metavar="N", help="CPU threads for the models of each process (default: "
+                   "local: the CPUs this process may use; Ray: each worker's CPU share); recorded in the manifest")
     r.add_argument("--gpus-per-worker", type=float, metavar="G",
                    help="GPUs each Ray worker asks for (default: what the graph's model stages declare, at most 1, "
                    "so they share one GPU; 0.5 puts two workers on a GPU; 2 gives a worker two GPUs)")
@@ -181,7 +183,7 @@ def _cmd_run(a) -> int:
         outputs = [a.output] if len(graphs) == 1 else [f"{a.output.rstrip('/')}/{g.name}" for g in graphs]
     summaries = run_graphs(graphs, executor=a.executor, outputs=outputs, cache_dir=a.cache, no_cache=a.no_cache,
                            force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
-                           workers=a.workers, gpus_per_worker=a.gpus_per_worker,
+                           workers=a.workers, gpus_per_worker=a.gpus_per_worker, threads=a.threads,
                            progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
                            arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
                                       "weights": a.weights})

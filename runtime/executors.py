@@ -27,7 +27,7 @@ import sys
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 from tqdm import tqdm
@@ -94,10 +94,29 @@ class Progress:
             self.lines()
 
 
-def run_local(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress) -> None:
-    """Run every unfinished shard in this process (models load on first use). With several
-    graphs (a sweep), each shard runs through every graph in turn, sharing the tables of nodes
-    with the same key (the same work) and the set-up stages of the same identity."""
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def apply_threads(threads: int) -> None:
+    """Use ``threads`` threads for torch's (and OpenMP / MKL's) CPU kernels in this process:
+    set before any model library is imported, and on torch directly if it already is."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def run_local(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress, threads: int | None = None) -> None:
+    """Run every unfinished shard in this process (models load on first use), with ``threads``
+    CPU threads (default: the CPUs this process may use). With several graphs (a sweep), each
+    shard runs through every graph in turn, sharing the tables of nodes with the same key (the
+    same work) and the set-up stages of the same identity."""
+    apply_threads(threads or available_cpus())
     stage_cache: dict[str, object] = {}
     for ctx in ctxs:
         ctx.work.stage_cache = stage_cache
@@ -198,6 +217,7 @@ class ShardWorker:
         # set here rather than as a Ray runtime_env (which costs a runtime-env agent round trip
         # and a fresh process per actor): no model library is imported in this process yet
         os.environ.update(env)
+        apply_threads(threads)
         self.threads = threads
         self.run_id: str | None = None
         self.works: list[ShardWork] = []
@@ -285,7 +305,7 @@ def _lost_worker_errors() -> tuple[type, ...]:
 
 
 def run_ray(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress, connect: Callable[[], None],
-            workers: int | None = None, gpus_per_worker: float | None = None) -> None:
+            workers: int | None = None, gpus_per_worker: float | None = None, threads: int | None = None) -> None:
     """Hand each unfinished shard to a free worker; collect outcomes as they come. With several
     graphs (a sweep), the worker runs the shard through each graph that still needs it.
 
@@ -317,6 +337,7 @@ def run_ray(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progress,
         budget = int(BYTES_IN_FLIGHT * res.get("object_store_memory", 2**30))
         # workers see the driver's settings (weights folder, debug flags) and their thread share
         env = {k: v for k, v in os.environ.items() if k.startswith(("PNPVQA_", "RUNTIME_"))}
+        plan = replace(plan, threads=threads or plan.threads)
         env.update(OMP_NUM_THREADS=str(plan.threads), MKL_NUM_THREADS=str(plan.threads))
         signature = repr((ray.get_runtime_context().get_job_id(), plan, sorted(env.items())))
         if _POOL.get("signature") == signature:

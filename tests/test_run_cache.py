@@ -173,3 +173,16 @@ def test_bad_samples_become_error_rows(tmp_path, write_graph):
         assert rows[sid]["status"] == "error" and rows[sid]["error"], sid
     assert "nope.jpg" in rows["missing"]["error"]
     assert "empty question" in rows["noquestion"]["error"]
+
+
+def test_threads_are_applied_before_the_models_and_recorded(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored after the test, as is torch's setting below
+    before = torch.get_num_threads()
+    try:
+        run(tmp_path, threads=1)
+        assert torch.get_num_threads() == 1 and __import__("os").environ["OMP_NUM_THREADS"] == "1"
+        assert json.loads((tmp_path / "run" / "manifest.json").read_text())["arguments"]["threads"] == 1
+    finally:
+        torch.set_num_threads(before)
