@@ -20,6 +20,7 @@ from typing import Iterable
 
 MEMO_ENV = "PNPVQA_HASH_MEMO"
 CHUNK = 1 << 22
+TABLES = ("hashes", "syntax")
 
 
 def _memo_path() -> Path | None:
@@ -33,7 +34,9 @@ def _memo_path() -> Path | None:
 
 
 class _Memo:
-    """(real path, size, mtime_ns, inode) -> sha256, in SQLite when possible, else in memory."""
+    """(real path, size, mtime_ns, inode) -> a text value (a file's sha256; in ``runtime.code_identity``
+    the hash and imports of a module's syntax tree), per table, in SQLite when possible, else in
+    memory."""
 
     def __init__(self) -> None:
         self.local: dict[tuple, str] = {}
@@ -49,40 +52,41 @@ class _Memo:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
-                    db.execute("CREATE TABLE IF NOT EXISTS hashes (path TEXT, size INTEGER, mtime_ns INTEGER, "
-                               "inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, inode))")
+                    for table in TABLES:
+                        db.execute(f"CREATE TABLE IF NOT EXISTS {table} (path TEXT, size INTEGER, mtime_ns INTEGER, "
+                                   "inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, inode))")
                     db.commit()
                     self.db = db
                 except (OSError, sqlite3.Error):
                     self.db = None
         return self.db
 
-    def get(self, ident: tuple) -> str | None:
+    def get(self, ident: tuple, table: str = "hashes") -> str | None:
         with self.lock:
-            if ident in self.local:
-                return self.local[ident]
+            if (table, ident) in self.local:
+                return self.local[(table, ident)]
             db = self._connect()
             if db is None:
                 return None
             try:
-                row = db.execute("SELECT sha256 FROM hashes WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
+                row = db.execute(f"SELECT sha256 FROM {table} WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
                                  ident).fetchone()
             except sqlite3.Error:
                 return None
             if row:
-                self.local[ident] = row[0]
+                self.local[(table, ident)] = row[0]
             return row[0] if row else None
 
-    def put(self, items: list[tuple[tuple, str]]) -> None:
+    def put(self, items: list[tuple[tuple, str]], table: str = "hashes") -> None:
         with self.lock:
-            for ident, digest in items:
-                self.local[ident] = digest
+            for ident, value in items:
+                self.local[(table, ident)] = value
             db = self._connect()
             if db is None or not items:
                 return
             try:
-                db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)",
-                               [(*ident, digest) for ident, digest in items])
+                db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
+                               [(*ident, value) for ident, value in items])
                 db.commit()
             except sqlite3.Error:
                 pass
@@ -94,6 +98,16 @@ _MEMO = _Memo()
 def _identity(path: Path) -> tuple:
     st = os.stat(path)
     return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def remembered(path: str | os.PathLike, table: str, compute) -> str:
+    """``compute(path)`` (a text), remembered per file version in ``table`` of the memo."""
+    ident = _identity(Path(path))
+    value = _MEMO.get(ident, table)
+    if value is None:
+        value = compute(path)
+        _MEMO.put([(ident, value)], table)
+    return value
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:

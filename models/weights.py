@@ -10,17 +10,19 @@ with code.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 from artifacts.filehash import file_sha256
+
+if TYPE_CHECKING:  # torch is imported where tensors are read: finding files and fingerprints need none
+    import torch
+    from torch import nn
 
 WEIGHTS_ENV = "PNPVQA_WEIGHTS"
 # the ``shapes`` presets' weights, trained by the project and shipped with it (docs/quality.md)
@@ -63,6 +65,7 @@ def shapes_weights(file_name: str, train_command: str) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` / ``.pt`` (``weights_only=True``) or ``.safetensors`` file; a state dict
     wrapped under ``"model"`` or ``"state_dict"`` is unwrapped."""
+    import torch
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"checkpoint {path} does not exist")
@@ -116,6 +119,8 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     ``ignore``: prefixes of checkpoint keys not used by this model (momentum encoders, queues).
     ``optional``: model keys that may be absent from a checkpoint (buffers such as position_ids).
     """
+    import torch
+
     ignore, optional = tuple(ignore), set(optional)
     report = LoadReport()
     own = model.state_dict()
@@ -141,6 +146,23 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     return report
+
+
+def safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a ``.safetensors`` file (tensor names with dtype and shape, and
+    ``__metadata__``), read without loading a tensor or importing torch. ``WeightsError`` when
+    the file is not a safetensors file."""
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 2 <= size <= 100 * 2**20:
+                raise ValueError(f"header size {size}")
+            header = json.loads(fh.read(size))
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
+    return header
 
 
 def file_fingerprint(path: str | Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -22,6 +23,7 @@ EXECUTORS = ("auto", "ray", "local")
 # `auto` picks Ray from this many samples on (or when joining a cluster): below it, Ray's start-up
 # (about 25 s on 2 cores, bench/results/ray_engine.md) costs more than a second worker saves
 AUTO_RAY_SAMPLES = 500
+KEEP_RECORDS_BYTES = 256 * 2**20  # records read by the dataset check are kept for the run up to this size
 
 
 def default_cache_dir() -> Path:
@@ -43,16 +45,28 @@ def folder_location(where: str | Path | Location, option: str) -> Location:
     return loc
 
 
+def cuda_available() -> bool:
+    """Whether models can run on CUDA here. torch is asked only when an NVIDIA driver is present
+    (importing it costs seconds); without a driver, or with CUDA_VISIBLE_DEVICES empty, no."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return False
+    if not (Path("/proc/driver/nvidia/version").exists() or Path("/dev/nvidiactl").exists()
+            or shutil.which("nvidia-smi")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     if device not in ("auto", "cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda; got '{device}'")
     if device == "cpu":
         return "cpu"
-    import torch  # only to ask whether a GPU is there
-
-    if device == "cuda" and not torch.cuda.is_available():
+    available = cuda_available()
+    if device == "cuda" and not available:
         raise UsageError("--device cuda: no CUDA device is visible here (check CUDA_VISIBLE_DEVICES or use --device cpu)")
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if available else "cpu"
 
 
 def choose_executor(executor: str, address: str | None, samples: int) -> str:
@@ -134,7 +148,7 @@ def run_graphs(
     for g in graphs:
         check_sources(g)
     dataset = check_dataset(select_samples(lead.source.iter_samples(), ids, limit), ids,
-                            source=f"the dataset of {lead.path} ({lead.source.name})")
+                            source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
     started: list[bool] = []
 
@@ -169,7 +183,7 @@ def run_graphs(
                 ctx.write_manifest("running", executor, device, args)
                 ctxs.append(ctx)
             bars = Progress(ctxs, dataset.samples, progress)
-            shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit)
+            shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)
             try:
                 if executor == "local":
                     run_local(ctxs, shards, bars, threads=threads)

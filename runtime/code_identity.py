@@ -18,12 +18,15 @@ import ast
 import hashlib
 import importlib.util
 import inspect
+import json
 import platform
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+
+from artifacts.filehash import remembered
 
 PROJECT_PACKAGES = ("stages", "models", "artifacts")
 # import name -> distributions whose version can change a stage's numbers
@@ -101,7 +104,14 @@ def _module_file(name: str) -> Path | None:
 
 @lru_cache(maxsize=None)
 def _parse(file: str, mtime_ns: int) -> tuple[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
-    """(hash of the docstring-free syntax tree, imports as (module, names, level))."""
+    """(hash of the docstring-free syntax tree, imports as (module, names, level)), remembered
+    per file version across processes (``artifacts.filehash``): parsing a model package takes
+    a second."""
+    digest, imports = json.loads(remembered(file, "syntax", _parse_file))
+    return digest, tuple((m, tuple(n), level) for m, n, level in imports)
+
+
+def _parse_file(file: str) -> str:
     tree = ast.parse(Path(file).read_text(encoding="utf-8"), filename=file)
     imports = []
     for node in ast.walk(tree):
@@ -110,7 +120,8 @@ def _parse(file: str, mtime_ns: int) -> tuple[str, tuple[tuple[str, tuple[str, .
         elif isinstance(node, ast.ImportFrom):
             imports.append((node.module or "", tuple(a.name for a in node.names), node.level))
     dump = ast.dump(_strip_docstrings(tree), annotate_fields=False, include_attributes=False)
-    return hashlib.sha256(dump.encode()).hexdigest(), tuple(imports)
+    dump += f"|python {sys.version_info[0]}.{sys.version_info[1]}"  # the tree's form depends on it
+    return json.dumps([hashlib.sha256(dump.encode()).hexdigest(), imports])
 
 
 def _resolve(module: str, package: str, level: int) -> str:

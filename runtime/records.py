@@ -85,6 +85,7 @@ class DatasetCheck:
     images: int = 0
     record_errors: int = 0
     missing_ids: list[str] = field(default_factory=list)
+    records: list[dict[str, Any]] | None = None  # the records themselves, when they fit in ``keep_bytes``
 
 
 def _image_token(record: dict[str, Any]) -> Any:
@@ -94,12 +95,26 @@ def _image_token(record: dict[str, Any]) -> Any:
     return ("path", record.get("image_path"))
 
 
+def _record_bytes(record: dict[str, Any]) -> int:
+    size = 512
+    for value in record.values():
+        if isinstance(value, (bytes, bytearray, str)):
+            size += len(value)
+        elif hasattr(value, "nbytes"):
+            size += int(value.nbytes)
+    return size
+
+
 def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None, source: str = "the dataset",
-                  max_listed: int = 5) -> DatasetCheck:
+                  max_listed: int = 5, keep_bytes: int = 0) -> DatasetCheck:
     """One pass over the selected records before a run: every record's types (bad ones are
     counted; they become error rows), then the selection as a whole (``UsageError`` for
-    duplicate sample ids, an image id naming two images, ``ids`` that match nothing)."""
+    duplicate sample ids, an image id naming two images, ``ids`` that match nothing). The
+    records are kept (``check.records``) while they hold less than ``keep_bytes``, so a small
+    dataset is not read (or rendered) twice."""
     check = DatasetCheck()
+    kept: list[dict[str, Any]] | None = [] if keep_bytes > 0 else None
+    kept_bytes = 0
     first_seen: dict[str, str] = {}
     duplicates: list[str] = []
     images: dict[str, tuple[Any, str]] = {}
@@ -108,6 +123,11 @@ def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None
         for record in records:
             clean_record(record)
             check.samples += 1
+            if kept is not None:
+                kept_bytes += _record_bytes(record)
+                kept = kept if kept_bytes <= keep_bytes else None
+                if kept is not None:
+                    kept.append(record)
             check.record_errors += ERROR in record
             sid, where = record["sample_id"], record.get(WHERE) or f"record {check.samples - 1}"
             if sid in first_seen:
@@ -154,6 +174,7 @@ def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None
     if problems:
         raise UsageError(f"{source}: " + "; ".join(problems))
     check.images = len(images)
+    check.records = kept
     return check
 
 

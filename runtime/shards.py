@@ -165,13 +165,15 @@ def is_cut_sample(sample_id: Any, shard_size: int) -> bool:
 
 
 def iter_shards(source: Source, shard_size: int, ids: set[str] | None = None,
-                limit: int | None = None) -> Iterator[Shard]:
-    """Yield shards of about ``shard_size`` samples with content-defined boundaries (module doc)."""
+                limit: int | None = None, records: list[dict[str, Any]] | None = None) -> Iterator[Shard]:
+    """Yield shards of about ``shard_size`` samples with content-defined boundaries (module doc);
+    ``records``: the selected records, already read (else the source is read)."""
     schema = {name: col.type for name, col in source.columns().items()}
     current: list[dict[str, Any]] = []
     cut_after_image = False  # the current image holds a cut sample
     index = 0
-    for record in clean_records(select_samples(source.iter_samples(), ids, limit)):
+    selected = records if records is not None else select_samples(source.iter_samples(), ids, limit)
+    for record in clean_records(selected):
         new_image = bool(current) and record["image_id"] != current[-1]["image_id"]
         if new_image and (cut_after_image or len(current) >= MAX_FACTOR * shard_size):
             yield _build(index, current, schema)

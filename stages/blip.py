@@ -62,7 +62,7 @@ def _image_tokens(model, batch: Batch, device: str):
 
 def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
     """Missing checkpoint or tokenizer files of a preset, found before any work starts."""
-    from models.blip.tokenizer import blip_tokenizer_dir
+    from models.blip.files import blip_tokenizer_dir
     from models.weights import WeightsError
 
     out = []
@@ -103,7 +103,7 @@ class ItmGradcam(Stage):
     resources = Resources(gpu=0.5, batch_size=32)
 
     def _config(self):
-        from models.blip.checkpoint import itm_config
+        from models.blip.files import itm_config
 
         return itm_config(self.params.preset)
 
@@ -125,7 +125,7 @@ class ItmGradcam(Stage):
         return self._config().gradcam_block if p.block_num is None else p.block_num
 
     def problems(self) -> list[tuple[str, str]]:
-        from models.blip.checkpoint import find_itm_checkpoint
+        from models.blip.files import find_itm_checkpoint
 
         layers = self._config().bert.num_layers
         out = []
@@ -136,7 +136,7 @@ class ItmGradcam(Stage):
         return out + _weights_problems(find_itm_checkpoint, self.params.preset, self.params.checkpoint)
 
     def weights_fingerprint(self) -> str | None:
-        from models.blip.checkpoint import itm_fingerprint
+        from models.blip.files import itm_fingerprint
 
         return itm_fingerprint(self.params.preset, self.params.checkpoint)
 
@@ -208,7 +208,7 @@ class Caption(Stage):
     resources = Resources(gpu=0.5, batch_size=16)
 
     def _config(self):
-        from models.blip.checkpoint import caption_config
+        from models.blip.files import caption_config
 
         return caption_config(self.params.preset)
 
@@ -231,7 +231,7 @@ class Caption(Stage):
                 "rounds": Output(pa.int32(), "sampling rounds used")}
 
     def problems(self) -> list[tuple[str, str]]:
-        from models.blip.checkpoint import find_caption_checkpoint
+        from models.blip.files import find_caption_checkpoint
 
         p, cells = self.params, self._config().vit.grid ** 2
         out = []
@@ -243,7 +243,7 @@ class Caption(Stage):
         return out + _weights_problems(find_caption_checkpoint, p.preset, p.checkpoint)
 
     def weights_fingerprint(self) -> str | None:
-        from models.blip.checkpoint import caption_fingerprint
+        from models.blip.files import caption_fingerprint
 
         return caption_fingerprint(self.params.preset, self.params.checkpoint)
 
@@ -366,7 +366,7 @@ class BlipFeatures(Stage):
     resources = Resources(gpu=0.25, batch_size=16)
 
     def _config(self):
-        from models.blip.checkpoint import caption_config, itm_config
+        from models.blip.files import caption_config, itm_config
 
         return (itm_config if self.params.model == "itm" else caption_config)(self.params.preset)
 
@@ -380,14 +380,14 @@ class BlipFeatures(Stage):
                                    f"ViT tokens (CLS first) [{1 + v.grid ** 2}, {v.width}]")}
 
     def problems(self) -> list[tuple[str, str]]:
-        from models.blip.checkpoint import find_caption_checkpoint, find_itm_checkpoint
+        from models.blip.files import find_caption_checkpoint, find_itm_checkpoint
 
         find = find_itm_checkpoint if self.params.model == "itm" else find_caption_checkpoint
         return [(f, m) for f, m in _weights_problems(find, self.params.preset, self.params.checkpoint)
                 if "bert-base-uncased" not in m]  # the ViT needs no tokenizer
 
     def weights_fingerprint(self) -> str | None:
-        from models.blip.checkpoint import weights_fingerprint
+        from models.blip.files import weights_fingerprint
 
         return weights_fingerprint(self.params.model, self.params.preset, self.params.checkpoint)
 

@@ -43,7 +43,7 @@ class QAFiD(Stage):
     OUTPUTS = {"answer": Output(pa.string(), "generated answer")}
 
     def problems(self) -> list[tuple[str, str]]:
-        from models.fid_t5 import find_fid_t5
+        from models.fid_t5_files import find_fid_t5
         from models.weights import WeightsError
 
         try:
@@ -53,7 +53,7 @@ class QAFiD(Stage):
         return []
 
     def weights_fingerprint(self) -> str | None:
-        from models.fid_t5 import weights_fingerprint
+        from models.fid_t5_files import weights_fingerprint
 
         return weights_fingerprint(self.params.preset, self.params.checkpoint)
 

@@ -24,7 +24,7 @@ PRESET_DOC = ("EfficientSAM: tiny (random, tests), shapes (trained by the projec
 
 
 def _weights_problems(preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
-    from models.efficient_sam import find_efficient_sam
+    from models.efficient_sam.checkpoint import find_efficient_sam
     from models.weights import WeightsError
 
     try:
@@ -35,7 +35,7 @@ def _weights_problems(preset: str, checkpoint: str | None) -> list[tuple[str, st
 
 
 def _embedding_type(preset: str) -> pa.DataType:
-    from models.efficient_sam import sam_config
+    from models.efficient_sam.config import sam_config
 
     cfg = sam_config(preset)
     return tensor_type("float32", [cfg.embed_dim, cfg.embed_grid, cfg.embed_grid])
@@ -48,7 +48,7 @@ class _EfficientSamStage(Stage):
         return _weights_problems(self.params.preset, self.params.checkpoint)
 
     def weights_fingerprint(self) -> str | None:
-        from models.efficient_sam import weights_fingerprint
+        from models.efficient_sam.checkpoint import weights_fingerprint
 
         return weights_fingerprint(self.params.preset, self.params.checkpoint)
 

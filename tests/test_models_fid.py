@@ -13,7 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from models import fid_t5
+from models import fid_t5, fid_t5_files
 from models.fid_t5 import (FiDT5, load_fid_t5, make_passages, find_fid_t5, tokenize_passages,
                            weights_fingerprint, TINY_TOKENIZER_DIR)
 from models.weights import WEIGHTS_ENV, WeightsError
@@ -259,7 +259,7 @@ def test_missing_folder_or_files_is_a_weights_error(tmp_path, monkeypatch):
         load_fid_t5("3b")
     (folder / "model.safetensors").write_bytes(b"")
     (folder / "spiece.model").write_bytes(b"")
-    monkeypatch.setattr(fid_t5, "_has_sentencepiece", lambda: False)
+    monkeypatch.setattr(fid_t5_files, "_has_sentencepiece", lambda: False)
     with pytest.raises(WeightsError, match=r"spiece\.model only.*pip install sentencepiece"):
         load_fid_t5("3b")
     with pytest.raises(ValueError, match="unknown FiD T5 preset"):

@@ -3,27 +3,29 @@ reproducible sampling, tokenizer helpers and LAVIS checkpoint loading.
 
     vit.py        timm ViT builder, pos_embed resizing
     med.py        BLIP's BERT (bidirectional / causal, cross-attention, KV cache, LM head)
-    config.py     tiny / base / large sizes
+    config.py     tiny / shapes / base / large sizes (plain data)
+    files.py      checkpoint names, lookup in the weights folder, fingerprints (no torch)
     itm.py        BlipITM: ITM logits, ITC similarity, GradCAM
     caption.py    BlipCaption: caption generation
     sampling.py   logits processors + inverse-CDF token draws
     tokenizer.py  tokenizer loading, question tokenization, caption prompt
-    checkpoint.py presets -> models, LAVIS checkpoints, fingerprints
+    checkpoint.py presets -> models, LAVIS checkpoints
+
+Names are imported on first use: ``models.blip.config`` and ``models.blip.files`` import no torch.
 """
 
-from models.blip.caption import BlipCaption
-from models.blip.checkpoint import (build_model, caption_fingerprint, checkpoint_path, find_checkpoint,
-                                    itm_fingerprint, load_blip_caption, load_blip_itm, weights_fingerprint)
-from models.blip.config import PRESETS, BlipConfig, blip_config
-from models.blip.itm import BlipITM
-from models.blip.med import BertConfig, BertLMHeadModel, BertModel
-from models.blip.tokenizer import (TINY_TOKENIZER_DIR, blip_tokenizer_dir, caption_prompt_ids,
-                                   load_blip_tokenizer, load_blip_tokenizer_for, tokenize_questions)
-from models.blip.vit import VitConfig, build_vit, resize_pos_embed
+from models.lazy import lazy_exports
 
-__all__ = [
-    "BertConfig", "BertLMHeadModel", "BertModel", "BlipCaption", "BlipConfig", "BlipITM", "PRESETS",
-    "TINY_TOKENIZER_DIR", "VitConfig", "blip_config", "blip_tokenizer_dir", "build_model", "build_vit",
-    "caption_fingerprint", "caption_prompt_ids", "checkpoint_path", "find_checkpoint", "itm_fingerprint", "load_blip_caption", "load_blip_itm", "load_blip_tokenizer",
-    "load_blip_tokenizer_for", "resize_pos_embed", "tokenize_questions", "weights_fingerprint",
-]
+_EXPORTS = {
+    "caption": ["BlipCaption"],
+    "checkpoint": ["build_model", "load_blip_caption", "load_blip_itm"],
+    "files": ["caption_fingerprint", "checkpoint_path", "find_checkpoint", "itm_fingerprint", "weights_fingerprint",
+              "blip_tokenizer_dir"],
+    "config": ["PRESETS", "BlipConfig", "BertConfig", "VitConfig", "blip_config", "TINY_TOKENIZER_DIR"],
+    "itm": ["BlipITM"],
+    "med": ["BertLMHeadModel", "BertModel"],
+    "tokenizer": ["caption_prompt_ids", "load_blip_tokenizer", "load_blip_tokenizer_for", "tokenize_questions"],
+    "vit": ["build_vit", "resize_pos_embed"],
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -15,50 +15,27 @@ when the checkpoint was trained at another image size.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
 
 from models.blip.caption import BlipCaption
-from models.blip.config import PRESETS, BlipConfig, blip_config
+from models.blip.config import PRESETS, BlipConfig, blip_config  # noqa: F401  (re-exported)
+from models.blip.files import (CHECKPOINT_FILES, TINY_INIT_VERSION, TINY_SEED, Kind,  # noqa: F401  (re-exported)
+                               _check, caption_config, caption_fingerprint, checkpoint_path, find_caption_checkpoint,
+                               find_checkpoint, find_itm_checkpoint, itm_config, itm_fingerprint,
+                               random_init_fingerprint, weights_fingerprint)
 from models.blip.itm import BlipITM
 from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  # noqa: F401  (re-exported)
 from models.blip.vit import resize_pos_embed
 from models.build import build_preset
-from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            load_checkpoint, shapes_weights)
+from models.weights import (LoadReport, WeightsError, apply_state_dict, load_checkpoint)
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["itm", "caption"]
-TINY_SEED = 0
-TINY_INIT_VERSION = 1  # bump when the tiny initialisation changes (it is part of the fingerprint)
 
-_BLIP = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
-_LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP/"
-# standard file names (first = preferred) and where they are published; LAVIS configs
-# blip_itm_{base,large}.yaml, blip_caption_{base,large}_coco.yaml, pnp-vqa/pnp_vqa_*.yaml
-CHECKPOINT_FILES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
-    "itm": {
-        "base": (("model_base_retrieval_coco.pth", _BLIP + "model_base_retrieval_coco.pth"),),
-        "large": (("model_large_retrieval_coco.pth", _BLIP + "model_large_retrieval_coco.pth"),
-                  ("model_large_retrieval_coco_train2014.pth",  # PNP-VQA's own choice
-                   _BLIP + "model_large_retrieval_coco_train2014.pth")),
-    },
-    "caption": {
-        "base": (("blip_coco_caption_base.pth", _LAVIS + "blip_coco_caption_base.pth"),
-                 ("model_base_capfilt_large.pth", _BLIP + "model_base_capfilt_large.pth")),
-        "large": (("model_large_caption.pth", _BLIP + "model_large_caption.pth"),
-                  ("model_large_caption_coco_train2014.pth",  # PNP-VQA's own choice
-                   _BLIP + "model_large_caption_coco_train2014.pth")),
-    },
-}
-SHAPES_TRAIN_COMMAND = {kind: f"bin/train-shapes {kind}" for kind in ("itm", "caption")}
 IGNORED_KEYS = ("image_queue", "text_queue", "idx_queue", "ptr_queue", "temp")
 _OWN_PART = {"itm": "text_encoder.", "caption": "text_decoder."}
 _MODELS: dict[str, type[nn.Module]] = {"itm": BlipITM, "caption": BlipCaption}
@@ -74,77 +51,6 @@ def load_blip_caption(preset: str, path: str | Path | None = None,
                       device: torch.device | str = "cpu") -> tuple[BlipCaption, LoadReport]:
     """The caption model of ``preset`` in eval mode and what the loading did."""
     return load_blip("caption", preset, path, device)  # type: ignore[return-value]
-
-
-def checkpoint_path(kind: Kind, preset: str) -> Path:
-    """The checkpoint of a ``base`` / ``large`` model in the weights folder: the first of its
-    accepted file names that exists, else a ``WeightsError`` naming the preferred one. For
-    ``shapes``: the bundled file ``models/assets/shapes/blip_{kind}.safetensors``."""
-    if preset == "shapes":
-        return shapes_weights(f"blip_{kind}.safetensors", SHAPES_TRAIN_COMMAND[kind])
-    candidates = _candidates(kind, preset)
-    first_error = None
-    for name, url in candidates:
-        try:
-            return find_weights(name, url)
-        except WeightsError as exc:
-            first_error = first_error or exc
-    others = ", ".join(name for name, _ in candidates[1:])
-    raise WeightsError(f"{first_error}" + (f" (also accepted: {others})" if others else "")) from None
-
-
-def random_init_fingerprint(kind: Kind, preset: str) -> str:
-    """Identifies the seeded random initialisation of ``preset`` (``build_model(empty=False)``)."""
-    _check(kind, preset)
-    spec = {"kind": kind, "config": blip_config(preset).to_dict(), "seed": TINY_SEED,
-            "init_version": TINY_INIT_VERSION}
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None) -> str:
-    """Identifies the weights a load would give: for ``tiny`` without a file, its
-    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint."""
-    _check(kind, preset)
-    if path is None and preset == "tiny":
-        return random_init_fingerprint(kind, preset)
-    return file_fingerprint(Path(path) if path is not None else checkpoint_path(kind, preset))
-
-
-def find_checkpoint(kind: Kind, preset: str, path: str | Path | None = None) -> Path | None:
-    """The file a load would read: ``path`` (which must exist), else the preset's standard file
-    (:func:`checkpoint_path`), else ``None`` for ``tiny``. Raises ``WeightsError`` when missing."""
-    _check(kind, preset)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"checkpoint {path} does not exist")
-        return path
-    return None if preset == "tiny" else checkpoint_path(kind, preset)
-
-
-# per-model shorthands (preset, path=None)
-def itm_config(preset: str) -> BlipConfig:
-    return blip_config(preset)
-
-
-def caption_config(preset: str) -> BlipConfig:
-    return blip_config(preset)
-
-
-def find_itm_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
-    return find_checkpoint("itm", preset, path)
-
-
-def find_caption_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
-    return find_checkpoint("caption", preset, path)
-
-
-def itm_fingerprint(preset: str, path: str | Path | None = None) -> str:
-    return weights_fingerprint("itm", preset, path)
-
-
-def caption_fingerprint(preset: str, path: str | Path | None = None) -> str:
-    return weights_fingerprint("caption", preset, path)
 
 
 def build_model(kind: Kind, preset: str, device: torch.device | str = "cpu", *,
@@ -206,15 +112,3 @@ def _check_kind(state: dict[str, torch.Tensor], kind: Kind, path: Path) -> None:
                            "the captioner needs a caption checkpoint such as model_large_caption.pth")
 
 
-def _candidates(kind: Kind, preset: str) -> tuple[tuple[str, str], ...]:
-    _check(kind, preset)
-    if preset == "tiny":
-        raise ValueError("the tiny preset has no checkpoint file")
-    return CHECKPOINT_FILES[kind][preset]
-
-
-def _check(kind: str, preset: str) -> None:
-    if kind not in _MODELS:
-        raise ValueError(f"unknown BLIP model kind {kind!r}; choose 'itm' or 'caption'")
-    if preset not in PRESETS:
-        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -7,6 +7,9 @@
 ``shapes``: the same grid, twice tiny's widths, a deeper ViT and 4 text layers (GradCAM at
 layer 2: a 12-layer post-LayerNorm text encoder trained from scratch on a CPU budget stalled);
 trained by the project on the ``shapes`` data (weights bundled in ``models/assets/shapes``).
+
+Plain data, no torch: validation, cache keys and ``runtime stages`` read sizes from here
+without importing the model code.
 """
 
 from __future__ import annotations
@@ -14,12 +17,65 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
-from models.blip.med import BertConfig
-from models.blip.tokenizer import TINY_TOKENIZER_DIR
-from models.blip.vit import VitConfig
+from pathlib import Path
+
+# the bundled tiny vocabulary (built by models/assets/build_tiny_bert.py), used by tiny and shapes
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_bert"
 
 PRESETS = ("tiny", "shapes", "base", "large")
 EMBED_DIM = 256  # ITC projection width (vision_proj / text_proj)
+
+
+@dataclass(frozen=True)
+class VitConfig:
+    image_size: int
+    width: int
+    depth: int
+    heads: int
+    patch_size: int = 16
+    mlp_ratio: float = 4.0
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @classmethod
+    def tiny(cls) -> "VitConfig":
+        return cls(image_size=384, width=64, depth=2, heads=4)  # 24x24 grid, as the real models
+
+    @classmethod
+    def shapes(cls) -> "VitConfig":
+        return cls(image_size=384, width=128, depth=4, heads=4)  # 24x24 grid
+
+    @classmethod
+    def base(cls) -> "VitConfig":
+        return cls(image_size=384, width=768, depth=12, heads=12)  # ViT-B/16, 24x24 grid
+
+    @classmethod
+    def large(cls) -> "VitConfig":
+        return cls(image_size=384, width=1024, depth=24, heads=16)  # ViT-L/16, 24x24 grid
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30524
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position: int = 512
+    encoder_width: int = 768
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    cross_attention: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
 
 @dataclass(frozen=True)

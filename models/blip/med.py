@@ -20,38 +20,17 @@ Masks are additive with LAVIS's ``-10000`` for masked positions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.blip.config import BertConfig
+
 MASK_VALUE = -10000.0  # added to the scores of masked keys, as LAVIS does
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, heads, S, head_dim] each
-
-
-@dataclass(frozen=True)
-class BertConfig:
-    vocab_size: int = 30524
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position: int = 512
-    encoder_width: int = 768
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    cross_attention: bool = True
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
 
 
 class MedOutput(NamedTuple):

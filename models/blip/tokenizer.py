@@ -10,13 +10,14 @@ vocabulary (30522 tokens) they get ids 30522 and 30523, vocab 30524. The bundled
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import torch
+from models.blip.config import TINY_TOKENIZER_DIR  # noqa: F401  (re-exported)
+from models.blip.files import TOKENIZER_FOLDER, blip_tokenizer_dir  # noqa: F401  (re-exported)
 
-TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_bert"
-TOKENIZER_FOLDER = ("bert-base-uncased", "https://huggingface.co/google-bert/bert-base-uncased "
-                    "(vocab.txt, tokenizer.json, tokenizer_config.json)")
+if TYPE_CHECKING:
+    import torch
+
 DEC_TOKEN, ENC_TOKEN = "[DEC]", "[ENC]"
 QUESTION_MAX_LENGTH = 35  # LAVIS BlipITM.max_txt_len
 CAPTION_PROMPT = "a picture of "
@@ -35,18 +36,6 @@ def load_blip_tokenizer(path: str | Path):
     tokenizer.add_special_tokens({"additional_special_tokens": [ENC_TOKEN]})
     tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids(ENC_TOKEN)
     return tokenizer
-
-
-def blip_tokenizer_dir(preset: str) -> Path:
-    """The bundled tiny tokenizer for ``tiny`` and ``shapes``; ``bert-base-uncased/`` in the weights folder
-    (``WeightsError`` naming it when absent) for ``base`` / ``large``."""
-    from models.weights import find_weights
-
-    if preset in ("tiny", "shapes"):
-        return TINY_TOKENIZER_DIR
-    if preset not in ("base", "large"):
-        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of tiny, shapes, base, large")
-    return find_weights(*TOKENIZER_FOLDER)
 
 
 def load_blip_tokenizer_for(preset: str, path: str | Path | None = None):

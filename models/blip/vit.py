@@ -10,7 +10,6 @@ with the CLS token first and ``P = grid * grid`` patch tokens in row-major order
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,35 +17,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-
-@dataclass(frozen=True)
-class VitConfig:
-    image_size: int
-    width: int
-    depth: int
-    heads: int
-    patch_size: int = 16
-    mlp_ratio: float = 4.0
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @classmethod
-    def tiny(cls) -> "VitConfig":
-        return cls(image_size=384, width=64, depth=2, heads=4)  # 24x24 grid, as the real models
-
-    @classmethod
-    def shapes(cls) -> "VitConfig":
-        return cls(image_size=384, width=128, depth=4, heads=4)  # 24x24 grid
-
-    @classmethod
-    def base(cls) -> "VitConfig":
-        return cls(image_size=384, width=768, depth=12, heads=12)  # ViT-B/16, 24x24 grid
-
-    @classmethod
-    def large(cls) -> "VitConfig":
-        return cls(image_size=384, width=1024, depth=24, heads=16)  # ViT-L/16, 24x24 grid
+from models.blip.config import VitConfig
 
 
 def build_vit(cfg: VitConfig) -> VisionTransformer:

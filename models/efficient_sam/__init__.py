@@ -10,17 +10,17 @@
     checkpoint.py          presets -> models, published and bundled (shapes) checkpoints, fingerprints
 """
 
-from models.efficient_sam.checkpoint import (build_model, find_efficient_sam, load_efficient_sam,
-                                             weights_fingerprint)
-from models.efficient_sam.config import PRESETS, SamConfig, sam_config
-from models.efficient_sam.efficient_sam import MASK_THRESHOLD, PIXEL_MEAN, PIXEL_STD, EfficientSam, preprocess
-from models.efficient_sam.image_encoder import ImageEncoderViT, grid_pos_embed
-from models.efficient_sam.mask_decoder import MaskDecoder
-from models.efficient_sam.prompt_encoder import PromptEncoder
-from models.efficient_sam.two_way_transformer import TwoWayTransformer
+from models.lazy import lazy_exports
 
-__all__ = [
-    "EfficientSam", "ImageEncoderViT", "MASK_THRESHOLD", "MaskDecoder", "PIXEL_MEAN", "PIXEL_STD", "PRESETS",
-    "PromptEncoder", "SamConfig", "TwoWayTransformer", "build_model", "find_efficient_sam", "grid_pos_embed",
-    "load_efficient_sam", "preprocess", "sam_config", "weights_fingerprint",
-]
+_EXPORTS = {
+    "checkpoint": ["build_model", "find_efficient_sam", "load_efficient_sam", "random_init_fingerprint",
+                   "weights_fingerprint"],
+    "config": ["PRESETS", "SamConfig", "sam_config"],
+    "efficient_sam": ["MASK_THRESHOLD", "PIXEL_MEAN", "PIXEL_STD", "EfficientSam", "preprocess"],
+    "image_encoder": ["ImageEncoderViT", "grid_pos_embed"],
+    "mask_decoder": ["MaskDecoder"],
+    "prompt_encoder": ["PromptEncoder"],
+    "two_way_transformer": ["TwoWayTransformer"],
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

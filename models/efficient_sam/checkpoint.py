@@ -20,14 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from models.build import build_preset
 from models.efficient_sam.config import PRESETS, sam_config
-from models.efficient_sam.efficient_sam import EfficientSam
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
                             load_checkpoint, shapes_weights, weights_dir)
+
+if TYPE_CHECKING:  # the model code (torch) is imported where a model is built: lookup and fingerprints need none
+    import torch
+
+    from models.efficient_sam.efficient_sam import EfficientSam
 
 TINY_SEED = 0
 TINY_INIT_VERSION = 1  # bump when the tiny initialisation changes (it is part of the fingerprint)
@@ -111,6 +113,9 @@ def build_model(preset: str, device: torch.device | str = "cpu", *, empty: bool 
     process and on every device. ``empty=True`` (default otherwise, ``shapes`` included, and
     whenever a checkpoint follows): built on the meta device and materialised uninitialised, the
     non-persistent buffers refilled; every parameter must then come from a checkpoint."""
+    from models.build import build_preset
+    from models.efficient_sam.efficient_sam import EfficientSam
+
     _check(preset)
     if empty is None:
         empty = preset != "tiny"

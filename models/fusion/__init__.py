@@ -23,15 +23,15 @@ them with frozen BLIP ITM and SAM. GradCAM on fused tokens has a weaker spatial 
 the original ViT tokens (attention and convolutions mix positions).
 """
 
-from models.fusion.checkpoint import (FORMAT, build_fusion, fusion_fingerprint, import_difnet_encoder, load_fusion,
-                                      load_reference_encoder, read_fusion_config, save_fusion)
-from models.fusion.concat_conv import ConcatConvFusion
-from models.fusion.config import MODES, FusionConfig
-from models.fusion.cross_attention import CrossAttentionFusion
-from models.fusion.difnet import DifnetFusion, DifnetLayer, DifnetTrace
+from models.lazy import lazy_exports
 
-__all__ = [
-    "ConcatConvFusion", "CrossAttentionFusion", "DifnetFusion", "DifnetLayer", "DifnetTrace", "FORMAT", "FusionConfig",
-    "MODES", "build_fusion", "fusion_fingerprint", "import_difnet_encoder", "load_fusion", "load_reference_encoder",
-    "read_fusion_config", "save_fusion",
-]
+_EXPORTS = {
+    "checkpoint": ["FORMAT", "build_fusion", "fusion_fingerprint", "import_difnet_encoder", "load_fusion",
+                   "load_reference_encoder", "read_fusion_config", "save_fusion"],
+    "concat_conv": ["ConcatConvFusion"],
+    "config": ["MODES", "FusionConfig"],
+    "cross_attention": ["CrossAttentionFusion"],
+    "difnet": ["DifnetFusion", "DifnetLayer", "DifnetTrace"],
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

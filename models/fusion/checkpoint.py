@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Mapping
 
 from models.fusion.config import FusionConfig
-from models.weights import LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint
+from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint,
+                            safetensors_header)
+
+if TYPE_CHECKING:  # torch is imported where modules are built or weights read
+    import torch
+    from torch import nn
 
 FORMAT = "pnpvqa-fusion"
 
@@ -52,17 +54,11 @@ def save_fusion(module: nn.Module, config: FusionConfig, path: str | Path) -> Pa
 
 def read_fusion_config(path: str | Path) -> FusionConfig:
     """The config stored in a fusion file (``WeightsError`` when it is not one)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"fusion weights {path} do not exist (train them with `runtime train fusion --out DIR`, "
                            "which writes DIR/fusion.safetensors)")
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            metadata = fh.metadata() or {}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise WeightsError(f"{path} is not a readable safetensors file: {type(exc).__name__}: {exc}") from None
+    metadata = safetensors_header(path).get("__metadata__") or {}
     if metadata.get("format") != FORMAT or "fusion_config" not in metadata:
         raise WeightsError(f"{path} is not a fusion weights file (its safetensors metadata has no "
                            f"format={FORMAT!r} and fusion_config)")
@@ -75,12 +71,11 @@ def read_fusion_config(path: str | Path) -> FusionConfig:
 def fusion_file_problems(path: str | Path, config: FusionConfig) -> list[str]:
     """What keeps the weights in ``path`` from loading into a module of ``config``, read from the
     file's header (names and shapes; no tensor is read): missing, unexpected or misshapen keys."""
-    from safetensors import safe_open
+    import torch
 
     with torch.device("meta"):
         own = {k: tuple(v.shape) for k, v in build_fusion(config).state_dict().items()}
-    with safe_open(str(path), framework="pt") as fh:
-        stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    stored = {k: tuple(v["shape"]) for k, v in safetensors_header(path).items() if k != "__metadata__"}
     out = [f"missing {k}" for k in own if k not in stored]
     out += [f"unexpected {k}" for k in stored if k not in own]
     out += [f"{k} is {stored[k]}, the module needs {own[k]}" for k in own if k in stored and stored[k] != own[k]]

@@ -8,21 +8,17 @@ CVPR 2024): a CLIP ViT whose chosen layers attend to the encoded question.
     checkpoint.py presets -> models, QA-ViT / plain CLIP weights, question encoder, fingerprints
 """
 
-from models.qavit.attention import (FORMULATIONS, InstructCLIPEncoderLayer, InstructionAttention,
-                                    instruction_projector, qavit_attention)
-from models.qavit.checkpoint import (QAViTReport, build_vision, find_question_encoder, find_vision_weights,
-                                     load_qavit, load_question_encoder, read_vision_state, to_vision_layout,
-                                     weights_fingerprint)
-from models.qavit.config import (CLIP_MEAN, CLIP_STD, INTEGRATION_POINTS, PRESETS, QAViTConfig, clip_preprocess,
-                                 instruction_layers, integration_point_of, qavit_config)
-from models.qavit.maps import attention_rollout, cls_to_patches, rollout_row, with_residual
-from models.qavit.model import InstructCLIPVisionModel, QAViT, QAViTOutput
+from models.lazy import lazy_exports
 
-__all__ = [
-    "CLIP_MEAN", "CLIP_STD", "FORMULATIONS", "INTEGRATION_POINTS", "InstructCLIPEncoderLayer",
-    "InstructCLIPVisionModel", "InstructionAttention", "PRESETS", "QAViT", "QAViTConfig", "QAViTOutput",
-    "QAViTReport", "attention_rollout", "build_vision", "clip_preprocess", "cls_to_patches",
-    "find_question_encoder", "find_vision_weights", "instruction_layers", "instruction_projector",
-    "integration_point_of", "load_qavit", "load_question_encoder", "qavit_attention", "qavit_config",
-    "read_vision_state", "rollout_row", "to_vision_layout", "weights_fingerprint", "with_residual",
-]
+_EXPORTS = {
+    "attention": ["FORMULATIONS", "InstructCLIPEncoderLayer", "InstructionAttention", "instruction_projector",
+                  "qavit_attention"],
+    "checkpoint": ["QAViTReport", "build_vision", "find_question_encoder", "find_vision_weights", "load_qavit",
+                   "load_question_encoder", "read_vision_state", "to_vision_layout", "weights_fingerprint"],
+    "config": ["CLIP_MEAN", "CLIP_STD", "INTEGRATION_POINTS", "PRESETS", "QAViTConfig", "clip_preprocess",
+               "instruction_layers", "integration_point_of", "qavit_config"],
+    "maps": ["attention_rollout", "cls_to_patches", "rollout_row", "with_residual"],
+    "model": ["InstructCLIPVisionModel", "QAViT", "QAViTOutput"],
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

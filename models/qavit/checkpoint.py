@@ -44,14 +44,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from models.qavit.config import PRESETS, SHAPES_QUESTION_ENCODER, QAViTConfig, integration_point_of, qavit_config
-from models.qavit.model import InstructCLIPVisionModel, QAViT
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
+                            safetensors_header,
                             load_checkpoint, shapes_weights, tree_fingerprint)
+
+if TYPE_CHECKING:  # torch and the model code are imported where weights are read or models built
+    import torch
+
+    from models.qavit.model import InstructCLIPVisionModel
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +165,7 @@ def read_vision_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Kind, 
 
     Returns ``(state with vision_model.* keys, "qavit" | "clip", stripped prefix, ignored keys)``.
     """
+
     path = Path(path)
     state = _read_folder(path) if path.is_dir() else load_checkpoint(path)
     return to_vision_layout(state, str(path))
@@ -174,6 +178,7 @@ def to_vision_layout(state: dict[str, torch.Tensor], source: str = "checkpoint"
     drop everything else (language model, text tower, projections). ``(state, kind, prefix,
     ignored)``; ``prefix`` is what stood in front of ``vision_model.`` (``vision.vision_tower.``
     in VisualT5 checkpoints)."""
+
     anchors = [k for k in state if k == ANCHOR or k.endswith("." + ANCHOR)]
     if len(anchors) != 1:
         what = "no" if not anchors else f"{len(anchors)}"
@@ -193,6 +198,7 @@ def to_vision_layout(state: dict[str, torch.Tensor], source: str = "checkpoint"
 
 
 def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+
     for name in _WEIGHT_FILES:
         index = folder / f"{name}.index.json"
         if index.is_file():
@@ -208,6 +214,7 @@ def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _instruction_layers_in(state: dict[str, torch.Tensor]) -> list[int]:
+
     layers = set()
     for key in state:
         if ".instruction_" in key or ".instruct_dim_reduce." in key:
@@ -223,6 +230,11 @@ def build_vision(config: QAViTConfig, device: torch.device | str = "cpu", *, emp
     instruction modules (the same weights in every process, the caller's RNG untouched).
     ``empty=True``: built on the meta device and materialised uninitialised (buffers recomputed);
     every parameter must then come from a checkpoint or :meth:`reset_instructions`."""
+    import torch
+
+    from models.qavit.model import InstructCLIPVisionModel
+
+
     if not empty:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -252,6 +264,9 @@ def load_question_encoder(preset: str, path: str | Path | None = None, device: t
     encoders (``tiny``, ``shapes``; source ``"tiny"`` / ``"shapes"``) start from a seeded random
     initialisation (the caller's RNG untouched); :func:`load_qavit` loads ``shapes``' trained
     weights from its checkpoint."""
+    import torch
+
+
     from transformers import AutoTokenizer, T5EncoderModel
 
     folder = find_question_encoder(preset, path)
@@ -287,6 +302,11 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     question encoder it was trained with: with a built-in encoder (``tiny``, ``shapes``) those
     weights are loaded into it; ``shapes`` requires them. With a T5 folder they are ignored.
     """
+    import torch
+
+    from models.qavit.model import QAViT
+
+
     _check(preset)
     path = find_vision_weights(preset, checkpoint)
     encoder, tokenizer, encoder_source = load_question_encoder(preset, question_encoder, device)
@@ -375,7 +395,7 @@ def weights_fingerprint(preset: str, checkpoint: str | Path | None = None, quest
             if path.is_dir() else file_fingerprint(path)
     folder = find_question_encoder(preset, question_encoder)
     if folder is None:  # built in: its weights are the seeded init or the vision file's question_encoder.*
-        from models.fid_t5 import TINY_CONFIG, TINY_TOKENIZER_DIR
+        from models.fid_t5_files import TINY_CONFIG, TINY_TOKENIZER_DIR
 
         tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
         parts["question_encoder"] = {"config": SHAPES_QUESTION_ENCODER if preset == "shapes" else TINY_CONFIG,
@@ -389,12 +409,9 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     """The metadata of a ``.safetensors`` file (``{}`` for other files and folders)."""
     if path.is_dir() or path.suffix != ".safetensors":
         return {}
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception:  # unreadable: load_checkpoint has already said why, or will
+        return dict(safetensors_header(path).get("__metadata__") or {})
+    except WeightsError:  # unreadable: load_checkpoint has already said why, or will
         return {}
 
 

@@ -1,0 +1,136 @@
+"""Where BLIP weights are and what identifies them: checkpoint file names and where they are
+published, the lookup in the weights folder, fingerprints. No torch: validation and cache
+keys use this without importing the model code (``checkpoint.py`` loads the files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from models.blip.config import PRESETS, TINY_TOKENIZER_DIR, BlipConfig, blip_config
+from models.weights import WeightsError, file_fingerprint, find_weights, shapes_weights
+
+Kind = Literal["itm", "caption"]
+KINDS = ("itm", "caption")
+TINY_SEED = 0
+TINY_INIT_VERSION = 1  # bump when the tiny initialisation changes (it is part of the fingerprint)
+TOKENIZER_FOLDER = ("bert-base-uncased", "https://huggingface.co/google-bert/bert-base-uncased "
+                    "(vocab.txt, tokenizer.json, tokenizer_config.json)")
+
+_BLIP = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/"
+_LAVIS = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP/"
+# standard file names (first = preferred) and where they are published; LAVIS configs
+# blip_itm_{base,large}.yaml, blip_caption_{base,large}_coco.yaml, pnp-vqa/pnp_vqa_*.yaml
+CHECKPOINT_FILES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
+    "itm": {
+        "base": (("model_base_retrieval_coco.pth", _BLIP + "model_base_retrieval_coco.pth"),),
+        "large": (("model_large_retrieval_coco.pth", _BLIP + "model_large_retrieval_coco.pth"),
+                  ("model_large_retrieval_coco_train2014.pth",  # PNP-VQA's own choice
+                   _BLIP + "model_large_retrieval_coco_train2014.pth")),
+    },
+    "caption": {
+        "base": (("blip_coco_caption_base.pth", _LAVIS + "blip_coco_caption_base.pth"),
+                 ("model_base_capfilt_large.pth", _BLIP + "model_base_capfilt_large.pth")),
+        "large": (("model_large_caption.pth", _BLIP + "model_large_caption.pth"),
+                  ("model_large_caption_coco_train2014.pth",  # PNP-VQA's own choice
+                   _BLIP + "model_large_caption_coco_train2014.pth")),
+    },
+}
+SHAPES_TRAIN_COMMAND = {kind: f"bin/train-shapes {kind}" for kind in ("itm", "caption")}
+
+
+def checkpoint_path(kind: Kind, preset: str) -> Path:
+    """The checkpoint of a ``base`` / ``large`` model in the weights folder: the first of its
+    accepted file names that exists, else a ``WeightsError`` naming the preferred one. For
+    ``shapes``: the bundled file ``models/assets/shapes/blip_{kind}.safetensors``."""
+    if preset == "shapes":
+        return shapes_weights(f"blip_{kind}.safetensors", SHAPES_TRAIN_COMMAND[kind])
+    candidates = _candidates(kind, preset)
+    first_error = None
+    for name, url in candidates:
+        try:
+            return find_weights(name, url)
+        except WeightsError as exc:
+            first_error = first_error or exc
+    others = ", ".join(name for name, _ in candidates[1:])
+    raise WeightsError(f"{first_error}" + (f" (also accepted: {others})" if others else "")) from None
+
+
+def random_init_fingerprint(kind: Kind, preset: str) -> str:
+    """Identifies the seeded random initialisation of ``preset`` (``build_model(empty=False)``)."""
+    _check(kind, preset)
+    spec = {"kind": kind, "config": blip_config(preset).to_dict(), "seed": TINY_SEED,
+            "init_version": TINY_INIT_VERSION}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None) -> str:
+    """Identifies the weights a load would give: for ``tiny`` without a file, its
+    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint."""
+    _check(kind, preset)
+    if path is None and preset == "tiny":
+        return random_init_fingerprint(kind, preset)
+    return file_fingerprint(Path(path) if path is not None else checkpoint_path(kind, preset))
+
+
+def find_checkpoint(kind: Kind, preset: str, path: str | Path | None = None) -> Path | None:
+    """The file a load would read: ``path`` (which must exist), else the preset's standard file
+    (:func:`checkpoint_path`), else ``None`` for ``tiny``. Raises ``WeightsError`` when missing."""
+    _check(kind, preset)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise WeightsError(f"checkpoint {path} does not exist")
+        return path
+    return None if preset == "tiny" else checkpoint_path(kind, preset)
+
+
+def itm_config(preset: str) -> BlipConfig:
+    return blip_config(preset)
+
+
+def caption_config(preset: str) -> BlipConfig:
+    return blip_config(preset)
+
+
+def find_itm_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
+    return find_checkpoint("itm", preset, path)
+
+
+def find_caption_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
+    return find_checkpoint("caption", preset, path)
+
+
+def itm_fingerprint(preset: str, path: str | Path | None = None) -> str:
+    return weights_fingerprint("itm", preset, path)
+
+
+def caption_fingerprint(preset: str, path: str | Path | None = None) -> str:
+    return weights_fingerprint("caption", preset, path)
+
+
+def _candidates(kind: Kind, preset: str) -> tuple[tuple[str, str], ...]:
+    _check(kind, preset)
+    if preset == "tiny":
+        raise ValueError("the tiny preset has no checkpoint file")
+    return CHECKPOINT_FILES[kind][preset]
+
+
+def _check(kind: str, preset: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown BLIP model kind {kind!r}; choose 'itm' or 'caption'")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def blip_tokenizer_dir(preset: str) -> Path:
+    """The bundled tiny tokenizer for ``tiny`` and ``shapes``; ``bert-base-uncased/`` in the weights folder
+    (``WeightsError`` naming it when absent) for ``base`` / ``large``."""
+    if preset in ("tiny", "shapes"):
+        return TINY_TOKENIZER_DIR
+    if preset not in ("base", "large"):
+        raise ValueError(f"unknown BLIP preset {preset!r}; choose one of tiny, shapes, base, large")
+    return find_weights(*TOKENIZER_FOLDER)
