@@ -25,12 +25,12 @@ from torch import nn
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from models.weights import (WeightsError, apply_state_dict)
-
+from models.compute_clock import counted
 from models.fid_t5_files import (BUILTIN_CONFIGS, FINGERPRINT_FILES, PRESETS, REAL_PRESETS,  # noqa: F401
                                  SHAPES_CONFIG, SHAPES_FILE, SHAPES_TRAIN_COMMAND, TINY_CONFIG, TINY_SEED,
                                  TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, WEIGHTS_FORMAT, find_fid_t5,
                                  weights_fingerprint)
+from models.weights import WeightsError, apply_state_dict
 
 
 def make_passages(question: str, captions: list[str], num_captions_fid: int, *,
@@ -118,6 +118,7 @@ class FiDT5(nn.Module):
                        decoder_input_ids=decoder_input_ids, return_dict=True, **kwargs)
 
     @torch.no_grad()
+    @counted
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, num_beams: int = 1,
                  max_new_tokens: int = 20, min_new_tokens: int = 0) -> torch.LongTensor:
         """Answers for ``[B, n, L]`` passages: ``LongTensor [B, T]``, starting with the decoder

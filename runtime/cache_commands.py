@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import re
 import time
+from typing import TYPE_CHECKING
 
-from artifacts.store import Entry, Store
 from runtime.errors import UsageError
+
+if TYPE_CHECKING:  # the parser is built on every command: the store is imported when used
+    from artifacts.store import Entry, Store
 
 DEFAULT_GRACE_MINUTES = 60.0
 

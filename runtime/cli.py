@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
                    "instead of stopping")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     r.add_argument("--debug", action="store_true", help="print tracebacks of failing rows and errors")
+    r.add_argument("--profile", action="store_true", help="count the time inside model forward and backward passes "
+                   "per node (manifest: model_seconds) and print its share of the run's wall time")
 
     v = sub.add_parser("validate", help="check a graph file without running it")
     graph_args(v)
@@ -176,6 +178,10 @@ def _cmd_run(a) -> int:
 
     if a.debug:
         os.environ["RUNTIME_DEBUG"] = "1"
+    if a.profile:
+        from runtime.node_runner import PROFILE_ENV
+
+        os.environ[PROFILE_ENV] = "1"
 
     graphs = [_load(a, path) for path in a.graph]
     outputs = None
@@ -239,7 +245,7 @@ def _cmd_stages(a) -> int:
         cls = STAGES[n]
         stage = cls(cls.Params())
         print(f"{n}  (v{cls.version}, per {cls.granularity.value}, {'cached' if cls.cacheable else 'not cached'}, "
-              f"batch {cls.resources.batch_size}{', gpu %.2f' % cls.resources.gpu if cls.resources.gpu else ''})")
+              f"batch {_batch_sizes(cls.resources)}{', gpu %.2f' % cls.resources.gpu if cls.resources.gpu else ''})")
         print(f"  {cls.describe()}")
         print("  params:")
         print("\n".join(describe_params(cls.Params)))
@@ -275,6 +281,11 @@ def _cmd_sources(a) -> int:
             print(f"    {k}: {describe_type(c.type)}{' (per image)' if c.image_level else ''} — {c.doc}")
         print()
     return 0
+
+
+def _batch_sizes(resources) -> str:
+    cuda = resources.cuda_batch_size
+    return str(resources.batch_size) + (f", on a GPU {cuda}" if cuda and cuda != resources.batch_size else "")
 
 
 def _cmd_cache(a) -> int:

@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 
 from runtime.errors import UsageError
-from runtime.run import RESULTS, read_results
 
+RESULTS = "results.parquet"  # runtime.run's, not imported: the parser is built on every command
 FORMATS = ("vqav2", "okvqa", "gqa")
 
 
@@ -40,6 +40,8 @@ def export_predictions(run: str | Path, fmt: str, answer: str | None = None,
     run = Path(run)
     if not (run / RESULTS).is_file():
         raise UsageError(f"{run}: no {RESULTS} in it (is it a finished run folder?)")
+    from runtime.run import read_results
+
     table = read_results(run)
     column = answer_column(table.column_names, answer)
     ids = table.column("sample_id").to_pylist()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import copy
 import difflib
+import graphlib
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import networkx as nx
 import pyarrow as pa
 from pydantic import ValidationError
 
@@ -53,12 +53,15 @@ class Node:
     stage: Stage
     inputs: dict[str, Ref]
     output_types: dict[str, pa.DataType]
-    batch_size: int
+    batch_size: int | None  # rows per process() call set in the graph; None: the stage's for the device
     origin: str  # the file that defined (or last overrode) the node
 
     @property
     def granularity(self) -> Granularity:
         return self.stage.granularity
+
+    def batch_size_on(self, device: str) -> int:
+        return self.batch_size or self.stage.resources.batch_size_on(device)
 
 
 @dataclass
@@ -91,11 +94,14 @@ class Graph:
         return sorted({r.node for r in self.nodes[name].inputs.values() if r.node != SOURCE})
 
     def descendants(self, name: str) -> set[str]:
-        g = nx.DiGraph()
-        for n in self.nodes:
-            for up in self.upstream(n):
-                g.add_edge(up, n)
-        return nx.descendants(g, name) if name in g else set()
+        found, frontier = set(), [name]
+        while frontier:
+            up = frontier.pop()
+            for n in self.nodes:
+                if n not in found and up in self.upstream(n):
+                    found.add(n)
+                    frontier.append(n)
+        return found
 
     def to_dot(self) -> str:
         lines = [f'digraph "{self.name}" {{', "  rankdir=LR;", '  source [shape=cylinder, label="source\\n'
@@ -380,8 +386,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         extras[name] = batch_size
 
     # edges + cycles
-    g = nx.DiGraph()
-    g.add_nodes_from(stages)
+    feeds: dict[str, set[str]] = {name: set() for name in stages}  # node -> the nodes it reads
     refs: dict[str, dict[str, Ref]] = {}
     for name, inputs in wiring.items():
         nfile = origins.get(name, file)
@@ -406,7 +411,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                                         f"{_suggest(ref.node, list(raw_nodes))}nodes: {', '.join(raw_nodes)}"))
                 continue
             elif ref.node in stages:
-                g.add_edge(ref.node, name)
+                feeds[name].add(ref.node)
             refs[name][inp] = ref
         for fld, msg in stages[name].wiring_problems(set(inputs)):
             problems.append(Problem(nfile, name, fld, msg))
@@ -415,16 +420,15 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"missing required input '{inp}' ({describe_type(decl.spec)}): "
                                         f"wire it as `{inp}: NODE.COLUMN`"))
     try:
-        cycle = nx.find_cycle(g)
-        loop = " -> ".join([e[0] for e in cycle] + [cycle[0][0]])
-        problems.append(Problem(origins.get(cycle[0][0], file), cycle[0][0], "inputs", f"cycle: {loop}; a node cannot depend on its own output"))
-        raise GraphError(problems)
-    except nx.NetworkXNoCycle:
-        pass
+        order = list(graphlib.TopologicalSorter(feeds).static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1]  # each node feeds the next; first == last
+        problems.append(Problem(origins.get(cycle[0], file), cycle[0], "inputs",
+                                f"cycle: {' -> '.join(cycle)}; a node cannot depend on its own output"))
+        raise GraphError(problems) from None
 
     # types, granularity, outputs - in topological order
     output_types: dict[str, dict[str, pa.DataType]] = {}
-    order = [n for n in nx.topological_sort(g)]
     for name in order:
         stage, nfile = stages[name], origins.get(name, file)
         bindings: dict[str, int] = {}
@@ -509,7 +513,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
     for name in order:
         stage = stages[name]
         nodes[name] = Node(name, stage, refs.get(name, {}), output_types[name],
-                           extras[name] or stage.resources.batch_size, origins.get(name, file))
+                           extras[name], origins.get(name, file))
     resolved = {
         "name": doc["name"],
         "description": doc.get("description", ""),
@@ -518,7 +522,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         "nodes": {n: {"stage": nd.stage.name, "version": nd.stage.version,
                       "params": nd.stage.params.model_dump(mode="json"),
                       "inputs": {k: str(v) for k, v in nd.inputs.items()},
-                      "batch_size": nd.batch_size}
+                      "batch_size": nd.batch_size or "stage default"}
                   for n, nd in nodes.items()},
         "outputs": [str(r) for r in outputs],
     }

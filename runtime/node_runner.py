@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from artifacts.columns import column_to_python, is_fixed_tensor, is_variable_tensor, python_to_column
+from artifacts.columns import (
+    column_to_python,
+    is_fixed_tensor,
+    is_variable_tensor,
+    python_to_column,
+)
+from models import compute_clock
 from runtime.graph import SOURCE, Node
 from runtime.shards import Shard
 from stages.base import Batch, Granularity
@@ -51,6 +57,9 @@ def error_kind(exc: BaseException) -> str:
     return DATA_ERROR
 
 
+PROFILE_ENV = "RUNTIME_PROFILE"  # set by --profile; forwarded to Ray workers like every RUNTIME_ variable
+
+
 @dataclass
 class NodeStats:
     rows: int = 0          # rows this node produced (samples, or images for per-image nodes)
@@ -60,6 +69,7 @@ class NodeStats:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0
     calls: int = 0         # process() calls
+    model_seconds: float = 0.0  # inside model forward / backward passes (only with --profile)
 
 
 def non_finite_rows(values, t: pa.DataType) -> list[int]:
@@ -104,6 +114,8 @@ class NodeRunner:
         if not self._ready:
             self.stage.setup(device)
             self._ready = True
+        if os.environ.get(PROFILE_ENV):
+            compute_clock.enable()
 
     # -- wiring ----------------------------------------------------------------------------
     def _row_ids(self, shard: Shard) -> list[str]:
@@ -125,7 +137,7 @@ class NodeRunner:
 
     # -- running ---------------------------------------------------------------------------
     def run(self, shard: Shard, upstream: dict[str, pa.Table]) -> tuple[pa.Table, NodeStats]:
-        start = time.perf_counter()
+        start, model_start = time.perf_counter(), compute_clock.seconds()
         stats = NodeStats()
         row_ids = self._row_ids(shard)
         n = len(row_ids)
@@ -181,6 +193,7 @@ class NodeRunner:
         columns[ROW_ID] = pa.array(row_ids, type=pa.string())
         table = pa.table(columns)
         stats.seconds = time.perf_counter() - start
+        stats.model_seconds = compute_clock.seconds() - model_start
         stats.peak_rss_mb = peak_rss_mb()
         stats.peak_gpu_mb = peak_gpu_mb()
         return table, stats
@@ -188,7 +201,7 @@ class NodeRunner:
     def _batches(self, todo: list[int]) -> list[list[int]]:
         """Rows in batches of about ``batch_size``, cut only between images so that an image's
         questions share one batch (and one image encoding)."""
-        size, image = self.node.batch_size, self._image_of_row
+        size, image = self.node.batch_size_on(self.stage.device), self._image_of_row
         batches: list[list[int]] = []
         for i in todo:
             if not batches or (len(batches[-1]) >= size

@@ -49,6 +49,7 @@ class NodeSummary:
     peak_rss_mb: float = 0.0
     peak_gpu_mb: float = 0.0
     calls: int = 0
+    model_seconds: float = 0.0  # inside model forward / backward passes (only with --profile)
 
 
 @dataclass
@@ -164,6 +165,7 @@ class RunContext:
             s.errors += stats.errors
             s.seconds += stats.seconds
             s.calls += stats.calls
+            s.model_seconds += stats.model_seconds
             s.peak_rss_mb = max(s.peak_rss_mb, stats.peak_rss_mb)
             s.peak_gpu_mb = max(s.peak_gpu_mb, stats.peak_gpu_mb)
         for name in outcome.loaded:
@@ -333,6 +335,11 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         lines.append(f"  Ray: {len(summary.workers)} workers up in {summary.startup_seconds:.1f} s; the driver "
                      f"carried {summary.driver_bytes / 2**20:.1f} MiB for {summary.produced_bytes / 2**20:.1f} MiB "
                      "the stages produced")
+    model = sum(s.model_seconds for s in summary.nodes.values())
+    if model:
+        capacity = summary.seconds * max(1, len(summary.workers))
+        lines.append(f"  inside model forward / backward passes: {model:.1f} s, {100 * model / capacity:.0f}% of the "
+                     "wall time" + (f" of {len(summary.workers)} workers" if summary.workers else ""))
     if summary.transient_errors:
         lines.append(f"  {summary.transient_errors} rows failed in ways another attempt may not repeat "
                      "(out of memory, timeout, lost worker): run the same command again to retry them")

@@ -53,11 +53,19 @@ class Resources:
     """What one worker of the stage asks for.
 
     ``gpu`` is the GPU fraction per worker when the cluster has GPUs (0 = CPU stage);
-    ``batch_size`` the preferred number of rows per ``process`` call.
+    ``batch_size`` the preferred number of rows per ``process`` call on a CPU, and
+    ``cuda_batch_size`` on a GPU (None: the same). Model stages' values come from
+    ``bench/run.py --only batch`` (bench/results/bench.md).
     """
 
     gpu: float = 0.0
     batch_size: int = 256
+    cuda_batch_size: int | None = None
+
+    def batch_size_on(self, device: str) -> int:
+        if device.startswith("cuda") and self.cuda_batch_size is not None:
+            return self.cuda_batch_size
+        return self.batch_size
 
 
 @dataclass

@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 
 from models.blip.sampling import build_processors
+from models.compute_clock import counted
 
 NEG = -1.0e9
 
 
 @torch.no_grad()
+@counted
 def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor, *, num_beams: int,
                 max_length: int, min_length: int, repetition_penalty: float, length_penalty: float,
                 eos_token_id: int, pad_token_id: int) -> torch.Tensor:

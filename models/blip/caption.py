@@ -13,6 +13,7 @@ from models.blip.config import BlipConfig, blip_config
 from models.blip.med import BertLMHeadModel, init_bert_weights
 from models.blip.sampling import build_processors, pick_tokens
 from models.blip.vit import build_vit, encode, vit_grid
+from models.compute_clock import counted
 
 
 class BlipCaption(nn.Module):
@@ -49,6 +50,7 @@ class BlipCaption(nn.Module):
         return logits
 
     @torch.no_grad()
+    @counted
     def generate(self, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
                  uniforms: torch.Tensor | None = None, *, max_length: int = 20, min_length: int = 10,
                  top_k: int = 50, top_p: float = 1.0, repetition_penalty: float = 1.0,

@@ -1,0 +1,310 @@
+"""The benchmark: one command, whole commands timed as a user runs them, A/B alternated,
+medians quoted. Writes ``bench/results/bench.json`` and ``bench/results/bench.md``.
+
+    bin/bench                    # everything, about 40 minutes on 2 cores
+    bin/bench --only startup     # one part (repeatable): e2e, profile, startup, sweep, ray, memory, resume, batch
+
+Parts:
+
+- ``e2e``: questions/s of ``graphs/pnp_vqa.yaml`` (local executor, empty cache) against
+  ``bench/reference_loop.py`` (LAVIS ``predict_answers``' control flow, same models and draws)
+  on the same questions, answers checked equal;
+- ``profile``: the share of wall time spent inside model forward / backward passes and decoding
+  loops (``runtime run --profile``), local and Ray (one worker);
+- ``startup``: ``runtime validate``, and a rerun whose parts are all finished;
+- ``sweep``: four variants in one ``runtime run A.yaml B.yaml ...`` against one after another;
+- ``ray``: Ray (one worker) against local, and one Ray worker against two;
+- ``memory``: peak RSS of a run at 1k and 10k questions (tiny presets: the runtime's memory,
+  not the models');
+- ``resume``: a run killed when half its shards are done, resumed, against half a fresh run;
+- ``batch``: the model stages' time at several batch sizes (the defaults' evidence).
+
+Every command runs with ``--threads`` set to the CPUs available (the runtime's default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+PY = sys.executable
+SWEEP = ["pnp_vqa", "esam_enhanced", "fusion_caption", "qavit"]
+
+
+def runtime(*args: str) -> list[str]:
+    return [PY, "-m", "runtime", *args]
+
+
+def pnp_run(tmp: Path, tag: str, images: int, *extra: str) -> list[str]:
+    """``runtime run graphs/pnp_vqa.yaml`` on ``images`` shapes images (4 questions each)."""
+    return runtime("run", str(ROOT / "graphs" / "pnp_vqa.yaml"), "--quiet", "--device", "cpu",
+                   "--set", f"dataset.num_images={images}", "--cache", str(tmp / f"cache-{tag}"),
+                   "--output", str(tmp / f"out-{tag}"), *extra)
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def manifest(tmp: Path, tag: str) -> dict:
+    return json.loads((tmp / f"out-{tag}" / "manifest.json").read_text())
+
+
+def answers(tmp: Path, tag: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp / f"out-{tag}" / "results.parquet", columns=["sample_id", "answer.answer"])
+    return dict(zip(table["sample_id"].to_pylist(), table["answer.answer"].to_pylist()))
+
+
+def alternate(repeats: int, **commands) -> dict[str, list[float]]:
+    """Wall times of each named command factory ``f(round) -> cmd``, A/B alternated."""
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for r in range(repeats):
+        for name, make in commands.items():
+            times[name].append(timed(make(r)))
+    return times
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# --- parts -------------------------------------------------------------------------------------
+
+def e2e(tmp: Path, a) -> dict:
+    images = a.questions // 4
+    out = tmp / "reference"
+    out.mkdir()
+    times = alternate(
+        a.repeats,
+        runtime=lambda r: pnp_run(tmp, f"e2e{r}", images),
+        reference=lambda r: [PY, str(ROOT / "bench" / "reference_loop.py"), "--images", str(images),
+                             "--out", str(out / f"{r}.json")])
+    ours = answers(tmp, "e2e0")
+    ref = json.loads((out / "0.json").read_text())
+    equal = sum(ours.get(k) == v for k, v in ref.items())
+    q = images * 4
+    return {"questions": q, "runtime_s": times["runtime"], "reference_s": times["reference"],
+            "runtime_qps": q / med(times["runtime"]), "reference_qps": q / med(times["reference"]),
+            "speedup": med(times["reference"]) / med(times["runtime"]), "answers_equal": equal,
+            "answers_compared": len(ref)}
+
+
+def profile(tmp: Path, a) -> dict:
+    out = {}
+    for executor, images in (("local", a.questions // 4), ("ray", a.ray_questions // 4)):
+        tag = f"profile-{executor}"
+        extra = ["--executor", executor, "--profile"] + (["--workers", "1"] if executor == "ray" else [])
+        wall = timed(pnp_run(tmp, tag, images, *extra))
+        m = manifest(tmp, tag)
+        model = sum(n["model_seconds"] for n in m["nodes"].values())
+        run_s = m["totals"]["seconds"]
+        out[executor] = {"questions": images * 4, "command_s": wall, "run_s": run_s, "model_s": model,
+                         "model_share_of_command": model / wall, "model_share_of_run": model / run_s,
+                         "nodes": {k: {"seconds": v["seconds"], "model_seconds": v["model_seconds"]}
+                                   for k, v in m["nodes"].items()}}
+    return out
+
+
+def startup(tmp: Path, a) -> dict:
+    graph = str(ROOT / "graphs" / "pnp_vqa.yaml")
+    timed(pnp_run(tmp, "startup", 16))  # every part finished from here on
+    times = alternate(max(3, a.repeats), validate=lambda r: runtime("validate", graph),
+                      finished_run=lambda r: pnp_run(tmp, "startup", 16))
+    return {"validate_s": times["validate"], "finished_run_s": times["finished_run"]}
+
+
+def sweep(tmp: Path, a) -> dict:
+    def cmd(graphs: list[str], tag: str) -> list[str]:
+        return runtime("run", *[str(ROOT / "graphs" / f"{g}.yaml") for g in graphs], "--quiet", "--executor", "local",
+                       "--device", "cpu", "--cache", str(tmp / f"cache-{tag}"),
+                       "--set", f"dataset.num_images={a.sweep_images}",
+                       "--output", str(tmp / f"out-{tag}" / (graphs[0] if len(graphs) == 1 else "")))
+
+    alone, together = [], []
+    for r in range(a.repeats):
+        alone.append(sum(timed(cmd([g], f"alone{r}")) for g in SWEEP))
+        together.append(timed(cmd(SWEEP, f"sweep{r}")))
+    return {"variants": SWEEP, "questions": a.sweep_images * 4, "one_after_another_s": alone,
+            "one_sweep_s": together, "ratio": med(together) / med(alone)}
+
+
+def ray(tmp: Path, a) -> dict:
+    images = a.ray_questions // 4
+    times = alternate(
+        a.repeats,
+        local=lambda r: pnp_run(tmp, f"ray-local{r}", images, "--executor", "local"),
+        ray_1=lambda r: pnp_run(tmp, f"ray-1w{r}", images, "--executor", "ray", "--workers", "1"),
+        ray_2=lambda r: pnp_run(tmp, f"ray-2w{r}", images, "--executor", "ray", "--workers", "2"))
+    startups = {k: manifest(tmp, f"ray-{k}0")["totals"]["startup_seconds"] for k in ("1w", "2w")}
+    runs = {k: manifest(tmp, f"ray-{k}0")["totals"]["seconds"] for k in ("1w", "2w")}
+    return {"questions": images * 4, **{f"{k}_s": v for k, v in times.items()},
+            "ray_over_local": med(times["ray_1"]) / med(times["local"]),
+            "two_workers_speedup": med(times["ray_1"]) / med(times["ray_2"]),
+            "two_workers_speedup_after_startup": (runs["1w"] - startups["1w"]) / (runs["2w"] - startups["2w"]),
+            "worker_startup_s": startups}
+
+
+def memory(tmp: Path, a) -> dict:
+    out = {}
+    for questions in (1000, 10000):
+        tag = f"memory{questions}"
+        # --executor local: one process, so ru_maxrss is the whole run's peak
+        wall = timed(pnp_run(tmp, tag, questions // 4, "--preset", "tiny", "--executor", "local",
+                             "--set", "caption.num_captions=1", "--set", "caption.max_rounds=1"))
+        nodes = manifest(tmp, tag)["nodes"]
+        out[str(questions)] = {"seconds": wall, "peak_rss_mb": max(n["peak_rss_mb"] for n in nodes.values())}
+    return out
+
+
+def resume(tmp: Path, a) -> dict:
+    images = a.questions // 4
+    fresh = timed(pnp_run(tmp, "fresh", images))
+    cmd = pnp_run(tmp, "killed", images)
+    shards = manifest(tmp, "fresh")["totals"]["shards"]
+    parts = tmp / "out-killed" / "parts"
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and len(list(parts.glob("part-*.parquet"))) < shards / 2:
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = len(list(parts.glob("part-*.parquet")))
+    resumed = timed(cmd)
+    return {"questions": images * 4, "shards": shards, "parts_done_at_kill": done, "fresh_s": fresh,
+            "resumed_s": resumed, "half_fresh_s": fresh * (shards - done) / shards,
+            "ratio": resumed / (fresh * (shards - done) / shards)}
+
+
+def batch(tmp: Path, a) -> dict:
+    out = {}
+    images = a.batch_images
+    for node, sizes in (("gradcam", (8, 16, 32, 64)), ("caption", (8, 16, 32, 64)), ("answer", (8, 16, 32, 64))):
+        times: dict[int, list[float]] = {s: [] for s in sizes}
+        for r in range(a.repeats):
+            for s in sizes:
+                tag = f"batch-{node}-{s}-{r}"
+                timed(pnp_run(tmp, tag, images, "--executor", "local", "--set", f"{node}.batch_size={s}",
+                              "--cache", str(tmp / "cache-batch"), "--force", node))
+                times[s].append(manifest(tmp, tag)["nodes"][node]["seconds"])
+        out[node] = {str(s): med(v) for s, v in times.items()}
+    return out
+
+
+PARTS = {"e2e": e2e, "profile": profile, "startup": startup, "sweep": sweep, "ray": ray, "memory": memory,
+         "resume": resume, "batch": batch}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def table(results: dict) -> str:
+    lines = [f"# Benchmark ({results['machine']}, {results['date']})", "",
+             f"`bin/bench {' '.join(results['argv'])}`; whole commands, medians of {results['repeats']} "
+             "A/B-alternated runs unless said. Targets from issue 16.", ""]
+    r = results["parts"]
+    if "e2e" in r:
+        e = r["e2e"]
+        lines += ["## End to end: runtime against the reference loop", "",
+                  "| questions | runtime | reference loop | speed-up (target >= 4x) | answers equal |", "|---|---|---|---|---|",
+                  f"| {e['questions']} | {med(e['runtime_s']):.1f} s ({e['runtime_qps']:.1f} q/s) | "
+                  f"{med(e['reference_s']):.1f} s ({e['reference_qps']:.1f} q/s) | {e['speedup']:.2f}x | "
+                  f"{e['answers_equal']}/{e['answers_compared']} |", ""]
+    if "profile" in r:
+        lines += ["## Time inside the models (`--profile`)", "",
+                  "| executor | questions | command | run | model passes | share of command | share of run (target: "
+                  "local 85%, Ray 75%) |", "|---|---|---|---|---|---|---|"]
+        for ex, p in r["profile"].items():
+            lines.append(f"| {ex} | {p['questions']} | {p['command_s']:.1f} s | {p['run_s']:.1f} s | {p['model_s']:.1f} s "
+                         f"| {100 * p['model_share_of_command']:.0f}% | {100 * p['model_share_of_run']:.0f}% |")
+        lines.append("")
+    if "startup" in r:
+        s = r["startup"]
+        lines += ["## Start-up", "", "| command | time (target) |", "|---|---|",
+                  f"| `runtime validate graphs/pnp_vqa.yaml` | {med(s['validate_s']):.2f} s (1.5 s) |",
+                  f"| `runtime run` with every part finished | {med(s['finished_run_s']):.2f} s (2 s) |", ""]
+    if "sweep" in r:
+        s = r["sweep"]
+        lines += ["## A sweep of variants in one pass", "",
+                  f"{', '.join(s['variants'])}; {s['questions']} questions, empty cache.", "",
+                  "| one after another | one sweep | ratio (target < 0.6x) |", "|---|---|---|",
+                  f"| {med(s['one_after_another_s']):.1f} s | {med(s['one_sweep_s']):.1f} s | {s['ratio']:.2f}x |", ""]
+    if "ray" in r:
+        s = r["ray"]
+        lines += ["## Ray on one machine", "", f"pnp_vqa, {s['questions']} questions, empty cache.", "",
+                  "| local | Ray, 1 worker | Ray, 2 workers | Ray / local (target <= 1.2x) | 2 workers / 1 (target >= 1.6x) "
+                  "| the same after worker start-up |", "|---|---|---|---|---|---|",
+                  f"| {med(s['local_s']):.1f} s | {med(s['ray_1_s']):.1f} s | {med(s['ray_2_s']):.1f} s | "
+                  f"{s['ray_over_local']:.2f}x | {s['two_workers_speedup']:.2f}x | "
+                  f"{s['two_workers_speedup_after_startup']:.2f}x |", ""]
+    if "memory" in r:
+        m = r["memory"]
+        lines += ["## Memory", "", "pnp_vqa with the tiny presets (the runtime's memory, not the models'), one run "
+                  "each.", "", "| questions | peak RSS | time |", "|---|---|---|"]
+        lines += [f"| {q} | {v['peak_rss_mb']:.0f} MiB | {v['seconds']:.1f} s |" for q, v in m.items()]
+        lines.append("")
+    if "resume" in r:
+        s = r["resume"]
+        lines += ["## Resume after a kill", "",
+                  f"pnp_vqa, {s['questions']} questions in {s['shards']} shards, killed (SIGKILL) with "
+                  f"{s['parts_done_at_kill']} shards done, then run again.", "",
+                  "| fresh run | resumed run | the fresh run's share of the shards left | ratio |", "|---|---|---|---|",
+                  f"| {s['fresh_s']:.1f} s | {s['resumed_s']:.1f} s | {s['half_fresh_s']:.1f} s | {s['ratio']:.2f}x |", ""]
+    if "batch" in r:
+        b = r["batch"]
+        sizes = sorted({int(s) for v in b.values() for s in v})
+        lines += ["## Batch sizes", "", "Seconds inside each node (median), pnp_vqa, "
+                  f"{results['batch_questions']} questions, by the node's batch size.", "",
+                  "| node | " + " | ".join(str(s) for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+        lines += [f"| {node} | " + " | ".join(f"{v[str(s)]:.1f}" for s in sizes) + " |" for node, v in b.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
+    ap.add_argument("--repeats", type=int, default=3, help="A/B rounds per comparison (medians)")
+    ap.add_argument("--questions", type=int, default=1000, help="questions of the end-to-end, profile and resume runs")
+    ap.add_argument("--ray-questions", type=int, default=200, help="questions of the Ray comparisons")
+    ap.add_argument("--sweep-images", type=int, default=16, help="shapes images of the sweep (4 questions each)")
+    ap.add_argument("--batch-images", type=int, default=32, help="shapes images of the batch-size runs")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and bench.md")
+    a = ap.parse_args()
+    parts = a.only or PARTS
+    previous = a.out / "bench.json"
+    results = json.loads(previous.read_text()) if a.only and previous.exists() else {"parts": {}}
+    results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+                   date=time.strftime("%Y-%m-%d"), repeats=a.repeats, argv=sys.argv[1:],
+                   batch_questions=a.batch_images * 4)
+    with tempfile.TemporaryDirectory(prefix="pnpvqa-bench-") as tmp:
+        for part in parts:
+            started = time.perf_counter()
+            print(f"[bench] {part} ...", flush=True)
+            results["parts"][part] = PARTS[part](Path(tmp), a)
+            print(f"[bench] {part}: {time.perf_counter() - started:.0f} s", flush=True)
+            a.out.mkdir(parents=True, exist_ok=True)
+            (a.out / "bench.json").write_text(json.dumps(results, indent=2))
+            (a.out / "bench.md").write_text(table(results) + "\n")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Wall time spent inside model computations, for ``runtime run --profile``.
+
+Counted while a torch module's ``forward``, ``torch.autograd.grad`` (GradCAM's backward) or a
+decoding loop marked ``@counted`` (sampling, beam search, FiD generate: their token choice
+runs outside any module) is running in this process; nested calls count once. Off unless
+``enable`` is called: the global module hooks add a little Python to every module call.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+_depth = 0
+_entered = 0.0
+_total = 0.0
+_enabled = False
+
+
+def _enter() -> None:
+    global _depth, _entered
+    if _depth == 0:
+        _entered = time.perf_counter()
+    _depth += 1
+
+
+def _leave() -> None:
+    global _depth, _total
+    _depth -= 1
+    if _depth == 0:
+        _total += time.perf_counter() - _entered
+
+
+def counted(fn):
+    """Count the time inside ``fn`` (a decoding loop) when the clock is on."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not _enabled:
+            return fn(*args, **kwargs)
+        _enter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _leave()
+
+    return wrapper
+
+
+def enable() -> None:
+    """Start counting in this process (torch must be imported: a model was set up)."""
+    global _enabled
+    torch = sys.modules.get("torch")
+    if _enabled or torch is None:
+        return
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+    register_module_forward_pre_hook(lambda module, args: _enter())
+    register_module_forward_hook(lambda module, args, out: _leave(), always_call=True)
+    torch.autograd.grad = counted(torch.autograd.grad)
+    _enabled = True
+
+
+def seconds() -> float:
+    """Seconds counted so far in this process (0 while the clock is off)."""
+    return _total
