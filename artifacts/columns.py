@@ -83,9 +83,23 @@ def _variable_parts(t: pa.DataType) -> tuple[pa.DataType, int]:
     return t.field(1).type.value_type, t.field(0).type.list_size
 
 
+_NUMPY_TYPES = {pa.bool_(): np.bool_, pa.int8(): np.int8, pa.int16(): np.int16, pa.int32(): np.int32,
+                pa.int64(): np.int64, pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.uint32(): np.uint32,
+                pa.uint64(): np.uint64, pa.float16(): np.float16, pa.float32(): np.float32, pa.float64(): np.float64}
+
+
+def numpy_dtype(t: pa.DataType) -> np.dtype:
+    """The numpy dtype of a primitive Arrow value type (pyarrow's ``to_pandas_dtype`` would import
+    pandas, 0.4 s of every command's start-up)."""
+    try:
+        return np.dtype(_NUMPY_TYPES[t])
+    except KeyError:
+        raise TypeError(f"no numpy dtype for Arrow type {t}") from None
+
+
 def _dtype_name(t: pa.DataType) -> str:
     """numpy's name of an Arrow value type (Arrow says 'float' for float32)."""
-    return np.dtype(t.to_pandas_dtype()).name
+    return numpy_dtype(t).name
 
 
 def describe_type(t: ColumnSpec) -> str:
@@ -146,7 +160,7 @@ def column_to_python(col: pa.ChunkedArray | pa.Array) -> tuple[Any, np.ndarray]:
     t = col.type
     if is_fixed_tensor(t):
         shape = tuple(t.shape)
-        dtype = t.value_type.to_pandas_dtype()
+        dtype = numpy_dtype(t.value_type)
         out = np.zeros((len(col), *shape), dtype=dtype)
         if valid.any():
             storage = col.storage
@@ -198,7 +212,7 @@ def python_to_column(values: Any, t: pa.DataType, n: int) -> pa.Array:
 def _fixed_tensor_array(values: Any, t: pa.FixedShapeTensorType, n: int) -> pa.Array:
     shape = tuple(t.shape)
     size = int(np.prod(shape)) if shape else 1
-    dtype = t.value_type.to_pandas_dtype()
+    dtype = numpy_dtype(t.value_type)
     if isinstance(values, np.ndarray):
         arr = np.ascontiguousarray(values, dtype=dtype)
         if arr.shape != (n, *shape):
@@ -230,7 +244,7 @@ def _variable_tensor_array(values: Any, t: pa.DataType, n: int) -> pa.Array:
     if len(values) != n:
         raise ValueError(f"expected {n} rows, got {len(values)}")
     value_type, ndim = _variable_parts(t)
-    dtype = value_type.to_pandas_dtype()
+    dtype = numpy_dtype(value_type)
     shapes, offsets, chunks = [], [0], []
     mask = np.zeros(n, dtype=bool)
     for i, v in enumerate(values):

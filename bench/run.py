@@ -195,18 +195,17 @@ def resume(tmp: Path, a) -> dict:
 
 
 def batch(tmp: Path, a) -> dict:
-    out = {}
-    images = a.batch_images
-    for node, sizes in (("gradcam", (8, 16, 32, 64)), ("caption", (8, 16, 32, 64)), ("answer", (8, 16, 32, 64))):
-        times: dict[int, list[float]] = {s: [] for s in sizes}
-        for r in range(a.repeats):
-            for s in sizes:
-                tag = f"batch-{node}-{s}-{r}"
-                timed(pnp_run(tmp, tag, images, "--executor", "local", "--set", f"{node}.batch_size={s}",
-                              "--cache", str(tmp / "cache-batch"), "--force", node))
-                times[s].append(manifest(tmp, tag)["nodes"][node]["seconds"])
-        out[node] = {str(s): med(v) for s, v in times.items()}
-    return out
+    """Each run sets one batch size on every model node and computes everything (no cache)."""
+    nodes, sizes = ("gradcam", "caption", "answer"), (8, 16, 32, 64)
+    times: dict[str, dict[int, list[float]]] = {n: {s: [] for s in sizes} for n in nodes}
+    for r in range(a.repeats):
+        for s in sizes:
+            tag = f"batch-{s}-{r}"
+            timed(pnp_run(tmp, tag, a.batch_images, "--executor", "local", "--no-cache",
+                          *[f"--set={n}.batch_size={s}" for n in nodes]))
+            for n in nodes:
+                times[n][s].append(manifest(tmp, tag)["nodes"][n]["seconds"])
+    return {n: {str(s): med(v) for s, v in by_size.items()} for n, by_size in times.items()}
 
 
 PARTS = {"e2e": e2e, "profile": profile, "startup": startup, "sweep": sweep, "ray": ray, "memory": memory,
