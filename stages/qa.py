@@ -37,7 +37,8 @@ class QAFiD(Stage):
 
     name = "qa_fid"
     Params = QAFiDParams
-    resources = Resources(gpu=0.5, batch_size=16)
+    # CPU: 32 as fast as 64, 1.5x 16 (bench/results/bench.md); GPU: not measured yet, the earlier 16 kept
+    resources = Resources(gpu=0.5, batch_size=32, cuda_batch_size=16)
     INPUTS = {"question": Input(pa.string(), "question text"),
               "captions": Input(pa.list_(pa.string()), "captions of the image for this question")}
     OUTPUTS = {"answer": Output(pa.string(), "generated answer")}
