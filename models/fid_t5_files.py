@@ -10,6 +10,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+from models.hf_hub import local_path
 from models.weights import WeightsError, file_fingerprint, find_weights, shapes_weights, tree_fingerprint
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_t5"
@@ -49,6 +50,8 @@ def find_fid_t5(preset: str, path: str | Path | None = None) -> Path | None:
     (for ``shapes``: how to train it); ``ValueError`` for an unknown preset."""
     if preset not in PRESETS:
         raise ValueError(f"unknown FiD T5 preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    if path is not None:
+        path = local_path(path)  # hf:allenai/unifiedqa-v2-t5-large-1363200 from the local cache
     if preset == "tiny" and path is None:
         return None
     if preset == "shapes" and path is None:

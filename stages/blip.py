@@ -62,12 +62,12 @@ def _image_tokens(model, batch: Batch, device: str):
 
 def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
     """Missing checkpoint or tokenizer files of a preset, found before any work starts."""
-    from models.blip.files import blip_tokenizer_dir
+    from models.blip.files import tokenizer_dir
     from models.weights import WeightsError
 
     out = []
     for field, check in (("checkpoint" if checkpoint else "preset", lambda: find_checkpoint(preset, checkpoint)),
-                         ("preset", lambda: blip_tokenizer_dir(preset))):
+                         ("preset", lambda: tokenizer_dir(preset, checkpoint))):
         try:
             check()
         except WeightsError as exc:
@@ -81,8 +81,10 @@ class ItmGradcamParams(StageParams):
     preset: Preset = Field("tiny", description="BLIP ITM model: tiny (random, tests), shapes (trained on the "
                            "shapes data, bundled), base or large (LAVIS retrieval checkpoints from the --weights "
                            "folder)")
-    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's "
-                                   "standard file in the --weights folder")
+    checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
+                                   "LAVIS .pth / .safetensors file, a Hugging Face BLIP folder (BlipForImageTextRetrieval: "
+                                   "config.json + weights; its sizes replace the preset's), or hf:ORG/NAME from the local "
+                                   "Hugging Face cache (e.g. hf:Salesforce/blip-itm-large-coco)")
     block_num: int | None = Field(None, ge=0, description="text layer whose cross-attention gives the GradCAM; "
                                   "None = the preset's (LAVIS PNP-VQA and tiny: 7, shapes: 2); must be below the "
                                   "last layer")
@@ -105,7 +107,7 @@ class ItmGradcam(Stage):
     def _config(self):
         from models.blip.files import itm_config
 
-        return itm_config(self.params.preset)
+        return itm_config(self.params.preset, self.params.checkpoint)
 
     def inputs(self) -> dict[str, Input]:
         return {**_image_inputs(self._config()), "question": Input(pa.string(), "question text")}
@@ -142,11 +144,12 @@ class ItmGradcam(Stage):
 
     def setup(self, device: str) -> None:
         from models.blip.checkpoint import load_blip_itm
-        from models.blip.tokenizer import load_blip_tokenizer_for
+        from models.blip.files import tokenizer_dir
+        from models.blip.tokenizer import load_blip_tokenizer
 
         super().setup(device)
         self.model, self.report = load_blip_itm(self.params.preset, self.params.checkpoint, device)
-        self.tokenizer = load_blip_tokenizer_for(self.params.preset)
+        self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
 
     def process(self, batch: Batch) -> dict[str, Any]:
         from models.blip.tokenizer import tokenize_questions
@@ -167,7 +170,10 @@ class CaptionParams(StageParams):
     preset: Preset = Field("tiny", description="BLIP captioner: tiny (random, tests), shapes (trained on the "
                            "shapes data, bundled), base or large (LAVIS caption checkpoints from the --weights "
                            "folder)")
-    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's standard one")
+    checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
+                                   "LAVIS .pth / .safetensors file, a Hugging Face BLIP folder (BlipForConditionalGeneration: "
+                                   "config.json + weights; its sizes replace the preset's), or hf:ORG/NAME from the local "
+                                   "Hugging Face cache (e.g. hf:Salesforce/blip-image-captioning-large)")
     num_captions: int = Field(5, ge=1, le=1000, description="distinct captions per question (LAVIS VQAv2: 100)")
     num_patches: int = Field(20, ge=1, description="patches sampled per caption, proportional to the heatmap")
     prompt: str = Field("a picture of ", description="decoder prompt, stripped from the captions")
@@ -212,7 +218,7 @@ class Caption(Stage):
     def _config(self):
         from models.blip.files import caption_config
 
-        return caption_config(self.params.preset)
+        return caption_config(self.params.preset, self.params.checkpoint)
 
     def inputs(self) -> dict[str, Input]:
         g = self._config().vit.grid
@@ -251,11 +257,12 @@ class Caption(Stage):
 
     def setup(self, device: str) -> None:
         from models.blip.checkpoint import load_blip_caption
-        from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
+        from models.blip.files import tokenizer_dir
+        from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer
 
         super().setup(device)
         self.model, self.report = load_blip_caption(self.params.preset, self.params.checkpoint, device)
-        self.tokenizer = load_blip_tokenizer_for(self.params.preset)
+        self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
         self.prompt_ids = caption_prompt_ids(self.tokenizer, self.params.prompt)  # [DEC] a picture of
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -351,7 +358,8 @@ class BlipFeaturesParams(StageParams):
     preset: Preset = Field("tiny", description="BLIP preset whose ViT encodes the image (as itm_gradcam / caption)")
     model: Literal["itm", "caption"] = Field("itm", description="the ViT of the ITM model or of the captioner "
                                              "(their weights differ); feed the tokens to that model's stage")
-    checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's standard one")
+    checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
+                                   "LAVIS file, a Hugging Face BLIP folder or hf:ORG/NAME (as itm_gradcam / caption)")
 
 
 class BlipFeatures(Stage):
@@ -370,7 +378,7 @@ class BlipFeatures(Stage):
     def _config(self):
         from models.blip.files import caption_config, itm_config
 
-        return (itm_config if self.params.model == "itm" else caption_config)(self.params.preset)
+        return (itm_config if self.params.model == "itm" else caption_config)(self.params.preset, self.params.checkpoint)
 
     def inputs(self) -> dict[str, Input]:
         s = self._config().vit.image_size

@@ -17,8 +17,10 @@ class QAFiDParams(StageParams):
     preset: Literal["tiny", "shapes", "base", "large", "3b"] = Field(
         "tiny", description="UnifiedQA-v2 T5: tiny (random, tests), shapes (a small T5 trained on shapes captions, "
         "bundled), base, large or 3b (Hugging Face folders unifiedqa-v2-t5-<size>-1363200 in the --weights folder)")
-    checkpoint: str | None = Field(None, description="explicit Hugging Face model folder instead of the preset's "
-                                   "(tiny / shapes: also a fid_t5.safetensors of `runtime train fid`)")
+    checkpoint: str | None = Field(None, description="explicit Hugging Face model folder instead of the preset's, "
+                                   "or hf:ORG/NAME from the local Hugging Face cache (e.g. "
+                                   "hf:allenai/unifiedqa-v2-t5-large-1363200); tiny / shapes: also a "
+                                   "fid_t5.safetensors of `runtime train fid`")
     num_captions_fid: int = Field(1, ge=1, description="captions per passage (LAVIS: 1)")
     num_beams: int = Field(1, ge=1, description="beam search width (1 = greedy, as LAVIS)")
     max_length: int = Field(20, ge=2, le=512, description="most answer tokens, decoder start token included "

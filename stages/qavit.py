@@ -103,10 +103,12 @@ class QAViTAttentionParams(StageParams):
                                    "shapes: models/assets/shapes/qavit.safetensors, or any qavit.safetensors of "
                                    "runtime train qavit): a "
                                    "QA-ViT / VisualT5 checkpoint (prefixes stripped), or plain CLIP weights (a "
-                                   "Hugging Face folder such as clip-vit-large-patch14-336, or a vision_model.* "
-                                   "state dict) whose instruction modules then start at identity")
+                                   "Hugging Face folder such as clip-vit-large-patch14-336 or "
+                                   "hf:openai/clip-vit-large-patch14-336 from the local Hugging Face cache, or a "
+                                   "vision_model.* state dict) whose instruction modules then start at identity")
     question_encoder: str | None = Field(None, description="Hugging Face T5 folder of the question encoder "
-                                         "instead of the preset's (l14_336: flan-t5-base in the weights folder)")
+                                         "instead of the preset's (l14_336: flan-t5-base in the weights folder), or "
+                                         "hf:google/flan-t5-base from the local Hugging Face cache")
     integration_point: IntegrationPoint | None = Field(
         None, description="layers that read the question: all, early (first half), late (second half), late2 "
         "(last quarter), late3 (all but the first quarter), sparse (even layers); None = the checkpoint's, or "

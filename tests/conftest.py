@@ -74,3 +74,14 @@ def calls(monkeypatch):
 
         monkeypatch.setattr(cls, "process", counted)
     return counter
+
+
+def hub_snapshot(cache: Path, repo: str, source: Path, commit: str = "0123abcd") -> Path:
+    """``source`` laid out as the Hugging Face hub cache holds ``repo`` (refs/main -> snapshot)."""
+    import shutil
+
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(source, folder / "snapshots" / commit)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    return folder / "snapshots" / commit

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
+from conftest import hub_snapshot
 from models import fid_t5, fid_t5_files
 from models.fid_t5 import (FiDT5, load_fid_t5, make_passages, find_fid_t5, tokenize_passages,
                            weights_fingerprint, TINY_TOKENIZER_DIR)
@@ -236,6 +237,10 @@ def test_load_real_layout_folder(tiny, batch, tmp_path, monkeypatch):
             torch.testing.assert_close(loaded.encode(ids, mask)[0], model.encode(ids, mask)[0], atol=0, rtol=0)
         assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6), expected)
     assert find_fid_t5("base") == folder and find_fid_t5("tiny") is None
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # the same folder as a Hugging Face id
+    snapshot = hub_snapshot(tmp_path / "hub", "allenai/unifiedqa-v2-t5-base-1363200", folder)
+    assert find_fid_t5("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == snapshot
+    assert weights_fingerprint("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == weights_fingerprint("base")
     assert weights_fingerprint("base") == weights_fingerprint("base", path=folder)
     before = weights_fingerprint("base")
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("\"d_ff\": 128", "\"d_ff\": 129"))

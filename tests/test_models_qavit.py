@@ -12,6 +12,7 @@ import pytest
 import torch
 from transformers import CLIPVisionModel
 
+from conftest import hub_snapshot
 from models.qavit import (INTEGRATION_POINTS, InstructCLIPEncoderLayer, InstructCLIPVisionModel, build_vision,
                           instruction_layers, integration_point_of, load_qavit, qavit_config, to_vision_layout,
                           weights_fingerprint)
@@ -230,8 +231,11 @@ def test_plain_clip_weights_load_with_identity_instructions(tiny, tmp_path):
     reference = CLIPVisionModel.from_pretrained(tmp_path / "clip", attn_implementation="eager").eval()
     with torch.no_grad():
         expected = reference(pixels).last_hidden_state
-    for source in (tmp_path / "clip", tmp_path / "clip_vision.pth"):
-        loaded, _, report = load_qavit("tiny", checkpoint=source)
+    hub_snapshot(tmp_path / "hub", "openai/clip-tiny", tmp_path / "clip")
+    for source in (tmp_path / "clip", tmp_path / "clip_vision.pth", "hf:openai/clip-tiny"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+            loaded, _, report = load_qavit("tiny", checkpoint=source)
         assert report.kind == "clip" and report.formulation == "gated" and report.integration_point == "late"
         assert sorted(report.identity_initialised) == sorted(loaded.vision.instruction_keys())
         assert not report.vision.missing and not report.vision.unexpected

@@ -27,6 +27,8 @@ from models.blip.files import (CHECKPOINT_FILES, TINY_INIT_VERSION, TINY_SEED, K
                                _check, caption_config, caption_fingerprint, checkpoint_path, find_caption_checkpoint,
                                find_checkpoint, find_itm_checkpoint, itm_config, itm_fingerprint,
                                random_init_fingerprint, weights_fingerprint)
+from models.blip.hf_format import blip_config_of, rename_key
+from models.blip.hf_format import weight_files as hf_weight_files
 from models.blip.itm import BlipITM
 from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  # noqa: F401  (re-exported)
 from models.blip.vit import resize_pos_embed
@@ -87,6 +89,8 @@ def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple
     path = find_checkpoint(kind, preset, path)
     if path is None:  # tiny without a file: seeded random weights, nothing loaded
         return build_model(kind, preset, device).eval(), LoadReport()
+    if path.is_dir():
+        return load_hf_folder(kind, path, device)
     state = load_checkpoint(path)
     _check_kind(state, kind, path)
     model = build_model(kind, preset, device, empty=True)
@@ -98,6 +102,23 @@ def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple
         optional += ["text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"]
     report = apply_state_dict(model, state, f"checkpoint {path}", ignore=momentum + list(IGNORED_KEYS),
                               optional=optional)
+    return model.eval(), report
+
+
+def load_hf_folder(kind: Kind, folder: Path, device) -> tuple[nn.Module, LoadReport]:
+    """A Hugging Face BLIP folder (``save_pretrained``), sizes from its ``config.json``, the ViT's
+    keys renamed to this project's (``models.blip.hf_format``)."""
+    config = blip_config_of(folder)
+    state: dict[str, torch.Tensor] = {}
+    for file in hf_weight_files(folder):
+        state.update(load_checkpoint(file))
+    state = {rename_key(k): v for k, v in state.items()}
+    model = build_preset(lambda: _MODELS[kind](config), True, device, TINY_SEED)
+    optional = [_OWN_PART[kind] + ("bert." if kind == "caption" else "") + "embeddings.position_ids"]
+    if kind == "caption":
+        model.tie_weights()
+        optional += ["text_decoder.cls.predictions.decoder.weight", "text_decoder.cls.predictions.decoder.bias"]
+    report = apply_state_dict(model, state, f"Hugging Face folder {folder}", optional=optional)
     return model.eval(), report
 
 

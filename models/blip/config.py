@@ -34,6 +34,7 @@ class VitConfig:
     heads: int
     patch_size: int = 16
     mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-6  # LAVIS; transformers' BLIP ViT uses 1e-5
 
     @property
     def grid(self) -> int:

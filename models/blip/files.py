@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 from models.blip.config import PRESETS, TINY_TOKENIZER_DIR, BlipConfig, blip_config
+from models.blip.hf_format import blip_config_of, check_architecture, has_tokenizer, is_hf_folder, weight_files
+from models.hf_hub import local_path
 from models.weights import WeightsError, file_fingerprint, find_weights, shapes_weights
 
 Kind = Literal["itm", "caption"]
@@ -69,31 +71,66 @@ def random_init_fingerprint(kind: Kind, preset: str) -> str:
 
 def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None) -> str:
     """Identifies the weights a load would give: for ``tiny`` without a file, its
-    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint."""
+    :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint (a Hugging
+    Face folder: its config and weight files')."""
     _check(kind, preset)
     if path is None and preset == "tiny":
         return random_init_fingerprint(kind, preset)
-    return file_fingerprint(Path(path) if path is not None else checkpoint_path(kind, preset))
+    found = find_checkpoint(kind, preset, path)
+    if found.is_dir():
+        parts = [file_fingerprint(f) for f in [found / "config.json", *weight_files(found)]]
+        return hashlib.sha256(" ".join(parts).encode()).hexdigest()[:32]
+    return file_fingerprint(found)
 
 
 def find_checkpoint(kind: Kind, preset: str, path: str | Path | None = None) -> Path | None:
-    """The file a load would read: ``path`` (which must exist), else the preset's standard file
+    """What a load would read: ``path`` (a LAVIS checkpoint file, a Hugging Face BLIP folder, or
+    ``hf:ORG/NAME`` in the local Hugging Face cache), else the preset's standard file
     (:func:`checkpoint_path`), else ``None`` for ``tiny``. Raises ``WeightsError`` when missing."""
     _check(kind, preset)
     if path is not None:
-        path = Path(path)
+        path = local_path(path)
+        if path.is_dir():
+            if not is_hf_folder(path):
+                raise WeightsError(f"{path} is a folder without config.json: give a checkpoint file or a Hugging "
+                                   "Face BLIP folder (config.json + model.safetensors or pytorch_model.bin)")
+            check_architecture(path, kind)
+            weight_files(path)
+            return path
         if not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
         return path
     return None if preset == "tiny" else checkpoint_path(kind, preset)
 
 
-def itm_config(preset: str) -> BlipConfig:
+def model_config(kind: Kind, preset: str, checkpoint: str | Path | None = None) -> BlipConfig:
+    """The sizes of the model a load would give: a Hugging Face folder's own, else the preset's
+    (also when the checkpoint is missing: ``problems`` reports that before any work)."""
+    path = _resolved(checkpoint)
+    if path is not None and is_hf_folder(path):
+        try:
+            return blip_config_of(path)
+        except WeightsError:  # reported by problems()
+            pass
     return blip_config(preset)
 
 
-def caption_config(preset: str) -> BlipConfig:
-    return blip_config(preset)
+def _resolved(checkpoint: str | Path | None) -> Path | None:
+    """The local path of a checkpoint; None when not given or not found (``problems`` says so)."""
+    if checkpoint is None:
+        return None
+    try:
+        return local_path(checkpoint)
+    except WeightsError:
+        return None
+
+
+def itm_config(preset: str, checkpoint: str | Path | None = None) -> BlipConfig:
+    return model_config("itm", preset, checkpoint)
+
+
+def caption_config(preset: str, checkpoint: str | Path | None = None) -> BlipConfig:
+    return model_config("caption", preset, checkpoint)
 
 
 def find_itm_checkpoint(preset: str, path: str | Path | None = None) -> Path | None:
@@ -124,6 +161,14 @@ def _check(kind: str, preset: str) -> None:
         raise ValueError(f"unknown BLIP model kind {kind!r}; choose 'itm' or 'caption'")
     if preset not in PRESETS:
         raise ValueError(f"unknown BLIP preset {preset!r}; choose one of {', '.join(PRESETS)}")
+
+
+def tokenizer_dir(preset: str, checkpoint: str | Path | None = None) -> Path:
+    """The tokenizer of a Hugging Face folder that ships one, else the preset's."""
+    path = _resolved(checkpoint)
+    if path is not None and is_hf_folder(path):
+        return path if has_tokenizer(path) else blip_tokenizer_dir("base")
+    return blip_tokenizer_dir(preset)
 
 
 def blip_tokenizer_dir(preset: str) -> Path:

@@ -21,13 +21,13 @@ from models.blip.config import VitConfig
 
 
 def build_vit(cfg: VitConfig) -> VisionTransformer:
-    """A timm ViT without head or pooling (LayerNorm eps 1e-6, as in LAVIS)."""
+    """A timm ViT without head or pooling (LayerNorm eps ``cfg.layer_norm_eps``: 1e-6 in LAVIS)."""
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
     return VisionTransformer(
         img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
         num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, num_classes=0, global_pool="",
-        norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps))
 
 
 def encode(vit: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:

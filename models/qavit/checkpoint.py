@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from models.qavit.config import PRESETS, SHAPES_QUESTION_ENCODER, QAViTConfig, integration_point_of, qavit_config
+from models.hf_hub import local_path
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
                             safetensors_header,
                             load_checkpoint, shapes_weights, tree_fingerprint)
@@ -118,7 +119,7 @@ def find_vision_weights(preset: str, path: str | Path | None = None) -> Path | N
     else ``None`` for ``tiny``."""
     _check(preset)
     if path is not None:
-        path = Path(path)
+        path = local_path(path)
         if not path.exists():
             raise WeightsError(f"QA-ViT checkpoint {path} does not exist")
         return path
@@ -144,7 +145,7 @@ def find_question_encoder(preset: str, path: str | Path | None = None) -> Path |
     if path is None and preset in BUILT_IN_ENCODERS:
         return None
     name, url = QUESTION_ENCODERS.get(preset, ("a T5 folder", "save_pretrained() of a T5 model and its tokenizer"))
-    folder = find_weights(name, url) if path is None else Path(path)
+    folder = find_weights(name, url) if path is None else local_path(path)
     if not folder.is_dir():
         raise WeightsError(f"question encoder folder {folder} does not exist (a Hugging Face T5 folder such as "
                            f"'{name}'). Published at: {url}")
