@@ -62,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--preset", metavar="NAME", action="append", default=[],
                         help="model preset for every model node that offers it (BLIP / UnifiedQA: tiny, base, large, "
                              "3b; EfficientSAM: tiny, vitt, vits); repeatable, e.g. --preset large --preset vitt")
+        sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="compute type of every model node that has a dtype param (BLIP, UnifiedQA, EfficientSAM "
+                             "embedding; default float32); part of the cache key")
         sp.add_argument("--weights", metavar="DIR",
                         help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
@@ -163,7 +166,7 @@ def _load(a, path: str | None = None):
             raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
                              "standard names; see README, 'Real checkpoints')")
         os.environ[WEIGHTS_ENV] = str(folder.resolve())
-    graph = load_graph(path or a.graph, a.overrides, presets=a.preset)
+    graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype)
     if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
         if left:
@@ -192,6 +195,7 @@ def _cmd_run(a) -> int:
                            workers=a.workers, gpus_per_worker=a.gpus_per_worker, threads=a.threads,
                            progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
                            arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
+                                      "dtype": a.dtype,
                                       "weights": a.weights})
     for graph, summary in zip(graphs, summaries):
         if len(graphs) > 1:

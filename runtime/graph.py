@@ -258,12 +258,27 @@ def apply_preset(doc: dict, preset: str, file: str) -> None:
                                   f"presets: {', '.join(sorted(offered)) or 'none (the graph has no model nodes)'}")])
 
 
+def apply_dtype(doc: dict, dtype: str, file: str) -> None:
+    """Set ``dtype`` on every model node whose stage has a ``dtype`` param (``--dtype bfloat16``);
+    a value a stage refuses (qa_fid and float16) is reported by validation, naming the node."""
+    changed = 0
+    for spec in (doc.get("nodes") or {}).values():
+        if isinstance(spec, dict) and spec.get("stage") in STAGES and "dtype" in STAGES[spec["stage"]].Params.model_fields:
+            params = spec.get("params")
+            spec["params"] = {**(params if isinstance(params, dict) else {}), "dtype": dtype}
+            changed += 1
+    if not changed:
+        raise GraphError([Problem("--dtype", None, dtype, f"no node of {file} has a dtype param (the BLIP, UnifiedQA "
+                                  "and EfficientSAM embedding stages do)")])
+
+
 def load_graph(path: str | Path, overrides: list[str] | None = None,
-               presets: list[str] | tuple[str, ...] = ()) -> Graph:
+               presets: list[str] | tuple[str, ...] = (), dtype: str | None = None) -> Graph:
     """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem.
 
     Each of ``presets`` sets the preset of the model nodes that offer it (``--preset large
-    --preset vitt``); ``overrides`` (``--set``) come after them.
+    --preset vitt``), ``dtype`` the compute type of those that have one (``--dtype``);
+    ``overrides`` (``--set``) come after them.
     """
     path = Path(path)
     doc, origins = _read_document(path.resolve(), ())
@@ -272,6 +287,8 @@ def load_graph(path: str | Path, overrides: list[str] | None = None,
     doc.setdefault("name", path.stem)
     for preset in presets:
         apply_preset(doc, preset, file)
+    if dtype is not None:
+        apply_dtype(doc, dtype, file)
     apply_overrides(doc, list(overrides or []), file)
     return _validate(doc, origins, file)
 

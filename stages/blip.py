@@ -18,7 +18,7 @@ from pydantic import Field
 
 from artifacts.columns import tensor_type
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
-from stages.common import row_rng
+from stages.common import DTYPE_DOC, DType, row_rng, torch_dtype
 from stages.grid import sample_patch_sets
 from stages.text import blip_question
 
@@ -47,16 +47,16 @@ def _one_image_input(wired: set[str]) -> list[tuple[str, str]]:
     return []
 
 
-def _image_tokens(model, batch: Batch, device: str):
-    """``[N, 1+P, C]`` image tokens per row: the wired features, or the pixels encoded once
-    per distinct image of the batch."""
+def _image_tokens(model, batch: Batch, device: str, dtype: str = "float32"):
+    """``[I, 1+P, C]`` image tokens of the batch's distinct images in ``dtype`` (the wired
+    features, or the pixels encoded once per image) and ``[N]`` each row's image."""
     import torch
 
     if "features" in batch.columns:
-        images = torch.from_numpy(batch["features"]).to(device)
+        images = torch.from_numpy(batch["features"]).to(device, torch_dtype(dtype))
     else:
         with torch.no_grad():
-            images = model.encode_image(torch.from_numpy(batch["pixels"]).to(device))
+            images = model.encode_image(torch.from_numpy(batch["pixels"]).to(device, torch_dtype(dtype)))
     return images, torch.from_numpy(batch.image_rows).to(device)
 
 
@@ -89,6 +89,8 @@ class ItmGradcamParams(StageParams):
                                   "None = the preset's (LAVIS PNP-VQA and tiny: 7, shapes: 2); must be below the "
                                   "last layer")
     max_length: int = Field(35, ge=3, le=512, description="question tokens kept (LAVIS max_txt_len)")
+    dtype: DType = Field("float32", description=DTYPE_DOC + "; the ViT runs in it, the text encoder and GradCAM's "
+                         "backward stay in float32 (the gradient of a bfloat16 softmax loses the heatmap's detail)")
 
 
 class ItmGradcam(Stage):
@@ -149,6 +151,7 @@ class ItmGradcam(Stage):
 
         super().setup(device)
         self.model, self.report = load_blip_itm(self.params.preset, self.params.checkpoint, device)
+        self.model.visual_encoder.to(torch_dtype(self.params.dtype))
         self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -157,8 +160,8 @@ class ItmGradcam(Stage):
         questions = [blip_question(q) for q in batch["question"]]
         ids, mask = tokenize_questions(self.tokenizer, questions, self.params.max_length)
         device = self.device
-        images, image_rows = _image_tokens(self.model, batch, device)
-        embeds = images[image_rows]
+        images, image_rows = _image_tokens(self.model, batch, device, self.params.dtype)
+        embeds = images[image_rows].float()
         heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.block_num)
         return {"heatmap": heatmap.detach().float().cpu().numpy(),
                 "itm_score": score.detach().float().cpu().numpy()}
@@ -196,6 +199,7 @@ class CaptionParams(StageParams):
                             "captions; a shortfall is recorded (the reference loops without bound)")
     generation_batch: int = Field(256, ge=1, description="caption sequences decoded at once (memory bound)")
     seed: int = Field(0, ge=0, description="seed; draws depend only on it, the sample id and the round")
+    dtype: DType = Field("float32", description=DTYPE_DOC + "; token choice reads float32 scores")
 
 
 class Caption(Stage):
@@ -262,6 +266,7 @@ class Caption(Stage):
 
         super().setup(device)
         self.model, self.report = load_blip_caption(self.params.preset, self.params.checkpoint, device)
+        self.model.to(torch_dtype(self.params.dtype))
         self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
         self.prompt_ids = caption_prompt_ids(self.tokenizer, self.params.prompt)  # [DEC] a picture of
 
@@ -270,7 +275,7 @@ class Caption(Stage):
 
         p, device = self.params, self.device
         n = len(batch)
-        images, image_rows = _image_tokens(self.model, batch, device)  # [I, 1+P, C], [N]
+        images, image_rows = _image_tokens(self.model, batch, device, p.dtype)  # [I, 1+P, C], [N]
         whole_image = "heatmap" not in batch.columns
         heat = None if whole_image else batch["heatmap"].reshape(n, -1)
         new_tokens = p.max_length - len(self.prompt_ids)
@@ -360,6 +365,7 @@ class BlipFeaturesParams(StageParams):
                                              "(their weights differ); feed the tokens to that model's stage")
     checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
                                    "LAVIS file, a Hugging Face BLIP folder or hf:ORG/NAME (as itm_gradcam / caption)")
+    dtype: DType = Field("float32", description=DTYPE_DOC)
 
 
 class BlipFeatures(Stage):
@@ -407,10 +413,12 @@ class BlipFeatures(Stage):
         super().setup(device)
         load = load_blip_itm if self.params.model == "itm" else load_blip_caption
         self.model, self.report = load(self.params.preset, self.params.checkpoint, device)
+        self.model.visual_encoder.to(torch_dtype(self.params.dtype))
 
     def process(self, batch: Batch) -> dict[str, Any]:
         import torch
 
         with torch.no_grad():
-            tokens = self.model.encode_image(torch.from_numpy(batch["pixels"]).to(self.device))
+            tokens = self.model.encode_image(torch.from_numpy(batch["pixels"]).to(self.device,
+                                                                                  torch_dtype(self.params.dtype)))
         return {"features": tokens.float().cpu().numpy()}

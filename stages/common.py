@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -27,3 +27,15 @@ def optional_column(batch: Batch, name: str, fill: Any) -> tuple[Any, np.ndarray
 def nullable(values: np.ndarray, valid: np.ndarray) -> list[float | None]:
     """Scalars as a list with None (null) where ``valid`` is False."""
     return [float(v) if ok else None for v, ok in zip(values, valid)]
+
+
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPE_DOC = ("floating-point type the model computes in (part of the cache key): float32, bfloat16 (GPUs since "
+             "Ampere; CPUs with AVX-512 BF16 / AMX) or float16 (GPUs); outputs are float32 either way")
+
+
+def torch_dtype(name: str):
+    """The torch dtype named ``name`` (``float32`` / ``bfloat16`` / ``float16``)."""
+    import torch
+
+    return getattr(torch, name)

@@ -11,6 +11,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.common import DTYPE_DOC, DType, torch_dtype
 
 
 class QAFiDParams(StageParams):
@@ -27,6 +28,7 @@ class QAFiDParams(StageParams):
                             "(Hugging Face max_length; LAVIS: 20)")
     min_length: int = Field(0, ge=0, description="fewest answer tokens (LAVIS: 0)")
     max_passage_tokens: int = Field(512, ge=8, description="passages are truncated to this many tokens")
+    dtype: DType = Field("float32", description=DTYPE_DOC + "; not float16: T5's activations overflow it")
 
 
 class QAFiD(Stage):
@@ -49,6 +51,9 @@ class QAFiD(Stage):
         from models.fid_t5_files import find_fid_t5
         from models.weights import WeightsError
 
+        if self.params.dtype == "float16":
+            return [("dtype", "T5 overflows in float16 (its feed-forward activations exceed 65504 and answers turn "
+                     "to NaN or garbage); use bfloat16, which has float32's range")]
         try:
             find_fid_t5(self.params.preset, self.params.checkpoint)
         except WeightsError as exc:
@@ -65,7 +70,7 @@ class QAFiD(Stage):
 
         super().setup(device)
         self.model, self.tokenizer = load_fid_t5(self.params.preset, self.params.checkpoint)
-        self.model.to(device)
+        self.model.to(device, torch_dtype(self.params.dtype))
 
     def process(self, batch: Batch) -> dict[str, Any]:
         import torch

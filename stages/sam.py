@@ -15,6 +15,7 @@ from pydantic import Field
 
 from artifacts.columns import TensorSpec, tensor_type
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.common import DTYPE_DOC, DType, torch_dtype
 from stages.grid import pool_to_grid
 
 Preset = Literal["tiny", "shapes", "vitt", "vits"]
@@ -62,6 +63,7 @@ class _EfficientSamStage(Stage):
 class SamEmbedParams(StageParams):
     preset: Preset = Field("tiny", description=PRESET_DOC)
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's")
+    dtype: DType = Field("float32", description=DTYPE_DOC + "; the image encoder runs in it")
 
 
 class SamEmbed(_EfficientSamStage):
@@ -82,12 +84,16 @@ class SamEmbed(_EfficientSamStage):
     def outputs(self) -> dict[str, Output]:
         return {"embedding": Output(_embedding_type(self.params.preset), "image embedding [256, 64, 64] (real sizes)")}
 
+    def setup(self, device: str) -> None:
+        super().setup(device)
+        self.model.image_encoder.to(torch_dtype(self.params.dtype))
+
     def process(self, batch: Batch) -> dict[str, Any]:
         import torch
 
         with torch.no_grad():
             pixels = self.model.preprocess(batch["image"], device=self.device)
-            embedding = self.model.embed(pixels)
+            embedding = self.model.embed(pixels.to(torch_dtype(self.params.dtype)))
         return {"embedding": embedding.float().cpu().numpy()}
 
 
