@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from models.compute_clock import counted
-from models.fid_t5_files import (BUILTIN_CONFIGS, FINGERPRINT_FILES, PRESETS, REAL_PRESETS,  # noqa: F401
+from models.fid_t5_files import (BUILTIN_CONFIGS, FINGERPRINT_FILES, PRESETS, RANDOM_CONFIGS, REAL_PRESETS,  # noqa: F401
                                  SHAPES_CONFIG, SHAPES_FILE, SHAPES_TRAIN_COMMAND, TINY_CONFIG, TINY_SEED,
                                  TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, WEIGHTS_FORMAT, find_fid_t5,
                                  weights_fingerprint)
@@ -144,16 +144,18 @@ def tiny_config(vocab_size: int) -> T5Config:
 
 
 def builtin_config(preset: str, vocab_size: int) -> T5Config:
-    """The ``T5Config`` of a built-in preset (``tiny`` or ``shapes``) for a vocabulary size."""
-    if preset not in BUILTIN_CONFIGS:
-        raise ValueError(f"'{preset}' is not a built-in FiD T5 preset; choose one of {', '.join(BUILTIN_CONFIGS)}")
-    return T5Config(vocab_size=vocab_size, **BUILTIN_CONFIGS[preset])
+    """The ``T5Config`` of a preset built without a file (``tiny``, ``shapes``, or a published size
+    under ``--random-weights``) for a vocabulary size."""
+    if preset not in RANDOM_CONFIGS:
+        raise ValueError(f"'{preset}' is not a FiD T5 preset; choose one of {', '.join(RANDOM_CONFIGS)}")
+    return T5Config(vocab_size=vocab_size, **RANDOM_CONFIGS[preset])
 
 
 def build_fid_t5(preset: str, *, seed: int = TINY_SEED, dtype: torch.dtype | None = None):
-    """``(FiDT5 in eval mode, tokenizer)``: a built-in preset's architecture (the bundled tiny
-    tokenizer), randomly initialised from ``seed`` without touching the global RNG state. For
-    ``tiny`` this is the preset itself; for ``shapes`` the starting point of its training."""
+    """``(FiDT5 in eval mode, tokenizer)``: a preset's architecture (the bundled tiny tokenizer),
+    randomly initialised from ``seed`` without touching the global RNG state. For ``tiny`` this
+    is the preset itself; for ``shapes`` the starting point of its training; for the published
+    sizes what ``--random-weights`` runs."""
     tokenizer = _tiny_tokenizer()
     config = builtin_config(preset, len(tokenizer))
     with torch.random.fork_rng(devices=[]):
@@ -225,8 +227,8 @@ def load_fid_t5(preset: str, path: str | Path | None = None, *, dtype: torch.dty
     or ``weights_only``, every key checked); or the local folder of :func:`find_fid_t5`
     (``from_pretrained(..., local_files_only=True)``; nothing is downloaded)."""
     folder = find_fid_t5(preset, path)
-    if folder is None:
-        return build_fid_t5("tiny", dtype=dtype)
+    if folder is None:  # tiny, or any preset under --random-weights
+        return build_fid_t5(preset, dtype=dtype)
     if folder.is_file():
         return _load_builtin_file(preset, folder, dtype)
     try:

@@ -25,12 +25,20 @@ if TYPE_CHECKING:  # torch is imported where tensors are read: finding files and
     from torch import nn
 
 WEIGHTS_ENV = "PNPVQA_WEIGHTS"
+# set by --random-weights: presets without an explicit checkpoint get seeded random weights at their
+# real sizes (for timing the published architectures without the files); never for results
+RANDOM_WEIGHTS_ENV = "PNPVQA_RANDOM_WEIGHTS"
 # the ``shapes`` presets' weights, trained by the project and shipped with it (docs/quality.md)
 SHAPES_WEIGHTS_DIR = Path(__file__).resolve().parent / "assets" / "shapes"
 
 
 class WeightsError(Exception):
     """A checkpoint that is missing, unreadable, unsafe or does not fit the model."""
+
+
+def random_weights() -> bool:
+    """Whether this process runs every preset with seeded random weights (``--random-weights``)."""
+    return os.environ.get(RANDOM_WEIGHTS_ENV) == "1"
 
 
 def weights_dir() -> Path | None:

@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                         help="compute type of every model node that has a dtype param (BLIP, UnifiedQA, EfficientSAM "
                              "embedding; default float32); part of the cache key")
+        sp.add_argument("--random-weights", action="store_true",
+                        help="give every model without an explicit checkpoint seeded random weights at its "
+                             "preset's real size (e.g. --preset large --random-weights): for timing the published "
+                             "architectures without their files; marked in the manifest, refused by quality")
         sp.add_argument("--weights", metavar="DIR",
                         help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
@@ -160,6 +164,10 @@ def _load(a, path: str | None = None):
     """Validate the graph of a run / validate / show command, after --weights and --preset."""
     from runtime.graph import load_graph
 
+    if a.random_weights:
+        from models.weights import RANDOM_WEIGHTS_ENV
+
+        os.environ[RANDOM_WEIGHTS_ENV] = "1"  # forwarded to Ray workers like every PNPVQA_ variable
     if a.weights:
         folder = Path(a.weights)
         if not folder.is_dir():

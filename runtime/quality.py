@@ -272,6 +272,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    from models.weights import RANDOM_WEIGHTS_ENV, random_weights
+
+    if random_weights():
+        print(f"error: {RANDOM_WEIGHTS_ENV}=1 (--random-weights) gives every model random weights: a quality "
+              "report of them would be meaningless; unset it", file=sys.stderr)
+        return 2
     unknown = set(args.only) - {v.name for v in VARIANTS}
     if unknown:
         print(f"error: unknown variant(s) {', '.join(sorted(unknown))}; choose from "

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from artifacts.columns import is_fixed_tensor, is_variable_tensor
 from artifacts.location import Location, new_writer_id
 from artifacts.store import Store, check_bytes, parse_table
+from models.weights import random_weights
 from runtime.code_identity import code_identity
 from runtime.graph import Graph
 from runtime.node_runner import TRANSIENT_ERROR
@@ -284,6 +285,7 @@ class RunContext:
             "arguments": args,
             "versions": package_versions(),
             "weights": self.weights,
+            "random_weights": random_weights(),  # --random-weights: for timing only, the results mean nothing
             "identity": self.identities,
             "workers": self.summary.workers,
             "seeds": seeds,
@@ -340,6 +342,8 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         capacity = summary.seconds * max(1, len(summary.workers))
         lines.append(f"  inside model forward / backward passes: {model:.1f} s, {100 * model / capacity:.0f}% of the "
                      "wall time" + (f" of {len(summary.workers)} workers" if summary.workers else ""))
+    if random_weights():
+        lines.append("  RANDOM WEIGHTS (--random-weights): the models are untrained; use this run for timing only")
     if summary.transient_errors:
         lines.append(f"  {summary.transient_errors} rows failed in ways another attempt may not repeat "
                      "(out of memory, timeout, lost worker): run the same command again to retry them")

@@ -87,8 +87,8 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
 
 def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple[nn.Module, LoadReport]:
     path = find_checkpoint(kind, preset, path)
-    if path is None:  # tiny without a file: seeded random weights, nothing loaded
-        return build_model(kind, preset, device).eval(), LoadReport()
+    if path is None:  # tiny without a file, or --random-weights: seeded random weights, nothing loaded
+        return build_model(kind, preset, device, empty=False).eval(), LoadReport()
     if path.is_dir():
         return load_hf_folder(kind, path, device)
     state = load_checkpoint(path)

@@ -13,7 +13,7 @@ from typing import Literal
 from models.blip.config import PRESETS, TINY_TOKENIZER_DIR, BlipConfig, blip_config
 from models.blip.hf_format import blip_config_of, check_architecture, has_tokenizer, is_hf_folder, weight_files
 from models.hf_hub import local_path
-from models.weights import WeightsError, file_fingerprint, find_weights, shapes_weights
+from models.weights import WeightsError, file_fingerprint, find_weights, random_weights, shapes_weights
 
 Kind = Literal["itm", "caption"]
 KINDS = ("itm", "caption")
@@ -74,7 +74,7 @@ def weights_fingerprint(kind: Kind, preset: str, path: str | Path | None = None)
     :func:`random_init_fingerprint`; otherwise the checkpoint file's fingerprint (a Hugging
     Face folder: its config and weight files')."""
     _check(kind, preset)
-    if path is None and preset == "tiny":
+    if path is None and (preset == "tiny" or random_weights()):
         return random_init_fingerprint(kind, preset)
     found = find_checkpoint(kind, preset, path)
     if found.is_dir():
@@ -100,7 +100,7 @@ def find_checkpoint(kind: Kind, preset: str, path: str | Path | None = None) -> 
         if not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
         return path
-    return None if preset == "tiny" else checkpoint_path(kind, preset)
+    return None if preset == "tiny" or random_weights() else checkpoint_path(kind, preset)
 
 
 def model_config(kind: Kind, preset: str, checkpoint: str | Path | None = None) -> BlipConfig:
@@ -168,6 +168,8 @@ def tokenizer_dir(preset: str, checkpoint: str | Path | None = None) -> Path:
     path = _resolved(checkpoint)
     if path is not None and is_hf_folder(path):
         return path if has_tokenizer(path) else blip_tokenizer_dir("base")
+    if checkpoint is None and random_weights():  # random weights need no real vocabulary
+        return TINY_TOKENIZER_DIR
     return blip_tokenizer_dir(preset)
 
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from models.efficient_sam.config import PRESETS, sam_config
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            load_checkpoint, shapes_weights, weights_dir)
+                            load_checkpoint, random_weights, shapes_weights, weights_dir)
 
 if TYPE_CHECKING:  # the model code (torch) is imported where a model is built: lookup and fingerprints need none
     import torch
@@ -48,8 +48,8 @@ def load_efficient_sam(preset: str, path: str | Path | None = None,
                        device: torch.device | str = "cpu") -> tuple[EfficientSam, LoadReport]:
     """The EfficientSAM of ``preset`` in eval mode and what the loading did."""
     path = find_efficient_sam(preset, path)
-    if path is None:  # tiny without a file: seeded random weights, nothing loaded
-        return build_model(preset, device).eval(), LoadReport()
+    if path is None:  # tiny without a file, or --random-weights: seeded random weights, nothing loaded
+        return build_model(preset, device, empty=False).eval(), LoadReport()
     state = load_checkpoint(path)
     _check_is_sam(state, path, preset)
     model = build_model(preset, device, empty=True)
@@ -73,7 +73,7 @@ def find_efficient_sam(preset: str, path: str | Path | None = None) -> Path | No
         if not path.is_file():
             raise WeightsError(f"checkpoint {path} does not exist")
         return path
-    if preset == "tiny":
+    if preset == "tiny" or random_weights():
         return None
     if preset == "shapes":
         return shapes_weights(SHAPES_FILE, SHAPES_TRAIN_COMMAND)
