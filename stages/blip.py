@@ -18,7 +18,8 @@ from pydantic import Field
 
 from artifacts.columns import tensor_type
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
-from stages.common import DTYPE_DOC, DType, row_rng, torch_dtype
+from stages.common import row_rng
+from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 from stages.grid import sample_patch_sets
 from stages.text import blip_question
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -28,14 +28,3 @@ def nullable(values: np.ndarray, valid: np.ndarray) -> list[float | None]:
     """Scalars as a list with None (null) where ``valid`` is False."""
     return [float(v) if ok else None for v, ok in zip(values, valid)]
 
-
-DType = Literal["float32", "bfloat16", "float16"]
-DTYPE_DOC = ("floating-point type the model computes in (part of the cache key): float32, bfloat16 (GPUs since "
-             "Ampere; CPUs with AVX-512 BF16 / AMX) or float16 (GPUs); outputs are float32 either way")
-
-
-def torch_dtype(name: str):
-    """The torch dtype named ``name`` (``float32`` / ``bfloat16`` / ``float16``)."""
-    import torch
-
-    return getattr(torch, name)

@@ -11,7 +11,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from stages.base import Batch, Input, Output, Resources, Stage, StageParams
-from stages.common import DTYPE_DOC, DType, torch_dtype
+from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 
 
 class QAFiDParams(StageParams):

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from artifacts.columns import TensorSpec, tensor_type
 from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
-from stages.common import DTYPE_DOC, DType, torch_dtype
+from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 from stages.grid import pool_to_grid
 
 Preset = Literal["tiny", "shapes", "vitt", "vits"]
