@@ -241,16 +241,16 @@ def _cmd_stages(a) -> int:
     from artifacts.columns import describe_type
     from stages import STAGES
 
-    names = [a.name] if a.name else list(STAGES)
+    names = [a.name] if a.name else sorted(STAGES)
     for n in names:
         if n not in STAGES:
-            raise UsageError(f"no stage '{n}'; stages: {', '.join(STAGES)}")
+            raise UsageError(f"no stage '{n}'; stages: {', '.join(sorted(STAGES))}")
     if a.json:
         out = {}
         for n in names:
             cls = STAGES[n]
             out[n] = {"version": cls.version, "granularity": cls.granularity.value, "cacheable": cls.cacheable,
-                      "doc": cls.describe(), "params": cls.Params.model_json_schema()}
+                      "doc": cls.describe(), "defined_in": STAGES.origin(n), "params": cls.Params.model_json_schema()}
         print(json.dumps(out, indent=2))
         return 0
     for n in names:
@@ -259,6 +259,7 @@ def _cmd_stages(a) -> int:
         print(f"{n}  (v{cls.version}, per {cls.granularity.value}, {'cached' if cls.cacheable else 'not cached'}, "
               f"batch {_batch_sizes(cls.resources)}{', gpu %.2f' % cls.resources.gpu if cls.resources.gpu else ''})")
         print(f"  {cls.describe()}")
+        print(f"  defined in: {STAGES.origin(n)}")
         print("  params:")
         print("\n".join(describe_params(cls.Params)))
         print("  inputs:")

@@ -1,38 +1,12 @@
-"""Operators, registered by name for graph files: ``STAGES["heatmap_points"]``."""
+"""Operators, by name for graph files: ``STAGES["heatmap_points"]``.
 
-from stages.base import Stage, StageParams
-from stages.blip import BlipFeatures, Caption, ItmGradcam
-from stages.evaluation import VQAEval
-from stages.fusion import FeatureFusion
-from stages.heatmaps import (
-    HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
-)
-from stages.images import LoadImage, PreprocessImage
-from stages.qa import QAFiD
-from stages.qavit import QAViTAttention
-from stages.render import Render
-from stages.sam import SamEmbed, SamMask
+Each stage class adds itself with ``@STAGES.add`` where it is defined; importing this package
+imports the built-in stage modules. Stages of other installed packages come from the
+``pnpvqa.stages`` entry points (``stages/registry.py``, ``examples/heatmap_plugin``).
+"""
 
-STAGE_CLASSES: tuple[type[Stage], ...] = (
-    LoadImage,
-    PreprocessImage,
-    MaskHeatmap,
-    HeatmapPoints,
-    SamEmbed,
-    SamMask,
-    HeatmapEnhance,
-    HeatmapMetrics,
-    SamplePatches,
-    BlipFeatures,
-    FeatureFusion,
-    ItmGradcam,
-    QAViTAttention,
-    Caption,
-    QAFiD,
-    VQAEval,
-    Render,
-)
+from stages import blip, evaluation, fusion, heatmaps, images, qa, qavit, render, sam  # noqa: F401  (they register)
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 
-STAGES: dict[str, type[Stage]] = {cls.name: cls for cls in STAGE_CLASSES}
-
-__all__ = ["STAGES", "STAGE_CLASSES", "Stage", "StageParams"]
+# what a stage of this project or of a plugin is written with
+__all__ = ["STAGES", "Batch", "Granularity", "Input", "Output", "Resources", "Stage", "StageParams"]

@@ -14,6 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from artifacts.columns import ColumnSpec
+from stages.registry import Registry
 
 
 class StageParams(BaseModel):
@@ -161,3 +162,8 @@ class Stage:
     @classmethod
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+
+
+# Every stage by name, for graph files: this project's stages add themselves (``@STAGES.add``),
+# other packages' through the ``pnpvqa.stages`` entry points (stages/registry.py).
+STAGES: Registry[type[Stage]] = Registry("stage", "pnpvqa.stages", lambda cls: cls.name)

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import tensor_type
-from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.common import row_rng
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 from stages.grid import sample_patch_sets
@@ -94,6 +94,7 @@ class ItmGradcamParams(StageParams):
                          "backward stay in float32 (the gradient of a bfloat16 softmax loses the heatmap's detail)")
 
 
+@STAGES.add
 class ItmGradcam(Stage):
     """Question-guided GradCAM heatmap and image-question match score from BLIP ITM.
 
@@ -203,6 +204,7 @@ class CaptionParams(StageParams):
     dtype: DType = Field("float32", description=DTYPE_DOC + "; token choice reads float32 scores")
 
 
+@STAGES.add
 class Caption(Stage):
     """Question-guided captions: BLIP decodes from heatmap-sampled patches of the image.
 
@@ -369,6 +371,7 @@ class BlipFeaturesParams(StageParams):
     dtype: DType = Field("float32", description=DTYPE_DOC)
 
 
+@STAGES.add
 class BlipFeatures(Stage):
     """BLIP ViT image tokens ``[1+P, C]``, once per image, for stages that transform them
     (``feature_fusion``) before ``itm_gradcam`` / ``caption`` read them.

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import optional_column
 
 CONTRACTIONS = {
@@ -152,6 +152,7 @@ class VQAEvalParams(StageParams):
         "match as LAVIS's GQATask")
 
 
+@STAGES.add
 class VQAEval(Stage):
     """Score a predicted answer against the human answers exactly as the official evaluation does.
 

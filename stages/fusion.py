@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from artifacts.columns import TensorSpec
-from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 
 SHAPES = "shapes"  # the `weights` value naming the bundled file of the node's mode
 SHAPES_TRAIN_COMMAND = "bin/train-shapes fusion"
@@ -43,6 +43,7 @@ class FeatureFusionParams(StageParams):
     identity_map_reordering: bool = Field(False, description="difnet reference: the published pre-norm variant")
 
 
+@STAGES.add
 class FeatureFusion(Stage):
     """Fuse BLIP ViT tokens ``[1+P, C]`` with the SAM embedding ``[Cs, S, S]`` of the same image."""
 

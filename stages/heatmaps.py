@@ -14,7 +14,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from artifacts.columns import TensorSpec, tensor_type
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import nullable, optional_column, row_rng
 from stages.grid import gaussian_blur, minmax, pool_to_grid, sample_patch_sets
 
@@ -30,6 +30,7 @@ class MaskHeatmapParams(StageParams):
         "'uniform' gives a flat map of ones, 'fail' makes the row an error")
 
 
+@STAGES.add
 class MaskHeatmap(Stage):
     """Oracle heatmap from a ground-truth mask, for tests and demos.
 
@@ -81,6 +82,7 @@ class HeatmapPointsParams(StageParams):
         return self
 
 
+@STAGES.add
 class HeatmapPoints(Stage):
     """Pick peak cells of a heatmap as SAM point prompts in image pixels.
 
@@ -162,6 +164,7 @@ class HeatmapEnhanceParams(StageParams):
         0.5, ge=0, le=1, description="weight of the normalised heatmap; 1 - alpha goes to the mask")
 
 
+@STAGES.add
 class HeatmapEnhance(Stage):
     """Blend a heatmap with a segmentation mask pooled to its grid.
 
@@ -218,6 +221,7 @@ class HeatmapMetricsParams(StageParams):
         20, ge=1, description="heatmap cells of topk_recall (PNP-VQA samples 20 patches per caption)")
 
 
+@STAGES.add
 class HeatmapMetrics(Stage):
     """Score a heatmap against a ground-truth mask: pointing game, energy in mask, top-k IoU
     and top-k recall.
@@ -287,6 +291,7 @@ class SamplePatchesParams(StageParams):
         0, ge=0, description="seed; each row's draws depend only on it and the row id")
 
 
+@STAGES.add
 class SamplePatches(Stage):
     """Draw patch index sets with probability proportional to the heatmap, for captioning.
 

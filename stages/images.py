@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 from pydantic import Field, field_validator
 
 from artifacts.columns import TensorSpec, tensor_type, variable_tensor_type
-from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.common import optional_column
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -124,6 +124,7 @@ class LoadImageParams(StageParams):
                             "row; read from the header, so memory per worker stays bounded")
 
 
+@STAGES.add
 class LoadImage(Stage):
     """Decode an image file or bytes to upright RGB pixels.
 
@@ -199,6 +200,7 @@ class PreprocessParams(StageParams):
         return FAMILIES[self.family][key] if value is None else value
 
 
+@STAGES.add
 class PreprocessImage(Stage):
     """Resize an RGB image to S x S and normalise it for a model family.
 

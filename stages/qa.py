@@ -10,7 +10,7 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 
 
@@ -31,6 +31,7 @@ class QAFiDParams(StageParams):
     dtype: DType = Field("float32", description=DTYPE_DOC + "; not float16: T5's activations overflow it")
 
 
+@STAGES.add
 class QAFiD(Stage):
     """Answer the question from its captions with UnifiedQA FiD.
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import tensor_type
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import nullable
 from stages.grid import cell_weights
 
@@ -136,6 +136,7 @@ class QAViTAttentionParams(StageParams):
     max_question_tokens: int = Field(30, ge=2, le=512, description="question tokens kept (the reference: 30)")
 
 
+@STAGES.add
 class QAViTAttention(Stage):
     """Question-guided heatmap from QA-ViT: CLS-to-patch attention of a question-aware CLIP ViT.
 

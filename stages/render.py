@@ -22,7 +22,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import TensorSpec
-from stages.base import Batch, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import optional_column
 
 COLORMAPS: dict[str, int] = {
@@ -362,6 +362,7 @@ class RenderParams(StageParams):
                           "pixels on the longer side before drawing")
 
 
+@STAGES.add
 class Render(Stage):
     """Draw a sample's heatmaps, peak points, SAM mask, sampled patches and attention maps
     over its image, as PNG bytes.

@@ -14,7 +14,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import TensorSpec, tensor_type
-from stages.base import Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
 from stages.grid import pool_to_grid
 
@@ -66,6 +66,7 @@ class SamEmbedParams(StageParams):
     dtype: DType = Field("float32", description=DTYPE_DOC + "; the image encoder runs in it")
 
 
+@STAGES.add
 class SamEmbed(_EfficientSamStage):
     """EfficientSAM image embedding, computed once per image for all of its questions.
 
@@ -109,6 +110,7 @@ class SamMaskParams(StageParams):
     grid: int = Field(24, ge=1, le=256, description="side of mask_grid (the heatmap grid)")
 
 
+@STAGES.add
 class SamMask(_EfficientSamStage):
     """Point-prompted EfficientSAM mask for each question, from its heatmap's peak points.
 

@@ -1,0 +1,93 @@
+"""Plugins: a package installed beside the project adds a stage that graphs can name, without
+editing the project (examples/heatmap_plugin); broken or clashing plugins are named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import ROOT
+from stages.registry import Registry, RegistryError
+
+PLUGIN = ROOT / "examples" / "heatmap_plugin"
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The example plugin installed (pip, no index, no network) into a folder of its own."""
+    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "plugin"
+    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # pip builds in place
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                    "--no-build-isolation", "--target", str(target), str(source)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
+    return env
+
+
+def runtime(env, *args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "runtime", *args], env=env, cwd=cwd, capture_output=True, text=True)
+
+
+def test_plugin_stage_is_listed_with_its_origin_and_runs_in_a_graph(installed, tmp_path):
+    listed = runtime(installed, "stages", "center_prior")
+    assert listed.returncode == 0, listed.stderr
+    assert "defined in: center_prior_heatmap" in listed.stdout and "entry point 'center_prior" in listed.stdout
+    graph = PLUGIN / "graphs" / "center_prior.yaml"
+    done = runtime(installed, "run", str(graph), "--preset", "tiny", "--executor", "local", "--quiet", "--device", "cpu",
+                   "--set", "dataset.num_images=2", "--set", "caption.num_captions=1", "--set", "caption.max_rounds=1",
+                   "--output", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "run" / "results.parquet").to_pylist()
+    assert len(table) == 8 and all(r["status"] == "ok" for r in table)
+    for row in table:  # strength 0.5: the centre cells keep most of their weight, the corners about half
+        grad = np.asarray(row["gradcam.heatmap"], dtype=np.float32)
+        prior = np.asarray(row["prior.heatmap"], dtype=np.float32)
+        ratio = prior[grad > 0] / grad[grad > 0]
+        assert (ratio <= 1 + 1e-6).all() and (ratio >= 0.5).all()
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["graph"]["nodes"]["prior"]["stage"] == "center_prior"
+
+
+def test_without_the_plugin_the_graph_names_the_missing_stage(tmp_path):
+    done = runtime(os.environ.copy(), "validate", str(PLUGIN / "graphs" / "center_prior.yaml"))
+    assert done.returncode == 2 and "center_prior" in done.stderr + done.stdout
+
+
+class FakeEntryPoint:
+    def __init__(self, name, value, load):
+        self.name, self.value, self.dist, self._load = name, value, None, load
+
+    def load(self):
+        return self._load()
+
+
+class Thing:
+    def __init__(self, name):
+        self.name = name
+
+
+def registry_with(monkeypatch, *points):
+    monkeypatch.setattr("stages.registry.entry_points", lambda group: list(points))
+    reg = Registry("thing", "test.things", lambda t: t.name)
+    reg.add(Thing("builtin"), "here")
+    return reg
+
+
+def test_clashing_misnamed_and_broken_plugins_are_named(monkeypatch):
+    reg = registry_with(monkeypatch, FakeEntryPoint("builtin", "pkg:other", lambda: Thing("builtin")))
+    with pytest.raises(RegistryError, match="two things are named 'builtin': here and .*pkg:other"):
+        list(reg)
+    reg = registry_with(monkeypatch, FakeEntryPoint("alias", "pkg:thing", lambda: Thing("real")))
+    with pytest.raises(RegistryError, match="called 'real'; the entry point must have the same name"):
+        reg["builtin"]
+    reg = registry_with(monkeypatch, FakeEntryPoint("bad", "pkg:missing", lambda: 1 / 0))
+    with pytest.raises(RegistryError, match="'bad = pkg:missing'.*cannot be loaded: ZeroDivisionError"):
+        "bad" in reg
+    reg = registry_with(monkeypatch, FakeEntryPoint("extra", "pkg:extra", lambda: Thing("extra")))
+    assert sorted(reg) == ["builtin", "extra"] and "entry point 'extra = pkg:extra'" in reg.origin("extra")
