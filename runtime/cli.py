@@ -29,21 +29,12 @@ EPILOG = """examples:
 """
 
 
-TRAIN_MODELS = {
-    "itm": "a BLIP ITM model (every parameter; ITM + ITC, optional grounding and patch-probe losses)",
-    "caption": "the BLIP captioner, on captions of the objects visible in sampled patches",
-    "sam": "EfficientSAM, on point prompts from object pixels",
-    "fid": "the UnifiedQA FiD T5, on question + captions -> answer",
-    "fusion": "a BLIP + SAM feature fusion module (frozen BLIP ITM and EfficientSAM)",
-    "qavit": "QA-ViT (vision tower, instruction modules, question encoder)",
-    "bundle": "ship a finished run as a shapes preset file with its manifest (models/assets/shapes)",
-}
-
-
 def _train_usage() -> str:
-    width = max(map(len, TRAIN_MODELS))
+    from training import TRAINERS
+
+    width = max(map(len, TRAINERS))
     return ("usage: runtime train MODEL --out DIR [options]\n\nmodels:\n"
-            + "".join(f"  {name:<{width}}  {text}\n" for name, text in TRAIN_MODELS.items())
+            + "".join(f"  {name:<{width}}  {t.description}\n" for name, t in TRAINERS.items())
             + "\n`runtime train MODEL --help` lists the options of one; docs/training.md explains them.")
 
 
@@ -130,7 +121,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (`runtime train --help` lists them; docs/training.md)",
                        add_help=False)
-    t.add_argument("model", choices=list(TRAIN_MODELS), help="; ".join(f"{k}: {v}" for k, v in TRAIN_MODELS.items()))
+    from training import TRAINERS
+
+    # the registry itself: plugins' trainers are looked up only when `runtime train` runs
+    t.add_argument("model", choices=TRAINERS, help="what to train (`runtime train` lists them)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
 
     q = sub.add_parser("quality", help="VQA accuracy and heatmap quality of every variant on held-out shapes data "
@@ -309,25 +303,6 @@ def _cmd_cache(a) -> int:
     return cache_main(a, Store(folder_location(a.cache or default_cache_dir(), "--cache")))
 
 
-def _trainer(model: str):
-    """The ``main`` of ``runtime train MODEL`` (imported on demand: each pulls in its models)."""
-    if model == "itm":
-        from training.itm import main
-    elif model == "caption":
-        from training.caption import main
-    elif model == "sam":
-        from training.sam import main
-    elif model == "fid":
-        from training.fid import main
-    elif model == "fusion":
-        from training.fusion import main
-    elif model == "qavit":
-        from training.qavit import main
-    else:
-        from training.bundle import main
-    return main
-
-
 def _cmd_export(a) -> int:
     from runtime.export import export_main
 
@@ -335,7 +310,9 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    return _trainer(a.model)(a.args) or 0
+    from training import TRAINERS
+
+    return TRAINERS[a.model].main()(a.args) or 0
 
 
 def _cmd_report(a) -> int:

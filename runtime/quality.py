@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
+from plugins import Registry
 from runtime.sources.shapes_scene import TEXTURES
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
@@ -37,7 +38,9 @@ class Variant:
     changes: str | None = None  # the variant this one modifies (its graph extends that graph)
 
 
-VARIANTS = (
+# the variants of the report; other packages add theirs through the ``pnpvqa.variants`` entry points
+VARIANTS: Registry[Variant] = Registry("quality variant", "pnpvqa.variants", lambda v: v.name)
+for _variant in (
     Variant("pnp_vqa", GRAPHS / "pnp_vqa.yaml", "heatmap_quality", "BLIP ITM GradCAM (LAVIS recipe)"),
     Variant("esam_enhanced", GRAPHS / "esam_enhanced.yaml", "enhanced_quality",
             "GradCAM blended with the EfficientSAM mask prompted at its peaks", "pnp_vqa"),
@@ -50,7 +53,8 @@ VARIANTS = (
             "baseline: flat heatmap, patches sampled uniformly"),
     Variant("gt_mask_heatmap", GRAPHS / "baselines" / "gt_mask_heatmap.yaml", "heatmap_quality",
             "upper bound: heatmap from the ground-truth mask"),
-)
+):
+    VARIANTS.add(_variant, "runtime/quality.py")
 
 
 def run_variant(variant: Variant, *, seed: int, images: int, runs: Path, executor: str,
@@ -163,7 +167,8 @@ def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, 
         "",
         "Questions per type: " + ", ".join(f"{t} {counts[f'questions_{t}']}" for t in QUESTION_TYPES) + ".",
         "",
-        "Variants: " + "; ".join(f"`{v.name}`: {v.note}" for v in VARIANTS if v.name in table) + ".",
+        "Variants: " + "; ".join(f"`{v.name}`: {v.note}" for v in VARIANTS.values() if v.name in table)
+        + ".",
         "",
         f"ITM accuracy of the shapes BLIP ITM (the model whose GradCAM drives `pnp_vqa`, `esam_enhanced` and "
         f"`fusion_caption`) on the same images, each question as a positive and one hard negative "
@@ -208,7 +213,7 @@ def findings_from(table: dict[str, dict[str, Any]]) -> list[str]:
                          + (" (no gain: the heatmap does not help here)" if diff <= 0.005 else ""))
         if upper is not None:
             parts.append(f"{acc - upper:+.3f} vs the ground-truth-mask heatmap")
-        base = next((v.changes for v in VARIANTS if v.name == name), None)
+        base = VARIANTS[name].changes if name in VARIANTS else None
         base_acc = table.get(base, {}).get("vqa_accuracy") if base else None
         if base_acc is not None:
             diff = acc - base_acc
@@ -265,7 +270,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", default=None, help="cache folder (default: the runtime's, .runtime_cache)")
     p.add_argument("--only", action="append", default=[], metavar="VARIANT",
                    help="run only this variant (repeatable; default: all): "
-                        + ", ".join(v.name for v in VARIANTS))
+                        + ", ".join(VARIANTS))
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -278,12 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {RANDOM_WEIGHTS_ENV}=1 (--random-weights) gives every model random weights: a quality "
               "report of them would be meaningless; unset it", file=sys.stderr)
         return 2
-    unknown = set(args.only) - {v.name for v in VARIANTS}
+    unknown = set(args.only) - set(VARIANTS)
     if unknown:
         print(f"error: unknown variant(s) {', '.join(sorted(unknown))}; choose from "
-              f"{', '.join(v.name for v in VARIANTS)}", file=sys.stderr)
+              f"{', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    chosen = [v for v in VARIANTS if not args.only or v.name in args.only]
+    chosen = [v for v in VARIANTS.values() if not args.only or v.name in args.only]
     from models.weights import WeightsError
     from runtime.errors import GraphError
 

@@ -2,7 +2,7 @@
 
 Each stage class adds itself with ``@STAGES.add`` where it is defined; importing this package
 imports the built-in stage modules. Stages of other installed packages come from the
-``pnpvqa.stages`` entry points (``stages/registry.py``, ``examples/heatmap_plugin``).
+``pnpvqa.stages`` entry points (``plugins``, ``examples/heatmap_plugin``).
 """
 
 from stages import blip, evaluation, fusion, heatmaps, images, qa, qavit, render, sam  # noqa: F401  (they register)

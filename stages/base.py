@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from artifacts.columns import ColumnSpec
-from stages.registry import Registry
+from plugins import Registry
 
 
 class StageParams(BaseModel):
@@ -165,5 +165,5 @@ class Stage:
 
 
 # Every stage by name, for graph files: this project's stages add themselves (``@STAGES.add``),
-# other packages' through the ``pnpvqa.stages`` entry points (stages/registry.py).
+# other packages' through the ``pnpvqa.stages`` entry points (plugins/__init__.py).
 STAGES: Registry[type[Stage]] = Registry("stage", "pnpvqa.stages", lambda cls: cls.name)

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from stages.registry import Registry, RegistryError
+from plugins import Registry, RegistryError
 
 PLUGIN = ROOT / "examples" / "heatmap_plugin"
 
@@ -73,7 +73,7 @@ class Thing:
 
 
 def registry_with(monkeypatch, *points):
-    monkeypatch.setattr("stages.registry.entry_points", lambda group: list(points))
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: list(points))
     reg = Registry("thing", "test.things", lambda t: t.name)
     reg.add(Thing("builtin"), "here")
     return reg

@@ -65,7 +65,7 @@ def test_report_states_gains_against_the_baselines():
 def test_unknown_variant_is_refused(capsys):
     assert main(["--only", "nope"]) == 2
     assert "unknown variant" in capsys.readouterr().err
-    assert {v.name for v in VARIANTS} >= {"pnp_vqa", "esam_enhanced", "fusion_caption", "fusion_gradcam", "qavit",
+    assert {v.name for v in VARIANTS.values()} >= {"pnp_vqa", "esam_enhanced", "fusion_caption", "fusion_gradcam", "qavit",
                                          "uniform_sampling", "gt_mask_heatmap"}
 
 

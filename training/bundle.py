@@ -22,6 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from plugins import Registry
+
 CHECK_SEED = 7000  # shapes seed of the quick checks; training uses 0, the runs' held-out sets 1000
 
 
@@ -63,23 +65,27 @@ def _fusion_check(path: Path) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Shipped:
-    """A model family's training output file and how its shipped copy is checked."""
+    """A shipped ``shapes`` preset file (``models/assets/shapes/<name>.safetensors``): the weights
+    file its training run writes and how the shipped copy is checked."""
 
+    name: str
     run_file: str                                   # the weights file a training run writes
     check: Callable[[Path], dict[str, float]]
 
 
-# what each training command writes -> how the shipped copy is checked
-SHIPPED: dict[str, Shipped] = {
-    "blip_itm": Shipped("itm.safetensors", _itm_check),
-    "blip_caption": Shipped("caption.safetensors", _caption_check),
-    "efficient_sam": Shipped("efficient_sam.safetensors", _sam_check),
-    "fid_t5": Shipped("fid_t5.safetensors", _fid_check),
-    "qavit": Shipped("qavit.safetensors", _qavit_check),
-    "fusion_concat_conv": Shipped("fusion.safetensors", _fusion_check),
-    "fusion_cross_attention": Shipped("fusion.safetensors", _fusion_check),
-    "fusion_difnet": Shipped("fusion.safetensors", _fusion_check),
-}
+# the shipped presets; other packages add theirs through the ``pnpvqa.shipped`` entry points
+SHIPPED: Registry[Shipped] = Registry("shipped preset", "pnpvqa.shipped", lambda s: s.name)
+for _shipped in (
+    Shipped("blip_itm", "itm.safetensors", _itm_check),
+    Shipped("blip_caption", "caption.safetensors", _caption_check),
+    Shipped("efficient_sam", "efficient_sam.safetensors", _sam_check),
+    Shipped("fid_t5", "fid_t5.safetensors", _fid_check),
+    Shipped("qavit", "qavit.safetensors", _qavit_check),
+    Shipped("fusion_concat_conv", "fusion.safetensors", _fusion_check),
+    Shipped("fusion_cross_attention", "fusion.safetensors", _fusion_check),
+    Shipped("fusion_difnet", "fusion.safetensors", _fusion_check),
+):
+    SHIPPED.add(_shipped, "training/bundle.py")
 
 
 def sha256_file(path: Path) -> str:
