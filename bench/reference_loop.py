@@ -152,10 +152,9 @@ def predict(samples: list[dict], batch_size: int, device: str = "cpu") -> dict[s
 
 
 def shapes_samples(seed: int, images: int, questions_per_image: int) -> list[dict]:
-    from runtime.sources.shapes import ShapesParams, ShapesSource
+    from shapes.dataset import ShapesParams, iter_samples
 
-    source = ShapesSource(ShapesParams(seed=seed, num_images=images, questions_per_image=questions_per_image))
-    return list(source.iter_samples())
+    return list(iter_samples(ShapesParams(seed=seed, num_images=images, questions_per_image=questions_per_image)))
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ EPILOG = """examples:
 
 
 def _train_usage() -> str:
-    from training import TRAINERS
+    from runtime.commands import TRAINERS
 
     width = max(map(len, TRAINERS))
     return ("usage: runtime train MODEL --out DIR [options]\n\nmodels:\n"
@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (`runtime train --help` lists them; docs/training.md)",
                        add_help=False)
-    from training import TRAINERS
+    from runtime.commands import TRAINERS
 
     # the registry itself: plugins' trainers are looked up only when `runtime train` runs
     t.add_argument("model", choices=TRAINERS, help="what to train (`runtime train` lists them)")
@@ -310,7 +310,7 @@ def _cmd_export(a) -> int:
 
 
 def _cmd_train(a) -> int:
-    from training import TRAINERS
+    from runtime.commands import TRAINERS
 
     return TRAINERS[a.model].main()(a.args) or 0
 
@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_train_usage())
         return 0 if len(argv) > 1 else 2
     if argv[:1] == ["quality"]:  # its options start with "--": argparse's REMAINDER would not take them
-        from runtime.quality import main as quality_main
+        from runtime.commands import QUALITY
 
-        return quality_main(argv[1:])
+        return QUALITY.main()(argv[1:])
     parser = _parser()
     a = parser.parse_args(argv)
     if a.command is None:

@@ -85,11 +85,6 @@ class Graph:
             return self.source_types[ref.column]
         return self.nodes[ref.node].output_types[ref.column]
 
-    def is_image_level(self, ref: Ref) -> bool:
-        if ref.node == SOURCE:
-            return self.source.columns()[ref.column].image_level
-        return self.nodes[ref.node].granularity is Granularity.IMAGE
-
     def upstream(self, name: str) -> list[str]:
         return sorted({r.node for r in self.nodes[name].inputs.values() if r.node != SOURCE})
 

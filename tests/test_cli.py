@@ -97,7 +97,7 @@ def test_run_limit_ids_and_cache_commands(capsys, tmp_path):
 
 def test_train_help_lists_every_training_command(capsys):
     from runtime.cli import main
-    from training import TRAINERS as TRAIN_MODELS
+    from runtime.commands import TRAINERS as TRAIN_MODELS
 
     assert main(["train", "--help"]) == 0
     out = capsys.readouterr().out

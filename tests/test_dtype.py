@@ -10,7 +10,7 @@ from conftest import GRAPHS
 from runtime.errors import GraphError
 from runtime.graph import load_graph
 from runtime.run import node_identity
-from runtime.sources.shapes import ShapesParams, ShapesSource
+from shapes.dataset import ShapesParams, iter_samples
 from stages.base import Batch
 from stages.blip import Caption, ItmGradcam
 from stages.images import PreprocessImage, decode_image
@@ -23,7 +23,7 @@ def ones(n: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def shapes_batch():
-    samples = list(ShapesSource(ShapesParams(seed=9100, num_images=3, questions_per_image=2)).iter_samples())
+    samples = list(iter_samples(ShapesParams(seed=9100, num_images=3, questions_per_image=2)))
     images = [decode_image(s["image_bytes"], "image bytes") for s in samples[::2]]
     pixels = PreprocessImage(PreprocessImage.Params(family="blip")).process(
         Batch({"image": images}, {"image": ones(3)}, ["i0", "i1", "i2"]))["pixels"]

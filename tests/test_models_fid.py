@@ -92,8 +92,8 @@ def test_tiny_tokenizer(tiny):
 
 def test_tiny_tokenizer_covers_the_shapes_dataset(tiny):
     _, tok = tiny
-    from runtime.sources.shapes_questions import NUMBER_WORDS, ask_questions, human_answers
-    from runtime.sources.shapes_scene import COLORS, SHAPES, draw_scene
+    from shapes.questions import NUMBER_WORDS, ask_questions, human_answers
+    from shapes.scene import COLORS, SHAPES, draw_scene
 
     texts = list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(NUMBER_WORDS) + ["yes", "no"]
     texts += ["0 1 2 3 4 5 6 7 8 9 10", r"what shape is at the bottom? \n a picture of an image with a left "

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runtime.quality import VARIANTS, findings_from, main, render_markdown, variant_metrics
+from reports.quality import VARIANTS, findings_from, main, render_markdown, variant_metrics
 
 
 def _results(path, rows):
@@ -70,7 +70,7 @@ def test_unknown_variant_is_refused(capsys):
 
 
 def test_metrics_and_findings_by_background(tmp_path):
-    from runtime.quality import sample_backgrounds
+    from reports.quality import sample_backgrounds
 
     rows = [{"sample_id": f"s{i}", "question_type": "color", "accuracy.accuracy": acc, "q.pointing_game": hit,
              "q.energy_in_mask": 0.5, "q.topk_recall": 0.5, "status": "ok"}

@@ -14,7 +14,7 @@ from models.fid_t5_files import weights_fingerprint as fid_fingerprint
 from models.weights import RANDOM_WEIGHTS_ENV, WEIGHTS_ENV, WeightsError
 from runtime.errors import GraphError
 from runtime.graph import load_graph
-from runtime.quality import main as quality_main
+from reports.quality import main as quality_main
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.caption import PROMPT, caption_for_patches
+from shapes.captions import PROMPT, caption_for_patches
 from training.fid import QAData, Recipe, check_metrics, draw_captions, heatmap_weights, main, target_answer
 
 COMMON = ["--preset", "tiny", "--num-images", "2", "--batch-size", "8", "--lr", "3e-3", "--quiet", "--seed", "3",

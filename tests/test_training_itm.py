@@ -166,7 +166,7 @@ def test_questions_about_absent_things_are_not_positives_and_other_image_negativ
 
 
 def test_patch_labels_from_a_hand_made_scene():
-    from training.patch_labels import PatchLabels
+    from shapes.patch_labels import PatchLabels
 
     scene = json.dumps({"image_size": 40, "background": "plain", "objects": [
         {"shape": "square", "color": "red", "center": [10, 10], "size": 20, "bbox": [0, 0, 20, 20]},
@@ -186,7 +186,7 @@ def test_patch_label_loss_weighs_object_patches():
     """Weighted mean of the per-patch colour + shape cross-entropies, by hand."""
     import torch.nn.functional as F
 
-    from training.patch_labels import CLASSES, patch_label_loss
+    from shapes.patch_labels import CLASSES, patch_label_loss
 
     logits = torch.randn(4, CLASSES, generator=torch.Generator().manual_seed(0))
     colour, shape = torch.tensor([0, 2, 0, 5]), torch.tensor([0, 1, 0, 4])

@@ -4,7 +4,7 @@ PNP-VQA's ``qa_fid`` stage reads the question and the captions the ``caption`` s
 heatmap-sampled patches (one caption per passage, ``num_captions_fid: 1``). This command trains
 the FiD T5 (``--preset shapes``: the bundled model's architecture; ``tiny`` for tests) for
 exactly that input on the synthetic ``shapes`` data, with the captions the trained captioner is
-taught to produce (:func:`training.caption.caption_for_patches`, the prompt stripped as the
+taught to produce (:func:`shapes.captions.caption_for_patches`, the prompt stripped as the
 ``caption`` stage strips it): ``"a red circle and a blue square"``, ``"a plain background"``.
 
 Captions of a training sample (the recipe; :func:`draw_captions`):
@@ -104,7 +104,7 @@ class Recipe:
     uniform_fraction: float = 0.15
     spread_min: float = 0.002
     spread_max: float = 1.0
-    min_overlap: float = 0.1  # training.caption.MIN_OVERLAP
+    min_overlap: float = 0.1  # shapes.captions.MIN_OVERLAP
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ class QAData:
     """The questions of a ``shapes`` source with their images' per-patch object coverage."""
 
     def __init__(self, params, grid: int = GRID) -> None:
-        from runtime.sources.shapes import ShapesSource, render_scene
+        from shapes.captions import object_coverage
+        from shapes.dataset import iter_samples, render_scene
         from stages.grid import pool_to_grid
-        from training.caption import object_coverage
 
         self.grid, self.params = grid, params
         self.scenes: list[dict[str, Any]] = []
@@ -150,7 +150,7 @@ class QAData:
         self.samples: list[QASample] = []
         self.captions: dict[tuple, str] = {}  # (image, min_overlap, visible objects) -> caption
         index: dict[str, int] = {}
-        for record in ShapesSource(params).iter_samples():
+        for record in iter_samples(params):
             image_id = record["image_id"]
             if image_id not in index:
                 index[image_id] = len(self.scenes)
@@ -189,7 +189,7 @@ def heatmap_weights(focus: np.ndarray | None, cells: int, rng: np.random.Generat
 def draw_captions(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
     """The captions of ``sample`` as the ``caption`` stage would keep them (prompt stripped)."""
     from stages.grid import sample_patch_sets
-    from training.caption import PROMPT, caption_for_patches
+    from shapes.captions import PROMPT, caption_for_patches
 
     cells = data.grid * data.grid
     weights = heatmap_weights(sample.focus, cells, rng, recipe)[None]

@@ -83,7 +83,7 @@ from training.common import (HeldOutSeed, TrainingResult, add_blip_model_options
                              parse_source_params, run_command, set_scheduled_lr, settings_identity, source_num_images,
                              start_run, weight_decay_groups)
 from training.pairs import draw_pairs, positive_indices
-from training.patch_labels import PatchLabels, build_probe, patch_label_loss
+from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 300
 CHECKPOINT_FORMAT = "pnpvqa-itm-training"

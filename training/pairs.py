@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.sources.shapes_scene import COLORS, SHAPES
+from shapes.scene import COLORS, SHAPES
 
 OTHER_IMAGE_TRIES = 64
 _WORD = re.compile(r"[a-z]+")

@@ -29,7 +29,7 @@ each with its questions):
   real images. ``--grounding-weight 0`` trains on answers alone.
 
 - patch labels (weight ``--patch-label-weight``, default 0 = off): the ITM's training-only probe
-  (:mod:`training.patch_labels`) on the last layer's patch tokens, colour and shape of the object
+  (:mod:`shapes.patch_labels`) on the last layer's patch tokens, colour and shape of the object
   at each patch, object patches weighted ``--patch-object-weight`` times a background patch. The
   answer head reads a CLS that must know the objects' shapes; this tells the ViT directly.
 
@@ -84,7 +84,7 @@ from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option,
                              add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run, due,
                              finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
                              settings_identity, start_run, weight_decay_groups)
-from training.patch_labels import PatchLabels, build_probe, patch_label_loss
+from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 
 DEFAULT_STEPS = 3000
 CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
@@ -101,7 +101,7 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "wei
 
 
 def _answers() -> tuple[str, ...]:
-    from runtime.sources.shapes_scene import COLORS, SHAPES
+    from shapes.scene import COLORS, SHAPES
 
     return (*COLORS, *SHAPES, "0", "1", "2", "3", "4", "yes", "no")
 
@@ -246,7 +246,7 @@ def check_settings(s: QAViTSettings) -> None:
 
 class Rendered(NamedTuple):
     """One shapes image as the source yields it: ``image uint8 [S, S, 3]``, its questions
-    (``runtime.sources.shapes_questions.Question``) and the ``gt_mask`` of each (``None`` when
+    (``shapes.questions.Question``) and the ``gt_mask`` of each (``None`` when
     the question refers to no object)."""
 
     image: np.ndarray
@@ -256,7 +256,7 @@ class Rendered(NamedTuple):
 
 
 def shapes_params(seed: int, num_images: int, questions_per_image: int, extra: dict[str, Any]):
-    from runtime.sources.shapes import ShapesParams
+    from shapes.dataset import ShapesParams
 
     return ShapesParams(**{**extra, "seed": seed, "num_images": num_images, "questions_per_image": questions_per_image})
 
@@ -264,8 +264,8 @@ def shapes_params(seed: int, num_images: int, questions_per_image: int, extra: d
 def render_image(params, index: int) -> Rendered:
     """Image ``index`` of the shapes source ``params`` and its questions, exactly as
     ``ShapesSource.iter_samples`` yields them (same generator, same order of draws)."""
-    from runtime.sources.shapes_questions import ask_questions
-    from runtime.sources.shapes_scene import draw_scene
+    from shapes.questions import ask_questions
+    from shapes.scene import draw_scene
 
     rng = np.random.default_rng([params.seed, index])
     scene = draw_scene(rng, params.image_size, params.min_shapes, params.max_shapes, params.textured_fraction)

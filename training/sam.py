@@ -3,7 +3,7 @@
 The pipeline's ``sam_mask`` stage prompts EfficientSAM with the question heatmap's peak points
 (1-5 foreground points, usually on one object, sometimes background points) and keeps the
 candidate mask of best predicted IoU. This command trains for exactly that on the synthetic
-``shapes`` scenes (:func:`runtime.sources.shapes.render_scene`: flat-coloured shapes on plain or
+``shapes`` scenes (:func:`shapes.dataset.render_scene`: flat-coloured shapes on plain or
 textured backgrounds with exact per-object masks).
 
 Prompt sampling, per step: ``--batch-size`` images drawn uniformly (with replacement) from the
@@ -220,7 +220,7 @@ class ShapesScenes:
         return self.count
 
     def __getitem__(self, i: int) -> Rendered:
-        from runtime.sources.shapes import render_scene
+        from shapes.dataset import render_scene
         from stages.grid import pool_to_grid
 
         i = int(i)

@@ -371,7 +371,7 @@ class SourceImages:
 
     def _fetch_shapes(self, image_ids: list[str]) -> list[str]:
         """Draw shapes scenes straight from their ids; returns the ids that did not parse."""
-        from runtime.sources.shapes import ShapesParams, render_scene
+        from shapes.dataset import ShapesParams, render_scene
 
         try:
             params = ShapesParams(**(self.dataset.get("params") or {}))

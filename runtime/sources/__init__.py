@@ -2,7 +2,7 @@
 
 from runtime.sources.base import BASE_COLUMNS, Source, SourceColumn, SourceParams
 from runtime.sources.manifest import ManifestSource
-from runtime.sources.shapes import ShapesSource, render_scene
+from runtime.sources.shapes import ShapesSource
 from runtime.sources.vqa import GQASource, VQAv2Source
 
 SOURCES: dict[str, type[Source]] = {
@@ -11,5 +11,5 @@ SOURCES: dict[str, type[Source]] = {
 
 __all__ = [
     "BASE_COLUMNS", "GQASource", "ManifestSource", "SOURCES", "ShapesSource", "Source",
-    "SourceColumn", "SourceParams", "VQAv2Source", "render_scene",
+    "SourceColumn", "SourceParams", "VQAv2Source",
 ]

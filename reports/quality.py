@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from plugins import Registry
-from runtime.sources.shapes_scene import TEXTURES
+from shapes.scene import TEXTURES
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 QUALITY_SEED = 9000
@@ -54,7 +54,7 @@ for _variant in (
     Variant("gt_mask_heatmap", GRAPHS / "baselines" / "gt_mask_heatmap.yaml", "heatmap_quality",
             "upper bound: heatmap from the ground-truth mask"),
 ):
-    VARIANTS.add(_variant, "runtime/quality.py")
+    VARIANTS.add(_variant, "reports/quality.py")
 
 
 def run_variant(variant: Variant, *, seed: int, images: int, runs: Path, executor: str,
@@ -79,10 +79,10 @@ def _mean(values) -> float | None:
 
 def sample_backgrounds(seed: int, images: int) -> dict[str, str]:
     """``sample_id -> background`` (``plain`` or a texture name) of the held-out shapes samples."""
-    from runtime.sources.shapes import ShapesParams, ShapesSource
+    from shapes.dataset import ShapesParams, iter_samples
 
-    source = ShapesSource(ShapesParams(seed=seed, num_images=images))
-    return {row["sample_id"]: json.loads(row["scene"])["background"] for row in source.iter_samples()}
+    return {row["sample_id"]: json.loads(row["scene"])["background"]
+            for row in iter_samples(ShapesParams(seed=seed, num_images=images))}
 
 
 def variant_metrics(results: Path, heatmap_node: str, backgrounds: dict[str, str] | None = None) -> dict[str, Any]:

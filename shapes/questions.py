@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.sources.shapes_scene import COLORS, SHAPES, Scene, SceneObject
+from shapes.scene import COLORS, SHAPES, Scene, SceneObject
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 POSITION_MARGIN = 0.08  # minimal centre gap, relative to the image side, between first and second

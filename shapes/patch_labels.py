@@ -9,7 +9,8 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.sources.shapes_scene import COLORS, SHAPES
+from shapes.captions import object_coverage
+from shapes.scene import COLORS, SHAPES
 
 CLASSES = len(COLORS) + 1 + len(SHAPES) + 1  # background + colours, background + shapes
 
@@ -31,8 +32,6 @@ class PatchLabels:
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def _labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from training.caption import object_coverage
-
         if i not in self._cache:
             colour = np.zeros(self.grid * self.grid, np.int64)
             shape = np.zeros_like(colour)

@@ -1,0 +1,1 @@
+"""Reports built on top of the runtime and the training code (``runtime quality``)."""

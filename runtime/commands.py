@@ -1,0 +1,44 @@
+"""Commands whose code sits above the runtime (``runtime train NAME``, ``runtime quality``),
+named here and imported only when they run: the runtime never imports training or reports.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from plugins import Registry
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """A ``runtime train NAME`` command (or another command whose code sits above the runtime)."""
+
+    name: str
+    description: str
+    entry: str  # "module:function" of its main(argv); imported when the command runs (it pulls in its models)
+
+    def main(self):
+        module, _, function = self.entry.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+# ``runtime train`` commands; other packages add theirs through the ``pnpvqa.trainers`` entry points
+# (a Trainer object, named as the entry point)
+TRAINERS: Registry[Trainer] = Registry("trainer", "pnpvqa.trainers", lambda t: t.name)
+for _trainer in (
+    Trainer("itm", "a BLIP ITM model (every parameter; ITM + ITC, optional grounding and patch-probe losses)",
+            "training.itm:main"),
+    Trainer("caption", "the BLIP captioner, on captions of the objects visible in sampled patches",
+            "training.caption:main"),
+    Trainer("sam", "EfficientSAM, on point prompts from object pixels", "training.sam:main"),
+    Trainer("fid", "the UnifiedQA FiD T5, on question + captions -> answer", "training.fid:main"),
+    Trainer("fusion", "a BLIP + SAM feature fusion module (frozen BLIP ITM and EfficientSAM)", "training.fusion:main"),
+    Trainer("qavit", "QA-ViT (vision tower, instruction modules, question encoder)", "training.qavit:main"),
+    Trainer("bundle", "ship a finished run as a shapes preset file with its manifest (models/assets/shapes)",
+            "training.bundle:main"),
+):
+    TRAINERS.add(_trainer, "runtime/commands.py")
+
+# ``runtime quality``: the report sits on top of the runtime and the trainers' checks
+QUALITY = Trainer("quality", "every variant on held-out shapes data -> docs/quality.md", "reports.quality:main")
