@@ -1,9 +1,11 @@
 """Wall time spent inside model computations, for ``runtime run --profile``.
 
-Counted while a torch module's ``forward``, ``torch.autograd.grad`` (GradCAM's backward) or a
-decoding loop marked ``@counted`` (sampling, beam search, FiD generate: their token choice
-runs outside any module) is running in this process; nested calls count once. Off unless
-``enable`` is called: the global module hooks add a little Python to every module call.
+Counted while a watched module's ``forward`` (a stage's model and its direct children),
+``torch.autograd.grad`` (GradCAM's backward) or a decoding loop marked ``@counted`` (sampling,
+beam search, FiD generate: their token choice runs outside any module) is running in this
+process; nested calls count once. Off unless ``enable`` is called. Hooks sit on the watched
+modules only: global module hooks would push every module call of the run off torch's fast
+path and slow the very thing measured.
 """
 
 from __future__ import annotations
@@ -54,12 +56,19 @@ def enable() -> None:
     torch = sys.modules.get("torch")
     if _enabled or torch is None:
         return
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
-
-    register_module_forward_pre_hook(lambda module, args: _enter())
-    register_module_forward_hook(lambda module, args, out: _leave(), always_call=True)
     torch.autograd.grad = counted(torch.autograd.grad)
     _enabled = True
+
+
+def watch(module) -> None:
+    """Count the forward passes of ``module`` and of its direct children (once per module)."""
+    if getattr(module, "_compute_clock_watched", False):
+        return
+    for m in (module, *module.children()):
+        if not getattr(m, "_compute_clock_watched", False):
+            m.register_forward_pre_hook(lambda mod, args: _enter())
+            m.register_forward_hook(lambda mod, args, out: _leave(), always_call=True)
+            m._compute_clock_watched = True
 
 
 def seconds() -> float:

@@ -115,7 +115,17 @@ class NodeRunner:
             self.stage.setup(device)
             self._ready = True
         if os.environ.get(PROFILE_ENV):
-            compute_clock.enable()
+            self._watch_models()
+
+    def _watch_models(self) -> None:
+        """--profile: count the time inside the stage's models (torch is loaded once one is set up)."""
+        torch = sys.modules.get("torch")
+        if torch is None:
+            return
+        compute_clock.enable()
+        for value in vars(self.stage).values():
+            if isinstance(value, torch.nn.Module):
+                compute_clock.watch(value)
 
     # -- wiring ----------------------------------------------------------------------------
     def _row_ids(self, shard: Shard) -> list[str]:

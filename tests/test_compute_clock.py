@@ -33,6 +33,7 @@ model, x = Outer(), torch.ones(2, requires_grad=True)
 model(x)
 off = compute_clock.seconds()
 compute_clock.enable()
+compute_clock.watch(model)
 model(x)
 forward = compute_clock.seconds()
 decode(model, x)
@@ -44,7 +45,7 @@ print(off, forward, loop, idle)
 """
 
 
-def test_clock_counts_outermost_forward_decoding_loops_and_grad_only_when_enabled():
+def test_clock_counts_watched_forward_once_decoding_loops_and_grad_only_when_enabled():
     out = subprocess.run([sys.executable, "-c", CLOCK], cwd=ROOT, capture_output=True, text=True, check=True)
     off, forward, loop, idle = map(float, out.stdout.split())
     assert off == 0.0
