@@ -53,9 +53,10 @@ def counted(fn):
 def enable() -> None:
     """Start counting in this process (torch must be imported: a model was set up)."""
     global _enabled
-    torch = sys.modules.get("torch")
-    if _enabled or torch is None:
+    if _enabled or "torch" not in sys.modules:
         return
+    import torch  # waits for an import still running on another thread
+
     torch.autograd.grad = counted(torch.autograd.grad)
     _enabled = True
 

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from runtime.errors import UsageError
+from runtime.node_runner import loaded_torch
 from runtime.run import RunContext
 from runtime.shard_work import ShardOutcome, ShardWork
 from runtime.shards import Shard
@@ -106,7 +107,7 @@ def apply_threads(threads: int) -> None:
     set before any model library is imported, and on torch directly if it already is."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
-    torch = sys.modules.get("torch")
+    torch = loaded_torch()
     if torch is not None and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 

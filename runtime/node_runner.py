@@ -90,8 +90,19 @@ def peak_rss_mb() -> float:
     return kb / 1024.0
 
 
+def loaded_torch():
+    """torch if some code of this process imported it, else None. Not ``sys.modules.get``: a
+    stage being set up on another thread may be halfway through importing it, and ``import``
+    waits for that import to finish."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    return torch
+
+
 def peak_gpu_mb() -> float:
-    torch = sys.modules.get("torch")
+    torch = loaded_torch()
     if torch is None or not torch.cuda.is_available():
         return 0.0
     return torch.cuda.max_memory_allocated() / 2**20
@@ -106,6 +117,10 @@ class NodeRunner:
         self.per_image_upstream = per_image_upstream  # upstream nodes with one row per image
         self._ready = False
 
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
     def adopt(self, stage) -> None:
         """Use an already set-up stage (a worker's model of the same identity, from an earlier run)."""
         self.stage, self._ready = stage, True
@@ -119,7 +134,7 @@ class NodeRunner:
 
     def _watch_models(self) -> None:
         """--profile: count the time inside the stage's models (torch is loaded once one is set up)."""
-        torch = sys.modules.get("torch")
+        torch = loaded_torch()
         if torch is None:
             return
         compute_clock.enable()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -33,6 +34,9 @@ from runtime.node_runner import (DATA_ERROR, ERROR, ERROR_KIND, ROW_ID, SOURCE_E
                                  NodeStats)
 from runtime.shards import Shard
 from stages.base import Granularity
+
+_DONE: Future = Future()
+_DONE.set_result(None)
 
 PARTS = "parts"
 PART_RE = re.compile(r"^part-(?P<key>[0-9a-f]{32})\.(?P<sha>[0-9a-f]{64})\.parquet$")
@@ -200,9 +204,10 @@ class ShardWork:
         plan = self.plan(shard, memo)
         tables: dict[str, pa.Table] = dict(plan.loaded)
         outcome = ShardOutcome(shard.index, shard.num_samples, "", loaded=list(plan.load), worker=worker or {})
+        ready = self._set_up_ahead(plan.compute)
         for name in plan.compute:
             runner = self.runners[name]
-            runner.setup(node_device(runner.stage, self.device))  # models load on first use
+            ready[name].result()  # set up (models loaded) beside the data work of the nodes before it
             if self.stage_cache is not None:
                 self.stage_cache[self.stage_key(name)] = runner.stage
             tables[name], stats = runner.run(shard, tables)
@@ -215,6 +220,19 @@ class ShardWork:
         if self.store is not None:
             outcome.discarded = self.store.discarded[discarded_before:]
         return outcome
+
+    def _set_up_ahead(self, names: list[str]) -> dict[str, Future]:
+        """Set up the stages of ``names`` in order on a background thread, so that the first
+        shard's image decoding runs while the models load (the second and later shards find
+        them ready). An error surfaces where the node runs, as if set up there."""
+        todo = [n for n in names if not self.runners[n].ready]
+        if not todo:
+            return {n: _DONE for n in names}
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup")
+        futures = {n: pool.submit(self.runners[n].setup, node_device(self.runners[n].stage, self.device))
+                   for n in todo}
+        pool.shutdown(wait=False)
+        return {n: futures.get(n, _DONE) for n in names}
 
     def _save(self, plan: ShardPlan, name: str, table: pa.Table) -> None:
         node = self.nodes[name]
