@@ -12,6 +12,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ROOT / "graphs"
 
+# The slow tier: modules whose tests train models, start Ray, open a browser, install a package
+# or run whole multi-model graphs. `bin/test -m "not slow"` leaves them out without importing them
+# (collecting them imports torch, transformers, Ray and the trainers); CI runs everything.
+SLOW_MODULES = frozenset()
+
+
+def pytest_ignore_collect(collection_path, config):
+    if collection_path.name in SLOW_MODULES and config.getoption("markexpr", "").replace(" ", "") == "notslow":
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture
 def write_graph(tmp_path):
