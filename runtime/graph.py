@@ -534,7 +534,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         "nodes": {n: {"stage": nd.stage.name, "version": nd.stage.version,
                       "params": nd.stage.params.model_dump(mode="json"),
                       "inputs": {k: str(v) for k, v in nd.inputs.items()},
-                      "batch_size": nd.batch_size or "stage default"}
+                      **({"batch_size": nd.batch_size} if nd.batch_size else {})}  # else the stage's, per device
                   for n, nd in nodes.items()},
         "outputs": [str(r) for r in outputs],
     }

@@ -15,7 +15,10 @@ GRAPHS = ROOT / "graphs"
 # The slow tier: modules whose tests train models, start Ray, open a browser, install a package
 # or run whole multi-model graphs. `bin/test -m "not slow"` leaves them out without importing them
 # (collecting them imports torch, transformers, Ray and the trainers); CI runs everything.
-SLOW_MODULES = frozenset()
+SLOW_MODULES = frozenset(f"test_{name}.py" for name in (
+    "compute_clock", "dtype", "graph_properties", "plugins", "ray_cluster", "ray_executor", "report", "resume",
+    "shapes_weights", "stages_fusion", "store", "sweep", "training_bundle", "training_caption", "training_fid",
+    "training_fusion", "training_itm", "training_qavit", "training_sam"))
 
 
 def pytest_ignore_collect(collection_path, config):
