@@ -219,36 +219,44 @@ PARTS = {"e2e": e2e, "profile": profile, "startup": startup, "sweep": sweep, "ra
 # --- report ------------------------------------------------------------------------------------
 
 def table(results: dict) -> str:
-    lines = [f"# Benchmark ({results['machine']}, {results['date']})", "",
-             f"`bin/bench {' '.join(results['argv'])}`; whole commands, medians of {results['repeats']} "
-             "A/B-alternated runs unless said. Targets from issue 16.", ""]
+    lines = [f"# Benchmark ({results['machine']})", "",
+             "Whole commands, medians of A/B-alternated runs unless said; under each part the command that "
+             "measured it. Targets from issue 16.", ""]
     r = results["parts"]
+
+    def source(part: str) -> list[str]:
+        run = r[part].get("_run")
+        return [f"_{run['date']}, `bin/bench {' '.join(run['argv'])}`, {run['repeats']} rounds._", ""] if run else []
+
     if "e2e" in r:
         e = r["e2e"]
         lines += ["## End to end: runtime against the reference loop", "",
                   "| questions | runtime | reference loop | speed-up (target >= 4x) | answers equal |", "|---|---|---|---|---|",
                   f"| {e['questions']} | {med(e['runtime_s']):.1f} s ({e['runtime_qps']:.1f} q/s) | "
                   f"{med(e['reference_s']):.1f} s ({e['reference_qps']:.1f} q/s) | {e['speedup']:.2f}x | "
-                  f"{e['answers_equal']}/{e['answers_compared']} |", ""]
+                  f"{e['answers_equal']}/{e['answers_compared']} |", ""] + source("e2e")
     if "profile" in r:
         lines += ["## Time inside the models (`--profile`)", "",
                   "| executor | questions | command | run | model passes | share of command | share of run (target: "
                   "local 85%, Ray 75%) |", "|---|---|---|---|---|---|---|"]
         for ex, p in r["profile"].items():
+            if ex == "_run":
+                continue
             lines.append(f"| {ex} | {p['questions']} | {p['command_s']:.1f} s | {p['run_s']:.1f} s | {p['model_s']:.1f} s "
                          f"| {100 * p['model_share_of_command']:.0f}% | {100 * p['model_share_of_run']:.0f}% |")
-        lines.append("")
+        lines += [""] + source("profile")
     if "startup" in r:
         s = r["startup"]
         lines += ["## Start-up", "", "| command | time (target) |", "|---|---|",
                   f"| `runtime validate graphs/pnp_vqa.yaml` | {med(s['validate_s']):.2f} s (1.5 s) |",
-                  f"| `runtime run` with every part finished | {med(s['finished_run_s']):.2f} s (2 s) |", ""]
+                  f"| `runtime run` with every part finished | {med(s['finished_run_s']):.2f} s (2 s) |", ""] + source("startup")
     if "sweep" in r:
         s = r["sweep"]
         lines += ["## A sweep of variants in one pass", "",
                   f"{', '.join(s['variants'])}; {s['questions']} questions, empty cache.", "",
                   "| one after another | one sweep | ratio (target < 0.6x) |", "|---|---|---|",
-                  f"| {med(s['one_after_another_s']):.1f} s | {med(s['one_sweep_s']):.1f} s | {s['ratio']:.2f}x |", ""]
+                  f"| {med(s['one_after_another_s']):.1f} s | {med(s['one_sweep_s']):.1f} s | {s['ratio']:.2f}x |", ""] \
+            + source("sweep")
     if "ray" in r:
         s = r["ray"]
         lines += ["## Ray on one machine", "", f"pnp_vqa, {s['questions']} questions, empty cache.", "",
@@ -256,13 +264,14 @@ def table(results: dict) -> str:
                   "| the same after worker start-up |", "|---|---|---|---|---|---|",
                   f"| {med(s['local_s']):.1f} s | {med(s['ray_1_s']):.1f} s | {med(s['ray_2_s']):.1f} s | "
                   f"{s['ray_over_local']:.2f}x | {s['two_workers_speedup']:.2f}x | "
-                  f"{s['two_workers_speedup_after_startup']:.2f}x |", ""]
+                  f"{s['two_workers_speedup_after_startup']:.2f}x |", ""] + source("ray")
     if "memory" in r:
         m = r["memory"]
         lines += ["## Memory", "", "pnp_vqa with the tiny presets (the runtime's memory, not the models'), one run "
                   "each.", "", "| questions | peak RSS | time |", "|---|---|---|"]
-        lines += [f"| {q} | {v['peak_rss_mb']:.0f} MiB | {v['seconds']:.1f} s |" for q, v in m.items()]
-        lines.append("")
+        lines += [f"| {q} | {v['peak_rss_mb']:.0f} MiB | {v['seconds']:.1f} s |" for q, v in m.items()
+                  if q != "_run"]
+        lines += [""] + source("memory")
     if "resume" in r:
         s = r["resume"]
         lines += ["## Resume after a kill", "",
@@ -270,15 +279,17 @@ def table(results: dict) -> str:
                   f"{s['parts_done_at_kill']} shards done ({s.get('questions_left', '?')} questions left), then run "
                   "again. A resumed run pays start-up, model loading and the dataset check again.", "",
                   "| fresh run | resumed run | the fresh run's share of the questions left | ratio |", "|---|---|---|---|",
-                  f"| {s['fresh_s']:.1f} s | {s['resumed_s']:.1f} s | {s['half_fresh_s']:.1f} s | {s['ratio']:.2f}x |", ""]
+                  f"| {s['fresh_s']:.1f} s | {s['resumed_s']:.1f} s | {s['half_fresh_s']:.1f} s | {s['ratio']:.2f}x |", ""] \
+            + source("resume")
     if "batch" in r:
         b = r["batch"]
+        b = {node: v for node, v in b.items() if node != "_run"}
         sizes = sorted({int(s) for v in b.values() for s in v})
         lines += ["## Batch sizes", "", "Seconds inside each node (median), pnp_vqa, "
                   f"{results['batch_questions']} questions, by the node's batch size.", "",
                   "| node | " + " | ".join(str(s) for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
         lines += [f"| {node} | " + " | ".join(f"{v[str(s)]:.1f}" for s in sizes) + " |" for node, v in b.items()]
-        lines.append("")
+        lines += [""] + source("batch")
     return "\n".join(lines)
 
 
@@ -295,14 +306,16 @@ def main() -> None:
     parts = a.only or PARTS
     previous = a.out / "bench.json"
     results = json.loads(previous.read_text()) if a.only and previous.exists() else {"parts": {}}
-    results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-                   date=time.strftime("%Y-%m-%d"), repeats=a.repeats, argv=sys.argv[1:],
-                   batch_questions=a.batch_images * 4)
+    results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}")
+    if "batch" in parts:
+        results["batch_questions"] = a.batch_images * 4
     with tempfile.TemporaryDirectory(prefix="pnpvqa-bench-") as tmp:
         for part in parts:
             started = time.perf_counter()
             print(f"[bench] {part} ...", flush=True)
-            results["parts"][part] = PARTS[part](Path(tmp), a)
+            results["parts"][part] = {**PARTS[part](Path(tmp), a),
+                                      "_run": {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
+                                               "repeats": a.repeats}}
             print(f"[bench] {part}: {time.perf_counter() - started:.0f} s", flush=True)
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "bench.json").write_text(json.dumps(results, indent=2))
