@@ -131,7 +131,7 @@ def test_qa_fid_matches_model_and_fails_rows_without_captions():
     assert out["answer"][0] == expected and isinstance(out["answer"][2], str)
 
 
-@pytest.mark.parametrize("executor", ["local", "ray"])
+@pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_pnp_vqa_graph_runs(tmp_path, executor, request):
     if executor == "ray":
         request.getfixturevalue("ray_session")

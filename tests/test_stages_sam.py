@@ -100,6 +100,7 @@ def test_esam_enhanced_reuses_a_previous_pnp_vqa_run(tmp_path, calls):
             np.testing.assert_array_equal(r, e)
 
 
+@pytest.mark.slow
 def test_esam_enhanced_runs_on_ray(tmp_path, ray_session):
     summary = run_graph(GRAPHS / "esam_enhanced.yaml", overrides=SMALL, executor="ray", output=tmp_path / "o",
                         cache_dir=tmp_path / "cache", progress=False, device="cpu")
