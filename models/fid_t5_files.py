@@ -27,14 +27,14 @@ SHAPES_CONFIG = dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_l
                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
 BUILTIN_CONFIGS = {"tiny": TINY_CONFIG, "shapes": SHAPES_CONFIG}
 # the published UnifiedQA-v2 sizes (T5 v1.0: ReLU feed-forward, tied embeddings), for --random-weights
-REAL_CONFIGS = {
-    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12),
-    "large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_decoder_layers=24, num_heads=16),
-    "3b": dict(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_decoder_layers=24, num_heads=32),
+_T5_V1 = dict(feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1,
+              decoder_start_token_id=0)
+RANDOM_CONFIGS = {  # every preset built without a file
+    **BUILTIN_CONFIGS,
+    "base": dict(d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12, **_T5_V1),
+    "large": dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24, num_decoder_layers=24, num_heads=16, **_T5_V1),
+    "3b": dict(d_model=1024, d_kv=128, d_ff=16384, num_layers=24, num_decoder_layers=24, num_heads=32, **_T5_V1),
 }
-RANDOM_CONFIGS = {**BUILTIN_CONFIGS, **{k: {**v, **{key: TINY_CONFIG[key] for key in (
-    "feed_forward_proj", "tie_word_embeddings", "pad_token_id", "eos_token_id", "decoder_start_token_id")}}
-    for k, v in REAL_CONFIGS.items()}}
 SHAPES_FILE = "fid_t5.safetensors"
 SHAPES_TRAIN_COMMAND = "bin/train-shapes fid"
 WEIGHTS_FORMAT = "pnpvqa-fid-t5"  # the "format" metadata of a built-in preset's safetensors file
@@ -110,8 +110,7 @@ def weights_fingerprint(preset: str, path: str | Path | None = None) -> str:
         return tree_fingerprint(folder, FINGERPRINT_FILES)
     tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
     vocab_size = len(json.loads(tokenizer_json)["model"]["vocab"])
-    config = TINY_CONFIG if preset == "tiny" else RANDOM_CONFIGS[preset]  # --random-weights
-    h = hashlib.sha256(json.dumps({"config": config, "vocab_size": vocab_size}, sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps({"config": RANDOM_CONFIGS[preset], "vocab_size": vocab_size}, sort_keys=True).encode())
     h.update(f"seed={TINY_SEED}".encode())
     h.update(hashlib.sha256(tokenizer_json).digest())
     return h.hexdigest()[:32]

@@ -162,7 +162,9 @@ class ItmGradcam(Stage):
         questions = [blip_question(q) for q in batch["question"]]
         ids, mask = tokenize_questions(self.tokenizer, questions, self.params.max_length)
         device = self.device
-        images, image_rows = _image_tokens(self.model, batch, device, self.params.dtype)
+        # only the ViT runs in dtype: wired features go to the float32 text encoder unchanged
+        vit_dtype = self.params.dtype if "pixels" in batch.columns else "float32"
+        images, image_rows = _image_tokens(self.model, batch, device, vit_dtype)
         embeds = images[image_rows].float()
         heatmap, score = self.model.gradcam(embeds, ids.to(device), mask.to(device), self.block_num)
         return {"heatmap": heatmap.detach().float().cpu().numpy(),
