@@ -14,7 +14,9 @@ from runtime.params_doc import describe_params
 WEIGHTS_ENV = "PNPVQA_WEIGHTS"  # read by models.weights; forwarded to Ray workers
 
 EPILOG = """examples:
-  runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample (Ray)
+  runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample
+  runtime run graphs/pnp_vqa.yaml graphs/esam_enhanced.yaml   two variants in one pass (a sweep)
+  runtime run graphs/pnp_vqa.yaml --preset large --random-weights --profile   time the published sizes
   runtime run graphs/oracle_heatmap.yaml --executor local --limit 20
   runtime run graphs/oracle_heatmap.yaml --set points.num_points=3 --set dataset.num_images=64
   runtime validate graphs/oracle_heatmap.yaml             check a graph without running it
