@@ -132,7 +132,7 @@ def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunS
     from training.outputs import check_plotting
 
     check_plotting()
-    if s.weights:
+    if getattr(s, "weights", None):
         os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -185,7 +185,7 @@ def write_log_table_csv(path: Path, log: Mapping[str, Sequence[float]], columns:
 
 
 def write_losses_plot(path: Path, log: Mapping[str, Sequence[float]], curves: Sequence[tuple[str, str]],
-                      title: str) -> None:
+                      title: str, ylabel: str = "loss") -> None:
     """``loss.png`` of a per-step log: the raw total ``loss`` faint, and the moving average of
     each ``(column, colour)`` of ``curves``."""
     steps = list(range(1, len(log["loss"]) + 1))
@@ -195,7 +195,7 @@ def write_losses_plot(path: Path, log: Mapping[str, Sequence[float]], curves: Se
     for key, color in curves:
         ax.plot(steps, moving_average(log[key], window), color=color, linewidth=2,
                 label=f"{key.replace('_', ' ')} (moving average, {window} steps)")
-    save_loss_figure(fig, ax, path, ylabel="loss", title=title)
+    save_loss_figure(fig, ax, path, ylabel=ylabel, title=title)
 
 
 def write_loss_plot(path: Path, losses: Sequence[float], title: str, ylabel: str) -> None:

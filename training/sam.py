@@ -61,119 +61,36 @@ rate), ``loss.png``, ``config.json`` (command lines, seeds, settings, model, dat
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
-                             add_optimisation_options, add_output_options, add_weights_option, check_same_run, due,
-                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_warmup_lr,
-                             settings_identity, start_run, weight_decay_groups)
+from training.loop import LoopSettings, Options, Step, Trainer
 
-DEFAULT_STEPS = 300
-CHECKPOINT_FORMAT = "pnpvqa-sam-training"
-CHECKPOINT_VERSION = 1
 PRESETS = ("tiny", "shapes", "vitt", "vits")
 EVAL_BATCH = 8            # held-out images per embedding call
 EVAL_POINTS = (1, 3)      # foreground points of the held-out prompts
 HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
-LOG_COLUMNS = ("loss", "mask_loss", "iou_loss", "train_miou", "lr")
-LOSS_CURVES = (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green"))  # loss.png
-# settings that may differ between a run and its --resume continuation (the --init file is
-# compared by its fingerprint; evaluation does not change the training)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights",
-                     "eval_every", "eval_seed", "eval_images")
 METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50"))
 
 
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class SamSettings(HeldOutSeed):
-    out: str
+class SamSettings(LoopSettings):
     preset: str = "tiny"
     init: str | None = None
     weights: str | None = None
-    seed: int = 0
     num_images: int = 16
     source_params: dict[str, Any] = field(default_factory=dict)
     prompts_per_image: int = 4
     max_points: int = 3
     negative_fraction: float = 0.2
-    steps: int = DEFAULT_STEPS
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 0
-    grad_clip: float = 1.0
     iou_weight: float = 1.0
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int = 16
-    device: str = "auto"
-    resume: bool = False
-    quiet: bool = False
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train sam",
-        description="Train EfficientSAM (all parameters) to segment the object under 1..N point prompts on "
-                    "synthetic shapes scenes: BCE + Dice on the best of the 3 candidate masks (and on the single-mask "
-                    "output) + MSE of the predicted IoU. Writes DIR/efficient_sam.safetensors (loadable by "
-                    "load_efficient_sam), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
-                    "DIR/metrics.json (held-out mIoU of the kept mask for 1- and 3-point prompts).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="EfficientSAM architecture")
-    m.add_argument("--init", metavar="FILE", help="initial weights (efficient_sam_*.pt or efficient_sam.safetensors); "
-                   "default: tiny / shapes: the seeded random init; vitt / vits: the standard file")
-    add_weights_option(m)
-    d = p.add_argument_group("data (the shapes source)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=16, help="shapes scenes to train on")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
-    d.add_argument("--prompts-per-image", type=int, default=4, metavar="Q",
-                   help="prompt sets per image in a step (each image is encoded once)")
-    d.add_argument("--max-points", type=int, default=3, help="most foreground points of a prompt set (1..N, uniform)")
-    d.add_argument("--negative-fraction", type=float, default=0.2,
-                   help="share of prompt sets with one background point (label 0) off the object")
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="images per step (each with "
-                                 "--prompts-per-image prompt sets)", lr=1e-3, lr_help="AdamW learning rate (after "
-                                 "the warmup: constant)", weight_decay=0.01, weight_decay_help="on weight matrices "
-                                 "only", warmup=True)
-    t.add_argument("--iou-weight", type=float, default=1.0, help="weight of the IoU-prediction MSE")
-    add_checkpoint_option(t)
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also evaluate every N steps (0 = only at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out scenes (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, default=16, help="held-out scenes (0 = no evaluation)")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> SamSettings:
-    extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "weights", "seed", "num_images", "prompts_per_image", "max_points",
-             "negative_fraction", "steps", "batch_size", "lr", "weight_decay", "warmup", "grad_clip", "iou_weight",
-             "checkpoint_every", "eval_every", "eval_seed", "eval_images", "device", "resume", "quiet")
-    return SamSettings(source_params=extra, **{n: getattr(args, n) for n in names})
 
 
 def check_settings(s: SamSettings) -> None:
@@ -181,14 +98,13 @@ def check_settings(s: SamSettings) -> None:
 
     if s.preset not in PRESETS:
         raise ValueError(f"--preset {s.preset!r}: choose one of {', '.join(PRESETS)}")
-    for name in ("steps", "batch_size", "num_images", "prompts_per_image", "max_points"):
+    for name in ("num_images", "prompts_per_image", "max_points"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0 or s.iou_weight < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip and --iou-weight >= 0")
+    if s.eval_images < 0:
+        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
+    if s.iou_weight < 0:
+        raise ValueError("--iou-weight must be >= 0")
     if not 0.0 <= s.negative_fraction <= 1.0:
         raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
     capacity = sam_config(s.preset).max_points
@@ -460,13 +376,7 @@ def _recorded_preset(path: Path) -> str | None:
     return preset if preset in PRESETS else None
 
 
-# --- files ------------------------------------------------------------------------------------
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
-
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="an EfficientSAM")
-
+# --- the trainer ------------------------------------------------------------------------------
 
 def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     """The model's state dict (published key names) as safetensors, atomically."""
@@ -475,8 +385,6 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     atomic_save_safetensors(tensors, path, metadata)
 
-
-# --- training ---------------------------------------------------------------------------------
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_model` starts from."""
@@ -497,158 +405,131 @@ def initial_model(preset: str, init: str | None, device):
     return load_efficient_sam(preset, init, device)[0]
 
 
-def train(s: SamSettings, command: Sequence[str] = ()) -> TrainingResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
-    import torch
-    from tqdm import tqdm
+class SamTrainer(Trainer):
+    command = "sam"
+    description = ("Train EfficientSAM (all parameters) to segment the object under 1..N point prompts on "
+                   "synthetic shapes scenes: BCE + Dice on the best of the 3 candidate masks (and on the single-mask "
+                   "output) + MSE of the predicted IoU. Writes DIR/efficient_sam.safetensors (loadable by "
+                   "load_efficient_sam), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
+                   "DIR/metrics.json (held-out mIoU of the kept mask for 1- and 3-point prompts).")
+    settings = SamSettings
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-sam-training", 1, "an EfficientSAM"
+    weights_file = "efficient_sam.safetensors"
+    log_columns = ("loss", "mask_loss", "iou_loss", "train_miou", "lr")
+    summary_columns = ("loss", "mask_loss", "iou_loss", "train_miou")
+    progress_columns = ("train_miou",)
+    plot_curves = (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green"))
+    resumable = ("init",)  # the --init file is compared by its fingerprint
+    may_change = "--steps, --checkpoint-every and --eval-*"
+    data_title = "data (the shapes source)"
+    batch_help = "images per step (each with --prompts-per-image prompt sets)"
 
-    from models.efficient_sam.checkpoint import build_model
-    from models.weights import file_fingerprint
-    from training import outputs
-    from training.data import source_params
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        o.add(o.model, "--preset", choices=list(PRESETS), help="EfficientSAM architecture")
+        o.add(o.model, "--init", metavar="FILE", help="initial weights (efficient_sam_*.pt or "
+              "efficient_sam.safetensors); default: tiny / shapes: the seeded random init; vitt / vits: the standard "
+              "file")
+        o.add(o.model, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+        o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
+        o.add(o.data, "--num-images", type=int, help="shapes scenes to train on")
+        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        o.add(o.data, "--prompts-per-image", type=int, metavar="Q",
+              help="prompt sets per image in a step (each image is encoded once)")
+        o.add(o.data, "--max-points", type=int, help="most foreground points of a prompt set (1..N, uniform)")
+        o.add(o.data, "--negative-fraction", type=float,
+              help="share of prompt sets with one background point (label 0) off the object")
+        o.add(o.optimisation, "--iou-weight", type=float, help="weight of the IoU-prediction MSE")
+        o.add(o.evaluation, "--eval-images", type=int, help="held-out scenes (0 = no evaluation)")
 
-    check_settings(s)
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    init_fingerprint = initial_fingerprint(s.preset, s.init)
-    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every and --eval-*")
+    @classmethod
+    def check(cls, s: SamSettings) -> None:
+        check_settings(s)
 
-    model = (build_model(s.preset, device, empty=True) if resume_state is not None
-             else initial_model(s.preset, s.init, device))
-    model.train()
-    cfg = model.config
-    pad_to = cfg.max_points
+    @classmethod
+    def run_identity(cls, s: SamSettings) -> dict[str, Any]:
+        return {**super().run_identity(s), "init_weights": initial_fingerprint(s.preset, s.init)}
 
-    params = source_params("shapes", s.seed, s.num_images, s.source_params)
-    size = params.image_size
-    data = ShapesScenes(params, s.num_images, cfg.low_res_size)
-    eval_data = eval_list = eval_params = None
-    if s.eval_images:
-        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
-        eval_data = ShapesScenes(eval_params, s.eval_images, cfg.low_res_size, keep=True)
-        eval_list = eval_prompts(eval_data, np.random.default_rng(s.held_out_seed), pad_to)
+    def __init__(self, s: SamSettings, device, resuming: bool) -> None:
+        from models.efficient_sam.checkpoint import build_model
+        from training.data import source_params
 
-    torch.manual_seed(s.seed)
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
-    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
-    evals: list[dict[str, Any]] = []
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        model.reset_buffers()
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
-        evals = json.loads(resume_state["evals"])
-        invocations = json.loads(resume_state["invocations"])
-        train_seconds = float(resume_state["train_seconds"])
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    invocations.append({"command": "runtime train sam " + shlex.join(command), "started": started_at,
-                        "from_step": start, "to_step": None, "finished": None})
+        super().__init__(s, device, resuming)
+        self.model = build_model(s.preset, device, empty=True) if resuming else initial_model(s.preset, s.init, device)
+        self.model.train()
+        cfg = self.model.config
+        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.data = ShapesScenes(self.params, s.num_images, cfg.low_res_size)
+        self.eval_data = self.eval_list = self.eval_params = None
+        if s.eval_images:
+            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_data = ShapesScenes(self.eval_params, s.eval_images, cfg.low_res_size, keep=True)
+            self.eval_list = eval_prompts(self.eval_data, np.random.default_rng(s.held_out_seed), cfg.max_points)
 
-    meta = {
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
-        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
-                  "batches": f"numpy default_rng([{s.seed}, step])",
-                  "eval_prompts": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
-        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
-                  "config": cfg.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                  "low_res_size": cfg.low_res_size},
-        "prompts": {"per_image": s.prompts_per_image, "max_points": s.max_points,
-                    "negative_fraction": s.negative_fraction, "padded_to": pad_to},
-        "loss": "min over the 3 candidates of (BCE + Dice) + (BCE + Dice) of the single-mask output "
-                f"+ {s.iou_weight:g} x MSE(predicted IoU, actual IoU)",
-        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data)},
-        "eval_source": None if eval_params is None else {
-            "name": "shapes", "params": eval_params.model_dump(mode="json"), "images": len(eval_data),
-            "prompts": len(eval_list), "points": list(EVAL_POINTS)},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
+    def trainable(self) -> list[dict[str, Any]]:
+        from training.common import weight_decay_groups
 
-    def run_eval(step: int) -> None:
-        if eval_list is None or any(e["step"] == step for e in evals):
-            return
-        result = evaluate(model, eval_data, eval_list, device, step)
-        evals.append(result)
-        if not s.quiet:
-            print(f"step {step}: held-out mIoU 1 point {result['miou_1pt']:.3f} (IoU>=0.5: "
-                  f"{result['iou50_1pt']:.3f}), 3 points {result['miou_3pt']:.3f} (IoU>=0.5: "
-                  f"{result['iou50_3pt']:.3f})", file=sys.stderr)
+        return weight_decay_groups(self.model, self.s.weight_decay)
 
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
-            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
-            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
-            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
-        save_weights(model, out / "efficient_sam.safetensors",
-                     {"format": "pnpvqa-efficient-sam", "preset": s.preset, "step": str(step),
-                      "config": json.dumps(cfg.to_dict(), sort_keys=True)})
-        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS)
-        if final:
-            title = (f"EfficientSAM {s.preset}: BCE + Dice + {s.iou_weight:g} x IoU MSE, "
-                     f"{len(data)} images")
-            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
-        finished = final and step >= s.steps
-        summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
-                   for key in ("loss", "mask_loss", "iou_loss", "train_miou") for end in ("first", "last")}
-        fingerprint = file_fingerprint(out / "efficient_sam.safetensors")
-        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
-                                  eval_seed=s.held_out_seed, summary=summary,
-                                  config_extra={"weights_fingerprint": fingerprint})
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model}
 
-    if start == 0:
-        run_eval(0)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train sam {s.preset}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            lr = set_warmup_lr(optimizer, s.lr, s.warmup, step)
-            batch = draw_batch(data, np.random.default_rng([s.seed, step]), s, pad_to)
-            pixels = model.preprocess([data[int(i)].image for i in batch.images], channels_last=True)
-            embeddings = model.embed(pixels)                                           # [B, C, g, g]
-            loss, mask_loss, iou_loss, train_miou = training_loss(model, embeddings, batch, (size, size),
-                                                                  s.iou_weight, device)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
+    def resumed(self, state) -> None:
+        self.model.reset_buffers()
 
-            value = finite_loss(loss, step)
-            log["loss"].append(value)
-            log["mask_loss"].append(float(mask_loss.detach()))
-            log["iou_loss"].append(float(iou_loss.detach()))
-            log["train_miou"].append(train_miou)
-            log["lr"].append(lr)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}",
-                            miou=f"{mean_or_none(log['train_miou'][-20:]):.3f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
-                     seconds=time.perf_counter() - started)
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        s, model = self.s, self.model
+        size = self.params.image_size
+        batch = draw_batch(self.data, rng, s, model.config.max_points)
+        pixels = model.preprocess([self.data[int(i)].image for i in batch.images], channels_last=True)
+        embeddings = model.embed(pixels)                                           # [B, C, g, g]
+        loss, mask_loss, iou_loss, train_miou = training_loss(model, embeddings, batch, (size, size), s.iou_weight,
+                                                              self.device)
+        return Step(loss, {"loss": loss, "mask_loss": mask_loss.detach(), "iou_loss": iou_loss.detach(),
+                           "train_miou": train_miou})
+
+    def can_evaluate(self) -> bool:
+        return self.eval_list is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return evaluate(self.model, self.eval_data, self.eval_list, self.device, step)
+
+    @classmethod
+    def describe(cls, r) -> str:
+        return (f"mIoU 1 point {r['miou_1pt']:.3f} (IoU>=0.5: {r['iou50_1pt']:.3f}), 3 points {r['miou_3pt']:.3f} "
+                f"(IoU>=0.5: {r['iou50_3pt']:.3f})")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        cfg = self.model.config
+        save_weights(self.model, path, {"format": "pnpvqa-efficient-sam", "preset": self.s.preset, "step": str(step),
+                                        "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+
+    def plot_title(self) -> str:
+        s = self.s
+        return f"EfficientSAM {s.preset}: BCE + Dice + {s.iou_weight:g} x IoU MSE, {len(self.data)} images"
+
+    def meta(self) -> dict[str, Any]:
+        s, cfg = self.s, self.model.config
+        return {
+            "seeds": {"train": s.seed, "source": self.params.seed, "eval": s.held_out_seed,
+                      "batches": f"numpy default_rng([{s.seed}, step])",
+                      "eval_prompts": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+            "model": {"preset": s.preset, "init": s.init, "init_fingerprint": initial_fingerprint(s.preset, s.init),
+                      "config": cfg.to_dict(), "parameters": sum(p.numel() for p in self.model.parameters()),
+                      "low_res_size": cfg.low_res_size},
+            "prompts": {"per_image": s.prompts_per_image, "max_points": s.max_points,
+                        "negative_fraction": s.negative_fraction, "padded_to": cfg.max_points},
+            "loss": "min over the 3 candidates of (BCE + Dice) + (BCE + Dice) of the single-mask output "
+                    f"+ {s.iou_weight:g} x MSE(predicted IoU, actual IoU)",
+            "source": {"name": "shapes", "params": self.params.model_dump(mode="json"), "images": len(self.data)},
+            "eval_source": None if self.eval_params is None else {
+                "name": "shapes", "params": self.eval_params.model_dump(mode="json"), "images": len(self.eval_data),
+                "prompts": len(self.eval_list), "points": list(EVAL_POINTS)},
+        }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train sam``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "efficient_sam.safetensors",
-                       lambda m: f"held-out mIoU 1 point {m['miou_1pt']:.3f}, 3 points {m['miou_3pt']:.3f}" if m else None)
-
+main = SamTrainer.main
 
 if __name__ == "__main__":
     raise SystemExit(main())
