@@ -37,7 +37,7 @@ def test_training_lowers_the_loss_and_writes_its_outputs(tmp_path):
                                                                      "grid": 24, "sam_dim": 32})
     assert config.mode == "concat_conv"
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 24 and len(ckpt["losses"]) == 24
+    assert ckpt["step"] == 24 and len(ckpt["log"]) == 24  # [steps, columns]
     assert set(ckpt) >= {"model", "optimizer", "rng", "step"}
     for key, value in module.state_dict().items():
         torch.testing.assert_close(ckpt["model"][key], value, atol=0, rtol=0)

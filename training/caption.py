@@ -46,145 +46,55 @@ Outputs in ``--out DIR``: ``caption.safetensors`` (state dict with LAVIS key nam
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (HeldOutSeed, TrainingResult, add_blip_model_options, add_checkpoint_option,
-                             add_device_options, add_lr_decay_option, add_optimisation_options, add_output_options,
-                             check_same_run, due, finish_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, set_scheduled_lr, settings_identity, start_run, weight_decay_groups)
+from training.common import add_blip_model_options
+from training.loop import LoopSettings, Options, Step, Trainer
 from shapes.captions import (MIN_OVERLAP, PROMPT, caption_for_patches, mentioned_objects,  # noqa: F401
                              object_coverage, visible_objects)
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 
-DEFAULT_STEPS = 300
-CHECKPOINT_FORMAT = "pnpvqa-caption-training"
-CHECKPOINT_VERSION = 1
 EVAL_BATCH = 64
 GENERATE_MAX_LENGTH = 24  # prompt (4) + 4 objects x 3 words + 3 "and" + [SEP] = 20, with room
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "vision_from", "weights",
-                     "eval_every", "eval_seed", "eval_images", "eval_subsets")
 
 
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class CaptionSettings(HeldOutSeed):
-    out: str
+class CaptionSettings(LoopSettings):
     preset: str = "tiny"
     init: str | None = None
     vision_from: str | None = None
     freeze_vision: bool = False
     weights: str | None = None
-    seed: int = 0
     num_images: int = 16
     source_params: dict[str, Any] = field(default_factory=dict)
     num_patches: int = 20
     object_bias: float = 0.0
     subsets_per_image: int = 1
     min_overlap: float = MIN_OVERLAP
-    steps: int = DEFAULT_STEPS
     batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 0
-    lr_decay: str = "constant"
-    grad_clip: float = 1.0
     patch_label_weight: float = 0.0
     patch_object_weight: float = 1.0
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int = 16
     eval_subsets: int = 4
-    device: str = "auto"
-    resume: bool = False
-    quiet: bool = False
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_label_weight": 0.0,
-                                                           "patch_object_weight": 1.0})
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train caption",
-        description="Train the BLIP captioner (ViT + decoder) to caption random patch subsets of shapes images "
-                    "(the objects those patches show), as PNP-VQA feeds it sampled patches. Writes "
-                    "DIR/caption.safetensors (loadable by load_blip_caption), DIR/checkpoint.pt, DIR/loss.csv, "
-                    "DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out greedy-caption accuracy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    add_blip_model_options(p, architecture="BLIP captioner", init_help="initial weights (LAVIS caption .pth or "
-                           "caption.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
-                           "the standard file)")
-    m = p.add_argument_group("vision encoder")
-    m.add_argument("--vision-from", metavar="FILE", help="take the ViT (visual_encoder.*) from this BLIP checkpoint, "
-                   "e.g. a trained itm.safetensors of the same preset")
-    m.add_argument("--freeze-vision", action="store_true", help="keep the ViT fixed (train the decoder only)")
-    d = p.add_argument_group("data (the shapes source)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=16, help="shapes images to train on")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
-    d.add_argument("--num-patches", type=int, default=20, help="patches fed to the decoder per caption")
-    d.add_argument("--object-bias", type=float, default=0.0, metavar="B",
-                   help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
-    d.add_argument("--subsets-per-image", type=int, default=1, metavar="S",
-                   help="patch subsets per drawn image in a step (batch = batch-size / S images, each encoded once)")
-    d.add_argument("--min-overlap", type=float, default=MIN_OVERLAP,
-                   help="share of a patch an object must cover to be visible in it")
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=16, batch_help="(image, patch subset) "
-                                 "samples per step", lr=1e-3, lr_help="AdamW learning rate (after the warmup: "
-                                 "constant)", weight_decay=0.01, weight_decay_help="on weight matrices only",
-                                 warmup=True)
-    add_lr_decay_option(t)
-    t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
-                   "probe loss on the ViT tokens (0 = off)")
-    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
-                   "patch relative to a background patch in the probe loss")
-    add_checkpoint_option(t)
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also evaluate every N steps (0 = only at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out images (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, default=16, help="held-out images (0 = no evaluation)")
-    e.add_argument("--eval-subsets", type=int, default=4, help="patch subsets captioned per held-out image")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> CaptionSettings:
-    extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "vision_from", "freeze_vision", "weights", "seed", "num_images", "num_patches",
-             "object_bias", "subsets_per_image", "min_overlap", "steps", "batch_size", "lr", "weight_decay", "warmup",
-             "lr_decay", "grad_clip", "patch_label_weight", "patch_object_weight", "checkpoint_every", "eval_every",
-             "eval_seed", "eval_images", "eval_subsets", "device", "resume", "quiet")
-    return CaptionSettings(source_params=extra, **{n: getattr(args, n) for n in names})
 
 
 def check_settings(s: CaptionSettings) -> None:
-    for name in ("steps", "batch_size", "num_images", "num_patches", "eval_subsets", "subsets_per_image"):
+    for name in ("num_images", "num_patches", "eval_subsets", "subsets_per_image"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.object_bias, s.patch_label_weight) < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --object-bias and --patch-label-weight >= 0")
+    if s.eval_images < 0:
+        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
+    if min(s.object_bias, s.patch_label_weight) < 0:
+        raise ValueError("--object-bias and --patch-label-weight must be >= 0")
     if not s.patch_object_weight > 0:
         raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
-    if s.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
     if s.patch_label_weight > 0 and s.freeze_vision:
         raise ValueError("--patch-label-weight trains the ViT: it cannot go with --freeze-vision")
     if not 0.0 < s.min_overlap <= 1.0:
@@ -323,20 +233,6 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, subs
 
 # --- files ------------------------------------------------------------------------------------
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
-
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a caption")
-
-
-def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
-    """The model's state dict (LAVIS key names) as safetensors, atomically."""
-    from training.outputs import atomic_save_safetensors
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_save_safetensors(tensors, path, metadata)
-
-
 def load_vision(model, path: Path) -> None:
     """Copy the ``visual_encoder.*`` tensors of the BLIP checkpoint ``path`` into ``model``."""
     from models.blip.checkpoint import adapt_state_dict
@@ -350,200 +246,194 @@ def load_vision(model, path: Path) -> None:
                      f"the ViT of {path}")
 
 
-# --- training ---------------------------------------------------------------------------------
+# --- the trainer ------------------------------------------------------------------------------
 
-def train(s: CaptionSettings, command: Sequence[str] = ()) -> TrainingResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
+class CaptionTrainer(Trainer):
+    command = "caption"
+    description = ("Train the BLIP captioner (ViT + decoder) to caption random patch subsets of shapes images "
+                   "(the objects those patches show), as PNP-VQA feeds it sampled patches. Writes "
+                   "DIR/caption.safetensors (loadable by load_blip_caption), DIR/checkpoint.pt, DIR/loss.csv, "
+                   "DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out greedy-caption accuracy).")
+    settings = CaptionSettings
+    # version 2: the per-step log as one [steps, columns] table (version 1 kept losses and accuracies apart)
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-caption-training", 2, "a caption"
+    weights_file = "caption.safetensors"
+    log_columns = ("loss", "accuracy")  # the caption loss (without the probe's) and teacher-forced token accuracy
+    plot_ylabel = "caption cross-entropy (per token)"
+    resumable = ("init", "vision_from", "eval_subsets")  # the files are compared by their fingerprints
+    later_options = {"patch_label_weight": 0.0, "patch_object_weight": 1.0}
+    data_title = "data (the shapes source)"
+    batch_help = "(image, patch subset) samples per step"
 
-    from models.blip.checkpoint import build_model
-    from training.common import initial_blip, initial_blip_fingerprint
-    from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
-    from models.weights import file_fingerprint
-    from training import outputs
-    from training.data import source_params
-    from training.fusion import pair_rows
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        add_blip_model_options(o, architecture="BLIP captioner", init_help="initial weights (LAVIS caption .pth or "
+                               "caption.safetensors); default: the preset's own (tiny: seeded random init; "
+                               "base/large: the standard file)")
+        o.add(o.model, "--vision-from", metavar="FILE", help="take the ViT (visual_encoder.*) from this BLIP "
+              "checkpoint, e.g. a trained itm.safetensors of the same preset")
+        o.add(o.model, "--freeze-vision", action="store_true", help="keep the ViT fixed (train the decoder only)")
+        d = o.data
+        o.add(d, "--seed", type=int, help="training seed (and the source's seed)")
+        o.add(d, "--num-images", type=int, help="shapes images to train on")
+        o.add(d, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        o.add(d, "--num-patches", type=int, help="patches fed to the decoder per caption")
+        o.add(d, "--object-bias", type=float, metavar="B",
+              help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
+        o.add(d, "--subsets-per-image", type=int, metavar="S",
+              help="patch subsets per drawn image in a step (batch = batch-size / S images, each encoded once)")
+        o.add(d, "--min-overlap", type=float, help="share of a patch an object must cover to be visible in it")
+        o.add(o.optimisation, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe "
+              "loss on the ViT tokens (0 = off)")
+        o.add(o.optimisation, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch "
+              "relative to a background patch in the probe loss")
+        o.add(o.evaluation, "--eval-images", type=int, help="held-out images (0 = no evaluation)")
+        o.add(o.evaluation, "--eval-subsets", type=int, help="patch subsets captioned per held-out image")
 
-    check_settings(s)
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    init_fingerprint = initial_blip_fingerprint("caption", s.preset, s.init)
-    vision_fingerprint = None if s.vision_from is None else file_fingerprint(Path(s.vision_from))
-    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint,
-                               "vision_weights": vision_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
-                   "--lr-decay cosine, --steps")
+    @classmethod
+    def check(cls, s: CaptionSettings) -> None:
+        check_settings(s)
 
-    model = (build_model("caption", s.preset, device, empty=True) if resume_state is not None
-             else initial_blip("caption", s.preset, s.init, device))
-    model.train()
-    grid, image_size = model.grid, model.config.vit.image_size
-    if s.num_patches > grid * grid:
-        raise ValueError(f"--num-patches {s.num_patches} exceeds the {grid}x{grid} patch grid")
-    tokenizer = load_blip_tokenizer_for(s.preset)
-    prompt_ids = caption_prompt_ids(tokenizer, PROMPT)
+    @classmethod
+    def run_identity(cls, s: CaptionSettings) -> dict[str, Any]:
+        from models.weights import file_fingerprint
+        from training.common import initial_blip_fingerprint
 
-    params = source_params("shapes", s.seed, s.num_images, s.source_params)
-    data = ShapesImages(params, s.num_images, grid, image_size, s.min_overlap)
-    eval_data = eval_subsets = eval_params = None
-    if s.eval_images:
-        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
-        eval_data = ShapesImages(eval_params, s.eval_images, grid, image_size, s.min_overlap)
-        rng = np.random.default_rng(s.held_out_seed)
-        eval_subsets = [(i, eval_data.sample_patches(i, rng, s.num_patches, s.object_bias))
-                        for i in range(s.eval_images) for _ in range(s.eval_subsets)]
+        return {**super().run_identity(s), "init_weights": initial_blip_fingerprint("caption", s.preset, s.init),
+                "vision_weights": None if s.vision_from is None else file_fingerprint(Path(s.vision_from))}
 
-    torch.manual_seed(s.seed)
-    if s.vision_from is not None and resume_state is None:
-        load_vision(model, Path(s.vision_from))
-    if s.freeze_vision:
-        model.visual_encoder.requires_grad_(False)
-    groups = weight_decay_groups(model, s.weight_decay)
-    probe = patch_targets = None
-    if s.patch_label_weight > 0:
-        probe = build_probe(model.config.vit.width).to(device)
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
-        patch_targets = PatchLabels(data.scenes, grid)
-    optimizer = torch.optim.AdamW(groups, lr=s.lr)
-    losses: list[float] = []
-    accuracies: list[float] = []
-    evals: list[dict[str, Any]] = []
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        model.reset_buffers()
-        if probe is not None:
-            probe.load_state_dict(resume_state["probe"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        losses = resume_state["losses"].tolist()
-        accuracies = resume_state["accuracies"].tolist()
-        evals = json.loads(resume_state["evals"])
-        invocations = json.loads(resume_state["invocations"])
-        train_seconds = float(resume_state["train_seconds"])
-    invocations.append({"command": "runtime train caption " + shlex.join(command), "from_step": start,
-                        "to_step": None})
+    def __init__(self, s: CaptionSettings, device, resuming: bool) -> None:
+        from models.blip.checkpoint import build_model
+        from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
+        from training.common import initial_blip
+        from training.data import source_params
 
-    meta = {
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
-        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
-                  "batches": f"numpy default_rng([{s.seed}, step])",
-                  "eval_subsets": f"numpy default_rng({s.held_out_seed})"},
-        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
-                  "vision_from": s.vision_from, "vision_fingerprint": vision_fingerprint,
-                  "freeze_vision": s.freeze_vision,
-                  "config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-                  "grid": grid},
-        "prompt": PROMPT,
-        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data)},
-        "eval_source": None if eval_params is None else {
-            "name": "shapes", "params": eval_params.model_dump(mode="json"), "images": len(eval_data),
-            "subsets": len(eval_subsets)},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
+        super().__init__(s, device, resuming)
+        self.resuming = resuming
+        model = build_model("caption", s.preset, device, empty=True) if resuming \
+            else initial_blip("caption", s.preset, s.init, device)
+        self.model = model.train()
+        grid, image_size = model.grid, model.config.vit.image_size
+        if s.num_patches > grid * grid:
+            raise ValueError(f"--num-patches {s.num_patches} exceeds the {grid}x{grid} patch grid")
+        self.tokenizer = load_blip_tokenizer_for(s.preset)
+        self.prompt_ids = caption_prompt_ids(self.tokenizer, PROMPT)
+        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.data = ShapesImages(self.params, s.num_images, grid, image_size, s.min_overlap)
+        self.eval_data = self.eval_subsets = self.eval_params = None
+        if s.eval_images:
+            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_data = ShapesImages(self.eval_params, s.eval_images, grid, image_size, s.min_overlap)
+            rng = np.random.default_rng(s.held_out_seed)
+            self.eval_subsets = [(i, self.eval_data.sample_patches(i, rng, s.num_patches, s.object_bias))
+                                 for i in range(s.eval_images) for _ in range(s.eval_subsets)]
 
-    def run_eval(step: int) -> None:
-        if eval_subsets is None or any(e["step"] == step for e in evals):
-            return
-        result = evaluate(model, tokenizer, eval_data, eval_subsets, prompt_ids, device, step)
-        evals.append(result)
-        if not s.quiet:
-            print(f"step {step}: held-out exact match {result['exact_match']:.3f}, object precision "
-                  f"{_fmt(result['object_precision'])}, recall {_fmt(result['object_recall'])}", file=sys.stderr)
+    def trainable(self) -> list[dict[str, Any]]:
+        from training.common import weight_decay_groups
 
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            probe={} if probe is None else {k: v.detach().cpu() for k, v in probe.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
-            losses=torch.tensor(losses, dtype=torch.float64), accuracies=torch.tensor(accuracies, dtype=torch.float64),
-            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
-        save_weights(model, out / "caption.safetensors",
-                     {"format": "pnpvqa-blip-caption", "preset": s.preset, "step": str(step), "prompt": PROMPT,
-                      "config": json.dumps(model.config.to_dict(), sort_keys=True)})
-        outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
-        if final:
-            outputs.write_loss_plot(out / "loss.png", losses, f"BLIP caption {s.preset}: {s.num_patches} "
-                                    f"patches, {len(data)} images", "caption cross-entropy (per token)")
-        finished = final and step >= s.steps
-        summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
-                   "token_accuracy_last": mean_or_none(accuracies[-10:])}
-        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
-                                  eval_seed=s.held_out_seed, summary=summary,
-                                  config_extra={"weights_fingerprint": file_fingerprint(out / "caption.safetensors")})
+        s, model = self.s, self.model
+        if s.vision_from is not None and not self.resuming:
+            load_vision(model, Path(s.vision_from))
+        if s.freeze_vision:
+            model.visual_encoder.requires_grad_(False)
+        groups = weight_decay_groups(model, s.weight_decay)
+        self.probe = self.patch_targets = None
+        if s.patch_label_weight > 0:
+            self.probe = build_probe(model.config.vit.width).to(self.device)
+            groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0})
+            self.patch_targets = PatchLabels(self.data.scenes, model.grid)
+        return groups
 
-    if start == 0:
-        run_eval(0)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    prompt_length = len(prompt_ids)
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train caption {s.preset}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
-            rng = np.random.default_rng([s.seed, step])
-            drawn = rng.integers(0, len(data), size=-(-s.batch_size // s.subsets_per_image))
-            chosen = np.repeat(drawn, s.subsets_per_image)[:s.batch_size]
-            patches = np.stack([data.sample_patches(int(i), rng, s.num_patches, s.object_bias) for i in chosen])
-            captions = [data.caption(int(i), p) for i, p in zip(chosen, patches)]
-            input_ids, targets = caption_batch(tokenizer, captions, prompt_length)
-            input_ids, targets = input_ids.to(device), targets.to(device)
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model, **({} if self.probe is None else {"probe": self.probe})}
 
-            with torch.set_grad_enabled(not s.freeze_vision):
-                tokens_image = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))  # [U, 1+P, C]
-            rows = torch.arange(len(drawn), device=device).repeat_interleave(s.subsets_per_image)[:s.batch_size]
-            tokens = pair_rows(tokens_image, rows)                                          # [B, 1+P, C]
-            states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]
-            logits = model.decoder_logits(input_ids, states)[:, :-1].float()               # [B, T-1, V]
-            labels = targets[:, 1:]
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            value = finite_loss(loss, step)  # the caption loss is what the log shows
-            if probe is not None:
-                colour, shape = patch_targets([int(i) for i in drawn], device)
-                logits_patch = probe(tokens_image[:, 1:]).flatten(0, 1).float()         # [U * P, CLASSES]
-                loss = loss + s.patch_label_weight * patch_label_loss(logits_patch, colour.flatten(), shape.flatten(),
-                                                                      s.patch_object_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                trained = list(model.parameters()) + ([] if probe is None else list(probe.parameters()))
-                torch.nn.utils.clip_grad_norm_(trained, s.grad_clip)
-            optimizer.step()
+    def resumed(self, state) -> None:
+        self.model.reset_buffers()
 
-            mask = labels != -100
-            losses.append(value)
-            accuracies.append(float(((logits.argmax(-1) == labels) & mask).sum() / mask.sum()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainingResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
-                         seconds=time.perf_counter() - started)
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        import torch
+        import torch.nn.functional as F
+
+        from training.pairs import pair_rows
+
+        s, data, model, device = self.s, self.data, self.model, self.device
+        drawn = rng.integers(0, len(data), size=-(-s.batch_size // s.subsets_per_image))
+        chosen = np.repeat(drawn, s.subsets_per_image)[:s.batch_size]
+        patches = np.stack([data.sample_patches(int(i), rng, s.num_patches, s.object_bias) for i in chosen])
+        captions = [data.caption(int(i), p) for i, p in zip(chosen, patches)]
+        input_ids, targets = caption_batch(self.tokenizer, captions, len(self.prompt_ids))
+        input_ids, targets = input_ids.to(device), targets.to(device)
+
+        with torch.set_grad_enabled(not s.freeze_vision):
+            tokens_image = model.encode_image(data.pixels([int(i) for i in drawn]).to(device))  # [U, 1+P, C]
+        rows = torch.arange(len(drawn), device=device).repeat_interleave(s.subsets_per_image)[:s.batch_size]
+        tokens = pair_rows(tokens_image, rows)                                          # [B, 1+P, C]
+        states = patch_states(tokens, torch.from_numpy(patches).to(device).long())      # [B, K, C]
+        logits = model.decoder_logits(input_ids, states)[:, :-1].float()               # [B, T-1, V]
+        labels = targets[:, 1:]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        objective = loss
+        if self.probe is not None:
+            colour, shape = self.patch_targets([int(i) for i in drawn], device)
+            logits_patch = self.probe(tokens_image[:, 1:]).flatten(0, 1).float()         # [U * P, CLASSES]
+            objective = loss + s.patch_label_weight * patch_label_loss(logits_patch, colour.flatten(), shape.flatten(),
+                                                                       s.patch_object_weight)
+        mask = labels != -100
+        return Step(objective, {"loss": loss, "accuracy": ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()})
+
+    def can_evaluate(self) -> bool:
+        return self.eval_subsets is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return evaluate(self.model, self.tokenizer, self.eval_data, self.eval_subsets, self.prompt_ids, self.device,
+                        step)
+
+    @classmethod
+    def describe(cls, r) -> str:
+        return (f"exact match {r['exact_match']:.3f}, object precision {_fmt(r['object_precision'])}, recall "
+                f"{_fmt(r['object_recall'])}")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        """The state dict (LAVIS key names)."""
+        from training.outputs import save_module_weights
+
+        save_module_weights(self.model, path, {"format": "pnpvqa-blip-caption", "preset": self.s.preset,
+                                               "step": str(step), "prompt": PROMPT,
+                                               "config": json.dumps(self.model.config.to_dict(), sort_keys=True)})
+
+    def plot_title(self) -> str:
+        return f"BLIP caption {self.s.preset}: {self.s.num_patches} patches, {len(self.data)} images"
+
+    def summary(self, log) -> dict[str, Any]:
+        from training.common import mean_or_none
+
+        return {**super().summary(log), "token_accuracy_last": mean_or_none(log["accuracy"][-10:])}
+
+    def meta(self) -> dict[str, Any]:
+        s, model = self.s, self.model
+        identity = self.run_identity(s)
+        return {
+            "seeds": {"train": s.seed, "source": self.params.seed, "eval": s.held_out_seed,
+                      "batches": f"numpy default_rng([{s.seed}, step])",
+                      "eval_subsets": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+            "model": {"preset": s.preset, "init": s.init, "init_fingerprint": identity["init_weights"],
+                      "vision_from": s.vision_from, "vision_fingerprint": identity["vision_weights"],
+                      "freeze_vision": s.freeze_vision, "config": model.config.to_dict(),
+                      "parameters": sum(p.numel() for p in model.parameters()), "grid": model.grid},
+            "prompt": PROMPT,
+            "source": {"name": "shapes", "params": self.params.model_dump(mode="json"), "images": len(self.data)},
+            "eval_source": None if self.eval_params is None else {
+                "name": "shapes", "params": self.eval_params.model_dump(mode="json"), "images": len(self.eval_data),
+                "subsets": len(self.eval_subsets)},
+        }
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train caption``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "caption.safetensors",
-                       lambda m: (f"held-out exact match {m['exact_match']:.3f}, object precision "
-                       f"{_fmt(m['object_precision'])}, recall {_fmt(m['object_recall'])}") if m else None)
-
+main = CaptionTrainer.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +51,29 @@ def source_params(name: str, seed: int, num_images: int | None, extra: dict[str,
             raise ValueError(f"source {name!r} has no num_images parameter; use --limit to cap the samples")
         values.setdefault("num_images", num_images)
     return params_cls(**values)
+
+
+class HeldOut(NamedTuple):
+    """A run's held-out set: ``data``, its source ``params``, and ``held_out``: False when the
+    source has no seed, so the set is the training data itself."""
+
+    data: TrainData
+    params: Any
+    held_out: bool
+
+
+def held_out_data(s: Any, params: Any, mask_grid: int | None = None) -> HeldOut | None:
+    """The held-out set of a run on any source (settings ``s``: ``source``, ``source_params``,
+    ``num_images``, ``eval_images``, ``held_out_seed``, ``limit``; ``params``: the training
+    source's): the same source with seed ``s.held_out_seed`` and ``--eval-images`` images
+    (default ``--num-images``); None for ``--eval-images 0``."""
+    eval_images = s.num_images if s.eval_images is None else s.eval_images
+    if eval_images == 0:
+        return None
+    fields = type(params).model_fields
+    extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
+    eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None, extra)
+    return HeldOut(load_data(s.source, eval_params, s.limit, mask_grid=mask_grid), eval_params, "seed" in fields)
 
 
 def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int | None = None) -> TrainData:

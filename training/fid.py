@@ -54,18 +54,14 @@ ten human answers (``stages.evaluation.vqa_accuracy``), overall and per question
 
 Outputs in ``--out DIR``: ``fid_t5.safetensors`` (the T5 state dict; ``load_fid_t5(preset,
 path)`` reads it), ``checkpoint.pt`` (resumable, atomic, ``weights_only``), ``loss.csv`` (loss,
-teacher-forced answer accuracy), ``loss.png``, ``config.json``, ``metrics.json``.
+teacher-forced answer accuracy, learning rate), ``loss.png``, ``config.json``, ``metrics.json``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import shlex
-import sys
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -73,22 +69,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
-                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run, due,
-                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
-                             settings_identity, start_run, weight_decay_groups)
+from training.common import mean_or_none
+from training.loop import LoopSettings, Options, Step, Trainer
 
-DEFAULT_STEPS = 300
-CHECKPOINT_FORMAT = "pnpvqa-fid-training"
-CHECKPOINT_VERSION = 1
 PRESETS = ("tiny", "shapes")
 GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
 EVAL_BATCH = 64
 MAX_NEW_TOKENS = 19  # qa_fid's max_length 20, the decoder start token included
 MAX_PASSAGE_TOKENS = 512  # qa_fid's max_passage_tokens
 CHECK_IMAGES = 32
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights", "eval_every",
-                     "eval_seed", "eval_images")
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -220,12 +209,9 @@ def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, re
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class FidSettings(HeldOutSeed):
-    out: str
+class FidSettings(LoopSettings):
     preset: str = "tiny"
     init: str | None = None
-    weights: str | None = None  # no --weights: the built-in presets need no weights folder (start_run reads it)
-    seed: int = 0
     num_images: int = 16
     source_params: dict[str, Any] = field(default_factory=dict)
     grid: int = GRID
@@ -236,108 +222,13 @@ class FidSettings(HeldOutSeed):
     spread_min: float = 0.002
     spread_max: float = 1.0
     min_overlap: float = 0.1
-    steps: int = DEFAULT_STEPS
     batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup: int = 0
-    lr_decay: str = "constant"
-    grad_clip: float = 1.0
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int = 16
-    device: str = "auto"
-    resume: bool = False
-    quiet: bool = False
 
     @property
     def recipe(self) -> Recipe:
         return Recipe(self.num_captions, self.num_patches, self.max_rounds, self.uniform_fraction, self.spread_min,
                       self.spread_max, self.min_overlap)
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant"})
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train fid",
-        description="Train the Fusion-in-Decoder T5 (qa_fid) to answer shapes questions from captions of "
-                    "heatmap-sampled patches (one caption per passage, as the graphs use). Writes "
-                    "DIR/fid_t5.safetensors (loadable by load_fid_t5(preset, path)), DIR/checkpoint.pt, "
-                    "DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out exact match and "
-                    "VQA accuracy, per question type).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="tiny", choices=list(PRESETS), help="FiD T5 architecture (built-in configs)")
-    m.add_argument("--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
-                   "default: the preset's seeded random initialisation")
-    d = p.add_argument_group("data (the shapes source and the captions of a question)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=16, help="shapes images whose questions are trained on")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other shapes parameter (VALUE parsed as YAML); repeatable")
-    d.add_argument("--grid", type=int, default=GRID, help="patch grid of the captioner (24 = BLIP 384 / 16)")
-    d.add_argument("--num-captions", type=int, default=5, help="captions kept per question (caption stage)")
-    d.add_argument("--num-patches", type=int, default=20, help="patches per caption (caption stage)")
-    d.add_argument("--max-rounds", type=int, default=10, help="sampling rounds for distinct captions (caption stage)")
-    d.add_argument("--uniform-fraction", type=float, default=0.15,
-                   help="share of questions captioned from a uniform heatmap")
-    d.add_argument("--spread-min", type=float, default=0.002,
-                   help="smallest weight added to every cell of a focused heatmap (log-uniform draw)")
-    d.add_argument("--spread-max", type=float, default=1.0,
-                   help="largest weight added to every cell of a focused heatmap (log-uniform draw)")
-    d.add_argument("--min-overlap", type=float, default=0.1,
-                   help="share of a patch an object must cover to be visible in it (as runtime train caption)")
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=32, batch_help="questions per step",
-                                 lr=1e-3, lr_help="AdamW learning rate (after the warmup: constant)",
-                                 weight_decay=0.01, weight_decay_help="on weight matrices only", warmup=True)
-    add_lr_decay_option(t)
-    add_checkpoint_option(t)
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N",
-                   help="also evaluate every N steps (0 = only at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="shapes seed of the held-out images (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, default=16, help="held-out images, all their questions (0 = none)")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> FidSettings:
-    extra = parse_source_params(args.source_param)
-    names = ("out", "preset", "init", "seed", "num_images", "grid", "num_captions", "num_patches", "max_rounds",
-             "uniform_fraction", "spread_min", "spread_max", "min_overlap", "steps", "batch_size", "lr",
-             "weight_decay", "warmup", "lr_decay", "grad_clip", "checkpoint_every", "eval_every", "eval_seed", "eval_images",
-             "device", "resume", "quiet")
-    return FidSettings(source_params=extra, **{n: getattr(args, n) for n in names})
-
-
-def check_settings(s: FidSettings) -> None:
-    if s.preset not in PRESETS:
-        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
-    for name in ("steps", "batch_size", "num_images", "grid", "num_captions", "num_patches", "max_rounds"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if s.num_patches > s.grid * s.grid:
-        raise ValueError(f"--num-patches {s.num_patches} exceeds the {s.grid}x{s.grid} patch grid")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0:
-        raise ValueError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
-    if s.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
-    if not 0.0 <= s.uniform_fraction <= 1.0:
-        raise ValueError(f"--uniform-fraction must be in [0, 1], got {s.uniform_fraction}")
-    if not 0.0 < s.spread_min <= s.spread_max:
-        raise ValueError(f"need 0 < --spread-min <= --spread-max, got {s.spread_min} and {s.spread_max}")
-    if not 0.0 < s.min_overlap <= 1.0:
-        raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
-    if {"seed", "num_images"} & set(s.source_params):
-        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
 
 
 # --- batches and evaluation -------------------------------------------------------------------
@@ -434,13 +325,8 @@ def _file_preset(path: Path) -> str | None:
         return None
 
 
-# --- files ------------------------------------------------------------------------------------
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
-
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a FiD T5")
-
+# --- the trainer ------------------------------------------------------------------------------
 
 def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     """The T5 state dict (tied embeddings once) as safetensors, atomically."""
@@ -450,174 +336,184 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     atomic_save_safetensors(fid_t5_state(model), path, metadata)
 
 
-def initial_model(preset: str, init: str | None):
-    """``(FiDT5, tokenizer, fingerprint)`` a training starts from: ``init`` or the seeded random init."""
-    from models.fid_t5 import TINY_SEED, build_fid_t5, load_fid_t5
+def initial_fingerprint(preset: str, init: str | None) -> str:
+    """Identifies the weights :func:`initial_model` starts from."""
+    from models.fid_t5 import TINY_SEED
     from models.weights import file_fingerprint
 
     if init is None:
-        model, tokenizer = build_fid_t5(preset)
-        return model, tokenizer, f"random-init:{preset}:seed={TINY_SEED}"
+        return f"random-init:{preset}:seed={TINY_SEED}"
     if not Path(init).is_file():
         raise FileNotFoundError(f"--init {init}: no such file")
-    model, tokenizer = load_fid_t5(preset, init)
-    return model, tokenizer, file_fingerprint(init)
+    return file_fingerprint(init)
+
+
+def initial_model(preset: str, init: str | None):
+    """``(FiDT5, tokenizer)`` a training starts from: ``init`` or the seeded random init."""
+    from models.fid_t5 import build_fid_t5, load_fid_t5
+
+    if init is None:
+        return build_fid_t5(preset)
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"--init {init}: no such file")
+    return load_fid_t5(preset, init)
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def describe(result: dict[str, Any]) -> str:
-    per = ", ".join(f"{k} {_fmt(v['exact_match'])}" for k, v in result["per_type"].items())
-    return f"exact match {_fmt(result['exact_match'])}, VQA accuracy {_fmt(result['vqa_accuracy'])} ({per})"
+class FidTrainer(Trainer):
+    command = "fid"
+    description = ("Train the Fusion-in-Decoder T5 (qa_fid) to answer shapes questions from captions of "
+                   "heatmap-sampled patches (one caption per passage, as the graphs use). Writes "
+                   "DIR/fid_t5.safetensors (loadable by load_fid_t5(preset, path)), DIR/checkpoint.pt, "
+                   "DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json (held-out exact match and "
+                   "VQA accuracy, per question type).")
+    settings = FidSettings
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-fid-training", 2, "a FiD T5"
+    weights_file = "fid_t5.safetensors"
+    log_columns = ("loss", "accuracy", "lr")
+    summary_columns = ("loss",)
+    plot_curves = (("loss", "tab:blue"),)
+    plot_ylabel = "answer cross-entropy (per token)"
+    resumable = ("init",)  # the --init file is compared by its fingerprint
+    may_change = "--checkpoint-every, --init, --eval-* and, without --lr-decay cosine, --steps"
+    data_title = "data (the shapes source and the captions of a question)"
+    batch_help = "questions per step"
+
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        o.add(o.model, "--preset", choices=list(PRESETS), help="FiD T5 architecture (built-in configs)")
+        o.add(o.model, "--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
+              "default: the preset's seeded random initialisation")
+        d = o.data
+        o.add(d, "--seed", type=int, help="training seed (and the source's seed)")
+        o.add(d, "--num-images", type=int, help="shapes images whose questions are trained on")
+        o.add(d, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        o.add(d, "--grid", type=int, help="patch grid of the captioner (24 = BLIP 384 / 16)")
+        o.add(d, "--num-captions", type=int, help="captions kept per question (caption stage)")
+        o.add(d, "--num-patches", type=int, help="patches per caption (caption stage)")
+        o.add(d, "--max-rounds", type=int, help="sampling rounds for distinct captions (caption stage)")
+        o.add(d, "--uniform-fraction", type=float, help="share of questions captioned from a uniform heatmap")
+        o.add(d, "--spread-min", type=float,
+              help="smallest weight added to every cell of a focused heatmap (log-uniform draw)")
+        o.add(d, "--spread-max", type=float,
+              help="largest weight added to every cell of a focused heatmap (log-uniform draw)")
+        o.add(d, "--min-overlap", type=float,
+              help="share of a patch an object must cover to be visible in it (as runtime train caption)")
+        o.add(o.evaluation, "--eval-images", type=int, help="held-out images, all their questions (0 = none)")
+
+    @classmethod
+    def check(cls, s: FidSettings) -> None:
+        if s.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
+        for name in ("num_images", "grid", "num_captions", "num_patches", "max_rounds"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+        if s.eval_images < 0:
+            raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
+        if s.num_patches > s.grid * s.grid:
+            raise ValueError(f"--num-patches {s.num_patches} exceeds the {s.grid}x{s.grid} patch grid")
+        if not 0.0 <= s.uniform_fraction <= 1.0:
+            raise ValueError(f"--uniform-fraction must be in [0, 1], got {s.uniform_fraction}")
+        if not 0.0 < s.spread_min <= s.spread_max:
+            raise ValueError(f"need 0 < --spread-min <= --spread-max, got {s.spread_min} and {s.spread_max}")
+        if not 0.0 < s.min_overlap <= 1.0:
+            raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
+        if {"seed", "num_images"} & set(s.source_params):
+            raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
+
+    @classmethod
+    def run_identity(cls, s: FidSettings) -> dict[str, Any]:
+        return {**super().run_identity(s), "init_weights": initial_fingerprint(s.preset, s.init)}
+
+    def __init__(self, s: FidSettings, device, resuming: bool) -> None:
+        from training.data import source_params
+
+        super().__init__(s, device, resuming)
+        self.model, self.tokenizer = initial_model(s.preset, s.init)
+        self.model.to(device).train()
+        self.recipe = s.recipe
+        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.data = QAData(self.params, s.grid)
+        self.eval_items = self.eval_params = None
+        if s.eval_images:
+            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_items = eval_items(QAData(self.eval_params, s.grid), s.held_out_seed, self.recipe)
+        self.config = self.model.config.to_dict()
+        self.config.pop("transformers_version", None)
+
+    def trainable(self) -> list[dict[str, Any]]:
+        from training.common import weight_decay_groups
+
+        return weight_decay_groups(self.model, self.s.weight_decay)
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model.t5}
+
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        import torch.nn.functional as F
+
+        from models.fid_t5 import tokenize_passages
+
+        data, tokenizer, device = self.data, self.tokenizer, self.device
+        chosen = [data.samples[int(i)] for i in rng.integers(0, len(data), size=self.s.batch_size)]
+        passages = [sample_passages(data, x, rng, self.recipe) for x in chosen]
+        ids, mask = tokenize_passages(tokenizer, passages, MAX_PASSAGE_TOKENS)
+        decoder_input_ids, labels = answer_batch(tokenizer, [x.target for x in chosen],
+                                                 self.model.config.decoder_start_token_id)
+        logits = self.model(ids.to(device), mask.to(device), decoder_input_ids.to(device)).logits.float()
+        labels = labels.to(device)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        right = (logits.detach().argmax(-1) == labels) | (labels == -100)
+        return Step(loss, {"loss": loss, "accuracy": right.all(dim=1).float().mean()})
+
+    def can_evaluate(self) -> bool:
+        return self.eval_items is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return evaluate(self.model, self.tokenizer, self.eval_items, self.device, step)
+
+    @classmethod
+    def describe(cls, result) -> str:
+        per = ", ".join(f"{k} {_fmt(v['exact_match'])}" for k, v in result["per_type"].items())
+        return f"exact match {_fmt(result['exact_match'])}, VQA accuracy {_fmt(result['vqa_accuracy'])} ({per})"
+
+    def save_weights(self, path: Path, step: int) -> None:
+        from models.fid_t5 import WEIGHTS_FORMAT
+
+        save_weights(self.model, path, {"format": WEIGHTS_FORMAT, "preset": self.s.preset, "step": str(step),
+                                        "config": json.dumps(self.config, sort_keys=True)})
+
+    def plot_title(self) -> str:
+        return f"FiD T5 {self.s.preset}: {len(self.data)} shapes questions, {self.s.num_captions} captions"
+
+    def meta(self) -> dict[str, Any]:
+        s, data = self.s, self.data
+        type_counts = Counter(x.question_type for x in data.samples)
+        return {
+            "seeds": {"train": s.seed, "source": self.params.seed, "eval": s.held_out_seed,
+                      "batches": f"numpy default_rng([{s.seed}, step])",
+                      "eval_captions": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+            "model": {"preset": s.preset, "init": s.init, "init_fingerprint": initial_fingerprint(s.preset, s.init),
+                      "config": self.config, "parameters": sum(p.numel() for p in self.model.parameters())},
+            "captions": {**asdict(self.recipe), "grid": s.grid, "num_captions_fid": 1,
+                         "form": "caption stage output, prompt stripped: 'a red circle and a blue square'"},
+            "source": {"name": "shapes", "params": self.params.model_dump(mode="json"), "images": len(data.scenes),
+                       "questions": len(data), "question_types": dict(sorted(type_counts.items()))},
+            "eval_source": None if self.eval_params is None else {
+                "name": "shapes", "params": self.eval_params.model_dump(mode="json"),
+                "questions": len(self.eval_items)},
+        }
+
+    def summary(self, log) -> dict[str, Any]:
+        return {"loss_first": mean_or_none(log["loss"][:10]), "loss_last": mean_or_none(log["loss"][-10:]),
+                "answer_accuracy_last": mean_or_none(log["accuracy"][-10:])}
 
 
-# --- training ---------------------------------------------------------------------------------
-
-def train(s: FidSettings, command: Sequence[str] = ()) -> TrainingResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
-
-    from models.fid_t5 import WEIGHTS_FORMAT, tokenize_passages
-    from models.weights import file_fingerprint
-    from training import outputs
-    from training.data import source_params
-
-    check_settings(s)
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    model, tokenizer, init_fingerprint = initial_model(s.preset, s.init)
-    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --init, --eval-* and, without "
-                   "--lr-decay cosine, --steps")
-    model.to(device).train()
-    recipe = s.recipe
-
-    params = source_params("shapes", s.seed, s.num_images, s.source_params)
-    data = QAData(params, s.grid)
-    eval_items_ = eval_params = None
-    if s.eval_images:
-        eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
-        eval_items_ = eval_items(QAData(eval_params, s.grid), s.held_out_seed, recipe)
-
-    torch.manual_seed(s.seed)
-    optimizer = torch.optim.AdamW(weight_decay_groups(model, s.weight_decay), lr=s.lr)
-    losses: list[float] = []
-    accuracies: list[float] = []
-    evals: list[dict[str, Any]] = []
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        model.t5.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        losses = resume_state["losses"].tolist()
-        accuracies = resume_state["accuracies"].tolist()
-        evals = json.loads(resume_state["evals"])
-        invocations = json.loads(resume_state["invocations"])
-        train_seconds = float(resume_state["train_seconds"])
-    invocations.append({"command": "runtime train fid " + shlex.join(command), "from_step": start, "to_step": None})
-
-    config_dict = model.config.to_dict()
-    config_dict.pop("transformers_version", None)
-    type_counts = Counter(x.question_type for x in data.samples)
-    meta = {
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
-        "seeds": {"train": s.seed, "source": params.seed, "eval": s.held_out_seed,
-                  "batches": f"numpy default_rng([{s.seed}, step])",
-                  "eval_captions": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
-        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint, "config": config_dict,
-                  "parameters": sum(p.numel() for p in model.parameters())},
-        "captions": {**asdict(recipe), "grid": s.grid, "num_captions_fid": 1,
-                     "form": "caption stage output, prompt stripped: 'a red circle and a blue square'"},
-        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images": len(data.scenes),
-                   "questions": len(data), "question_types": dict(sorted(type_counts.items()))},
-        "eval_source": None if eval_params is None else {
-            "name": "shapes", "params": eval_params.model_dump(mode="json"), "questions": len(eval_items_)},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
-
-    def run_eval(step: int) -> None:
-        if eval_items_ is None or any(e["step"] == step for e in evals):
-            return
-        result = evaluate(model, tokenizer, eval_items_, device, step)
-        evals.append(result)
-        if not s.quiet:
-            print(f"step {step}: held-out {describe(result)}", file=sys.stderr)
-
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in model.t5.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
-            losses=torch.tensor(losses, dtype=torch.float64), accuracies=torch.tensor(accuracies, dtype=torch.float64),
-            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
-        save_weights(model, out / "fid_t5.safetensors",
-                     {"format": WEIGHTS_FORMAT, "preset": s.preset, "step": str(step),
-                      "config": json.dumps(config_dict, sort_keys=True)})
-        outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
-        if final:
-            outputs.write_loss_plot(out / "loss.png", losses, f"FiD T5 {s.preset}: {len(data)} shapes questions, "
-                                    f"{s.num_captions} captions", "answer cross-entropy (per token)")
-        finished = final and step >= s.steps
-        summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
-                   "answer_accuracy_last": mean_or_none(accuracies[-10:])}
-        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
-                                  eval_seed=s.held_out_seed, summary=summary,
-                                  config_extra={"weights_fingerprint": file_fingerprint(out / "fid_t5.safetensors")})
-
-    if start == 0:
-        run_eval(0)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    start_token = model.config.decoder_start_token_id
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train fid {s.preset}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
-            rng = np.random.default_rng([s.seed, step])
-            chosen = [data.samples[int(i)] for i in rng.integers(0, len(data), size=s.batch_size)]
-            passages = [sample_passages(data, x, rng, recipe) for x in chosen]
-            ids, mask = tokenize_passages(tokenizer, passages, MAX_PASSAGE_TOKENS)
-            decoder_input_ids, labels = answer_batch(tokenizer, [x.target for x in chosen], start_token)
-            logits = model(ids.to(device), mask.to(device), decoder_input_ids.to(device)).logits.float()
-            labels = labels.to(device)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
-
-            value = finite_loss(loss, step)
-            right = (logits.argmax(-1) == labels) | (labels == -100)
-            losses.append(value)
-            accuracies.append(float(right.all(dim=1).float().mean()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainingResult(out=out, steps=len(losses), losses=losses, metrics=final_eval or {},
-                     seconds=time.perf_counter() - started)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train fid``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "fid_t5.safetensors",
-                       lambda m: f"held-out {describe(m)}" if m else None)
-
+main = FidTrainer.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

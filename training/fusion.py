@@ -38,40 +38,25 @@ their history, the unfused baseline, loss summary).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
 import sys
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
-                             add_optimisation_options, add_output_options, add_source_options, add_weights_option,
-                             check_same_run, due, finish_run, finite_loss, mean_or_none, parse_source_params,
-                             run_command, settings_identity, source_num_images, start_run)
+from training.common import add_source_options, source_num_images
+from training.loop import LoopSettings, Options, Step, Trainer
 
-DEFAULT_STEPS = 200
-CHECKPOINT_FORMAT = "pnpvqa-fusion-training"
-CHECKPOINT_VERSION = 1
 EVAL_BATCH = 32  # pairs per evaluation forward
 BLIP_PRESETS = ("tiny", "shapes", "base", "large")
 SAM_PRESETS = ("tiny", "shapes", "vitt", "vits")
 CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics, and the gain over the baseline
-# settings that may differ between a run and its --resume continuation
-# (the frozen models are compared by their weights' fingerprints, not by file paths;
-# evaluation does not change the training)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "feature_cache", "weights",
-                     "blip_checkpoint", "sam_checkpoint", "eval_every", "eval_seed", "eval_images", "block_num")
 
 
 @dataclass
-class TrainSettings(HeldOutSeed):
-    out: str
+class FusionSettings(LoopSettings):
     mode: str = "difnet"
     blip_preset: str = "tiny"
     blip_checkpoint: str | None = None
@@ -79,15 +64,10 @@ class TrainSettings(HeldOutSeed):
     sam_checkpoint: str | None = None
     weights: str | None = None
     source: str = "shapes"
-    seed: int = 0
     num_images: int | None = 16
     source_params: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
-    steps: int = DEFAULT_STEPS
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
+    steps: int = 200
     swap_fraction: float = 0.5
     width: int | None = None
     heads: int = 8
@@ -101,118 +81,20 @@ class TrainSettings(HeldOutSeed):
     formulation: str = "gated"
     identity_map_reordering: bool = False
     difnet_encoder: str | None = None
-    checkpoint_every: int = 50
     feature_cache: int = 4096
     feature_batch: int = 16
-    device: str = "auto"
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int | None = None
     block_num: int | None = None
-    resume: bool = False
-    quiet: bool = False
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES)
 
 
-@dataclass
-class TrainResult(TrainingResult):
-    accuracies: list[float] = field(default_factory=list)
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train fusion",
-        description="Train a BLIP + EfficientSAM fusion module (concat_conv, cross_attention or difnet) on "
-                    "image-question matching with frozen BLIP ITM and SAM. Writes DIR/fusion.safetensors (the "
-                    "weights a graph names), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
-                    "DIR/metrics.json (held-out ITM accuracy and GradCAM pointing game on the fused tokens, and "
-                    "on the unfused ones as the baseline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    m = p.add_argument_group("models")
-    m.add_argument("--mode", choices=["concat_conv", "cross_attention", "difnet"], default="difnet")
-    m.add_argument("--blip-preset", default="tiny", choices=list(BLIP_PRESETS), help="frozen BLIP ITM "
-                   "(shapes: the bundled models/assets/shapes/blip_itm.safetensors)")
-    m.add_argument("--blip-checkpoint", metavar="FILE", help="explicit BLIP ITM checkpoint file")
-    m.add_argument("--sam-preset", default="tiny", choices=list(SAM_PRESETS), help="frozen EfficientSAM "
-                   "(shapes: the bundled models/assets/shapes/efficient_sam.safetensors)")
-    m.add_argument("--sam-checkpoint", metavar="FILE", help="explicit EfficientSAM checkpoint file")
-    add_weights_option(m)
-    f = p.add_argument_group("fusion module")
-    f.add_argument("--width", type=int, help="fusion width (default: the BLIP width, at most 256)")
-    f.add_argument("--heads", type=int, default=8)
-    f.add_argument("--ffn-dim", type=int, default=0, help="DIFNet FFN width (0 = 4 * width)")
-    f.add_argument("--dropout", type=float, default=0.1)
-    f.add_argument("--sam-grid", type=int, default=16, help="cross_attention: SAM keys resized to this grid")
-    f.add_argument("--Lf", type=int, default=1, help="DIFNet: layers per stream before the fusion layer")
-    f.add_argument("--T", type=int, default=2, help="DIFNet: applications of each pre-fusion layer per stream")
-    f.add_argument("--N", type=int, default=3, help="DIFNet: layers in all (N > Lf)")
-    f.add_argument("--sam-cls", choices=["zero", "learned"], default="zero", help="DIFNet: SAM stream CLS slot")
-    f.add_argument("--formulation", choices=["gated", "reference"], default="gated",
-                   help="DIFNet: gated (one residual per sub-layer) or reference (the published encoder, layer for "
-                   "layer; models/fusion/difnet_reference.py)")
-    f.add_argument("--identity-map-reordering", action="store_true", help="DIFNet reference: the pre-norm variant")
-    f.add_argument("--difnet-encoder", metavar="FILE", help="DIFNet reference: start the encoder from a published "
-                   "mrwu-mac/DIFNet checkpoint (its encoder keys, e.g. encoder.layers.N.mhatt...; --width, --heads, "
-                   "--ffn-dim, --N must match it)")
-    add_source_options(p)
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="positives per step (as many "
-                                 "negatives)", lr=1e-3, lr_help="AdamW learning rate (constant)", weight_decay=0.01,
-                                 weight_decay_help=None, warmup=False)
-    add_checkpoint_option(t)
-    t.add_argument("--feature-cache", type=int, default=4096, metavar="IMAGES",
-                   help="images whose frozen features stay in memory (training and held-out sets each)")
-    t.add_argument("--feature-batch", type=int, default=16, help="images per frozen-feature forward")
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
-                   "at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, help="images of the held-out set (default: --num-images; "
-                   "0 = no evaluation)")
-    e.add_argument("--block-num", type=int, default=None, help="text layer of the held-out GradCAM pointing game "
-                   "(as itm_gradcam's block_num; default: the ITM preset's, 7 or shapes 2)")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> TrainSettings:
-    extra = parse_source_params(args.source_param)
-    num_images = source_num_images(args.source, args.num_images, extra)
-    return TrainSettings(
-        out=args.out, mode=args.mode, blip_preset=args.blip_preset, blip_checkpoint=args.blip_checkpoint,
-        sam_preset=args.sam_preset, sam_checkpoint=args.sam_checkpoint, weights=args.weights, source=args.source,
-        seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit, steps=args.steps,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-        swap_fraction=args.swap_fraction, width=args.width, heads=args.heads, ffn_dim=args.ffn_dim,
-        dropout=args.dropout, sam_grid=args.sam_grid, Lf=args.Lf, T=args.T, N=args.N, sam_cls=args.sam_cls,
-        formulation=args.formulation, identity_map_reordering=args.identity_map_reordering,
-        difnet_encoder=args.difnet_encoder, checkpoint_every=args.checkpoint_every, feature_cache=args.feature_cache, feature_batch=args.feature_batch,
-        device=args.device, eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
-        block_num=args.block_num, resume=args.resume, quiet=args.quiet)
-
-
-def check_settings(s: TrainSettings) -> None:
-    for name in ("steps", "batch_size", "feature_cache", "feature_batch"):
+def check_settings(s: FusionSettings) -> None:
+    for name in ("feature_cache", "feature_batch"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.eval_images is not None and s.eval_images < 0:
         raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0:
-        raise ValueError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
     if not 0.0 <= s.swap_fraction <= 1.0:
         raise ValueError(f"--swap-fraction must be in [0, 1], got {s.swap_fraction}")
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
-
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a fusion")
 
 
 # --- held-out evaluation ------------------------------------------------------------------------
@@ -341,230 +223,241 @@ def quick_metrics(weights: Path, *, blip_preset: str, sam_preset: str, seed: int
     return {k: result[k] for k in CHECK_KEYS}
 
 
-# --- training -----------------------------------------------------------------------------------
+# --- the trainer ------------------------------------------------------------------------------
 
-def train(s: TrainSettings, command: Sequence[str] = ()) -> TrainResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the final
-    held-out metrics."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
+class FusionTrainer(Trainer):
+    command = "fusion"
+    description = ("Train a BLIP + EfficientSAM fusion module (concat_conv, cross_attention or difnet) on "
+                   "image-question matching with frozen BLIP ITM and SAM. Writes DIR/fusion.safetensors (the "
+                   "weights a graph names), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
+                   "DIR/metrics.json (held-out ITM accuracy and GradCAM pointing game on the fused tokens, and "
+                   "on the unfused ones as the baseline).")
+    settings = FusionSettings
+    # version 2: the per-step log as one [steps, columns] table (version 1 kept losses and accuracies apart)
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-fusion-training", 2, "a fusion"
+    weights_file = "fusion.safetensors"
+    log_columns = ("loss", "accuracy")
+    plot_ylabel = "ITM cross-entropy"
+    # the frozen models are compared by their weights' fingerprints, not by file paths
+    resumable = ("feature_cache", "blip_checkpoint", "sam_checkpoint", "block_num")
+    may_change = "--steps, --checkpoint-every, --eval-* and --block-num"
+    batch_help = "positives per step (as many negatives)"
+    weight_decay_help = "on every parameter"
 
-    from models.blip import load_blip_itm, load_blip_tokenizer_for, tokenize_questions
-    from models.blip.checkpoint import itm_fingerprint
-    from models.efficient_sam import load_efficient_sam
-    from models.efficient_sam import weights_fingerprint as sam_fingerprint
-    from models.fusion import FusionConfig, build_fusion, fusion_fingerprint, load_reference_encoder, save_fusion
-    from models.weights import load_checkpoint as load_weights_file
-    from training import outputs
-    from training.data import FeatureStore, load_data, source_params
-    from training.pairs import draw_pairs
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        m = o.model
+        o.add(m, "--mode", choices=["concat_conv", "cross_attention", "difnet"], help="fusion module")
+        o.add(m, "--blip-preset", choices=list(BLIP_PRESETS), help="frozen BLIP ITM (shapes: the bundled "
+              "models/assets/shapes/blip_itm.safetensors)")
+        o.add(m, "--blip-checkpoint", metavar="FILE", help="explicit BLIP ITM checkpoint file")
+        o.add(m, "--sam-preset", choices=list(SAM_PRESETS), help="frozen EfficientSAM (shapes: the bundled "
+              "models/assets/shapes/efficient_sam.safetensors)")
+        o.add(m, "--sam-checkpoint", metavar="FILE", help="explicit EfficientSAM checkpoint file")
+        o.add(m, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+        o.add(m, "--width", type=int, help="fusion width (default: the BLIP width, at most 256)")
+        o.add(m, "--heads", type=int, help="attention heads")
+        o.add(m, "--ffn-dim", type=int, help="DIFNet FFN width (0 = 4 * width)")
+        o.add(m, "--dropout", type=float, help="dropout of the fusion module")
+        o.add(m, "--sam-grid", type=int, help="cross_attention: SAM keys resized to this grid")
+        o.add(m, "--Lf", type=int, help="DIFNet: layers per stream before the fusion layer")
+        o.add(m, "--T", type=int, help="DIFNet: applications of each pre-fusion layer per stream")
+        o.add(m, "--N", type=int, help="DIFNet: layers in all (N > Lf)")
+        o.add(m, "--sam-cls", choices=["zero", "learned"], help="DIFNet: SAM stream CLS slot")
+        o.add(m, "--formulation", choices=["gated", "reference"], help="DIFNet: gated (one residual per sub-layer) "
+              "or reference (the published encoder, layer for layer; models/fusion/difnet_reference.py)")
+        o.add(m, "--identity-map-reordering", action="store_true", help="DIFNet reference: the pre-norm variant")
+        o.add(m, "--difnet-encoder", metavar="FILE", help="DIFNet reference: start the encoder from a published "
+              "mrwu-mac/DIFNet checkpoint (its encoder keys, e.g. encoder.layers.N.mhatt...; --width, --heads, "
+              "--ffn-dim, --N must match it)")
+        add_source_options(o)
+        o.add(o.data, "--feature-cache", type=int, metavar="IMAGES",
+              help="images whose frozen features stay in memory (training and held-out sets each)")
+        o.add(o.data, "--feature-batch", type=int, help="images per frozen-feature forward")
+        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
+              "0 = no evaluation)")
+        o.add(o.evaluation, "--block-num", type=int, help="text layer of the held-out GradCAM pointing game (as "
+              "itm_gradcam's block_num; default: the ITM preset's, 7 or shapes 2)")
 
-    check_settings(s)
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    fingerprints = {"blip_weights": itm_fingerprint(s.blip_preset, s.blip_checkpoint),
-                    "sam_weights": sam_fingerprint(s.sam_preset, s.sam_checkpoint)}
-    run_identity = json.dumps({**s.run_identity(), **fingerprints}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--steps, --checkpoint-every, --eval-* and --block-num")
+    @classmethod
+    def settings_from_args(cls, args) -> FusionSettings:
+        s = super().settings_from_args(args)
+        s.num_images = source_num_images(s.source, s.num_images, s.source_params)
+        return s
 
-    # frozen models, eval mode, no gradients
-    itm, _ = load_blip_itm(s.blip_preset, s.blip_checkpoint, device=device)
-    sam, _ = load_efficient_sam(s.sam_preset, s.sam_checkpoint, device=device)
-    for frozen in (itm, sam):
-        frozen.eval().requires_grad_(False)
-    tokenizer = load_blip_tokenizer_for(s.blip_preset)
+    @classmethod
+    def check(cls, s: FusionSettings) -> None:
+        check_settings(s)
 
-    blip_width = itm.config.vit.width
-    config = FusionConfig(mode=s.mode, blip_width=blip_width, sam_dim=sam.config.embed_dim, grid=itm.grid,
-                          width=s.width or min(blip_width, 256), heads=s.heads, ffn_dim=s.ffn_dim,
-                          dropout=s.dropout, sam_grid=s.sam_grid, Lf=s.Lf, T=s.T, N=s.N, sam_cls=s.sam_cls,
-                          formulation=s.formulation if s.mode == "difnet" else "gated",
-                          identity_map_reordering=s.identity_map_reordering)
-    params = source_params(s.source, s.seed, s.num_images, s.source_params)
-    data = load_data(s.source, params, s.limit)
-    store = FeatureStore(data, itm, sam, device, chunk=s.feature_batch, max_cached=s.feature_cache)
+    @classmethod
+    def run_identity(cls, s: FusionSettings) -> dict[str, Any]:
+        return {**super().run_identity(s), **cls.fingerprints(s)}
 
-    # the held-out set: the same source with another seed (the training data when it has none)
-    eval_data = eval_params = eval_store = eval_pairs = None
-    eval_images = s.num_images if s.eval_images is None else s.eval_images
-    held_out = True
-    block_num = itm.config.gradcam_block if s.block_num is None else s.block_num
-    if eval_images != 0:
-        itm.check_block_num(block_num)
-        fields = type(params).model_fields
-        held_out = "seed" in fields
-        eval_extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
-        eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None,
-                                    eval_extra)
-        eval_data = load_data(s.source, eval_params, s.limit, mask_grid=itm.grid)
-        eval_store = FeatureStore(eval_data, itm, sam, device, chunk=s.feature_batch, max_cached=s.feature_cache)
-        eval_pairs = draw_pairs(eval_data.samples, len(eval_data.samples), np.random.default_rng(s.held_out_seed),
-                                s.swap_fraction)
+    @staticmethod
+    def fingerprints(s: FusionSettings) -> dict[str, str]:
+        """The frozen models' weights."""
+        from models.blip.checkpoint import itm_fingerprint
+        from models.efficient_sam import weights_fingerprint as sam_fingerprint
 
-    torch.manual_seed(s.seed)
-    model = build_fusion(config)
-    if s.difnet_encoder:
-        report = load_reference_encoder(model, load_weights_file(s.difnet_encoder), s.difnet_encoder)
-        print(f"DIFNet encoder from {s.difnet_encoder}: {report.summary()}", file=sys.stderr)
-    model = model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    losses: list[float] = []
-    accuracies: list[float] = []
-    evals: list[dict[str, Any]] = []
-    baseline: dict[str, Any] | None = None
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        if resume_state["fusion_config"] != config.to_json():
-            raise ValueError(f"--resume: {ckpt_path} holds a fusion module of another configuration")
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        losses = resume_state["losses"].tolist()
-        accuracies = resume_state["accuracies"].tolist()
-        # checkpoints written before the held-out evaluation existed have none of these
-        evals = json.loads(resume_state.get("evals", "[]"))
-        baseline = json.loads(resume_state.get("baseline", "null"))
-        invocations = json.loads(resume_state.get("invocations", "[]"))
-        train_seconds = float(resume_state.get("train_seconds", 0.0))
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    invocations.append({"command": "runtime train fusion " + shlex.join(command), "started": started_at,
-                        "from_step": start, "to_step": None, "finished": None})
+        return {"blip_weights": itm_fingerprint(s.blip_preset, s.blip_checkpoint),
+                "sam_weights": sam_fingerprint(s.sam_preset, s.sam_checkpoint)}
 
-    blip_meta = {"preset": s.blip_preset, "checkpoint": s.blip_checkpoint, "fingerprint": fingerprints["blip_weights"],
-                 "config": itm.config.to_dict()}
-    sam_meta = {"preset": s.sam_preset, "checkpoint": s.sam_checkpoint, "fingerprint": fingerprints["sam_weights"],
-                "config": sam.config.to_dict()}
-    meta = {
-        "fusion": config.to_dict(),
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
-        "seeds": {"train": s.seed, "source": getattr(params, "seed", None), "eval": s.held_out_seed,
-                  "pairs": f"numpy default_rng([{s.seed}, step])",
-                  "eval_pairs": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
-        "model": {"mode": s.mode, "config": config.to_dict(),
-                  "parameters": sum(p.numel() for p in model.parameters()), "blip": blip_meta, "sam": sam_meta},
-        "blip": blip_meta,
-        "sam": sam_meta,
-        "source": {"name": s.source, "params": params.model_dump(mode="json"),
-                   "samples": len(data.samples), "images": len(data.images)},
-        "eval_source": None if eval_data is None else {
-            "name": s.source, "params": eval_params.model_dump(mode="json"), "samples": len(eval_data.samples),
-            "images": len(eval_data.images), "pairs": len(eval_pairs.images), "held_out": held_out},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
+    def __init__(self, s: FusionSettings, device, resuming: bool) -> None:
+        from models.blip import load_blip_itm, load_blip_tokenizer_for
+        from models.efficient_sam import load_efficient_sam
+        from models.fusion import FusionConfig
+        from training.data import FeatureStore, held_out_data, load_data, source_params
+        from training.pairs import draw_pairs
 
-    def report(result: dict[str, Any], what: str) -> None:
-        if not s.quiet:
-            print(f"{what}: held-out ITM accuracy {_fmt(result['itm_accuracy'])} (positives "
-                  f"{_fmt(result['positive_accuracy'])}, negatives {_fmt(result['negative_accuracy'])}, swap "
-                  f"negatives {_fmt(result['swap_accuracy'])}); pointing game {_fmt(result['pointing_game'])}",
-                  file=sys.stderr)
+        super().__init__(s, device, resuming)
+        # frozen models, eval mode, no gradients
+        self.itm, _ = load_blip_itm(s.blip_preset, s.blip_checkpoint, device=device)
+        self.sam, _ = load_efficient_sam(s.sam_preset, s.sam_checkpoint, device=device)
+        for frozen in (self.itm, self.sam):
+            frozen.eval().requires_grad_(False)
+        self.tokenizer = load_blip_tokenizer_for(s.blip_preset)
+        itm, sam = self.itm, self.sam
+        blip_width = itm.config.vit.width
+        self.config = FusionConfig(
+            mode=s.mode, blip_width=blip_width, sam_dim=sam.config.embed_dim, grid=itm.grid,
+            width=s.width or min(blip_width, 256), heads=s.heads, ffn_dim=s.ffn_dim, dropout=s.dropout,
+            sam_grid=s.sam_grid, Lf=s.Lf, T=s.T, N=s.N, sam_cls=s.sam_cls,
+            formulation=s.formulation if s.mode == "difnet" else "gated",
+            identity_map_reordering=s.identity_map_reordering)
+        self.params = source_params(s.source, s.seed, s.num_images, s.source_params)
+        self.data = load_data(s.source, self.params, s.limit)
+        self.store = FeatureStore(self.data, itm, sam, device, chunk=s.feature_batch, max_cached=s.feature_cache)
+        # the held-out set: the same source with another seed (the training data when it has none)
+        self.block_num = itm.config.gradcam_block if s.block_num is None else s.block_num
+        if (s.num_images if s.eval_images is None else s.eval_images) != 0:
+            itm.check_block_num(self.block_num)
+        self.held_out = held_out_data(s, self.params, mask_grid=itm.grid)
+        self.eval_store = self.eval_pairs = None
+        if self.held_out is not None:
+            samples = self.held_out.data.samples
+            self.eval_store = FeatureStore(self.held_out.data, itm, sam, device, chunk=s.feature_batch,
+                                           max_cached=s.feature_cache)
+            self.eval_pairs = draw_pairs(samples, len(samples), np.random.default_rng(s.held_out_seed),
+                                         s.swap_fraction)
+        self.baseline: dict[str, Any] | None = None
 
-    def run_eval(step: int) -> None:
-        nonlocal baseline
-        if eval_pairs is None:
-            return
-        if baseline is None:
-            baseline = evaluate(itm, tokenizer, None, eval_store, eval_pairs, eval_data.samples, device, step,
-                                block_num)
-            report(baseline, "unfused BLIP tokens (baseline)")
-        if any(e["step"] == step for e in evals):
-            return
-        result = evaluate(itm, tokenizer, model, eval_store, eval_pairs, eval_data.samples, device, step,
-                          block_num)
-        evals.append(result)
-        report(result, f"step {step}")
+    def trainable(self) -> list[dict[str, Any]]:
+        from models.fusion import build_fusion, load_reference_encoder
+        from models.weights import load_checkpoint as load_weights_file
 
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), fusion_config=config.to_json(),
-            run=run_identity, losses=torch.tensor(list(losses), dtype=torch.float64),
-            accuracies=torch.tensor(list(accuracies), dtype=torch.float64),
-            evals=json.dumps(evals), baseline=json.dumps(baseline), invocations=json.dumps(invocations),
-            train_seconds=seconds)
-        save_fusion(model, config, out / "fusion.safetensors")
-        outputs.write_loss_csv(out / "loss.csv", losses, accuracies)
-        if final:
-            outputs.write_loss_plot(out / "loss.png", losses, f"fusion {s.mode}: BLIP {s.blip_preset} + "
-                                    f"SAM {s.sam_preset}, {len(data.images)} images", "ITM cross-entropy")
-        finished = final and step >= s.steps
-        summary = {"loss_first": mean_or_none(losses[:10]), "loss_last": mean_or_none(losses[-10:]),
-                   "train_accuracy_last": mean_or_none(accuracies[-10:])}
-        final_eval = outputs.eval_at(evals, step)
+        s = self.s
+        model = build_fusion(self.config)
+        if s.difnet_encoder:
+            report = load_reference_encoder(model, load_weights_file(s.difnet_encoder), s.difnet_encoder)
+            print(f"DIFNet encoder from {s.difnet_encoder}: {report.summary()}", file=sys.stderr)
+        self.model = model.to(self.device).train()
+        return [{"params": list(self.model.parameters()), "weight_decay": s.weight_decay}]
+
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+    def state(self) -> dict[str, Any]:
+        return {"baseline": json.dumps(self.baseline)}
+
+    def resumed(self, state) -> None:
+        self.baseline = json.loads(state["baseline"])
+
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        import torch
+        import torch.nn.functional as F
+
+        from models.blip import tokenize_questions
+        from training.pairs import draw_pairs, pair_rows
+
+        s, device = self.s, self.device
+        batch = draw_pairs(self.data.samples, s.batch_size, rng, s.swap_fraction)
+        unique = sorted(set(batch.images))
+        rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
+        blip_tokens, sam_embed = self.store.get(unique)
+        input_ids, attention_mask = tokenize_questions(self.tokenizer, batch.questions)
+        labels = torch.tensor(batch.labels, device=device)
+
+        fused = self.model(blip_tokens, sam_embed)                             # [U, 1+P, C1]
+        logits = self.itm.itm_logits(pair_rows(fused, rows), input_ids.to(device), attention_mask.to(device))
+        loss = F.cross_entropy(logits.float(), labels)
+        return Step(loss, {"loss": loss, "accuracy": (logits.argmax(dim=1) == labels).float().mean()})
+
+    def can_evaluate(self) -> bool:
+        return self.eval_pairs is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The fused tokens' metrics; the unfused baseline's first, once per run."""
+        def run(fusion):
+            return evaluate(self.itm, self.tokenizer, fusion, self.eval_store, self.eval_pairs,
+                            self.held_out.data.samples, self.device, step, self.block_num)
+
+        if self.baseline is None:
+            self.baseline = run(None)
+            if not self.s.quiet:
+                print(f"unfused BLIP tokens (baseline): held-out {self.describe(self.baseline)}", file=sys.stderr)
+        return run(self.model)
+
+    @classmethod
+    def describe(cls, r) -> str | None:
+        if r.get("itm_accuracy") is None:
+            return None
+        return (f"ITM accuracy {_fmt(r['itm_accuracy'])} (positives {_fmt(r['positive_accuracy'])}, negatives "
+                f"{_fmt(r['negative_accuracy'])}, swap negatives {_fmt(r['swap_accuracy'])}); pointing game "
+                f"{_fmt(r['pointing_game'])}")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        from models.fusion import save_fusion
+
+        save_fusion(self.model, self.config, path)
+
+    def plot_title(self) -> str:
+        s = self.s
+        return f"fusion {s.mode}: BLIP {s.blip_preset} + SAM {s.sam_preset}, {len(self.data.images)} images"
+
+    def summary(self, log) -> dict[str, Any]:
+        from training.common import mean_or_none
+
+        return {**super().summary(log), "train_accuracy_last": mean_or_none(log["accuracy"][-10:])}
+
+    def records(self, step: int, evals) -> tuple[dict[str, Any], dict[str, Any]]:
+        from training.outputs import eval_at
+
+        final_eval = eval_at(evals, step)
         accuracy = {"held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
-        outputs.write_run_records(
-            out, meta, invocations, evals, step=step, finished=finished, seconds=seconds, eval_seed=s.held_out_seed,
-            summary=summary, config_extra={"fusion_fingerprint": fusion_fingerprint(out / "fusion.safetensors"),
-                                           **accuracy},
-            metrics_extra={"held_out": held_out if eval_pairs is not None else None, "baseline": baseline,
-                           "gain": gain(final_eval, baseline), **accuracy})
+        held_out = None if self.held_out is None else self.held_out.held_out
+        return accuracy, {"held_out": held_out, "baseline": self.baseline, "gain": gain(final_eval, self.baseline),
+                          **accuracy}
 
-    if start == 0:
-        run_eval(0)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train fusion {s.mode}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction)
-            unique = sorted(set(batch.images))
-            rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
-            blip_tokens, sam_embed = store.get(unique)
-            input_ids, attention_mask = tokenize_questions(tokenizer, batch.questions)
-            labels = torch.tensor(batch.labels, device=device)
-
-            fused = model(blip_tokens, sam_embed)                             # [U, 1+P, C1]
-            logits = itm.itm_logits(pair_rows(fused, rows), input_ids.to(device), attention_mask.to(device))
-            loss = F.cross_entropy(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
-
-            value = finite_loss(loss, step)
-            losses.append(value)
-            accuracies.append(float((logits.argmax(dim=1) == labels).float().mean()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(losses[-20:]):.4f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainResult(out=out, steps=len(losses), losses=losses, accuracies=accuracies,
-                       seconds=time.perf_counter() - started, metrics=final_eval or {})
+    def meta(self) -> dict[str, Any]:
+        s, h = self.s, self.held_out
+        fingerprints = self.fingerprints(s)
+        blip = {"preset": s.blip_preset, "checkpoint": s.blip_checkpoint, "fingerprint": fingerprints["blip_weights"],
+                "config": self.itm.config.to_dict()}
+        sam = {"preset": s.sam_preset, "checkpoint": s.sam_checkpoint, "fingerprint": fingerprints["sam_weights"],
+               "config": self.sam.config.to_dict()}
+        return {
+            "fusion": self.config.to_dict(),
+            "seeds": {"train": s.seed, "source": getattr(self.params, "seed", None), "eval": s.held_out_seed,
+                      "pairs": f"numpy default_rng([{s.seed}, step])",
+                      "eval_pairs": f"numpy default_rng({s.held_out_seed})", "torch": s.seed},
+            "model": {"mode": s.mode, "config": self.config.to_dict(),
+                      "parameters": sum(p.numel() for p in self.model.parameters()), "blip": blip, "sam": sam},
+            "blip": blip,
+            "sam": sam,
+            "source": {"name": s.source, "params": self.params.model_dump(mode="json"),
+                       "samples": len(self.data.samples), "images": len(self.data.images)},
+            "eval_source": None if h is None else {
+                "name": s.source, "params": h.params.model_dump(mode="json"), "samples": len(h.data.samples),
+                "images": len(h.data.images), "pairs": len(self.eval_pairs.images), "held_out": h.held_out},
+        }
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def pair_rows(fused, rows):
-    """``fused [U, 1+P, C]`` -> ``[R, 1+P, C]`` with row ``r = fused[rows[r]]``, as a one-hot
-    matmul: the values are exact copies, and the backward pass (a sum per image) is
-    deterministic, unlike the backward of ``fused[rows]`` (``index_put_`` with accumulation,
-    whose multi-threaded CPU kernel adds the repeated rows in a varying order)."""
-    import torch.nn.functional as F
-
-    onehot = F.one_hot(rows, fused.shape[0]).to(fused.dtype)                 # [R, U]
-    return (onehot @ fused.flatten(1)).view(rows.shape[0], *fused.shape[1:])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train fusion``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "fusion.safetensors",
-                       lambda m: None if m.get("itm_accuracy") is None else f"held-out ITM accuracy {m['itm_accuracy']:.3f}")
-
+main = FusionTrainer.main
+parser = FusionTrainer.parser
 
 if __name__ == "__main__":
     raise SystemExit(main())

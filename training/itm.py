@@ -65,55 +65,33 @@ times), ``metrics.json`` (held-out ITM accuracy, its history, loss summary).
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import (HeldOutSeed, TrainingResult, add_blip_model_options, add_checkpoint_option,
-                             add_device_options, add_lr_decay_option, add_optimisation_options, add_output_options,
-                             add_source_options, check_same_run, due, finish_run, finite_loss, mean_or_none,
-                             parse_source_params, run_command, set_scheduled_lr, settings_identity, source_num_images,
-                             start_run, weight_decay_groups)
+from training.common import add_blip_model_options, add_source_options, source_num_images
+from training.loop import LoopSettings, Options, Step, Trainer
 from training.pairs import draw_pairs, positive_indices
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 
-DEFAULT_STEPS = 300
-CHECKPOINT_FORMAT = "pnpvqa-itm-training"
-CHECKPOINT_VERSION = 1
 EVAL_BATCH = 32  # pairs per evaluation forward
-# settings that may differ between a run and its --resume continuation (the --init file is
-# compared by its fingerprint; evaluation does not change the training)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "init", "weights", "image_cache",
-                     "eval_every", "eval_seed", "eval_images")
 
 
 @dataclass
-class ItmSettings(HeldOutSeed):
-    out: str
+class ItmSettings(LoopSettings):
     preset: str = "tiny"
     init: str | None = None
     weights: str | None = None
     source: str = "shapes"
-    seed: int = 0
     num_images: int | None = 16
     source_params: dict[str, Any] = field(default_factory=dict)
     limit: int | None = None
     swap_fraction: float = 0.5
-    steps: int = DEFAULT_STEPS
-    batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.05
-    warmup: int = 0
-    lr_decay: str = "constant"
-    grad_clip: float = 1.0
     itc_weight: float = 1.0
     grounding_weight: float = 0.0
     patch_label_weight: float = 0.0
@@ -122,94 +100,20 @@ class ItmSettings(HeldOutSeed):
     questions_per_image: int = 1
     temp: float = 0.07
     fixed_temp: bool = False
-    checkpoint_every: int = 50
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int | None = None
     image_cache: int = 1024
-    device: str = "auto"
-    resume: bool = False
-    quiet: bool = False
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES, {"lr_decay": "constant", "patch_object_weight": 1.0})
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train itm",
-        description="Train a BLIP ITM model (all parameters) on image-question matching (ITM cross-entropy on "
-                    "positives and hard negatives) + ITC (symmetric InfoNCE). Writes DIR/itm.safetensors (loadable "
-                    "by load_blip_itm), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
-                    "DIR/metrics.json (held-out ITM accuracy).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    add_blip_model_options(p, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or itm.safetensors); "
-                           "default: the preset's own (tiny: seeded random init; base/large: the standard file)")
-    d = add_source_options(p)
-    d.add_argument("--image-cache", type=int, default=1024, metavar="IMAGES",
-                   help="preprocessed images kept in memory")
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=8, batch_help="positives per step (as many "
-                                 "negatives)", lr=1e-4, lr_help="AdamW learning rate (after the warmup: constant)",
-                                 weight_decay=0.05, weight_decay_help="on weight matrices only", warmup=True)
-    t.add_argument("--itc-weight", type=float, default=1.0, help="weight of the ITC loss (0 = ITM only)")
-    t.add_argument("--grounding-weight", type=float, default=0.0, help="weight of the grounding loss on the "
-                   "cross-attention of --block-num (0 = off; needs ground-truth masks)")
-    t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
-                   "probe loss on the ViT tokens (0 = off; needs the scene column)")
-    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
-                   "patch relative to a background patch in the probe loss")
-    add_lr_decay_option(t)
-    t.add_argument("--block-num", type=int, default=None, help="text layer of the grounding loss and of the "
-                   "held-out GradCAM pointing game (as itm_gradcam's block_num; default: the preset's, 7 or shapes 2)")
-    t.add_argument("--questions-per-image", type=int, default=1, metavar="Q",
-                   help="positives per drawn image (batch = batch-size / Q images)")
-    t.add_argument("--temp", type=float, default=0.07, help="initial ITC temperature")
-    t.add_argument("--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
-    add_checkpoint_option(t)
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
-                   "at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, help="images of the held-out set (default: --num-images; "
-                   "0 = no evaluation)")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> ItmSettings:
-    extra = parse_source_params(args.source_param)
-    num_images = source_num_images(args.source, args.num_images, extra)
-    return ItmSettings(
-        out=args.out, preset=args.preset, init=args.init, weights=args.weights, source=args.source,
-        seed=args.seed, num_images=num_images, source_params=extra, limit=args.limit,
-        swap_fraction=args.swap_fraction, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, itc_weight=args.itc_weight,
-        grounding_weight=args.grounding_weight, patch_label_weight=args.patch_label_weight,
-        patch_object_weight=args.patch_object_weight, lr_decay=args.lr_decay, block_num=args.block_num,
-        questions_per_image=args.questions_per_image,
-        temp=args.temp, fixed_temp=args.fixed_temp, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images,
-        image_cache=args.image_cache, device=args.device, resume=args.resume, quiet=args.quiet)
 
 
 def check_settings(s: ItmSettings) -> None:
-    for name in ("steps", "batch_size", "image_cache", "questions_per_image"):
+    for name in ("image_cache", "questions_per_image"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every", "warmup"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
     if s.eval_images is not None and s.eval_images < 0:
         raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.itc_weight, s.grounding_weight, s.patch_label_weight) < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --itc-weight, --grounding-weight and "
-                         "--patch-label-weight >= 0")
+    if min(s.itc_weight, s.grounding_weight, s.patch_label_weight) < 0:
+        raise ValueError("--itc-weight, --grounding-weight and --patch-label-weight must be >= 0")
     if not s.patch_object_weight > 0:
         raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
-    if s.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
     if not 0.001 <= s.temp <= 0.5:
         raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
     if not 0.0 <= s.swap_fraction <= 1.0:
@@ -264,7 +168,7 @@ def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id:
     import torch
     import torch.nn.functional as F
 
-    from training.fusion import pair_rows
+    from training.pairs import pair_rows
 
     ids = input_ids.clone()
     ids[:, 0] = cls_token_id
@@ -287,7 +191,7 @@ def evaluate(model, tokenizer, store: PixelStore, pairs, samples, device, step: 
     import torch
 
     from models.blip import tokenize_questions
-    from training.fusion import pair_rows
+    from training.pairs import pair_rows
 
     was_training = model.training
     model.eval()
@@ -370,254 +274,241 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, bloc
     return {k: result[k] for k in ("itm_accuracy", "swap_accuracy", "pointing_game")}
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
+class ItmTrainer(Trainer):
+    command = "itm"
+    description = ("Train a BLIP ITM model (all parameters) on image-question matching (ITM cross-entropy on "
+                   "positives and hard negatives) + ITC (symmetric InfoNCE). Writes DIR/itm.safetensors (loadable "
+                   "by load_blip_itm), DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, "
+                   "DIR/metrics.json (held-out ITM accuracy).")
+    settings = ItmSettings
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-itm-training", 1, "an ITM"
+    weights_file = "itm.safetensors"
+    log_columns = ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss", "accuracy", "lr", "temp")
+    general_columns = ("temp",)
+    summary_columns = ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss")
+    plot_curves = (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green"),
+                   ("grounding_loss", "tab:red"), ("patch_loss", "tab:purple"))
+    resumable = ("init", "image_cache")  # the --init file is compared by its fingerprint
+    later_options = {"patch_object_weight": 1.0}
+    batch_help = "positives per step (as many negatives)"
 
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="an ITM")
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        add_blip_model_options(o, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or "
+                               "itm.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
+                               "the standard file)")
+        add_source_options(o)
+        o.add(o.data, "--image-cache", type=int, metavar="IMAGES", help="preprocessed images kept in memory")
+        t = o.optimisation
+        o.add(t, "--itc-weight", type=float, help="weight of the ITC loss (0 = ITM only)")
+        o.add(t, "--grounding-weight", type=float, help="weight of the grounding loss on the cross-attention of "
+              "--block-num (0 = off; needs ground-truth masks)")
+        o.add(t, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe loss on the "
+              "ViT tokens (0 = off; needs the scene column)")
+        o.add(t, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch relative to a "
+              "background patch in the probe loss")
+        o.add(t, "--block-num", type=int, help="text layer of the grounding loss and of the held-out GradCAM "
+              "pointing game (as itm_gradcam's block_num; default: the preset's, 7 or shapes 2)")
+        o.add(t, "--questions-per-image", type=int, metavar="Q",
+              help="positives per drawn image (batch = batch-size / Q images)")
+        o.add(t, "--temp", type=float, help="initial ITC temperature")
+        o.add(t, "--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
+        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
+              "0 = no evaluation)")
 
+    @classmethod
+    def settings_from_args(cls, args) -> ItmSettings:
+        s = super().settings_from_args(args)
+        s.num_images = source_num_images(s.source, s.num_images, s.source_params)
+        return s
 
-def save_weights(model, temp, path: Path, metadata: dict[str, str]) -> None:
-    """The model's state dict (LAVIS key names) and ``temp``, as safetensors, atomically."""
-    from training.outputs import atomic_save_safetensors
+    @classmethod
+    def check(cls, s: ItmSettings) -> None:
+        check_settings(s)
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    tensors["temp"] = temp.detach().cpu().reshape(()).clone()
-    atomic_save_safetensors(tensors, path, metadata)
+    @classmethod
+    def run_identity(cls, s: ItmSettings) -> dict[str, Any]:
+        from training.common import initial_blip_fingerprint
 
+        return {**super().run_identity(s), "init_weights": initial_blip_fingerprint("itm", s.preset, s.init)}
 
-LOG_COLUMNS = ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss", "accuracy", "lr", "temp")
-LOSS_CURVES = (("loss", "tab:blue"), ("itm_loss", "tab:orange"), ("itc_loss", "tab:green"),
-               ("grounding_loss", "tab:red"), ("patch_loss", "tab:purple"))  # loss.png
+    def __init__(self, s: ItmSettings, device, resuming: bool) -> None:
+        from models.blip import build_model, load_blip_tokenizer_for
+        from training.common import initial_blip
+        from training.data import held_out_data, load_data, source_params
 
+        super().__init__(s, device, resuming)
+        model = build_model("itm", s.preset, device, empty=True) if resuming \
+            else initial_blip("itm", s.preset, s.init, device)
+        self.model = model.train()
+        self.block_num = model.config.gradcam_block if s.block_num is None else s.block_num
+        if s.grounding_weight > 0 or s.eval_images != 0:
+            model.check_block_num(self.block_num)
+        self.params = source_params(s.source, s.seed, s.num_images, s.source_params)
+        self.data = load_data(s.source, self.params, s.limit, mask_grid=model.grid)
+        self.held_out = held_out_data(s, self.params, mask_grid=model.grid)
+        if s.grounding_weight > 0 and not any(x.cells is not None for x in self.data.samples):
+            raise ValueError(f"--grounding-weight needs ground-truth masks (gt_mask); source {s.source!r} has none")
+        self.tokenizer = load_blip_tokenizer_for(s.preset)
+        self.store = PixelStore(self.data, model.config.vit.image_size, s.image_cache)
+        self.eval_store = self.eval_pairs = None
+        if self.held_out is not None:
+            samples = self.held_out.data.samples
+            self.eval_store = PixelStore(self.held_out.data, model.config.vit.image_size, s.image_cache)
+            self.eval_pairs = draw_pairs(samples, len(samples), np.random.default_rng(s.held_out_seed),
+                                         s.swap_fraction)
+        self.positives = positive_indices(self.data.samples)
 
-def train(s: ItmSettings, command: Sequence[str] = ()) -> TrainingResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
-    import torch
-    import torch.nn.functional as F
-    from tqdm import tqdm
+    def trainable(self) -> list[dict[str, Any]]:
+        import torch
 
-    from models.blip import build_model, load_blip_tokenizer_for, tokenize_questions
-    from training.common import initial_blip, initial_blip_fingerprint
-    from training import outputs
-    from training.data import load_data, source_params
-    from training.fusion import pair_rows
-    check_settings(s)
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    init_fingerprint = initial_blip_fingerprint("itm", s.preset, s.init)
-    model = (build_model("itm", s.preset, device, empty=True) if resume_state is not None
-             else initial_blip("itm", s.preset, s.init, device))
-    model.train()
-    block_num = model.config.gradcam_block if s.block_num is None else s.block_num
-    if s.grounding_weight > 0 or s.eval_images != 0:
-        model.check_block_num(block_num)
-    run_identity = json.dumps({**s.run_identity(), "init_weights": init_fingerprint}, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
-                   "--lr-decay cosine, --steps")
+        from training.common import weight_decay_groups
 
-    params = source_params(s.source, s.seed, s.num_images, s.source_params)
-    data = load_data(s.source, params, s.limit, mask_grid=model.grid)
-    eval_data = eval_params = None
-    eval_images = s.num_images if s.eval_images is None else s.eval_images
-    held_out = True
-    if eval_images != 0:
-        fields = type(params).model_fields
-        held_out = "seed" in fields
-        eval_extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
-        eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None,
-                                    eval_extra)
-        eval_data = load_data(s.source, eval_params, s.limit, mask_grid=model.grid)
-    if s.grounding_weight > 0 and not any(x.cells is not None for x in data.samples):
-        raise ValueError(f"--grounding-weight needs ground-truth masks (gt_mask); source {s.source!r} has none")
+        s = self.s
+        self.temp = torch.nn.Parameter(torch.tensor(float(s.temp), device=self.device),
+                                       requires_grad=not s.fixed_temp)
+        self.groups = weight_decay_groups(self.model, s.weight_decay)
+        if not s.fixed_temp:
+            self.groups.append({"params": [self.temp], "weight_decay": 0.0})
+        self.probe = self.patch_targets = None
+        if s.patch_label_weight > 0:
+            if not any(self.data.scenes):
+                raise ValueError(f"--patch-label-weight needs the scene column; source {s.source!r} has none")
+            self.probe = build_probe(self.model.config.vit.width).to(self.device)
+            self.groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0})
+            self.patch_targets = PatchLabels(self.data.scenes, self.model.grid)
+        return self.groups
 
-    tokenizer = load_blip_tokenizer_for(s.preset)
-    store = PixelStore(data, model.config.vit.image_size, s.image_cache)
-    eval_store = eval_pairs = None
-    if eval_data is not None:
-        eval_store = PixelStore(eval_data, model.config.vit.image_size, s.image_cache)
-        eval_pairs = draw_pairs(eval_data.samples, len(eval_data.samples), np.random.default_rng(s.held_out_seed),
-                                s.swap_fraction)
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.model, **({} if self.probe is None else {"probe": self.probe})}
 
-    torch.manual_seed(s.seed)
-    temp = torch.nn.Parameter(torch.tensor(float(s.temp), device=device), requires_grad=not s.fixed_temp)
-    groups = weight_decay_groups(model, s.weight_decay)
-    if not s.fixed_temp:
-        groups.append({"params": [temp], "weight_decay": 0.0})
-    probe = patch_targets = None
-    if s.patch_label_weight > 0:
-        if not any(data.scenes):
-            raise ValueError(f"--patch-label-weight needs the scene column; source {s.source!r} has none")
-        probe = build_probe(model.config.vit.width).to(device)
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
-        patch_targets = PatchLabels(data.scenes, model.grid)
-    optimizer = torch.optim.AdamW(groups, lr=s.lr)
-    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
-    evals: list[dict[str, Any]] = []
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        model.reset_buffers()
+    def clipped(self) -> list[Any]:
+        return [p for g in self.groups for p in g["params"]]
+
+    def state(self) -> dict[str, Any]:
+        return {"temp": self.temp.detach().cpu()}
+
+    def resumed(self, state) -> None:
+        import torch
+
+        self.model.reset_buffers()
         with torch.no_grad():
-            temp.copy_(resume_state["temp"])
-        if probe is not None:
-            probe.load_state_dict(resume_state["probe"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
-        evals = json.loads(resume_state["evals"])
-        invocations = json.loads(resume_state["invocations"])
-        train_seconds = float(resume_state["train_seconds"])
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    invocations.append({"command": "runtime train itm " + shlex.join(command), "started": started_at,
-                        "from_step": start, "to_step": None, "finished": None})
+            self.temp.copy_(state["temp"])
 
-    meta = {
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet")},
-        "seeds": {"train": s.seed, "source": getattr(params, "seed", None), "eval": s.held_out_seed,
-                  "pairs": f"numpy default_rng([{s.seed}, step])", "torch": s.seed},
-        "model": {"preset": s.preset, "init": s.init, "init_fingerprint": init_fingerprint,
-                  "config": model.config.to_dict(), "parameters": sum(p.numel() for p in model.parameters())},
-        "source": {"name": s.source, "params": params.model_dump(mode="json"),
-                   "samples": len(data.samples), "images": len(data.images)},
-        "eval_source": None if eval_data is None else {
-            "name": s.source, "params": eval_params.model_dump(mode="json"), "samples": len(eval_data.samples),
-            "images": len(eval_data.images), "held_out": held_out},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        import torch
+        import torch.nn.functional as F
 
-    def run_eval(step: int) -> None:
-        if eval_pairs is None or any(e["step"] == step for e in evals):
-            return
-        result = evaluate(model, tokenizer, eval_store, eval_pairs, eval_data.samples, device, step, block_num)
-        evals.append(result)
-        if not s.quiet:
-            print(f"step {step}: held-out ITM accuracy {result['itm_accuracy']:.3f} "
-                  f"(positives {result['positive_accuracy']:.3f}, negatives {result['negative_accuracy']:.3f}); "
-                  f"pointing game {result['pointing_game']}",
-                  file=sys.stderr)
+        from models.blip import tokenize_questions
+        from training.pairs import pair_rows
 
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in model.state_dict().items()}, temp=temp.detach().cpu(),
-            probe={} if probe is None else {k: v.detach().cpu() for k, v in probe.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
-            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
-            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
-            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
-        save_weights(model, temp, out / "itm.safetensors",
-                     {"format": "pnpvqa-blip-itm", "preset": s.preset, "step": str(step),
-                      "config": json.dumps(model.config.to_dict(), sort_keys=True)})
-        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS, general=("lr", "temp"))
-        if final:
-            title = (f"BLIP ITM {s.preset}: ITM + {s.itc_weight:g} x ITC, "
-                     f"{len(data.images)} images")
-            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
-        finished = final and step >= s.steps
-        summary = {f"{key}_{end}": mean_or_none(log[key][:10] if end == "first" else log[key][-10:])
-                   for key in ("loss", "itm_loss", "itc_loss", "grounding_loss", "patch_loss")
-                   for end in ("first", "last")}
-        summary.update(train_accuracy_last=mean_or_none(log["accuracy"][-10:]), temp=float(temp.detach()))
-        final_eval = outputs.eval_at(evals, step)
+        s, model, device = self.s, self.model, self.device
+        batch = draw_pairs(self.data.samples, s.batch_size, rng, s.swap_fraction, s.questions_per_image,
+                           self.positives)
+        unique = sorted(set(batch.images))
+        rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
+        input_ids, attention_mask = tokenize_questions(self.tokenizer, batch.questions)
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        labels = torch.tensor(batch.labels, device=device)
+
+        embeds = model.encode_image(self.store.get(unique).to(device))              # [U, 1+P, C]
+        # keys / values once per image, then one copy per pair
+        cross_kv = [(pair_rows(k, rows), pair_rows(v, rows)) for k, v in model.text_encoder.cross_kv(embeds)]
+        n_pos = sum(batch.labels)
+        cells = [self.data.samples[i].cells for i in batch.indices]
+        grounded = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
+        use_grounding = s.grounding_weight > 0 and bool(grounded)
+        text = model.text_encoder(input_ids, attention_mask, cross_kv=cross_kv,
+                                  probs_layer=self.block_num if use_grounding else None)
+        logits = model.itm_head(text.hidden[:, 0])
+        loss_itm = F.cross_entropy(logits.float(), labels)
+        loss_ground = torch.zeros((), device=device)
+        if use_grounding:
+            target = torch.from_numpy(np.stack([cells[k] for k in grounded])).to(device)
+            loss_ground = grounding_loss(text.cross_probs[grounded], attention_mask[grounded], target)
+        if s.itc_weight > 0:
+            loss_itc = itc_loss(model, embeds, rows[:n_pos], input_ids[:n_pos], attention_mask[:n_pos],
+                                self.tokenizer.cls_token_id, self.temp, batch.images[:n_pos], batch.questions[:n_pos])
+            loss = loss_itm + s.itc_weight * loss_itc
+        else:
+            loss_itc, loss = torch.zeros(()), loss_itm
+        loss_patch = torch.zeros((), device=device)
+        if self.probe is not None:
+            colour, shape = self.patch_targets(unique, device)
+            logits_patch = self.probe(embeds[:, 1:])                                    # [U, P, CLASSES]
+            loss_patch = patch_label_loss(logits_patch.flatten(0, 1).float(), colour.flatten(), shape.flatten(),
+                                          s.patch_object_weight)
+        loss = loss + s.grounding_weight * loss_ground + s.patch_label_weight * loss_patch
+        return Step(loss, {"loss": loss, "itm_loss": loss_itm.detach(), "itc_loss": loss_itc.detach(),
+                           "grounding_loss": loss_ground.detach(), "patch_loss": loss_patch.detach(),
+                           "accuracy": (logits.argmax(dim=1) == labels).float().mean()})
+
+    def after_update(self) -> dict[str, float]:
+        import torch
+
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        return {"temp": float(self.temp.detach())}
+
+    def can_evaluate(self) -> bool:
+        return self.eval_pairs is not None
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return evaluate(self.model, self.tokenizer, self.eval_store, self.eval_pairs, self.held_out.data.samples,
+                        self.device, step, self.block_num)
+
+    @classmethod
+    def describe(cls, r) -> str | None:
+        if r.get("itm_accuracy") is None:
+            return None
+        return (f"ITM accuracy {r['itm_accuracy']:.3f} (positives {r['positive_accuracy']:.3f}, negatives "
+                f"{r['negative_accuracy']:.3f}); pointing game {r['pointing_game']}")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        """The state dict (LAVIS key names) and ``temp``."""
+        from training.outputs import save_module_weights
+
+        save_module_weights(self.model, path, {"format": "pnpvqa-blip-itm", "preset": self.s.preset, "step": str(step),
+                                               "config": json.dumps(self.model.config.to_dict(), sort_keys=True)},
+                            extra={"temp": self.temp.reshape(())})
+
+    def plot_title(self) -> str:
+        return f"BLIP ITM {self.s.preset}: ITM + {self.s.itc_weight:g} x ITC, {len(self.data.images)} images"
+
+    def summary(self, log) -> dict[str, Any]:
+        from training.common import mean_or_none
+
+        return {**super().summary(log), "train_accuracy_last": mean_or_none(log["accuracy"][-10:]),
+                "temp": float(self.temp.detach())}
+
+    def records(self, step: int, evals) -> tuple[dict[str, Any], dict[str, Any]]:
+        from training.outputs import eval_at
+
+        final_eval = eval_at(evals, step)
         accuracy = {"held_out_itm_accuracy": None if final_eval is None else final_eval["itm_accuracy"]}
-        outputs.write_run_records(
-            out, meta, invocations, evals, step=step, finished=finished, seconds=seconds, eval_seed=s.held_out_seed,
-            summary=summary, config_extra={"weights_fingerprint": outputs_fingerprint(out / "itm.safetensors"),
-                                           **accuracy},
-            metrics_extra={"held_out": held_out if eval_pairs is not None else None, **accuracy})
+        held_out = None if self.held_out is None else self.held_out.held_out
+        return accuracy, {"held_out": held_out, **accuracy}
 
-    if start == 0:
-        run_eval(0)
-    positives = positive_indices(data.samples)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    cls_id = tokenizer.cls_token_id
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train itm {s.preset}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            lr = set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
-            batch = draw_pairs(data.samples, s.batch_size, np.random.default_rng([s.seed, step]), s.swap_fraction,
-                               s.questions_per_image, positives)
-            unique = sorted(set(batch.images))
-            rows = torch.tensor([unique.index(i) for i in batch.images], device=device)
-            input_ids, attention_mask = tokenize_questions(tokenizer, batch.questions)
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            labels = torch.tensor(batch.labels, device=device)
+    def meta(self) -> dict[str, Any]:
+        from training.common import initial_blip_fingerprint
 
-            embeds = model.encode_image(store.get(unique).to(device))              # [U, 1+P, C]
-            # keys / values once per image, then one copy per pair
-            cross_kv = [(pair_rows(k, rows), pair_rows(v, rows)) for k, v in model.text_encoder.cross_kv(embeds)]
-            n_pos = sum(batch.labels)
-            cells = [data.samples[i].cells for i in batch.indices]
-            grounded = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
-            use_grounding = s.grounding_weight > 0 and bool(grounded)
-            text = model.text_encoder(input_ids, attention_mask, cross_kv=cross_kv,
-                                      probs_layer=block_num if use_grounding else None)
-            logits = model.itm_head(text.hidden[:, 0])
-            loss_itm = F.cross_entropy(logits.float(), labels)
-            loss_ground = torch.zeros((), device=device)
-            if use_grounding:
-                target = torch.from_numpy(np.stack([cells[k] for k in grounded])).to(device)
-                loss_ground = grounding_loss(text.cross_probs[grounded], attention_mask[grounded], target)
-            if s.itc_weight > 0:
-                loss_itc = itc_loss(model, embeds, rows[:n_pos], input_ids[:n_pos], attention_mask[:n_pos], cls_id,
-                                    temp, batch.images[:n_pos], batch.questions[:n_pos])
-                loss = loss_itm + s.itc_weight * loss_itc
-            else:
-                loss_itc, loss = torch.zeros(()), loss_itm
-            loss_patch = torch.zeros((), device=device)
-            if probe is not None:
-                colour, shape = patch_targets(unique, device)
-                logits_patch = probe(embeds[:, 1:])                                    # [U, P, CLASSES]
-                loss_patch = patch_label_loss(logits_patch.flatten(0, 1).float(), colour.flatten(),
-                                              shape.flatten(), s.patch_object_weight)
-            loss = loss + s.grounding_weight * loss_ground + s.patch_label_weight * loss_patch
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], s.grad_clip)
-            optimizer.step()
-            with torch.no_grad():
-                temp.clamp_(0.001, 0.5)
-
-            value = finite_loss(loss, step)
-            log["loss"].append(value)
-            log["itm_loss"].append(float(loss_itm.detach()))
-            log["itc_loss"].append(float(loss_itc.detach()))
-            log["grounding_loss"].append(float(loss_ground.detach()))
-            log["patch_loss"].append(float(loss_patch.detach()))
-            log["accuracy"].append(float((logits.argmax(dim=1) == labels).float().mean()))
-            log["lr"].append(lr)
-            log["temp"].append(float(temp.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}", avg=f"{mean_or_none(log['loss'][-20:]):.4f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
-                     seconds=time.perf_counter() - started)
+        s, data, h = self.s, self.data, self.held_out
+        return {
+            "seeds": {"train": s.seed, "source": getattr(self.params, "seed", None), "eval": s.held_out_seed,
+                      "pairs": f"numpy default_rng([{s.seed}, step])", "torch": s.seed},
+            "model": {"preset": s.preset, "init": s.init,
+                      "init_fingerprint": initial_blip_fingerprint("itm", s.preset, s.init),
+                      "config": self.model.config.to_dict(),
+                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "source": {"name": s.source, "params": self.params.model_dump(mode="json"),
+                       "samples": len(data.samples), "images": len(data.images)},
+            "eval_source": None if h is None else {
+                "name": s.source, "params": h.params.model_dump(mode="json"), "samples": len(h.data.samples),
+                "images": len(h.data.images), "held_out": h.held_out},
+        }
 
 
-def outputs_fingerprint(path: Path) -> str:
-    from models.weights import file_fingerprint
-
-    return file_fingerprint(path)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train itm``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "itm.safetensors",
-                       lambda m: None if m.get("itm_accuracy") is None else f"held-out ITM accuracy {m['itm_accuracy']:.3f}")
-
+main = ItmTrainer.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

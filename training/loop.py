@@ -33,18 +33,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shlex
 import sys
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from training.common import (RunStart, TrainingResult, check_same_run, due, finish_run, finite_loss, mean_or_none,
-                             parse_source_params, set_scheduled_lr, settings_identity, start_run)
+from training.common import due, mean_or_none, parse_source_params, set_scheduled_lr
 
 # settings every run may change on --resume: they do not change what is trained
 RESUMABLE = ("steps", "checkpoint_every", "quiet", "out", "resume", "weights", "eval_every", "eval_seed", "eval_images")
@@ -106,6 +107,15 @@ class Options:
         group.add_argument(flag, **kw)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, but not ``None`` (no default) nor on required options."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class Trainer:
     """One model's part of a training run. Subclasses set the class attributes and implement
     the methods below; :func:`train` calls them in this order: :meth:`check` (settings only),
@@ -158,8 +168,17 @@ class Trainer:
 
     @classmethod
     def run_identity(cls, s: Any) -> dict[str, Any]:
-        """The settings and weights a resumed run must share with the run it continues."""
-        return settings_identity(s, RESUMABLE + cls.resumable, {**LATER_OPTIONS, **cls.later_options})
+        """The settings (and, in subclasses, the weights) a resumed run must share with the run it
+        continues: every setting but the resumable ones; options added after runs were made
+        (``later_options``) only when not at their defaults, so those runs still resume; a cosine
+        ``lr_decay`` also fixes ``steps`` (``cosine_steps``), where it ends."""
+        identity = {k: v for k, v in asdict(s).items() if k not in RESUMABLE + cls.resumable}
+        for name, default in {**LATER_OPTIONS, **cls.later_options}.items():
+            if identity.get(name) == default:
+                del identity[name]
+        if s.lr_decay == "cosine":
+            identity["cosine_steps"] = s.steps
+        return identity
 
     # --- the model ----------------------------------------------------------------------------
 
@@ -232,7 +251,7 @@ class Trainer:
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
         p = argparse.ArgumentParser(prog=f"runtime train {cls.command}", description=cls.description,
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                    formatter_class=HelpFormatter)
         p.add_argument("--out", required=True, metavar="DIR", help="output folder")
         p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (same settings; "
                        "--steps may grow)")
@@ -252,7 +271,7 @@ class Trainer:
         cls.add_options(o)
         o.add(t, "--checkpoint-every", type=int, metavar="N",
               help="write the checkpoint and weights every N steps (0 = only at the end)")
-        o.add(t, "--device", choices=["auto", "cpu", "cuda"])
+        o.add(t, "--device", choices=["auto", "cpu", "cuda"], help="auto: CUDA when available")
         t.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
         return p
 
@@ -279,6 +298,81 @@ class Trainer:
               f"{len(first)}) -> {np.mean(last):.4f} (last {len(last)})"
               + (f"; held-out {said}" if said else "") + f"; weights {result.out / cls.weights_file}")
         return 0
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+class RunStart(NamedTuple):
+    out: Path
+    checkpoint_path: Path
+    device: Any  # torch.device
+    resume_state: dict[str, Any] | None
+
+
+def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunStart:
+    """Check that the loss plot can be drawn, set ``$PNPVQA_WEIGHTS``, create the output folder,
+    pick the device and read the checkpoint to resume (``s``: a command's settings)."""
+    from training.outputs import check_plotting
+
+    check_plotting()
+    if getattr(s, "weights", None):
+        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = select_device(s.device)
+    resume_state = None
+    if s.resume:
+        resume_state = load_checkpoint(ckpt_path)
+    elif ckpt_path.exists():
+        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
+                         "or choose another --out")
+    return RunStart(out, ckpt_path, device, resume_state)
+
+
+@dataclass
+class TrainingResult:
+    """What :func:`train` returns: the output folder, the steps of the whole run, their
+    losses, the final held-out metrics, and the seconds this invocation took."""
+
+    out: Path
+    steps: int
+    losses: list[float]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def check_same_run(resume_state: dict[str, Any] | None, run_identity: str, ckpt_path: Path,
+                   may_change: str) -> None:
+    """Refuse to resume a checkpoint written with another run identity (JSON of the settings and
+    weight fingerprints); ``may_change`` names the options that may differ, for the message."""
+    if resume_state is None:
+        return
+    before, now = json.loads(resume_state["run"]), json.loads(run_identity)
+    diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
+                         + f"). Use the same options (only {may_change} may change).")
+
+
+def select_device(name: str):
+    """The torch device of ``--device`` (``auto``: CUDA when available)."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
+
+
+def finite_loss(loss, step: int) -> float:
+    """The loss of ``step`` as a float; raises :class:`FloatingPointError` when it is not finite."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
+    return value
 
 
 def check_loop_settings(s: LoopSettings) -> None:
@@ -369,7 +463,9 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
         config_extra, metrics_extra = trainer.records(step, evals)
         outputs.write_run_records(out, meta, invocations, evals, step=step, finished=final and step >= s.steps,
                                   seconds=seconds, eval_seed=s.held_out_seed, summary=trainer.summary(log),
-                                  config_extra={"weights_fingerprint": file_fingerprint(weights), **config_extra},
+                                  config_extra={"weights_fingerprint": file_fingerprint(weights),
+                                                "weights_bytes": weights.stat().st_size,
+                                                "seconds_per_step": seconds / step if step else None, **config_extra},
                                   metrics_extra=metrics_extra)
 
     if start == 0:
@@ -401,7 +497,13 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
                 save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
     finally:
         bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
+    # the end: the training time (evaluation excluded), the final evaluation, the final save
+    final_step = max(start, s.steps)
+    train_seconds = base_seconds + time.perf_counter() - started
+    run_eval(final_step)
+    invocations[-1].update(to_step=final_step, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           seconds=round(time.perf_counter() - started, 3))
+    save(final_step, final=True, seconds=train_seconds)
+    final_eval = outputs.eval_at(evals, final_step)
     return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
                           seconds=time.perf_counter() - started)

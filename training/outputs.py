@@ -7,7 +7,6 @@ so a run killed while saving keeps its previous checkpoint.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from pathlib import Path
@@ -106,19 +105,6 @@ def write_run_records(out: Path, meta: Mapping[str, Any], invocations: Sequence[
         **summary, **(metrics_extra or {})})
 
 
-def write_loss_csv(path: Path, losses: Sequence[float], accuracies: Sequence[float]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["step", "loss", "accuracy"])
-            for i, (loss, acc) in enumerate(zip(losses, accuracies), start=1):
-                writer.writerow([i, f"{loss:.6f}", f"{acc:.4f}"])
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class MissingDependency(RuntimeError):
     """A package the run needs is not installed."""
 
@@ -198,12 +184,9 @@ def write_losses_plot(path: Path, log: Mapping[str, Sequence[float]], curves: Se
     save_loss_figure(fig, ax, path, ylabel=ylabel, title=title)
 
 
-def write_loss_plot(path: Path, losses: Sequence[float], title: str, ylabel: str) -> None:
-    """``loss.png``: the per-step loss and its moving average."""
-    steps = list(range(1, len(losses) + 1))
-    window = smoothing_window(len(losses))
-    fig, ax = loss_figure()
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
-    ax.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=2,
-            label=f"moving average ({window} steps)")
-    save_loss_figure(fig, ax, path, ylabel=ylabel, title=title)
+def save_module_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str],
+                        extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """``module``'s state dict (plus ``extra`` tensors) as safetensors on the CPU, atomically."""
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
+    atomic_save_safetensors(tensors, path, metadata)

@@ -221,3 +221,14 @@ def draw_pairs(samples: Sequence[Sample], batch_size: int, rng: np.random.Genera
     images = [samples[i].image for i in picked]
     return PairBatch(indices=[int(i) for i in picked], images=images + images,
                      questions=[samples[i].question for i in picked] + negatives, labels=[1] * len(picked) + [0] * len(picked), kinds=kinds)
+
+
+def pair_rows(fused, rows):
+    """``fused [U, 1+P, C]`` -> ``[R, 1+P, C]`` with row ``r = fused[rows[r]]``, as a one-hot
+    matmul: the values are exact copies, and the backward pass (a sum per image) is
+    deterministic, unlike the backward of ``fused[rows]`` (``index_put_`` with accumulation,
+    whose multi-threaded CPU kernel adds the repeated rows in a varying order)."""
+    import torch.nn.functional as F
+
+    onehot = F.one_hot(rows, fused.shape[0]).to(fused.dtype)                 # [R, U]
+    return (onehot @ fused.flatten(1)).view(rows.shape[0], *fused.shape[1:])

@@ -61,43 +61,31 @@ Outputs in ``--out DIR``: ``qavit.safetensors`` (vision tower in the published l
 ``question_encoder.*``, ``answer_head.*``; metadata: preset, formulation, answers; loadable by
 ``load_qavit(preset, path)`` and by the stage as ``checkpoint``; bundled as the ``shapes`` preset
 by ``runtime train bundle``), ``checkpoint.pt`` (resumable, atomic, ``weights_only``),
-``loss.csv``, ``loss.png``, ``config.json``, ``metrics.json``.
+``loss.csv``, ``loss.png``, ``config.json``, ``metrics.json``. The run itself (options, seeding,
+``--resume``, the learning-rate schedule, checkpoint and evaluation cadence, records) is
+:mod:`training.loop`'s; this module holds the data, the loss, the evaluation and the weights file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
-import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from training.common import (HeldOutSeed, TrainingResult, add_checkpoint_option, add_device_options,
-                             add_lr_decay_option, add_optimisation_options, add_output_options, check_same_run, due,
-                             finish_run, finite_loss, mean_or_none, parse_source_params, run_command, set_scheduled_lr,
-                             settings_identity, start_run, weight_decay_groups)
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
+from training.loop import LoopSettings, Options, Step, Trainer
 
 DEFAULT_STEPS = 3000
-CHECKPOINT_FORMAT = "pnpvqa-qavit-training"
-CHECKPOINT_VERSION = 1
 WEIGHTS_FORMAT = "pnpvqa-qavit"
 TRAIN_PRESETS = ("tiny", "shapes")
 OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
 EVAL_IMAGES_PER_BATCH = 16
 INIT_VERSION = 1        # bump when the initialisation of a training changes
-# settings that may differ between a run and its --resume continuation (evaluation does not
-# change the training)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "quiet", "out", "resume", "weights", "eval_every", "eval_seed",
-                     "eval_images")
 
 
 def _answers() -> tuple[str, ...]:
@@ -109,129 +97,47 @@ def _answers() -> tuple[str, ...]:
 ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: counts 0-4)
 
 
+# --- settings -----------------------------------------------------------------------------------
+
 @dataclass
-class QAViTSettings(HeldOutSeed):
-    out: str
+class QAViTSettings(LoopSettings):
+    """The loop's settings (their qavit defaults; ``--checkpoint-every`` the loop's 50) and qavit's own."""
+
+    steps: int = DEFAULT_STEPS
+    batch_size: int = 32
+    weight_decay: float = 0.05
+    warmup: int = 100
     preset: str = "shapes"
     init: str | None = None
     integration_point: str = "late"
     formulation: str = "gated"
     initial_gate: float = 0.5
-    seed: int = 0
+    max_question_tokens: int = 30
     num_images: int = 100_000
     questions_per_image: int = 4
     source_params: dict[str, Any] = field(default_factory=dict)
-    steps: int = DEFAULT_STEPS
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup: int = 100
-    grad_clip: float = 1.0
     answer_weight: float = 1.0
     grounding_weight: float = 1.0
     patch_label_weight: float = 0.0
     patch_object_weight: float = 1.0
-    lr_decay: str = "constant"
-    max_question_tokens: int = 30
-    checkpoint_every: int = 100
-    eval_every: int = 0
-    eval_seed: int | None = None
     eval_images: int = 64
-    device: str = "auto"
-    resume: bool = False
-    quiet: bool = False
-    weights: str | None = None  # no real checkpoint is read (for start_run)
-
-    def run_identity(self) -> dict[str, Any]:
-        """The settings a resumed run must share with the run it continues."""
-        return settings_identity(self, RESUMABLE_CHANGES, {"init": None, "patch_label_weight": 0.0,
-                                                           "patch_object_weight": 1.0, "lr_decay": "constant"})
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="runtime train qavit",
-        description="Train a QA-ViT (vision tower, instruction modules, question encoder; from scratch) on the "
-                    "shapes data: answer cross-entropy on the CLS token + a grounding loss that puts the CLS-to-patch "
-                    "attention of the last layer (the qavit_attention stage's heatmap) on the referred objects. "
-                    "Writes DIR/qavit.safetensors (loadable by load_qavit and the stage's checkpoint), "
-                    "DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_output_options(p)
-    m = p.add_argument_group("model")
-    m.add_argument("--preset", default="shapes", choices=TRAIN_PRESETS, help="QA-ViT architecture (seeded random "
-                   "init)")
-    m.add_argument("--init", metavar="FILE", help="start from this qavit.safetensors (a previous run's) instead of "
-                   "the seeded random initialisation")
-    m.add_argument("--integration-point", default="late", choices=["all", "early", "late", "late2", "late3", "sparse"],
-                   help="layers that read the question")
-    m.add_argument("--formulation", default="gated", choices=["gated", "reference"],
-                   help="instruction attention (gated: the plain ViT at gate 0)")
-    m.add_argument("--initial-gate", type=float, default=0.5, metavar="G",
-                   help="initial instruction_proj_gate of every instruction layer (0 = QA-ViT's identity init: "
-                   "the instruction projectors get no gradient until the gates move)")
-    m.add_argument("--max-question-tokens", type=int, default=30, help="question tokens kept (as the stage)")
-    d = p.add_argument_group("data (the shapes source)")
-    d.add_argument("--seed", type=int, default=0, help="training seed (and the source's seed)")
-    d.add_argument("--num-images", type=int, default=100_000, help="images of the training source (rendered on "
-                   "demand)")
-    d.add_argument("--questions-per-image", type=int, default=4, metavar="Q",
-                   help="questions per image (the source's questions_per_image; a step has batch / Q images)")
-    d.add_argument("--source-param", action="append", default=[], metavar="KEY=VALUE",
-                   help="other shapes source parameter (VALUE parsed as YAML); repeatable")
-    t = add_optimisation_options(p, steps=DEFAULT_STEPS, batch_size=32, batch_help="questions per step",
-                                 lr=1e-3, lr_help="AdamW learning rate (after the warmup: constant)",
-                                 weight_decay=0.05, weight_decay_help="on weight matrices only", warmup=False)
-    t.add_argument("--warmup", type=int, default=100, metavar="STEPS", help="linear learning-rate warmup")
-    t.add_argument("--answer-weight", type=float, default=1.0, help="weight of the answer cross-entropy")
-    t.add_argument("--grounding-weight", type=float, default=1.0, help="weight of the grounding loss on the "
-                   "last layer's CLS-to-patch attention (0 = off: heatmap quality then emergent)")
-    t.add_argument("--patch-label-weight", type=float, default=0.0, help="weight of the patch colour / shape "
-                   "probe loss on the last layer's patch tokens (0 = off)")
-    t.add_argument("--patch-object-weight", type=float, default=1.0, metavar="W", help="weight of an object "
-                   "patch relative to a background patch in the probe loss")
-    add_lr_decay_option(t)
-    add_checkpoint_option(t)
-    add_device_options(t)
-    e = p.add_argument_group("held-out evaluation")
-    e.add_argument("--eval-every", type=int, default=0, metavar="N", help="also evaluate every N steps (0 = only "
-                   "at the start and the end)")
-    e.add_argument("--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")
-    e.add_argument("--eval-images", type=int, default=64, help="images of the held-out set (0 = no evaluation)")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> QAViTSettings:
-    return QAViTSettings(
-        out=args.out, preset=args.preset, init=args.init, integration_point=args.integration_point, formulation=args.formulation,
-        initial_gate=args.initial_gate, seed=args.seed, num_images=args.num_images,
-        questions_per_image=args.questions_per_image,
-        source_params=parse_source_params(args.source_param), steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-        answer_weight=args.answer_weight, grounding_weight=args.grounding_weight,
-        patch_label_weight=args.patch_label_weight, patch_object_weight=args.patch_object_weight, lr_decay=args.lr_decay,
-        max_question_tokens=args.max_question_tokens, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, eval_seed=args.eval_seed, eval_images=args.eval_images, device=args.device,
-        resume=args.resume, quiet=args.quiet)
 
 
 def check_settings(s: QAViTSettings) -> None:
+    """Refuse bad values of qavit's own settings (the loop checks its own)."""
     if s.preset not in TRAIN_PRESETS:
         raise ValueError(f"--preset {s.preset!r}: runtime train qavit trains {' or '.join(TRAIN_PRESETS)}")
-    for name in ("steps", "batch_size", "num_images", "questions_per_image"):
+    for name in ("num_images", "questions_per_image"):
         if getattr(s, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
     if s.max_question_tokens < 2:
         raise ValueError(f"--max-question-tokens must be >= 2, got {s.max_question_tokens}")
-    for name in ("checkpoint_every", "eval_every", "warmup", "eval_images"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if not s.lr > 0 or min(s.weight_decay, s.grad_clip, s.answer_weight, s.grounding_weight) < 0:
-        raise ValueError("--lr must be > 0, --weight-decay, --grad-clip, --answer-weight and --grounding-weight >= 0")
+    if s.eval_images < 0:
+        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
+    if min(s.answer_weight, s.grounding_weight) < 0:
+        raise ValueError("--answer-weight and --grounding-weight must be >= 0")
     if s.patch_label_weight < 0 or not s.patch_object_weight > 0:
         raise ValueError("--patch-label-weight must be >= 0 and --patch-object-weight > 0")
-    if s.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
     if s.init is not None and not Path(s.init).is_file():
         raise ValueError(f"--init {s.init}: no such file (a qavit.safetensors written by runtime train qavit)")
     if s.answer_weight == 0 and s.grounding_weight == 0:
@@ -240,7 +146,7 @@ def check_settings(s: QAViTSettings) -> None:
     if reserved:
         raise ValueError(f"--source-param {', '.join(sorted(reserved))}: use --seed, --num-images, "
                          "--questions-per-image")
-
+    shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)  # validates them
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -325,10 +231,9 @@ def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batc
                  [r.scene for r in rendered])
 
 
-def draw_step(params, step_seed: Sequence[int], images: int) -> list[int]:
+def draw_step(params, rng: np.random.Generator, images: int) -> list[int]:
     """The image indices of a step: ``images`` distinct indices (with repeats only when the source
-    has fewer) from ``default_rng(step_seed)``."""
-    rng = np.random.default_rng(list(step_seed))
+    has fewer) from ``rng`` (the loop's ``default_rng([seed, step])``)."""
     return [int(i) for i in rng.choice(params.num_images, size=images, replace=params.num_images < images)]
 
 
@@ -544,208 +449,188 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24) -> d
     return {k: float(result[k]) for k in keys if result[k] is not None}
 
 
-# --- outputs ------------------------------------------------------------------------------------
+# --- the trainer --------------------------------------------------------------------------------
 
-LOG_COLUMNS = ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask", "lr")
-LOSS_CURVES = (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red"))  # loss.png
+class QAViTTrainer(Trainer):
+    command = "qavit"
+    description = ("Train a QA-ViT (vision tower, instruction modules, question encoder; from scratch) on the "
+                   "shapes data: answer cross-entropy on the CLS token + a grounding loss that puts the CLS-to-patch "
+                   "attention of the last layer (the qavit_attention stage's heatmap) on the referred objects. "
+                   "Writes DIR/qavit.safetensors (loadable by load_qavit and the stage's checkpoint), "
+                   "DIR/checkpoint.pt, DIR/loss.csv, DIR/loss.png, DIR/config.json, DIR/metrics.json.")
+    settings = QAViTSettings
+    checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-qavit-training", 1, "a QA-ViT"
+    weights_file = "qavit.safetensors"
+    log_columns = ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask", "lr")
+    summary_columns = ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask")
+    summary_window = 50
+    progress_columns = ("accuracy",)
+    plot_curves = (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red"))
+    # options added after runs were made (the loop adds lr_decay); --init is also compared by its fingerprint
+    later_options: ClassVar[Mapping[str, Any]] = {"init": None, "patch_label_weight": 0.0, "patch_object_weight": 1.0}
+    data_title = "data (the shapes source)"
+    batch_help = "questions per step"
 
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        o.add(o.model, "--preset", choices=list(TRAIN_PRESETS), help="QA-ViT architecture (seeded random init)")
+        o.add(o.model, "--init", metavar="FILE", help="start from this qavit.safetensors (a previous run's) instead "
+              "of the seeded random initialisation")
+        o.add(o.model, "--integration-point", choices=["all", "early", "late", "late2", "late3", "sparse"],
+              help="layers that read the question")
+        o.add(o.model, "--formulation", choices=["gated", "reference"],
+              help="instruction attention (gated: the plain ViT at gate 0)")
+        o.add(o.model, "--initial-gate", type=float, metavar="G", help="initial instruction_proj_gate of every "
+              "instruction layer (0 = QA-ViT's identity init: the instruction projectors get no gradient until the "
+              "gates move)")
+        o.add(o.model, "--max-question-tokens", type=int, help="question tokens kept (as the stage)")
+        o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
+        o.add(o.data, "--num-images", type=int, help="images of the training source (rendered on demand)")
+        o.add(o.data, "--questions-per-image", type=int, metavar="Q",
+              help="questions per image (the source's questions_per_image; a step has batch / Q images)")
+        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other shapes source parameter (VALUE parsed as YAML); repeatable")
+        t = o.optimisation
+        o.add(t, "--answer-weight", type=float, help="weight of the answer cross-entropy")
+        o.add(t, "--grounding-weight", type=float, help="weight of the grounding loss on the last layer's "
+              "CLS-to-patch attention (0 = off: heatmap quality then emergent)")
+        o.add(t, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe loss on the last "
+              "layer's patch tokens (0 = off)")
+        o.add(t, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch relative to a "
+              "background patch in the probe loss")
+        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (0 = no evaluation)")
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    from training.outputs import load_checkpoint as load
+    @classmethod
+    def check(cls, s: QAViTSettings) -> None:
+        check_settings(s)
 
-    return load(path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, kind="a QA-ViT")
+    @classmethod
+    def run_identity(cls, s: QAViTSettings) -> dict[str, Any]:
+        from models.weights import file_fingerprint
 
+        identity = {**super().run_identity(s), "init_version": INIT_VERSION}
+        if s.init is not None:
+            identity["init_weights"] = file_fingerprint(Path(s.init))
+        return identity
 
-# --- the training -------------------------------------------------------------------------------
+    def __init__(self, s: QAViTSettings, device, resuming: bool) -> None:
+        super().__init__(s, device, resuming)
+        self.params = shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)
+        self.trainee, self.tokenizer = build_trainee(s.preset, s.integration_point, s.formulation, s.seed, device,
+                                                     s.initial_gate)
+        self.trainee.train()
+        self.config = self.trainee.qavit.config
+        if s.init is not None and not resuming:
+            self.trainee.load_file(s.preset, s.init)
+        self.held_out = eval_set(s.held_out_seed, s.eval_images, s.questions_per_image, s.source_params) \
+            if s.eval_images else None
+        self.images_per_step = max(1, s.batch_size // s.questions_per_image)
+        self.probe = None
 
-def train(s: QAViTSettings, command: Sequence[str] = ()) -> TrainingResult:
-    """Run (or resume) a training; returns the per-step losses of the whole run and the metrics."""
-    import torch.nn.functional as F
-    from tqdm import tqdm
+    def trainable(self) -> list[dict[str, Any]]:
+        from training.common import weight_decay_groups
 
-    from models.weights import file_fingerprint
-    from training import outputs
+        groups = weight_decay_groups(self.trainee, self.s.weight_decay)
+        if self.s.patch_label_weight > 0:  # drawn from the seeded torch RNG
+            self.probe = build_probe(self.config.width).to(self.device)
+            groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0})
+        return groups
 
-    check_settings(s)
-    params = shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)  # validates them
-    out, ckpt_path, device, resume_state = start_run(s, load_checkpoint)
-    trainee, tokenizer = build_trainee(s.preset, s.integration_point, s.formulation, s.seed, device, s.initial_gate)
-    trainee.train()
-    config = trainee.qavit.config
-    init_fingerprint = None if s.init is None else file_fingerprint(Path(s.init))
-    identity = {**s.run_identity(), "init_version": INIT_VERSION}
-    if init_fingerprint is not None:
-        identity["init_weights"] = init_fingerprint
-    run_identity = json.dumps(identity, sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, "--checkpoint-every, --eval-* and, without "
-                   "--lr-decay cosine, --steps")
-    if s.init is not None and resume_state is None:
-        trainee.load_file(s.preset, s.init)
-    held_out = eval_set(s.held_out_seed, s.eval_images, s.questions_per_image, s.source_params) \
-        if s.eval_images else None
+    def modules(self) -> dict[str, Any]:
+        return {"model": self.trainee} if self.probe is None else {"model": self.trainee, "probe": self.probe}
 
-    torch.manual_seed(s.seed)
-    groups = weight_decay_groups(trainee, s.weight_decay)
-    probe = None
-    if s.patch_label_weight > 0:
-        probe = build_probe(config.width).to(device)
-        groups.append({"params": list(probe.parameters()), "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=s.lr)
-    log: dict[str, list[float]] = {c: [] for c in LOG_COLUMNS}
-    evals: list[dict[str, Any]] = []
-    invocations: list[dict[str, Any]] = []
-    train_seconds = 0.0
-    start = 0
-    if resume_state is not None:
-        trainee.load_state_dict(resume_state["model"])
-        if probe is not None:
-            probe.load_state_dict(resume_state["probe"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        outputs.set_rng_state(resume_state["rng"], device)
-        start = int(resume_state["step"])
-        log = {c: resume_state["log"][:, i].tolist() for i, c in enumerate(LOG_COLUMNS)}
-        evals = json.loads(resume_state["evals"])
-        invocations = json.loads(resume_state["invocations"])
-        train_seconds = float(resume_state["train_seconds"])
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    invocations.append({"command": "runtime train qavit " + shlex.join(command), "started": started_at,
-                        "from_step": start, "to_step": None, "finished": None})
-    images_per_step = max(1, s.batch_size // s.questions_per_image)
-    meta = {
-        "training": {k: v for k, v in asdict(s).items() if k not in ("resume", "quiet", "weights")},
-        "seeds": {"train": s.seed, "source": s.seed, "eval": s.held_out_seed,
-                  "images": f"numpy default_rng([{s.seed}, step])", "torch": s.seed,
-                  "initialisation": "models.qavit.checkpoint.TINY_SEED (ViT, question encoder); "
-                                    f"{s.seed} (answer head)"},
-        "model": {"preset": s.preset, "formulation": s.formulation, "integration_point": config.integration_point,
-                  "initial_gate": s.initial_gate,
-                  "config": config.to_dict(),
-                  "question_encoder": trainee.qavit.question_encoder.config.to_diff_dict(),
-                  "answers": list(ANSWERS),
-                  "parameters": sum(p.numel() for p in trainee.parameters()),
-                  "parameters_by_part": {
-                      "vision": sum(p.numel() for p in trainee.qavit.vision.parameters()),
-                      "question_encoder": sum(p.numel() for p in trainee.qavit.question_encoder.parameters()),
-                      "answer_head": sum(p.numel() for p in trainee.answer_head.parameters())}},
-        "source": {"name": "shapes", "params": params.model_dump(mode="json"), "images_per_step": images_per_step,
-                   "rendering": "image i and its questions rendered on demand as ShapesSource yields them"},
-        "eval_source": None if held_out is None else {
-            "name": "shapes", "params": held_out.params.model_dump(mode="json"),
-            "questions": sum(len(r.questions) for r in held_out.rendered)},
-        "objective": {"answer": f"{s.answer_weight:g} x cross-entropy of the answer head on the CLS token",
-                      "grounding": f"{s.grounding_weight:g} x -log CLS-to-patch attention mass (head mean, last "
-                                   "layer) on the referred objects' cells: heatmap quality is supervised"},
-        "device": str(device), "torch_threads": torch.get_num_threads(),
-    }
+    def step(self, step: int, rng: np.random.Generator) -> Step:
+        import torch.nn.functional as F
 
-    def run_eval(step: int) -> None:
-        if held_out is None or any(e["step"] == step for e in evals):
-            return
-        result = evaluate(trainee.qavit, tokenizer, s.preset, held_out, device, step,
-                          answer_head=trainee.answer_head, max_question_tokens=s.max_question_tokens)
-        evals.append(result)
-        if not s.quiet:
-            print(f"step {step}: held-out pointing game {result['pointing_game']:.3f} (chance "
-                  f"{result['pointing_chance']:.3f}), energy in mask {result['energy_in_mask']:.3f}, answer accuracy "
-                  f"{result['answer_accuracy']:.3f}", file=sys.stderr)
+        s, device, probe = self.s, self.device, self.probe
+        grid, size = self.config.grid, self.config.image_size
+        indices = draw_step(self.params, rng, self.images_per_step)
+        batch = make_batch([render_image(self.params, i) for i in indices], size, grid)
+        enc = self.tokenizer(batch.questions, padding="longest", truncation=True, max_length=s.max_question_tokens,
+                             return_tensors="pt")
+        answers = torch.from_numpy(batch.answers).to(device)
+        image_rows = torch.from_numpy(batch.image_rows).to(device)
+        logits, heat, *patch_logits = self.trainee(torch.from_numpy(batch.pixels).to(device),
+                                                   enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                                                   image_rows, patch_probe=probe)
+        loss_answer = F.cross_entropy(logits.float(), answers)
+        grounded = torch.from_numpy(np.flatnonzero(batch.grounded)).to(device)
+        loss_ground = torch.zeros((), device=device)
+        in_mask = float("nan")
+        if len(grounded):
+            cells = torch.from_numpy(batch.cells).to(device)[grounded]
+            loss_ground = grounding_loss(heat[grounded].float(), cells)
+            in_mask = float((heat[grounded].detach() * (cells > 0)).sum(dim=1).mean())
+        loss = s.answer_weight * loss_answer + s.grounding_weight * loss_ground
+        if probe is not None:  # labels of each row's image
+            colour, shape = PatchLabels(batch.scenes, grid)(range(len(batch.scenes)), device)
+            loss = loss + s.patch_label_weight * patch_label_loss(
+                patch_logits[0].flatten(0, 1).float(), colour[image_rows].flatten(), shape[image_rows].flatten(),
+                s.patch_object_weight)
+        return Step(loss, {"loss": loss, "answer_loss": loss_answer.detach(), "grounding_loss": loss_ground.detach(),
+                           "accuracy": float((logits.argmax(dim=1) == answers).float().mean()),
+                           "attention_in_mask": in_mask})
 
-    def save(step: int, final: bool, seconds: float) -> None:
-        outputs.save_checkpoint(
-            ckpt_path, format=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, step=step,
-            model={k: v.detach().cpu() for k, v in trainee.state_dict().items()},
-            probe={} if probe is None else {k: v.detach().cpu() for k, v in probe.state_dict().items()},
-            optimizer=optimizer.state_dict(), rng=outputs.rng_state(device), run=run_identity,
-            log=torch.tensor([log[c] for c in LOG_COLUMNS], dtype=torch.float64).t()
-            .reshape(len(log["loss"]), len(LOG_COLUMNS)),
-            evals=json.dumps(evals), invocations=json.dumps(invocations), train_seconds=seconds)
-        weights = out / "qavit.safetensors"
-        outputs.atomic_save_safetensors(weights_tensors(trainee), weights,
-                                        weights_metadata(s.preset, trainee, s.formulation, step, s.max_question_tokens))
-        outputs.write_log_table_csv(out / "loss.csv", log, LOG_COLUMNS)
-        if final:
-            title = (f"QA-ViT {s.preset}: {s.answer_weight:g} x answer + "
-                     f"{s.grounding_weight:g} x grounding, batch {s.batch_size}")
-            outputs.write_losses_plot(out / "loss.png", log, LOSS_CURVES, title)
-        finished = final and step >= s.steps
-        summary = {f"{key}_{end}": mean_or_none(log[key][:50] if end == "first" else log[key][-50:])
-                   for key in ("loss", "answer_loss", "grounding_loss", "accuracy", "attention_in_mask")
-                   for end in ("first", "last")}
-        outputs.write_run_records(out, meta, invocations, evals, step=step, finished=finished, seconds=seconds,
-                                  eval_seed=s.held_out_seed, summary=summary, config_extra={
-                                      "seconds_per_step": seconds / step if step else None,
-                                      "weights_fingerprint": file_fingerprint(weights),
-                                      "weights_bytes": weights.stat().st_size})
+    def can_evaluate(self) -> bool:
+        return self.held_out is not None
 
-    if start == 0:
-        run_eval(0)
-    started = time.perf_counter()
-    base_seconds = train_seconds
-    grid, size = config.grid, config.image_size
-    bar = tqdm(total=s.steps, initial=min(start, s.steps), desc=f"train qavit {s.preset}", unit="step",
-               disable=s.quiet, dynamic_ncols=True)
-    try:
-        for step in range(start, s.steps):
-            lr = set_scheduled_lr(optimizer, s.lr, s.warmup, step, s.steps, s.lr_decay)
-            indices = draw_step(params, (s.seed, step), images_per_step)
-            batch = make_batch([render_image(params, i) for i in indices], size, grid)
-            enc = tokenizer(batch.questions, padding="longest", truncation=True, max_length=s.max_question_tokens,
-                            return_tensors="pt")
-            answers = torch.from_numpy(batch.answers).to(device)
-            image_rows = torch.from_numpy(batch.image_rows).to(device)
-            logits, heat, *patch_logits = trainee(torch.from_numpy(batch.pixels).to(device),
-                                                  enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                                                  image_rows, patch_probe=probe)
-            loss_answer = F.cross_entropy(logits.float(), answers)
-            grounded = torch.from_numpy(np.flatnonzero(batch.grounded)).to(device)
-            loss_ground = torch.zeros((), device=device)
-            in_mask = float("nan")
-            if len(grounded):
-                cells = torch.from_numpy(batch.cells).to(device)[grounded]
-                loss_ground = grounding_loss(heat[grounded].float(), cells)
-                in_mask = float((heat[grounded].detach() * (cells > 0)).sum(dim=1).mean())
-            loss = s.answer_weight * loss_answer + s.grounding_weight * loss_ground
-            if probe is not None:  # labels of each row's image
-                colour, shape = PatchLabels(batch.scenes, grid)(range(len(batch.scenes)), device)
-                loss = loss + s.patch_label_weight * patch_label_loss(
-                    patch_logits[0].flatten(0, 1).float(), colour[image_rows].flatten(), shape[image_rows].flatten(),
-                    s.patch_object_weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip > 0:
-                trained = list(trainee.parameters()) + ([] if probe is None else list(probe.parameters()))
-                torch.nn.utils.clip_grad_norm_(trained, s.grad_clip)
-            optimizer.step()
+    def evaluate(self, step: int) -> dict[str, Any]:
+        return evaluate(self.trainee.qavit, self.tokenizer, self.s.preset, self.held_out, self.device, step,
+                        answer_head=self.trainee.answer_head, max_question_tokens=self.s.max_question_tokens)
 
-            value = finite_loss(loss, step)
-            log["loss"].append(value)
-            log["answer_loss"].append(float(loss_answer.detach()))
-            log["grounding_loss"].append(float(loss_ground.detach()))
-            log["accuracy"].append(float((logits.argmax(dim=1) == answers).float().mean()))
-            log["attention_in_mask"].append(in_mask)
-            log["lr"].append(lr)
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.3f}", avg=f"{mean_or_none(log['loss'][-20:]):.3f}",
-                            acc=f"{mean_or_none(log['accuracy'][-20:]):.2f}")
-            done = step + 1
-            if due(done, s.eval_every, s.steps):
-                run_eval(done)
-            if due(done, s.checkpoint_every, s.steps):
-                save(done, final=False, seconds=base_seconds + time.perf_counter() - started)
-    finally:
-        bar.close()
-    final_eval = finish_run(start=start, steps=s.steps, started=started, base_seconds=base_seconds,
-                            run_eval=run_eval, save=save, invocations=invocations, evals=evals)
-    return TrainingResult(out=out, steps=len(log["loss"]), losses=log["loss"], metrics=final_eval or {},
-                       seconds=time.perf_counter() - started)
+    @classmethod
+    def describe(cls, r) -> str | None:
+        if r.get("pointing_game") is None:
+            return None
+
+        def num(key: str) -> str:
+            return "n/a" if r.get(key) is None else f"{r[key]:.3f}"
+
+        return (f"pointing game {num('pointing_game')} (chance {num('pointing_chance')}), energy in mask "
+                f"{num('energy_in_mask')}, answer accuracy {num('answer_accuracy')}")
+
+    def save_weights(self, path: Path, step: int) -> None:
+        from training.outputs import atomic_save_safetensors
+
+        s = self.s
+        atomic_save_safetensors(weights_tensors(self.trainee), path,
+                                weights_metadata(s.preset, self.trainee, s.formulation, step, s.max_question_tokens))
+
+    def plot_title(self) -> str:
+        s = self.s
+        return (f"QA-ViT {s.preset}: {s.answer_weight:g} x answer + {s.grounding_weight:g} x grounding, "
+                f"batch {s.batch_size}")
+
+    def meta(self) -> dict[str, Any]:
+        s, config, trainee, held_out = self.s, self.config, self.trainee, self.held_out
+        return {
+            "seeds": {"train": s.seed, "source": s.seed, "eval": s.held_out_seed,
+                      "images": f"numpy default_rng([{s.seed}, step])", "torch": s.seed,
+                      "initialisation": "models.qavit.checkpoint.TINY_SEED (ViT, question encoder); "
+                                        f"{s.seed} (answer head)"},
+            "model": {"preset": s.preset, "formulation": s.formulation, "integration_point": config.integration_point,
+                      "initial_gate": s.initial_gate,
+                      "config": config.to_dict(),
+                      "question_encoder": trainee.qavit.question_encoder.config.to_diff_dict(),
+                      "answers": list(ANSWERS),
+                      "parameters": sum(p.numel() for p in trainee.parameters()),
+                      "parameters_by_part": {
+                          "vision": sum(p.numel() for p in trainee.qavit.vision.parameters()),
+                          "question_encoder": sum(p.numel() for p in trainee.qavit.question_encoder.parameters()),
+                          "answer_head": sum(p.numel() for p in trainee.answer_head.parameters())}},
+            "source": {"name": "shapes", "params": self.params.model_dump(mode="json"),
+                       "images_per_step": self.images_per_step,
+                       "rendering": "image i and its questions rendered on demand as ShapesSource yields them"},
+            "eval_source": None if held_out is None else {
+                "name": "shapes", "params": held_out.params.model_dump(mode="json"),
+                "questions": sum(len(r.questions) for r in held_out.rendered)},
+            "objective": {"answer": f"{s.answer_weight:g} x cross-entropy of the answer head on the CLS token",
+                          "grounding": f"{s.grounding_weight:g} x -log CLS-to-patch attention mass (head mean, last "
+                                       "layer) on the referred objects' cells: heatmap quality is supervised"},
+        }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``runtime train qavit``; returns the exit status."""
-    return run_command(argv, parser(), settings_from_args, train, "qavit.safetensors",
-                       lambda m: (f"held-out pointing game {m['pointing_game']:.3f}, energy in mask "
-                       f"{m['energy_in_mask']:.3f}, answer accuracy {m['answer_accuracy']:.3f}")
-                       if m.get("pointing_game") is not None else None)
-
+main = QAViTTrainer.main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -378,14 +378,6 @@ def _recorded_preset(path: Path) -> str | None:
 
 # --- the trainer ------------------------------------------------------------------------------
 
-def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
-    """The model's state dict (published key names) as safetensors, atomically."""
-    from training.outputs import atomic_save_safetensors
-
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_save_safetensors(tensors, path, metadata)
-
-
 def initial_fingerprint(preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_model` starts from."""
     from models.efficient_sam.checkpoint import random_init_fingerprint, weights_fingerprint
@@ -501,9 +493,11 @@ class SamTrainer(Trainer):
                 f"(IoU>=0.5: {r['iou50_3pt']:.3f})")
 
     def save_weights(self, path: Path, step: int) -> None:
+        from training.outputs import save_module_weights
+
         cfg = self.model.config
-        save_weights(self.model, path, {"format": "pnpvqa-efficient-sam", "preset": self.s.preset, "step": str(step),
-                                        "config": json.dumps(cfg.to_dict(), sort_keys=True)})
+        save_module_weights(self.model, path, {"format": "pnpvqa-efficient-sam", "preset": self.s.preset,
+                                               "step": str(step), "config": json.dumps(cfg.to_dict(), sort_keys=True)})
 
     def plot_title(self) -> str:
         s = self.s
