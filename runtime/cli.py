@@ -233,14 +233,20 @@ def _cmd_show(a) -> int:
     return 0
 
 
+def _selected(name: str | None, known: list[str], what: str) -> list[str]:
+    """``[name]`` when given (a usage error listing ``known`` when it is not one of them), else ``known``."""
+    if not name:
+        return known
+    if name not in known:
+        raise UsageError(f"no {what} '{name}'; {what}s: {', '.join(known)}")
+    return [name]
+
+
 def _cmd_stages(a) -> int:
     from artifacts.columns import describe_type
     from stages import STAGES
 
-    names = [a.name] if a.name else sorted(STAGES)
-    for n in names:
-        if n not in STAGES:
-            raise UsageError(f"no stage '{n}'; stages: {', '.join(sorted(STAGES))}")
+    names = _selected(a.name, sorted(STAGES), "stage")
     if a.json:
         out = {}
         for n in names:
@@ -273,10 +279,7 @@ def _cmd_sources(a) -> int:
     from artifacts.columns import describe_type
     from runtime.sources import SOURCES
 
-    names = [a.name] if a.name else list(SOURCES)
-    for n in names:
-        if n not in SOURCES:
-            raise UsageError(f"no source '{n}'; sources: {', '.join(SOURCES)}")
+    for n in _selected(a.name, list(SOURCES), "source"):
         cls = SOURCES[n]
         print(f"{n}\n  {cls.describe()}\n  params:")
         print("\n".join(describe_params(cls.Params)))

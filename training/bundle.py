@@ -2,19 +2,20 @@
 
 Copies the run's weights into ``models/assets/shapes/`` under the preset's file name (float32
 tensors stored as float16: half the size, and the loaders cast them back; the quick check below
-runs on the shipped file) and writes
-``<name>.manifest.json`` beside it: the file's sha256 and size, the exact training command (and
-every invocation of a resumed run; ``earlier_stages``: the runs whose weights it started from,
-``--init`` / ``--vision-from``, found by the ``config.json`` beside those files), seeds, steps, training time, device and threads, the data
-the model was trained and evaluated on, the run's held-out metrics, and the quick check's
-metrics (the model's ``check_metrics`` on a small held-out set, seed 7000, never used in
-training), which ``tests/test_shapes_weights.py`` recomputes from the shipped file.
+runs on the shipped file) and writes ``<name>.manifest.json`` beside it: the file's sha256 and
+size, the exact training command (and every invocation of a resumed run; ``earlier_stages``: the
+runs whose weights it started from, ``--init`` / ``--vision-from``, found by the ``config.json``
+beside those files), seeds, steps, training time, device and threads, the data the model was
+trained and evaluated on, the run's held-out metrics, and the quick check's metrics (the model's
+``check_metrics`` on a small held-out set, seed 7000, never used in training), which
+``tests/test_shapes_weights.py`` recomputes from the shipped file.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
 import sys
 from dataclasses import dataclass
@@ -27,40 +28,13 @@ from plugins import Registry
 CHECK_SEED = 7000  # shapes seed of the quick checks; training uses 0, the runs' held-out sets 1000
 
 
-def _itm_check(path: Path) -> dict[str, float]:
-    from training.itm import check_metrics
+def quick_check(module: str) -> Callable[[Path], dict[str, float]]:
+    """The quick check of a weights file written by the trainer in ``module``: its
+    ``check_metrics(path, seed=CHECK_SEED)`` (the module is imported when the check runs)."""
+    def check(path: Path) -> dict[str, float]:
+        return importlib.import_module(module).check_metrics(path, seed=CHECK_SEED)
 
-    return check_metrics(path, seed=CHECK_SEED)
-
-
-def _caption_check(path: Path) -> dict[str, float]:
-    from training.caption import check_metrics
-
-    return check_metrics(path, seed=CHECK_SEED)
-
-
-def _sam_check(path: Path) -> dict[str, float]:
-    from training.sam import check_metrics
-
-    return check_metrics(path, seed=CHECK_SEED)
-
-
-def _fid_check(path: Path) -> dict[str, float]:
-    from training.fid import check_metrics
-
-    return check_metrics(path, seed=CHECK_SEED)
-
-
-def _qavit_check(path: Path) -> dict[str, float]:
-    from training.qavit import check_metrics
-
-    return check_metrics(path, seed=CHECK_SEED)
-
-
-def _fusion_check(path: Path) -> dict[str, float]:
-    from training.fusion import check_metrics
-
-    return check_metrics(path, seed=CHECK_SEED)
+    return check
 
 
 @dataclass(frozen=True)
@@ -76,14 +50,14 @@ class Shipped:
 # the shipped presets; other packages add theirs through the ``pnpvqa.shipped`` entry points
 SHIPPED: Registry[Shipped] = Registry("shipped preset", "pnpvqa.shipped", lambda s: s.name)
 for _shipped in (
-    Shipped("blip_itm", "itm.safetensors", _itm_check),
-    Shipped("blip_caption", "caption.safetensors", _caption_check),
-    Shipped("efficient_sam", "efficient_sam.safetensors", _sam_check),
-    Shipped("fid_t5", "fid_t5.safetensors", _fid_check),
-    Shipped("qavit", "qavit.safetensors", _qavit_check),
-    Shipped("fusion_concat_conv", "fusion.safetensors", _fusion_check),
-    Shipped("fusion_cross_attention", "fusion.safetensors", _fusion_check),
-    Shipped("fusion_difnet", "fusion.safetensors", _fusion_check),
+    Shipped("blip_itm", "itm.safetensors", quick_check("training.itm")),
+    Shipped("blip_caption", "caption.safetensors", quick_check("training.caption")),
+    Shipped("efficient_sam", "efficient_sam.safetensors", quick_check("training.sam")),
+    Shipped("fid_t5", "fid_t5.safetensors", quick_check("training.fid")),
+    Shipped("qavit", "qavit.safetensors", quick_check("training.qavit")),
+    Shipped("fusion_concat_conv", "fusion.safetensors", quick_check("training.fusion")),
+    Shipped("fusion_cross_attention", "fusion.safetensors", quick_check("training.fusion")),
+    Shipped("fusion_difnet", "fusion.safetensors", quick_check("training.fusion")),
 ):
     SHIPPED.add(_shipped, "training/bundle.py")
 

@@ -47,14 +47,15 @@ Outputs in ``--out DIR``: ``caption.safetensors`` (state dict with LAVIS key nam
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import add_blip_model_options
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.common import add_blip_model_options, add_patch_label_options, check_patch_label_options
+from training.data import ShapesSettings
+from training.loop import Options, Step, Trainer
 from shapes.captions import (MIN_OVERLAP, PROMPT, caption_for_patches, mentioned_objects,  # noqa: F401
                              object_coverage, visible_objects)
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
@@ -66,14 +67,12 @@ GENERATE_MAX_LENGTH = 24  # prompt (4) + 4 objects x 3 words + 3 "and" + [SEP] =
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class CaptionSettings(LoopSettings):
+class CaptionSettings(ShapesSettings):
     preset: str = "tiny"
     init: str | None = None
     vision_from: str | None = None
     freeze_vision: bool = False
     weights: str | None = None
-    num_images: int = 16
-    source_params: dict[str, Any] = field(default_factory=dict)
     num_patches: int = 20
     object_bias: float = 0.0
     subsets_per_image: int = 1
@@ -81,26 +80,7 @@ class CaptionSettings(LoopSettings):
     batch_size: int = 16
     patch_label_weight: float = 0.0
     patch_object_weight: float = 1.0
-    eval_images: int = 16
     eval_subsets: int = 4
-
-
-def check_settings(s: CaptionSettings) -> None:
-    for name in ("num_images", "num_patches", "eval_subsets", "subsets_per_image"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if min(s.object_bias, s.patch_label_weight) < 0:
-        raise ValueError("--object-bias and --patch-label-weight must be >= 0")
-    if not s.patch_object_weight > 0:
-        raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
-    if s.patch_label_weight > 0 and s.freeze_vision:
-        raise ValueError("--patch-label-weight trains the ViT: it cannot go with --freeze-vision")
-    if not 0.0 < s.min_overlap <= 1.0:
-        raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
-    if {"seed", "num_images"} & set(s.source_params):
-        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -274,26 +254,30 @@ class CaptionTrainer(Trainer):
               "checkpoint, e.g. a trained itm.safetensors of the same preset")
         o.add(o.model, "--freeze-vision", action="store_true", help="keep the ViT fixed (train the decoder only)")
         d = o.data
-        o.add(d, "--seed", type=int, help="training seed (and the source's seed)")
-        o.add(d, "--num-images", type=int, help="shapes images to train on")
-        o.add(d, "--source-param", action="append", default=[], metavar="KEY=VALUE",
-              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        CaptionSettings.add_options(o, images="shapes images to train on")
         o.add(d, "--num-patches", type=int, help="patches fed to the decoder per caption")
         o.add(d, "--object-bias", type=float, metavar="B",
               help="patch sampling weight 1 + B on patches an object covers (0 = uniform)")
         o.add(d, "--subsets-per-image", type=int, metavar="S",
               help="patch subsets per drawn image in a step (batch = batch-size / S images, each encoded once)")
         o.add(d, "--min-overlap", type=float, help="share of a patch an object must cover to be visible in it")
-        o.add(o.optimisation, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe "
-              "loss on the ViT tokens (0 = off)")
-        o.add(o.optimisation, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch "
-              "relative to a background patch in the probe loss")
+        add_patch_label_options(o, "the ViT tokens")
         o.add(o.evaluation, "--eval-images", type=int, help="held-out images (0 = no evaluation)")
         o.add(o.evaluation, "--eval-subsets", type=int, help="patch subsets captioned per held-out image")
 
     @classmethod
     def check(cls, s: CaptionSettings) -> None:
-        check_settings(s)
+        s.check_data()
+        check_patch_label_options(s)
+        for name in ("num_patches", "eval_subsets", "subsets_per_image"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+        if s.object_bias < 0:
+            raise ValueError(f"--object-bias must be >= 0, got {s.object_bias}")
+        if s.patch_label_weight > 0 and s.freeze_vision:
+            raise ValueError("--patch-label-weight trains the ViT: it cannot go with --freeze-vision")
+        if not 0.0 < s.min_overlap <= 1.0:
+            raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
 
     @classmethod
     def run_identity(cls, s: CaptionSettings) -> dict[str, Any]:
@@ -307,7 +291,6 @@ class CaptionTrainer(Trainer):
         from models.blip.checkpoint import build_model
         from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
         from training.common import initial_blip
-        from training.data import source_params
 
         super().__init__(s, device, resuming)
         self.resuming = resuming
@@ -319,11 +302,11 @@ class CaptionTrainer(Trainer):
             raise ValueError(f"--num-patches {s.num_patches} exceeds the {grid}x{grid} patch grid")
         self.tokenizer = load_blip_tokenizer_for(s.preset)
         self.prompt_ids = caption_prompt_ids(self.tokenizer, PROMPT)
-        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.params = s.shapes_params()
         self.data = ShapesImages(self.params, s.num_images, grid, image_size, s.min_overlap)
         self.eval_data = self.eval_subsets = self.eval_params = None
         if s.eval_images:
-            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_params = s.shapes_params(held_out=True)
             self.eval_data = ShapesImages(self.eval_params, s.eval_images, grid, image_size, s.min_overlap)
             rng = np.random.default_rng(s.held_out_seed)
             self.eval_subsets = [(i, self.eval_data.sample_patches(i, rng, s.num_patches, s.object_bias))

@@ -40,19 +40,19 @@ def initial_blip(kind: str, preset: str, init: str | None, device):
     return load_blip(kind, preset, init, device)[0]
 
 
-def add_source_options(o) -> None:
-    """The data options of a command that trains on any dataset source (``o``: a
-    :class:`training.loop.Options`); ``--num-images`` stays ``None`` unless given (see
-    :func:`source_num_images`)."""
-    o.add(o.data, "--source", help="dataset source (runtime sources)")
-    o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
-    o.add(o.data, "--num-images", type=int, default=None,
-          help="images of the source (sources with num_images; shapes default 16)")
-    o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
-          help="other source parameter (VALUE parsed as YAML); repeatable")
-    o.add(o.data, "--limit", type=int, help="use only the first N samples")
-    o.add(o.data, "--swap-fraction", type=float,
-          help="share of negatives made by a colour/shape word swap where the scene allows it")
+def add_patch_label_options(o, tokens: str) -> None:
+    """``--patch-label-weight`` (the colour / shape probe on ``tokens``) and ``--patch-object-weight``."""
+    o.add(o.optimisation, "--patch-label-weight", type=float,
+          help=f"weight of the patch colour / shape probe loss on {tokens} (0 = off)")
+    o.add(o.optimisation, "--patch-object-weight", type=float, metavar="W",
+          help="weight of an object patch relative to a background patch in the probe loss")
+
+
+def check_patch_label_options(s: Any) -> None:
+    if s.patch_label_weight < 0:
+        raise ValueError(f"--patch-label-weight must be >= 0, got {s.patch_label_weight}")
+    if not s.patch_object_weight > 0:
+        raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
 
 
 def parse_source_params(items: Sequence[str]) -> dict[str, Any]:
@@ -66,13 +66,6 @@ def parse_source_params(items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"--source-param {item!r}: expected KEY=VALUE")
         extra[key.strip()] = yaml.safe_load(value)
     return extra
-
-
-def source_num_images(source: str, num_images: int | None, extra: dict[str, Any]) -> int | None:
-    """``--num-images``, defaulting to 16 for the shapes source (unless a source parameter sets it)."""
-    if num_images is None and source == "shapes" and "num_images" not in extra:
-        return 16
-    return num_images
 
 
 # --- the optimisation -------------------------------------------------------------------------

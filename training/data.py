@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,79 @@ from PIL import Image
 from runtime.sources import SOURCES
 from stages.images import FAMILIES, RESAMPLE, decode_image, read_image
 from stages.text import blip_question
+from training.loop import LoopSettings, Options
 from training.pairs import Sample, SceneFacts, majority_answer
+
+
+# --- the settings of a run's data ---------------------------------------------------------------
+
+@dataclass
+class ShapesSettings(LoopSettings):
+    """The data settings of a run on the synthetic ``shapes`` source (sam, caption, fid, qavit)."""
+
+    num_images: int = 16
+    source_params: dict[str, Any] = field(default_factory=dict)
+    eval_images: int = 16
+    # source parameters that have their own options
+    own_options: ClassVar[tuple[str, ...]] = ("seed", "num_images")
+
+    @classmethod
+    def add_options(cls, o: Options, images: str) -> None:
+        """``--num-images`` (``images``: its help), ``--source-param``."""
+        o.add(o.data, "--num-images", type=int, help=images)
+        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+
+    def check_data(self) -> None:
+        if self.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {self.num_images}")
+        if self.eval_images < 0:
+            raise ValueError(f"--eval-images must be >= 0, got {self.eval_images}")
+        taken = set(self.own_options) & set(self.source_params)
+        if taken:
+            raise ValueError(f"--source-param {', '.join(sorted(taken))}: set "
+                             + " / ".join(f"--{k.replace('_', '-')}" for k in self.own_options) + " with their options")
+
+    def shapes_params(self, held_out: bool = False) -> Any:
+        """The shapes source's params of the training set, or of the held-out set (``held_out``)."""
+        if held_out:
+            return source_params("shapes", self.held_out_seed, self.eval_images, self.source_params)
+        return source_params("shapes", self.seed, self.num_images, self.source_params)
+
+
+@dataclass
+class SourceSettings(LoopSettings):
+    """The data settings of a run on any dataset source (itm, fusion): pairs of its samples."""
+
+    source: str = "shapes"
+    num_images: int | None = 16      # None: the source's own (shapes: 16)
+    source_params: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    swap_fraction: float = 0.5
+    eval_images: int | None = None   # None: --num-images
+
+    def __post_init__(self) -> None:
+        if self.num_images is None and self.source == "shapes" and "num_images" not in self.source_params:
+            self.num_images = 16
+
+    @classmethod
+    def add_options(cls, o: Options) -> None:
+        o.add(o.data, "--source", help="dataset source (runtime sources)")
+        o.add(o.data, "--num-images", type=int, default=None,
+              help="images of the source (sources with num_images; shapes default 16)")
+        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
+              help="other source parameter (VALUE parsed as YAML); repeatable")
+        o.add(o.data, "--limit", type=int, help="use only the first N samples")
+        o.add(o.data, "--swap-fraction", type=float,
+              help="share of negatives made by a colour/shape word swap where the scene allows it")
+        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
+              "0 = no evaluation)")
+
+    def check_data(self) -> None:
+        if self.eval_images is not None and self.eval_images < 0:
+            raise ValueError(f"--eval-images must be >= 0, got {self.eval_images}")
+        if not 0.0 <= self.swap_fraction <= 1.0:
+            raise ValueError(f"--swap-fraction must be in [0, 1], got {self.swap_fraction}")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.common import mean_or_none
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.data import ShapesSettings
+from training.loop import Options, Step, Trainer
 
 PRESETS = ("tiny", "shapes")
 GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
@@ -209,11 +210,9 @@ def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, re
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class FidSettings(LoopSettings):
+class FidSettings(ShapesSettings):
     preset: str = "tiny"
     init: str | None = None
-    num_images: int = 16
-    source_params: dict[str, Any] = field(default_factory=dict)
     grid: int = GRID
     num_captions: int = 5
     num_patches: int = 20
@@ -223,7 +222,6 @@ class FidSettings(LoopSettings):
     spread_max: float = 1.0
     min_overlap: float = 0.1
     batch_size: int = 32
-    eval_images: int = 16
 
     @property
     def recipe(self) -> Recipe:
@@ -388,10 +386,7 @@ class FidTrainer(Trainer):
         o.add(o.model, "--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
               "default: the preset's seeded random initialisation")
         d = o.data
-        o.add(d, "--seed", type=int, help="training seed (and the source's seed)")
-        o.add(d, "--num-images", type=int, help="shapes images whose questions are trained on")
-        o.add(d, "--source-param", action="append", default=[], metavar="KEY=VALUE",
-              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        FidSettings.add_options(o, images="shapes images whose questions are trained on")
         o.add(d, "--grid", type=int, help="patch grid of the captioner (24 = BLIP 384 / 16)")
         o.add(d, "--num-captions", type=int, help="captions kept per question (caption stage)")
         o.add(d, "--num-patches", type=int, help="patches per caption (caption stage)")
@@ -407,13 +402,12 @@ class FidTrainer(Trainer):
 
     @classmethod
     def check(cls, s: FidSettings) -> None:
+        s.check_data()
         if s.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {s.preset!r}")
-        for name in ("num_images", "grid", "num_captions", "num_patches", "max_rounds"):
+        for name in ("grid", "num_captions", "num_patches", "max_rounds"):
             if getattr(s, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-        if s.eval_images < 0:
-            raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
         if s.num_patches > s.grid * s.grid:
             raise ValueError(f"--num-patches {s.num_patches} exceeds the {s.grid}x{s.grid} patch grid")
         if not 0.0 <= s.uniform_fraction <= 1.0:
@@ -422,25 +416,22 @@ class FidTrainer(Trainer):
             raise ValueError(f"need 0 < --spread-min <= --spread-max, got {s.spread_min} and {s.spread_max}")
         if not 0.0 < s.min_overlap <= 1.0:
             raise ValueError(f"--min-overlap must be in (0, 1], got {s.min_overlap}")
-        if {"seed", "num_images"} & set(s.source_params):
-            raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
 
     @classmethod
     def run_identity(cls, s: FidSettings) -> dict[str, Any]:
         return {**super().run_identity(s), "init_weights": initial_fingerprint(s.preset, s.init)}
 
     def __init__(self, s: FidSettings, device, resuming: bool) -> None:
-        from training.data import source_params
 
         super().__init__(s, device, resuming)
         self.model, self.tokenizer = initial_model(s.preset, s.init)
         self.model.to(device).train()
         self.recipe = s.recipe
-        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.params = s.shapes_params()
         self.data = QAData(self.params, s.grid)
         self.eval_items = self.eval_params = None
         if s.eval_images:
-            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_params = s.shapes_params(held_out=True)
             self.eval_items = eval_items(QAData(self.eval_params, s.grid), s.held_out_seed, self.recipe)
         self.config = self.model.config.to_dict()
         self.config.pop("transformers_version", None)

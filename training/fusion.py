@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.common import add_source_options, source_num_images
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.data import SourceSettings
+from training.loop import Options, Step, Trainer
 
 EVAL_BATCH = 32  # pairs per evaluation forward
 BLIP_PRESETS = ("tiny", "shapes", "base", "large")
@@ -56,19 +56,14 @@ CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics
 
 
 @dataclass
-class FusionSettings(LoopSettings):
+class FusionSettings(SourceSettings):
     mode: str = "difnet"
     blip_preset: str = "tiny"
     blip_checkpoint: str | None = None
     sam_preset: str = "tiny"
     sam_checkpoint: str | None = None
     weights: str | None = None
-    source: str = "shapes"
-    num_images: int | None = 16
-    source_params: dict[str, Any] = field(default_factory=dict)
-    limit: int | None = None
     steps: int = 200
-    swap_fraction: float = 0.5
     width: int | None = None
     heads: int = 8
     ffn_dim: int = 0
@@ -83,18 +78,7 @@ class FusionSettings(LoopSettings):
     difnet_encoder: str | None = None
     feature_cache: int = 4096
     feature_batch: int = 16
-    eval_images: int | None = None
     block_num: int | None = None
-
-
-def check_settings(s: FusionSettings) -> None:
-    for name in ("feature_cache", "feature_batch"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.eval_images is not None and s.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if not 0.0 <= s.swap_fraction <= 1.0:
-        raise ValueError(f"--swap-fraction must be in [0, 1], got {s.swap_fraction}")
 
 
 # --- held-out evaluation ------------------------------------------------------------------------
@@ -270,24 +254,19 @@ class FusionTrainer(Trainer):
         o.add(m, "--difnet-encoder", metavar="FILE", help="DIFNet reference: start the encoder from a published "
               "mrwu-mac/DIFNet checkpoint (its encoder keys, e.g. encoder.layers.N.mhatt...; --width, --heads, "
               "--ffn-dim, --N must match it)")
-        add_source_options(o)
+        FusionSettings.add_options(o)
         o.add(o.data, "--feature-cache", type=int, metavar="IMAGES",
               help="images whose frozen features stay in memory (training and held-out sets each)")
         o.add(o.data, "--feature-batch", type=int, help="images per frozen-feature forward")
-        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
-              "0 = no evaluation)")
         o.add(o.evaluation, "--block-num", type=int, help="text layer of the held-out GradCAM pointing game (as "
               "itm_gradcam's block_num; default: the ITM preset's, 7 or shapes 2)")
 
     @classmethod
-    def settings_from_args(cls, args) -> FusionSettings:
-        s = super().settings_from_args(args)
-        s.num_images = source_num_images(s.source, s.num_images, s.source_params)
-        return s
-
-    @classmethod
     def check(cls, s: FusionSettings) -> None:
-        check_settings(s)
+        s.check_data()
+        for name in ("feature_cache", "feature_batch"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
 
     @classmethod
     def run_identity(cls, s: FusionSettings) -> dict[str, Any]:

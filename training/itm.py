@@ -66,14 +66,15 @@ times), ``metrics.json`` (held-out ITM accuracy, its history, loss summary).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import add_blip_model_options, add_source_options, source_num_images
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.common import add_blip_model_options, add_patch_label_options, check_patch_label_options
+from training.data import SourceSettings
+from training.loop import Options, Step, Trainer
 from training.pairs import draw_pairs, positive_indices
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 
@@ -81,15 +82,10 @@ EVAL_BATCH = 32  # pairs per evaluation forward
 
 
 @dataclass
-class ItmSettings(LoopSettings):
+class ItmSettings(SourceSettings):
     preset: str = "tiny"
     init: str | None = None
     weights: str | None = None
-    source: str = "shapes"
-    num_images: int | None = 16
-    source_params: dict[str, Any] = field(default_factory=dict)
-    limit: int | None = None
-    swap_fraction: float = 0.5
     lr: float = 1e-4
     weight_decay: float = 0.05
     itc_weight: float = 1.0
@@ -100,24 +96,7 @@ class ItmSettings(LoopSettings):
     questions_per_image: int = 1
     temp: float = 0.07
     fixed_temp: bool = False
-    eval_images: int | None = None
     image_cache: int = 1024
-
-
-def check_settings(s: ItmSettings) -> None:
-    for name in ("image_cache", "questions_per_image"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.eval_images is not None and s.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if min(s.itc_weight, s.grounding_weight, s.patch_label_weight) < 0:
-        raise ValueError("--itc-weight, --grounding-weight and --patch-label-weight must be >= 0")
-    if not s.patch_object_weight > 0:
-        raise ValueError(f"--patch-object-weight must be > 0, got {s.patch_object_weight}")
-    if not 0.001 <= s.temp <= 0.5:
-        raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
-    if not 0.0 <= s.swap_fraction <= 1.0:
-        raise ValueError(f"--swap-fraction must be in [0, 1], got {s.swap_fraction}")
 
 
 class PixelStore:
@@ -297,34 +276,31 @@ class ItmTrainer(Trainer):
         add_blip_model_options(o, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or "
                                "itm.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
                                "the standard file)")
-        add_source_options(o)
+        ItmSettings.add_options(o)
         o.add(o.data, "--image-cache", type=int, metavar="IMAGES", help="preprocessed images kept in memory")
         t = o.optimisation
         o.add(t, "--itc-weight", type=float, help="weight of the ITC loss (0 = ITM only)")
         o.add(t, "--grounding-weight", type=float, help="weight of the grounding loss on the cross-attention of "
               "--block-num (0 = off; needs ground-truth masks)")
-        o.add(t, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe loss on the "
-              "ViT tokens (0 = off; needs the scene column)")
-        o.add(t, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch relative to a "
-              "background patch in the probe loss")
+        add_patch_label_options(o, "the ViT tokens (needs the scene column)")
         o.add(t, "--block-num", type=int, help="text layer of the grounding loss and of the held-out GradCAM "
               "pointing game (as itm_gradcam's block_num; default: the preset's, 7 or shapes 2)")
         o.add(t, "--questions-per-image", type=int, metavar="Q",
               help="positives per drawn image (batch = batch-size / Q images)")
         o.add(t, "--temp", type=float, help="initial ITC temperature")
         o.add(t, "--fixed-temp", action="store_true", help="keep the ITC temperature fixed")
-        o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
-              "0 = no evaluation)")
-
-    @classmethod
-    def settings_from_args(cls, args) -> ItmSettings:
-        s = super().settings_from_args(args)
-        s.num_images = source_num_images(s.source, s.num_images, s.source_params)
-        return s
 
     @classmethod
     def check(cls, s: ItmSettings) -> None:
-        check_settings(s)
+        s.check_data()
+        check_patch_label_options(s)
+        for name in ("image_cache", "questions_per_image"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+        if min(s.itc_weight, s.grounding_weight) < 0:
+            raise ValueError("--itc-weight and --grounding-weight must be >= 0")
+        if not 0.001 <= s.temp <= 0.5:
+            raise ValueError(f"--temp must be in [0.001, 0.5], got {s.temp}")
 
     @classmethod
     def run_identity(cls, s: ItmSettings) -> dict[str, Any]:

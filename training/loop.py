@@ -265,6 +265,7 @@ class Trainer:
         o.add(t, "--lr-decay", choices=["constant", "cosine"], help="after the warmup: constant, or cosine decay "
               "to 0 at --steps")
         o.add(t, "--grad-clip", type=float, help="max gradient norm (0 = off)")
+        o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
         o.add(o.evaluation, "--eval-every", type=int, metavar="N",
               help="also evaluate every N steps (0 = only at the start and the end)")
         o.add(o.evaluation, "--eval-seed", type=int, help="source seed of the held-out set (default: seed + 1000)")

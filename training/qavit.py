@@ -69,7 +69,7 @@ by ``runtime train bundle``), ``checkpoint.pt`` (resumable, atomic, ``weights_on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
@@ -78,7 +78,9 @@ import torch
 from torch import nn
 
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.common import add_patch_label_options, check_patch_label_options
+from training.data import ShapesSettings
+from training.loop import Options, Step, Trainer
 
 DEFAULT_STEPS = 3000
 WEIGHTS_FORMAT = "pnpvqa-qavit"
@@ -100,7 +102,7 @@ ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: co
 # --- settings -----------------------------------------------------------------------------------
 
 @dataclass
-class QAViTSettings(LoopSettings):
+class QAViTSettings(ShapesSettings):
     """The loop's settings (their qavit defaults; ``--checkpoint-every`` the loop's 50) and qavit's own."""
 
     steps: int = DEFAULT_STEPS
@@ -115,38 +117,13 @@ class QAViTSettings(LoopSettings):
     max_question_tokens: int = 30
     num_images: int = 100_000
     questions_per_image: int = 4
-    source_params: dict[str, Any] = field(default_factory=dict)
     answer_weight: float = 1.0
     grounding_weight: float = 1.0
     patch_label_weight: float = 0.0
     patch_object_weight: float = 1.0
     eval_images: int = 64
+    own_options: ClassVar[tuple[str, ...]] = ("seed", "num_images", "questions_per_image")
 
-
-def check_settings(s: QAViTSettings) -> None:
-    """Refuse bad values of qavit's own settings (the loop checks its own)."""
-    if s.preset not in TRAIN_PRESETS:
-        raise ValueError(f"--preset {s.preset!r}: runtime train qavit trains {' or '.join(TRAIN_PRESETS)}")
-    for name in ("num_images", "questions_per_image"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.max_question_tokens < 2:
-        raise ValueError(f"--max-question-tokens must be >= 2, got {s.max_question_tokens}")
-    if s.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if min(s.answer_weight, s.grounding_weight) < 0:
-        raise ValueError("--answer-weight and --grounding-weight must be >= 0")
-    if s.patch_label_weight < 0 or not s.patch_object_weight > 0:
-        raise ValueError("--patch-label-weight must be >= 0 and --patch-object-weight > 0")
-    if s.init is not None and not Path(s.init).is_file():
-        raise ValueError(f"--init {s.init}: no such file (a qavit.safetensors written by runtime train qavit)")
-    if s.answer_weight == 0 and s.grounding_weight == 0:
-        raise ValueError("--answer-weight and --grounding-weight are both 0: nothing to train")
-    reserved = {"seed", "num_images", "questions_per_image"} & set(s.source_params)
-    if reserved:
-        raise ValueError(f"--source-param {', '.join(sorted(reserved))}: use --seed, --num-images, "
-                         "--questions-per-image")
-    shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)  # validates them
 
 # --- data ---------------------------------------------------------------------------------------
 
@@ -484,25 +461,33 @@ class QAViTTrainer(Trainer):
               "instruction layer (0 = QA-ViT's identity init: the instruction projectors get no gradient until the "
               "gates move)")
         o.add(o.model, "--max-question-tokens", type=int, help="question tokens kept (as the stage)")
-        o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
-        o.add(o.data, "--num-images", type=int, help="images of the training source (rendered on demand)")
+        QAViTSettings.add_options(o, images="images of the training source (rendered on demand)")
         o.add(o.data, "--questions-per-image", type=int, metavar="Q",
               help="questions per image (the source's questions_per_image; a step has batch / Q images)")
-        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
-              help="other shapes source parameter (VALUE parsed as YAML); repeatable")
         t = o.optimisation
         o.add(t, "--answer-weight", type=float, help="weight of the answer cross-entropy")
         o.add(t, "--grounding-weight", type=float, help="weight of the grounding loss on the last layer's "
               "CLS-to-patch attention (0 = off: heatmap quality then emergent)")
-        o.add(t, "--patch-label-weight", type=float, help="weight of the patch colour / shape probe loss on the last "
-              "layer's patch tokens (0 = off)")
-        o.add(t, "--patch-object-weight", type=float, metavar="W", help="weight of an object patch relative to a "
-              "background patch in the probe loss")
+        add_patch_label_options(o, "the last layer's patch tokens")
         o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (0 = no evaluation)")
 
     @classmethod
     def check(cls, s: QAViTSettings) -> None:
-        check_settings(s)
+        s.check_data()
+        check_patch_label_options(s)
+        if s.preset not in TRAIN_PRESETS:
+            raise ValueError(f"--preset {s.preset!r}: runtime train qavit trains {' or '.join(TRAIN_PRESETS)}")
+        if s.questions_per_image < 1:
+            raise ValueError(f"--questions-per-image must be >= 1, got {s.questions_per_image}")
+        if s.max_question_tokens < 2:
+            raise ValueError(f"--max-question-tokens must be >= 2, got {s.max_question_tokens}")
+        if min(s.answer_weight, s.grounding_weight) < 0:
+            raise ValueError("--answer-weight and --grounding-weight must be >= 0")
+        if s.init is not None and not Path(s.init).is_file():
+            raise ValueError(f"--init {s.init}: no such file (a qavit.safetensors written by runtime train qavit)")
+        if s.answer_weight == 0 and s.grounding_weight == 0:
+            raise ValueError("--answer-weight and --grounding-weight are both 0: nothing to train")
+        shapes_params(s.seed, s.num_images, s.questions_per_image, s.source_params)  # validates them
 
     @classmethod
     def run_identity(cls, s: QAViTSettings) -> dict[str, Any]:

@@ -62,13 +62,14 @@ rate), ``loss.png``, ``config.json`` (command lines, seeds, settings, model, dat
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from training.loop import LoopSettings, Options, Step, Trainer
+from training.data import ShapesSettings
+from training.loop import Options, Step, Trainer
 
 PRESETS = ("tiny", "shapes", "vitt", "vits")
 EVAL_BATCH = 8            # held-out images per embedding call
@@ -80,40 +81,14 @@ METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50")
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class SamSettings(LoopSettings):
+class SamSettings(ShapesSettings):
     preset: str = "tiny"
     init: str | None = None
     weights: str | None = None
-    num_images: int = 16
-    source_params: dict[str, Any] = field(default_factory=dict)
     prompts_per_image: int = 4
     max_points: int = 3
     negative_fraction: float = 0.2
     iou_weight: float = 1.0
-    eval_images: int = 16
-
-
-def check_settings(s: SamSettings) -> None:
-    from models.efficient_sam.config import sam_config
-
-    if s.preset not in PRESETS:
-        raise ValueError(f"--preset {s.preset!r}: choose one of {', '.join(PRESETS)}")
-    for name in ("num_images", "prompts_per_image", "max_points"):
-        if getattr(s, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    if s.eval_images < 0:
-        raise ValueError(f"--eval-images must be >= 0, got {s.eval_images}")
-    if s.iou_weight < 0:
-        raise ValueError("--iou-weight must be >= 0")
-    if not 0.0 <= s.negative_fraction <= 1.0:
-        raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
-    capacity = sam_config(s.preset).max_points
-    needed = s.max_points + (1 if s.negative_fraction > 0 else 0)
-    if needed > capacity:
-        raise ValueError(f"--max-points {s.max_points}" + (" plus the background point" if s.negative_fraction > 0
-                         else "") + f" exceeds the {capacity} prompt points EfficientSAM takes")
-    if {"seed", "num_images"} & set(s.source_params):
-        raise ValueError("set the seed and the number of images with --seed / --num-images, not --source-param")
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -423,10 +398,7 @@ class SamTrainer(Trainer):
               "efficient_sam.safetensors); default: tiny / shapes: the seeded random init; vitt / vits: the standard "
               "file")
         o.add(o.model, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
-        o.add(o.data, "--seed", type=int, help="training seed (and the source's seed)")
-        o.add(o.data, "--num-images", type=int, help="shapes scenes to train on")
-        o.add(o.data, "--source-param", action="append", default=[], metavar="KEY=VALUE",
-              help="other shapes parameter (VALUE parsed as YAML); repeatable")
+        SamSettings.add_options(o, images="shapes scenes to train on")
         o.add(o.data, "--prompts-per-image", type=int, metavar="Q",
               help="prompt sets per image in a step (each image is encoded once)")
         o.add(o.data, "--max-points", type=int, help="most foreground points of a prompt set (1..N, uniform)")
@@ -437,7 +409,23 @@ class SamTrainer(Trainer):
 
     @classmethod
     def check(cls, s: SamSettings) -> None:
-        check_settings(s)
+        from models.efficient_sam.config import sam_config
+
+        s.check_data()
+        if s.preset not in PRESETS:
+            raise ValueError(f"--preset {s.preset!r}: choose one of {', '.join(PRESETS)}")
+        for name in ("prompts_per_image", "max_points"):
+            if getattr(s, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
+        if s.iou_weight < 0:
+            raise ValueError("--iou-weight must be >= 0")
+        if not 0.0 <= s.negative_fraction <= 1.0:
+            raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
+        capacity = sam_config(s.preset).max_points
+        needed = s.max_points + (1 if s.negative_fraction > 0 else 0)
+        if needed > capacity:
+            raise ValueError(f"--max-points {s.max_points}" + (" plus the background point" if s.negative_fraction > 0
+                             else "") + f" exceeds the {capacity} prompt points EfficientSAM takes")
 
     @classmethod
     def run_identity(cls, s: SamSettings) -> dict[str, Any]:
@@ -445,17 +433,16 @@ class SamTrainer(Trainer):
 
     def __init__(self, s: SamSettings, device, resuming: bool) -> None:
         from models.efficient_sam.checkpoint import build_model
-        from training.data import source_params
 
         super().__init__(s, device, resuming)
         self.model = build_model(s.preset, device, empty=True) if resuming else initial_model(s.preset, s.init, device)
         self.model.train()
         cfg = self.model.config
-        self.params = source_params("shapes", s.seed, s.num_images, s.source_params)
+        self.params = s.shapes_params()
         self.data = ShapesScenes(self.params, s.num_images, cfg.low_res_size)
         self.eval_data = self.eval_list = self.eval_params = None
         if s.eval_images:
-            self.eval_params = source_params("shapes", s.held_out_seed, s.eval_images, s.source_params)
+            self.eval_params = s.shapes_params(held_out=True)
             self.eval_data = ShapesScenes(self.eval_params, s.eval_images, cfg.low_res_size, keep=True)
             self.eval_list = eval_prompts(self.eval_data, np.random.default_rng(s.held_out_seed), cfg.max_points)
 
