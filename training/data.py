@@ -196,10 +196,18 @@ def decode(entry: tuple[str, Any]) -> np.ndarray:
 def blip_pixels(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
     """LAVIS BLIP preprocessing (as ``preprocess_image`` family blip): PIL bicubic resize to a
     square, [0, 1], CLIP mean / std -> ``[B, 3, S, S]`` float32."""
+    return blip_normalised(np.stack([blip_resized(im, image_size) for im in images]))
+
+
+def blip_resized(image: np.ndarray, image_size: int) -> np.ndarray:
+    """The first half of :func:`blip_pixels`: ``uint8 [H, W, 3]`` -> ``uint8 [S, S, 3]``."""
+    return np.asarray(Image.fromarray(image).resize((image_size, image_size),
+                                                     RESAMPLE[FAMILIES["blip"]["interpolation"]]))
+
+
+def blip_normalised(resized: np.ndarray) -> torch.Tensor:
+    """The second half of :func:`blip_pixels`: ``uint8 [B, S, S, 3]`` -> ``float32 [B, 3, S, S]``."""
     family = FAMILIES["blip"]
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((image_size, image_size),
-                                                              RESAMPLE[family["interpolation"]]))
-                        for im in images])
     x = resized.astype(np.float32) / np.float32(255)
     x = (x - np.asarray(family["mean"], np.float32)) / np.asarray(family["std"], np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))

@@ -376,7 +376,6 @@ class FidTrainer(Trainer):
     plot_curves = (("loss", "tab:blue"),)
     plot_ylabel = "answer cross-entropy (per token)"
     resumable = ("init",)  # the --init file is compared by its fingerprint
-    may_change = "--checkpoint-every, --init, --eval-* and, without --lr-decay cosine, --steps"
     data_title = "data (the shapes source and the captions of a question)"
     batch_help = "questions per step"
 

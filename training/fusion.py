@@ -224,7 +224,6 @@ class FusionTrainer(Trainer):
     plot_ylabel = "ITM cross-entropy"
     # the frozen models are compared by their weights' fingerprints, not by file paths
     resumable = ("feature_cache", "blip_checkpoint", "sam_checkpoint", "block_num")
-    may_change = "--steps, --checkpoint-every, --eval-* and --block-num"
     batch_help = "positives per step (as many negatives)"
     weight_decay_help = "on every parameter"
 

@@ -112,17 +112,12 @@ class PixelStore:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def _resized(self, i: int) -> np.ndarray:
-        from PIL import Image
-
-        from stages.images import FAMILIES, RESAMPLE
-        from training.data import decode
+        from training.data import blip_resized, decode
 
         if i in self._cache:
             self._cache.move_to_end(i)
             return self._cache[i]
-        image = decode(self.data.images[i])
-        resized = np.asarray(Image.fromarray(image).resize(
-            (self.size, self.size), RESAMPLE[FAMILIES["blip"]["interpolation"]]))
+        resized = blip_resized(decode(self.data.images[i]), self.size)
         self._cache[i] = resized
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
@@ -130,14 +125,9 @@ class PixelStore:
 
     def get(self, indices: Sequence[int]):
         """``[U, 3, S, S]`` float32 (normalised) of the images ``indices``."""
-        import torch
+        from training.data import blip_normalised
 
-        from stages.images import FAMILIES
-
-        family = FAMILIES["blip"]
-        x = np.stack([self._resized(int(i)) for i in indices]).astype(np.float32) / np.float32(255)
-        x = (x - np.asarray(family["mean"], np.float32)) / np.asarray(family["std"], np.float32)
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        return blip_normalised(np.stack([self._resized(int(i)) for i in indices]))
 
 
 def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id: int, temp, images, questions):

@@ -140,7 +140,6 @@ class Trainer:
     plot_ylabel: ClassVar[str] = "loss"
     resumable: ClassVar[tuple[str, ...]] = ()   # settings besides RESUMABLE a --resume may change
     later_options: ClassVar[Mapping[str, Any]] = {}  # options added later, with their defaults
-    may_change: ClassVar[str] = "--checkpoint-every, --eval-* and, without --lr-decay cosine, --steps"
     data_title: ClassVar[str] = "data"
     batch_help: ClassVar[str] = "samples per step"
     weight_decay_help: ClassVar[str | None] = "on weight matrices only"
@@ -409,7 +408,9 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
     run: RunStart = start_run(s, load_checkpoint)
     out, ckpt_path, device, resume_state = run
     run_identity = json.dumps(cls.run_identity(s), sort_keys=True)
-    check_same_run(resume_state, run_identity, ckpt_path, cls.may_change)
+    options = {f.name for f in fields(s)} - {"out", "resume", "quiet"} - ({"steps"} if s.lr_decay == "cosine" else set())
+    may_change = [f"--{n.replace('_', '-')}" for n in RESUMABLE + cls.resumable if n in options]
+    check_same_run(resume_state, run_identity, ckpt_path, ", ".join(may_change))
     trainer = cls(s, device, resuming=resume_state is not None)
 
     torch.manual_seed(s.seed)

@@ -387,7 +387,6 @@ class SamTrainer(Trainer):
     progress_columns = ("train_miou",)
     plot_curves = (("loss", "tab:blue"), ("mask_loss", "tab:orange"), ("iou_loss", "tab:green"))
     resumable = ("init",)  # the --init file is compared by its fingerprint
-    may_change = "--steps, --checkpoint-every and --eval-*"
     data_title = "data (the shapes source)"
     batch_help = "images per step (each with --prompts-per-image prompt sets)"
 
