@@ -173,6 +173,32 @@ def safetensors_header(path: str | Path) -> dict:
     return header
 
 
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """``tensors`` (contiguous, on the CPU) and ``metadata`` as a safetensors file, written
+    beside ``path`` and renamed into place. The same input gives the same bytes, so a file's
+    fingerprint follows its content: safetensors writes ``__metadata__`` in hash-map order (a
+    new order in every process), so the header is written again with the metadata keys sorted."""
+    from safetensors.torch import save
+
+    data = save(dict(tensors), metadata=dict(metadata) if metadata else None)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    raw += b" " * (-len(raw) % 8)  # the tensor data stays 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(len(raw).to_bytes(8, "little") + raw)
+            fh.write(memoryview(data)[8 + size:])
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def file_fingerprint(path: str | Path) -> str:
     """The sha256 of the whole file (32 hex digits), computed once per file version
     (``artifacts.filehash`` remembers it by path, size, mtime and inode)."""

@@ -74,15 +74,14 @@ def write_half(source: Path, target: Path) -> None:
     """Copy a safetensors file with its float32 tensors as float16 (metadata kept), atomically."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from models.weights import save_safetensors
 
     with safe_open(str(source), framework="pt") as fh:
         metadata = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    tensors = {k: (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous() for k, v in tensors.items()}
-    tmp = target.with_name(f".{target.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(target)
+    save_safetensors({k: (v.to(torch.float16) if v.dtype == torch.float32 else v).contiguous()
+                      for k, v in tensors.items()}, target, metadata)
 
 
 def manifest_path(weights: Path) -> Path:

@@ -329,9 +329,9 @@ def _file_preset(path: Path) -> str | None:
 def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     """The T5 state dict (tied embeddings once) as safetensors, atomically."""
     from models.fid_t5 import fid_t5_state
-    from training.outputs import atomic_save_safetensors
+    from models.weights import save_safetensors
 
-    atomic_save_safetensors(fid_t5_state(model), path, metadata)
+    save_safetensors(fid_t5_state(model), path, metadata)
 
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
@@ -371,9 +371,7 @@ class FidTrainer(Trainer):
     settings = FidSettings
     checkpoint_format, checkpoint_version, checkpoint_kind = "pnpvqa-fid-training", 2, "a FiD T5"
     weights_file = "fid_t5.safetensors"
-    log_columns = ("loss", "accuracy", "lr")
-    summary_columns = ("loss",)
-    plot_curves = (("loss", "tab:blue"),)
+    log_columns = ("loss", "accuracy", "lr")  # accuracy: answers whose every token is right (teacher-forced)
     plot_ylabel = "answer cross-entropy (per token)"
     resumable = ("init",)  # the --init file is compared by its fingerprint
     data_title = "data (the shapes source and the captions of a question)"
@@ -384,8 +382,8 @@ class FidTrainer(Trainer):
         o.add(o.model, "--preset", choices=list(PRESETS), help="FiD T5 architecture (built-in configs)")
         o.add(o.model, "--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
               "default: the preset's seeded random initialisation")
-        d = o.data
         FidSettings.add_options(o, images="shapes images whose questions are trained on")
+        d = o.data
         o.add(d, "--grid", type=int, help="patch grid of the captioner (24 = BLIP 384 / 16)")
         o.add(d, "--num-captions", type=int, help="captions kept per question (caption stage)")
         o.add(d, "--num-patches", type=int, help="patches per caption (caption stage)")
@@ -421,7 +419,6 @@ class FidTrainer(Trainer):
         return {**super().run_identity(s), "init_weights": initial_fingerprint(s.preset, s.init)}
 
     def __init__(self, s: FidSettings, device, resuming: bool) -> None:
-
         super().__init__(s, device, resuming)
         self.model, self.tokenizer = initial_model(s.preset, s.init)
         self.model.to(device).train()
@@ -499,8 +496,7 @@ class FidTrainer(Trainer):
         }
 
     def summary(self, log) -> dict[str, Any]:
-        return {"loss_first": mean_or_none(log["loss"][:10]), "loss_last": mean_or_none(log["loss"][-10:]),
-                "answer_accuracy_last": mean_or_none(log["accuracy"][-10:])}
+        return {**super().summary(log), "answer_accuracy_last": mean_or_none(log["accuracy"][-10:])}
 
 
 main = FidTrainer.main

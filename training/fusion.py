@@ -6,7 +6,8 @@ colour / shape word swapped to one absent from the scene, or the question of ano
 whose answer differs; see :mod:`training.pairs`). The frozen ViT tokens and SAM embedding of
 the image are fused by the trainable module, the frozen BLIP ITM text encoder + head score the
 pairs, and the loss is the cross-entropy of the ITM logits against match / no match. Only the
-fusion module's parameters get gradients (AdamW, constant learning rate, gradient clipping).
+fusion module's parameters get gradients (AdamW with weight decay on every parameter, a constant
+learning rate unless ``--warmup`` / ``--lr-decay`` say otherwise, gradient clipping).
 
 Determinism: the fusion's initialisation comes from ``--seed``; step ``k``'s pairs are drawn
 from ``numpy.random.default_rng([seed, k])`` alone; frozen features are computed in fixed image

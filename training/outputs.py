@@ -68,17 +68,6 @@ def load_checkpoint(path: Path, *, format: str, version: int, kind: str) -> dict
     return state
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_json(path: Path, obj: Any) -> None:
     """``obj`` as indented JSON with sorted keys, atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -187,6 +176,8 @@ def write_losses_plot(path: Path, log: Mapping[str, Sequence[float]], curves: Se
 def save_module_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str],
                         extra: Mapping[str, torch.Tensor] | None = None) -> None:
     """``module``'s state dict (plus ``extra`` tensors) as safetensors on the CPU, atomically."""
+    from models.weights import save_safetensors
+
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     tensors.update({k: v.detach().cpu().contiguous().clone() for k, v in (extra or {}).items()})
-    atomic_save_safetensors(tensors, path, metadata)
+    save_safetensors(tensors, path, metadata)

@@ -71,7 +71,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -444,7 +444,7 @@ class QAViTTrainer(Trainer):
     progress_columns = ("accuracy",)
     plot_curves = (("loss", "tab:blue"), ("answer_loss", "tab:orange"), ("grounding_loss", "tab:red"))
     # options added after runs were made (the loop adds lr_decay); --init is also compared by its fingerprint
-    later_options: ClassVar[Mapping[str, Any]] = {"init": None, "patch_label_weight": 0.0, "patch_object_weight": 1.0}
+    later_options = {"init": None, "patch_label_weight": 0.0, "patch_object_weight": 1.0}
     data_title = "data (the shapes source)"
     batch_help = "questions per step"
 
@@ -575,10 +575,10 @@ class QAViTTrainer(Trainer):
                 f"{num('energy_in_mask')}, answer accuracy {num('answer_accuracy')}")
 
     def save_weights(self, path: Path, step: int) -> None:
-        from training.outputs import atomic_save_safetensors
+        from models.weights import save_safetensors
 
         s = self.s
-        atomic_save_safetensors(weights_tensors(self.trainee), path,
+        save_safetensors(weights_tensors(self.trainee), path,
                                 weights_metadata(s.preset, self.trainee, s.formulation, step, s.max_question_tokens))
 
     def plot_title(self) -> str:

@@ -28,7 +28,8 @@ the object's mask area-pooled to that size and thresholded at 0.5:
 
 Every parameter is trained, the image encoder included (from scratch for ``tiny`` / ``shapes``).
 AdamW (no weight decay on biases / norms), linear warmup over ``--warmup`` steps then a
-constant learning rate, gradient clipping.
+constant learning rate (``--lr-decay cosine``: a cosine decay to 0 at ``--steps``), gradient
+clipping.
 
 Initialisation: ``tiny`` / ``shapes`` without ``--init`` start from the preset's seeded random
 init (the same in every process); ``--init FILE`` loads a checkpoint (``efficient_sam_*.pt`` or

@@ -7,7 +7,6 @@ against what the caller expects (a graph knows its BLIP width and grid and its S
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -35,7 +34,7 @@ def build_fusion(config: FusionConfig) -> nn.Module:
 
 def save_fusion(module: nn.Module, config: FusionConfig, path: str | Path) -> Path:
     """Write ``module``'s weights and ``config`` to ``path`` (safetensors), atomically."""
-    from safetensors.torch import save_file
+    from models.weights import save_safetensors
 
     path = Path(path)
     own = getattr(module, "config", None)
@@ -43,12 +42,7 @@ def save_fusion(module: nn.Module, config: FusionConfig, path: str | Path) -> Pa
         raise ValueError(f"the module was built with {own}, not with the config given to save_fusion ({config})")
     state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "fusion_config": config.to_json()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors(state, path, {"format": FORMAT, "fusion_config": config.to_json()})
     return path
 
 
