@@ -53,7 +53,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import add_blip_model_options, add_patch_label_options, check_patch_label_options
+from training.common import BLIP_PRESETS, add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 from shapes.captions import (MIN_OVERLAP, PROMPT, caption_for_patches, mentioned_objects,  # noqa: F401
@@ -247,9 +247,9 @@ class CaptionTrainer(Trainer):
 
     @classmethod
     def add_options(cls, o: Options) -> None:
-        add_blip_model_options(o, architecture="BLIP captioner", init_help="initial weights (LAVIS caption .pth or "
-                               "caption.safetensors); default: the preset's own (tiny: seeded random init; "
-                               "base/large: the standard file)")
+        add_model_options(o, BLIP_PRESETS, architecture="BLIP captioner", init_help="initial weights (LAVIS "
+                          "caption .pth or caption.safetensors); default: the preset's own (tiny: seeded random init; "
+                          "base/large: the standard file)")
         o.add(o.model, "--vision-from", metavar="FILE", help="take the ViT (visual_encoder.*) from this BLIP "
               "checkpoint, e.g. a trained itm.safetensors of the same preset")
         o.add(o.model, "--freeze-vision", action="store_true", help="keep the ViT fixed (train the decoder only)")

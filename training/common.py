@@ -12,12 +12,18 @@ import numpy as np
 
 # --- options ----------------------------------------------------------------------------------
 
-def add_blip_model_options(o, *, architecture: str, init_help: str) -> None:
-    """The model options of a command that trains a BLIP model: ``--preset``, ``--init``, ``--weights``
-    (``o``: a :class:`training.loop.Options`)."""
-    o.add(o.model, "--preset", choices=["tiny", "shapes", "base", "large"], help=f"{architecture} architecture")
+BLIP_PRESETS = ("tiny", "shapes", "base", "large")
+
+
+def add_model_options(o, presets: Sequence[str], *, architecture: str, init_help: str,
+                      weights_folder: bool = True) -> None:
+    """The model options of a command that trains one model (``o``: a
+    :class:`training.loop.Options`): ``--preset``, ``--init`` and, for presets whose standard
+    files live in the weights folder, ``--weights``."""
+    o.add(o.model, "--preset", choices=list(presets), help=f"{architecture} architecture")
     o.add(o.model, "--init", metavar="FILE", help=init_help)
-    o.add(o.model, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+    if weights_folder:
+        o.add(o.model, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
 
 
 def initial_blip_fingerprint(kind: str, preset: str, init: str | None) -> str:

@@ -69,7 +69,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import mean_or_none
+from training.common import add_model_options, mean_or_none
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 
@@ -379,9 +379,9 @@ class FidTrainer(Trainer):
 
     @classmethod
     def add_options(cls, o: Options) -> None:
-        o.add(o.model, "--preset", choices=list(PRESETS), help="FiD T5 architecture (built-in configs)")
-        o.add(o.model, "--init", metavar="FILE", help="initial weights (a fid_t5.safetensors of the same preset); "
-              "default: the preset's seeded random initialisation")
+        add_model_options(o, PRESETS, architecture="FiD T5 (built-in configs)", weights_folder=False,
+                          init_help="initial weights (a fid_t5.safetensors of the same preset); default: the "
+                          "preset's seeded random initialisation")
         FidSettings.add_options(o, images="shapes images whose questions are trained on")
         d = o.data
         o.add(d, "--grid", type=int, help="patch grid of the captioner (24 = BLIP 384 / 16)")

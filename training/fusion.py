@@ -47,11 +47,11 @@ from typing import Any
 
 import numpy as np
 
+from training.common import BLIP_PRESETS
 from training.data import SourceSettings
 from training.loop import Options, Step, Trainer
 
 EVAL_BATCH = 32  # pairs per evaluation forward
-BLIP_PRESETS = ("tiny", "shapes", "base", "large")
 SAM_PRESETS = ("tiny", "shapes", "vitt", "vits")
 CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics, and the gain over the baseline
 

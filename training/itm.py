@@ -72,7 +72,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from training.common import add_blip_model_options, add_patch_label_options, check_patch_label_options
+from training.common import BLIP_PRESETS, add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import SourceSettings
 from training.loop import Options, Step, Trainer
 from training.pairs import draw_pairs, positive_indices
@@ -263,9 +263,9 @@ class ItmTrainer(Trainer):
 
     @classmethod
     def add_options(cls, o: Options) -> None:
-        add_blip_model_options(o, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or "
-                               "itm.safetensors); default: the preset's own (tiny: seeded random init; base/large: "
-                               "the standard file)")
+        add_model_options(o, BLIP_PRESETS, architecture="BLIP ITM", init_help="initial weights (LAVIS .pth or "
+                          "itm.safetensors); default: the preset's own (tiny: seeded random init; base/large: the "
+                          "standard file)")
         ItmSettings.add_options(o)
         o.add(o.data, "--image-cache", type=int, metavar="IMAGES", help="preprocessed images kept in memory")
         t = o.optimisation

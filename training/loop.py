@@ -408,7 +408,7 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
     run: RunStart = start_run(s, load_checkpoint)
     out, ckpt_path, device, resume_state = run
     run_identity = json.dumps(cls.run_identity(s), sort_keys=True)
-    options = {f.name for f in fields(s)} - {"out", "resume", "quiet"} - ({"steps"} if s.lr_decay == "cosine" else set())
+    options = {f.name for f in fields(s)} - {"out", "resume", "quiet", *(["steps"] if s.lr_decay == "cosine" else [])}
     may_change = [f"--{n.replace('_', '-')}" for n in RESUMABLE + cls.resumable if n in options]
     check_same_run(resume_state, run_identity, ckpt_path, ", ".join(may_change))
     trainer = cls(s, device, resuming=resume_state is not None)

@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
-from training.common import add_patch_label_options, check_patch_label_options
+from training.common import add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 
@@ -450,9 +450,9 @@ class QAViTTrainer(Trainer):
 
     @classmethod
     def add_options(cls, o: Options) -> None:
-        o.add(o.model, "--preset", choices=list(TRAIN_PRESETS), help="QA-ViT architecture (seeded random init)")
-        o.add(o.model, "--init", metavar="FILE", help="start from this qavit.safetensors (a previous run's) instead "
-              "of the seeded random initialisation")
+        add_model_options(o, TRAIN_PRESETS, architecture="QA-ViT (seeded random init)", weights_folder=False,
+                          init_help="start from this qavit.safetensors (a previous run's) instead of the seeded "
+                          "random initialisation")
         o.add(o.model, "--integration-point", choices=["all", "early", "late", "late2", "late3", "sparse"],
               help="layers that read the question")
         o.add(o.model, "--formulation", choices=["gated", "reference"],

@@ -69,6 +69,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from training.common import add_model_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 
@@ -393,11 +394,9 @@ class SamTrainer(Trainer):
 
     @classmethod
     def add_options(cls, o: Options) -> None:
-        o.add(o.model, "--preset", choices=list(PRESETS), help="EfficientSAM architecture")
-        o.add(o.model, "--init", metavar="FILE", help="initial weights (efficient_sam_*.pt or "
-              "efficient_sam.safetensors); default: tiny / shapes: the seeded random init; vitt / vits: the standard "
-              "file")
-        o.add(o.model, "--weights", metavar="DIR", help="folder of real checkpoints (sets $PNPVQA_WEIGHTS)")
+        add_model_options(o, PRESETS, architecture="EfficientSAM", init_help="initial weights (efficient_sam_*.pt "
+                          "or efficient_sam.safetensors); default: tiny / shapes: the seeded random init; vitt / vits: "
+                          "the standard file")
         SamSettings.add_options(o, images="shapes scenes to train on")
         o.add(o.data, "--prompts-per-image", type=int, metavar="Q",
               help="prompt sets per image in a step (each image is encoded once)")
