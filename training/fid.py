@@ -63,7 +63,7 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -84,9 +84,9 @@ _WORD = re.compile(r"[a-z]+")
 
 # --- the captions of a question ---------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(kw_only=True)
 class Recipe:
-    """How the captions of a sample are drawn (see the module docstring)."""
+    """How the captions of a sample are drawn (see the module docstring); part of the settings."""
 
     num_captions: int = 5
     num_patches: int = 20
@@ -210,23 +210,15 @@ def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, re
 # --- settings ---------------------------------------------------------------------------------
 
 @dataclass
-class FidSettings(ShapesSettings):
+class FidSettings(ShapesSettings, Recipe):
     preset: str = "tiny"
     init: str | None = None
     grid: int = GRID
-    num_captions: int = 5
-    num_patches: int = 20
-    max_rounds: int = 10
-    uniform_fraction: float = 0.15
-    spread_min: float = 0.002
-    spread_max: float = 1.0
-    min_overlap: float = 0.1
     batch_size: int = 32
 
     @property
     def recipe(self) -> Recipe:
-        return Recipe(self.num_captions, self.num_patches, self.max_rounds, self.uniform_fraction, self.spread_min,
-                      self.spread_max, self.min_overlap)
+        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
 
 
 # --- batches and evaluation -------------------------------------------------------------------
