@@ -25,7 +25,7 @@ its weights file is written. :func:`train` owns the rest, the same for every mod
 Checkpoint layout (``torch.load(weights_only=True)``): ``format``, ``version``, ``step``, one
 state dict per trained module under its name (:meth:`Trainer.modules`: ``model``, ``probe``),
 the trainer's :meth:`Trainer.state`, ``optimizer``, ``rng``, ``run`` (the run identity as JSON),
-``log`` (float64 ``[steps, columns]``: the trainer's columns, then ``lr``), ``evals``,
+``log`` (float64 ``[steps, columns]``: the trainer's columns and ``lr``), ``evals``,
 ``invocations`` (JSON) and ``train_seconds``.
 """
 
