@@ -11,8 +11,8 @@ from plugins import Registry
 
 
 @dataclass(frozen=True)
-class Trainer:
-    """A ``runtime train NAME`` command (or another command whose code sits above the runtime)."""
+class Command:
+    """A ``runtime train NAME`` command, or another command whose code sits above the runtime."""
 
     name: str
     description: str
@@ -24,21 +24,21 @@ class Trainer:
 
 
 # ``runtime train`` commands; other packages add theirs through the ``pnpvqa.trainers`` entry points
-# (a Trainer object, named as the entry point)
-TRAINERS: Registry[Trainer] = Registry("trainer", "pnpvqa.trainers", lambda t: t.name)
+# (a Command object, named as the entry point)
+TRAINERS: Registry[Command] = Registry("trainer", "pnpvqa.trainers", lambda t: t.name)
 for _trainer in (
-    Trainer("itm", "a BLIP ITM model (every parameter; ITM + ITC, optional grounding and patch-probe losses)",
+    Command("itm", "a BLIP ITM model (every parameter; ITM + ITC, optional grounding and patch-probe losses)",
             "training.itm:main"),
-    Trainer("caption", "the BLIP captioner, on captions of the objects visible in sampled patches",
+    Command("caption", "the BLIP captioner, on captions of the objects visible in sampled patches",
             "training.caption:main"),
-    Trainer("sam", "EfficientSAM, on point prompts from object pixels", "training.sam:main"),
-    Trainer("fid", "the UnifiedQA FiD T5, on question + captions -> answer", "training.fid:main"),
-    Trainer("fusion", "a BLIP + SAM feature fusion module (frozen BLIP ITM and EfficientSAM)", "training.fusion:main"),
-    Trainer("qavit", "QA-ViT (vision tower, instruction modules, question encoder)", "training.qavit:main"),
-    Trainer("bundle", "ship a finished run as a shapes preset file with its manifest (models/assets/shapes)",
+    Command("sam", "EfficientSAM, on point prompts from object pixels", "training.sam:main"),
+    Command("fid", "the UnifiedQA FiD T5, on question + captions -> answer", "training.fid:main"),
+    Command("fusion", "a BLIP + SAM feature fusion module (frozen BLIP ITM and EfficientSAM)", "training.fusion:main"),
+    Command("qavit", "QA-ViT (vision tower, instruction modules, question encoder)", "training.qavit:main"),
+    Command("bundle", "ship a finished run as a shapes preset file with its manifest (models/assets/shapes)",
             "training.bundle:main"),
 ):
     TRAINERS.add(_trainer, "runtime/commands.py")
 
 # ``runtime quality``: the report sits on top of the runtime and the trainers' checks
-QUALITY = Trainer("quality", "every variant on held-out shapes data -> docs/quality.md", "reports.quality:main")
+QUALITY = Command("quality", "every variant on held-out shapes data -> docs/quality.md", "reports.quality:main")

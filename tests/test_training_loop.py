@@ -72,9 +72,6 @@ class ToyTrainer(Trainer):
             loss = loss * float("inf")
         return Step(loss, {"loss": loss, "abs_error": (pred - y).abs().mean().detach()})
 
-    def can_evaluate(self):
-        return True
-
     def evaluate(self, step):
         with torch.no_grad():
             error = float((self.model(self.eval_x)[:, 0] - self.eval_y).abs().mean())

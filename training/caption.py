@@ -365,10 +365,9 @@ class CaptionTrainer(Trainer):
         mask = labels != -100
         return Step(objective, {"loss": loss, "accuracy": ((logits.argmax(-1) == labels) & mask).sum() / mask.sum()})
 
-    def can_evaluate(self) -> bool:
-        return self.eval_subsets is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.eval_subsets is None:
+            return None
         return evaluate(self.model, self.tokenizer, self.eval_data, self.eval_subsets, self.prompt_ids, self.device,
                         step)
 

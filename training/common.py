@@ -1,6 +1,6 @@
-"""What the training commands share besides the loop (:mod:`training.loop`): option groups of
-BLIP models and dataset sources, the initial BLIP weights, AdamW parameter groups, the
-learning-rate schedule and the cadence of periodic actions."""
+"""What the training commands share besides the loop (:mod:`training.loop`) and the data
+settings (:mod:`training.data`): the model and patch-probe options, the initial BLIP weights,
+AdamW parameter groups, the learning-rate schedule and the cadence of periodic actions."""
 
 from __future__ import annotations
 

@@ -90,6 +90,22 @@ class SourceSettings(LoopSettings):
         o.add(o.evaluation, "--eval-images", type=int, help="images of the held-out set (default: --num-images; "
               "0 = no evaluation)")
 
+    def train_params(self) -> Any:
+        """The source's params of the training set."""
+        return source_params(self.source, self.seed, self.num_images, self.source_params)
+
+    def held_out_data(self, mask_grid: int | None = None) -> HeldOut | None:
+        """The held-out set: the same source with seed ``held_out_seed`` and ``--eval-images``
+        images (default ``--num-images``); None for ``--eval-images 0``."""
+        eval_images = self.num_images if self.eval_images is None else self.eval_images
+        if eval_images == 0:
+            return None
+        fields = SOURCES[self.source].Params.model_fields
+        extra = {k: v for k, v in self.source_params.items() if k not in ("seed", "num_images")}
+        params = source_params(self.source, self.held_out_seed, eval_images if "num_images" in fields else None,
+                               extra)
+        return HeldOut(load_data(self.source, params, self.limit, mask_grid=mask_grid), params, "seed" in fields)
+
     def check_data(self) -> None:
         if self.eval_images is not None and self.eval_images < 0:
             raise ValueError(f"--eval-images must be >= 0, got {self.eval_images}")
@@ -132,20 +148,6 @@ class HeldOut(NamedTuple):
     data: TrainData
     params: Any
     held_out: bool
-
-
-def held_out_data(s: Any, params: Any, mask_grid: int | None = None) -> HeldOut | None:
-    """The held-out set of a run on any source (settings ``s``: ``source``, ``source_params``,
-    ``num_images``, ``eval_images``, ``held_out_seed``, ``limit``; ``params``: the training
-    source's): the same source with seed ``s.held_out_seed`` and ``--eval-images`` images
-    (default ``--num-images``); None for ``--eval-images 0``."""
-    eval_images = s.num_images if s.eval_images is None else s.eval_images
-    if eval_images == 0:
-        return None
-    fields = type(params).model_fields
-    extra = {k: v for k, v in s.source_params.items() if k not in ("seed", "num_images")}
-    eval_params = source_params(s.source, s.held_out_seed, eval_images if "num_images" in fields else None, extra)
-    return HeldOut(load_data(s.source, eval_params, s.limit, mask_grid=mask_grid), eval_params, "seed" in fields)
 
 
 def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int | None = None) -> TrainData:

@@ -449,10 +449,9 @@ class FidTrainer(Trainer):
         right = (logits.detach().argmax(-1) == labels) | (labels == -100)
         return Step(loss, {"loss": loss, "accuracy": right.all(dim=1).float().mean()})
 
-    def can_evaluate(self) -> bool:
-        return self.eval_items is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.eval_items is None:
+            return None
         return evaluate(self.model, self.tokenizer, self.eval_items, self.device, step)
 
     @classmethod

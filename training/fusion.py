@@ -226,7 +226,7 @@ class FusionTrainer(Trainer):
     # the frozen models are compared by their weights' fingerprints, not by file paths
     resumable = ("feature_cache", "blip_checkpoint", "sam_checkpoint", "block_num")
     batch_help = "positives per step (as many negatives)"
-    weight_decay_help = "on every parameter"
+    weight_decay_help = "AdamW weight decay, on every parameter"
 
     @classmethod
     def add_options(cls, o: Options) -> None:
@@ -285,7 +285,7 @@ class FusionTrainer(Trainer):
         from models.blip import load_blip_itm, load_blip_tokenizer_for
         from models.efficient_sam import load_efficient_sam
         from models.fusion import FusionConfig
-        from training.data import FeatureStore, held_out_data, load_data, source_params
+        from training.data import FeatureStore, load_data
         from training.pairs import draw_pairs
 
         super().__init__(s, device, resuming)
@@ -303,16 +303,15 @@ class FusionTrainer(Trainer):
             sam_grid=s.sam_grid, Lf=s.Lf, T=s.T, N=s.N, sam_cls=s.sam_cls,
             formulation=s.formulation if s.mode == "difnet" else "gated",
             identity_map_reordering=s.identity_map_reordering)
-        self.params = source_params(s.source, s.seed, s.num_images, s.source_params)
+        self.params = s.train_params()
         self.data = load_data(s.source, self.params, s.limit)
         self.store = FeatureStore(self.data, itm, sam, device, chunk=s.feature_batch, max_cached=s.feature_cache)
         # the held-out set: the same source with another seed (the training data when it has none)
         self.block_num = itm.config.gradcam_block if s.block_num is None else s.block_num
-        if (s.num_images if s.eval_images is None else s.eval_images) != 0:
-            itm.check_block_num(self.block_num)
-        self.held_out = held_out_data(s, self.params, mask_grid=itm.grid)
+        self.held_out = s.held_out_data(mask_grid=itm.grid)
         self.eval_store = self.eval_pairs = None
         if self.held_out is not None:
+            itm.check_block_num(self.block_num)
             samples = self.held_out.data.samples
             self.eval_store = FeatureStore(self.held_out.data, itm, sam, device, chunk=s.feature_batch,
                                            max_cached=s.feature_cache)
@@ -361,11 +360,11 @@ class FusionTrainer(Trainer):
         loss = F.cross_entropy(logits.float(), labels)
         return Step(loss, {"loss": loss, "accuracy": (logits.argmax(dim=1) == labels).float().mean()})
 
-    def can_evaluate(self) -> bool:
-        return self.eval_pairs is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
         """The fused tokens' metrics; the unfused baseline's first, once per run."""
+        if self.eval_pairs is None:
+            return None
+
         def run(fusion):
             return evaluate(self.itm, self.tokenizer, fusion, self.eval_store, self.eval_pairs,
                             self.held_out.data.samples, self.device, step, self.block_num)

@@ -301,7 +301,7 @@ class ItmTrainer(Trainer):
     def __init__(self, s: ItmSettings, device, resuming: bool) -> None:
         from models.blip import build_model, load_blip_tokenizer_for
         from training.common import initial_blip
-        from training.data import held_out_data, load_data, source_params
+        from training.data import load_data
 
         super().__init__(s, device, resuming)
         model = build_model("itm", s.preset, device, empty=True) if resuming \
@@ -310,9 +310,9 @@ class ItmTrainer(Trainer):
         self.block_num = model.config.gradcam_block if s.block_num is None else s.block_num
         if s.grounding_weight > 0 or s.eval_images != 0:
             model.check_block_num(self.block_num)
-        self.params = source_params(s.source, s.seed, s.num_images, s.source_params)
+        self.params = s.train_params()
         self.data = load_data(s.source, self.params, s.limit, mask_grid=model.grid)
-        self.held_out = held_out_data(s, self.params, mask_grid=model.grid)
+        self.held_out = s.held_out_data(mask_grid=model.grid)
         if s.grounding_weight > 0 and not any(x.cells is not None for x in self.data.samples):
             raise ValueError(f"--grounding-weight needs ground-truth masks (gt_mask); source {s.source!r} has none")
         self.tokenizer = load_blip_tokenizer_for(s.preset)
@@ -416,10 +416,9 @@ class ItmTrainer(Trainer):
             self.temp.clamp_(0.001, 0.5)
         return {"temp": float(self.temp.detach())}
 
-    def can_evaluate(self) -> bool:
-        return self.eval_pairs is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.eval_pairs is None:
+            return None
         return evaluate(self.model, self.tokenizer, self.eval_store, self.eval_pairs, self.held_out.data.samples,
                         self.device, step, self.block_num)
 

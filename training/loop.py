@@ -41,7 +41,7 @@ import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Sequence
+from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -108,10 +108,10 @@ class Options:
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not ``None`` (no default) nor on required options."""
+    """Shows defaults, but not ``None`` (no default), nor on required options and flags."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.required:
+        if action.default is None or action.required or isinstance(action, argparse._StoreTrueAction):
             return action.help
         return super()._get_help_string(action)
 
@@ -142,7 +142,7 @@ class Trainer:
     later_options: ClassVar[Mapping[str, Any]] = {}  # options added later, with their defaults
     data_title: ClassVar[str] = "data"
     batch_help: ClassVar[str] = "samples per step"
-    weight_decay_help: ClassVar[str | None] = "on weight matrices only"
+    weight_decay_help: ClassVar[str] = "AdamW weight decay, on weight matrices only"
 
     def __init__(self, s: Any, device: Any, resuming: bool) -> None:
         """Build the data, the held-out set and the initial model (an empty one when ``resuming``)."""
@@ -212,13 +212,10 @@ class Trainer:
 
     # --- evaluation and outputs ---------------------------------------------------------------
 
-    def can_evaluate(self) -> bool:
-        """Whether there is a held-out set."""
-        return False
-
-    def evaluate(self, step: int) -> dict[str, Any]:
-        """Held-out metrics after ``step`` steps (must not change the training state)."""
-        raise NotImplementedError
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        """Held-out metrics after ``step`` steps (must not change the training state); ``None``
+        when the run has no held-out set."""
+        return None
 
     @classmethod
     def describe(cls, result: Mapping[str, Any]) -> str | None:
@@ -302,17 +299,11 @@ class Trainer:
 
 # --- the run ----------------------------------------------------------------------------------
 
-class RunStart(NamedTuple):
-    out: Path
-    checkpoint_path: Path
-    device: Any  # torch.device
-    resume_state: dict[str, Any] | None
-
-
-def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunStart:
+def start_run(cls: type[Trainer], s: Any) -> tuple[Path, Path, Any, dict[str, Any] | None]:
     """Check that the loss plot can be drawn, set ``$PNPVQA_WEIGHTS``, create the output folder,
-    pick the device and read the checkpoint to resume (``s``: a command's settings)."""
-    from training.outputs import check_plotting
+    pick the device and read the checkpoint to resume; returns the folder, the checkpoint's path,
+    the torch device and the checkpoint (``None`` for a new run)."""
+    from training.outputs import check_plotting, load_checkpoint
 
     check_plotting()
     if getattr(s, "weights", None):
@@ -323,11 +314,12 @@ def start_run(s: Any, load_checkpoint: Callable[[Path], dict[str, Any]]) -> RunS
     device = select_device(s.device)
     resume_state = None
     if s.resume:
-        resume_state = load_checkpoint(ckpt_path)
+        resume_state = load_checkpoint(ckpt_path, format=cls.checkpoint_format, version=cls.checkpoint_version,
+                                       kind=cls.checkpoint_kind)
     elif ckpt_path.exists():
         raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
                          "or choose another --out")
-    return RunStart(out, ckpt_path, device, resume_state)
+    return out, ckpt_path, device, resume_state
 
 
 @dataclass
@@ -401,12 +393,7 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
     check_loop_settings(s)
     cls.check(s)
 
-    def load_checkpoint(path: Path) -> dict[str, Any]:
-        return outputs.load_checkpoint(path, format=cls.checkpoint_format, version=cls.checkpoint_version,
-                                       kind=cls.checkpoint_kind)
-
-    run: RunStart = start_run(s, load_checkpoint)
-    out, ckpt_path, device, resume_state = run
+    out, ckpt_path, device, resume_state = start_run(cls, s)
     run_identity = json.dumps(cls.run_identity(s), sort_keys=True)
     options = {f.name for f in fields(s)} - {"out", "resume", "quiet", *(["steps"] if s.lr_decay == "cosine" else [])}
     may_change = [f"--{n.replace('_', '-')}" for n in RESUMABLE + cls.resumable if n in options]
@@ -441,9 +428,11 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
     weights = out / cls.weights_file
 
     def run_eval(step: int) -> None:
-        if not trainer.can_evaluate() or any(e["step"] == step for e in evals):
+        if any(e["step"] == step for e in evals):
             return
         result = trainer.evaluate(step)
+        if result is None:
+            return
         evals.append(result)
         said = trainer.describe(result)
         if not s.quiet and said:

@@ -556,10 +556,9 @@ class QAViTTrainer(Trainer):
                            "accuracy": float((logits.argmax(dim=1) == answers).float().mean()),
                            "attention_in_mask": in_mask})
 
-    def can_evaluate(self) -> bool:
-        return self.held_out is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.held_out is None:
+            return None
         return evaluate(self.trainee.qavit, self.tokenizer, self.s.preset, self.held_out, self.device, step,
                         answer_head=self.trainee.answer_head, max_question_tokens=self.s.max_question_tokens)
 

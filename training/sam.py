@@ -467,10 +467,9 @@ class SamTrainer(Trainer):
         return Step(loss, {"loss": loss, "mask_loss": mask_loss.detach(), "iou_loss": iou_loss.detach(),
                            "train_miou": train_miou})
 
-    def can_evaluate(self) -> bool:
-        return self.eval_list is not None
-
-    def evaluate(self, step: int) -> dict[str, Any]:
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        if self.eval_list is None:
+            return None
         return evaluate(self.model, self.eval_data, self.eval_list, self.device, step)
 
     @classmethod
