@@ -22,7 +22,7 @@ import random
 from typing import Any, Iterator
 
 from runtime.shards import iter_shards
-from runtime.sources.base import Source
+from sources.base import Source
 
 
 class Records(Source):

@@ -129,13 +129,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("model", choices=TRAINERS, help="what to train (`runtime train` lists them)")
     t.add_argument("args", nargs=argparse.REMAINDER, help="options of the training command")
 
-    q = sub.add_parser("quality", help="VQA accuracy and heatmap quality of every variant on held-out shapes data "
-                       "(writes docs/quality.md; `runtime quality --help`)", add_help=False)
-    q.add_argument("args", nargs=argparse.REMAINDER, help="options of the quality command")
+    from runtime.commands import REPORTS
 
-    from runtime.report.cli import add_report_parsers
-
-    add_report_parsers(sub)
+    for report in REPORTS.values():  # listed here; `main` hands them their arguments before any parsing
+        sub.add_parser(report.name, help=report.description, add_help=False) \
+            .add_argument("args", nargs=argparse.REMAINDER, help=f"options of the {report.name} command")
 
     from runtime.cache_commands import add_cache_parser
     from runtime.export import add_export_parser
@@ -277,16 +275,15 @@ def _cmd_stages(a) -> int:
 
 def _cmd_sources(a) -> int:
     from artifacts.columns import describe_type
-    from runtime.sources import SOURCES
+    from sources import BASE_COLUMNS, SOURCES
 
     for n in _selected(a.name, list(SOURCES), "source"):
         cls = SOURCES[n]
-        print(f"{n}\n  {cls.describe()}\n  params:")
+        print(f"{n}\n  {cls.describe()}\n  defined in: {SOURCES.origin(n)}\n  params:")
         print("\n".join(describe_params(cls.Params)))
         try:
             cols = cls(cls.Params()).columns()
         except Exception:  # noqa: BLE001 - sources with required params: show the base columns
-            from runtime.sources.base import BASE_COLUMNS
             cols = BASE_COLUMNS
         print("  columns:")
         for k, c in cols.items():
@@ -320,19 +317,7 @@ def _cmd_train(a) -> int:
     return TRAINERS[a.model].main()(a.args) or 0
 
 
-def _cmd_report(a) -> int:
-    from runtime.report import report_main
-
-    return report_main(a)
-
-
-def _cmd_compare(a) -> int:
-    from runtime.report import compare_main
-
-    return compare_main(a)
-
-
-COMMANDS = {"export": _cmd_export, "run": _cmd_run, "train": _cmd_train, "report": _cmd_report, "compare": _cmd_compare, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
+COMMANDS = {"export": _cmd_export, "run": _cmd_run, "train": _cmd_train, "validate": _cmd_validate, "show": _cmd_show, "stages": _cmd_stages,
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 
@@ -341,17 +326,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(_train_usage())
         return 0 if len(argv) > 1 else 2
-    if argv[:1] == ["quality"]:  # its options start with "--": argparse's REMAINDER would not take them
-        from runtime.commands import QUALITY
+    from runtime.commands import REPORTS
 
-        return QUALITY.main()(argv[1:])
-    parser = _parser()
-    a = parser.parse_args(argv)
-    if a.command is None:
-        parser.print_help()
-        return 2
+    # a report parses its own options (argparse's REMAINDER would not take a first one starting with "--")
+    report, a = REPORTS.get(argv[0]) if argv else None, None
+    if report is None:
+        parser = _parser()
+        a = parser.parse_args(argv)
+        if a.command is None:
+            parser.print_help()
+            return 2
     try:
-        return COMMANDS[a.command](a)
+        return report.main()(argv[1:]) if report else COMMANDS[a.command](a)
     except GraphError as exc:
         n = len(exc.problems)
         print(f"error: {'the graph has ' + str(n) + ' problems' if n > 1 else 'invalid graph'}:", file=sys.stderr)

@@ -1,8 +1,8 @@
 """What a stage's results depend on besides its params and inputs: its code and libraries.
 
 The code identity of a stage is computed, never hand-kept: the module that defines the stage
-class and, transitively, every module of this project (``stages``, ``models``, ``artifacts``,
-or the stage's own top-level package for plugins) that it imports anywhere in its source,
+class and, transitively, every module of this project (``stages``, ``grids``, ``models``,
+``artifacts``, or the stage's own top-level package for plugins) that it imports anywhere in its source,
 lazy imports inside functions included. Each module counts by its syntax tree without
 docstrings, so editing a comment or a docstring keeps cached results, and any change to the
 code does not. Third-party imports found on the way name the libraries whose versions join
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from artifacts.filehash import remembered
 
-PROJECT_PACKAGES = ("stages", "models", "artifacts")
+PROJECT_PACKAGES = ("stages", "grids", "models", "artifacts")
 # import name -> distributions whose version can change a stage's numbers
 NUMERIC_LIBRARIES = {
     "torch": ("torch",),

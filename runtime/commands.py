@@ -1,5 +1,6 @@
-"""Commands whose code sits above the runtime (``runtime train NAME``, ``runtime quality``),
-named here and imported only when they run: the runtime never imports training or reports.
+"""Commands whose code sits above the runtime (``runtime train NAME``, ``runtime report``,
+``compare``, ``quality``), named here and imported only when they run: the runtime never imports
+training or reports.
 """
 
 from __future__ import annotations
@@ -40,5 +41,11 @@ for _trainer in (
 ):
     TRAINERS.add(_trainer, "runtime/commands.py")
 
-# ``runtime quality``: the report sits on top of the runtime and the trainers' checks
-QUALITY = Command("quality", "every variant on held-out shapes data -> docs/quality.md", "reports.quality:main")
+# ``runtime report``, ``compare`` and ``quality``: the reports sit on top of the runtime (and the trainers'
+# checks); each parses its own options
+REPORTS: dict[str, Command] = {c.name: c for c in (
+    Command("quality", "VQA accuracy and heatmap quality of every variant on held-out shapes data "
+            "(writes docs/quality.md; `runtime quality --help`)", "reports.quality:main"),
+    Command("report", "an HTML report of one or more runs (summary, samples, heatmaps, plots)", "reports.cli:report_main"),
+    Command("compare", "metrics of runs side by side and the samples whose answers differ", "reports.cli:compare_main"),
+)}

@@ -23,9 +23,9 @@ from artifacts.columns import describe_type, match_spec
 from artifacts.fingerprint import fingerprint
 from runtime.errors import GraphError, Problem
 from runtime.params_doc import type_name
-from runtime.sources import SOURCES
-from runtime.sources.base import Source
 from runtime.yaml_io import DuplicateKeyError, load_yaml, parse_value
+from sources import SOURCES
+from sources.base import Source
 from stages import STAGES
 from stages.base import Granularity, Stage
 

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from runtime.errors import UsageError
+from sources.base import ERROR, WHERE
 
 log = logging.getLogger(__name__)
 
-WHERE = "_where"
-ERROR = "_error"
 TEXT_FIELDS = ("question", "question_type", "answer_type", "image_path")
 
 

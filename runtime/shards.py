@@ -29,7 +29,7 @@ from artifacts.columns import python_to_column
 from artifacts.filehash import hash_files, sha256_bytes
 from artifacts.fingerprint import fingerprint
 from runtime.records import ERROR, clean_records
-from runtime.sources.base import Source
+from sources.base import Source
 
 MAX_FACTOR = 4  # a shard is cut at MAX_FACTOR * shard_size samples when no cut sample came
 IMAGE_COLUMNS = ("image_path", "image_bytes")

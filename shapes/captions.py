@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from grids import pool_to_grid
 from shapes.scene import COLORS, SHAPES
 
 PROMPT = "a picture of "
@@ -18,8 +19,6 @@ def object_coverage(scene: Mapping[str, Any] | str, grid: int, image_size: int |
                     masks: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """``[O, grid * grid]`` float: the share of each patch (row-major, CLS excluded) covered by
     each object of ``scene`` (exact area; from ``masks`` when given, else from the bboxes)."""
-    from stages.grid import pool_to_grid
-
     scene = json.loads(scene) if isinstance(scene, str) else scene
     objects = scene.get("objects", [])
     size = int(image_size if image_size is not None else scene["image_size"])

@@ -1,5 +1,6 @@
-"""Plugins: a package installed beside the project adds a stage that graphs can name, without
-editing the project (examples/heatmap_plugin); broken or clashing plugins are named."""
+"""Plugins: a package installed beside the project adds a stage (examples/heatmap_plugin) or a
+dataset source (examples/folder_source_plugin) that graphs can name, without editing the project;
+broken or clashing plugins are named."""
 
 from __future__ import annotations
 
@@ -17,15 +18,18 @@ from conftest import ROOT
 from plugins import Registry, RegistryError
 
 PLUGIN = ROOT / "examples" / "heatmap_plugin"
+SOURCE_PLUGIN = ROOT / "examples" / "folder_source_plugin"
 
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
-    """The example plugin installed (pip, no index, no network) into a folder of its own."""
-    target, source = tmp_path_factory.mktemp("site"), tmp_path_factory.mktemp("src") / "plugin"
-    shutil.copytree(PLUGIN, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # pip builds in place
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
-                    "--no-build-isolation", "--target", str(target), str(source)], check=True, capture_output=True)
+    """The example plugins installed (pip, no index, no network) into a folder of their own."""
+    target = tmp_path_factory.mktemp("site")
+    for plugin in (PLUGIN, SOURCE_PLUGIN):
+        source = tmp_path_factory.mktemp("src") / plugin.name
+        shutil.copytree(plugin, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))  # pip builds in place
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
+                        "--no-build-isolation", "--target", str(target), str(source)], check=True, capture_output=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)])}
     return env
 
@@ -52,6 +56,31 @@ def test_plugin_stage_is_listed_with_its_origin_and_runs_in_a_graph(installed, t
         assert (ratio <= 1 + 1e-6).all() and (ratio >= 0.5).all()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["graph"]["nodes"]["prior"]["stage"] == "center_prior"
+
+
+def test_plugin_source_is_listed_with_its_origin_and_feeds_a_graph(installed, tmp_path):
+    import cv2
+
+    listed = runtime(installed, "sources", "image_folder")
+    assert listed.returncode == 0, listed.stderr
+    assert "defined in: image_folder_source" in listed.stdout and "entry point 'image_folder" in listed.stdout
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("blue.png", (255, 0, 0)), ("red.jpg", (0, 0, 255))):  # BGR
+        picture = np.full((48, 64, 3), 230, np.uint8)
+        cv2.circle(picture, (32, 24), 12, colour, -1)
+        cv2.imwrite(str(photos / name), picture)
+    (photos / "notes.txt").write_text("not an image")
+    done = runtime(installed, "run", str(SOURCE_PLUGIN / "graphs" / "ask_folder.yaml"), "--preset", "tiny",
+                   "--executor", "local", "--quiet", "--device", "cpu", "--set", f"dataset.folder={photos}",
+                   "--set", "caption.num_captions=1", "--set", "caption.max_rounds=1",
+                   "--output", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"))
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(tmp_path / "run" / "results.parquet").to_pylist()
+    assert [r["sample_id"] for r in table] == ["blue.png-q0", "blue.png-q1", "red.jpg-q0", "red.jpg-q1"]
+    assert all(r["status"] == "ok" and r["answer.answer"] is not None for r in table)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["graph"]["dataset"]["source"] == "image_folder"
 
 
 def test_without_the_plugin_the_graph_names_the_missing_stage(tmp_path):

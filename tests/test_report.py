@@ -1,4 +1,4 @@
-"""runtime.report: the HTML report of two real runs (esam_enhanced, pnp_vqa), compare(), the
+"""reports: the HTML report of two real runs (esam_enhanced, pnp_vqa), compare(), the
 render cache, and the page opened in headless chromium (no script errors, not blank).
 
 Browser checks: chromium is run twice on the report, once with ``--screenshot`` and once with
@@ -65,7 +65,7 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def report(runs):
-    from runtime.report import build_report
+    from reports import build_report
 
     html = build_report([runs["esam"], runs["pnp"]], runs["tmp"] / "report")
     return html
@@ -129,7 +129,7 @@ def test_report_folder_can_be_moved(report, tmp_path):
 
 
 def test_pictures_are_cached_in_the_run_folder(runs, report):
-    from runtime.report import build_report
+    from reports import build_report
 
     index = runs["esam"] / "render" / "index.json"
     assert index.is_file()
@@ -142,7 +142,7 @@ def test_pictures_are_cached_in_the_run_folder(runs, report):
 
 
 def test_rebuilt_caption_patches_are_the_caption_stage_draws(runs):
-    from runtime.report.data import Run
+    from reports.data import Run
 
     run = Run(runs["esam"])
     assert run.roles.caption_sampling["heatmap"] == "enhance.heatmap"
@@ -153,7 +153,7 @@ def test_rebuilt_caption_patches_are_the_caption_stage_draws(runs):
 
 
 def test_limit_rounds_up_to_whole_images(runs, tmp_path):
-    from runtime.report import build_report
+    from reports import build_report
 
     html = build_report([runs["esam"], runs["pnp"]], tmp_path / "r.html", limit=1)
     data = report_data(html)
@@ -165,7 +165,7 @@ def test_limit_rounds_up_to_whole_images(runs, tmp_path):
 
 
 def test_compare_lists_both_runs(runs):
-    from runtime.report import compare
+    from reports import compare
 
     text = compare([runs["esam"], runs["pnp"]])
     assert "esam_enhanced" in text and "pnp_vqa" in text
@@ -175,20 +175,18 @@ def test_compare_lists_both_runs(runs):
 
 
 def test_cli_functions(runs, tmp_path, capsys):
-    from argparse import Namespace
+    from reports.cli import compare_main, report_main
 
-    from runtime.report import compare_main, report_main
-
-    assert compare_main(Namespace(runs=[str(runs["esam"]), str(runs["pnp"])])) == 0
+    assert compare_main([str(runs["esam"]), str(runs["pnp"])]) == 0
     assert "pnp_vqa" in capsys.readouterr().out
     out = tmp_path / "rep"
-    assert report_main(Namespace(runs=[str(runs["pnp"])], output=str(out), limit=2)) == 0
+    assert report_main([str(runs["pnp"]), "--output", str(out), "--limit", "2"]) == 0
     assert (out / "index.html").is_file() and "report:" in capsys.readouterr().out
 
 
 def test_missing_run_folder_is_a_usage_error(tmp_path):
     from runtime.errors import UsageError
-    from runtime.report import build_report
+    from reports import build_report
 
     with pytest.raises(UsageError, match="no such run folder"):
         build_report([tmp_path / "nope"], tmp_path / "r")
@@ -197,7 +195,7 @@ def test_missing_run_folder_is_a_usage_error(tmp_path):
 def test_patch_indices_column_and_model_free_run(runs, tmp_path):
     """oracle_heatmap keeps sample_patches' indices: the patches view comes from that column."""
     from runtime.api import run_graph
-    from runtime.report import build_report
+    from reports import build_report
 
     run_graph(GRAPHS / "oracle_heatmap.yaml", executor="local", progress=False, device="cpu",
               overrides=OVERRIDES[:2], output=tmp_path / "oracle", cache_dir=runs["tmp"] / "cache")
@@ -213,7 +211,7 @@ def test_images_of_a_path_source_are_found_from_the_manifest(tmp_path, monkeypat
     import cv2
 
     from runtime.api import run_graph
-    from runtime.report import build_report
+    from reports import build_report
 
     data_dir = tmp_path / "data"
     (data_dir / "img").mkdir(parents=True)
@@ -280,7 +278,7 @@ def fake_run(folder: Path, n: int, attention: bool = False) -> Path:
 
 
 def test_attention_maps_per_layer_are_drawn(tmp_path):
-    from runtime.report import build_report
+    from reports import build_report
 
     run = fake_run(tmp_path / "attn", 8, attention=True)
     data = report_data(build_report([run], tmp_path / "rep", limit=4))
@@ -423,7 +421,7 @@ def test_report_controls_work_in_chromium(report, tmp_path):
 
 
 def test_large_report_paginates(tmp_path):
-    from runtime.report import build_report
+    from reports import build_report
 
     run = fake_run(tmp_path / "big", 12000)
     html = build_report([run], tmp_path / "big_report", limit=8, page_size=50)
@@ -442,7 +440,7 @@ def test_report_of_a_run_without_ground_truth_opens_every_view(tmp_path, write_g
     import cv2
 
     from runtime.api import run_graph
-    from runtime.report import build_report
+    from reports import build_report
 
     lines = []
     for i in range(2):

@@ -15,7 +15,7 @@ from artifacts.columns import TensorSpec
 
 from runtime.api import run_graph
 from runtime.shards import MAX_FACTOR, iter_shards
-from runtime.sources.base import Source
+from sources.base import Source
 from stages.base import Granularity, Input, Output, Stage
 
 SIZE = 16

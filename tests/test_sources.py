@@ -21,10 +21,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from artifacts.columns import is_fixed_tensor, python_to_column
-from runtime.sources import SOURCES, GQASource, ManifestSource, ShapesSource, VQAv2Source
-from runtime.sources.base import BASE_COLUMNS
 from shapes.dataset import render_scene
 from shapes.scene import COLORS
+from sources import SOURCES, GQASource, ManifestSource, ShapesSource, VQAv2Source
+from sources.base import BASE_COLUMNS
 
 # --- helpers -----------------------------------------------------------------------------
 

@@ -64,7 +64,7 @@ def test_captions_are_what_the_caption_stage_keeps(data):
             assert not text.startswith(PROMPT) and not any(text in other for other in captions[:k])
             assert text == "a plain background" or text == "a textured background" or " " in text
     # a question about referred objects focuses on their ground-truth mask pooled to the grid
-    from runtime.sources.shapes import ShapesSource
+    from sources.shapes import ShapesSource
 
     records = list(ShapesSource(data.params).iter_samples())
     for record, sample in zip(records, data.samples):

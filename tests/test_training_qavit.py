@@ -27,7 +27,7 @@ def _losses(folder) -> list[float]:
 
 
 def test_data_is_the_shapes_source_and_pixels_are_the_stages():
-    from runtime.sources.shapes import ShapesSource
+    from sources.shapes import ShapesSource
     from stages.base import Batch
     from stages.images import PreprocessImage
 

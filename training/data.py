@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.sources import SOURCES
+from sources import SOURCES
 from stages.images import FAMILIES, RESAMPLE, decode_image, read_image
 from stages.text import blip_question
 from training.loop import LoopSettings, Options

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from artifacts.fingerprint import fingerprint
-from runtime.report.data import Run, SourceImages
+from reports.data import Run, SourceImages
 from stages.render import encode_image, fit_image, render_views
 
 RENDER_VERSION = "1"

@@ -22,8 +22,7 @@ from typing import Any, Iterator, Literal
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from runtime.records import ERROR, WHERE
-from runtime.sources.base import Source, SourceParams
+from sources.base import ERROR, SOURCES, WHERE, Source, SourceParams
 
 Format = Literal["jsonl", "csv", "parquet"]
 EXTENSIONS: dict[str, Format] = {
@@ -39,6 +38,7 @@ class ManifestParams(SourceParams):
         None, description=f"file format; default: from the extension ({', '.join(EXTENSIONS)})")
 
 
+@SOURCES.add
 class ManifestSource(Source):
     """A JSONL, CSV or Parquet manifest of questions with image paths or embedded image bytes.
 

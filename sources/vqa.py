@@ -17,8 +17,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 from pydantic import Field
 
-from runtime.records import ERROR, WHERE
-from runtime.sources.base import BASE_COLUMNS, Source, SourceColumn, SourceParams
+from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class GQAParams(SourceParams):
     image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
 
 
+@SOURCES.add
 class VQAv2Source(Source):
     """VQAv2 or OK-VQA (same format): questions JSON, optional annotations, COCO image folder.
 
@@ -142,6 +142,7 @@ class VQAv2Source(Source):
                 yield record
 
 
+@SOURCES.add
 class GQASource(Source):
     """GQA: questions JSON keyed by question id, and the image folder.
 

@@ -1,7 +1,7 @@
-"""The ``report`` and ``compare`` subcommands: argument parsers and their entry points.
+"""``runtime report`` and ``runtime compare``: their argument parsers and entry points
+(``main(argv)``, named in ``runtime.commands``).
 
-Kept free of heavy imports so that ``runtime --help`` stays fast: the work is imported when a
-command runs.
+Kept free of heavy imports so that ``--help`` stays fast: the work is imported when a command runs.
 """
 
 from __future__ import annotations
@@ -9,15 +9,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-DEFAULT_LIMIT = 200      # same as runtime.report.build.DEFAULT_LIMIT
+DEFAULT_LIMIT = 200      # same as reports.build.DEFAULT_LIMIT
 DEFAULT_PAGE_SIZE = 50
 
 
-def add_report_parsers(sub) -> None:
-    """Add ``report`` and ``compare`` to the ``runtime`` command's subparsers."""
-    rp = sub.add_parser(
-        "report", help="an HTML report of one or more runs (summary, samples, heatmaps, plots)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def report_parser() -> argparse.ArgumentParser:
+    rp = argparse.ArgumentParser(
+        prog="runtime report", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write one HTML report of the given run folders: a summary per run, a sortable and "
                     "filterable table of samples, each sample side by side across runs (heatmap overlays, "
                     "enhanced heatmap, SAM mask, peak points, sampled patches, captions, answers), each image "
@@ -40,39 +38,39 @@ def add_report_parsers(sub) -> None:
     rp.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the report (headless Chromium)")
     rp.add_argument("--view", default="", metavar="VIEW",
                     help="page of the screenshot: summary, samples, sample, image, plots, or sample=ID / image=ID")
-    cp = sub.add_parser("compare", help="metrics of runs side by side and the samples whose answers differ")
+    return rp
+
+
+def compare_parser() -> argparse.ArgumentParser:
+    cp = argparse.ArgumentParser(prog="runtime compare",
+                                 description="Metrics of runs side by side and the samples whose answers differ.")
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with results.parquet and manifest.json)")
     cp.add_argument("--show", type=int, default=20, metavar="N", help="disagreeing samples to list (default 20)")
+    return cp
 
 
-def report_main(args) -> int:
-    """``runtime report RUN... [--output PATH] [--limit N] [--page-size N] [--format png|jpeg] [--max-side PX]``;
-    ``args`` needs only ``runs``, the rest defaults."""
-    from runtime.report.build import build_report
-    from runtime.report.render import RenderOptions
+def report_main(argv: list[str]) -> int:
+    """``runtime report RUN... [--output PATH] [--limit N] [--page-size N] [--format png|jpeg] [--max-side PX]``."""
+    from reports.build import build_report
+    from reports.render import RenderOptions
 
-    def arg(name, default):
-        value = getattr(args, name, None)
-        return default if value is None else value
-
-    runs = [Path(r) for r in args.runs]
-    output = arg("output", runs[0] / "report")
-    options = RenderOptions(format=arg("format", "png"), max_side=arg("max_side", 384))
-    path = build_report(runs, Path(output), page_size=arg("page_size", DEFAULT_PAGE_SIZE),
-                        limit=arg("limit", DEFAULT_LIMIT), options=options)
+    a = report_parser().parse_args(argv)
+    runs = [Path(r) for r in a.runs]
+    path = build_report(runs, Path(a.output or runs[0] / "report"), page_size=a.page_size, limit=a.limit,
+                        options=RenderOptions(format=a.format, max_side=a.max_side))
     print(f"report: {path}")
-    if getattr(args, "screenshot", None):
-        from runtime.report.screenshot import take_screenshot
+    if a.screenshot:
+        from reports.screenshot import take_screenshot
 
         html = path if path.suffix == ".html" else path / "index.html"
-        print(f"screenshot: {take_screenshot(html, Path(args.screenshot), getattr(args, 'view', ''))}")
+        print(f"screenshot: {take_screenshot(html, Path(a.screenshot), a.view)}")
     return 0
 
 
-def compare_main(args) -> int:
+def compare_main(argv: list[str]) -> int:
     """``runtime compare RUN... [--show N]``."""
-    from runtime.report.comparison import compare
+    from reports.comparison import compare
 
-    show = getattr(args, "show", None)
-    print(compare([Path(r) for r in args.runs], limit=20 if show is None else show))
+    a = compare_parser().parse_args(argv)
+    print(compare([Path(r) for r in a.runs], limit=a.show))
     return 0

@@ -9,10 +9,11 @@ from typing import Any, Iterator
 import pyarrow as pa
 
 from artifacts.columns import tensor_type
-from runtime.sources.base import BASE_COLUMNS, Source, SourceColumn
+from sources.base import BASE_COLUMNS, SOURCES, Source, SourceColumn
 from shapes.dataset import ShapesParams, iter_samples
 
 
+@SOURCES.add
 class ShapesSource(Source):
     """Synthetic shapes with colour, shape, count, position and existence questions.
 

@@ -251,8 +251,8 @@ class Run:
         cs = self.roles.caption_sampling
         if cs is None or heatmap is None:
             return None
+        from grids import sample_patch_sets
         from stages.common import row_rng
-        from stages.grid import sample_patch_sets
 
         heat = np.asarray(heatmap, dtype=np.float32).reshape(1, -1)
         if cs["num_patches"] > heat.shape[1]:
@@ -294,7 +294,7 @@ class SourceImages:
         self._source = None
 
     def _build(self):
-        from runtime.sources import SOURCES
+        from sources import SOURCES
 
         if self._source is not None or self.problem is not None:
             return self._source

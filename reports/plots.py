@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.report.data import Run
+from reports.data import Run
 
 
 def _pyplot():

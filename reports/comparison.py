@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.report.data import Run, unique_labels
+from reports.data import Run, unique_labels
 
 MAX_DISAGREEMENTS = 20
 

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UsageError
-from runtime.report.comparison import disagreements, metric_rows
-from runtime.report.data import Run, SourceImages, unique_labels
-from runtime.report.plots import make_plots
-from runtime.report.render import RenderOptions, render_run, writable_folder
-from runtime.report.template import render_html
+from reports.comparison import disagreements, metric_rows
+from reports.data import Run, SourceImages, unique_labels
+from reports.plots import make_plots
+from reports.render import RenderOptions, render_run, writable_folder
+from reports.template import render_html
 
 DEFAULT_LIMIT = 200
 DEFAULT_PAGE_SIZE = 50

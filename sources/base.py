@@ -3,6 +3,10 @@
 A source never loads images into memory up front: it yields light records (ids, question,
 answers, an image path or, for embedded datasets, encoded image bytes) in an order that keeps
 all questions of an image together, so shards can be cut at image boundaries.
+
+Sources are found by name in ``SOURCES``: this project's add themselves with ``@SOURCES.add``,
+other installed packages through the ``pnpvqa.sources`` entry points (``plugins``,
+``examples/folder_source_plugin``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,13 @@ from typing import Any, ClassVar, Iterator
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
+
+from plugins import Registry
+
+# private keys of a record, not columns: where it comes from (for messages, e.g. "m.jsonl, line 7")
+# and what is wrong with it alone (it becomes an error row); see ``runtime.records``
+WHERE = "_where"
+ERROR = "_error"
 
 
 class SourceParams(BaseModel):
@@ -61,11 +72,14 @@ class Source:
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         """Yield one dict per sample with a value (or None) for every column of ``columns()``,
-        keeping the questions of one image consecutive. A record may also carry ``_where``
-        (where it comes from, for messages) and ``_error`` (what is wrong with it alone: it
-        becomes an error row); see ``runtime.records``."""
+        keeping the questions of one image consecutive. A record may also carry ``WHERE`` and
+        ``ERROR``."""
         raise NotImplementedError
 
     @classmethod
     def describe(cls) -> str:
         return (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+
+
+# dataset sources by name; plugins add theirs through the ``pnpvqa.sources`` entry points
+SOURCES: Registry[type[Source]] = Registry("source", "pnpvqa.sources", lambda cls: cls.name)
