@@ -25,7 +25,7 @@ from typing import Any
 
 from runtime.errors import UsageError
 from reports.comparison import disagreements, metric_rows
-from reports.data import Run, SourceImages, unique_labels
+from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
 from reports.plots import make_plots
 from reports.render import RenderOptions, render_run, writable_folder
 from reports.template import render_html
@@ -116,6 +116,7 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
         "status": m.get("status"), "render_note": render_note,
         "has": {"enhanced": bool(run.roles.enhanced), "points": bool(run.roles.points),
                 "mask": bool(run.roles.mask), "heatmap": bool(run.roles.heatmap)},
+        "heatmaps": list(run.roles.heatmaps),
     }
 
 
@@ -258,8 +259,11 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         "metrics": [[name, [_num(v) for v in vals]] for name, vals in rows],
         "shared": shared, "differ": len(diff),
         "plots": [{"src": f"{rel}/plots/{name}", "title": t} for name, t in plots],
-        "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap", "points": "peak points",
-                  "mask": "SAM mask", "patches": "sampled patches", "attention": "attention per layer"},
+        "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap",
+                  **{label: f"{label} heatmap" for run in runs for label in run.roles.heatmaps
+                     if label not in HEATMAP_LABELS.values()},
+                  "points": "peak points", "mask": "SAM mask", "patches": "sampled patches",
+                  "attention": "attention per layer"},
         "samples": samples,
     }
     html_path.write_text(render_html(data), encoding="utf-8")

@@ -18,25 +18,31 @@ import pyarrow.parquet as pq
 
 from artifacts.columns import column_to_python, is_fixed_tensor, is_variable_tensor
 from runtime.errors import UsageError
+from stages.base import Role
+from stages.render import VIEWS
 
 RESULTS = "results.parquet"
 MANIFEST = "manifest.json"
 BATCH_ROWS = 512
 
 
+# the label of the first kept column of these roles; further heatmaps go by their node's name
+HEATMAP_LABELS = {Role.HEATMAP.value: "heatmap", Role.ENHANCED_HEATMAP.value: "enhanced"}
+
+
 @dataclass
 class Roles:
-    """Which kept column plays which part, found from the stages of the manifest's graph
-    (column names as a fallback). ``None`` when the run did not keep such a column."""
+    """Which kept column plays which part, from the roles the run's manifest records for its
+    columns (``stages.base.Role``). ``None`` when the run did not keep such a column."""
 
-    heatmap: str | None = None       # the question-guided heatmap (itm_gradcam, mask_heatmap)
-    enhanced: str | None = None      # heatmap_enhance
+    heatmap: str | None = None       # the first question-guided heatmap
+    enhanced: str | None = None      # the first enhanced heatmap
     points: str | None = None
     scores: str | None = None
     labels: str | None = None
     mask: str | None = None
-    patches: str | None = None       # sample_patches
-    attention: str | None = None     # [L, g, g] attention maps (QA-ViT)
+    patches: str | None = None
+    attention: str | None = None     # [L, g, g] attention maps
     captions: str | None = None
     answer: str | None = None
     accuracy: str | None = None
@@ -44,92 +50,62 @@ class Roles:
     status_enhance: str | None = None
     pointing: dict[str, str] = field(default_factory=dict)   # heatmap label -> column
     energy: dict[str, str] = field(default_factory=dict)
-    heatmaps: dict[str, str] = field(default_factory=dict)   # label -> heatmap column (entropy)
+    heatmaps: dict[str, str] = field(default_factory=dict)   # label -> heatmap column, every heatmap kept
     caption_sampling: dict[str, Any] | None = None            # to rebuild the caption patch draws
 
 
-def find_roles(manifest: dict, schema: pa.Schema) -> Roles:
+def column_roles(manifest: dict, schema: pa.Schema) -> dict[str, str]:
+    """``{column: role}`` of the kept columns: the manifest's record, or for run folders written
+    before it had one, what the stages of its graph declare."""
     kept = set(schema.names)
+    if "roles" in manifest:
+        return {c: role for c, role in manifest["roles"].items() if c in kept}
+    from stages import STAGES
+
+    roles: dict[str, str] = {}
+    for name, node in ((manifest.get("graph") or {}).get("nodes") or {}).items():
+        try:
+            cls = STAGES[node.get("stage")]
+            outputs = cls(cls.Params(**(node.get("params") or {}))).outputs()
+        except Exception:  # noqa: BLE001 - a stage gone or changed since: its columns have no role
+            continue
+        roles.update({f"{name}.{c}": o.role.value for c, o in outputs.items() if o.role and f"{name}.{c}" in kept})
+    return {c: roles[c] for c in schema.names if c in roles}
+
+
+def find_roles(manifest: dict, schema: pa.Schema) -> Roles:
+    roles = column_roles(manifest, schema)
     nodes: dict[str, dict] = (manifest.get("graph") or {}).get("nodes") or {}
-    stage_of = {name: nd.get("stage") for name, nd in nodes.items()}
     r = Roles()
 
-    def col(node: str, column: str) -> str | None:
-        name = f"{node}.{column}"
-        return name if name in kept else None
+    def first(role: Role) -> str | None:
+        return next((c for c, kind in roles.items() if kind == role.value), None)
 
-    def first(stage: str, column: str) -> str | None:
-        for node, st in stage_of.items():
-            if st == stage and col(node, column):
-                return col(node, column)
-        return None
+    r.heatmap, r.enhanced = first(Role.HEATMAP), first(Role.ENHANCED_HEATMAP)
+    r.points, r.scores, r.labels = first(Role.POINTS), first(Role.POINT_SCORES), first(Role.POINT_LABELS)
+    r.mask, r.patches, r.attention = first(Role.MASK), first(Role.PATCHES), first(Role.ATTENTION)
+    r.captions, r.answer, r.accuracy = first(Role.CAPTIONS), first(Role.ANSWER), first(Role.ACCURACY)
+    r.itm, r.status_enhance = first(Role.MATCH_SCORE), first(Role.STATUS)
 
-    r.heatmap = (first("itm_gradcam", "heatmap") or first("qavit_attention", "heatmap")
-                 or first("mask_heatmap", "heatmap"))
-    r.itm = first("itm_gradcam", "itm_score")
-    r.enhanced = first("heatmap_enhance", "heatmap")
-    r.status_enhance = first("heatmap_enhance", "status")
-    r.points = first("heatmap_points", "points")
-    r.scores = first("heatmap_points", "scores")
-    r.labels = first("heatmap_points", "labels")
-    r.mask = first("sam_mask", "mask")
-    r.patches = first("sample_patches", "patches")
-    r.captions = first("caption", "captions")
-    r.answer = first("qa_fid", "answer")
-    r.accuracy = first("vqa_eval", "accuracy")
-
-    # fallbacks by column name (a run without a manifest graph, or stages renamed)
-    def by_suffix(suffix: str) -> str | None:
-        return next((c for c in schema.names if c.endswith(suffix)), None)
-
-    r.heatmap = r.heatmap or next((c for c in schema.names if c.endswith(".heatmap") and c != r.enhanced), None)
-    r.answer = r.answer or by_suffix(".answer")
-    r.accuracy = r.accuracy or by_suffix(".accuracy")
-    r.captions = r.captions or by_suffix(".captions")
-    r.itm = r.itm or by_suffix(".itm_score")
-    # attention maps per layer [L, h, w]: a 3-d float tensor of an attention stage (QA-ViT), or
-    # any such column named like one
-    attention_nodes = {n for n, st in stage_of.items() if st and "attention" in st}
-    for c in schema.names:
-        t = schema.field(c).type
-        if not (is_fixed_tensor(t) and len(t.shape) == 3 and pa.types.is_floating(t.value_type)):
-            continue
-        if c.split(".", 1)[0] in attention_nodes or "attn" in c.lower() or "attention" in c.lower():
-            r.attention = r.attention or c
-
-    def label_of(ref: str | None, fallback: str) -> str:
-        if ref and ref == r.heatmap:
-            return "heatmap"
-        if ref and ref == r.enhanced:
-            return "enhanced"
-        return ref or fallback
-
-    if r.heatmap:
-        r.heatmaps["heatmap"] = r.heatmap
-    if r.enhanced:
-        r.heatmaps["enhanced"] = r.enhanced
-    for node, st in stage_of.items():
-        if st != "heatmap_metrics":
-            continue
-        ref = ((nodes[node].get("inputs") or {}).get("heatmap"))
-        label = label_of(ref, node)
-        if col(node, "pointing_game"):
-            r.pointing[label] = col(node, "pointing_game")
-        if col(node, "energy_in_mask"):
-            r.energy[label] = col(node, "energy_in_mask")
-    if not stage_of:
-        for c in schema.names:
-            if c.endswith(".pointing_game"):
-                r.pointing[c.rsplit(".", 1)[0]] = c
-            elif c.endswith(".energy_in_mask"):
-                r.energy[c.rsplit(".", 1)[0]] = c
+    for column, kind in roles.items():
+        if kind in HEATMAP_LABELS:
+            label = HEATMAP_LABELS[kind] if column in (r.heatmap, r.enhanced) else column.split(".", 1)[0]
+            taken = label in r.heatmaps or (label not in HEATMAP_LABELS.values() and label in VIEWS)
+            r.heatmaps[column if taken else label] = column
+    label_of = {column: label for label, column in r.heatmaps.items()}
+    for column, kind in roles.items():  # a heatmap metric goes by the label of the heatmap it measured
+        metrics = {Role.POINTING_GAME.value: r.pointing, Role.ENERGY_IN_MASK.value: r.energy}.get(kind)
+        if metrics is not None:
+            node = column.split(".", 1)[0]
+            refs = ((nodes.get(node) or {}).get("inputs") or {}).values()
+            metrics[next((label_of[ref] for ref in refs if ref in label_of), node)] = column
 
     # The caption stage draws its patch sets from the heatmap with per-sample seeds; when the
-    # heatmap it read is kept, its first round of draws can be rebuilt exactly.
-    for node, st in stage_of.items():
-        nd = nodes[node]
+    # heatmap it read is kept, its first round of draws can be rebuilt exactly (its own algorithm:
+    # the rebuild is of that stage's draws, so it is found by name).
+    for node, nd in nodes.items():
         ref = (nd.get("inputs") or {}).get("heatmap")
-        if st == "caption" and str(nd.get("version", "1")) == "1" and ref in kept:
+        if nd.get("stage") == "caption" and str(nd.get("version", "1")) == "1" and ref in schema.names:
             p = nd.get("params") or {}
             if {"seed", "num_captions", "num_patches"} <= set(p):
                 r.caption_sampling = {"heatmap": ref, "seed": int(p["seed"]),

@@ -111,7 +111,8 @@ def render_run(run: Run, sample_ids: list[str], images: SourceImages, options: R
     patches_rebuilt = r.patches is None and r.caption_sampling is not None
     if todo or need_images:
         pics = images.get_many(sorted(need_images))
-        cols = [r.heatmap, r.enhanced, r.points, r.scores, r.labels, r.mask, r.patches, r.attention]
+        further = {label: c for label, c in r.heatmaps.items() if c not in (r.heatmap, r.enhanced)}
+        cols = [r.heatmap, r.enhanced, r.points, r.scores, r.labels, r.mask, r.patches, r.attention, *further.values()]
         if patches_rebuilt:
             cols.append(r.caption_sampling["heatmap"])
         details = run.details(todo, [c for c in cols if c])
@@ -135,6 +136,12 @@ def render_run(run: Run, sample_ids: list[str], images: SourceImages, options: R
                                  scores=get(r.scores), labels=get(r.labels), mask=get(r.mask), patches=patches,
                                  attention=get(r.attention), alpha=options.alpha, colormap=options.colormap,
                                  interpolation=options.interpolation, max_side=options.max_side)
+            for label, column in further.items():  # drawn as the first heatmap is, under their own label
+                heat = get(column)
+                if heat is not None:
+                    views[label] = render_views(img, heatmap=heat, alpha=options.alpha, colormap=options.colormap,
+                                                interpolation=options.interpolation, max_side=options.max_side,
+                                                views=("heatmap",))["heatmap"]
             files = {}
             for view, pic in views.items():
                 name = f"{safe_name(sid)}_{view}.{options.ext}"

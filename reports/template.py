@@ -387,6 +387,8 @@ SCRIPT = r"""
   }
 
   // ---- one image, all its questions ----
+  function others(run) { return run.heatmaps.filter(function (k) { return k !== 'heatmap'; }); }
+
   function renderImage(id) {
     var root = clear(document.getElementById('tab-image'));
     if (id === null || id === undefined || !(id in IMAGES)) {
@@ -403,11 +405,13 @@ SCRIPT = r"""
       h('span', {cls: 'muted', text: 'image ' + (k + 1) + ' of ' + IMAGE_ORDER.length + ' \u00b7 ' + idx.length + ' questions'}),
       goBox('image', id, function (v) { location.hash = 'image=' + encodeURIComponent(v); })));
     var s0 = SAMPLES[idx[0]];
+    var further = [];  // the runs' other heatmaps (enhanced, plugins'), each a row of its own
+    RUNS.forEach(function (r) { others(r).forEach(function (k) { if (further.indexOf(k) < 0) further.push(k); }); });
     root.appendChild(h('div', {cls: 'card', style: 'margin-bottom:12px; display:flex; gap:16px'},
       s0.img ? h('figure', {cls: 'plain'}, img(s0.img, 'image ' + id)) : null,
       h('div', null, h('h2', {text: 'image ' + id}),
         h('p', {cls: 'muted', text: 'How the heatmap moves with the question: one column per question, one row per run' +
-          (RUNS.some(function (r) { return r.has.enhanced; }) ? ' (and per enhanced heatmap)' : '') + '.'}),
+          (further.length ? ' (and per ' + further.map(function (k) { return DATA.views[k]; }).join(', ') + ')' : '') + '.'}),
         s0.d ? null : h('p', {cls: 'small muted', text: 'No pictures: beyond the first ' + DATA.limit + ' samples.'}))));
     var table = h('table', {cls: 'grid'});
     table.appendChild(h('thead', null, h('tr', null, h('th', {text: 'run'}), idx.map(function (i) {
@@ -416,9 +420,9 @@ SCRIPT = r"""
     }))));
     var body = h('tbody');
     RUNS.forEach(function (r, ri) {
-      var kinds = ['heatmap'].concat(r.has.enhanced ? ['enhanced'] : []);
+      var kinds = ['heatmap'].concat(others(r));
       kinds.forEach(function (kind) {
-        body.appendChild(h('tr', null, h('td', null, h('b', {text: r.label}), kind === 'enhanced' ? h('div', {cls: 'small muted', text: 'enhanced heatmap'}) : null),
+        body.appendChild(h('tr', null, h('td', null, h('b', {text: r.label}), kind !== 'heatmap' ? h('div', {cls: 'small muted', text: DATA.views[kind]}) : null),
           idx.map(function (i) {
             var e = SAMPLES[i].r[ri];
             if (!e) return h('td', {cls: 'muted', text: 'not in this run'});

@@ -16,18 +16,21 @@ from pathlib import Path
 
 from runtime.errors import UsageError
 
-RESULTS = "results.parquet"  # runtime.run's, not imported: the parser is built on every command
+RESULTS, MANIFEST = "results.parquet", "manifest.json"  # runtime.run's, not imported: the parser is built on every command
 FORMATS = ("vqav2", "okvqa", "gqa")
 
 
-def answer_column(columns: list[str], wanted: str | None) -> str:
+def answer_column(columns: list[str], roles: dict[str, str], wanted: str | None) -> str:
+    """``wanted``, else the one kept column whose role (``roles``, the manifest's) is the answer."""
+    from stages.base import Role
+
     if wanted is not None:
         if wanted not in columns:
             raise UsageError(f"--answer {wanted}: no such column in {RESULTS}; columns: {', '.join(columns)}")
         return wanted
-    found = [c for c in columns if c.endswith(".answer")]
+    found = [c for c, role in roles.items() if role == Role.ANSWER.value and c in columns]
     if len(found) != 1:
-        what = f"several answer columns ({', '.join(found)})" if found else "no NODE.answer column"
+        what = f"several answer columns ({', '.join(found)})" if found else f"no answer column (by {MANIFEST})"
         raise UsageError(f"the results have {what}; choose one with --answer NODE.COLUMN")
     return found[0]
 
@@ -43,7 +46,9 @@ def export_predictions(run: str | Path, fmt: str, answer: str | None = None,
     from runtime.run import read_results
 
     table = read_results(run)
-    column = answer_column(table.column_names, answer)
+    manifest = run / MANIFEST
+    roles = (json.loads(manifest.read_text()).get("roles") or {}) if manifest.is_file() else {}
+    column = answer_column(table.column_names, roles, answer)
     ids = table.column("sample_id").to_pylist()
     answers = ["" if a is None else str(a) for a in table.column(column).to_pylist()]
     empty = sum(1 for a in table.column(column).to_pylist() if a is None)

@@ -85,6 +85,13 @@ class Graph:
             return self.source_types[ref.column]
         return self.nodes[ref.node].output_types[ref.column]
 
+    def kept_roles(self) -> dict[str, str]:
+        """``{results column: role}`` for the kept columns whose stage declares a role
+        (``stages.base.Role``), in the order they are kept: what the run's readers go by."""
+        outputs = {name: node.stage.outputs() for name, node in self.nodes.items()}
+        return {str(ref): role.value for ref in self.outputs
+                if ref.node != SOURCE and (role := outputs[ref.node][ref.column].role) is not None}
+
     def upstream(self, name: str) -> list[str]:
         return sorted({r.node for r in self.nodes[name].inputs.values() if r.node != SOURCE})
 

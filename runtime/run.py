@@ -25,9 +25,8 @@ from runtime.graph import Graph
 from runtime.node_runner import TRANSIENT_ERROR
 from runtime.shard_work import PART_RE, PARTS, ShardOutcome, ShardWork, node_device
 from runtime.shards import Shard
-from stages.evaluation import VQAEval, official_report
-
-VQA_EVAL = VQAEval.name
+from stages.base import Role
+from stages.evaluation import official_report
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +216,7 @@ class RunContext:
                        "sha256": sink.sha256.hexdigest()}
         summary.metrics = {k: v[0] / v[1] for k, v in means.items() if v[1]}
         for node, column in scored.items():
-            metric = self.graph.nodes[node].stage.params.metric
+            metric = getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
             summary.evaluation[node] = {"metric": metric, **official_report(
                 graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None)}
         summary.seconds = time.time() - self.started
@@ -225,10 +224,9 @@ class RunContext:
         return summary
 
     def _scored_columns(self) -> dict[str, str]:
-        """vqa_eval nodes whose accuracy is kept in the results: node -> results column."""
-        kept = {str(r) for r in self.graph.outputs}
-        return {name: f"{name}.accuracy" for name, node in self.graph.nodes.items()
-                if node.stage.name == VQA_EVAL and f"{name}.accuracy" in kept}
+        """Nodes whose accuracy (the role) is kept in the results: node -> results column."""
+        return {column.split(".")[0]: column for column, role in self.graph.kept_roles().items()
+                if role == Role.ACCURACY.value}
 
     def _read_part(self, name: str) -> pa.Table:
         rel = f"{PARTS}/{name}"
@@ -278,6 +276,7 @@ class RunContext:
             "graph_file": self.graph.path,
             "graph_hash": self.graph.hash,
             "graph": self.graph.raw,
+            "roles": self.graph.kept_roles(),  # what each kept column is: the report and export go by it
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S") if status == "finished" else None,
             "executor": executor,

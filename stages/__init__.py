@@ -6,7 +6,7 @@ imports the built-in stage modules. Stages of other installed packages come from
 """
 
 from stages import blip, evaluation, fusion, heatmaps, images, qa, qavit, render, sam  # noqa: F401  (they register)
-from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Role, Stage, StageParams
 
 # what a stage of this project or of a plugin is written with
-__all__ = ["STAGES", "Batch", "Granularity", "Input", "Output", "Resources", "Stage", "StageParams"]
+__all__ = ["STAGES", "Batch", "Granularity", "Input", "Output", "Resources", "Role", "Stage", "StageParams"]

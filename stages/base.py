@@ -43,10 +43,40 @@ class Input:
     per_image: bool = False
 
 
+class Role(str, enum.Enum):
+    """What an output is, for the readers of a run (report, comparison, export, summary): they
+    pick columns by role, so a plugin's outputs are shown exactly like the project's own. The run
+    manifest records the role of each kept column (``roles``)."""
+
+    HEATMAP = "heatmap"                    # question-guided heatmap on a grid [g, g], drawn over the image
+    ENHANCED_HEATMAP = "enhanced_heatmap"  # a heatmap refined by a segmentation mask [g, g]
+    ATTENTION = "attention"                # attention maps per layer [L, g, g]
+    POINTS = "points"                      # (x, y) prompt points in image pixels [K, 2]
+    POINT_LABELS = "point_labels"          # 1 foreground, 0 background, -1 padding per point [K]
+    POINT_SCORES = "point_scores"          # strength of each point [K]
+    MASK = "mask"                          # segmentation mask over the image (1 = on)
+    PATCHES = "patches"                    # flat grid cells sampled per caption [C, P]
+    CAPTIONS = "captions"                  # captions of the image
+    ANSWER = "answer"                      # the predicted answer
+    MATCH_SCORE = "match_score"            # how well the question matches the image (ITM)
+    ACCURACY = "accuracy"                  # VQA accuracy of the answer in [0, 1]
+    STATUS = "status"                      # what the stage did for the row (e.g. a fallback)
+    POINTING_GAME = "pointing_game"        # 1 if a heatmap's hottest cell hits the ground truth
+    ENERGY_IN_MASK = "energy_in_mask"      # share of a heatmap's mass inside the ground truth
+
+
 @dataclass(frozen=True)
 class Output:
+    """A declared output column; ``role`` (a ``Role`` or its value, e.g. ``"heatmap"``) says what
+    it is, None for a column no reader looks for by what it is."""
+
     spec: ColumnSpec
     doc: str
+    role: Role | None = None
+
+    def __post_init__(self):
+        if self.role is not None:  # "heatmap" -> Role.HEATMAP; an unknown role is an error here
+            object.__setattr__(self, "role", Role(self.role))
 
 
 @dataclass(frozen=True)

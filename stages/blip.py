@@ -121,8 +121,10 @@ class ItmGradcam(Stage):
 
     def outputs(self) -> dict[str, Output]:
         g = self._config().vit.grid
-        return {"heatmap": Output(tensor_type("float32", [g, g]), f"GradCAM heatmap [{g}, {g}] (not normalised)"),
-                "itm_score": Output(pa.float32(), "probability that the question matches the image")}
+        return {"heatmap": Output(tensor_type("float32", [g, g]), f"GradCAM heatmap [{g}, {g}] (not normalised)",
+                                   role="heatmap"),
+                "itm_score": Output(pa.float32(), "probability that the question matches the image",
+                                     role="match_score")}
 
     @property
     def block_num(self) -> int:
@@ -243,7 +245,7 @@ class Caption(Stage):
         return out
 
     def outputs(self) -> dict[str, Output]:
-        return {"captions": Output(pa.list_(pa.string()), "distinct captions, at most num_captions"),
+        return {"captions": Output(pa.list_(pa.string()), "distinct captions, at most num_captions", role="captions"),
                 "shortfall": Output(pa.int32(), "num_captions minus the captions kept (0 = complete)"),
                 "rounds": Output(pa.int32(), "sampling rounds used")}
 

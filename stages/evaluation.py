@@ -169,7 +169,7 @@ class VQAEval(Stage):
     }
     OUTPUTS = {
         "accuracy": Output(pa.float64(), "accuracy in [0, 1] (float64, as the official code computes it), "
-                           "null without answers"),
+                           "null without answers", role="accuracy"),
         "normalized": Output(pa.string(), "the prediction as the evaluation compares it"),
     }
 

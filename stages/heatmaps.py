@@ -45,7 +45,7 @@ class MaskHeatmap(Stage):
 
     def outputs(self) -> dict[str, Output]:
         g = self.params.grid
-        return {"heatmap": Output(tensor_type("float32", [g, g]), "heatmap [g, g] in [0, 1]")}
+        return {"heatmap": Output(tensor_type("float32", [g, g]), "heatmap [g, g] in [0, 1]", role="heatmap")}
 
     def process(self, batch: Batch) -> dict[str, Any]:
         masks, given = optional_column(batch, "mask", np.zeros((len(batch), 1, 1), np.uint8))
@@ -103,11 +103,11 @@ class HeatmapPoints(Stage):
         k = self.params.num_points + self.params.num_negative_points
         return {
             "points": Output(tensor_type("float32", [k, 2]),
-                             "(x, y) cell centres in image pixels [K, 2]"),
+                             "(x, y) cell centres in image pixels [K, 2]", role="points"),
             "labels": Output(tensor_type("int32", [k]),
-                             "1 foreground, 0 background, -1 padding [K]"),
+                             "1 foreground, 0 background, -1 padding [K]", role="point_labels"),
             "scores": Output(tensor_type("float32", [k]),
-                             "blurred value / blurred max, 0 for padding [K]"),
+                             "blurred value / blurred max, 0 for padding [K]", role="point_scores"),
             "num_points": Output(pa.int32(), "number of foreground points"),
         }
 
@@ -183,9 +183,11 @@ class HeatmapEnhance(Stage):
                             optional=True),
     }
     OUTPUTS = {
-        "heatmap": Output(HEATMAP, "enhanced heatmap [g, g] in [0, 1], or the input on fallback"),
+        "heatmap": Output(HEATMAP, "enhanced heatmap [g, g] in [0, 1], or the input on fallback",
+                          role="enhanced_heatmap"),
         "mask_grid": Output(HEATMAP, "fraction of each cell covered by the mask [g, g]"),
-        "status": Output(pa.string(), "'enhanced', 'fallback: no peak', 'fallback: empty mask' or 'fallback: no mask'"),
+        "status": Output(pa.string(), "'enhanced', 'fallback: no peak', 'fallback: empty mask' or 'fallback: no mask'",
+                         role="status"),
     }
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -241,9 +243,9 @@ class HeatmapMetrics(Stage):
         "gt_mask": Input(MASK, "ground-truth mask [H, W], nonzero = object", optional=True),
     }
     OUTPUTS = {
-        "pointing_game": Output(pa.float32(), "1 if the argmax cell overlaps the mask, else 0"),
+        "pointing_game": Output(pa.float32(), "1 if the argmax cell overlaps the mask, else 0", role="pointing_game"),
         "energy_in_mask": Output(pa.float32(),
-                                 "sum(h+ * mask_frac) / sum(h+); null without positive mass"),
+                                 "sum(h+ * mask_frac) / sum(h+); null without positive mass", role="energy_in_mask"),
         "topk_iou": Output(pa.float32(), "IoU of the top-k heatmap cells and the mask cells"),
         "topk_recall": Output(pa.float32(), "share of the mask cells among the recall_k highest heatmap cells"),
     }
@@ -308,7 +310,7 @@ class SamplePatches(Stage):
     def outputs(self) -> dict[str, Output]:
         p = self.params
         return {"patches": Output(tensor_type("int32", [p.num_captions, p.num_patches]),
-                                  "sorted patch indices per caption [num_captions, num_patches]")}
+                                  "sorted patch indices per caption [num_captions, num_patches]", role="patches")}
 
     def process(self, batch: Batch) -> dict[str, Any]:
         p = self.params

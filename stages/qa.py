@@ -46,7 +46,7 @@ class QAFiD(Stage):
     resources = Resources(gpu=0.5, batch_size=32, cuda_batch_size=16)
     INPUTS = {"question": Input(pa.string(), "question text"),
               "captions": Input(pa.list_(pa.string()), "captions of the image for this question")}
-    OUTPUTS = {"answer": Output(pa.string(), "generated answer")}
+    OUTPUTS = {"answer": Output(pa.string(), "generated answer", role="answer")}
 
     def problems(self) -> list[tuple[str, str]]:
         from models.fid_t5_files import find_fid_t5

@@ -168,7 +168,7 @@ class QAViTAttention(Stage):
         g, k, native = self.params.output_grid, self.params.top_k, self._config().grid
         return {
             "heatmap": Output(tensor_type("float32", [g, g]), f"CLS-to-patch attention [{g}, {g}] (head mean, "
-                              "resampled to output_grid; not normalised)"),
+                              "resampled to output_grid; not normalised)", role="heatmap"),
             "native_heatmap": Output(tensor_type("float32", [native, native]),
                                      f"the heatmap at the model's grid [{native}, {native}]"),
             "mean": Output(pa.float32(), "mean of heatmap"),

@@ -134,7 +134,8 @@ class SamMask(_EfficientSamStage):
     def outputs(self) -> dict[str, Output]:
         v, g = self.params.mask_size, self.params.grid
         return {
-            "mask": Output(tensor_type("uint8", [v, v]), f"chosen mask [{v}, {v}] over the whole image (1 = on)"),
+            "mask": Output(tensor_type("uint8", [v, v]), f"chosen mask [{v}, {v}] over the whole image (1 = on)",
+                           role="mask"),
             "mask_grid": Output(tensor_type("float32", [g, g]), f"fraction of each of {g}x{g} cells covered"),
             "iou": Output(pa.float32(), "predicted IoU of the chosen mask (null without points)"),
             "candidate_iou": Output(tensor_type("float32", [3]), "predicted IoU of the 3 candidates"),

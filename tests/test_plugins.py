@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,15 @@ def test_plugin_stage_is_listed_with_its_origin_and_runs_in_a_graph(installed, t
         assert (ratio <= 1 + 1e-6).all() and (ratio >= 0.5).all()
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["graph"]["nodes"]["prior"]["stage"] == "center_prior"
+    assert manifest["roles"]["prior.heatmap"] == "heatmap"
+    # the report shows the plugin's heatmap as the project's own, under its node's name
+    reported = runtime(installed, "report", str(tmp_path / "run"), "--output", str(tmp_path / "report"))
+    assert reported.returncode == 0, reported.stderr
+    html = (tmp_path / "report" / "index.html").read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script id="report-data" type="application/json">(.*?)</script>', html, re.S)[1])
+    assert data["views"]["prior"] == "prior heatmap" and data["runs"][0]["heatmaps"] == ["heatmap", "prior"]
+    assert all({"heatmap", "prior"} <= set(s["r"][0]["v"]) for s in data["samples"])
+    assert "pointing game (prior)" in dict(data["metrics"])
 
 
 def test_plugin_source_is_listed_with_its_origin_and_feeds_a_graph(installed, tmp_path):

@@ -272,6 +272,8 @@ def fake_run(folder: Path, n: int, attention: bool = False) -> Path:
     manifest = {"graph": {"name": "big", "dataset": {"source": "shapes", "params": {"seed": 0, "num_images": n // 4}},
                           "nodes": {"gradcam": {"stage": "itm_gradcam"}, "answer": {"stage": "qa_fid"},
                                     "accuracy": {"stage": "vqa_eval"}}},
+                "roles": {"gradcam.heatmap": "heatmap", "answer.answer": "answer", "accuracy.accuracy": "accuracy",
+                          **({"qavit.layer_attention": "attention"} if attention else {})},
                 "nodes": {}, "totals": {}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder

@@ -145,6 +145,7 @@ def test_export_in_the_official_formats(tmp_path, capsys):
     pq.write_table(pa.table({"sample_id": ["262148000", "262148001", "262148002"],
                              "answer.answer": ["yes", None, "2"], "status": ["ok", "error", "ok"]}),
                    run / "results.parquet")
+    (run / "manifest.json").write_text(json.dumps({"roles": {"answer.answer": "answer"}}))
     assert main(["export", str(run), "--format", "vqav2"]) == 0
     assert "3 predictions (1 rows without an answer" in capsys.readouterr().out
     assert json.loads((run / "predictions_vqav2.json").read_text()) == [
@@ -153,6 +154,7 @@ def test_export_in_the_official_formats(tmp_path, capsys):
     assert main(["export", str(run), "--format", "gqa", "--out", str(tmp_path / "g.json")]) == 0
     assert json.loads((tmp_path / "g.json").read_text())[0] == {"questionId": "262148000", "prediction": "yes"}
     pq.write_table(pa.table({"sample_id": ["a"], "x.answer": ["1"], "y.answer": ["2"]}), run / "results.parquet")
+    (run / "manifest.json").write_text(json.dumps({"roles": {"x.answer": "answer", "y.answer": "answer"}}))
     assert main(["export", str(run), "--format", "gqa"]) == 2
     assert "several answer columns (x.answer, y.answer)" in capsys.readouterr().err
     assert main(["export", str(run), "--format", "vqav2", "--answer", "x.answer"]) == 2

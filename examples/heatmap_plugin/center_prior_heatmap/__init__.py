@@ -31,7 +31,7 @@ class CenterPrior(Stage):
     name = "center_prior"
     Params = CenterPriorParams
     INPUTS = {"heatmap": Input(HEATMAP, "question-guided heatmap [g, g], e.g. itm_gradcam's")}
-    OUTPUTS = {"heatmap": Output(HEATMAP, "the heatmap weighed by the centre prior [g, g]")}
+    OUTPUTS = {"heatmap": Output(HEATMAP, "the heatmap weighed by the centre prior [g, g]", role="heatmap")}
 
     def process(self, batch: Batch) -> dict[str, Any]:
         heat = batch["heatmap"]                                        # [N, g, g]
