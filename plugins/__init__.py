@@ -1,4 +1,4 @@
-"""Named, pluggable things (stages, trainers, shipped presets, quality variants): one mechanism.
+"""Named, pluggable things (stages, dataset sources, trainers, shipped presets, quality variants): one mechanism.
 
 A ``Registry`` maps names to items. This project registers its own items where they are
 defined (``@STAGES.add`` on a stage class) or, for items whose module is heavy to import
