@@ -93,12 +93,12 @@ def find_roles(manifest: dict, schema: pa.Schema) -> Roles:
             taken = label in r.heatmaps or (label not in HEATMAP_LABELS.values() and label in VIEWS)
             r.heatmaps[column if taken else label] = column
     label_of = {column: label for label, column in r.heatmaps.items()}
+    measured = {Role.POINTING_GAME.value: r.pointing, Role.ENERGY_IN_MASK.value: r.energy}
     for column, kind in roles.items():  # a heatmap metric goes by the label of the heatmap it measured
-        metrics = {Role.POINTING_GAME.value: r.pointing, Role.ENERGY_IN_MASK.value: r.energy}.get(kind)
-        if metrics is not None:
+        if kind in measured:
             node = column.split(".", 1)[0]
             refs = ((nodes.get(node) or {}).get("inputs") or {}).values()
-            metrics[next((label_of[ref] for ref in refs if ref in label_of), node)] = column
+            measured[kind][next((label_of[ref] for ref in refs if ref in label_of), node)] = column
 
     # The caption stage draws its patch sets from the heatmap with per-sample seeds; when the
     # heatmap it read is kept, its first round of draws can be rebuilt exactly (its own algorithm:

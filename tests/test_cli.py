@@ -8,6 +8,7 @@ import subprocess
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 import stages
 from conftest import GRAPHS
@@ -103,3 +104,14 @@ def test_train_help_lists_every_training_command(capsys):
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in TRAIN_MODELS) and "docs/training.md" in out
     assert main(["train"]) == 2  # no model: the same list, as an error
+
+
+def test_report_commands_parse_their_own_options_and_fail_in_one_line(capsys, tmp_path):
+    assert main(["report", str(tmp_path / "nope"), "--limit", "2"]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    assert main(["compare", str(tmp_path / "nope")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: runtime report" in capsys.readouterr().out
