@@ -182,11 +182,6 @@ class Location:
         return sorted(PurePosixPath(i.path).name for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.Directory)
 
-    def is_dir(self) -> bool:
-        if self.local:
-            return os.path.isdir(self.root)
-        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
-
     def is_file(self) -> bool:
         if self.local:
             return os.path.isfile(self.root)

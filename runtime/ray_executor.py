@@ -45,14 +45,14 @@ BYTES_IN_FLIGHT = 0.25    # shards handed out hold at most this share of the obj
 WORKER_WAIT = 600.0       # seconds to wait for a lost worker's restart when no other worker is left
 
 
-def init_ray(address: str | None, quiet: bool = True) -> bool:
+def init_ray(address: str | None) -> bool:
     """Connect to ``address`` or start an embedded local Ray; returns True if we started it."""
     import ray
 
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="ERROR",
-                  log_to_driver=not quiet)
+                  log_to_driver=False)
     if address:
         ray.init(address=address, **kwargs)
     else:

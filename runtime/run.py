@@ -115,13 +115,13 @@ class RunContext:
     def keys(self, shard: Shard) -> dict[str, str]:
         return self.work.keys(shard)
 
-    def finished_part(self, shard: Shard) -> str | None:
-        """The name of a good finished part for ``shard`` (checked whole), or None when the
-        shard must run. Only with a store: without one nothing is reused."""
+    def needs(self, shard: Shard) -> bool:
+        """Whether ``shard`` must be computed: no good finished part of it (checked whole) is in
+        the run folder. Only with a store: without one nothing is reused."""
         while len(self.part_files) <= shard.index:
             self.part_files.append(None)
         if self.store is None or self.work.force:
-            return None
+            return True
         part_key = self.work.part_key(shard, self.work.keys(shard))
         for name in self._existing_parts.get(part_key, []):
             try:
@@ -139,12 +139,8 @@ class RunContext:
             self.summary.shards_from_parts += 1
             for s in self.summary.nodes.values():
                 s.cached_shards += 1
-            return name
-        return None
-
-    def needs(self, shard: Shard) -> bool:
-        """Whether ``shard`` must be computed (no good finished part of it)."""
-        return self.finished_part(shard) is None
+            return False
+        return True
 
     # -- running and bookkeeping ---------------------------------------------------------------
     def run_here(self, shard: Shard, worker: dict, memo: dict, stages: dict) -> None:
