@@ -161,12 +161,12 @@ def _settings(a):
 
     weights = None
     if a.weights:
-        weights = Path(a.weights)
-        if not weights.is_dir():
+        if not Path(a.weights).is_dir():
             raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
                              "standard names; see README, 'Real checkpoints')")
+        weights = Path(a.weights).resolve()
     settings = RunSettings.from_environment(debug=getattr(a, "debug", False), profile=getattr(a, "profile", False),
-                                            weights=weights and weights.resolve(), random_weights=a.random_weights)
+                                            weights=weights, random_weights=a.random_weights)
     settings.apply_to_process()
     return settings
 

@@ -274,11 +274,15 @@ class RayRunner:
     def __init__(self, ctxs: list[RunContext], progress: Progress, ray_connection: RayConnection,
                  settings: RunSettings, workers: int | None = None, gpus_per_worker: float | None = None,
                  threads: int | None = None):
-        import ray
+        import ray  # here, not at the top: importing it takes seconds that local runs never spend
 
         self.ray = ray
-        self.ctxs, self.lead, self.progress, self.connection = ctxs, ctxs[0], progress, ray_connection
-        self.settings, self.workers, self.gpus_per_worker, self.threads = settings, workers, gpus_per_worker, threads
+        self.ctxs = ctxs
+        self.lead = ctxs[0]              # counts the bytes the driver ships, for the whole sweep
+        self.progress = progress
+        self.connection = ray_connection
+        self.settings = settings
+        self.workers, self.gpus_per_worker, self.threads = workers, gpus_per_worker, threads  # as asked
         self.run_id = uuid.uuid4().hex
         self.work_refs: list = []        # each graph's ShardWork, in the object store
         self.pool: list = []             # the workers (lost ones out of restarts removed)
@@ -291,6 +295,7 @@ class RayRunner:
         self.lost = _lost_worker_errors()
 
     def run(self, shards: Iterator[Shard]) -> None:
+        """Every shard that a graph of the sweep still needs, through the workers."""
         finished = False
         try:
             for shard in shards:
