@@ -114,11 +114,6 @@ class Location:
     def local_path(self, rel: str = "") -> Path | None:
         return Path(self.path(rel)) if self.local else None
 
-    def child(self, rel: str) -> "Location":
-        if self.local:
-            return Location(self.path(rel))
-        return Location(self.path(rel), filesystem=self.fs)
-
     def display(self, rel: str = "") -> str:
         """A name for messages: the path or the URI of ``rel``."""
         if self.local or "://" not in self.text:
@@ -186,11 +181,6 @@ class Location:
         sel = pafs.FileSelector(self.path(rel), allow_not_found=True, recursive=False)
         return sorted(PurePosixPath(i.path).name for i in self.fs.get_file_info(sel)
                       if i.type == pafs.FileType.Directory)
-
-    def is_dir(self) -> bool:
-        if self.local:
-            return os.path.isdir(self.root)
-        return self.fs.get_file_info(self.root).type == pafs.FileType.Directory
 
     def is_file(self) -> bool:
         if self.local:
@@ -298,3 +288,24 @@ class Location:
                 os.utime(self.path(rel), None)
             except OSError:
                 pass
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A small file written in a folder for other processes (Ray workers on other nodes) to look
+    for: one that cannot see it cannot see the folder, and would write where nobody looks."""
+
+    loc: Location
+    rel: str
+
+    @classmethod
+    def place(cls, loc: Location, writer_id: str) -> "Probe":
+        rel = f".probe-{writer_id}"
+        loc.write_bytes_atomic(rel, b"can you see me?", writer_id)
+        return cls(loc, rel)
+
+    def seen(self) -> bool:
+        return self.loc.exists(self.rel)
+
+    def remove(self) -> None:
+        self.loc.delete(self.rel)

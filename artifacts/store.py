@@ -83,9 +83,9 @@ def check_bytes(data: bytes, checksum: str) -> str | None:
 class Store:
     """The cache of stage results under ``root`` (a folder or a URI)."""
 
-    def __init__(self, root, filesystem=None, writer_id: str | None = None):
-        self.loc = root if isinstance(root, Location) else Location(root, filesystem)
-        self.writer_id = writer_id or new_writer_id()
+    def __init__(self, root: Location | str):
+        self.loc = root if isinstance(root, Location) else Location(root)
+        self.writer_id = new_writer_id()
         self._pending: dict[str, list[dict]] = {}
         self._segments = 0
         self._last_flush = time.monotonic()
@@ -109,9 +109,6 @@ class Store:
             if m and m["key"] == key:
                 found.append(Entry(stage, key, m["sha"], f"{folder}/{f.name}", f.size, f.mtime))
         return sorted(found, key=lambda e: e.mtime, reverse=True)
-
-    def has(self, stage: str, key: str) -> bool:
-        return bool(self.candidates(stage, key))
 
     def read(self, stage: str, key: str, columns: list[str] | None = None) -> pa.Table | None:
         """The stored table of ``key`` after checking its bytes, or None when there is no good

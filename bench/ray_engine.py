@@ -117,7 +117,7 @@ def ray_data_comparison(tmp: Path, repeats: int) -> dict | None:
         import ray.data  # noqa: F401
     except ImportError:
         return None
-    from runtime.executors import init_ray, stop_ray
+    from runtime.ray_executor import init_ray, stop_ray
     from runtime.run import RunContext
     from runtime.shards import iter_shards
 

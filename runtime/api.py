@@ -10,12 +10,13 @@ from pathlib import Path
 from artifacts.location import Location
 from artifacts.store import Store
 from runtime.errors import GraphError, Problem, UsageError
-from runtime.executors import Progress, available_cpus, init_ray, run_local, run_ray, stop_ray
+from runtime.executors import Progress, available_cpus, run_local
 from runtime.graph import Graph, load_graph
-from runtime.run import RunContext, RunSummary
-from runtime.shard_work import PARTS
-from runtime.run_lock import RunLock
+from runtime.ray_executor import RayConnection, RayRunner
 from runtime.records import check_dataset
+from runtime.run import RunContext, RunSummary
+from runtime.run_folder import RunFolder
+from runtime.settings import RunSettings
 from runtime.shards import iter_shards, select_samples
 
 DEFAULT_CACHE = ".runtime_cache"
@@ -112,12 +113,16 @@ def run_graphs(
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     threads: int | None = None,
+    settings: RunSettings | None = None,
 ) -> list[RunSummary]:
     """Run one graph, or sweep several over one dataset in one pass: each shard goes through
     every graph in turn, a node with the same key in two graphs is computed once (uncached
     image-level work included), each model is loaded once, and each graph gets its own run
-    folder as if run alone. Every problem found before work raises ``GraphError`` or
-    ``UsageError``."""
+    folder as if run alone. ``settings``: debug, profile, weights... (default: this process's,
+    ``RunSettings.from_environment``). Every problem found before work raises ``GraphError``
+    or ``UsageError``."""
+    settings = settings or RunSettings.from_environment()
+    settings.apply_to_process()  # before any graph is loaded: its model nodes look for their weights
     graphs = [g if isinstance(g, Graph) else load_graph(g, overrides, presets=presets or ()) for g in graphs]
     if not graphs:
         raise UsageError("give at least one graph")
@@ -150,20 +155,15 @@ def run_graphs(
     dataset = check_dataset(select_samples(lead.source.iter_samples(), ids, limit), ids,
                             source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
-    started: list[bool] = []
-
-    def connect() -> None:
-        if not started:
-            started.append(init_ray(address))
-
+    ray_connection = RayConnection(address)  # connects on first use: none for local runs
     try:
         if executor == "ray" and address and device == "auto":  # the driver may have no GPU, the cluster may
             import ray
 
-            connect()
+            ray_connection.connect()
             device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
         device = resolve_device(device)
-        folders = [folder_location(o, "--output") for o in outputs]
+        folders = [RunFolder(folder_location(o, "--output")) for o in outputs]
         store = None if no_cache else Store(folder_location(cache_dir or default_cache_dir(), "--cache"))
         args = dict(arguments or {}, executor=executor, limit=limit, device=device, no_cache=no_cache,
                     force=list(force or []), ids=sorted(ids) if ids else None, retry_errors=retry_errors,
@@ -173,26 +173,24 @@ def run_graphs(
         with ExitStack() as stack:
             ctxs = []
             for g, folder in zip(graphs, folders):
-                lock = stack.enter_context(RunLock(folder, command=str((arguments or {}).get("graph", g.path))))
-                lock.acquire(wait=wait)
-                ctx = RunContext(g, folder, store, {n for n in force or [] if n in g.nodes}, device=device,
-                                 retry_errors=retry_errors)
-                ctx.clean_output()
+                stack.enter_context(folder.lock(str((arguments or {}).get("graph", g.path)))).acquire(wait=wait)
+                folder.remove_temp_files()  # of runs that died: the lock says none is live
                 if no_cache:
-                    folder.delete_dir(PARTS)
+                    folder.remove_parts()
+                ctx = RunContext(g, folder, store, {n for n in force or [] if n in g.nodes}, device=device,
+                                 retry_errors=retry_errors, settings=settings)
                 ctx.write_manifest("running", executor, device, args)
                 ctxs.append(ctx)
-            bars = Progress(ctxs, dataset.samples, progress)
+            bars = Progress(ctxs, dataset.samples, progress, settings.progress_seconds)
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)
             try:
                 if executor == "local":
                     run_local(ctxs, shards, bars, threads=threads)
                 else:
-                    run_ray(ctxs, shards, bars, connect, workers=workers, gpus_per_worker=gpus_per_worker,
-                            threads=threads)
+                    RayRunner(ctxs, bars, ray_connection, settings, workers=workers, gpus_per_worker=gpus_per_worker,
+                              threads=threads).run(shards)
             finally:
                 bars.close()
             return [ctx.finish(executor, device, args) for ctx in ctxs]
     finally:
-        if any(started):
-            stop_ray()
+        ray_connection.close()

@@ -11,8 +11,6 @@ from pathlib import Path
 from runtime.errors import GraphError, UsageError
 from runtime.params_doc import describe_params
 
-WEIGHTS_ENV = "PNPVQA_WEIGHTS"  # read by models.weights; forwarded to Ray workers
-
 EPILOG = """examples:
   runtime run graphs/oracle_heatmap.yaml                 run on the bundled synthetic sample
   runtime run graphs/pnp_vqa.yaml graphs/esam_enhanced.yaml   two variants in one pass (a sweep)
@@ -154,20 +152,27 @@ def _parse_ids(text: str | None) -> set[str] | None:
     return {t.strip() for t in text.split(",") if t.strip()}
 
 
-def _load(a, path: str | None = None):
-    """Validate the graph of a run / validate / show command, after --weights and --preset."""
-    from runtime.graph import load_graph
+def _settings(a):
+    """The settings of a run / validate / show command's flags (the environment fills in what
+    they leave out), applied to this process: the graphs' model nodes look for their weights."""
+    from runtime.settings import RunSettings
 
-    if a.random_weights:
-        from models.weights import RANDOM_WEIGHTS_ENV
-
-        os.environ[RANDOM_WEIGHTS_ENV] = "1"  # forwarded to Ray workers like every PNPVQA_ variable
+    weights = None
     if a.weights:
-        folder = Path(a.weights)
-        if not folder.is_dir():
+        if not Path(a.weights).is_dir():
             raise UsageError(f"--weights {a.weights}: no such folder (it should hold the checkpoints under their "
                              "standard names; see README, 'Real checkpoints')")
-        os.environ[WEIGHTS_ENV] = str(folder.resolve())
+        weights = Path(a.weights).resolve()
+    settings = RunSettings.from_environment(debug=getattr(a, "debug", False), profile=getattr(a, "profile", False),
+                                            weights=weights, random_weights=a.random_weights)
+    settings.apply_to_process()
+    return settings
+
+
+def _load(a, path: str | None = None):
+    """Validate the graph of a run / validate / show command, after ``_settings`` and --preset."""
+    from runtime.graph import load_graph
+
     graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype)
     if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
@@ -181,13 +186,7 @@ def _cmd_run(a) -> int:
     from runtime.api import run_graphs
     from runtime.run import format_summary
 
-    if a.debug:
-        os.environ["RUNTIME_DEBUG"] = "1"
-    if a.profile:
-        from runtime.node_runner import PROFILE_ENV
-
-        os.environ[PROFILE_ENV] = "1"
-
+    settings = _settings(a)
     graphs = [_load(a, path) for path in a.graph]
     outputs = None
     if a.output:
@@ -195,7 +194,7 @@ def _cmd_run(a) -> int:
     summaries = run_graphs(graphs, executor=a.executor, outputs=outputs, cache_dir=a.cache, no_cache=a.no_cache,
                            force=a.force, limit=a.limit, ids=_parse_ids(a.ids), device=a.device, address=a.address,
                            workers=a.workers, gpus_per_worker=a.gpus_per_worker, threads=a.threads,
-                           progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait,
+                           progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait, settings=settings,
                            arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
                                       "dtype": a.dtype,
                                       "weights": a.weights})
@@ -209,6 +208,7 @@ def _cmd_run(a) -> int:
 def _cmd_validate(a) -> int:
     from runtime.api import check_sources
 
+    _settings(a)
     g = _load(a)
     check_sources(g)
     print(f"{a.graph}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
@@ -220,6 +220,7 @@ def _cmd_show(a) -> int:
 
     from artifacts.columns import describe_type
 
+    _settings(a)
     g = _load(a)
     if a.dot:
         print(g.to_dot())
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001
-        if getattr(a, "debug", False) or os.environ.get("RUNTIME_DEBUG"):
+        from runtime.settings import DEBUG_ENV
+
+        if getattr(a, "debug", False) or os.environ.get(DEBUG_ENV):
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(run with --debug for the traceback)", file=sys.stderr)
         return 1

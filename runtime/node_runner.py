@@ -6,7 +6,6 @@ give the same results.
 
 from __future__ import annotations
 
-import os
 import re
 import resource
 import sys
@@ -55,9 +54,6 @@ def error_kind(exc: BaseException) -> str:
     if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # CUDA / allocator
         return TRANSIENT_ERROR
     return DATA_ERROR
-
-
-PROFILE_ENV = "RUNTIME_PROFILE"  # set by --profile; forwarded to Ray workers like every RUNTIME_ variable
 
 
 @dataclass
@@ -111,10 +107,12 @@ def peak_gpu_mb() -> float:
 class NodeRunner:
     """Holds one node's stage (set up once) and runs it on shards."""
 
-    def __init__(self, node: Node, per_image_upstream: set[str]):
+    def __init__(self, node: Node, per_image_upstream: set[str], debug: bool = False, profile: bool = False):
         self.node = node
         self.stage = node.stage
         self.per_image_upstream = per_image_upstream  # upstream nodes with one row per image
+        self.debug = debug      # --debug: print the traceback of each failing row
+        self.profile = profile  # --profile: count the time inside the stage's models
         self._ready = False
 
     @property
@@ -129,7 +127,7 @@ class NodeRunner:
         if not self._ready:
             self.stage.setup(device)
             self._ready = True
-        if os.environ.get(PROFILE_ENV):
+        if self.profile:
             self._watch_models()
 
     def _watch_models(self) -> None:
@@ -270,7 +268,8 @@ class NodeRunner:
                     o, f = self._call([i], inputs, row_ids, out_types)
                 except Exception as exc:  # noqa: BLE001
                     failures[i] = (f"{type(exc).__name__}: {exc}", error_kind(exc))
-                    _log_traceback(self.node.name, row_ids[i])
+                    if self.debug:
+                        print(f"[{self.node.name}] row {row_ids[i]}:\n{traceback.format_exc()}", file=sys.stderr)
                     continue
                 failures.update(f)
                 done.append(i)
@@ -288,8 +287,3 @@ class NodeRunner:
         keep = [k for k, i in enumerate(rows) if i not in failures]
         idx = pa.array(keep, type=pa.int64())
         return [rows[k] for k in keep], {name: a.take(idx) for name, a in outs.items()}, failures
-
-
-def _log_traceback(node: str, row_id: str) -> None:
-    if os.environ.get("RUNTIME_DEBUG"):  # set by `runtime run --debug`, forwarded to Ray workers
-        print(f"[{node}] row {row_id}:\n{traceback.format_exc()}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""One run of a graph, on the driver: which shards are finished, the run folder (parts,
-results, manifest) and the summary. The work of a shard is ``runtime.shard_work.ShardWork``.
+"""One run of a graph, on the driver: which shards are finished, the summary and the
+manifest. The work of a shard is ``runtime.shard_work.ShardWork``; the files of the run
+folder are ``runtime.run_folder.RunFolder``'s.
 """
 
 from __future__ import annotations
@@ -14,24 +15,21 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from artifacts.columns import is_fixed_tensor, is_variable_tensor
-from artifacts.location import Location, new_writer_id
-from artifacts.store import Store, check_bytes, parse_table
-from models.weights import random_weights
+from artifacts.location import Location
+from artifacts.store import Store
 from runtime.code_identity import code_identity
 from runtime.graph import Graph
 from runtime.node_runner import TRANSIENT_ERROR
-from runtime.shard_work import PART_RE, PARTS, ShardOutcome, ShardWork, node_device
+from runtime.run_folder import RESULTS, CorruptPart, RunFolder
+from runtime.settings import RunSettings
+from runtime.shard_work import ShardOutcome, ShardWork, node_device
 from runtime.shards import Shard
 from stages.base import Role
 from stages.evaluation import official_report
 
 log = logging.getLogger(__name__)
-
-RESULTS = "results.parquet"
-MANIFEST = "manifest.json"
 
 
 class RunError(Exception):
@@ -70,6 +68,7 @@ class RunSummary:
     driver_bytes: int = 0     # bytes the driver sent to or received from workers (Ray)
     startup_seconds: float = 0.0  # Ray: from connecting to every worker being up
     workers: list[dict] = field(default_factory=list)
+    random_weights: bool = False  # --random-weights: the models are untrained (not a total)
 
     @property
     def results(self) -> Path | str:
@@ -86,73 +85,73 @@ def node_identity(graph: Graph, name: str, device: str, weights: str | None) -> 
 
 
 class RunContext:
-    """The driver's side of one run."""
+    """The driver's side of one run: which shards are finished, the summary, the run folder."""
 
-    def __init__(self, graph: Graph, output: Location | str | Path, store: Store | None, force: set[str],
-                 device: str = "cpu", retry_errors: bool = False):
+    def __init__(self, graph: Graph, output: RunFolder | Location | str | Path, store: Store | None, force: set[str],
+                 device: str = "cpu", retry_errors: bool = False, settings: RunSettings = RunSettings()):
         self.graph = graph
-        self.output = output if isinstance(output, Location) else Location(output)
+        self.folder = output if isinstance(output, RunFolder) else RunFolder(output)
         self.store = store
         self.device = device
+        self.settings = settings
         forced = set(force)
         for name in force:
             forced |= graph.descendants(name)
-        self.force = forced
         self.weights = {name: node.stage.weights_fingerprint() for name, node in graph.nodes.items()}
         self.identities = {name: node_identity(graph, name, device, self.weights[name]) for name in graph.nodes}
-        self.work = ShardWork(graph, self.identities, store.loc if store is not None else None, self.output,
-                              forced, retry_errors, device)
-        self.summary = RunSummary(self.output.local_path() or self.output.display(),
-                                  nodes={n: NodeSummary(nd.stage.name) for n, nd in graph.nodes.items()})
+        # what executors hand to workers: picklable, and all a worker needs to run a shard
+        self.work = ShardWork(graph, self.identities, store.loc if store is not None else None, self.folder,
+                              forced, retry_errors, device, settings)
+        self.summary = RunSummary(self.folder.loc.local_path() or self.folder.display(),
+                                  nodes={n: NodeSummary(nd.stage.name) for n, nd in graph.nodes.items()},
+                                  random_weights=settings.random_weights)
         self.started = time.time()
-        self.writer_id = new_writer_id()
         self.part_files: list[str | None] = []  # per shard index: the part's name under parts/
-        self._existing_parts = self._list_parts()
+        self._existing_parts = self.folder.parts_by_key()
         self._running_manifest: tuple | None = None
 
     # -- which shards are finished -----------------------------------------------------------
     def keys(self, shard: Shard) -> dict[str, str]:
         return self.work.keys(shard)
 
-    def _list_parts(self) -> dict[str, list[str]]:
-        found: dict[str, list[str]] = {}
-        for f in self.output.list(PARTS):
-            m = PART_RE.match(f.name)
-            if m:
-                found.setdefault(m["key"], []).append(f.name)
-        return found
-
-    def finished_part(self, shard: Shard) -> str | None:
-        """The name of a good finished part for ``shard`` (checked whole), or None when the
-        shard must run. Only with a store: without one nothing is reused."""
+    def needs(self, shard: Shard) -> bool:
+        """Whether ``shard`` must be computed: no good finished part of it (checked whole) is in
+        the run folder. Only with a store: without one nothing is reused."""
         while len(self.part_files) <= shard.index:
             self.part_files.append(None)
         if self.store is None or self.work.force:
-            return None
+            return True
         part_key = self.work.part_key(shard, self.work.keys(shard))
         for name in self._existing_parts.get(part_key, []):
-            rel = f"{PARTS}/{name}"
             try:
-                data = self.output.read_bytes(rel)
+                kinds = self.folder.read_part(name, ["error_kind"]).column("error_kind").to_pylist()
             except FileNotFoundError:
                 continue
-            problem = check_bytes(data, PART_RE.match(name)["sha"])
-            if problem is not None:
+            except CorruptPart as bad:
                 log.warning("warning: results part %s is corrupt (%s); removed, recomputing its shard",
-                            self.output.display(rel), problem)
+                            bad.where, bad.problem)
                 self.summary.corrupt_discarded += 1
-                self.output.delete(rel)
                 continue
-            if self.work.stale(parse_table(data, ["error_kind"]).column("error_kind").to_pylist()):
+            if self.work.stale(kinds):
                 continue
             self.part_files[shard.index] = name
             self.summary.shards_from_parts += 1
             for s in self.summary.nodes.values():
                 s.cached_shards += 1
-            return name
-        return None
+            return False
+        return True
 
-    # -- bookkeeping -----------------------------------------------------------------------
+    # -- running and bookkeeping ---------------------------------------------------------------
+    def run_here(self, shard: Shard, worker: dict, memo: dict, stages: dict) -> None:
+        """Compute ``shard`` in this process (the local executor) and add its outcome.
+        ``memo`` and ``stages``: tables and set-up stages shared with the other graphs of a sweep."""
+        self.work.stage_cache = stages
+        self.absorb(self.work.run(shard, worker=worker, memo=memo))
+
+    def fail(self, shard: Shard, message: str) -> None:
+        """Give up on ``shard`` (its workers were lost): its rows fail transiently, to be retried."""
+        self.absorb(self.work.write_failed_part(shard, message))
+
     def absorb(self, outcome: ShardOutcome) -> None:
         """Add a finished shard's outcome to the summary."""
         while len(self.part_files) <= outcome.index:
@@ -173,47 +172,42 @@ class RunContext:
         self.summary.corrupt_discarded += len(outcome.discarded)
         self.summary.produced_bytes += outcome.produced_bytes
 
-    # -- the run folder -----------------------------------------------------------------------
-    def clean_output(self) -> int:
-        """Remove temporary files left in the run folder by runs that died (the caller holds the
-        folder's lock, so no live run writes there). Returns how many were removed."""
-        removed = 0
-        for folder in ("", PARTS):
-            for f in self.output.list(folder):
-                if f.name.startswith(".") and ".tmp-" in f.name:
-                    removed += self.output.delete(f"{folder}/{f.name}" if folder else f.name)
-        return removed
+    def note_workers(self, workers: list[dict], startup_seconds: float) -> None:
+        """Record where the run's workers are (in the running manifest too)."""
+        self.summary.workers = workers
+        self.summary.startup_seconds = startup_seconds
+        if self._running_manifest is not None:
+            self.write_manifest("running", *self._running_manifest)
+
+    def note_driver_bytes(self, size: int) -> None:
+        """Bytes the driver sent to or received from workers."""
+        self.summary.driver_bytes += size
 
     # -- finishing -------------------------------------------------------------------------
     def finish(self, executor: str, device: str, args: dict) -> RunSummary:
         """Concatenate the parts into results.parquet, drop stale parts, write the manifest."""
-        expected = set(filter(None, self.part_files))
-        for f in self.output.list(PARTS):  # other versions of the graph, older layouts
-            if f.name.startswith("part-") and f.name not in expected:
-                self.output.delete(f"{PARTS}/{f.name}")
+        parts = [name for name in self.part_files if name]
+        self.folder.remove_parts_except(set(parts))
         summary = self.summary
         summary.shards = len(self.part_files)
         self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
         scored = self._scored_columns()
         graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type")}
+
+        def add(table: pa.Table) -> None:
+            self._summarise(table, means)
+            for column, values in graded.items():
+                values.extend(table.column(column).to_pylist() if column in table.column_names
+                              else [None] * table.num_rows)
+
         results = None
-        parts = [name for name in self.part_files if name]
-        if parts:  # streamed part by part: memory stays flat however many samples
-            with self.output.atomic_writer(RESULTS, self.writer_id) as sink:
-                writer = None
-                for name in parts:
-                    table = self._read_part(name)
-                    if writer is None:
-                        writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-                    writer.write_table(table)
-                    self._summarise(table, means)
-                    for column, values in graded.items():
-                        values.extend(table.column(column).to_pylist() if column in table.column_names
-                                      else [None] * table.num_rows)
-                writer.close()
-            results = {"file": RESULTS, "rows": summary.samples, "bytes": sink.size,
-                       "sha256": sink.sha256.hexdigest()}
+        if parts:
+            try:
+                results = self.folder.write_results(parts, add)
+            except CorruptPart as bad:
+                raise RunError(f"results part {bad.where} went bad during the run ({bad.problem}); "
+                               "it was removed: run the same command again to recompute it") from None
         summary.metrics = {k: v[0] / v[1] for k, v in means.items() if v[1]}
         for node, column in scored.items():
             metric = getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
@@ -227,16 +221,6 @@ class RunContext:
         """Nodes whose accuracy (the role) is kept in the results: node -> results column."""
         return {column.split(".")[0]: column for column, role in self.graph.kept_roles().items()
                 if role == Role.ACCURACY.value}
-
-    def _read_part(self, name: str) -> pa.Table:
-        rel = f"{PARTS}/{name}"
-        data = self.output.read_bytes(rel)
-        problem = check_bytes(data, PART_RE.match(name)["sha"])
-        if problem is not None:
-            self.output.delete(rel)
-            raise RunError(f"results part {self.output.display(rel)} went bad during the run ({problem}); "
-                           "it was removed: run the same command again to recompute it")
-        return parse_table(data)
 
     def _summarise(self, table: pa.Table, means: dict[str, list[float]]) -> None:
         """Add one part's rows to the summary: counts, error examples, sums of numeric columns."""
@@ -259,12 +243,6 @@ class RunContext:
                 acc[0] += pc.sum(col).as_py() or 0.0
                 acc[1] += len(col) - col.null_count
 
-    def note_workers(self, workers: list[dict]) -> None:
-        """Record where the run's workers are (in the running manifest too)."""
-        self.summary.workers = workers
-        if self._running_manifest is not None:
-            self.write_manifest("running", *self._running_manifest)
-
     def write_manifest(self, status: str, executor: str, device: str, args: dict, results: dict | None = None) -> None:
         if status == "running":
             self._running_manifest = (executor, device, args)
@@ -284,7 +262,7 @@ class RunContext:
             "arguments": args,
             "versions": package_versions(),
             "weights": self.weights,
-            "random_weights": random_weights(),  # --random-weights: for timing only, the results mean nothing
+            "random_weights": self.settings.random_weights,  # for timing only, the results mean nothing
             "identity": self.identities,
             "workers": self.summary.workers,
             "seeds": seeds,
@@ -292,12 +270,11 @@ class RunContext:
             "parts": [name for name in self.part_files if name],
             "evaluation": self.summary.evaluation,
             "totals": {k: v for k, v in asdict(self.summary).items()
-                       if k not in ("nodes", "output", "workers", "evaluation")},
+                       if k not in ("nodes", "output", "workers", "evaluation", "random_weights")},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
         }
-        self.output.write_bytes_atomic(MANIFEST, json.dumps(manifest, indent=2, default=str).encode(),
-                                       self.writer_id)
+        self.folder.write_manifest(json.dumps(manifest, indent=2, default=str).encode())
 
 
 def package_versions() -> dict[str, str]:
@@ -312,8 +289,7 @@ def package_versions() -> dict[str, str]:
 
 def read_results(output: Location | str | Path) -> pa.Table:
     """A run folder's results table (local folder or URI)."""
-    loc = output if isinstance(output, Location) else Location(output)
-    return pq.read_table(pa.BufferReader(loc.read_bytes(RESULTS)))
+    return RunFolder(output).read_results()
 
 
 def format_summary(summary: RunSummary, graph: Graph) -> str:
@@ -341,7 +317,7 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         capacity = summary.seconds * max(1, len(summary.workers))
         lines.append(f"  inside model forward / backward passes: {model:.1f} s, {100 * model / capacity:.0f}% of the "
                      "wall time" + (f" of {len(summary.workers)} workers" if summary.workers else ""))
-    if random_weights():
+    if summary.random_weights:
         lines.append("  RANDOM WEIGHTS (--random-weights): the models are untrained; use this run for timing only")
     if summary.transient_errors:
         lines.append(f"  {summary.transient_errors} rows failed in ways another attempt may not repeat "

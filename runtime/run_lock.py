@@ -60,9 +60,8 @@ class RunLock:
             return not alive
         return time.time() - float(holder.get("heartbeat", 0)) > TTL
 
-    def acquire(self, wait: bool = False, poll: float = 2.0, timeout: float | None = None) -> None:
+    def acquire(self, wait: bool = False, poll: float = 2.0) -> None:
         self.folder.makedirs()
-        deadline = None if timeout is None else time.monotonic() + timeout
         announced = False
         while True:
             if self.folder.create_exclusive(LOCK, self._record()):
@@ -76,7 +75,7 @@ class RunLock:
                 if self._holder() == holder:
                     self.folder.delete(LOCK)
                 continue
-            if not wait or (deadline is not None and time.monotonic() > deadline):
+            if not wait:
                 raise RunLocked(describe_holder(self.folder, holder)
                                 + "; wait for it to finish, choose another --output, or pass --wait to wait for it")
             if not announced:

@@ -18,28 +18,25 @@ with ``retry_errors``), or is not cacheable; its inputs are then planned the sam
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from artifacts.fingerprint import fingerprint
-from artifacts.location import Location, new_writer_id
-from artifacts.store import Store, table_bytes
+from artifacts.location import Location
+from artifacts.store import Store
 from runtime.graph import SOURCE, Graph, Node, Ref
 from runtime.node_runner import (DATA_ERROR, ERROR, ERROR_KIND, ROW_ID, SOURCE_ERROR, TRANSIENT_ERROR, NodeRunner,
                                  NodeStats)
+from runtime.run_folder import RunFolder
+from runtime.settings import RunSettings
 from runtime.shards import Shard
 from stages.base import Granularity
 
 _DONE: Future = Future()
 _DONE.set_result(None)
 
-PARTS = "parts"
-PART_RE = re.compile(r"^part-(?P<key>[0-9a-f]{32})\.(?P<sha>[0-9a-f]{64})\.parquet$")
 SOURCE_RESULT_COLUMNS = ("sample_id", "image_id", "question")
 
 
@@ -76,14 +73,15 @@ class ShardWork:
     """Everything needed to run shards of one graph, picklable (no open files, no models, no
     dataset source): built once by the driver and sent to every worker."""
 
-    def __init__(self, graph: Graph, identities: dict[str, dict], store: Location | None, output: Location,
-                 force: set[str], retry_errors: bool, device: str):
+    def __init__(self, graph: Graph, identities: dict[str, dict], store: Location | None, folder: RunFolder,
+                 force: set[str], retry_errors: bool, device: str, settings: RunSettings):
         self.graph_name = graph.name
         self.nodes: dict[str, Node] = graph.nodes
         self.outputs: list[Ref] = graph.outputs
         self.identities = identities
         self.store_location = store
-        self.output = output
+        self.folder = folder
+        self.settings = settings
         self.force = set(force)
         self.retry_errors = retry_errors
         self.device = device
@@ -117,7 +115,8 @@ class ShardWork:
         if self._runners is None:
             self._runners = {}
             for name, node in self.nodes.items():
-                runner = NodeRunner(node, self.per_image)
+                runner = NodeRunner(node, self.per_image, debug=self.settings.debug,
+                                    profile=self.settings.profile)
                 cached = None if self.stage_cache is None else self.stage_cache.get(self.stage_key(name))
                 if cached is not None:
                     runner.adopt(cached)
@@ -287,12 +286,4 @@ class ShardWork:
         cols["status"] = pa.array(["error" if e else "ok" for e in errors], type=pa.string())
         cols["error"] = pa.array(errors, type=pa.string())
         cols["error_kind"] = pa.array(kinds, type=pa.string())
-        data = table_bytes(pa.table(cols))
-        name = f"part-{part_key}.{hashlib.sha256(data).hexdigest()}.parquet"
-        self.output.write_bytes_atomic(f"{PARTS}/{name}", data, self._writer_id())
-        return name
-
-    def _writer_id(self) -> str:
-        if getattr(self, "_writer_pid", None) != os.getpid():
-            self._writer, self._writer_pid = new_writer_id(), os.getpid()
-        return self._writer
+        return self.folder.write_part(part_key, pa.table(cols))

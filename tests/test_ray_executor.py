@@ -17,7 +17,7 @@ import stages
 from conftest import GRAPHS, RAY_OPTIONS
 from runtime.api import run_graph
 from runtime.errors import UsageError
-from runtime.executors import MAX_CPU_WORKERS, plan_workers
+from runtime.ray_executor import MAX_CPU_WORKERS, plan_workers
 from runtime.graph import load_graph
 from runtime.run import RunContext
 from stages.heatmaps import SamplePatches
@@ -179,12 +179,12 @@ def test_workers_that_cannot_see_the_run_folder_stop_the_run(tmp_path):
     """Every worker looks for a file the driver wrote in the run folder and the cache; one that
     cannot see them (a folder local to the driver's machine) stops the run before any shard."""
     from artifacts.location import Location
-    from runtime.executors import check_workers_see, shared_storage_probes
+    from runtime.ray_executor import check_workers_see, storage_probes
 
     ctx = RunContext(load_graph(GRAPHS / "oracle_heatmap.yaml"), tmp_path / "out", None, set())
-    probes = shared_storage_probes(ctx)
-    assert [loc.exists(rel) for loc, rel in probes] == [True]  # no cache: the run folder only
+    probes = storage_probes([ctx])
+    assert [p.seen() for p in probes] == [True]  # no cache: the run folder only
     check_workers_see(probes, [{"host": "a", "sees": [True]}])
     with pytest.raises(UsageError, match=f"worker on b .* cannot see {tmp_path / 'out'}: .*shared filesystem"):
         check_workers_see(probes, [{"host": "a", "sees": [True]}, {"host": "b", "node_id": "n2", "sees": [False]}])
-    assert isinstance(probes[0][0], Location)
+    assert isinstance(probes[0].loc, Location)

@@ -1,0 +1,55 @@
+"""``RunSettings``: how every process of a run behaves, built once at the edge and passed on.
+
+The CLI builds it from its flags (``RunSettings.from_environment``), ``run_graphs`` from the
+environment when a caller gives none; the executors, the shard work, the node runners and
+each Ray worker (an argument of its actor) get it explicitly. Nothing below the edge reads
+these settings from the environment.
+
+Two of them stay environment variables at the model layer: ``models.weights`` reads the
+weights folder (``PNPVQA_WEIGHTS``) and random weights (``PNPVQA_RANDOM_WEIGHTS``) wherever a
+model looks for its checkpoint, deep inside model code that the runtime does not call with
+arguments. ``apply_to_process`` sets both, in one place, in the driver and in every worker
+before any model is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from models import weights as model_weights
+from models.weights import RANDOM_WEIGHTS_ENV, WEIGHTS_ENV
+
+DEBUG_ENV = "RUNTIME_DEBUG"                        # tracebacks without --debug (any command)
+PROGRESS_SECONDS_ENV = "RUNTIME_PROGRESS_SECONDS"  # plain progress lines: seconds between them
+DEFAULT_PROGRESS_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    debug: bool = False              # --debug: tracebacks of failing rows
+    profile: bool = False            # --profile: time inside model passes per node
+    progress_seconds: float = DEFAULT_PROGRESS_SECONDS  # between plain progress lines (no terminal)
+    weights: Path | None = None      # --weights: folder of real checkpoints
+    random_weights: bool = False     # --random-weights: seeded random weights, for timing only
+
+    @classmethod
+    def from_environment(cls, debug: bool = False, profile: bool = False, weights: Path | None = None,
+                         random_weights: bool = False) -> "RunSettings":
+        """The settings of this process: the flags given, else what its environment says."""
+        return cls(debug=debug or bool(os.environ.get(DEBUG_ENV)), profile=profile,
+                   progress_seconds=float(os.environ.get(PROGRESS_SECONDS_ENV, DEFAULT_PROGRESS_SECONDS)),
+                   weights=weights or model_weights.weights_dir(),
+                   random_weights=random_weights or model_weights.random_weights())
+
+    def apply_to_process(self) -> None:
+        """Set the model layer's two settings in this process's environment (module doc)."""
+        if self.weights is None:
+            os.environ.pop(WEIGHTS_ENV, None)
+        else:
+            os.environ[WEIGHTS_ENV] = str(self.weights)
+        if self.random_weights:
+            os.environ[RANDOM_WEIGHTS_ENV] = "1"
+        else:
+            os.environ.pop(RANDOM_WEIGHTS_ENV, None)
