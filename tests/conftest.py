@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from collections import Counter
@@ -12,25 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ROOT / "graphs"
 
-# The slow tier: modules whose tests train models, start Ray, open a browser, install a package
-# or run whole multi-model graphs. `bin/test -m "not slow"` leaves them out without importing them
-# (collecting them imports torch, transformers, Ray and the trainers); CI runs everything.
-SLOW_MODULES = frozenset(f"test_{name}.py" for name in (
-    "compute_clock", "dtype", "graph_properties", "plugins", "ray_cluster", "ray_executor", "report", "resume",
-    "shapes_weights", "stages_fusion", "store", "sweep", "training_bundle", "training_caption", "training_fid",
-    "training_fusion", "training_itm", "training_qavit", "training_sam"))
+# The slow tier: a module whose tests train models, start Ray, open a browser, install a package
+# or run whole multi-model graphs says so by a line `pytestmark = pytest.mark.slow` (single tests
+# elsewhere carry `@pytest.mark.slow`). `bin/test -m "not slow"` leaves such modules out without
+# importing them (collecting them imports torch, transformers, Ray and the trainers): their text
+# is searched for that line instead; CI runs everything.
+SLOW_MODULE_LINE = re.compile(r"^pytestmark = pytest\.mark\.slow$", re.MULTILINE)
+
+
+def slow_module(path: Path) -> bool:
+    """Whether the test module at ``path`` marks all its tests slow (read as text, not imported)."""
+    return path.suffix == ".py" and path.name.startswith("test_") and bool(SLOW_MODULE_LINE.search(path.read_text()))
 
 
 def pytest_ignore_collect(collection_path, config):
-    if collection_path.name in SLOW_MODULES and config.getoption("markexpr", "").replace(" ", "") == "notslow":
+    if config.getoption("markexpr", "").replace(" ", "") == "notslow" and slow_module(collection_path):
         return True
     return None
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -16,6 +16,8 @@ import pytest
 from conftest import ROOT
 from plugins import Registry, RegistryError
 
+pytestmark = pytest.mark.slow
+
 PLUGIN = ROOT / "examples" / "heatmap_plugin"
 
 

@@ -12,6 +12,8 @@ from runtime.api import run_graph
 from runtime.errors import GraphError
 from runtime.graph import load_graph
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
 TINY = ["tiny"]  # the graphs default to the shipped shapes presets; fusion files made here fit tiny
 

@@ -12,6 +12,8 @@ from conftest import GRAPHS
 from runtime.api import run_graph, run_graphs
 from runtime.errors import UsageError
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["dataset.num_images=4", "shard_size=8"]
 PAIR = [GRAPHS / "pnp_vqa.yaml", GRAPHS / "esam_enhanced.yaml"]
 

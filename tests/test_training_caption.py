@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from training.caption import caption_for_patches, main, mentioned_objects
 
+pytestmark = pytest.mark.slow
+
 # 40 px scene on a 4 x 4 grid: patch (r, c) = index 4 r + c spans pixels [10 c, 10 c + 10) x [10 r, 10 r + 10)
 SCENE = {
     "image_size": 40,

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from shapes.captions import PROMPT, caption_for_patches
 from training.fid import QAData, Recipe, check_metrics, draw_captions, heatmap_weights, main, target_answer
 
+pytestmark = pytest.mark.slow
+
 COMMON = ["--preset", "tiny", "--num-images", "2", "--batch-size", "8", "--lr", "3e-3", "--quiet", "--seed", "3",
           "--eval-images", "2", "--device", "cpu"]
 

@@ -16,6 +16,8 @@ from models.fusion import load_fusion
 from training.fusion import check_metrics, main, parser, quick_metrics
 from training.pairs import SceneFacts, Sample, draw_pairs, majority_answer, swap_candidates
 
+pytestmark = pytest.mark.slow
+
 COMMON = ["--num-images", "4", "--batch-size", "4", "--quiet", "--seed", "3"]
 SMALL_DIFNET = ["--mode", "difnet", "--width", "32", "--heads", "4", "--T", "1", "--N", "2", "--dropout", "0.1"]
 

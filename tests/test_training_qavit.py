@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from training.qavit import (ANSWERS, build_trainee, check_metrics, clip_pixels, eval_set, evaluate, main, make_batch,
                             render_image, shapes_params)
 
+pytestmark = pytest.mark.slow
+
 # 4 images, 2 questions each, 8 questions a step, a high learning rate: the model overfits quickly
 COMMON = ["--preset", "tiny", "--num-images", "4", "--questions-per-image", "2", "--batch-size", "8", "--lr", "2e-3",
           "--warmup", "0", "--seed", "3", "--eval-images", "2", "--quiet"]
