@@ -80,11 +80,6 @@ class Graph:
     def hash(self) -> str:
         return fingerprint(self.raw)
 
-    def column_type(self, ref: Ref) -> pa.DataType:
-        if ref.node == SOURCE:
-            return self.source_types[ref.column]
-        return self.nodes[ref.node].output_types[ref.column]
-
     def upstream(self, name: str) -> list[str]:
         return sorted({r.node for r in self.nodes[name].inputs.values() if r.node != SOURCE})
 
