@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from shapes.captions import PROMPT, caption_for_patches
-from training.fid import QAData, Recipe, check_metrics, draw_captions, heatmap_weights, main, target_answer
+from training.fid import check_metrics, main
+from training.fid_data import QAData, Recipe, draw_captions, heatmap_weights, target_answer
 
 pytestmark = pytest.mark.slow
 

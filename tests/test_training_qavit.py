@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.qavit import (ANSWERS, build_trainee, check_metrics, clip_pixels, eval_set, evaluate, main, make_batch,
-                            render_image, shapes_params)
+from training.qavit import build_trainee, main
+from training.qavit_data import ANSWERS, clip_pixels, eval_set, make_batch, render_image, shapes_params
+from training.qavit_eval import check_metrics, evaluate
 
 pytestmark = pytest.mark.slow
 

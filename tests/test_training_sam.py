@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.sam import METRIC_KEYS, check_metrics, main, sample_prompt
+from training.sam import main
+from training.sam_data import sample_prompt
+from training.sam_eval import METRIC_KEYS, check_metrics
 
 pytestmark = pytest.mark.slow
 
