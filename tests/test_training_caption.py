@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.caption import caption_for_patches, main, mentioned_objects
+from shapes.captions import caption_for_patches, mentioned_objects
+from training.caption import main
 
 pytestmark = pytest.mark.slow
 

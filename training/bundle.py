@@ -51,7 +51,7 @@ class Shipped:
 SHIPPED: Registry[Shipped] = Registry("shipped preset", "pnpvqa.shipped", lambda s: s.name)
 for _shipped in (
     Shipped("blip_itm", "itm.safetensors", quick_check("training.itm")),
-    Shipped("blip_caption", "caption.safetensors", quick_check("training.caption")),
+    Shipped("blip_caption", "caption.safetensors", quick_check("training.caption_eval")),
     Shipped("efficient_sam", "efficient_sam.safetensors", quick_check("training.sam_eval")),
     Shipped("fid_t5", "fid_t5.safetensors", quick_check("training.fid")),
     Shipped("qavit", "qavit.safetensors", quick_check("training.qavit_eval")),
