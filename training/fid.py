@@ -69,10 +69,11 @@ import numpy as np
 
 from training.common import add_model_options, mean_or_none
 from training.data import ShapesSettings
-from training.fid_data import GRID, QAData, QASample, Recipe, sample_passages
+from training.fid_data import QAData, QASample, Recipe, sample_passages
 from training.loop import Options, Step, Trainer
 
 PRESETS = ("tiny", "shapes")
+GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
 EVAL_BATCH = 64
 MAX_NEW_TOKENS = 19  # qa_fid's max_length 20, the decoder start token included
 MAX_PASSAGE_TOKENS = 512  # qa_fid's max_passage_tokens
@@ -170,7 +171,7 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = CHECK_IM
     weights = Path(weights)
     preset = _file_preset(weights) or "shapes"
     model, tokenizer = load_fid_t5(preset, weights)
-    data = QAData(source_params("shapes", seed, num_images, {}))
+    data = QAData(source_params("shapes", seed, num_images, {}), GRID)
     result = evaluate(model, tokenizer, eval_items(data, seed, Recipe()), torch.device("cpu"), 0)
     metrics = {"exact_match": float(result["exact_match"]), "vqa_accuracy": float(result["vqa_accuracy"])}
     metrics.update({f"exact_match_{k}": float(v["exact_match"]) for k, v in result["per_type"].items()})

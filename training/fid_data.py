@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -62,9 +61,10 @@ def named_objects(question: str, scene: dict[str, Any]) -> list[int]:
 
 
 class QAData:
-    """The questions of a ``shapes`` source with their images' per-patch object coverage."""
+    """The questions of a ``shapes`` source with their images' per-patch object coverage on a
+    ``grid`` x ``grid`` patch grid (the caption stage's is 24: ``training.fid.GRID``)."""
 
-    def __init__(self, params, grid: int = GRID) -> None:
+    def __init__(self, params, grid: int) -> None:
         from shapes.captions import object_coverage
         from shapes.dataset import iter_samples, render_scene
         from stages.grid import pool_to_grid

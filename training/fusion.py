@@ -51,9 +51,10 @@ import numpy as np
 from training.common import BLIP_PRESETS
 from training.data import SourceSettings
 from training.loop import Options, Step, Trainer
-from training.fusion_eval import evaluate, gain
 
+EVAL_BATCH = 32  # pairs per evaluation forward
 SAM_PRESETS = ("tiny", "shapes", "vitt", "vits")
+CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics, and the gain over the baseline
 
 
 @dataclass
@@ -236,6 +237,8 @@ class FusionTrainer(Trainer):
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """The fused tokens' metrics; the unfused baseline's first, once per run."""
+        from training.fusion_eval import evaluate
+
         if self.eval_pairs is None:
             return None
 
@@ -272,6 +275,7 @@ class FusionTrainer(Trainer):
         return {**super().summary(log), "train_accuracy_last": mean_or_none(log["accuracy"][-10:])}
 
     def records(self, step: int, evals) -> tuple[dict[str, Any], dict[str, Any]]:
+        from training.fusion_eval import gain
         from training.outputs import eval_at
 
         final_eval = eval_at(evals, step)

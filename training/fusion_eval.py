@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 
-EVAL_BATCH = 32  # pairs per evaluation forward
-CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics, and the gain over the baseline
+from training.fusion import CHECK_KEYS, EVAL_BATCH
 
 
 def evaluate(itm, tokenizer, fusion, store, pairs, samples, device, step: int, block_num: int) -> dict[str, Any]:

@@ -78,11 +78,12 @@ from training.common import add_model_options, add_patch_label_options, check_pa
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 from training.qavit_data import ANSWERS, draw_step, eval_set, make_batch, render_image, shapes_params
-from training.qavit_eval import evaluate
 
 DEFAULT_STEPS = 3000
 WEIGHTS_FORMAT = "pnpvqa-qavit"
 TRAIN_PRESETS = ("tiny", "shapes")
+OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
+EVAL_IMAGES_PER_BATCH = 16
 INIT_VERSION = 1        # bump when the initialisation of a training changes
 
 
@@ -329,6 +330,8 @@ class QAViTTrainer(Trainer):
                            "attention_in_mask": in_mask})
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
+        from training.qavit_eval import evaluate
+
         if self.held_out is None:
             return None
         return evaluate(self.trainee.qavit, self.tokenizer, self.s.preset, self.held_out, self.device, step,

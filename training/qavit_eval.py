@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.qavit import EVAL_IMAGES_PER_BATCH, OUTPUT_GRID
 from training.qavit_data import EvalSet, eval_set, make_batch
 
 
-OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
-EVAL_IMAGES_PER_BATCH = 16
 
 
 def evaluate(qavit, tokenizer, preset: str, data: EvalSet, device, step: int, *, answer_head=None,

@@ -66,9 +66,9 @@ from training.common import add_model_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 from training.sam_data import EVAL_POINTS, ShapesScenes, StepBatch, draw_batch, eval_prompts
-from training.sam_eval import evaluate, mask_iou
 
 PRESETS = ("tiny", "shapes", "vitt", "vits")
+EVAL_BATCH = 8            # held-out images per embedding call
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -84,7 +84,20 @@ class SamSettings(ShapesSettings):
     iou_weight: float = 1.0
 
 
-# --- losses -----------------------------------------------------------------------------------
+# --- losses and metrics -----------------------------------------------------------------------
+
+def mask_iou(logits, targets):
+    """IoU of ``logits > 0`` with 0/1 ``targets`` (broadcast), over the last two axes (no grad);
+    1 where both are empty."""
+    import torch
+
+    with torch.no_grad():
+        pred = logits > 0
+        tgt = targets > 0.5
+        inter = (pred & tgt).sum((-2, -1)).float()
+        union = (pred | tgt).sum((-2, -1)).float()
+        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
 
 def mask_losses(logits, targets):
     """Per mask: mean BCE on the logits + soft Dice of the sigmoid; ``logits [..., L, L]``,
@@ -256,6 +269,8 @@ class SamTrainer(Trainer):
                            "train_miou": train_miou})
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
+        from training.sam_eval import evaluate
+
         if self.eval_list is None:
             return None
         return evaluate(self.model, self.eval_data, self.eval_list, self.device, step)

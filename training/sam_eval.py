@@ -17,24 +17,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from training.sam import EVAL_BATCH, _recorded_preset, mask_iou
 from training.sam_data import EVAL_POINTS, EvalPrompt, ShapesScenes, eval_prompts
 
-EVAL_BATCH = 8            # held-out images per embedding call
 HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
 METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50"))
-
-
-def mask_iou(logits, targets):
-    """IoU of ``logits > 0`` with 0/1 ``targets`` (broadcast), over the last two axes (no grad);
-    1 where both are empty."""
-    import torch
-
-    with torch.no_grad():
-        pred = logits > 0
-        tgt = targets > 0.5
-        inter = (pred & tgt).sum((-2, -1)).float()
-        union = (pred | tgt).sum((-2, -1)).float()
-        return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def evaluate(model, scenes: ShapesScenes, prompts: Sequence[EvalPrompt], device, step: int) -> dict[str, Any]:
@@ -91,7 +78,6 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, pres
 
     from models.efficient_sam.checkpoint import load_efficient_sam
     from training.data import source_params
-    from training.sam import _recorded_preset
 
     weights = Path(weights)
     if preset is None:
