@@ -80,11 +80,6 @@ class Graph:
     def hash(self) -> str:
         return fingerprint(self.raw)
 
-    def column_type(self, ref: Ref) -> pa.DataType:
-        if ref.node == SOURCE:
-            return self.source_types[ref.column]
-        return self.nodes[ref.node].output_types[ref.column]
-
     def kept_roles(self) -> dict[str, str]:
         """``{results column: role}`` for the kept columns whose stage declares a role
         (``stages.base.Role``), in the order they are kept: what the run's readers go by."""

@@ -32,7 +32,6 @@ from runtime.records import ERROR, clean_records
 from sources.base import Source
 
 MAX_FACTOR = 4  # a shard is cut at MAX_FACTOR * shard_size samples when no cut sample came
-IMAGE_COLUMNS = ("image_path", "image_bytes")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from collections import Counter
@@ -12,25 +13,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 GRAPHS = ROOT / "graphs"
 
-# The slow tier: modules whose tests train models, start Ray, open a browser, install a package
-# or run whole multi-model graphs. `bin/test -m "not slow"` leaves them out without importing them
-# (collecting them imports torch, transformers, Ray and the trainers); CI runs everything.
-SLOW_MODULES = frozenset(f"test_{name}.py" for name in (
-    "compute_clock", "dtype", "graph_properties", "plugins", "ray_cluster", "ray_executor", "report", "resume",
-    "shapes_weights", "stages_fusion", "store", "sweep", "training_bundle", "training_caption", "training_fid",
-    "training_fusion", "training_itm", "training_qavit", "training_sam"))
+# The slow tier: a module whose tests train models, start Ray, open a browser, install a package
+# or run whole multi-model graphs says so by a line `pytestmark = pytest.mark.slow` (single tests
+# elsewhere carry `@pytest.mark.slow`). `bin/test -m "not slow"` leaves such modules out without
+# importing them (collecting them imports torch, transformers, Ray and the trainers): their text
+# is searched for that line instead; CI runs everything.
+SLOW_MODULE_LINE = re.compile(r"^pytestmark = pytest\.mark\.slow$", re.MULTILINE)
+
+
+def slow_module(path: Path) -> bool:
+    """Whether the test module at ``path`` marks all its tests slow (read as text, not imported)."""
+    return path.suffix == ".py" and path.name.startswith("test_") and bool(SLOW_MODULE_LINE.search(path.read_text()))
 
 
 def pytest_ignore_collect(collection_path, config):
-    if collection_path.name in SLOW_MODULES and config.getoption("markexpr", "").replace(" ", "") == "notslow":
+    if config.getoption("markexpr", "").replace(" ", "") == "notslow" and slow_module(collection_path):
         return True
     return None
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -105,3 +104,64 @@ def hub_snapshot(cache: Path, repo: str, source: Path, commit: str = "0123abcd")
     (folder / "refs").mkdir(parents=True)
     (folder / "refs" / "main").write_text(commit)
     return folder / "snapshots" / commit
+
+
+
+# Results of two runs that differ in executor or thread count (docs/store.md, "Floats across
+# executors and thread counts"): float values equal within atol + rtol * |value|, all else exactly.
+FLOAT_RTOL, FLOAT_ATOL = 1e-5, 1e-6
+
+
+def _float_pairs(a, b):
+    """Check two Arrow tables equal in all but float values: schema (metadata included), row
+    count, nulls, list lengths and every non-float value (AssertionError naming the column).
+    Yields ``(column, x, y)`` for the float values at any depth (tensors, lists, structs)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    assert a.schema.equals(b.schema, check_metadata=True), f"schemas differ:\n{a.schema}\n---\n{b.schema}"
+    assert a.num_rows == b.num_rows, f"{a.num_rows} rows against {b.num_rows}"
+
+    def walk(name, x, y):
+        if isinstance(x.type, pa.BaseExtensionType):
+            x, y = x.storage, y.storage
+        assert x.is_null().equals(y.is_null()), f"{name}: nulls differ"
+        t = x.type
+        if pa.types.is_floating(t):
+            yield name, x.to_numpy(zero_copy_only=False).astype(np.float64), y.to_numpy(zero_copy_only=False).astype(np.float64)
+        elif pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            assert pc.list_value_length(x).equals(pc.list_value_length(y)), f"{name}: list lengths differ"
+            yield from walk(name, x.flatten(), y.flatten())
+        elif pa.types.is_struct(t):
+            for i in range(t.num_fields):
+                yield from walk(name, pc.struct_field(x, [i]), pc.struct_field(y, [i]))
+        else:
+            assert x.equals(y), f"{name}: values differ"
+
+    for name in a.column_names:
+        yield from walk(name, a.column(name).combine_chunks(), b.column(name).combine_chunks())
+
+
+def assert_tables_close(a, b, rtol: float = FLOAT_RTOL, atol: float = FLOAT_ATOL) -> None:
+    """``a`` and ``b`` are the same table but for float rounding: all but float values exactly
+    equal, floats within ``atol + rtol * |b|`` (NaN where the other has NaN)."""
+    import numpy as np
+
+    for name, x, y in _float_pairs(a, b):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+
+
+def float_differences(a, b) -> dict[str, tuple[float, float]]:
+    """Per column holding floats: the largest absolute and the largest relative difference
+    between ``a`` and ``b`` (which must be equal in all else, as for ``assert_tables_close``)."""
+    import numpy as np
+
+    found: dict[str, tuple[float, float]] = {}
+    for name, x, y in _float_pairs(a, b):
+        both = ~(np.isnan(x) | np.isnan(y))
+        diff = np.abs(x - y)[both]
+        rel = diff / np.maximum(np.abs(y[both]), 1e-30)
+        old = found.get(name, (0.0, 0.0))
+        found[name] = (max(old[0], float(diff.max(initial=0.0))), max(old[1], float(rel.max(initial=0.0))))
+    return found

@@ -39,10 +39,13 @@ def base():
     return keys_of()
 
 
-def test_stage_name_params_weights_dtype_and_wiring(base, monkeypatch):
+def test_stage_name_version_params_weights_dtype_and_wiring(base, monkeypatch):
     assert keys_of() == base
     with monkeypatch.context() as m:
         m.setattr(SamplePatches, "name", "sample_patches_renamed")
+        assert changed(base, keys_of()) == {"patches"}
+    with monkeypatch.context() as m:
+        m.setattr(SamplePatches, "version", "999")
         assert changed(base, keys_of()) == {"patches"}
     assert changed(base, keys_of(["points.num_points=3"])) == {"points", "enhance", "patches", "enhanced_metrics"}
     with monkeypatch.context() as m:

@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import GRAPHS, ROOT
+
+pytestmark = pytest.mark.slow
 
 CLOCK = """
 import time, torch

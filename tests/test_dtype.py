@@ -16,6 +16,8 @@ from stages.blip import Caption, ItmGradcam
 from stages.images import PreprocessImage, decode_image
 from stages.qa import QAFiD
 
+pytestmark = pytest.mark.slow
+
 
 def ones(n: int) -> np.ndarray:
     return np.ones(n, dtype=bool)

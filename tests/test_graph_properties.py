@@ -19,6 +19,8 @@ from runtime.errors import GraphError, UsageError
 from runtime.graph import load_graph
 from runtime.yaml_io import load_yaml
 
+pytestmark = pytest.mark.slow
+
 SHIPPED = ["oracle_heatmap", "pnp_vqa", "esam_enhanced", "fusion_caption", "fusion_gradcam", "qavit"]
 JUNK = [-1, 0, 3, 2.5, "x", "", None, True, [1, 2], {"a": 1}, 10**9, "tiny", "shapes", "source.question"]
 STAGE_NAMES = list(stages.STAGES) + ["no_such_stage", ""]

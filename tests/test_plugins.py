@@ -18,6 +18,8 @@ import pytest
 from conftest import ROOT
 from plugins import Registry, RegistryError
 
+pytestmark = pytest.mark.slow
+
 PLUGIN = ROOT / "examples" / "heatmap_plugin"
 SOURCE_PLUGIN = ROOT / "examples" / "folder_source_plugin"
 

@@ -16,6 +16,8 @@ from runtime.api import run_graph
 from stages.base import Granularity, Input, Output, Stage
 from test_ray_executor import run_in_thread, slow_graph, wait_for_workers  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.slow
+
 NODE = dict(num_cpus=1, object_store_memory=128 * 2**20)
 
 

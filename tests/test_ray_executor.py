@@ -22,6 +22,8 @@ from runtime.graph import load_graph
 from runtime.run import RunContext
 from stages.heatmaps import SamplePatches
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["dataset.num_images=6", "shard_size=8"]
 
 

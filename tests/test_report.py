@@ -26,6 +26,8 @@ import pytest
 
 from conftest import GRAPHS, ROOT
 
+pytestmark = pytest.mark.slow
+
 CHROMIUM = Path("/usr/bin/chromium")
 OVERRIDES = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
 

@@ -10,8 +10,11 @@ import sys
 import time
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import GRAPHS, ROOT
+
+pytestmark = pytest.mark.slow
 
 # Registers a slow copy of sample_patches, then runs the CLI: slow enough to be killed mid-run.
 SCRIPT = """

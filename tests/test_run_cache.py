@@ -1,4 +1,4 @@
-"""Cache keys, reuse across runs and graphs, --force / --no-cache, bad samples, run folder."""
+"""Reuse across runs and graphs, --force / --no-cache, bad samples, run folder."""
 
 from __future__ import annotations
 
@@ -7,13 +7,9 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-import stages
 from artifacts.columns import column_to_python
 from conftest import GRAPHS
 from runtime.api import run_graph
-from runtime.graph import load_graph
-from runtime.run import RunContext
-from runtime.shards import iter_shards
 
 SMALL = ["dataset.num_images=6", "shard_size=8"]
 
@@ -21,40 +17,6 @@ SMALL = ["dataset.num_images=6", "shard_size=8"]
 def run(tmp_path, overrides=(), graph=GRAPHS / "oracle_heatmap.yaml", out="run", **kw):
     return run_graph(graph, overrides=[*SMALL, *overrides], executor="local", output=tmp_path / out,
                      cache_dir=tmp_path / "cache", progress=False, device="cpu", **kw)
-
-
-def keys_of(overrides=(), graph=GRAPHS / "oracle_heatmap.yaml"):
-    g = load_graph(graph, [*SMALL, *overrides])
-    ctx = RunContext(g, "/nonexistent", None, set())
-    shard = next(iter_shards(g.source, g.shard_size))
-    return ctx.keys(shard)
-
-
-def test_cache_keys_change_only_with_what_they_depend_on(monkeypatch):
-    base = keys_of()
-    assert keys_of() == base  # stable
-    # a param changes that node and its descendants, nothing upstream or beside it
-    k = keys_of(["points.num_points=3"])
-    changed = {n for n in base if base[n] != k[n]}
-    assert changed == {"points", "enhance", "patches", "enhanced_metrics"}
-    # the shard's content (dataset seed) changes everything
-    k = keys_of(["dataset.seed=1"])
-    assert all(base[n] != k[n] for n in base)
-    # weights fingerprint of one node
-    monkeypatch.setattr(stages.STAGES["mask_heatmap"], "weights_fingerprint", lambda self: "abc")
-    k = keys_of()
-    monkeypatch.undo()
-    assert {n for n in base if base[n] != k[n]} == {"oracle", "points", "enhance", "patches", "metrics", "enhanced_metrics"}
-    # rewiring an input changes the consumer
-    k = keys_of(["metrics.inputs.heatmap=enhance.heatmap"])
-    assert {n for n in base if base[n] != k[n]} == {"metrics"}
-
-
-def test_cache_key_changes_with_stage_version(monkeypatch):
-    base = keys_of()
-    monkeypatch.setattr(stages.STAGES["sample_patches"], "version", "999")
-    k = keys_of()
-    assert {n for n in base if base[n] != k[n]} == {"patches"}
 
 
 def test_second_run_computes_nothing(tmp_path, calls):

@@ -11,6 +11,8 @@ import pytest
 from models.weights import SHAPES_WEIGHTS_DIR
 from training.bundle import SHIPPED, manifest_path, sha256_file
 
+pytestmark = pytest.mark.slow
+
 MANIFESTS = sorted(SHAPES_WEIGHTS_DIR.glob("*.manifest.json"))
 SIZE_LIMIT = 30 * 1024 * 1024
 TOLERANCE = 0.02

@@ -12,6 +12,8 @@ from runtime.api import run_graph
 from runtime.errors import GraphError
 from runtime.graph import load_graph
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["dataset.num_images=2", "dataset.questions_per_image=2", "caption.num_captions=2"]
 TINY = ["tiny"]  # the graphs default to the shipped shapes presets; fusion files made here fit tiny
 
@@ -134,9 +136,11 @@ def test_shapes_weights_resolve_to_the_bundled_file_of_the_mode(tmp_path, monkey
     np.testing.assert_allclose(fused, expected, rtol=1e-6, atol=1e-6)
     assert not np.allclose(fused, features, atol=1e-3)  # the trained module, not the untrained identity
 
-    # a graph names it the same way; validation passes before any work
+    # a graph names it the same way (validation passes before any work): the same file, and the
+    # captioner reads the fused tokens
     graph = load_graph(GRAPHS / "fusion_caption.yaml", ["fusion.weights=shapes", "fusion.mode=concat_conv"], TINY)
-    assert graph is not None
+    assert graph.nodes["fusion"].stage.weights_fingerprint() == stage.weights_fingerprint()
+    assert graph.nodes["caption"].inputs["features"].node == "fusion"
 
 
 def test_missing_shapes_weights_are_a_problem_on_the_weights_field(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ from runtime.run_lock import RunLock, RunLocked
 from test_resume import _cli as slow_cli  # the CLI with a slow sample_patches registered
 from stages.heatmaps import SamplePatches
 
+pytestmark = pytest.mark.slow
+
 ORACLE = GRAPHS / "oracle_heatmap.yaml"
 SMALL = ["dataset.num_images=6", "shard_size=8"]
 HOST = socket.gethostname().replace("-", "_")

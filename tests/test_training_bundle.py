@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from training.bundle import earlier_stages
+
+pytestmark = pytest.mark.slow
 
 
 def _run(folder, command, training, steps=10):

@@ -11,7 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.caption import caption_for_patches, main, mentioned_objects
+from shapes.captions import caption_for_patches, mentioned_objects
+from training.caption import main
+
+pytestmark = pytest.mark.slow
 
 # 40 px scene on a 4 x 4 grid: patch (r, c) = index 4 r + c spans pixels [10 c, 10 c + 10) x [10 r, 10 r + 10)
 SCENE = {

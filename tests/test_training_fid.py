@@ -15,7 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from shapes.captions import PROMPT, caption_for_patches
-from training.fid import QAData, Recipe, check_metrics, draw_captions, heatmap_weights, main, target_answer
+from training.fid import GRID, check_metrics, main
+from training.fid_data import QAData, Recipe, draw_captions, heatmap_weights, target_answer
+
+pytestmark = pytest.mark.slow
 
 COMMON = ["--preset", "tiny", "--num-images", "2", "--batch-size", "8", "--lr", "3e-3", "--quiet", "--seed", "3",
           "--eval-images", "2", "--device", "cpu"]
@@ -34,7 +37,7 @@ def one_thread():
 def data():
     from training.data import source_params
 
-    return QAData(source_params("shapes", 4, 6, {}))
+    return QAData(source_params("shapes", 4, 6, {}), GRID)
 
 
 def _losses(folder) -> list[float]:

@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from models.fusion import load_fusion
-from training.fusion import check_metrics, main, parser, quick_metrics
+from training.fusion import FusionTrainer, main
+from training.fusion_eval import check_metrics, quick_metrics
 from training.pairs import SceneFacts, Sample, draw_pairs, majority_answer, swap_candidates
+
+pytestmark = pytest.mark.slow
 
 COMMON = ["--num-images", "4", "--batch-size", "4", "--quiet", "--seed", "3"]
 SMALL_DIFNET = ["--mode", "difnet", "--width", "32", "--heads", "4", "--T", "1", "--N", "2", "--dropout", "0.1"]
@@ -166,7 +169,7 @@ def test_check_metrics_uses_the_shapes_models(tmp_path, monkeypatch):
 def test_shapes_presets_are_accepted_and_missing_files_are_errors(tmp_path, monkeypatch, capsys):
     import models.weights
 
-    args = parser().parse_args(["--out", "x", "--blip-preset", "shapes", "--sam-preset", "shapes"])
+    args = FusionTrainer.parser().parse_args(["--out", "x", "--blip-preset", "shapes", "--sam-preset", "shapes"])
     assert (args.blip_preset, args.sam_preset) == ("shapes", "shapes")
     monkeypatch.setattr(models.weights, "SHAPES_WEIGHTS_DIR", tmp_path / "empty")
     assert main(["--out", str(tmp_path / "run"), "--blip-preset", "shapes", *COMMON]) == 2

@@ -15,6 +15,8 @@ from safetensors.torch import load_file
 from models.blip import load_blip_itm, load_blip_tokenizer_for, tokenize_questions
 from training.itm import main
 
+pytestmark = pytest.mark.slow
+
 # a fixed small dataset (4 images) and a high learning rate: the model can overfit quickly
 COMMON = ["--num-images", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "--eval-images", "4", "--quiet"]
 

@@ -12,7 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.sam import METRIC_KEYS, check_metrics, main, sample_prompt
+from training.sam import main
+from training.sam_data import sample_prompt
+from training.sam_eval import METRIC_KEYS, check_metrics
+
+pytestmark = pytest.mark.slow
 
 COMMON = ["--preset", "tiny", "--num-images", "2", "--batch-size", "2", "--prompts-per-image", "3", "--lr", "3e-3",
           "--quiet", "--seed", "3", "--eval-images", "2", "--device", "cpu"]

@@ -51,13 +51,13 @@ class Shipped:
 SHIPPED: Registry[Shipped] = Registry("shipped preset", "pnpvqa.shipped", lambda s: s.name)
 for _shipped in (
     Shipped("blip_itm", "itm.safetensors", quick_check("training.itm")),
-    Shipped("blip_caption", "caption.safetensors", quick_check("training.caption")),
-    Shipped("efficient_sam", "efficient_sam.safetensors", quick_check("training.sam")),
+    Shipped("blip_caption", "caption.safetensors", quick_check("training.caption_eval")),
+    Shipped("efficient_sam", "efficient_sam.safetensors", quick_check("training.sam_eval")),
     Shipped("fid_t5", "fid_t5.safetensors", quick_check("training.fid")),
-    Shipped("qavit", "qavit.safetensors", quick_check("training.qavit")),
-    Shipped("fusion_concat_conv", "fusion.safetensors", quick_check("training.fusion")),
-    Shipped("fusion_cross_attention", "fusion.safetensors", quick_check("training.fusion")),
-    Shipped("fusion_difnet", "fusion.safetensors", quick_check("training.fusion")),
+    Shipped("qavit", "qavit.safetensors", quick_check("training.qavit_eval")),
+    Shipped("fusion_concat_conv", "fusion.safetensors", quick_check("training.fusion_eval")),
+    Shipped("fusion_cross_attention", "fusion.safetensors", quick_check("training.fusion_eval")),
+    Shipped("fusion_difnet", "fusion.safetensors", quick_check("training.fusion_eval")),
 ):
     SHIPPED.add(_shipped, "training/bundle.py")
 

@@ -6,7 +6,7 @@ image (sampled from the question-guided heatmap; index + 1 skips the ViT's CLS) 
 synthetic ``shapes`` data: each sample is an image and a random subset of ``--num-patches``
 patches (uniform, or with ``--object-bias B`` drawn with weight ``1 + B`` on patches an object
 covers), and the target is the caption of the objects visible in those patches
-(:func:`caption_for_patches`), e.g. ``"a picture of a red circle and a blue square"``, or
+(:func:`shapes.captions.caption_for_patches`), e.g. ``"a picture of a red circle and a blue square"``, or
 ``"a picture of a plain background"`` / ``"a picture of a textured background"`` when the
 subset shows no object. Loss: teacher-forced cross-entropy on the caption tokens after the
 prompt (and its ``[SEP]``), as LAVIS's ``BlipCaption`` (prompt tokens masked with -100).
@@ -36,7 +36,8 @@ Held-out evaluation (at the start, the end and every ``--eval-every`` steps): ``
 shapes images of seed ``--eval-seed`` (default seed + 1000), ``--eval-subsets`` patch subsets
 each (drawn from ``default_rng(eval_seed)``, same sampling as training), greedy captions
 compared with the builder's: exact-match rate, object precision (mentioned objects that are
-visible in the subset) and recall (visible objects that are mentioned), micro-averaged.
+visible in the subset) and recall (visible objects that are mentioned), micro-averaged
+(:mod:`training.caption_eval`).
 
 Outputs in ``--out DIR``: ``caption.safetensors`` (state dict with LAVIS key names;
 ``load_blip_caption(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
@@ -49,19 +50,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from training.common import BLIP_PRESETS, add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
-from shapes.captions import (MIN_OVERLAP, PROMPT, caption_for_patches, mentioned_objects,  # noqa: F401
-                             object_coverage, visible_objects)
+from training.caption_data import ShapesImages, caption_batch, patch_states
+from training.caption_eval import evaluate
+from shapes.captions import MIN_OVERLAP, PROMPT
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
-
-EVAL_BATCH = 64
-GENERATE_MAX_LENGTH = 24  # prompt (4) + 4 objects x 3 words + 3 "and" + [SEP] = 20, with room
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -81,134 +80,6 @@ class CaptionSettings(ShapesSettings):
     patch_label_weight: float = 0.0
     patch_object_weight: float = 1.0
     eval_subsets: int = 4
-
-
-# --- data -------------------------------------------------------------------------------------
-
-class ShapesImages:
-    """Rendered shapes scenes of one seed, with their per-patch object coverage, by index."""
-
-    def __init__(self, params, count: int, grid: int, image_size: int, min_overlap: float) -> None:
-        from shapes.dataset import render_scene
-
-        self.grid, self.image_size, self.min_overlap = grid, image_size, min_overlap
-        self.scenes, self.images, self.coverage = [], [], []
-        for i in range(count):
-            scene = render_scene(params.seed, i, params)
-            self.images.append(scene.image)
-            self.scenes.append(json.loads(scene.to_json()))
-            self.coverage.append(object_coverage(self.scenes[-1], grid, masks=scene.masks))
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def pixels(self, indices: Sequence[int]):
-        from training.data import blip_pixels
-
-        return blip_pixels([self.images[i] for i in indices], self.image_size)
-
-    def sample_patches(self, i: int, rng: np.random.Generator, k: int, object_bias: float) -> np.ndarray:
-        """``[k]`` sorted distinct patch indices of image ``i`` (Gumbel-top-k on the weights)."""
-        from stages.grid import sample_patch_sets
-
-        cover = self.coverage[i]
-        on_object = (cover >= self.min_overlap).any(axis=0) if len(cover) else np.zeros(self.grid ** 2, bool)
-        weights = 1.0 + object_bias * on_object.astype(np.float64)
-        return sample_patch_sets(weights[None], [rng], 1, k)[0, 0]
-
-    def caption(self, i: int, patches: Sequence[int]) -> str:
-        return caption_for_patches(self.scenes[i], patches, self.grid, min_overlap=self.min_overlap,
-                                   coverage=self.coverage[i])
-
-    def visible(self, i: int, patches: Sequence[int]) -> list[tuple[str, str]]:
-        return visible_objects(self.scenes[i], patches, self.grid, min_overlap=self.min_overlap,
-                               coverage=self.coverage[i])
-
-
-def patch_states(tokens, patches):
-    """``tokens [B, 1+P, C]``, ``patches [B, K]`` (CLS excluded) -> ``[B, K, C]`` (index + 1)."""
-    import torch
-
-    index = (patches + 1)[..., None].expand(-1, -1, tokens.shape[-1])
-    return torch.gather(tokens, 1, index)
-
-
-def caption_batch(tokenizer, captions: Sequence[str], prompt_length: int):
-    """``input_ids [B, T]`` (``[DEC]`` first) and ``targets [B, T]`` (-100 on the prompt and padding)."""
-    enc = tokenizer(list(captions), padding="longest", return_tensors="pt")
-    input_ids = enc["input_ids"].clone()
-    input_ids[:, 0] = tokenizer.bos_token_id
-    targets = input_ids.masked_fill(enc["attention_mask"] == 0, -100)
-    targets[:, :prompt_length] = -100
-    return input_ids, targets
-
-
-# --- evaluation -------------------------------------------------------------------------------
-
-def evaluate(model, tokenizer, images: ShapesImages, subsets: list[tuple[int, np.ndarray]], prompt_ids,
-             device, step: int) -> dict[str, Any]:
-    """Greedy captions of the held-out patch subsets against :func:`caption_for_patches`."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    texts: list[str] = []
-    with torch.no_grad():
-        for s in range(0, len(subsets), EVAL_BATCH):
-            chunk = subsets[s:s + EVAL_BATCH]
-            tokens = model.encode_image(images.pixels([i for i, _ in chunk]).to(device))
-            patches = torch.from_numpy(np.stack([p for _, p in chunk])).to(device).long()
-            ids = model.generate(patch_states(tokens, patches), prompt_ids.to(device), None,
-                                 max_length=GENERATE_MAX_LENGTH, min_length=0,
-                                 eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
-            texts += tokenizer.batch_decode(ids[:, len(prompt_ids):], skip_special_tokens=True)
-    model.train(was_training)
-    exact = mentioned = mentioned_ok = visible_total = visible_found = empty = empty_ok = 0
-    examples = []
-    for (i, patches), text in zip(subsets, texts):
-        target = images.caption(i, patches)[len(PROMPT):]
-        text = " ".join(text.split())
-        exact += text == target
-        seen = set(images.visible(i, patches))
-        named = mentioned_objects(text)
-        mentioned += len(named)
-        mentioned_ok += sum(o in seen for o in named)
-        visible_total += len(seen)
-        visible_found += len(seen & set(named))
-        if not seen:
-            empty += 1
-            empty_ok += text == target
-        if len(examples) < 8:
-            examples.append({"image": int(i), "target": PROMPT + target, "generated": PROMPT + text})
-    n = len(subsets)
-    return {"step": step, "subsets": n, "exact_match": exact / n if n else None,
-            "object_precision": mentioned_ok / mentioned if mentioned else None,
-            "object_recall": visible_found / visible_total if visible_total else None,
-            "mentioned_objects": mentioned, "visible_objects": visible_total,
-            "empty_subsets": empty, "empty_exact_match": empty_ok / empty if empty else None,
-            "examples": examples}
-
-
-def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, subsets: int = 4,
-                  num_patches: int = 20, object_bias: float = 3.0) -> dict[str, float]:
-    """Held-out greedy-caption exact match and object precision / recall of the shapes captioner
-    ``weights`` on ``subsets`` patch subsets of each of ``num_images`` shapes images of ``seed``:
-    the quick, deterministic check that a shipped file still gives its manifest's numbers."""
-    import torch
-
-    from models.blip.checkpoint import load_blip_caption
-    from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer_for
-    from training.data import source_params
-
-    model, _ = load_blip_caption("shapes", weights)
-    tokenizer = load_blip_tokenizer_for("shapes")
-    images = ShapesImages(source_params("shapes", seed, num_images, {}), num_images, model.grid,
-                          model.config.vit.image_size, MIN_OVERLAP)
-    rng = np.random.default_rng(seed)
-    chosen = [(i, images.sample_patches(i, rng, num_patches, object_bias)) for i in range(num_images)
-              for _ in range(subsets)]
-    result = evaluate(model, tokenizer, images, chosen, caption_prompt_ids(tokenizer, PROMPT), torch.device("cpu"), 0)
-    return {k: result[k] for k in ("exact_match", "object_precision", "object_recall")}
 
 
 # --- files ------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ bytes or a path); images are decoded only when their features are computed. Froz
 fixed chunks of image indices (``chunk`` images at a time, always the same chunks), so a
 feature's value never depends on which step first needed it: a resumed run sees bit-identical
 features. At most ``max_cached`` images' features stay in memory (least recently used chunks
-are dropped and recomputed when needed again).
+are dropped and recomputed when needed again). A model trained on the images themselves reads
+their BLIP pixels from a :class:`PixelStore`.
 """
 
 from __future__ import annotations
@@ -213,6 +214,30 @@ def blip_normalised(resized: np.ndarray) -> torch.Tensor:
     x = resized.astype(np.float32) / np.float32(255)
     x = (x - np.asarray(family["mean"], np.float32)) / np.asarray(family["std"], np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+class PixelStore:
+    """BLIP pixels of the dataset's images (LAVIS preprocessing, as :func:`blip_pixels`), the
+    resized uint8 images of the ``max_cached`` most recently used ones kept in memory. Each image
+    is preprocessed alone, so a value never depends on the batch it first appeared in."""
+
+    def __init__(self, data, image_size: int, max_cached: int) -> None:
+        self.data, self.size, self.max_cached = data, image_size, max(1, max_cached)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def _resized(self, i: int) -> np.ndarray:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        resized = blip_resized(decode(self.data.images[i]), self.size)
+        self._cache[i] = resized
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
+        return resized
+
+    def get(self, indices: Sequence[int]):
+        """``[U, 3, S, S]`` float32 (normalised) of the images ``indices``."""
+        return blip_normalised(np.stack([self._resized(int(i)) for i in indices]))
 
 
 class FeatureStore:

@@ -7,7 +7,7 @@ exactly that input on the synthetic ``shapes`` data, with the captions the train
 taught to produce (:func:`shapes.captions.caption_for_patches`, the prompt stripped as the
 ``caption`` stage strips it): ``"a red circle and a blue square"``, ``"a plain background"``.
 
-Captions of a training sample (the recipe; :func:`draw_captions`):
+Captions of a training sample (the recipe; :func:`training.fid_data.draw_captions`):
 
 1. The heatmap. The *focus* of a question is its referred objects (the source's ``gt_mask``,
    pooled to the ``--grid`` patch grid as the fraction of each cell covered); a question with
@@ -60,10 +60,8 @@ teacher-forced answer accuracy, learning rate), ``loss.png``, ``config.json``, `
 from __future__ import annotations
 
 import json
-import math
-import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -71,6 +69,7 @@ import numpy as np
 
 from training.common import add_model_options, mean_or_none
 from training.data import ShapesSettings
+from training.fid_data import QAData, QASample, Recipe, sample_passages
 from training.loop import Options, Step, Trainer
 
 PRESETS = ("tiny", "shapes")
@@ -79,132 +78,6 @@ EVAL_BATCH = 64
 MAX_NEW_TOKENS = 19  # qa_fid's max_length 20, the decoder start token included
 MAX_PASSAGE_TOKENS = 512  # qa_fid's max_passage_tokens
 CHECK_IMAGES = 32
-_WORD = re.compile(r"[a-z]+")
-
-
-# --- the captions of a question ---------------------------------------------------------------
-
-@dataclass(kw_only=True)
-class Recipe:
-    """How the captions of a sample are drawn (see the module docstring); part of the settings."""
-
-    num_captions: int = 5
-    num_patches: int = 20
-    max_rounds: int = 10
-    uniform_fraction: float = 0.15
-    spread_min: float = 0.002
-    spread_max: float = 1.0
-    min_overlap: float = 0.1  # shapes.captions.MIN_OVERLAP
-
-
-@dataclass(frozen=True)
-class QASample:
-    """A question of image ``image``: ``focus [cells]`` float32 (None = no focus), ``target``
-    the answer the model is taught, ``answers`` the ten human answers."""
-
-    image: int
-    question: str
-    question_type: str
-    answers: tuple[str, ...]
-    target: str
-    focus: np.ndarray | None = field(compare=False, repr=False)
-
-
-def target_answer(answers: Sequence[str]) -> str:
-    """The most frequent VQA-normalised answer (the first seen wins a tie); '' when none."""
-    from stages.evaluation import normalize_answer
-
-    if not answers:
-        return ""
-    return Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
-
-
-def named_objects(question: str, scene: dict[str, Any]) -> list[int]:
-    """Indices of the scene's objects whose colour or shape (plural too) the question names."""
-    words = set(_WORD.findall(question.lower()))
-    words |= {w[:-1] for w in words if w.endswith("s")}
-    return [i for i, o in enumerate(scene.get("objects", [])) if o["color"] in words or o["shape"] in words]
-
-
-class QAData:
-    """The questions of a ``shapes`` source with their images' per-patch object coverage."""
-
-    def __init__(self, params, grid: int = GRID) -> None:
-        from shapes.captions import object_coverage
-        from shapes.dataset import iter_samples, render_scene
-        from stages.grid import pool_to_grid
-
-        self.grid, self.params = grid, params
-        self.scenes: list[dict[str, Any]] = []
-        self.coverage: list[np.ndarray] = []
-        self.samples: list[QASample] = []
-        self.captions: dict[tuple, str] = {}  # (image, min_overlap, visible objects) -> caption
-        index: dict[str, int] = {}
-        for record in iter_samples(params):
-            image_id = record["image_id"]
-            if image_id not in index:
-                index[image_id] = len(self.scenes)
-                scene = render_scene(params.seed, int(image_id.rsplit("-", 1)[1]), params)
-                scene_dict = json.loads(scene.to_json())
-                if scene_dict != json.loads(record["scene"]):
-                    raise RuntimeError(f"shapes image {image_id} renders differently from its source record")
-                self.scenes.append(scene_dict)
-                self.coverage.append(object_coverage(scene_dict, grid, masks=scene.masks))
-            i = index[image_id]
-            if record.get("gt_mask") is not None:
-                focus = pool_to_grid(np.asarray(record["gt_mask"])[None], grid)[0].reshape(-1)
-            else:
-                named = named_objects(record["question"], self.scenes[i])
-                focus = np.minimum(1.0, self.coverage[i][named].sum(axis=0)) if named else None
-            if focus is not None and not focus.max() > 0:
-                focus = None
-            answers = tuple(record["answers"] or ())
-            self.samples.append(QASample(i, record["question"], record.get("question_type") or "", answers,
-                                         target_answer(answers),
-                                         None if focus is None else focus.astype(np.float32)))
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-
-def heatmap_weights(focus: np.ndarray | None, cells: int, rng: np.random.Generator, recipe: Recipe) -> np.ndarray:
-    """``[cells]`` sampling weights of a question (always draws two numbers from ``rng``)."""
-    uniform = rng.random() < recipe.uniform_fraction
-    spread = math.exp(rng.uniform(math.log(recipe.spread_min), math.log(recipe.spread_max)))
-    if focus is None or uniform:
-        return np.ones(cells)
-    return focus.astype(np.float64) + spread
-
-
-def draw_captions(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
-    """The captions of ``sample`` as the ``caption`` stage would keep them (prompt stripped)."""
-    from stages.grid import sample_patch_sets
-    from shapes.captions import PROMPT, caption_for_patches
-
-    cells = data.grid * data.grid
-    weights = heatmap_weights(sample.focus, cells, rng, recipe)[None]
-    scene, coverage = data.scenes[sample.image], data.coverage[sample.image]
-    visible = coverage >= recipe.min_overlap  # [O, cells]: the caption depends only on the visible set
-    kept: list[str] = []
-    for _ in range(recipe.max_rounds):
-        for patches in sample_patch_sets(weights, [rng], recipe.num_captions, recipe.num_patches)[0]:
-            key = (sample.image, recipe.min_overlap, visible[:, patches].any(axis=1).tobytes())
-            text = data.captions.get(key)
-            if text is None:
-                text = data.captions[key] = caption_for_patches(
-                    scene, patches, data.grid, min_overlap=recipe.min_overlap, coverage=coverage)[len(PROMPT):]
-            if len(kept) < recipe.num_captions and not any(text in k for k in kept):
-                kept.append(text)
-        if len(kept) >= recipe.num_captions:
-            break
-    return kept
-
-
-def sample_passages(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
-    """The FiD passages of a sample: one caption each (``num_captions_fid=1``), as the graphs use."""
-    from models.fid_t5 import make_passages
-
-    return make_passages(sample.question, draw_captions(data, sample, rng, recipe), 1)
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -298,7 +171,7 @@ def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = CHECK_IM
     weights = Path(weights)
     preset = _file_preset(weights) or "shapes"
     model, tokenizer = load_fid_t5(preset, weights)
-    data = QAData(source_params("shapes", seed, num_images, {}))
+    data = QAData(source_params("shapes", seed, num_images, {}), GRID)
     result = evaluate(model, tokenizer, eval_items(data, seed, Recipe()), torch.device("cpu"), 0)
     metrics = {"exact_match": float(result["exact_match"]), "vqa_accuracy": float(result["vqa_accuracy"])}
     metrics.update({f"exact_match_{k}": float(v["exact_match"]) for k, v in result["per_type"].items()})
@@ -313,7 +186,6 @@ def _file_preset(path: Path) -> str | None:
             return (fh.metadata() or {}).get("preset")
     except Exception:  # load_fid_t5 reports an unreadable file
         return None
-
 
 
 # --- the trainer ------------------------------------------------------------------------------

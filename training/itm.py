@@ -55,7 +55,8 @@ Held-out evaluation (at the end, and every ``--eval-every`` steps): the same sou
 and one hard negative (drawn from ``default_rng(eval_seed)``); ITM accuracy with the threshold
 0.5 on the softmax match probability, also per positives / negatives and per negative kind;
 and the GradCAM pointing game at ``--block-num`` (LAVIS recipe, as ``itm_gradcam``) on the
-held-out positives that refer to objects: 1 when the heatmap's argmax cell overlaps them.
+held-out positives that refer to objects: 1 when the heatmap's argmax cell overlaps them
+(:mod:`training.itm_eval`).
 
 Outputs in ``--out DIR``: ``itm.safetensors`` (the state dict with LAVIS key names, plus
 ``temp``; ``load_blip_itm(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
@@ -68,17 +69,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from training.common import BLIP_PRESETS, add_model_options, add_patch_label_options, check_patch_label_options
-from training.data import SourceSettings
+from training.data import PixelStore, SourceSettings
 from training.loop import Options, Step, Trainer
 from training.pairs import draw_pairs, positive_indices
+from training.itm_eval import evaluate
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
-
-EVAL_BATCH = 32  # pairs per evaluation forward
 
 
 @dataclass
@@ -97,37 +97,6 @@ class ItmSettings(SourceSettings):
     temp: float = 0.07
     fixed_temp: bool = False
     image_cache: int = 1024
-
-
-class PixelStore:
-    """BLIP pixels of the dataset's images (LAVIS preprocessing, as
-    :func:`training.data.blip_pixels`), the resized uint8 images of the ``max_cached`` most
-    recently used ones kept in memory. Each image is preprocessed alone, so a value never
-    depends on the batch it first appeared in."""
-
-    def __init__(self, data, image_size: int, max_cached: int) -> None:
-        from collections import OrderedDict
-
-        self.data, self.size, self.max_cached = data, image_size, max(1, max_cached)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    def _resized(self, i: int) -> np.ndarray:
-        from training.data import blip_resized, decode
-
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        resized = blip_resized(decode(self.data.images[i]), self.size)
-        self._cache[i] = resized
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
-        return resized
-
-    def get(self, indices: Sequence[int]):
-        """``[U, 3, S, S]`` float32 (normalised) of the images ``indices``."""
-        from training.data import blip_normalised
-
-        return blip_normalised(np.stack([self._resized(int(i)) for i in indices]))
 
 
 def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id: int, temp, images, questions):
@@ -152,60 +121,6 @@ def itc_loss(model, image_embeds, rows, input_ids, attention_mask, cls_token_id:
     i2t = -(F.log_softmax(sim, dim=1) * targets).sum(dim=1).mean()
     t2i = -(F.log_softmax(sim.t(), dim=1) * targets).sum(dim=1).mean()
     return (i2t + t2i) / 2
-
-
-def evaluate(model, tokenizer, store: PixelStore, pairs, samples, device, step: int, block_num: int) -> dict[str, Any]:
-    """ITM accuracy (softmax match probability > 0.5 = match) on the held-out pairs, and the
-    GradCAM pointing game at ``block_num`` on the positives whose sample has ``cells``."""
-    import torch
-
-    from models.blip import tokenize_questions
-    from training.pairs import pair_rows
-
-    was_training = model.training
-    model.eval()
-    probs: list[float] = []
-    pointing: list[float] = []
-    n_pos = sum(pairs.labels)
-    for start in range(0, len(pairs.images), EVAL_BATCH):
-        images = pairs.images[start:start + EVAL_BATCH]
-        unique = sorted(set(images))
-        rows = torch.tensor([unique.index(i) for i in images], device=device)
-        input_ids, attention_mask = tokenize_questions(tokenizer, pairs.questions[start:start + EVAL_BATCH])
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        with torch.no_grad():
-            embeds = pair_rows(model.encode_image(store.get(unique).to(device)), rows)
-            logits = model.itm_logits(embeds, input_ids, attention_mask)
-        probs += logits.float().softmax(dim=-1)[:, 1].cpu().tolist()
-        cells = [samples[pairs.indices[k]].cells if k < n_pos else None
-                 for k in range(start, start + len(images))]
-        keep = [k for k, c in enumerate(cells) if c is not None and c.max() > 0]
-        if keep:
-            heatmap, _ = model.gradcam(embeds[keep], input_ids[keep], attention_mask[keep], block_num)
-            best = heatmap.flatten(1).argmax(dim=1).cpu().numpy()
-            pointing += [float(cells[k][b] > 0) for k, b in zip(keep, best)]
-    model.train(was_training)
-    p = np.asarray(probs)
-    labels = np.asarray(pairs.labels)
-    correct = (p > 0.5) == (labels == 1)
-    kinds = np.asarray(["positive"] * n_pos + list(pairs.kinds))
-    out: dict[str, Any] = {
-        "step": step, "pairs": len(p), "itm_accuracy": float(correct.mean()),
-        "positive_accuracy": float(correct[labels == 1].mean()),
-        "negative_accuracy": float(correct[labels == 0].mean()),
-        "mean_match_prob_positive": float(p[labels == 1].mean()),
-        "mean_match_prob_negative": float(p[labels == 0].mean()),
-        # ranking quality, threshold-free: P(prob of a positive > prob of a negative)
-        "positive_above_negative": float((p[labels == 1][:, None] > p[labels == 0][None, :]).mean()),
-        "pointing_game": float(np.mean(pointing)) if pointing else None,
-        "pointing_samples": len(pointing), "block_num": block_num,
-    }
-    for kind in ("swap", "other_image"):
-        mask = kinds == kind
-        if mask.any():
-            out[f"{kind}_accuracy"] = float(correct[mask].mean())
-            out[f"{kind}_pairs"] = int(mask.sum())
-    return out
 
 
 def grounding_loss(probs, attention_mask, cells):

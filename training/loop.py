@@ -20,13 +20,8 @@ its weights file is written. :func:`train` owns the rest, the same for every mod
   gradient clipping, the optimiser step, a finite-loss check;
 - evaluation at the start, every ``--eval-every`` steps and at the end; a checkpoint every
   ``--checkpoint-every`` steps and at the end (weights, ``loss.csv``, ``config.json``,
-  ``metrics.json``; ``loss.png`` at the end); progress on a bar, evaluations on stderr.
-
-Checkpoint layout (``torch.load(weights_only=True)``): ``format``, ``version``, ``step``, one
-state dict per trained module under its name (:meth:`Trainer.modules`: ``model``, ``probe``),
-the trainer's :meth:`Trainer.state`, ``optimizer``, ``rng``, ``run`` (the run identity as JSON),
-``log`` (float64 ``[steps, columns]``: the trainer's columns and ``lr``), ``evals``,
-``invocations`` (JSON) and ``train_seconds``.
+  ``metrics.json``; ``loss.png`` at the end); progress on a bar, evaluations on stderr (the
+  checkpoint's layout: :mod:`training.outputs`).
 """
 
 from __future__ import annotations
@@ -34,11 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shlex
 import sys
 import time
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
@@ -46,6 +40,7 @@ from typing import Any, ClassVar, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from training.common import due, mean_or_none, parse_source_params, set_scheduled_lr
+from training.options import HelpFormatter, Options
 
 # settings every run may change on --resume: they do not change what is trained
 RESUMABLE = ("steps", "checkpoint_every", "quiet", "out", "resume", "weights", "eval_every", "eval_seed", "eval_images")
@@ -86,34 +81,6 @@ class Step(NamedTuple):
 
     objective: Any                     # a scalar torch tensor
     log: dict[str, Any]                # column -> float or scalar tensor
-
-
-class Options:
-    """Adds a command's options to the help's groups, defaults read from its settings dataclass."""
-
-    def __init__(self, parser: argparse.ArgumentParser, settings: type, data_title: str) -> None:
-        self.defaults = {f.name: (f.default_factory() if f.default is MISSING and f.default_factory is not MISSING
-                                  else f.default) for f in fields(settings)}
-        self.model = parser.add_argument_group("model")
-        self.data = parser.add_argument_group(data_title)
-        self.optimisation = parser.add_argument_group("optimisation")
-        self.evaluation = parser.add_argument_group("held-out evaluation")
-
-    def add(self, group: argparse._ArgumentGroup, flag: str, **kw: Any) -> None:
-        """``group.add_argument(flag, ...)`` with the settings field's default unless ``default`` is given."""
-        dest = kw.get("dest") or flag.lstrip("-").replace("-", "_")
-        if "default" not in kw and kw.get("action") not in ("store_true", "append"):
-            kw["default"] = self.defaults[dest]
-        group.add_argument(flag, **kw)
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, but not ``None`` (no default), nor on required options and flags."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.required or isinstance(action, argparse._StoreTrueAction):
-            return action.help
-        return super()._get_help_string(action)
 
 
 class Trainer:
@@ -299,28 +266,6 @@ class Trainer:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def start_run(cls: type[Trainer], s: Any) -> tuple[Path, Path, Any, dict[str, Any] | None]:
-    """Check that the loss plot can be drawn, set ``$PNPVQA_WEIGHTS``, create the output folder,
-    pick the device and read the checkpoint to resume; returns the folder, the checkpoint's path,
-    the torch device and the checkpoint (``None`` for a new run)."""
-    from training.outputs import check_plotting, load_checkpoint
-
-    check_plotting()
-    if getattr(s, "weights", None):
-        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out / "checkpoint.pt"
-    device = select_device(s.device)
-    resume_state = None
-    if s.resume:
-        resume_state = load_checkpoint(ckpt_path, format=cls.checkpoint_format, version=cls.checkpoint_version,
-                                       kind=cls.checkpoint_kind)
-    elif ckpt_path.exists():
-        raise ValueError(f"{out} already holds a training checkpoint: pass --resume to continue it, "
-                         "or choose another --out")
-    return out, ckpt_path, device, resume_state
-
 
 @dataclass
 class TrainingResult:
@@ -334,51 +279,12 @@ class TrainingResult:
     seconds: float
 
 
-def check_same_run(resume_state: dict[str, Any] | None, run_identity: str, ckpt_path: Path,
-                   may_change: str) -> None:
-    """Refuse to resume a checkpoint written with another run identity (JSON of the settings and
-    weight fingerprints); ``may_change`` names the options that may differ, for the message."""
-    if resume_state is None:
-        return
-    before, now = json.loads(resume_state["run"]), json.loads(run_identity)
-    diff = [f"{k}: checkpoint {before.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(before) | set(now))
-            if before.get(k) != now.get(k)]
-    if diff:
-        raise ValueError(f"--resume: {ckpt_path} was written with other settings (" + "; ".join(diff)
-                         + f"). Use the same options (only {may_change} may change).")
-
-
-def select_device(name: str):
-    """The torch device of ``--device`` (``auto``: CUDA when available)."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    return torch.device(name)
-
-
 def finite_loss(loss, step: int) -> float:
     """The loss of ``step`` as a float; raises :class:`FloatingPointError` when it is not finite."""
     value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"loss is {value} at step {step + 1}; lower --lr")
     return value
-
-
-def check_loop_settings(s: LoopSettings) -> None:
-    """Refuse bad values of the loop's own settings."""
-    if s.steps < 1 or s.batch_size < 1:
-        name = "steps" if s.steps < 1 else "batch_size"
-        raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}")
-    for name in ("checkpoint_every", "eval_every", "warmup"):
-        if getattr(s, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}")
-    if not s.lr > 0 or s.weight_decay < 0 or s.grad_clip < 0:
-        raise ValueError("--lr must be > 0, --weight-decay and --grad-clip >= 0")
-    if s.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"--lr-decay must be constant or cosine, got {s.lr_decay!r}")
 
 
 def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> TrainingResult:
@@ -389,6 +295,7 @@ def train(cls: type[Trainer], s: LoopSettings, command: Sequence[str] = ()) -> T
 
     from models.weights import file_fingerprint
     from training import outputs
+    from training.start import check_loop_settings, check_same_run, start_run
 
     check_loop_settings(s)
     cls.check(s)

@@ -3,6 +3,12 @@
 ``checkpoint.pt`` holds tensors and plain containers only (read back with
 ``torch.load(weights_only=True)``) and is replaced atomically (written beside, then renamed),
 so a run killed while saving keeps its previous checkpoint.
+
+Checkpoint layout (``torch.load(weights_only=True)``): ``format``, ``version``, ``step``, one
+state dict per trained module under its name (:meth:`training.loop.Trainer.modules`: ``model``,
+``probe``), the trainer's :meth:`training.loop.Trainer.state`, ``optimizer``, ``rng``, ``run``
+(the run identity as JSON), ``log`` (float64 ``[steps, columns]``: the trainer's columns and
+``lr``), ``evals``, ``invocations`` (JSON) and ``train_seconds``.
 """
 
 from __future__ import annotations

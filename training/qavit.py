@@ -49,13 +49,8 @@ saves), so the same command gives the same weights, and ``--resume`` (model, opt
 torch RNG state from ``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted run
 (same device and threads). Evaluation does not touch the training state.
 
-Held-out evaluation (at the start, the end and every ``--eval-every`` steps): the shapes source
-with seed ``--eval-seed`` (default seed + 1000), ``--eval-images`` images, every question. The
-heatmaps are the stage's (``qavit_attention`` with mode layer, block_num -1): pointing game
-(the argmax cell of the heatmap at the model grid overlaps the referred mask), energy in mask
-(``heatmap_metrics``' definition), both also at the captioner's 24x24 grid after the stage's
-bilinear resampling, per question type, against the chance level of a random cell; how much the
-heatmaps of an image's questions differ (total variation); and the answer head's accuracy.
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps; ``--eval-images``
+images of seed ``--eval-seed``, every question): :mod:`training.qavit_eval`.
 
 Outputs in ``--out DIR``: ``qavit.safetensors`` (vision tower in the published layout,
 ``question_encoder.*``, ``answer_head.*``; metadata: preset, formulation, answers; loadable by
@@ -63,7 +58,8 @@ Outputs in ``--out DIR``: ``qavit.safetensors`` (vision tower in the published l
 by ``runtime train bundle``), ``checkpoint.pt`` (resumable, atomic, ``weights_only``),
 ``loss.csv``, ``loss.png``, ``config.json``, ``metrics.json``. The run itself (options, seeding,
 ``--resume``, the learning-rate schedule, checkpoint and evaluation cadence, records) is
-:mod:`training.loop`'s; this module holds the data, the loss, the evaluation and the weights file.
+:mod:`training.loop`'s; this module holds the model, the loss and the weights file,
+:mod:`training.qavit_data` the data and :mod:`training.qavit_eval` the evaluation.
 """
 
 from __future__ import annotations
@@ -71,7 +67,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -81,6 +77,7 @@ from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 from training.common import add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
+from training.qavit_data import ANSWERS, draw_step, eval_set, make_batch, render_image, shapes_params
 
 DEFAULT_STEPS = 3000
 WEIGHTS_FORMAT = "pnpvqa-qavit"
@@ -88,15 +85,6 @@ TRAIN_PRESETS = ("tiny", "shapes")
 OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
 EVAL_IMAGES_PER_BATCH = 16
 INIT_VERSION = 1        # bump when the initialisation of a training changes
-
-
-def _answers() -> tuple[str, ...]:
-    from shapes.scene import COLORS, SHAPES
-
-    return (*COLORS, *SHAPES, "0", "1", "2", "3", "4", "yes", "no")
-
-
-ANSWERS = _answers()  # every answer of a shapes question (at most 4 objects: counts 0-4)
 
 
 # --- settings -----------------------------------------------------------------------------------
@@ -123,95 +111,6 @@ class QAViTSettings(ShapesSettings):
     patch_object_weight: float = 1.0
     eval_images: int = 64
     own_options: ClassVar[tuple[str, ...]] = ("seed", "num_images", "questions_per_image")
-
-
-# --- data ---------------------------------------------------------------------------------------
-
-class Rendered(NamedTuple):
-    """One shapes image as the source yields it: ``image uint8 [S, S, 3]``, its questions
-    (``shapes.questions.Question``) and the ``gt_mask`` of each (``None`` when
-    the question refers to no object)."""
-
-    image: np.ndarray
-    questions: list
-    masks: list
-    scene: dict | None = None
-
-
-def shapes_params(seed: int, num_images: int, questions_per_image: int, extra: dict[str, Any]):
-    from shapes.dataset import ShapesParams
-
-    return ShapesParams(**{**extra, "seed": seed, "num_images": num_images, "questions_per_image": questions_per_image})
-
-
-def render_image(params, index: int) -> Rendered:
-    """Image ``index`` of the shapes source ``params`` and its questions, exactly as
-    ``ShapesSource.iter_samples`` yields them (same generator, same order of draws)."""
-    from shapes.questions import ask_questions
-    from shapes.scene import draw_scene
-
-    rng = np.random.default_rng([params.seed, index])
-    scene = draw_scene(rng, params.image_size, params.min_shapes, params.max_shapes, params.textured_fraction)
-    questions = ask_questions(rng, scene, params.questions_per_image)
-    masks = [np.maximum.reduce([scene.masks[i] for i in q.referred]) if q.referred else None for q in questions]
-    return Rendered(scene.image, questions, masks, json.loads(scene.to_json()))
-
-
-def clip_pixels(images: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """``preprocess_image`` family ``clip`` at ``size``: PIL bicubic resize to a square, [0, 1],
-    CLIP mean / std -> ``[B, 3, S, S]`` float32 (the same float32 operations as the stage)."""
-    from PIL import Image
-
-    from models.qavit.config import CLIP_MEAN, CLIP_STD
-
-    resized = np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
-                        for im in images])
-    x = resized.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
-class Batch(NamedTuple):
-    """Rows = questions. ``pixels [U, 3, S, S]`` of the unique images, ``image_rows [B]``,
-    ``questions``, ``types``, ``answers [B]`` (indices into :data:`ANSWERS`), ``cells [B, P]``
-    (fraction of each model-grid cell the referred objects cover; zeros when none),
-    ``grounded [B]`` (the question refers to objects), ``masks`` (the ``gt_mask`` of each row),
-    ``scenes`` (the scene of each unique image)."""
-
-    pixels: np.ndarray
-    image_rows: np.ndarray
-    questions: list[str]
-    types: list[str]
-    answers: np.ndarray
-    cells: np.ndarray
-    grounded: np.ndarray
-    masks: list
-    scenes: list
-
-
-def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batch:
-    from stages.grid import pool_to_grid
-
-    rows, questions, types, answers, cells, grounded, masks = [], [], [], [], [], [], []
-    for u, r in enumerate(rendered):
-        for q, mask in zip(r.questions, r.masks):
-            rows.append(u)
-            questions.append(q.text)
-            types.append(q.question_type)
-            answers.append(ANSWERS.index(q.answer))
-            grounded.append(mask is not None)
-            cells.append(np.zeros(grid * grid, np.float32) if mask is None
-                         else pool_to_grid(mask[None], grid).reshape(-1))
-            masks.append(mask)
-    return Batch(clip_pixels([r.image for r in rendered], image_size), np.asarray(rows, np.int64), questions, types,
-                 np.asarray(answers, np.int64), np.stack(cells).astype(np.float32), np.asarray(grounded, bool), masks,
-                 [r.scene for r in rendered])
-
-
-def draw_step(params, rng: np.random.Generator, images: int) -> list[int]:
-    """The image indices of a step: ``images`` distinct indices (with repeats only when the source
-    has fewer) from ``rng`` (the loop's ``default_rng([seed, step])``)."""
-    return [int(i) for i in rng.choice(params.num_images, size=images, replace=params.num_images < images)]
 
 
 # --- the model ----------------------------------------------------------------------------------
@@ -298,132 +197,6 @@ def weights_metadata(preset: str, trainee, formulation: str, step: int, max_ques
             "question_encoder": json.dumps(trainee.qavit.question_encoder.config.to_diff_dict(), sort_keys=True,
                                            default=str),
             "answers": json.dumps(list(ANSWERS)), "max_question_tokens": str(max_question_tokens)}
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-
-class EvalSet(NamedTuple):
-    params: Any
-    rendered: list[Rendered]
-
-
-def eval_set(seed: int, num_images: int, questions_per_image: int = 4, extra: dict[str, Any] | None = None) -> EvalSet:
-    params = shapes_params(seed, num_images, questions_per_image, extra or {})
-    return EvalSet(params, [render_image(params, i) for i in range(num_images)])
-
-
-def evaluate(qavit, tokenizer, preset: str, data: EvalSet, device, step: int, *, answer_head=None,
-             max_question_tokens: int = 30) -> dict[str, Any]:
-    """Held-out metrics of the stage's heatmap (``qavit_attention``, mode layer, block_num -1) and,
-    with ``answer_head``, of the answers. Does not change the model's state (mode restored)."""
-    from stages.grid import pool_to_grid
-    from stages.qavit import QAViTAttention, resample_heatmaps
-
-    stage = QAViTAttention(QAViTAttention.Params(preset=preset, mode="layer", block_num=-1,
-                                                 max_question_tokens=max_question_tokens))
-    stage.model, stage.tokenizer, stage.device = qavit, tokenizer, str(device)
-    grid = qavit.config.grid
-    was_training = qavit.training
-    qavit.eval()
-    if answer_head is not None:
-        answer_head.eval()
-    rows: dict[str, list] = {k: [] for k in ("type", "grounded", "pointing", "energy", "pointing_24", "energy_24",
-                                             "chance", "correct")}
-    spreads: list[float] = []
-    try:
-        for start in range(0, len(data.rendered), EVAL_IMAGES_PER_BATCH):
-            chunk = data.rendered[start:start + EVAL_IMAGES_PER_BATCH]
-            batch = make_batch(chunk, qavit.config.image_size, grid)
-            if not batch.questions:
-                continue
-            native = stage.native_heatmaps(batch.pixels, batch.questions, batch.image_rows)   # [B, g, g]
-            heat = native.reshape(len(native), -1).astype(np.float64)
-            heat24 = resample_heatmaps(native, OUTPUT_GRID).reshape(len(native), -1).astype(np.float64)
-            for b, mask in enumerate(batch.masks):
-                rows["type"].append(batch.types[b])
-                rows["grounded"].append(mask is not None)
-                if mask is None:
-                    for key in ("pointing", "energy", "pointing_24", "energy_24", "chance"):
-                        rows[key].append(np.nan)
-                    continue
-                for key, h, frac in (("", heat[b], batch.cells[b].astype(np.float64)),
-                                     ("_24", heat24[b], pool_to_grid(mask[None], OUTPUT_GRID).reshape(-1))):
-                    positive = np.clip(h, 0, None)
-                    rows["pointing" + key].append(float(frac[int(h.argmax())] > 0))
-                    rows["energy" + key].append(float((positive * frac).sum() / positive.sum())
-                                                if positive.sum() > 0 else np.nan)
-                rows["chance"].append(float((batch.cells[b] > 0).mean()))
-            for u in range(len(chunk)):  # how much an image's heatmaps differ between its questions
-                maps = np.clip(heat[batch.image_rows == u], 0, None)
-                maps = maps / np.maximum(maps.sum(axis=1, keepdims=True), 1e-12)
-                if len(maps) > 1:
-                    i, j = np.triu_indices(len(maps), k=1)
-                    spreads.append(float(0.5 * np.abs(maps[i] - maps[j]).sum(axis=1).mean()))
-            if answer_head is not None:
-                enc = tokenizer(batch.questions, padding="longest", truncation=True, max_length=max_question_tokens,
-                                return_tensors="pt")
-                with torch.no_grad():
-                    states, qmask = qavit.encode_question(enc["input_ids"].to(device), enc["attention_mask"].to(device))
-                    out = qavit(torch.from_numpy(batch.pixels).to(device), states, qmask, output_attentions=False,
-                                image_rows=torch.from_numpy(batch.image_rows).to(device))
-                    cls = qavit.vision.vision_model.post_layernorm(out.last_hidden_state[:, 0])
-                    predicted = answer_head(cls).argmax(dim=1).cpu().numpy()
-                rows["correct"] += (predicted == batch.answers).astype(float).tolist()
-    finally:
-        qavit.train(was_training)
-        if answer_head is not None:
-            answer_head.train(was_training)
-
-    types = np.asarray(rows["type"])
-    grounded = np.asarray(rows["grounded"], bool)
-
-    def mean(key: str, select=None) -> float | None:
-        values = np.asarray(rows[key], np.float64)
-        if select is not None:
-            values = values[select]
-        values = values[np.isfinite(values)]
-        return float(values.mean()) if len(values) else None
-
-    result: dict[str, Any] = {
-        "step": step, "questions": len(types), "grounded_questions": int(grounded.sum()), "grid": grid,
-        "pointing_game": mean("pointing"), "energy_in_mask": mean("energy"),
-        "pointing_game_24": mean("pointing_24"), "energy_in_mask_24": mean("energy_24"),
-        "pointing_chance": mean("chance"),
-        "question_spread": float(np.mean(spreads)) if spreads else None,
-        "answer_accuracy": mean("correct") if answer_head is not None else None,
-    }
-    for kind in sorted(set(types.tolist())):
-        select = types == kind
-        result[f"pointing_game_{kind}"] = mean("pointing", select)
-        if answer_head is not None:
-            result[f"answer_accuracy_{kind}"] = mean("correct", select)
-    return result
-
-
-def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24) -> dict[str, float]:
-    """Pointing game and energy in mask of the stage's heatmap (mode layer, block_num -1, at the
-    model grid) and the answer accuracy (when the file has an answer head) of the QA-ViT
-    ``weights`` (a ``qavit.safetensors`` of ``runtime train qavit``; its preset from the file's
-    metadata, default ``shapes``) on ``num_images`` held-out shapes images of ``seed`` (every
-    question): the quick, deterministic check that a shipped file still gives its manifest's
-    numbers."""
-    from models.qavit.checkpoint import safetensors_metadata, load_qavit
-    from models.weights import load_checkpoint
-
-    weights = Path(weights)
-    meta = safetensors_metadata(weights)
-    preset = meta.get("preset", "shapes")
-    model, tokenizer, _ = load_qavit(preset, weights)
-    state = load_checkpoint(weights)
-    head = None
-    if "answer_head.weight" in state:
-        head = torch.nn.Linear(state["answer_head.weight"].shape[1], state["answer_head.weight"].shape[0])
-        head.load_state_dict({"weight": state["answer_head.weight"], "bias": state["answer_head.bias"]})
-        head.eval()
-    result = evaluate(model, tokenizer, preset, eval_set(seed, num_images), torch.device("cpu"), 0, answer_head=head,
-                      max_question_tokens=int(meta.get("max_question_tokens", 30)))
-    keys = ("pointing_game", "energy_in_mask") + (("answer_accuracy",) if head is not None else ())
-    return {k: float(result[k]) for k in keys if result[k] is not None}
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -557,6 +330,8 @@ class QAViTTrainer(Trainer):
                            "attention_in_mask": in_mask})
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
+        from training.qavit_eval import evaluate
+
         if self.held_out is None:
             return None
         return evaluate(self.trainee.qavit, self.tokenizer, self.s.preset, self.held_out, self.device, step,

@@ -42,16 +42,9 @@ random op. So the same command gives the same weights, and ``--resume`` (model, 
 and torch RNG state from ``DIR/checkpoint.pt``) ends with the same weights as an uninterrupted
 run (same device and threads). Evaluation does not touch the training state.
 
-Held-out evaluation (at the start, the end and every ``--eval-every`` steps): ``--eval-images``
-scenes of seed ``--eval-seed`` (default seed + 1000); for every object one 1-point and one
-3-point prompt (foreground points drawn uniformly from the object, from
-``default_rng(eval_seed)``), decoded with the pipeline's call (``predict_masks``, multimask,
-low-res logits); the candidate of best predicted IoU is kept, as ``sam_mask`` does. Metrics:
-``miou_1pt`` / ``miou_3pt`` (mean IoU of the kept mask with the object at the low-res size),
-``iou50_1pt`` / ``iou50_3pt`` (share of prompts whose kept mask has IoU >= 0.5), and, as
-diagnostics, ``oracle_miou_*`` (the best candidate's IoU) and ``iou_error_*`` (mean absolute
-error of the kept candidate's predicted IoU). :func:`check_metrics` computes the first four on
-a fixed small set for the shipped file's manifest.
+Held-out evaluation (at the start, the end and every ``--eval-every`` steps; every object of
+``--eval-images`` scenes of seed ``--eval-seed`` under 1- and 3-point prompts): :mod:`training.sam_eval`.
+Data and prompts: :mod:`training.sam_data`.
 
 Outputs in ``--out DIR``: ``efficient_sam.safetensors`` (the state dict with the published key
 names; ``load_efficient_sam(preset, path)`` reads it), ``checkpoint.pt`` (resumable, atomic,
@@ -65,19 +58,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any
 
 import numpy as np
 
 from training.common import add_model_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
+from training.sam_data import EVAL_POINTS, ShapesScenes, StepBatch, draw_batch, eval_prompts
 
 PRESETS = ("tiny", "shapes", "vitt", "vits")
 EVAL_BATCH = 8            # held-out images per embedding call
-EVAL_POINTS = (1, 3)      # foreground points of the held-out prompts
-HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
-METRIC_KEYS = tuple(f"{m}_{n}pt" for n in EVAL_POINTS for m in ("miou", "iou50"))
 
 
 # --- settings ---------------------------------------------------------------------------------
@@ -91,111 +82,6 @@ class SamSettings(ShapesSettings):
     max_points: int = 3
     negative_fraction: float = 0.2
     iou_weight: float = 1.0
-
-
-# --- data -------------------------------------------------------------------------------------
-
-class Rendered(NamedTuple):
-    image: np.ndarray      # uint8 [S, S, 3]
-    masks: np.ndarray      # bool [O, S, S]
-    targets: np.ndarray    # float32 0/1 [O, L, L]: the masks area-pooled to the low-res size, >= 0.5
-
-
-class ShapesScenes:
-    """Shapes scenes of one seed, rendered on demand (:func:`render_scene` is cheap and exact),
-    with their per-object masks and low-res mask targets; ``keep=True`` keeps them in memory."""
-
-    def __init__(self, params, count: int, low_res: int, keep: bool = False) -> None:
-        self.params, self.count, self.low_res, self.keep = params, count, low_res, keep
-        self._kept: dict[int, Rendered] = {}
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int) -> Rendered:
-        from shapes.dataset import render_scene
-        from stages.grid import pool_to_grid
-
-        i = int(i)
-        if i in self._kept:
-            return self._kept[i]
-        scene = render_scene(self.params.seed, i, self.params)
-        masks = np.stack([np.asarray(m) != 0 for m in scene.masks])
-        targets = (pool_to_grid(masks, self.low_res) >= 0.5).astype(np.float32)
-        out = Rendered(scene.image, masks, targets)
-        if self.keep:
-            self._kept[i] = out
-        return out
-
-
-def sample_prompt(rng: np.random.Generator, mask: np.ndarray, num_points: int, negative: bool,
-                  pad_to: int) -> tuple[np.ndarray, np.ndarray]:
-    """``num_points`` foreground points (label 1) drawn uniformly from the pixels of ``mask``
-    (bool ``[H, W]``), then one background point (label 0) off it when ``negative``; padded with
-    (-1, -1) / label -1 to ``pad_to``. Returns points ``[pad_to, 2]`` float32 ``(x, y)`` pixel
-    coordinates and labels ``[pad_to]`` int64."""
-    points = np.full((pad_to, 2), -1.0, np.float32)
-    labels = np.full(pad_to, -1, np.int64)
-    ys, xs = np.nonzero(mask)
-    if len(ys) == 0:
-        raise ValueError("cannot prompt an empty mask")
-    pick = rng.integers(0, len(ys), size=num_points)
-    points[:num_points, 0], points[:num_points, 1] = xs[pick], ys[pick]
-    labels[:num_points] = 1
-    if negative:
-        ys0, xs0 = np.nonzero(~mask)
-        if len(ys0):
-            j = int(rng.integers(0, len(ys0)))
-            points[num_points] = (xs0[j], ys0[j])
-            labels[num_points] = 0
-    return points, labels
-
-
-class StepBatch(NamedTuple):
-    images: np.ndarray     # [B] scene indices
-    points: np.ndarray     # float32 [B, Q, N, 2]
-    labels: np.ndarray     # int64 [B, Q, N]
-    targets: np.ndarray    # float32 [B, Q, L, L]
-
-
-def draw_batch(scenes: ShapesScenes, rng: np.random.Generator, s: SamSettings, pad_to: int) -> StepBatch:
-    """One step's images and prompt sets, from ``rng`` alone."""
-    images = rng.integers(0, len(scenes), size=s.batch_size)
-    points, labels, targets = [], [], []
-    for i in images:
-        r = scenes[int(i)]
-        n = len(r.masks)
-        order = rng.permutation(n)
-        objects = np.resize(order, s.prompts_per_image)
-        rows = []
-        for o in objects:
-            k = int(rng.integers(1, s.max_points + 1))
-            negative = bool(rng.random() < s.negative_fraction)
-            rows.append(sample_prompt(rng, r.masks[o], k, negative, pad_to))
-        points.append(np.stack([p for p, _ in rows]))
-        labels.append(np.stack([lab for _, lab in rows]))
-        targets.append(r.targets[objects])
-    return StepBatch(images, np.stack(points), np.stack(labels), np.stack(targets))
-
-
-class EvalPrompt(NamedTuple):
-    image: int
-    obj: int
-    num_points: int
-    points: np.ndarray
-    labels: np.ndarray
-
-
-def eval_prompts(scenes: ShapesScenes, rng: np.random.Generator, pad_to: int) -> list[EvalPrompt]:
-    """For every object of every scene, a prompt of each of :data:`EVAL_POINTS` foreground points."""
-    prompts = []
-    for i in range(len(scenes)):
-        r = scenes[i]
-        for o in range(len(r.masks)):
-            for k in EVAL_POINTS:
-                pts, labs = sample_prompt(rng, r.masks[o], k, False, pad_to)
-                prompts.append(EvalPrompt(i, o, k, pts, labs))
-    return prompts
 
 
 # --- losses and metrics -----------------------------------------------------------------------
@@ -256,91 +142,6 @@ def training_loss(model, embeddings, batch: StepBatch, input_size, iou_weight: f
     kept = iou_pred[..., 1:].argmax(dim=-1, keepdim=True)
     train_miou = float(actual[..., 1:].gather(-1, kept).mean())
     return mask_loss + iou_weight * iou_loss, mask_loss, iou_loss, train_miou
-
-
-def evaluate(model, scenes: ShapesScenes, prompts: Sequence[EvalPrompt], device, step: int) -> dict[str, Any]:
-    """Held-out metrics of the kept (best predicted IoU) candidate, as ``sam_mask`` keeps it."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    size = scenes.params.image_size
-    by_image: dict[int, list[int]] = {}
-    for k, p in enumerate(prompts):
-        by_image.setdefault(p.image, []).append(k)
-    kept_iou = np.zeros(len(prompts))
-    best_iou = np.zeros(len(prompts))
-    iou_err = np.zeros(len(prompts))
-    images = sorted(by_image)
-    with torch.no_grad():
-        for start in range(0, len(images), EVAL_BATCH):
-            chunk = images[start:start + EVAL_BATCH]
-            emb = model.embed(model.preprocess(np.stack([scenes[i].image for i in chunk]), channels_last=True))
-            index = [k for i in chunk for k in by_image[i]]
-            rows = torch.tensor([chunk.index(prompts[k].image) for k in index], device=device)
-            points = torch.from_numpy(np.stack([prompts[k].points for k in index])[:, None]).to(device)
-            labels = torch.from_numpy(np.stack([prompts[k].labels for k in index])[:, None]).to(device)
-            logits, iou = model.predict_masks(emb[rows], points, labels, input_size=(size, size))
-            logits, iou = logits[:, 0].float(), iou[:, 0].float()                    # [P, 3, L, L], [P, 3]
-            targets = torch.from_numpy(np.stack([scenes[prompts[k].image].targets[prompts[k].obj]
-                                                 for k in index])).to(device)[:, None]
-            actual = mask_iou(logits, targets)                                        # [P, 3]
-            choice = iou.argmax(dim=1, keepdim=True)
-            kept = actual.gather(1, choice)[:, 0]
-            kept_iou[index] = kept.cpu().numpy()
-            best_iou[index] = actual.max(dim=1).values.cpu().numpy()
-            iou_err[index] = (iou.gather(1, choice)[:, 0] - kept).abs().cpu().numpy()
-    model.train(was_training)
-    result: dict[str, Any] = {"step": step, "images": len(images), "prompts": len(prompts)}
-    for n in EVAL_POINTS:
-        sel = np.array([p.num_points == n for p in prompts], bool)
-        any_ = bool(sel.any())
-        result[f"miou_{n}pt"] = float(kept_iou[sel].mean()) if any_ else None
-        result[f"iou50_{n}pt"] = float((kept_iou[sel] >= HIT_IOU).mean()) if any_ else None
-        result[f"oracle_miou_{n}pt"] = float(best_iou[sel].mean()) if any_ else None
-        result[f"iou_error_{n}pt"] = float(iou_err[sel].mean()) if any_ else None
-    return result
-
-
-def check_metrics(weights: Path, *, seed: int = 7000, num_images: int = 24, preset: str | None = None,
-                  ) -> dict[str, float]:
-    """Held-out mIoU and IoU >= 0.5 share of the kept mask for 1- and 3-point prompts of the
-    EfficientSAM ``weights`` on every object of ``num_images`` shapes scenes of ``seed`` (prompts
-    from ``default_rng(seed)``): the quick, deterministic check that a shipped file still gives
-    its manifest's numbers. ``preset``: default the one recorded in the file (else ``shapes``)."""
-    import torch
-
-    from models.efficient_sam.checkpoint import load_efficient_sam
-    from training.data import source_params
-
-    weights = Path(weights)
-    if preset is None:
-        preset = _recorded_preset(weights) or "shapes"
-    model, _ = load_efficient_sam(preset, weights)
-    scenes = ShapesScenes(source_params("shapes", seed, num_images, {}), num_images,
-                          model.config.low_res_size, keep=True)
-    prompts = eval_prompts(scenes, np.random.default_rng(seed), model.config.max_points)
-    with _threads(1):
-        result = evaluate(model, scenes, prompts, torch.device("cpu"), 0)
-    return {k: result[k] for k in METRIC_KEYS}
-
-
-class _threads:
-    """Run with ``n`` torch threads (the quick check is fastest and reproducible so)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc) -> None:
-        import torch
-
-        torch.set_num_threads(self.before)
 
 
 def _recorded_preset(path: Path) -> str | None:
@@ -468,6 +269,8 @@ class SamTrainer(Trainer):
                            "train_miou": train_miou})
 
     def evaluate(self, step: int) -> dict[str, Any] | None:
+        from training.sam_eval import evaluate
+
         if self.eval_list is None:
             return None
         return evaluate(self.model, self.eval_data, self.eval_list, self.device, step)
