@@ -69,11 +69,11 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from models.efficient_sam.config import PRESETS
 from training.common import add_model_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 
-PRESETS = ("tiny", "shapes", "vitt", "vits")
 EVAL_BATCH = 8            # held-out images per embedding call
 EVAL_POINTS = (1, 3)      # foreground points of the held-out prompts
 HIT_IOU = 0.5             # iou50_*: share of prompts whose kept mask reaches this IoU
@@ -357,19 +357,19 @@ def _recorded_preset(path: Path) -> str | None:
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_model` starts from."""
-    from models.efficient_sam.checkpoint import random_init_fingerprint, weights_fingerprint
+    from models.efficient_sam.checkpoint import EFFICIENT_SAM
 
-    if init is None and preset in ("tiny", "shapes"):
-        return random_init_fingerprint(preset)
-    return weights_fingerprint(preset, init)
+    if init is None and preset in EFFICIENT_SAM.built_in:
+        return EFFICIENT_SAM.random_fingerprint(preset)
+    return EFFICIENT_SAM.fingerprint(preset, init)
 
 
 def initial_model(preset: str, init: str | None, device):
     """``init`` when given, else the seeded random init for ``tiny`` / ``shapes``, else the
     preset's standard checkpoint (``vitt`` / ``vits``)."""
-    from models.efficient_sam.checkpoint import build_model, load_efficient_sam
+    from models.efficient_sam.checkpoint import EFFICIENT_SAM, build_model, load_efficient_sam
 
-    if init is None and preset in ("tiny", "shapes"):
+    if init is None and preset in EFFICIENT_SAM.built_in:
         return build_model(preset, device, empty=False)
     return load_efficient_sam(preset, init, device)[0]
 
@@ -408,7 +408,7 @@ class SamTrainer(Trainer):
 
     @classmethod
     def check(cls, s: SamSettings) -> None:
-        from models.efficient_sam.config import sam_config
+        from models.efficient_sam.checkpoint import EFFICIENT_SAM
 
         s.check_data()
         if s.preset not in PRESETS:
@@ -420,7 +420,7 @@ class SamTrainer(Trainer):
             raise ValueError("--iou-weight must be >= 0")
         if not 0.0 <= s.negative_fraction <= 1.0:
             raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
-        capacity = sam_config(s.preset).max_points
+        capacity = EFFICIENT_SAM.config(s.preset).max_points
         needed = s.max_points + (1 if s.negative_fraction > 0 else 0)
         if needed > capacity:
             raise ValueError(f"--max-points {s.max_points}" + (" plus the background point" if s.negative_fraction > 0
