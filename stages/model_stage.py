@@ -22,6 +22,10 @@ class ModelStage(Stage):
         """The family of this node's model (override where a param picks it)."""
         return self.family
 
+    def model_config(self) -> Any:
+        """The sizes of the model this node loads (the preset's, or an explicit checkpoint's own)."""
+        return self.model_family().config(self.params.preset, self.params.checkpoint)
+
     def weights_options(self) -> dict[str, Any]:
         """Further params the family reads besides ``preset`` and ``checkpoint`` (e.g. a second
         weights source)."""

@@ -275,10 +275,10 @@ class FusionTrainer(Trainer):
     @staticmethod
     def fingerprints(s: FusionSettings) -> dict[str, str]:
         """The frozen models' weights."""
-        from models.blip.checkpoint import itm_fingerprint
+        from models.blip.family import BLIP_ITM
         from models.efficient_sam import EFFICIENT_SAM
 
-        return {"blip_weights": itm_fingerprint(s.blip_preset, s.blip_checkpoint),
+        return {"blip_weights": BLIP_ITM.fingerprint(s.blip_preset, s.blip_checkpoint),
                 "sam_weights": EFFICIENT_SAM.fingerprint(s.sam_preset, s.sam_checkpoint)}
 
     def __init__(self, s: FusionSettings, device, resuming: bool) -> None:
