@@ -98,6 +98,8 @@ class ModelFamily:
     and override the other hooks where their files need it.
     """
 
+    honours_random_weights = True  # --random-weights replaces the preset's files by its random init
+
     def __init__(self, title: str, presets: Mapping[str, Preset], random_tag: Mapping[str, str]):
         self.title = title
         self.presets = dict(presets)
@@ -147,12 +149,12 @@ class ModelFamily:
         source = self.source(preset)
         if path is not None:
             return self.check_path(preset, path)
-        if isinstance(source, RandomInit) or random_weights():
+        if isinstance(source, RandomInit) or (random_weights() and self.honours_random_weights):
             return None
         try:
             found = source.locate()
         except WeightsError as exc:
-            raise WeightsError(f"{exc}{self.missing_hint(source)}") from None
+            raise WeightsError(f"{exc}{self.missing_hint(preset)}") from None
         return self.check_found(preset, found)
 
     def fingerprint(self, preset: str, path: str | Path | None = None) -> str:
@@ -195,7 +197,7 @@ class ModelFamily:
         """A preset's file as found; a family checks what a folder must hold here."""
         return found
 
-    def missing_hint(self, source: Shipped | Published) -> str:
+    def missing_hint(self, preset: str) -> str:
         """Added to the message of a missing preset file (e.g. where a zipped download lies)."""
         return ""
 

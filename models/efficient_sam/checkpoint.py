@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.efficient_sam.config import PRESETS, REPO
-from models.family import Loaded, ModelFamily, Published, RandomInit, Shipped
+from models.family import Loaded, ModelFamily, Published, RandomInit
 from models.weights import LoadReport, WeightsError, apply_state_dict, load_checkpoint, weights_dir
 
 if TYPE_CHECKING:  # the model code (torch) is imported where a model is built: lookup and fingerprints need none
@@ -42,8 +42,8 @@ class EfficientSamFamily(ModelFamily):
             raise WeightsError(f"checkpoint {path} does not exist")
         return path
 
-    def missing_hint(self, source: Shipped | Published) -> str:
-        root = weights_dir()
+    def missing_hint(self, preset: str) -> str:
+        root, source = weights_dir(), self.source(preset)
         name = source.files[0][0] if isinstance(source, Published) else None
         if root is not None and name and (root / f"{name}.zip").exists():
             return f". Found {root / (name + '.zip')}: unzip it into {root} (it holds {name})"
