@@ -3,8 +3,9 @@
 The files are found by the families of ``family.py`` (``BLIP_ITM``, ``BLIP_CAPTION``), whose
 ``load`` calls :func:`build_model` (``tiny``: random initialisation from a fixed seed, identical
 in every process), :func:`load_lavis_file` or :func:`load_hf_folder`. ``base`` / ``large``: the
-LAVIS ``.pth`` file given as ``path`` or found under its standard name in the weights folder. The model is then built on the meta device and
-materialised, so no time goes into a random initialisation that the file overwrites.
+LAVIS ``.pth`` file given as ``path`` or found under its standard name in the weights folder.
+The model is then built on the meta device and materialised, so no time goes into a random
+initialisation that the file overwrites.
 
 Checkpoint conventions handled here: the state dict may be wrapped under ``"model"``;
 momentum copies (``*_m.*``), queues and the ITC temperature (``temp``) are ignored and

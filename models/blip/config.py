@@ -109,23 +109,27 @@ def _published(*names: str, site: str = _BLIP) -> Published:
 # standard file names (first = preferred; LAVIS configs blip_itm_{base,large}.yaml,
 # blip_caption_{base,large}_coco.yaml; the *_train2014 files are PNP-VQA's own choice)
 PRESETS: dict[str, BlipPreset] = {
-    "tiny": BlipPreset(_sizes(VitConfig(image_size=384, width=64, depth=2, heads=4),  # 24x24 grid, as the real models
-                              BertConfig(vocab_size=tiny_vocab_size(), hidden_size=64, num_layers=12, num_heads=4,
-                                         intermediate_size=128, max_position=64)),
-                       RandomInit(), "random, tests"),
-    "shapes": BlipPreset(_sizes(VitConfig(image_size=384, width=128, depth=4, heads=4),
-                                BertConfig(vocab_size=tiny_vocab_size(), hidden_size=128, num_layers=4, num_heads=4,
-                                           intermediate_size=512, max_position=64), gradcam_block=2),
-                         {"itm": Shipped("blip_itm.safetensors", "bin/train-shapes itm"),
-                          "caption": Shipped("blip_caption.safetensors", "bin/train-shapes caption")},
-                         "trained on the shapes data, bundled"),
-    "base": BlipPreset(_sizes(VitConfig(image_size=384, width=768, depth=12, heads=12), BertConfig()),  # ViT-B/16
-                       {"itm": _published("model_base_retrieval_coco.pth"),
-                        "caption": Published((("blip_coco_caption_base.pth", _LAVIS + "blip_coco_caption_base.pth"),
-                                               ("model_base_capfilt_large.pth", _BLIP + "model_base_capfilt_large.pth")))},
-                       "LAVIS checkpoint from the --weights folder", tokenizer=BERT_TOKENIZER),
-    "large": BlipPreset(_sizes(VitConfig(image_size=384, width=1024, depth=24, heads=16), BertConfig()),  # ViT-L/16
-                        {"itm": _published("model_large_retrieval_coco.pth", "model_large_retrieval_coco_train2014.pth"),
-                         "caption": _published("model_large_caption.pth", "model_large_caption_coco_train2014.pth")},
-                        "LAVIS checkpoint from the --weights folder", tokenizer=BERT_TOKENIZER),
+    "tiny": BlipPreset(
+        _sizes(VitConfig(image_size=384, width=64, depth=2, heads=4),  # 24x24 grid, as the real models
+               BertConfig(vocab_size=tiny_vocab_size(), hidden_size=64, num_layers=12, num_heads=4,
+                          intermediate_size=128, max_position=64)),
+        RandomInit(), "random, tests"),
+    "shapes": BlipPreset(
+        _sizes(VitConfig(image_size=384, width=128, depth=4, heads=4),
+               BertConfig(vocab_size=tiny_vocab_size(), hidden_size=128, num_layers=4, num_heads=4,
+                          intermediate_size=512, max_position=64), gradcam_block=2),
+        {"itm": Shipped("blip_itm.safetensors", "bin/train-shapes itm"),
+         "caption": Shipped("blip_caption.safetensors", "bin/train-shapes caption")},
+        "trained on the shapes data, bundled"),
+    "base": BlipPreset(
+        _sizes(VitConfig(image_size=384, width=768, depth=12, heads=12), BertConfig()),  # ViT-B/16
+        {"itm": _published("model_base_retrieval_coco.pth"),
+         "caption": Published((("blip_coco_caption_base.pth", _LAVIS + "blip_coco_caption_base.pth"),
+                               ("model_base_capfilt_large.pth", _BLIP + "model_base_capfilt_large.pth")))},
+        "LAVIS checkpoint from the --weights folder", tokenizer=BERT_TOKENIZER),
+    "large": BlipPreset(
+        _sizes(VitConfig(image_size=384, width=1024, depth=24, heads=16), BertConfig()),  # ViT-L/16
+        {"itm": _published("model_large_retrieval_coco.pth", "model_large_retrieval_coco_train2014.pth"),
+         "caption": _published("model_large_caption.pth", "model_large_caption_coco_train2014.pth")},
+        "LAVIS checkpoint from the --weights folder", tokenizer=BERT_TOKENIZER),
 }

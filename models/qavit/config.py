@@ -116,7 +116,7 @@ class QAViTPreset(Preset):
     of a built-in T5 encoder, seeded random or trained into the vision file, or a published T5
     folder) and the plain CLIP weights that can stand in for its checkpoint."""
 
-    question_encoder: dict | Published = None  # type: ignore[assignment]
+    question_encoder: dict | Published | None = None  # every preset names one (after Preset's fields: a default)
     clip: Published | None = None
 
 
