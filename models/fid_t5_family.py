@@ -79,13 +79,7 @@ class FidT5Family(ModelFamily):
             "a T5ForConditionalGeneration folder", "save_pretrained() of a T5ForConditionalGeneration and its tokenizer")
         if not folder.is_dir():
             raise WeightsError(f"UnifiedQA folder '{name}' not found: {folder} is not a folder. Published at: {published}")
-        missing = []
-        if not (folder / "config.json").is_file():
-            missing.append("config.json")
-        if not any(p.is_file() for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
-            missing.append("model weights (model.safetensors or pytorch_model.bin)")
-        if not any((folder / f).is_file() for f in TOKENIZER_FILES):
-            missing.append("tokenizer (spiece.model or tokenizer.json)")
+        missing = t5_folder_lacks(folder)
         if missing:
             raise WeightsError(f"UnifiedQA folder {folder} ('{name}') lacks {', '.join(missing)}. "
                                f"Published at: {published}")
@@ -123,6 +117,19 @@ class FidT5Family(ModelFamily):
 
 
 FID_T5 = FidT5Family("FiD T5", PRESETS, random_tag={})
+
+
+def t5_folder_lacks(folder: Path) -> list[str]:
+    """What a Hugging Face T5 folder lacks of its config, weights and tokenizer (UnifiedQA, and
+    QA-ViT's question encoder)."""
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(p.is_file() for pattern in WEIGHT_FILES for p in folder.glob(pattern)):
+        missing.append("model weights (model.safetensors or pytorch_model.bin)")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append("tokenizer (spiece.model or tokenizer.json)")
+    return missing
 
 
 def _has_sentencepiece() -> bool:

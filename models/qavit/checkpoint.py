@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from models.family import Loaded, ModelFamily, Published, RandomInit, Shipped
-from models.fid_t5_family import TINY_TOKENIZER_DIR
+from models.fid_t5_family import TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, t5_folder_lacks
 from models.hf_hub import local_path
 from models.qavit.config import PRESETS, QAViTConfig, integration_point_of, with_integration_point
 from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint,
@@ -70,9 +70,7 @@ ANCHOR = "embeddings.patch_embedding.weight"
 POSITION_IDS = "vision_model.embeddings.position_ids"
 _VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_T5_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
-_T5_TOKENIZER = ("tokenizer.json", "spiece.model")
-_T5_FINGERPRINT = ("config.json", *_T5_WEIGHTS, *_T5_TOKENIZER, "tokenizer_config.json", "special_tokens_map.json")
+_T5_FINGERPRINT = ("config.json", *WEIGHT_FILES, *TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
 
 Kind = Literal["tiny", "qavit", "clip"]
 FormulationChoice = Literal["auto", "reference", "gated"]
@@ -143,13 +141,7 @@ class QAViTFamily(ModelFamily):
         if not folder.is_dir():
             raise WeightsError(f"question encoder folder {folder} does not exist (a Hugging Face T5 folder such as "
                                f"'{name}'). Published at: {url}")
-        missing = []
-        if not (folder / "config.json").is_file():
-            missing.append("config.json")
-        if not any(p.is_file() for pattern in _T5_WEIGHTS for p in folder.glob(pattern)):
-            missing.append("model weights (model.safetensors or pytorch_model.bin)")
-        if not any((folder / f).is_file() for f in _T5_TOKENIZER):
-            missing.append("tokenizer (tokenizer.json or spiece.model)")
+        missing = t5_folder_lacks(folder)
         if missing:
             raise WeightsError(f"question encoder folder {folder} lacks {', '.join(missing)}. Published at: {url}")
         return folder
