@@ -113,7 +113,7 @@ class ModelFamily:
     @property
     def built_in(self) -> tuple[str, ...]:
         """Presets whose architecture the project trains from its random init (not published)."""
-        return tuple(name for name, p in self.presets.items() if not isinstance(p.weights, Published))
+        return tuple(name for name in self.presets if not isinstance(self.source(name), Published))
 
     def preset_type(self) -> Any:
         """The ``Literal`` of the preset names, for a stage param."""
@@ -132,7 +132,8 @@ class ModelFamily:
         return self.preset(preset).weights
 
     def config(self, preset: str, checkpoint: str | Path | None = None) -> Any:
-        """The sizes of the model a load would give (the preset's; see :meth:`config_of_checkpoint`)."""
+        """The sizes of the model a load would give: the preset's (a family whose checkpoints
+        carry their own sizes, e.g. Hugging Face folders, overrides this)."""
         return self.preset(preset).config
 
     def random_init(self, preset: str) -> RandomInit:
