@@ -87,7 +87,7 @@ def forward_cap(models, pixels, heatmaps, sample_ids):
     import torch
 
     from stages.common import row_rng
-    from stages.grid import sample_patch_sets
+    from grids import sample_patch_sets
 
     stage = models["caption"]
     p = stage.params

@@ -11,12 +11,12 @@ import time
 
 import torch
 
-from models.efficient_sam import build_model, sam_config
+from models.efficient_sam import EFFICIENT_SAM, build_model
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "vitt", "vits"])
+    ap.add_argument("--preset", default="tiny", choices=EFFICIENT_SAM.names)
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--images", type=int, default=8, help="distinct images (samples share them)")
     ap.add_argument("--output-size", type=int, default=256)
@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = sam_config(a.preset)
+    cfg = EFFICIENT_SAM.config(a.preset)
     model = build_model(a.preset, a.device).eval()  # random weights: timing only
     side = cfg.image_size
     with torch.no_grad():

@@ -11,8 +11,8 @@ Presets: ``tiny`` (random init, fixed seed, tokenizer in ``models/assets/tiny_t5
 ``models/assets/shapes/fid_t5.safetensors``) and ``base`` / ``large`` / ``3b`` (a local folder
 ``unifiedqa-v2-t5-<size>-1363200`` in the weights folder; nothing is downloaded).
 
-The built-in presets (``tiny``, ``shapes``) have their architecture in code
-(:data:`BUILTIN_CONFIGS`); their weights file is a safetensors file of the T5 state dict
+The presets table (T5 sizes, weights sources) is ``models.fid_t5_family``; the built-in
+presets' (``tiny``, ``shapes``) weights file is a safetensors file of the T5 state dict
 (Hugging Face key names, tied embedding aliases stored once: :func:`fid_t5_state`).
 """
 
@@ -26,11 +26,8 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
 from models.compute_clock import counted
-from models.fid_t5_files import (BUILTIN_CONFIGS, FINGERPRINT_FILES, PRESETS, RANDOM_CONFIGS, REAL_PRESETS,  # noqa: F401
-                                 SHAPES_CONFIG, SHAPES_FILE, SHAPES_TRAIN_COMMAND, TINY_CONFIG, TINY_SEED,
-                                 TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, WEIGHTS_FORMAT, find_fid_t5,
-                                 weights_fingerprint)
-from models.weights import WeightsError, apply_state_dict
+from models.fid_t5_family import FID_T5, TINY_TOKENIZER_DIR, WEIGHTS_FORMAT  # noqa: F401  (re-exported)
+from models.weights import LoadReport, WeightsError, apply_state_dict
 
 
 def make_passages(question: str, captions: list[str], num_captions_fid: int, *,
@@ -139,30 +136,22 @@ class FiDT5(nn.Module):
             pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id)
 
 
-def tiny_config(vocab_size: int) -> T5Config:
-    return T5Config(vocab_size=vocab_size, **TINY_CONFIG)
+def t5_config(preset: str, vocab_size: int) -> T5Config:
+    """The ``T5Config`` of ``preset``'s table entry for a vocabulary size (what a preset built
+    without a file is: ``tiny``, ``shapes`` before training, a published size under ``--random-weights``)."""
+    return T5Config(vocab_size=vocab_size, **FID_T5.config(preset))
 
 
-def builtin_config(preset: str, vocab_size: int) -> T5Config:
-    """The ``T5Config`` of a preset built without a file (``tiny``, ``shapes``, or a published size
-    under ``--random-weights``) for a vocabulary size."""
-    if preset not in RANDOM_CONFIGS:
-        raise ValueError(f"'{preset}' is not a FiD T5 preset; choose one of {', '.join(RANDOM_CONFIGS)}")
-    return T5Config(vocab_size=vocab_size, **RANDOM_CONFIGS[preset])
-
-
-def build_fid_t5(preset: str, *, seed: int = TINY_SEED, dtype: torch.dtype | None = None):
+def build_fid_t5(preset: str, *, seed: int | None = None):
     """``(FiDT5 in eval mode, tokenizer)``: a preset's architecture (the bundled tiny tokenizer),
-    randomly initialised from ``seed`` without touching the global RNG state. For ``tiny`` this
-    is the preset itself; for ``shapes`` the starting point of its training; for the published
-    sizes what ``--random-weights`` runs."""
+    randomly initialised from ``seed`` (default: the preset's) without touching the global RNG
+    state. For ``tiny`` this is the preset itself; for ``shapes`` the starting point of its
+    training; for the published sizes what ``--random-weights`` runs."""
     tokenizer = _tiny_tokenizer()
-    config = builtin_config(preset, len(tokenizer))
+    config = t5_config(preset, len(tokenizer))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(FID_T5.random_init(preset).seed if seed is None else seed)
         t5 = T5ForConditionalGeneration(config)
-    if dtype is not None:
-        t5 = t5.to(dtype)
     return FiDT5(t5).eval(), tokenizer
 
 
@@ -197,8 +186,9 @@ def _file_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
-def _load_builtin_file(preset: str, path: Path, dtype: torch.dtype | None):
-    """A built-in preset's architecture with the weights of the safetensors / torch file ``path``."""
+def load_builtin_file(preset: str, path: Path) -> tuple[FiDT5, LoadReport, object]:
+    """A built-in preset's architecture with the weights of the safetensors / torch file ``path``
+    (every key checked), the load report and the tiny tokenizer."""
     from models.weights import load_checkpoint
 
     meta = _file_metadata(path)
@@ -207,11 +197,21 @@ def _load_builtin_file(preset: str, path: Path, dtype: torch.dtype | None):
                            f"'{meta['preset']}'")
     state = load_checkpoint(path)
     model, tokenizer = build_fid_t5(preset)
-    apply_state_dict(model.t5, state, str(path), optional=tied_aliases(model.t5))
+    report = apply_state_dict(model.t5, state, str(path), optional=tied_aliases(model.t5))
     model.t5.tie_weights()
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.eval(), tokenizer
+    return model.eval(), report, tokenizer
+
+
+def load_folder(folder: Path) -> tuple[FiDT5, LoadReport, object]:
+    """A local Hugging Face folder (``from_pretrained(..., local_files_only=True)``; nothing is
+    downloaded), an empty report (transformers checks the keys) and the folder's tokenizer."""
+    try:
+        t5 = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot load the UnifiedQA folder {folder}: {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return FiDT5(t5).eval(), LoadReport(), tokenizer
 
 
 def _tiny_tokenizer():
@@ -221,20 +221,7 @@ def _tiny_tokenizer():
     return AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
 
 
-def load_fid_t5(preset: str, path: str | Path | None = None, *, dtype: torch.dtype | None = None):
-    """``(FiDT5 in eval mode, tokenizer)``: the built-in random ``tiny``; a built-in preset's
-    architecture with the weights file of :func:`find_fid_t5` (``shapes``; read with safetensors
-    or ``weights_only``, every key checked); or the local folder of :func:`find_fid_t5`
-    (``from_pretrained(..., local_files_only=True)``; nothing is downloaded)."""
-    folder = find_fid_t5(preset, path)
-    if folder is None:  # tiny, or any preset under --random-weights
-        return build_fid_t5(preset, dtype=dtype)
-    if folder.is_file():
-        return _load_builtin_file(preset, folder, dtype)
-    try:
-        t5 = T5ForConditionalGeneration.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"cannot load the UnifiedQA folder {folder}: {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return FiDT5(t5).eval(), tokenizer
+def load_fid_t5(preset: str, path: str | Path | None = None):
+    """``(FiDT5 in eval mode, tokenizer)`` of ``preset`` (weights from ``path`` or the preset's)."""
+    loaded = FID_T5.load(preset, path)
+    return loaded.model, loaded.tokenizer

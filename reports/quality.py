@@ -112,10 +112,10 @@ def variant_metrics(results: Path, heatmap_node: str, backgrounds: dict[str, str
 
 def itm_accuracy(seed: int, images: int) -> dict[str, float]:
     """The shapes ITM's accuracy on held-out positives and hard negatives (and its pointing game)."""
-    from models.blip.checkpoint import checkpoint_path
+    from models.blip.family import BLIP_ITM
     from training.itm import check_metrics
 
-    return check_metrics(checkpoint_path("itm", "shapes"), seed=seed, num_images=images)
+    return check_metrics(BLIP_ITM.find("shapes"), seed=seed, num_images=images)
 
 
 def _fmt(value: float | None) -> str:

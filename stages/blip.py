@@ -4,8 +4,8 @@ heatmap-sampled patches from the captioner.
 Both take the preprocessed image once per image (``per_image`` input) and encode it once,
 however many questions of the batch share it.
 
-Models and torch are imported inside the methods: graphs without model stages (and their
-Ray workers) never pay for importing torch.
+Torch and the model code are imported inside the methods: graphs without model stages (and
+their Ray workers) never pay for importing torch.
 """
 
 from __future__ import annotations
@@ -17,16 +17,18 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import tensor_type
-from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from models.blip.family import BLIP, BLIP_CAPTION, BLIP_ITM
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, StageParams
 from stages.common import row_rng
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
-from stages.grid import sample_patch_sets
+from grids import sample_patch_sets
+from stages.model_stage import ModelStage
 from stages.text import blip_question
 
 if TYPE_CHECKING:
     import torch
 
-Preset = Literal["tiny", "shapes", "base", "large"]
+Preset = BLIP_ITM.preset_type()  # the captioner's presets are the same
 
 
 def _image_inputs(config) -> dict[str, Input]:
@@ -61,27 +63,10 @@ def _image_tokens(model, batch: Batch, device: str, dtype: str = "float32"):
     return images, torch.from_numpy(batch.image_rows).to(device)
 
 
-def _weights_problems(find_checkpoint, preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
-    """Missing checkpoint or tokenizer files of a preset, found before any work starts."""
-    from models.blip.files import tokenizer_dir
-    from models.weights import WeightsError
-
-    out = []
-    for field, check in (("checkpoint" if checkpoint else "preset", lambda: find_checkpoint(preset, checkpoint)),
-                         ("preset", lambda: tokenizer_dir(preset, checkpoint))):
-        try:
-            check()
-        except WeightsError as exc:
-            out.append((field, str(exc)))
-    return out
-
-
 # --- itm_gradcam ----------------------------------------------------------------------------
 
 class ItmGradcamParams(StageParams):
-    preset: Preset = Field("tiny", description="BLIP ITM model: tiny (random, tests), shapes (trained on the "
-                           "shapes data, bundled), base or large (LAVIS retrieval checkpoints from the --weights "
-                           "folder)")
+    preset: Preset = Field("tiny", description=BLIP_ITM.preset_doc("BLIP ITM model (retrieval checkpoints)"))
     checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
                                    "LAVIS .pth / .safetensors file, a Hugging Face BLIP folder (BlipForImageTextRetrieval: "
                                    "config.json + weights; its sizes replace the preset's), or hf:ORG/NAME from the local "
@@ -95,7 +80,7 @@ class ItmGradcamParams(StageParams):
 
 
 @STAGES.add
-class ItmGradcam(Stage):
+class ItmGradcam(ModelStage):
     """Question-guided GradCAM heatmap and image-question match score from BLIP ITM.
 
     The LAVIS PNP-VQA recipe: cross-attention probabilities of text layer ``block_num`` times
@@ -106,21 +91,17 @@ class ItmGradcam(Stage):
 
     name = "itm_gradcam"
     Params = ItmGradcamParams
+    family = BLIP_ITM
     resources = Resources(gpu=0.5, batch_size=32)  # CPU: as fast as 64, 1.5x 16 (bench/results/bench.md)
 
-    def _config(self):
-        from models.blip.files import itm_config
-
-        return itm_config(self.params.preset, self.params.checkpoint)
-
     def inputs(self) -> dict[str, Input]:
-        return {**_image_inputs(self._config()), "question": Input(pa.string(), "question text")}
+        return {**_image_inputs(self.model_config()), "question": Input(pa.string(), "question text")}
 
     def wiring_problems(self, wired: set[str]) -> list[tuple[str, str]]:
         return _one_image_input(wired)
 
     def outputs(self) -> dict[str, Output]:
-        g = self._config().vit.grid
+        g = self.model_config().vit.grid
         return {"heatmap": Output(tensor_type("float32", [g, g]), f"GradCAM heatmap [{g}, {g}] (not normalised)",
                                    role="heatmap"),
                 "itm_score": Output(pa.float32(), "probability that the question matches the image",
@@ -130,33 +111,23 @@ class ItmGradcam(Stage):
     def block_num(self) -> int:
         """The GradCAM text layer: the param, else the preset's."""
         p = self.params
-        return self._config().gradcam_block if p.block_num is None else p.block_num
+        return self.model_config().gradcam_block if p.block_num is None else p.block_num
 
-    def problems(self) -> list[tuple[str, str]]:
-        from models.blip.files import find_itm_checkpoint
-
-        layers = self._config().bert.num_layers
+    def extra_problems(self) -> list[tuple[str, str]]:
+        p, layers = self.params, self.model_config().bert.num_layers
         out = []
         if self.block_num > layers - 2:
-            out.append(("block_num", f"block_num={self.block_num} but the '{self.params.preset}' text encoder has "
+            out.append(("block_num", f"block_num={self.block_num} but the '{p.preset}' text encoder has "
                         f"{layers} layers: use 0..{layers - 2} (the last layer's GradCAM is exactly zero, only its "
                         "first token reaches the ITM head)"))
-        return out + _weights_problems(find_itm_checkpoint, self.params.preset, self.params.checkpoint)
-
-    def weights_fingerprint(self) -> str | None:
-        from models.blip.files import itm_fingerprint
-
-        return itm_fingerprint(self.params.preset, self.params.checkpoint)
+        return out + BLIP_ITM.tokenizer_problems(p.preset, p.checkpoint)
 
     def setup(self, device: str) -> None:
-        from models.blip.checkpoint import load_blip_itm
-        from models.blip.files import tokenizer_dir
         from models.blip.tokenizer import load_blip_tokenizer
 
         super().setup(device)
-        self.model, self.report = load_blip_itm(self.params.preset, self.params.checkpoint, device)
         self.model.visual_encoder.to(torch_dtype(self.params.dtype))
-        self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
+        self.tokenizer = load_blip_tokenizer(BLIP_ITM.tokenizer_dir(self.params.preset, self.params.checkpoint))
 
     def process(self, batch: Batch) -> dict[str, Any]:
         from models.blip.tokenizer import tokenize_questions
@@ -176,9 +147,7 @@ class ItmGradcam(Stage):
 # --- caption --------------------------------------------------------------------------------
 
 class CaptionParams(StageParams):
-    preset: Preset = Field("tiny", description="BLIP captioner: tiny (random, tests), shapes (trained on the "
-                           "shapes data, bundled), base or large (LAVIS caption checkpoints from the --weights "
-                           "folder)")
+    preset: Preset = Field("tiny", description=BLIP_CAPTION.preset_doc("BLIP captioner (caption checkpoints)"))
     checkpoint: str | None = Field(None, description="explicit checkpoint instead of the preset's standard file: a "
                                    "LAVIS .pth / .safetensors file, a Hugging Face BLIP folder (BlipForConditionalGeneration: "
                                    "config.json + weights; its sizes replace the preset's), or hf:ORG/NAME from the local "
@@ -209,7 +178,7 @@ class CaptionParams(StageParams):
 
 
 @STAGES.add
-class Caption(Stage):
+class Caption(ModelStage):
     """Question-guided captions: BLIP decodes from heatmap-sampled patches of the image.
 
     Each round draws ``num_captions`` patch sets per question (without replacement, proportional
@@ -222,18 +191,14 @@ class Caption(Stage):
 
     name = "caption"
     Params = CaptionParams
+    family = BLIP_CAPTION
     # CPU: 64 measured fastest (bench/results/bench.md: 1.8x batch 16 on 2 cores, fewer Python
     # steps per caption); GPU: not measured yet, the earlier 16 kept
     resources = Resources(gpu=0.5, batch_size=64, cuda_batch_size=16)
 
-    def _config(self):
-        from models.blip.files import caption_config
-
-        return caption_config(self.params.preset, self.params.checkpoint)
-
     def inputs(self) -> dict[str, Input]:
-        g = self._config().vit.grid
-        return {**_image_inputs(self._config()),
+        g = self.model_config().vit.grid
+        return {**_image_inputs(self.model_config()),
                 "heatmap": Input(tensor_type("float32", [g, g]), f"question-guided heatmap [{g}, {g}]; leave it "
                                  "unwired to caption the whole image", optional=True)}
 
@@ -249,32 +214,22 @@ class Caption(Stage):
                 "shortfall": Output(pa.int32(), "num_captions minus the captions kept (0 = complete)"),
                 "rounds": Output(pa.int32(), "sampling rounds used")}
 
-    def problems(self) -> list[tuple[str, str]]:
-        from models.blip.files import find_caption_checkpoint
-
-        p, cells = self.params, self._config().vit.grid ** 2
+    def extra_problems(self) -> list[tuple[str, str]]:
+        p, cells = self.params, self.model_config().vit.grid ** 2
         out = []
         if p.num_patches > cells:
             out.append(("num_patches", f"num_patches={p.num_patches} exceeds the {cells} patches of the "
                         f"'{p.preset}' image grid"))
         if p.min_length > p.max_length:
             out.append(("min_length", f"min_length={p.min_length} exceeds max_length={p.max_length}"))
-        return out + _weights_problems(find_caption_checkpoint, p.preset, p.checkpoint)
-
-    def weights_fingerprint(self) -> str | None:
-        from models.blip.files import caption_fingerprint
-
-        return caption_fingerprint(self.params.preset, self.params.checkpoint)
+        return out + BLIP_CAPTION.tokenizer_problems(p.preset, p.checkpoint)
 
     def setup(self, device: str) -> None:
-        from models.blip.checkpoint import load_blip_caption
-        from models.blip.files import tokenizer_dir
         from models.blip.tokenizer import caption_prompt_ids, load_blip_tokenizer
 
         super().setup(device)
-        self.model, self.report = load_blip_caption(self.params.preset, self.params.checkpoint, device)
         self.model.to(torch_dtype(self.params.dtype))
-        self.tokenizer = load_blip_tokenizer(tokenizer_dir(self.params.preset, self.params.checkpoint))
+        self.tokenizer = load_blip_tokenizer(BLIP_CAPTION.tokenizer_dir(self.params.preset, self.params.checkpoint))
         self.prompt_ids = caption_prompt_ids(self.tokenizer, self.params.prompt)  # [DEC] a picture of
 
     def process(self, batch: Batch) -> dict[str, Any]:
@@ -376,7 +331,7 @@ class BlipFeaturesParams(StageParams):
 
 
 @STAGES.add
-class BlipFeatures(Stage):
+class BlipFeatures(ModelStage):
     """BLIP ViT image tokens ``[1+P, C]``, once per image, for stages that transform them
     (``feature_fusion``) before ``itm_gradcam`` / ``caption`` read them.
 
@@ -389,38 +344,20 @@ class BlipFeatures(Stage):
     cacheable = False
     resources = Resources(gpu=0.25, batch_size=16)
 
-    def _config(self):
-        from models.blip.files import caption_config, itm_config
-
-        return (itm_config if self.params.model == "itm" else caption_config)(self.params.preset, self.params.checkpoint)
+    def model_family(self):
+        return BLIP[self.params.model]
 
     def inputs(self) -> dict[str, Input]:
-        s = self._config().vit.image_size
+        s = self.model_config().vit.image_size
         return {"pixels": Input(tensor_type("float32", [3, s, s]), f"preprocessed image [3, {s}, {s}]")}
 
     def outputs(self) -> dict[str, Output]:
-        v = self._config().vit
+        v = self.model_config().vit
         return {"features": Output(tensor_type("float32", [1 + v.grid ** 2, v.width]),
                                    f"ViT tokens (CLS first) [{1 + v.grid ** 2}, {v.width}]")}
 
-    def problems(self) -> list[tuple[str, str]]:
-        from models.blip.files import find_caption_checkpoint, find_itm_checkpoint
-
-        find = find_itm_checkpoint if self.params.model == "itm" else find_caption_checkpoint
-        return [(f, m) for f, m in _weights_problems(find, self.params.preset, self.params.checkpoint)
-                if "bert-base-uncased" not in m]  # the ViT needs no tokenizer
-
-    def weights_fingerprint(self) -> str | None:
-        from models.blip.files import weights_fingerprint
-
-        return weights_fingerprint(self.params.model, self.params.preset, self.params.checkpoint)
-
     def setup(self, device: str) -> None:
-        from models.blip.checkpoint import load_blip_caption, load_blip_itm
-
         super().setup(device)
-        load = load_blip_itm if self.params.model == "itm" else load_blip_caption
-        self.model, self.report = load(self.params.preset, self.params.checkpoint, device)
         self.model.visual_encoder.to(torch_dtype(self.params.dtype))
 
     def process(self, batch: Batch) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pydantic import Field, model_validator
 from artifacts.columns import TensorSpec, tensor_type
 from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
 from stages.common import nullable, optional_column, row_rng
-from stages.grid import gaussian_blur, minmax, pool_to_grid, sample_patch_sets
+from grids import gaussian_blur, minmax, pool_to_grid, sample_patch_sets
 
 HEATMAP = TensorSpec("float32", ("g", "g"))
 MASK = TensorSpec("uint8", (None, None))

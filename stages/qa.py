@@ -1,23 +1,25 @@
 """Question answering over captions with UnifiedQA-v2 T5 in Fusion-in-Decoder mode.
-Models and torch are imported inside the methods: graphs without model stages (and their
-Ray workers) never pay for importing torch.
+Torch and the model code are imported inside the methods: graphs without model stages (and
+their Ray workers) never pay for importing torch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
-from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
+from models.fid_t5_family import FID_T5
+from stages.base import STAGES, Batch, Input, Output, Resources, StageParams
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
+from stages.model_stage import ModelStage
+
+Preset = FID_T5.preset_type()
 
 
 class QAFiDParams(StageParams):
-    preset: Literal["tiny", "shapes", "base", "large", "3b"] = Field(
-        "tiny", description="UnifiedQA-v2 T5: tiny (random, tests), shapes (a small T5 trained on shapes captions, "
-        "bundled), base, large or 3b (Hugging Face folders unifiedqa-v2-t5-<size>-1363200 in the --weights folder)")
+    preset: Preset = Field("tiny", description=FID_T5.preset_doc("UnifiedQA-v2 T5"))
     checkpoint: str | None = Field(None, description="explicit Hugging Face model folder instead of the preset's, "
                                    "or hf:ORG/NAME from the local Hugging Face cache (e.g. "
                                    "hf:allenai/unifiedqa-v2-t5-large-1363200); tiny / shapes: also a "
@@ -32,7 +34,7 @@ class QAFiDParams(StageParams):
 
 
 @STAGES.add
-class QAFiD(Stage):
+class QAFiD(ModelStage):
     """Answer the question from its captions with UnifiedQA FiD.
 
     Each passage is the question (lowercased, stripped), a literal ``\\n`` and a group of
@@ -42,35 +44,21 @@ class QAFiD(Stage):
 
     name = "qa_fid"
     Params = QAFiDParams
+    family = FID_T5
     # CPU: 32 as fast as 64, 1.5x 16 (bench/results/bench.md); GPU: not measured yet, the earlier 16 kept
     resources = Resources(gpu=0.5, batch_size=32, cuda_batch_size=16)
     INPUTS = {"question": Input(pa.string(), "question text"),
               "captions": Input(pa.list_(pa.string()), "captions of the image for this question")}
     OUTPUTS = {"answer": Output(pa.string(), "generated answer", role="answer")}
 
-    def problems(self) -> list[tuple[str, str]]:
-        from models.fid_t5_files import find_fid_t5
-        from models.weights import WeightsError
-
+    def extra_problems(self) -> list[tuple[str, str]]:
         if self.params.dtype == "float16":
             return [("dtype", "T5 overflows in float16 (its feed-forward activations exceed 65504 and answers turn "
                      "to NaN or garbage); use bfloat16, which has float32's range")]
-        try:
-            find_fid_t5(self.params.preset, self.params.checkpoint)
-        except WeightsError as exc:
-            return [("checkpoint" if self.params.checkpoint else "preset", str(exc))]
         return []
 
-    def weights_fingerprint(self) -> str | None:
-        from models.fid_t5_files import weights_fingerprint
-
-        return weights_fingerprint(self.params.preset, self.params.checkpoint)
-
     def setup(self, device: str) -> None:
-        from models.fid_t5 import load_fid_t5
-
         super().setup(device)
-        self.model, self.tokenizer = load_fid_t5(self.params.preset, self.params.checkpoint)
         self.model.to(device, torch_dtype(self.params.dtype))
 
     def process(self, batch: Batch) -> dict[str, Any]:

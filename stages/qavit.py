@@ -11,8 +11,8 @@ shapes data, bundled; 12x12 grid), ``l14_336`` 336 (the published QA-ViT; 24x24 
 ``shapes`` weights were trained with a grounding loss on the heatmap this stage reads (``mode``
 layer, ``block_num`` -1): its heatmap quality on shapes is supervised, not emergent.
 
-Models and torch are imported inside the methods: graphs without model stages (and their Ray
-workers) never pay for importing torch.
+Torch and the model code are imported inside the methods: graphs without model stages (and their
+Ray workers) never pay for importing torch.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import tensor_type
-from stages.base import STAGES, Batch, Input, Output, Resources, Stage, StageParams
+from models.qavit.checkpoint import QAVIT
+from models.qavit.config import INTEGRATION_POINTS
+from stages.base import STAGES, Batch, Input, Output, Resources, StageParams
 from stages.common import nullable
-from stages.grid import cell_weights
+from grids import cell_weights
+from stages.model_stage import ModelStage
 
-Preset = Literal["tiny", "shapes", "l14_336"]
-IntegrationPoint = Literal["all", "early", "late", "late2", "late3", "sparse"]
+Preset = QAVIT.preset_type()
+IntegrationPoint = Literal[INTEGRATION_POINTS]
 
 
 # --- heatmap post-processing (numpy, batched) ---------------------------------------------------
@@ -96,9 +99,7 @@ def map_layers(layers: tuple[int, ...] | list[int], depth: int, layers_depth: in
 # --- the stage -----------------------------------------------------------------------------------
 
 class QAViTAttentionParams(StageParams):
-    preset: Preset = Field("tiny", description="QA-ViT: tiny (random, tests; pixels at 112 px), shapes (trained "
-                           "on the shapes data, bundled; 168 px) or l14_336 (CLIP ViT-L/14-336 + flan-t5-base "
-                           "question encoder, from the --weights folder; 336 px)")
+    preset: Preset = Field("tiny", description=QAVIT.preset_doc("QA-ViT"))
     checkpoint: str | None = Field(None, description="vision weights instead of the preset's (qavit-base2.pth; "
                                    "shapes: models/assets/shapes/qavit.safetensors, or any qavit.safetensors of "
                                    "runtime train qavit): a "
@@ -137,7 +138,7 @@ class QAViTAttentionParams(StageParams):
 
 
 @STAGES.add
-class QAViTAttention(Stage):
+class QAViTAttention(ModelStage):
     """Question-guided heatmap from QA-ViT: CLS-to-patch attention of a question-aware CLIP ViT.
 
     The question is encoded by a T5 encoder and injected as extra keys / values into the
@@ -150,22 +151,23 @@ class QAViTAttention(Stage):
 
     name = "qavit_attention"
     Params = QAViTAttentionParams
+    family = QAVIT
     resources = Resources(gpu=0.5, batch_size=32)
 
-    def _config(self):
-        from models.qavit.config import qavit_config
-
-        return qavit_config(self.params.preset)
+    def weights_options(self) -> dict[str, Any]:
+        p = self.params
+        return {"question_encoder": p.question_encoder, "integration_point": p.integration_point,
+                "formulation": p.formulation}
 
     def inputs(self) -> dict[str, Input]:
-        s = self._config().image_size
+        s = self.model_config().image_size
         return {"pixels": Input(tensor_type("float32", [3, s, s]),
                                 f"preprocessed image [3, {s}, {s}] (preprocess_image, family clip, image_size {s})",
                                 per_image=True),
                 "question": Input(pa.string(), "question text")}
 
     def outputs(self) -> dict[str, Output]:
-        g, k, native = self.params.output_grid, self.params.top_k, self._config().grid
+        g, k, native = self.params.output_grid, self.params.top_k, self.model_config().grid
         return {
             "heatmap": Output(tensor_type("float32", [g, g]), f"CLS-to-patch attention [{g}, {g}] (head mean, "
                               "resampled to output_grid; not normalised)", role="heatmap"),
@@ -182,17 +184,14 @@ class QAViTAttention(Stage):
 
     def selected_layers(self) -> list[int]:
         """The layers whose attention the heatmap needs (0-based, ascending)."""
-        p, depth = self.params, self._config().depth
+        p, depth = self.params, self.model_config().depth
         if p.mode == "layers":
             return map_layers(p.layers, depth, p.layers_depth)
         block = p.block_num % depth
         return [block] if p.mode == "layer" else list(range(block + 1))
 
-    def problems(self) -> list[tuple[str, str]]:
-        from models.qavit.checkpoint import find_question_encoder, find_vision_weights
-        from models.weights import WeightsError
-
-        p, depth = self.params, self._config().depth
+    def extra_problems(self) -> list[tuple[str, str]]:
+        p, depth = self.params, self.model_config().depth
         out = []
         if p.mode != "layers" and not -depth <= p.block_num < depth:
             out.append(("block_num", f"block_num={p.block_num} but the '{p.preset}' ViT has {depth} layers: use "
@@ -205,30 +204,7 @@ class QAViTAttention(Stage):
                             + (" (layers_depth)" if p.layers_depth is not None else f" (the '{p.preset}' ViT)")))
         if p.top_k > p.output_grid ** 2:
             out.append(("top_k", f"top_k={p.top_k} exceeds the {p.output_grid ** 2} cells of the output grid"))
-        checks = (("checkpoint" if p.checkpoint else "preset", lambda: find_vision_weights(p.preset, p.checkpoint)),
-                  ("question_encoder" if p.question_encoder else "preset",
-                   lambda: find_question_encoder(p.preset, p.question_encoder)))
-        for field, check in checks:
-            try:
-                check()
-            except WeightsError as exc:
-                out.append((field, str(exc)))
         return out
-
-    def weights_fingerprint(self) -> str | None:
-        from models.qavit.checkpoint import weights_fingerprint
-
-        p = self.params
-        return weights_fingerprint(p.preset, p.checkpoint, p.question_encoder, p.integration_point)
-
-    def setup(self, device: str) -> None:
-        from models.qavit.checkpoint import load_qavit
-
-        super().setup(device)
-        p = self.params
-        self.model, self.tokenizer, self.report = load_qavit(
-            p.preset, p.checkpoint, p.question_encoder, integration_point=p.integration_point,
-            formulation=p.formulation, device=device)
 
     def native_heatmaps(self, pixels: np.ndarray, questions: list[str], image_rows: np.ndarray) -> np.ndarray:
         """``[B, grid, grid]`` heatmaps at the model grid for ``questions`` on ``pixels[image_rows]``."""
@@ -236,7 +212,7 @@ class QAViTAttention(Stage):
 
         from models.qavit.maps import cls_to_patches, rollout_row
 
-        p, device, cfg = self.params, self.device, self._config()
+        p, device, cfg = self.params, self.device, self.model_config()
         layers = self.selected_layers()
         enc = self.tokenizer(questions, padding="longest", truncation=True, max_length=p.max_question_tokens,
                              return_tensors="pt")

@@ -1,8 +1,8 @@
 """EfficientSAM stages: the image embedding (once per image) and point-prompted masks
 (per question, all prompts of a batch in one decoder call).
 
-Models and torch are imported inside the methods: graphs without model stages (and their
-Ray workers) never pay for importing torch.
+Torch and the model code are imported inside the methods: graphs without model stages (and
+their Ray workers) never pay for importing torch.
 """
 
 from __future__ import annotations
@@ -14,60 +14,29 @@ import pyarrow as pa
 from pydantic import Field
 
 from artifacts.columns import TensorSpec, tensor_type
-from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
+from models.efficient_sam.checkpoint import EFFICIENT_SAM
+from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, StageParams
 from stages.dtypes import DTYPE_DOC, DType, torch_dtype
-from stages.grid import pool_to_grid
+from grids import pool_to_grid
+from stages.model_stage import ModelStage
 
-Preset = Literal["tiny", "shapes", "vitt", "vits"]
-PRESET_DOC = ("EfficientSAM: tiny (random, tests), shapes (trained by the project on the synthetic shapes data, "
-              "shipped in models/assets/shapes), vitt (ViT-T) or vits (ViT-S) from the --weights folder "
-              "(efficient_sam_vitt.pt / efficient_sam_vits.pt); use the same preset on sam_embed and sam_mask")
-
-
-def _weights_problems(preset: str, checkpoint: str | None) -> list[tuple[str, str]]:
-    from models.efficient_sam.checkpoint import find_efficient_sam
-    from models.weights import WeightsError
-
-    try:
-        find_efficient_sam(preset, checkpoint)
-    except WeightsError as exc:
-        return [("checkpoint" if checkpoint else "preset", str(exc))]
-    return []
+SamPreset = EFFICIENT_SAM.preset_type()
+PRESET_DOC = EFFICIENT_SAM.preset_doc("EfficientSAM") + "; use the same preset on sam_embed and sam_mask"
 
 
 def _embedding_type(preset: str) -> pa.DataType:
-    from models.efficient_sam.config import sam_config
-
-    cfg = sam_config(preset)
+    cfg = EFFICIENT_SAM.config(preset)
     return tensor_type("float32", [cfg.embed_dim, cfg.embed_grid, cfg.embed_grid])
 
 
-class _EfficientSamStage(Stage):
-    """Checks, fingerprint and loading shared by the EfficientSAM stages."""
-
-    def problems(self) -> list[tuple[str, str]]:
-        return _weights_problems(self.params.preset, self.params.checkpoint)
-
-    def weights_fingerprint(self) -> str | None:
-        from models.efficient_sam.checkpoint import weights_fingerprint
-
-        return weights_fingerprint(self.params.preset, self.params.checkpoint)
-
-    def setup(self, device: str) -> None:
-        from models.efficient_sam import load_efficient_sam
-
-        super().setup(device)
-        self.model, self.report = load_efficient_sam(self.params.preset, self.params.checkpoint, device)
-
-
 class SamEmbedParams(StageParams):
-    preset: Preset = Field("tiny", description=PRESET_DOC)
+    preset: SamPreset = Field("tiny", description=PRESET_DOC)
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's")
     dtype: DType = Field("float32", description=DTYPE_DOC + "; the image encoder runs in it")
 
 
 @STAGES.add
-class SamEmbed(_EfficientSamStage):
+class SamEmbed(ModelStage):
     """EfficientSAM image embedding, computed once per image for all of its questions.
 
     The decoded image is resized (bilinear, aspect ratio not kept) to the encoder's square
@@ -76,6 +45,7 @@ class SamEmbed(_EfficientSamStage):
     """
 
     name = "sam_embed"
+    family = EFFICIENT_SAM
     Params = SamEmbedParams
     granularity = Granularity.IMAGE
     cacheable = False
@@ -99,7 +69,7 @@ class SamEmbed(_EfficientSamStage):
 
 
 class SamMaskParams(StageParams):
-    preset: Preset = Field("tiny", description=PRESET_DOC)
+    preset: SamPreset = Field("tiny", description=PRESET_DOC)
     checkpoint: str | None = Field(None, description="explicit checkpoint file instead of the preset's")
     mask_selection: Literal["best_iou", "first"] = Field(
         "best_iou", description="which of the 3 candidate masks to keep: the best predicted IoU (as the "
@@ -111,7 +81,7 @@ class SamMaskParams(StageParams):
 
 
 @STAGES.add
-class SamMask(_EfficientSamStage):
+class SamMask(ModelStage):
     """Point-prompted EfficientSAM mask for each question, from its heatmap's peak points.
 
     All questions of a batch go through one decoder call. Points are in image pixels with labels
@@ -120,6 +90,7 @@ class SamMask(_EfficientSamStage):
     """
 
     name = "sam_mask"
+    family = EFFICIENT_SAM
     Params = SamMaskParams
     resources = Resources(gpu=0.25, batch_size=64)
 

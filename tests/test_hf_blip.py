@@ -15,7 +15,7 @@ from artifacts.columns import describe_type
 from conftest import hub_snapshot
 from models.blip.checkpoint import load_blip_caption, load_blip_itm
 from models.blip.config import TINY_TOKENIZER_DIR
-from models.blip.files import caption_fingerprint, itm_config, itm_fingerprint
+from models.blip.family import BLIP_CAPTION, BLIP_ITM
 from models.hf_hub import resolve_hub_id
 from models.weights import WeightsError
 from stages.base import Batch
@@ -79,7 +79,7 @@ def test_itm_folder_equals_transformers_vit_logits_and_gradcam_attention(folders
     block = 2
     mine = ours.text_encoder(ids, mask, img, probs_layer=block).cross_probs
     assert torch.allclose(mine, out.cross_attentions[block], atol=TOL)
-    assert itm_config("tiny", root / "itm").vit.grid == 6 and itm_config("tiny", root / "itm").gradcam_block == 2
+    assert BLIP_ITM.config("tiny", root / "itm").vit.grid == 6 and BLIP_ITM.config("tiny", root / "itm").gradcam_block == 2
 
 
 def test_caption_folder_equals_transformers_logits(folders):
@@ -125,8 +125,8 @@ def test_hub_ids_resolve_offline_in_the_cache_and_missing_ones_say_where(folders
     assert resolve_hub_id("hf:Salesforce/blip-itm-tiny@abc123") == snapshot
     model, _ = load_blip_itm("tiny", "hf:Salesforce/blip-itm-tiny")
     assert model.visual_encoder.pos_embed.shape == (1, 37, 32)
-    assert itm_fingerprint("tiny", "hf:Salesforce/blip-itm-tiny") == itm_fingerprint("tiny", snapshot)
-    assert itm_fingerprint("tiny", snapshot) != caption_fingerprint("tiny", root / "caption")
+    assert BLIP_ITM.fingerprint("tiny", "hf:Salesforce/blip-itm-tiny") == BLIP_ITM.fingerprint("tiny", snapshot)
+    assert BLIP_ITM.fingerprint("tiny", snapshot) != BLIP_CAPTION.fingerprint("tiny", root / "caption")
     with pytest.raises(WeightsError, match=r"not in the Hugging Face cache \(looked for .*models--Salesforce--nope"):
         resolve_hub_id("hf:Salesforce/nope")
     with pytest.raises(WeightsError, match="revision 'v2' is not in .*snapshots: abc123"):

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.blip import (BlipCaption, BlipITM, caption_prompt_ids, load_blip_caption, load_blip_itm,
-                         load_blip_tokenizer, resize_pos_embed, tokenize_questions, weights_fingerprint)
-from models.blip.checkpoint import build_model, find_checkpoint
+from models.blip import (BLIP, BLIP_CAPTION, BLIP_ITM, TINY_TOKENIZER_DIR, BlipCaption, BlipITM, caption_prompt_ids,
+                         load_blip_caption, load_blip_itm, load_blip_tokenizer, resize_pos_embed, tokenize_questions)
+from models.blip.checkpoint import build_model
 from models.blip.tokenizer import load_blip_tokenizer_for
-from models.blip.tokenizer import TINY_TOKENIZER_DIR
 from models.weights import WEIGHTS_ENV, WeightsError
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -53,7 +52,7 @@ def test_state_dict_matches_lavis_keys(kind, preset):
         pytest.skip(f"reference key lists not found at {REFERENCE} (../shared/reference next to the clone)")
     reference = json.loads(ref_file.read_text())
     with torch.device("meta"):
-        model = (BlipITM if kind == "itm" else BlipCaption).preset(preset)
+        model = (BlipITM if kind == "itm" else BlipCaption)(BLIP[kind].config(preset))
     own = {key: list(value.shape) for key, value in model.state_dict().items()}
     assert sorted(set(reference) - set(own)) == []
     assert sorted(set(own) - set(reference)) == []
@@ -164,9 +163,9 @@ def test_missing_checkpoint_names_file_and_url(tmp_path, monkeypatch):
         load_blip_itm("huge")
     with pytest.raises(WeightsError, match="bert-base-uncased"):
         load_blip_tokenizer_for("large")
-    assert find_checkpoint("itm", "tiny") is None
+    assert BLIP_ITM.find("tiny") is None
     with pytest.raises(WeightsError, match="does not exist"):
-        find_checkpoint("caption", "tiny", tmp_path / "nope.pth")
+        BLIP_CAPTION.find("tiny", tmp_path / "nope.pth")
 
 
 def test_pos_embed_is_interpolated(itm, tmp_path):
@@ -202,15 +201,15 @@ def test_tiny_is_deterministic_and_fingerprinted():
     b = build_model("itm", "tiny")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    fp = weights_fingerprint("itm", "tiny")
-    assert fp == weights_fingerprint("itm", "tiny") != weights_fingerprint("caption", "tiny")
+    fp = BLIP_ITM.fingerprint("tiny")
+    assert fp == BLIP_ITM.fingerprint("tiny") != BLIP_CAPTION.fingerprint("tiny")
 
 
 def test_file_fingerprint_for_path(itm, tmp_path):
     path = tmp_path / "a.pth"
     torch.save({"model": itm.state_dict()}, path)
-    assert weights_fingerprint("itm", "large", path) == weights_fingerprint("itm", "tiny", path)
-    assert weights_fingerprint("itm", "tiny", path) != weights_fingerprint("itm", "tiny")
+    assert BLIP_ITM.fingerprint("large", path) == BLIP_ITM.fingerprint("tiny", path)
+    assert BLIP_ITM.fingerprint("tiny", path) != BLIP_ITM.fingerprint("tiny")
 
 
 # ---------------------------------------------------------------- ITM / ITC / GradCAM

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.efficient_sam import (PIXEL_MEAN, PIXEL_STD, EfficientSam, build_model, find_efficient_sam,
-                                  grid_pos_embed, load_efficient_sam, preprocess, sam_config, weights_fingerprint)
+from models.efficient_sam import (EFFICIENT_SAM, PIXEL_MEAN, PIXEL_STD, EfficientSam, build_model, grid_pos_embed,
+                                  load_efficient_sam, preprocess)
 from models.efficient_sam.prompt_encoder import PromptEncoder
 from models.weights import WEIGHTS_ENV, WeightsError
 
@@ -55,7 +55,7 @@ def test_state_dict_matches_published_keys(preset):
         pytest.skip(f"reference key lists not found at {REFERENCE} (../shared/reference next to the clone)")
     reference = json.loads(ref_file.read_text())
     with torch.device("meta"):
-        model = EfficientSam.preset(preset)
+        model = EfficientSam(EFFICIENT_SAM.config(preset))
     own = {key: list(value.shape) for key, value in model.state_dict().items()}
     assert len(reference) == 278
     assert sorted(set(reference) - set(own)) == []
@@ -64,18 +64,18 @@ def test_state_dict_matches_published_keys(preset):
     # the 14x14 (+ CLS) pretraining table is resized to the 64x64 grid at run time
     pos = model.image_encoder.pos_embed
     assert pos.shape[1] == 197
-    assert grid_pos_embed(pos, (64, 64)).shape == (1, 64, 64, sam_config(preset).encoder_width)
+    assert grid_pos_embed(pos, (64, 64)).shape == (1, 64, 64, EFFICIENT_SAM.config(preset).encoder_width)
 
 
 def test_configs():
     for preset, width in (("vitt", 192), ("vits", 384)):
-        cfg = sam_config(preset)
+        cfg = EFFICIENT_SAM.config(preset)
         assert (cfg.image_size, cfg.embed_grid, cfg.embed_dim, cfg.low_res_size) == (1024, 64, 256, 256)
         assert (cfg.encoder_width, cfg.encoder_depth, cfg.max_points) == (width, 12, 6)
-    tiny = sam_config("tiny")
+    tiny = EFFICIENT_SAM.config("tiny")
     assert (tiny.image_size, tiny.embed_grid, tiny.low_res_size, tiny.decoder_depth) == (256, 16, 64, 2)
     with pytest.raises(ValueError, match="unknown EfficientSAM preset"):
-        sam_config("vitl")
+        EFFICIENT_SAM.config("vitl")
 
 
 def test_pos_embed_resized_at_run_time(sam):
@@ -113,7 +113,7 @@ def test_real_layout_checkpoint_loads(sam, tmp_path):
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert torch.equal(model.pixel_mean.flatten(), torch.tensor(PIXEL_MEAN))  # refilled after meta build
-    assert weights_fingerprint("vitt", path) == weights_fingerprint("tiny", path) != weights_fingerprint("tiny")
+    assert EFFICIENT_SAM.fingerprint("vitt", path) == EFFICIENT_SAM.fingerprint("tiny", path) != EFFICIENT_SAM.fingerprint("tiny")
 
 
 def test_wrong_checkpoints_are_refused(sam, tmp_path):
@@ -139,20 +139,20 @@ def test_wrong_checkpoints_are_refused(sam, tmp_path):
 def test_missing_checkpoint_names_file_and_url(tmp_path, monkeypatch):
     monkeypatch.delenv(WEIGHTS_ENV, raising=False)
     with pytest.raises(WeightsError, match=r"efficient_sam_vitt\.pt.*no weights folder"):
-        find_efficient_sam("vitt")
+        EFFICIENT_SAM.find("vitt")
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
     with pytest.raises(WeightsError, match=r"efficient_sam_vitt\.pt.*github\.com/yformer/EfficientSAM"):
         load_efficient_sam("vitt")
     with pytest.raises(WeightsError, match=r"efficient_sam_vits\.pt.*distributed zipped"):
-        weights_fingerprint("vits")
+        EFFICIENT_SAM.fingerprint("vits")
     (tmp_path / "efficient_sam_vits.pt.zip").write_bytes(b"PK")
     with pytest.raises(WeightsError, match="unzip it into"):
-        find_efficient_sam("vits")
+        EFFICIENT_SAM.find("vits")
     (tmp_path / "efficient_sam_vitt.pt").write_bytes(b"x")
-    assert find_efficient_sam("vitt") == tmp_path / "efficient_sam_vitt.pt"
-    assert find_efficient_sam("tiny") is None
+    assert EFFICIENT_SAM.find("vitt") == tmp_path / "efficient_sam_vitt.pt"
+    assert EFFICIENT_SAM.find("tiny") is None
     with pytest.raises(WeightsError, match="does not exist"):
-        find_efficient_sam("tiny", tmp_path / "nope.pt")
+        EFFICIENT_SAM.find("tiny", tmp_path / "nope.pt")
     with pytest.raises(ValueError, match="unknown EfficientSAM preset"):
         load_efficient_sam("huge")
 
@@ -166,7 +166,7 @@ def test_tiny_is_deterministic_and_fingerprinted():
     b = build_model("tiny")
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
-    assert weights_fingerprint("tiny") == weights_fingerprint("tiny")
+    assert EFFICIENT_SAM.fingerprint("tiny") == EFFICIENT_SAM.fingerprint("tiny")
 
 
 # ---------------------------------------------------------------- preprocessing
@@ -297,9 +297,8 @@ def test_embedding_is_reused_for_several_prompt_sets(sam, embedding):
 # ---------------------------------------------------------------- the shapes preset
 
 def test_shapes_preset_builds_small_and_fast_sizes():
-    from models.efficient_sam.checkpoint import random_init_fingerprint
 
-    cfg = sam_config("shapes")
+    cfg = EFFICIENT_SAM.config("shapes")
     assert (cfg.image_size, cfg.embed_grid, cfg.low_res_size, cfg.max_points) == (256, 16, 64, 6)
     assert (cfg.encoder_width, cfg.encoder_depth, cfg.embed_dim) == (64, 4, 64)
     model = build_model("shapes", empty=False).eval()
@@ -311,8 +310,8 @@ def test_shapes_preset_builds_small_and_fast_sizes():
     assert logits.shape == (1, 3, 3, 64, 64) and iou.shape == (1, 3, 3)
     again = build_model("shapes", empty=False)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert random_init_fingerprint("shapes") != random_init_fingerprint("tiny")
-    assert random_init_fingerprint("tiny") == weights_fingerprint("tiny")
+    assert EFFICIENT_SAM.random_fingerprint("shapes") != EFFICIENT_SAM.random_fingerprint("tiny")
+    assert EFFICIENT_SAM.random_fingerprint("tiny") == EFFICIENT_SAM.fingerprint("tiny")
 
 
 def test_shapes_preset_loads_a_file_and_names_how_to_train_it_when_missing(tmp_path, monkeypatch):
@@ -323,14 +322,14 @@ def test_shapes_preset_loads_a_file_and_names_how_to_train_it_when_missing(tmp_p
     with pytest.raises(WeightsError, match=r"efficient_sam\.safetensors.*bin/train-shapes sam"):
         load_efficient_sam("shapes")
     with pytest.raises(WeightsError, match="train-shapes sam"):
-        weights_fingerprint("shapes")
+        EFFICIENT_SAM.fingerprint("shapes")
     state = build_model("shapes", empty=False).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "efficient_sam.safetensors"))
-    assert find_efficient_sam("shapes") == tmp_path / "efficient_sam.safetensors"
+    assert EFFICIENT_SAM.find("shapes") == tmp_path / "efficient_sam.safetensors"
     model, report = load_efficient_sam("shapes")
     assert report.missing == [] and report.unexpected == [] and not model.training
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     assert torch.equal(model.pixel_std.flatten(), torch.tensor(PIXEL_STD))
-    assert weights_fingerprint("shapes") == weights_fingerprint("tiny", tmp_path / "efficient_sam.safetensors")
+    assert EFFICIENT_SAM.fingerprint("shapes") == EFFICIENT_SAM.fingerprint("tiny", tmp_path / "efficient_sam.safetensors")
     with pytest.raises(WeightsError, match="width 32 but the 'shapes' preset is 64"):
         load_efficient_sam("shapes", _save(dict(build_model("tiny").state_dict()), tmp_path / "tiny.pt"))

@@ -14,9 +14,8 @@ from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGene
 from transformers.modeling_outputs import BaseModelOutput
 
 from conftest import hub_snapshot
-from models import fid_t5, fid_t5_files
-from models.fid_t5 import (FiDT5, load_fid_t5, make_passages, find_fid_t5, tokenize_passages,
-                           weights_fingerprint, TINY_TOKENIZER_DIR)
+from models import fid_t5, fid_t5_family
+from models.fid_t5 import FID_T5, TINY_TOKENIZER_DIR, FiDT5, load_fid_t5, make_passages, tokenize_passages
 from models.weights import WEIGHTS_ENV, WeightsError
 
 BS = "\\"  # one backslash character
@@ -215,8 +214,8 @@ def test_tiny_is_deterministic_and_fingerprinted(tiny):
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
     assert not model.training
-    assert weights_fingerprint("tiny") == weights_fingerprint("tiny")
-    assert re.fullmatch(r"[0-9a-f]{32}", weights_fingerprint("tiny"))
+    assert FID_T5.fingerprint("tiny") == FID_T5.fingerprint("tiny")
+    assert re.fullmatch(r"[0-9a-f]{32}", FID_T5.fingerprint("tiny"))
 
 
 # ---------------------------------------------------------------- real presets: local folders
@@ -229,22 +228,22 @@ def test_load_real_layout_folder(tiny, batch, tmp_path, monkeypatch):
     tok.save_pretrained(folder)
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path / "weights"))
     expected = model.generate(ids, mask, max_new_tokens=6)
-    for loaded, loaded_tok in (load_fid_t5("base"), load_fid_t5("base", path=folder), load_fid_t5("tiny", path=folder)):
+    for loaded, loaded_tok in (load_fid_t5("base"), load_fid_t5("base", folder), load_fid_t5("tiny", folder)):
         assert isinstance(loaded, FiDT5) and not loaded.training
         assert loaded_tok(r"is there a red circle? \n a circle.")["input_ids"] == \
             tok(r"is there a red circle? \n a circle.")["input_ids"]
         with torch.no_grad():
             torch.testing.assert_close(loaded.encode(ids, mask)[0], model.encode(ids, mask)[0], atol=0, rtol=0)
         assert torch.equal(loaded.generate(ids, mask, max_new_tokens=6), expected)
-    assert find_fid_t5("base") == folder and find_fid_t5("tiny") is None
+    assert FID_T5.find("base") == folder and FID_T5.find("tiny") is None
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # the same folder as a Hugging Face id
     snapshot = hub_snapshot(tmp_path / "hub", "allenai/unifiedqa-v2-t5-base-1363200", folder)
-    assert find_fid_t5("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == snapshot
-    assert weights_fingerprint("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == weights_fingerprint("base")
-    assert weights_fingerprint("base") == weights_fingerprint("base", path=folder)
-    before = weights_fingerprint("base")
+    assert FID_T5.find("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == snapshot
+    assert FID_T5.fingerprint("base", "hf:allenai/unifiedqa-v2-t5-base-1363200") == FID_T5.fingerprint("base")
+    assert FID_T5.fingerprint("base") == FID_T5.fingerprint("base", folder)
+    before = FID_T5.fingerprint("base")
     (folder / "config.json").write_text((folder / "config.json").read_text().replace("\"d_ff\": 128", "\"d_ff\": 129"))
-    assert weights_fingerprint("base") != before
+    assert FID_T5.fingerprint("base") != before
 
 
 def test_missing_folder_or_files_is_a_weights_error(tmp_path, monkeypatch):
@@ -256,7 +255,7 @@ def test_missing_folder_or_files_is_a_weights_error(tmp_path, monkeypatch):
                                            "unifiedqa-v2-t5-large-1363200"):
         load_fid_t5("large")
     with pytest.raises(WeightsError, match=rf"{BASE_NAME}.*huggingface\.co/allenai/{BASE_NAME}"):
-        load_fid_t5("base", path=tmp_path / "nowhere")
+        load_fid_t5("base", tmp_path / "nowhere")
     folder = tmp_path / "unifiedqa-v2-t5-3b-1363200"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
@@ -264,13 +263,13 @@ def test_missing_folder_or_files_is_a_weights_error(tmp_path, monkeypatch):
         load_fid_t5("3b")
     (folder / "model.safetensors").write_bytes(b"")
     (folder / "spiece.model").write_bytes(b"")
-    monkeypatch.setattr(fid_t5_files, "_has_sentencepiece", lambda: False)
+    monkeypatch.setattr(fid_t5_family, "_has_sentencepiece", lambda: False)
     with pytest.raises(WeightsError, match=r"spiece\.model only.*pip install sentencepiece"):
         load_fid_t5("3b")
     with pytest.raises(ValueError, match="unknown FiD T5 preset"):
         load_fid_t5("xl")
     with pytest.raises(WeightsError, match="lacks config.json"):
-        load_fid_t5("tiny", path=tmp_path)
+        load_fid_t5("tiny", tmp_path)
 
 
 def test_t5_base_state_dict_matches_reference_count():
@@ -304,7 +303,7 @@ def _shapes_file(tmp_path, name="fid_t5.safetensors", seed=5):
 def test_shapes_preset_builds_small_with_the_tiny_tokenizer():
     model, tok = fid_t5.build_fid_t5("shapes")
     cfg = model.config
-    assert "shapes" in fid_t5.PRESETS
+    assert "shapes" in FID_T5.built_in
     assert (cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.num_decoder_layers, cfg.num_heads) == (128, 512, 3, 3, 4)
     assert cfg.vocab_size == len(tok) and tok.pad_token_id == cfg.pad_token_id == 0
     assert cfg.dropout_rate == 0.0 and cfg.tie_word_embeddings
@@ -328,8 +327,8 @@ def test_shapes_weights_file_round_trip(tmp_path, batch):
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert torch.equal(loaded.generate(ids, mask, max_new_tokens=4), model.generate(ids, mask, max_new_tokens=4))
-    assert find_fid_t5("shapes", path) == path
-    assert weights_fingerprint("shapes", path) == file_fingerprint(path)
+    assert FID_T5.find("shapes", path) == path
+    assert FID_T5.fingerprint("shapes", path) == file_fingerprint(path)
     with pytest.raises(WeightsError, match="'shapes' FiD T5, not 'tiny'"):
         load_fid_t5("tiny", path)
     with pytest.raises(WeightsError, match="not found"):
@@ -350,14 +349,14 @@ def test_shapes_preset_reads_the_bundled_file(tmp_path, monkeypatch):
     with pytest.raises(WeightsError, match=r"shapes.*fid_t5\.safetensors.*missing.*bin/train-shapes fid"):
         load_fid_t5("shapes")
     with pytest.raises(WeightsError, match="bin/train-shapes fid"):
-        weights_fingerprint("shapes")
+        FID_T5.fingerprint("shapes")
     stage = QAFiD(QAFiD.Params(preset="shapes"))
     assert [field for field, _ in stage.problems()] == ["preset"]
     (tmp_path / "shapes").mkdir()
     model, path = _shapes_file(tmp_path / "shapes")
-    assert find_fid_t5("shapes") == path
+    assert FID_T5.find("shapes") == path
     loaded, _ = load_fid_t5("shapes")
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    assert weights_fingerprint("shapes") == weights_fingerprint("shapes", path) != weights_fingerprint("tiny")
-    assert stage.problems() == [] and stage.weights_fingerprint() == weights_fingerprint("shapes")
+    assert FID_T5.fingerprint("shapes") == FID_T5.fingerprint("shapes", path) != FID_T5.fingerprint("tiny")
+    assert stage.problems() == [] and stage.weights_fingerprint() == FID_T5.fingerprint("shapes")

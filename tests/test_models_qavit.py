@@ -13,9 +13,8 @@ import torch
 from transformers import CLIPVisionModel
 
 from conftest import hub_snapshot
-from models.qavit import (INTEGRATION_POINTS, InstructCLIPEncoderLayer, InstructCLIPVisionModel, build_vision,
-                          instruction_layers, integration_point_of, load_qavit, qavit_config, to_vision_layout,
-                          weights_fingerprint)
+from models.qavit import (INTEGRATION_POINTS, QAVIT, InstructCLIPEncoderLayer, InstructCLIPVisionModel, build_vision,
+                          instruction_layers, integration_point_of, load_qavit, to_vision_layout)
 from models.qavit.checkpoint import TINY_GATE
 from models.weights import WEIGHTS_ENV, WeightsError
 
@@ -58,7 +57,7 @@ def test_l14_336_matches_the_published_layout():
         pytest.skip(f"reference key lists not found at {REFERENCE} (../shared/reference next to the clone)")
     reference = json.loads(ref_file.read_text())
     with torch.device("meta"):
-        tower = InstructCLIPVisionModel(qavit_config("l14_336"))
+        tower = InstructCLIPVisionModel(QAVIT.config("l14_336"))
     own = {key: list(value.shape) for key, value in tower.state_dict().items()}
     assert len(reference) == 488
     assert sorted(set(reference) - set(own)) == []
@@ -80,7 +79,7 @@ EXPECTED_24 = {
 def test_integration_points_place_instruction_modules(point):
     assert instruction_layers(24, point) == EXPECTED_24[point]
     for preset in ("tiny", "l14_336"):
-        config = qavit_config(preset, point)
+        config = QAVIT.config(preset, integration_point=point)
         with torch.device("meta"):
             tower = InstructCLIPVisionModel(config)
         expected = instruction_layers(config.depth, point)
@@ -210,14 +209,14 @@ def test_reference_formulation_is_the_published_computation(tiny):
 # ---------------------------------------------------------------- loaders
 
 def _tiny_qavit_state(integration_point: str = "late") -> dict[str, torch.Tensor]:
-    tower = build_vision(qavit_config("tiny", integration_point))
+    tower = build_vision(QAVIT.config("tiny", integration_point=integration_point))
     tower.set_gates(0.3)
     return tower.state_dict()
 
 
 def test_plain_clip_weights_load_with_identity_instructions(tiny, tmp_path):
     model, tokenizer, _ = tiny
-    config = qavit_config("tiny").clip_config()
+    config = QAVIT.config("tiny").clip_config()
     clip = CLIPVisionModel(config)
     with torch.no_grad():
         for p in clip.parameters():
@@ -296,7 +295,7 @@ def test_missing_weights_are_named(monkeypatch, tmp_path):
         load_qavit("l14_336")
     (tmp_path / "qavit-base2.pth").write_bytes(b"")
     with pytest.raises(WeightsError, match="flan-t5-base"):
-        weights_fingerprint("l14_336")
+        QAVIT.fingerprint("l14_336")
     with pytest.raises(WeightsError, match="no CLIP vision tower"):
         to_vision_layout({"encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(1)})
 
@@ -307,8 +306,8 @@ def test_tiny_is_deterministic_and_fingerprinted(tiny):
     again, _, _ = load_qavit("tiny")
     assert torch.equal(state, torch.random.get_rng_state())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    assert weights_fingerprint("tiny") == weights_fingerprint("tiny")
-    assert weights_fingerprint("tiny") != weights_fingerprint("tiny", integration_point="all")
+    assert QAVIT.fingerprint("tiny") == QAVIT.fingerprint("tiny")
+    assert QAVIT.fingerprint("tiny") != QAVIT.fingerprint("tiny", integration_point="all")
 
 
 # ---------------------------------------------------------------- the shapes preset
@@ -320,7 +319,7 @@ def _shapes_file(folder: Path, *, question_encoder: bool = True) -> dict[str, to
 
     from models.qavit.checkpoint import TIED_EMBEDDING, load_question_encoder
 
-    tower = build_vision(qavit_config("shapes"))
+    tower = build_vision(QAVIT.config("shapes"))
     tower.set_gates(0.4)
     encoder, _, _ = load_question_encoder("shapes")
     tensors = {k: v.clone() for k, v in tower.state_dict().items()}
@@ -338,7 +337,7 @@ def test_shapes_preset_sizes():
     from models.qavit.checkpoint import load_question_encoder
     from stages.qavit import QAViTAttention
 
-    cfg = qavit_config("shapes")
+    cfg = QAVIT.config("shapes")
     assert (cfg.image_size, cfg.patch_size, cfg.grid, cfg.width, cfg.depth) == (168, 14, 12, 128, 6)
     assert cfg.instruction_layers == [3, 4, 5] and clip_preprocess("shapes")["image_size"] == 168
     with torch.device("meta"):
@@ -359,7 +358,7 @@ def test_shapes_weights_missing_say_how_to_make_them(monkeypatch, tmp_path):
     with pytest.raises(WeightsError, match="train-shapes qavit"):
         load_qavit("shapes")
     with pytest.raises(WeightsError, match="qavit.safetensors"):
-        weights_fingerprint("shapes")
+        QAVIT.fingerprint("shapes")
     problems = QAViTAttention(QAViTAttention.Params(preset="shapes")).problems()
     assert [f for f, _ in problems] == ["preset"] and "train-shapes qavit" in problems[0][1]
 
@@ -381,10 +380,10 @@ def test_shapes_weights_load_with_their_question_encoder(monkeypatch, tmp_path):
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 168, 168), states[:1], mask[:1], mean_heads=True)
     assert out.attentions[-1].shape == (1, 145, 145)
-    fingerprint = weights_fingerprint("shapes")
-    assert fingerprint == weights_fingerprint("shapes", checkpoint=tmp_path / "qavit.safetensors")
+    fingerprint = QAVIT.fingerprint("shapes")
+    assert fingerprint == QAVIT.fingerprint("shapes", tmp_path / "qavit.safetensors")
     assert load_qavit("shapes", formulation="reference")[2].formulation == "reference"
     _shapes_file(tmp_path, question_encoder=False)
     with pytest.raises(WeightsError, match="question_encoder"):
         load_qavit("shapes")
-    assert weights_fingerprint("shapes") != fingerprint
+    assert QAVIT.fingerprint("shapes") != fingerprint

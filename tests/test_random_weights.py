@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import GRAPHS
-from models.blip import files as blip_files
-from models.efficient_sam import checkpoint as sam_checkpoint
-from models.fid_t5 import builtin_config
-from models.fid_t5_files import find_fid_t5
-from models.fid_t5_files import weights_fingerprint as fid_fingerprint
+from models.blip.config import TINY_TOKENIZER_DIR
+from models.blip.family import BLIP_ITM
+from models.efficient_sam import EFFICIENT_SAM
+from models.fid_t5 import FID_T5, t5_config
 from models.weights import RANDOM_WEIGHTS_ENV, WEIGHTS_ENV, WeightsError
 from runtime.errors import GraphError
 from runtime.graph import load_graph
@@ -24,29 +23,29 @@ def no_weights_folder(monkeypatch):
 
 def test_real_presets_need_files_unless_random(no_weights_folder, monkeypatch):
     with pytest.raises(WeightsError):
-        blip_files.find_checkpoint("itm", "large")
+        BLIP_ITM.find("large")
     with pytest.raises(GraphError, match="model_large_retrieval_coco.pth"):
         load_graph(GRAPHS / "pnp_vqa.yaml", presets=["large"])
     monkeypatch.setenv(RANDOM_WEIGHTS_ENV, "1")
     graph = load_graph(GRAPHS / "esam_enhanced.yaml", presets=["large", "vitt"])  # no file needed, none read
     assert graph.nodes["gradcam"].stage.params.preset == "large"
-    assert blip_files.find_checkpoint("itm", "large") is None and find_fid_t5("3b") is None
-    assert sam_checkpoint.find_efficient_sam("vitt") is None
+    assert BLIP_ITM.find("large") is None and FID_T5.find("3b") is None
+    assert EFFICIENT_SAM.find("vitt") is None
     # fingerprints of the seeded initialisation: stable, distinct per size, never a real file's
-    assert blip_files.itm_fingerprint("large") == blip_files.random_init_fingerprint("itm", "large")
-    assert blip_files.itm_fingerprint("large") != blip_files.itm_fingerprint("base")
-    assert fid_fingerprint("large") != fid_fingerprint("base") != fid_fingerprint("tiny")
-    assert sam_checkpoint.weights_fingerprint("vitt") == sam_checkpoint.random_init_fingerprint("vitt")
-    assert blip_files.tokenizer_dir("large") == blip_files.TINY_TOKENIZER_DIR  # no real vocabulary needed
+    assert BLIP_ITM.fingerprint("large") == BLIP_ITM.random_fingerprint("large")
+    assert BLIP_ITM.fingerprint("large") != BLIP_ITM.fingerprint("base")
+    assert FID_T5.fingerprint("large") != FID_T5.fingerprint("base") != FID_T5.fingerprint("tiny")
+    assert EFFICIENT_SAM.fingerprint("vitt") == EFFICIENT_SAM.random_fingerprint("vitt")
+    assert BLIP_ITM.tokenizer_dir("large") == TINY_TOKENIZER_DIR  # no real vocabulary needed
 
 
 def test_random_sizes_are_the_published_ones():
-    large = builtin_config("large", 32128)
+    large = t5_config("large", 32128)
     assert (large.d_model, large.num_layers, large.num_heads, large.d_ff, large.feed_forward_proj) == \
         (1024, 24, 16, 4096, "relu")
-    three = builtin_config("3b", 32128)
+    three = t5_config("3b", 32128)
     assert (three.d_kv * three.num_heads, three.d_ff) == (4096, 16384)
-    cfg = blip_files.itm_config("large")
+    cfg = BLIP_ITM.config("large")
     assert (cfg.vit.width, cfg.vit.depth, cfg.bert.hidden_size, cfg.bert.num_layers) == (1024, 24, 768, 12)
 
 

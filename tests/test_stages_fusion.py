@@ -54,9 +54,9 @@ def test_fusion_weights_are_checked_before_work(tmp_path):
     [problem] = info.value.problems
     assert problem.node == "fusion" and problem.field == "weights" and "blip_width" in problem.message
     # matching weights with a non-zero output projection change the captions' inputs
-    from models.efficient_sam import sam_config
+    from models.efficient_sam import EFFICIENT_SAM
 
-    config = FusionConfig(mode="concat_conv", blip_width=64, sam_dim=sam_config("tiny").embed_dim, grid=24,
+    config = FusionConfig(mode="concat_conv", blip_width=64, sam_dim=EFFICIENT_SAM.config("tiny").embed_dim, grid=24,
                           width=16, heads=2)
     module = build_fusion(config)
     with torch.no_grad():
@@ -96,11 +96,11 @@ def _tiny_fusion_file(path, mode="concat_conv"):
     the identity initialisation; returns the module."""
     import torch
 
-    from models.efficient_sam import sam_config
+    from models.efficient_sam import EFFICIENT_SAM
     from models.fusion.checkpoint import build_fusion, save_fusion
     from models.fusion.config import FusionConfig
 
-    config = FusionConfig(mode=mode, blip_width=64, sam_dim=sam_config("tiny").embed_dim, grid=24, width=16, heads=2)
+    config = FusionConfig(mode=mode, blip_width=64, sam_dim=EFFICIENT_SAM.config("tiny").embed_dim, grid=24, width=16, heads=2)
     torch.manual_seed(1)
     module = build_fusion(config)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from stages.base import Batch
-from stages.grid import cell_weights, gaussian_blur, minmax, pool_to_grid
+from grids import cell_weights, gaussian_blur, minmax, pool_to_grid
 from stages.heatmaps import (
     HeatmapEnhance, HeatmapMetrics, HeatmapPoints, MaskHeatmap, SamplePatches,
 )

@@ -53,7 +53,7 @@ def test_target_is_the_normalised_majority_answer():
 
 
 def test_captions_are_what_the_caption_stage_keeps(data):
-    from stages.grid import pool_to_grid
+    from grids import pool_to_grid
 
     recipe = Recipe()
     assert len(data.scenes) == 6 and len(data) >= 6

@@ -37,7 +37,7 @@ class ShapesImages:
 
     def sample_patches(self, i: int, rng: np.random.Generator, k: int, object_bias: float) -> np.ndarray:
         """``[k]`` sorted distinct patch indices of image ``i`` (Gumbel-top-k on the weights)."""
-        from stages.grid import sample_patch_sets
+        from grids import sample_patch_sets
 
         cover = self.coverage[i]
         on_object = (cover >= self.min_overlap).any(axis=0) if len(cover) else np.zeros(self.grid ** 2, bool)

@@ -9,11 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from models.blip.config import PRESETS as BLIP_PRESETS  # the BLIP trainers' --preset choices
+
 
 # --- options ----------------------------------------------------------------------------------
-
-BLIP_PRESETS = ("tiny", "shapes", "base", "large")
-
 
 def add_model_options(o, presets: Sequence[str], *, architecture: str, init_help: str,
                       weights_folder: bool = True) -> None:
@@ -28,11 +27,11 @@ def add_model_options(o, presets: Sequence[str], *, architecture: str, init_help
 
 def initial_blip_fingerprint(kind: str, preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_blip` starts from."""
-    from models.blip.checkpoint import random_init_fingerprint, weights_fingerprint
+    from models.blip.family import BLIP
 
-    if init is None and preset in ("tiny", "shapes"):
-        return random_init_fingerprint(kind, preset)
-    return weights_fingerprint(kind, preset, init)
+    if init is None and preset in BLIP[kind].built_in:
+        return BLIP[kind].random_fingerprint(preset)
+    return BLIP[kind].fingerprint(preset, init)
 
 
 def initial_blip(kind: str, preset: str, init: str | None, device):
@@ -40,8 +39,9 @@ def initial_blip(kind: str, preset: str, init: str | None, device):
     initialisation for ``tiny`` / ``shapes`` (training ``shapes`` from scratch), else the
     preset's standard checkpoint (``base`` / ``large``)."""
     from models.blip.checkpoint import build_model, load_blip
+    from models.blip.family import BLIP
 
-    if init is None and preset in ("tiny", "shapes"):
+    if init is None and preset in BLIP[kind].built_in:
         return build_model(kind, preset, device, empty=False)
     return load_blip(kind, preset, init, device)[0]
 

@@ -154,7 +154,7 @@ class HeldOut(NamedTuple):
 def load_data(name: str, params: Any, limit: int | None = None, mask_grid: int | None = None) -> TrainData:
     """Read the samples of source ``name`` (at most ``limit``), questions as BLIP sees them;
     with ``mask_grid``, each sample's ground-truth mask (``gt_mask``) pooled to that grid."""
-    from stages.grid import pool_to_grid
+    from grids import pool_to_grid
 
     source = SOURCES[name](params)
     problems = source.problems()

@@ -19,7 +19,7 @@ Captions of a training sample (the recipe; :func:`training.fid_data.draw_caption
    ``--uniform-fraction``, and always without a focus, the heatmap is uniform.
 2. The captions, as the ``caption`` stage draws them: rounds of ``--num-captions`` subsets of
    ``--num-patches`` distinct patches (probability proportional to the heatmap, Gumbel-top-k
-   as ``stages.grid.sample_patch_sets``), each captioned with the objects visible in it
+   as ``grids.sample_patch_sets``), each captioned with the objects visible in it
    (``--min-overlap`` of a patch), a caption kept when it is not a substring of one already
    kept; until ``--num-captions`` are kept or ``--max-rounds`` rounds are spent (so a focused
    heatmap gives fewer, repeated-object captions, as in the pipeline).
@@ -67,12 +67,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from models.fid_t5_family import FID_T5
 from training.common import add_model_options, mean_or_none
 from training.data import ShapesSettings
 from training.fid_data import QAData, QASample, Recipe, sample_passages
 from training.loop import Options, Step, Trainer
 
-PRESETS = ("tiny", "shapes")
+PRESETS = FID_T5.built_in  # the presets this command trains
 GRID = 24  # the BLIP patch grid the caption stage samples from (384 / 16)
 EVAL_BATCH = 64
 MAX_NEW_TOKENS = 19  # qa_fid's max_length 20, the decoder start token included
@@ -200,11 +201,10 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_model` starts from."""
-    from models.fid_t5 import TINY_SEED
     from models.weights import file_fingerprint
 
     if init is None:
-        return f"random-init:{preset}:seed={TINY_SEED}"
+        return f"random-init:{preset}:seed={FID_T5.random_init(preset).seed}"
     if not Path(init).is_file():
         raise FileNotFoundError(f"--init {init}: no such file")
     return file_fingerprint(init)

@@ -67,7 +67,7 @@ class QAData:
     def __init__(self, params, grid: int) -> None:
         from shapes.captions import object_coverage
         from shapes.dataset import iter_samples, render_scene
-        from stages.grid import pool_to_grid
+        from grids import pool_to_grid
 
         self.grid, self.params = grid, params
         self.scenes: list[dict[str, Any]] = []
@@ -113,7 +113,7 @@ def heatmap_weights(focus: np.ndarray | None, cells: int, rng: np.random.Generat
 
 def draw_captions(data: QAData, sample: QASample, rng: np.random.Generator, recipe: Recipe) -> list[str]:
     """The captions of ``sample`` as the ``caption`` stage would keep them (prompt stripped)."""
-    from stages.grid import sample_patch_sets
+    from grids import sample_patch_sets
     from shapes.captions import PROMPT, caption_for_patches
 
     cells = data.grid * data.grid

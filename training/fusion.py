@@ -48,12 +48,12 @@ from typing import Any
 
 import numpy as np
 
+from models.efficient_sam.config import PRESETS as SAM_PRESETS
 from training.common import BLIP_PRESETS
 from training.data import SourceSettings
 from training.loop import Options, Step, Trainer
 
 EVAL_BATCH = 32  # pairs per evaluation forward
-SAM_PRESETS = ("tiny", "shapes", "vitt", "vits")
 CHECK_KEYS = ("itm_accuracy", "swap_accuracy", "pointing_game")  # check_metrics, and the gain over the baseline
 
 
@@ -150,11 +150,11 @@ class FusionTrainer(Trainer):
     @staticmethod
     def fingerprints(s: FusionSettings) -> dict[str, str]:
         """The frozen models' weights."""
-        from models.blip.checkpoint import itm_fingerprint
-        from models.efficient_sam import weights_fingerprint as sam_fingerprint
+        from models.blip.family import BLIP_ITM
+        from models.efficient_sam import EFFICIENT_SAM
 
-        return {"blip_weights": itm_fingerprint(s.blip_preset, s.blip_checkpoint),
-                "sam_weights": sam_fingerprint(s.sam_preset, s.sam_checkpoint)}
+        return {"blip_weights": BLIP_ITM.fingerprint(s.blip_preset, s.blip_checkpoint),
+                "sam_weights": EFFICIENT_SAM.fingerprint(s.sam_preset, s.sam_checkpoint)}
 
     def __init__(self, s: FusionSettings, device, resuming: bool) -> None:
         from models.blip import load_blip_itm, load_blip_tokenizer_for

@@ -73,6 +73,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.qavit.checkpoint import QAVIT
 from shapes.patch_labels import PatchLabels, build_probe, patch_label_loss
 from training.common import add_model_options, add_patch_label_options, check_patch_label_options
 from training.data import ShapesSettings
@@ -81,7 +82,7 @@ from training.qavit_data import ANSWERS, draw_step, eval_set, make_batch, render
 
 DEFAULT_STEPS = 3000
 WEIGHTS_FORMAT = "pnpvqa-qavit"
-TRAIN_PRESETS = ("tiny", "shapes")
+TRAIN_PRESETS = QAVIT.built_in
 OUTPUT_GRID = 24        # the captioner's grid (graphs/qavit.yaml's output_grid)
 EVAL_IMAGES_PER_BATCH = 16
 INIT_VERSION = 1        # bump when the initialisation of a training changes
@@ -121,11 +122,10 @@ def build_trainee(preset: str, integration_point: str, formulation: str, seed: i
     at identity, then the gates set to ``initial_gate``) and question encoder, and an answer head
     drawn from ``seed``; with its tokenizer."""
     from models.qavit.checkpoint import build_vision, load_question_encoder
-    from models.qavit.config import qavit_config
     from models.qavit.model import QAViT
 
     encoder, tokenizer, _ = load_question_encoder(preset, None, device)
-    config = qavit_config(preset, integration_point)
+    config = QAVIT.config(preset, integration_point=integration_point)
     if config.text_dim != encoder.config.d_model:
         raise ValueError(f"preset {preset!r}: text_dim {config.text_dim} != question encoder width "
                          f"{encoder.config.d_model}")

@@ -85,7 +85,7 @@ class Batch(NamedTuple):
 
 
 def make_batch(rendered: Sequence[Rendered], image_size: int, grid: int) -> Batch:
-    from stages.grid import pool_to_grid
+    from grids import pool_to_grid
 
     rows, questions, types, answers, cells, grounded, masks = [], [], [], [], [], [], []
     for u, r in enumerate(rendered):

@@ -26,7 +26,7 @@ def evaluate(qavit, tokenizer, preset: str, data: EvalSet, device, step: int, *,
              max_question_tokens: int = 30) -> dict[str, Any]:
     """Held-out metrics of the stage's heatmap (``qavit_attention``, mode layer, block_num -1) and,
     with ``answer_head``, of the answers. Does not change the model's state (mode restored)."""
-    from stages.grid import pool_to_grid
+    from grids import pool_to_grid
     from stages.qavit import QAViTAttention, resample_heatmaps
 
     stage = QAViTAttention(QAViTAttention.Params(preset=preset, mode="layer", block_num=-1,

@@ -62,12 +62,12 @@ from typing import Any
 
 import numpy as np
 
+from models.efficient_sam.config import PRESETS
 from training.common import add_model_options
 from training.data import ShapesSettings
 from training.loop import Options, Step, Trainer
 from training.sam_data import EVAL_POINTS, ShapesScenes, StepBatch, draw_batch, eval_prompts
 
-PRESETS = ("tiny", "shapes", "vitt", "vits")
 EVAL_BATCH = 8            # held-out images per embedding call
 
 
@@ -158,19 +158,19 @@ def _recorded_preset(path: Path) -> str | None:
 
 def initial_fingerprint(preset: str, init: str | None) -> str:
     """Identifies the weights :func:`initial_model` starts from."""
-    from models.efficient_sam.checkpoint import random_init_fingerprint, weights_fingerprint
+    from models.efficient_sam.checkpoint import EFFICIENT_SAM
 
-    if init is None and preset in ("tiny", "shapes"):
-        return random_init_fingerprint(preset)
-    return weights_fingerprint(preset, init)
+    if init is None and preset in EFFICIENT_SAM.built_in:
+        return EFFICIENT_SAM.random_fingerprint(preset)
+    return EFFICIENT_SAM.fingerprint(preset, init)
 
 
 def initial_model(preset: str, init: str | None, device):
     """``init`` when given, else the seeded random init for ``tiny`` / ``shapes``, else the
     preset's standard checkpoint (``vitt`` / ``vits``)."""
-    from models.efficient_sam.checkpoint import build_model, load_efficient_sam
+    from models.efficient_sam.checkpoint import EFFICIENT_SAM, build_model, load_efficient_sam
 
-    if init is None and preset in ("tiny", "shapes"):
+    if init is None and preset in EFFICIENT_SAM.built_in:
         return build_model(preset, device, empty=False)
     return load_efficient_sam(preset, init, device)[0]
 
@@ -209,7 +209,7 @@ class SamTrainer(Trainer):
 
     @classmethod
     def check(cls, s: SamSettings) -> None:
-        from models.efficient_sam.config import sam_config
+        from models.efficient_sam.checkpoint import EFFICIENT_SAM
 
         s.check_data()
         if s.preset not in PRESETS:
@@ -221,7 +221,7 @@ class SamTrainer(Trainer):
             raise ValueError("--iou-weight must be >= 0")
         if not 0.0 <= s.negative_fraction <= 1.0:
             raise ValueError(f"--negative-fraction must be in [0, 1], got {s.negative_fraction}")
-        capacity = sam_config(s.preset).max_points
+        capacity = EFFICIENT_SAM.config(s.preset).max_points
         needed = s.max_points + (1 if s.negative_fraction > 0 else 0)
         if needed > capacity:
             raise ValueError(f"--max-points {s.max_points}" + (" plus the background point" if s.negative_fraction > 0

@@ -34,7 +34,7 @@ class ShapesScenes:
 
     def __getitem__(self, i: int) -> Rendered:
         from shapes.dataset import render_scene
-        from stages.grid import pool_to_grid
+        from grids import pool_to_grid
 
         i = int(i)
         if i in self._kept:

@@ -3,15 +3,15 @@ reproducible sampling, tokenizer helpers and LAVIS checkpoint loading.
 
     vit.py        timm ViT builder, pos_embed resizing
     med.py        BLIP's BERT (bidirectional / causal, cross-attention, KV cache, LM head)
-    config.py     tiny / shapes / base / large sizes (plain data)
-    files.py      checkpoint names, lookup in the weights folder, fingerprints (no torch)
+    config.py     the presets table: tiny / shapes / base / large sizes, weights, tokenizer (plain data)
+    family.py     the BLIP_ITM / BLIP_CAPTION families: Hugging Face folders, tokenizer folder (no torch)
     itm.py        BlipITM: ITM logits, ITC similarity, GradCAM
     caption.py    BlipCaption: caption generation
     sampling.py   logits processors + inverse-CDF token draws
     tokenizer.py  tokenizer loading, question tokenization, caption prompt
-    checkpoint.py presets -> models, LAVIS checkpoints
+    checkpoint.py presets -> models, LAVIS checkpoints and Hugging Face folders
 
-Names are imported on first use: ``models.blip.config`` and ``models.blip.files`` import no torch.
+Names are imported on first use: ``models.blip.config`` and ``models.blip.family`` import no torch.
 """
 
 from models.lazy import lazy_exports
@@ -19,9 +19,8 @@ from models.lazy import lazy_exports
 _EXPORTS = {
     "caption": ["BlipCaption"],
     "checkpoint": ["build_model", "load_blip_caption", "load_blip_itm"],
-    "files": ["caption_fingerprint", "checkpoint_path", "find_checkpoint", "itm_fingerprint", "weights_fingerprint",
-              "blip_tokenizer_dir"],
-    "config": ["PRESETS", "BlipConfig", "BertConfig", "VitConfig", "blip_config", "TINY_TOKENIZER_DIR"],
+    "family": ["BLIP", "BLIP_CAPTION", "BLIP_ITM", "blip_tokenizer_dir"],
+    "config": ["PRESETS", "BlipConfig", "BertConfig", "VitConfig", "TINY_TOKENIZER_DIR"],
     "itm": ["BlipITM"],
     "med": ["BertLMHeadModel", "BertModel"],
     "tokenizer": ["caption_prompt_ids", "load_blip_tokenizer", "load_blip_tokenizer_for", "tokenize_questions"],

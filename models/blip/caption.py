@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.blip.config import BlipConfig, blip_config
+from models.blip.config import BlipConfig
 from models.blip.med import BertLMHeadModel, init_bert_weights
 from models.blip.sampling import build_processors, pick_tokens
 from models.blip.vit import build_vit, encode, vit_grid
@@ -23,11 +23,6 @@ class BlipCaption(nn.Module):
         self.visual_encoder = build_vit(config.vit)
         self.text_decoder = BertLMHeadModel(config.bert)
         init_bert_weights(self.text_decoder)
-
-    @classmethod
-    def preset(cls, name: str) -> "BlipCaption":
-        """A randomly initialised model of preset ``name`` (tiny / base / large)."""
-        return cls(blip_config(name))
 
     def reset_buffers(self) -> None:
         self.text_decoder.bert.embeddings.reset_buffers()

@@ -1,10 +1,11 @@
 """Build BLIP models of a preset and load LAVIS checkpoints into them.
 
-``tiny``: random initialisation from a fixed seed (identical in every process), no file
-needed; a ``path`` still loads a file into it. ``base`` / ``large``: the LAVIS ``.pth`` file
-given as ``path`` or found under its standard name in the weights folder
-(:func:`models.weights.find_weights`). The model is then built on the meta device and
-materialised, so no time goes into a random initialisation that the file overwrites.
+The files are found by the families of ``family.py`` (``BLIP_ITM``, ``BLIP_CAPTION``), whose
+``load`` calls :func:`build_model` (``tiny``: random initialisation from a fixed seed, identical
+in every process), :func:`load_lavis_file` or :func:`load_hf_folder`. ``base`` / ``large``: the
+LAVIS ``.pth`` file given as ``path`` or found under its standard name in the weights folder.
+The model is then built on the meta device and materialised, so no time goes into a random
+initialisation that the file overwrites.
 
 Checkpoint conventions handled here: the state dict may be wrapped under ``"model"``;
 momentum copies (``*_m.*``), queues and the ITC temperature (``temp``) are ignored and
@@ -22,18 +23,14 @@ import torch
 from torch import nn
 
 from models.blip.caption import BlipCaption
-from models.blip.config import PRESETS, BlipConfig, blip_config  # noqa: F401  (re-exported)
-from models.blip.files import (CHECKPOINT_FILES, TINY_INIT_VERSION, TINY_SEED, Kind,  # noqa: F401  (re-exported)
-                               _check, caption_config, caption_fingerprint, checkpoint_path, find_caption_checkpoint,
-                               find_checkpoint, find_itm_checkpoint, itm_config, itm_fingerprint,
-                               random_init_fingerprint, weights_fingerprint)
+from models.blip.family import BLIP, Kind
 from models.blip.hf_format import blip_config_of, rename_key
 from models.blip.hf_format import weight_files as hf_weight_files
 from models.blip.itm import BlipITM
-from models.blip.tokenizer import blip_tokenizer_dir, load_blip_tokenizer_for  # noqa: F401  (re-exported)
 from models.blip.vit import resize_pos_embed
 from models.build import build_preset
-from models.weights import (LoadReport, WeightsError, apply_state_dict, load_checkpoint)
+from models.family import RandomInit
+from models.weights import LoadReport, WeightsError, apply_state_dict, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +58,11 @@ def build_model(kind: Kind, preset: str, device: torch.device | str = "cpu", *,
     weights in every process. ``empty=True`` (default for ``base``/``large``, and used whenever a
     checkpoint follows): built on the meta device and materialised uninitialised, buffers
     recomputed and tied weights re-tied; every parameter must then come from a checkpoint."""
-    _check(kind, preset)
-    cls = _MODELS[kind]
+    family = BLIP[kind]
+    config = family.config(preset)
     if empty is None:
-        empty = preset != "tiny"
-    model = build_preset(lambda: cls.preset(preset), empty, device, TINY_SEED)
+        empty = not isinstance(family.source(preset), RandomInit)
+    model = build_preset(lambda: _MODELS[kind](config), empty, device, family.random_init(preset).seed)
     if empty and isinstance(model, BlipCaption):
         model.tie_weights()
     return model
@@ -86,11 +83,13 @@ def adapt_state_dict(state: dict[str, torch.Tensor], model: nn.Module) -> dict[s
 
 
 def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple[nn.Module, LoadReport]:
-    path = find_checkpoint(kind, preset, path)
-    if path is None:  # tiny without a file, or --random-weights: seeded random weights, nothing loaded
-        return build_model(kind, preset, device, empty=False).eval(), LoadReport()
-    if path.is_dir():
-        return load_hf_folder(kind, path, device)
+    """The ``kind`` model of ``preset`` (weights from ``path`` or the preset's) and the load report."""
+    loaded = BLIP[kind].load(preset, path, device)
+    return loaded.model, loaded.report
+
+
+def load_lavis_file(kind: Kind, preset: str, path: Path, device) -> tuple[nn.Module, LoadReport]:
+    """A LAVIS ``.pth`` (or ``.safetensors``) state dict in the ``preset`` architecture."""
     state = load_checkpoint(path)
     _check_kind(state, kind, path)
     model = build_model(kind, preset, device, empty=True)
@@ -105,15 +104,15 @@ def load_blip(kind: Kind, preset: str, path: str | Path | None, device) -> tuple
     return model.eval(), report
 
 
-def load_hf_folder(kind: Kind, folder: Path, device) -> tuple[nn.Module, LoadReport]:
-    """A Hugging Face BLIP folder (``save_pretrained``), sizes from its ``config.json``, the ViT's
-    keys renamed to this project's (``models.blip.hf_format``)."""
+def load_hf_folder(kind: Kind, preset: str, folder: Path, device) -> tuple[nn.Module, LoadReport]:
+    """A Hugging Face BLIP folder (``save_pretrained``), sizes from its ``config.json`` (not the
+    preset's), the ViT's keys renamed to this project's (``models.blip.hf_format``)."""
     config = blip_config_of(folder)
     state: dict[str, torch.Tensor] = {}
     for file in hf_weight_files(folder):
         state.update(load_checkpoint(file))
     state = {rename_key(k): v for k, v in state.items()}
-    model = build_preset(lambda: _MODELS[kind](config), True, device, TINY_SEED)
+    model = build_preset(lambda: _MODELS[kind](config), True, device, seed=0)  # empty: the seed is unused
     optional = [_OWN_PART[kind] + ("bert." if kind == "caption" else "") + "embeddings.position_ids"]
     if kind == "caption":
         model.tie_weights()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.blip.config import BlipConfig, blip_config
+from models.blip.config import BlipConfig
 from models.blip.med import BertModel, init_bert_weights
 from models.blip.vit import build_vit, encode, vit_grid
 
@@ -29,11 +29,6 @@ class BlipITM(nn.Module):
         self.text_proj = nn.Linear(hidden, config.embed_dim)
         self.itm_head = nn.Linear(hidden, 2)
         init_bert_weights(self.text_encoder)
-
-    @classmethod
-    def preset(cls, name: str) -> "BlipITM":
-        """A randomly initialised model of preset ``name`` (tiny / base / large)."""
-        return cls(blip_config(name))
 
     def reset_buffers(self) -> None:
         self.text_encoder.embeddings.reset_buffers()

@@ -12,8 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from models.blip.config import TINY_TOKENIZER_DIR  # noqa: F401  (re-exported)
-from models.blip.files import TOKENIZER_FOLDER, blip_tokenizer_dir  # noqa: F401  (re-exported)
+from models.blip.family import blip_tokenizer_dir
 
 if TYPE_CHECKING:
     import torch

@@ -6,16 +6,15 @@
     two_way_transformer.py the decoder's two-way transformer
     mask_decoder.py        tokens + embedding -> 3 mask logits + predicted IoU
     efficient_sam.py       EfficientSam (embed once, predict_masks many times), preprocess
-    config.py              tiny / shapes / vitt / vits sizes
-    checkpoint.py          presets -> models, published and bundled (shapes) checkpoints, fingerprints
+    config.py              the presets table: tiny / shapes / vitt / vits sizes and weights sources
+    checkpoint.py          the EFFICIENT_SAM family: presets -> models, published and bundled (shapes) checkpoints
 """
 
 from models.lazy import lazy_exports
 
 _EXPORTS = {
-    "checkpoint": ["build_model", "find_efficient_sam", "load_efficient_sam", "random_init_fingerprint",
-                   "weights_fingerprint"],
-    "config": ["PRESETS", "SamConfig", "sam_config"],
+    "checkpoint": ["EFFICIENT_SAM", "build_model", "load_efficient_sam"],
+    "config": ["PRESETS", "SamConfig"],
     "efficient_sam": ["MASK_THRESHOLD", "PIXEL_MEAN", "PIXEL_STD", "EfficientSam", "preprocess"],
     "image_encoder": ["ImageEncoderViT", "grid_pos_embed"],
     "mask_decoder": ["MaskDecoder"],

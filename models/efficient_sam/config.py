@@ -1,4 +1,4 @@
-"""Sizes of the EfficientSAM presets.
+"""The EfficientSAM presets: sizes and weights source of each (the family's one table).
 
 ``vitt`` / ``vits``: the published EfficientSAM-Ti / -S (yformer/EfficientSAM
 ``build_efficient_sam``): ViT width 192 / 384 with 3 / 6 heads, 12 blocks, 16-px patches on
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRESETS = ("tiny", "shapes", "vitt", "vits")
+from models.family import Preset, Published, RandomInit, Shipped
 
 
 @dataclass(frozen=True)
@@ -52,16 +52,21 @@ class SamConfig:
         return {**asdict(self), "upscaling_dims": list(self.upscaling_dims)}
 
 
-def sam_config(preset: str) -> SamConfig:
-    """The sizes of ``preset`` (``tiny``, ``shapes``, ``vitt``, ``vits``)."""
-    if preset == "vitt":
-        return SamConfig(image_size=1024, encoder_width=192, encoder_depth=12, encoder_heads=3)
-    if preset == "vits":
-        return SamConfig(image_size=1024, encoder_width=384, encoder_depth=12, encoder_heads=6)
-    if preset == "tiny":
-        return SamConfig(image_size=256, encoder_width=32, encoder_depth=2, encoder_heads=2, embed_dim=32,
-                         decoder_heads=4, decoder_mlp_dim=64, upscaling_dims=(16, 8), iou_head_hidden=32)
-    if preset == "shapes":
-        return SamConfig(image_size=256, encoder_width=64, encoder_depth=4, encoder_heads=4, embed_dim=64,
-                         decoder_heads=4, decoder_mlp_dim=256, upscaling_dims=(32, 16), iou_head_hidden=64)
-    raise ValueError(f"unknown EfficientSAM preset {preset!r}; choose one of {', '.join(PRESETS)}")
+REPO = "https://github.com/yformer/EfficientSAM"
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(SamConfig(image_size=256, encoder_width=32, encoder_depth=2, encoder_heads=2, embed_dim=32,
+                             decoder_heads=4, decoder_mlp_dim=64, upscaling_dims=(16, 8), iou_head_hidden=32),
+                   RandomInit(), "random, tests"),
+    "shapes": Preset(SamConfig(image_size=256, encoder_width=64, encoder_depth=4, encoder_heads=4, embed_dim=64,
+                               decoder_heads=4, decoder_mlp_dim=256, upscaling_dims=(32, 16), iou_head_hidden=64),
+                     Shipped("efficient_sam.safetensors", "bin/train-shapes sam"),
+                     "trained by the project on the synthetic shapes data, shipped in models/assets/shapes"),
+    "vitt": Preset(SamConfig(image_size=1024, encoder_width=192, encoder_depth=12, encoder_heads=3),
+                   Published((("efficient_sam_vitt.pt", f"{REPO} (weights/efficient_sam_vitt.pt)"),)),
+                   "ViT-T, efficient_sam_vitt.pt from the --weights folder"),
+    "vits": Preset(SamConfig(image_size=1024, encoder_width=384, encoder_depth=12, encoder_heads=6),
+                   Published((("efficient_sam_vits.pt", f"{REPO} (weights/efficient_sam_vits.pt.zip: "
+                                      "distributed zipped, unzip it to efficient_sam_vits.pt)"),)),
+                   "ViT-S, efficient_sam_vits.pt from the --weights folder"),
+}

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.efficient_sam.config import SamConfig, sam_config
+from models.efficient_sam.config import SamConfig
 from models.efficient_sam.image_encoder import ImageEncoderViT
 from models.efficient_sam.mask_decoder import MaskDecoder
 from models.efficient_sam.prompt_encoder import PromptEncoder
@@ -113,10 +113,6 @@ class EfficientSam(nn.Module):
         # not in the checkpoints: non-persistent buffers (they follow .to(device))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
-
-    @classmethod
-    def preset(cls, name: str) -> "EfficientSam":
-        return cls(sam_config(name))
 
     def reset_buffers(self) -> None:
         """Refill the non-persistent buffers (after ``to_empty``)."""

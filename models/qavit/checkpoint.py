@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from models.qavit.config import PRESETS, SHAPES_QUESTION_ENCODER, QAViTConfig, integration_point_of, qavit_config
+from models.family import Loaded, ModelFamily, Published, RandomInit, Shipped
+from models.fid_t5_family import TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, t5_folder_lacks
 from models.hf_hub import local_path
-from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, find_weights,
-                            safetensors_header,
-                            load_checkpoint, shapes_weights, tree_fingerprint)
+from models.qavit.config import PRESETS, QAViTConfig, integration_point_of, with_integration_point
+from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint,
+                            safetensors_header, tree_fingerprint)
 
 if TYPE_CHECKING:  # torch and the model code are imported where weights are read or models built
     import torch
@@ -59,19 +60,9 @@ if TYPE_CHECKING:  # torch and the model code are imported where weights are rea
 
 log = logging.getLogger(__name__)
 
-TINY_SEED = 0
+TINY_SEED = RandomInit().seed
 TINY_GATE = 1.0            # tanh(1) = 0.76 of the instruction path in every instruction layer
 TINY_PROJECTOR_SCALE = 3.0  # tiny projector weights x3: instruction keys that win a visible share of attention
-TINY_INIT_VERSION = 1      # bump when the tiny initialisation changes (part of the fingerprint)
-
-_QAVIT_URL = "https://awscv-public-data.s3.us-west-2.amazonaws.com/qavit/checkpoint/vit%2Bt5/"
-# standard file / folder names in the weights folder, and where they are published
-CHECKPOINT_FILES = {"l14_336": ("qavit-base2.pth", _QAVIT_URL + "qavit-base2.pth")}  # ViT+T5-base QA-ViT
-QUESTION_ENCODERS = {"l14_336": ("flan-t5-base", "https://huggingface.co/google/flan-t5-base")}
-CLIP_FOLDERS = {"l14_336": ("clip-vit-large-patch14-336", "https://huggingface.co/openai/clip-vit-large-patch14-336")}
-SHAPES_FILE = "qavit.safetensors"            # in models/assets/shapes (models.weights.SHAPES_WEIGHTS_DIR)
-SHAPES_TRAIN_COMMAND = "bin/train-shapes qavit"
-BUILT_IN_ENCODERS = ("tiny", "shapes")       # presets whose question encoder is built in (no T5 folder)
 QUESTION_ENCODER_PREFIX = "question_encoder."  # the trained question encoder in a runtime train qavit file
 TIED_EMBEDDING = "encoder.embed_tokens.weight"  # T5's copy of shared.weight (not stored: tied)
 
@@ -79,9 +70,7 @@ ANCHOR = "embeddings.patch_embedding.weight"
 POSITION_IDS = "vision_model.embeddings.position_ids"
 _VISION_PARTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-_T5_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.index.json")
-_T5_TOKENIZER = ("tokenizer.json", "spiece.model")
-_T5_FINGERPRINT = ("config.json", *_T5_WEIGHTS, *_T5_TOKENIZER, "tokenizer_config.json", "special_tokens_map.json")
+_T5_FINGERPRINT = ("config.json", *WEIGHT_FILES, *TOKENIZER_FILES, "tokenizer_config.json", "special_tokens_map.json")
 
 Kind = Literal["tiny", "qavit", "clip"]
 FormulationChoice = Literal["auto", "reference", "gated"]
@@ -111,54 +100,94 @@ class QAViTReport:
         return "; ".join(parts)
 
 
-# --- files -------------------------------------------------------------------------------------
+# --- the family ----------------------------------------------------------------------------------
 
-def find_vision_weights(preset: str, path: str | Path | None = None) -> Path | None:
-    """The vision weights a load would read: ``path`` (file or folder, must exist), else the
-    preset's QA-ViT checkpoint (``shapes``: the bundled file; ``l14_336``: in the weights folder),
-    else ``None`` for ``tiny``."""
-    _check(preset)
-    if path is not None:
-        path = local_path(path)
-        if not path.exists():
-            raise WeightsError(f"QA-ViT checkpoint {path} does not exist")
-        return path
-    if preset == "tiny":
-        return None
-    if preset == "shapes":
-        return shapes_weights(SHAPES_FILE, SHAPES_TRAIN_COMMAND)
-    name, url = CHECKPOINT_FILES[preset]
-    clip_name, clip_url = CLIP_FOLDERS[preset]
-    try:
-        return find_weights(name, url)
-    except WeightsError as exc:
-        raise WeightsError(f"{exc}. Or pass plain CLIP weights as the checkpoint (the Hugging Face folder "
-                           f"'{clip_name}', {clip_url}): the instruction modules then start at identity and "
-                           "the heatmap does not depend on the question") from None
+class QAViTFamily(ModelFamily):
+    """QA-ViT's two weights sources: the vision tower (``checkpoint``: QA-ViT or plain CLIP
+    weights) and the question encoder (``question_encoder``: a T5 folder, or built in). The
+    published preset needs its files even under ``--random-weights``."""
+
+    honours_random_weights = False
+
+    def check_path(self, preset: str, path: str | Path) -> Path:
+        found = local_path(path)
+        if not found.exists():
+            raise WeightsError(f"QA-ViT checkpoint {found} does not exist")
+        return found
+
+    def missing_hint(self, preset: str) -> str:
+        clip = self.preset(preset).clip
+        if clip is None:
+            return ""
+        name, url = clip.files[0]
+        return (f". Or pass plain CLIP weights as the checkpoint (the Hugging Face folder '{name}', {url}): the "
+                "instruction modules then start at identity and the heatmap does not depend on the question")
+
+    def config(self, preset: str, checkpoint: str | Path | None = None, integration_point: str | None = None
+               ) -> QAViTConfig:
+        """The preset's sizes; ``integration_point`` (default ``late``) picks the instruction layers."""
+        return with_integration_point(super().config(preset), integration_point)
+
+    def find_question_encoder(self, preset: str, path: str | Path | None = None) -> Path | None:
+        """The Hugging Face T5 folder of the question encoder: ``path``, else the preset's standard
+        folder in the weights folder (``flan-t5-base``), else ``None`` for a built-in encoder
+        (``tiny``, ``shapes``: ``shapes`` reads its weights from the vision checkpoint)."""
+        source = self.preset(preset).question_encoder
+        if path is None and not isinstance(source, Published):
+            return None
+        name, url = source.files[0] if isinstance(source, Published) else (
+            "a T5 folder", "save_pretrained() of a T5 model and its tokenizer")
+        folder = source.locate() if path is None else local_path(path)
+        if not folder.is_dir():
+            raise WeightsError(f"question encoder folder {folder} does not exist (a Hugging Face T5 folder such as "
+                               f"'{name}'). Published at: {url}")
+        missing = t5_folder_lacks(folder)
+        if missing:
+            raise WeightsError(f"question encoder folder {folder} lacks {', '.join(missing)}. Published at: {url}")
+        return folder
+
+    def problems(self, preset: str, checkpoint: str | Path | None = None, question_encoder: str | Path | None = None,
+                 **load_options) -> list[tuple[str, str]]:
+        """Missing vision weights (field ``checkpoint`` / ``preset``) and question encoder
+        (``question_encoder`` / ``preset``); the other load options change nothing found."""
+        out = super().problems(preset, checkpoint)
+        try:
+            self.find_question_encoder(preset, question_encoder)
+        except WeightsError as exc:
+            out.append(("question_encoder" if question_encoder else "preset", str(exc)))
+        return out
+
+    def fingerprint(self, preset: str, path: str | Path | None = None, question_encoder: str | Path | None = None,
+                    integration_point: str | None = None, **load_options) -> str:
+        """Identifies the weights a load would give: the files' fingerprints, or for the built-in
+        parts a hash of their sizes, seed, gate and init version (vision) or tokenizer (question encoder)."""
+        parts: dict[str, object] = {"preset": preset, "integration_point": integration_point}
+        found = self.find(preset, path)
+        if found is None:
+            init = self.random_init(preset)
+            parts["vision"] = {"config": self.config(preset).to_dict(), "seed": init.seed, "gate": TINY_GATE,
+                               "projector_scale": TINY_PROJECTOR_SCALE, "init_version": init.init_version}
+        else:
+            parts["vision"] = tree_fingerprint(found, ("*.safetensors", "*.bin", "*.index.json", "config.json")) \
+                if found.is_dir() else file_fingerprint(found)
+        folder = self.find_question_encoder(preset, question_encoder)
+        if folder is None:  # built in: its weights are the seeded init or the vision file's question_encoder.*
+            tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
+            parts["question_encoder"] = {"config": self.preset(preset).question_encoder,
+                                         "seed": self.random_init(preset).seed,
+                                         "tokenizer": hashlib.sha256(tokenizer_json).hexdigest()}
+        else:
+            parts["question_encoder"] = tree_fingerprint(folder, _T5_FINGERPRINT)
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def load(self, preset: str, path: str | Path | None = None, device="cpu", question_encoder: str | Path | None = None,
+             integration_point: str | None = None, formulation: FormulationChoice = "auto") -> Loaded:
+        model, tokenizer, report = load_qavit(preset, path, question_encoder, integration_point=integration_point,
+                                              formulation=formulation, device=device)
+        return Loaded(model, report, tokenizer)
 
 
-def find_question_encoder(preset: str, path: str | Path | None = None) -> Path | None:
-    """The Hugging Face T5 folder of the question encoder: ``path``, else the preset's standard
-    folder in the weights folder (``flan-t5-base``), else ``None`` for ``tiny`` and ``shapes`` (built
-    in; ``shapes`` reads its weights from the vision checkpoint)."""
-    _check(preset)
-    if path is None and preset in BUILT_IN_ENCODERS:
-        return None
-    name, url = QUESTION_ENCODERS.get(preset, ("a T5 folder", "save_pretrained() of a T5 model and its tokenizer"))
-    folder = find_weights(name, url) if path is None else local_path(path)
-    if not folder.is_dir():
-        raise WeightsError(f"question encoder folder {folder} does not exist (a Hugging Face T5 folder such as "
-                           f"'{name}'). Published at: {url}")
-    missing = []
-    if not (folder / "config.json").is_file():
-        missing.append("config.json")
-    if not any(p.is_file() for pattern in _T5_WEIGHTS for p in folder.glob(pattern)):
-        missing.append("model weights (model.safetensors or pytorch_model.bin)")
-    if not any((folder / f).is_file() for f in _T5_TOKENIZER):
-        missing.append("tokenizer (tokenizer.json or spiece.model)")
-    if missing:
-        raise WeightsError(f"question encoder folder {folder} lacks {', '.join(missing)}. Published at: {url}")
-    return folder
+QAVIT = QAViTFamily("QA-ViT", PRESETS, random_tag={})
 
 
 def read_vision_state(path: str | Path) -> tuple[dict[str, torch.Tensor], Kind, str, list[str]]:
@@ -253,11 +282,7 @@ def built_in_encoder_config(preset: str, vocab_size: int):
     """The ``T5Config`` of the built-in question encoder of ``tiny`` / ``shapes``."""
     from transformers import T5Config
 
-    from models.fid_t5 import tiny_config
-
-    if preset == "shapes":
-        return T5Config(vocab_size=vocab_size, **SHAPES_QUESTION_ENCODER)
-    return tiny_config(vocab_size)
+    return T5Config(vocab_size=vocab_size, **QAVIT.preset(preset).question_encoder)
 
 
 def load_question_encoder(preset: str, path: str | Path | None = None, device: torch.device | str = "cpu"):
@@ -270,10 +295,8 @@ def load_question_encoder(preset: str, path: str | Path | None = None, device: t
 
     from transformers import AutoTokenizer, T5EncoderModel
 
-    folder = find_question_encoder(preset, path)
+    folder = QAVIT.find_question_encoder(preset, path)
     if folder is None:
-        from models.fid_t5 import TINY_TOKENIZER_DIR
-
         tokenizer = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR), local_files_only=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(TINY_SEED)
@@ -308,11 +331,10 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     from models.qavit.model import QAViT
 
 
-    _check(preset)
-    path = find_vision_weights(preset, checkpoint)
+    path = QAVIT.find(preset, checkpoint)
     encoder, tokenizer, encoder_source = load_question_encoder(preset, question_encoder, device)
     text_dim = encoder.config.d_model
-    base = qavit_config(preset)
+    base = QAVIT.config(preset)
     if path is None:
         config = _with(base, integration_point or "late", text_dim)
         resolved = "gated" if formulation == "auto" else formulation
@@ -329,17 +351,18 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     raw = _read_folder(path) if path.is_dir() else load_checkpoint(path)
     state, kind, prefix, ignored = to_vision_layout(raw, str(path))
     recorded = safetensors_metadata(path).get("formulation")
-    if question_encoder is None and preset in BUILT_IN_ENCODERS:  # built in: weights from the file if any
+    if question_encoder is None and not isinstance(QAVIT.preset(preset).question_encoder, Published):
+        # built in: weights from the file if any
         own = {k[len(QUESTION_ENCODER_PREFIX):]: v for k, v in raw.items() if k.startswith(QUESTION_ENCODER_PREFIX)}
         if own:
             apply_state_dict(encoder, own, f"checkpoint {path} (question_encoder.*)", optional=[TIED_EMBEDDING])
             ignored = [k for k in ignored if not k.startswith(QUESTION_ENCODER_PREFIX)]
             encoder_source = f"{path} (question_encoder.*)"
-        elif preset == "shapes":
-            raise WeightsError(f"{path} holds no question encoder (question_encoder.* keys), which the shapes "
-                               "preset reads from its checkpoint: pass a file written by `runtime train qavit "
-                               f"--preset shapes` (or {SHAPES_TRAIN_COMMAND}), or a T5 folder of width {text_dim} as "
-                               "question_encoder")
+        elif isinstance(shipped := QAVIT.source(preset), Shipped):
+            raise WeightsError(f"{path} holds no question encoder (question_encoder.* keys), which the {preset} "
+                               f"preset reads from its checkpoint: pass a file written by `runtime train qavit "
+                               f"--preset {preset}` (or {shipped.train_command}), or a T5 folder of width {text_dim} "
+                               "as question_encoder")
     del raw
     point = integration_point or "late"
     if kind == "qavit":
@@ -365,7 +388,7 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     elif recorded in ("reference", "gated"):
         resolved = recorded
     else:
-        resolved = "reference" if kind == "qavit" and preset != "shapes" else "gated"
+        resolved = "reference" if kind == "qavit" and not isinstance(QAVIT.source(preset), Shipped) else "gated"
     tower = build_vision(config, device, empty=True, formulation=resolved)
     optional = [POSITION_IDS] + (tower.instruction_keys() if kind == "clip" else [])
     vision_report = apply_state_dict(tower, state, f"checkpoint {path}", ignore=[POSITION_IDS], optional=optional)
@@ -381,31 +404,6 @@ def load_qavit(preset: str, checkpoint: str | Path | None = None, question_encod
     return QAViT(tower, encoder).eval(), tokenizer, report
 
 
-def weights_fingerprint(preset: str, checkpoint: str | Path | None = None, question_encoder: str | Path | None = None,
-                        integration_point: str | None = None) -> str:
-    """Identifies the weights a load would give: the files' fingerprints, or for the built-in
-    ``tiny`` parts a hash of their sizes, seed, gate, init version and tokenizer."""
-    _check(preset)
-    parts: dict[str, object] = {"preset": preset, "integration_point": integration_point}
-    path = find_vision_weights(preset, checkpoint)
-    if path is None:
-        parts["vision"] = {"config": qavit_config(preset).to_dict(), "seed": TINY_SEED, "gate": TINY_GATE,
-                           "projector_scale": TINY_PROJECTOR_SCALE, "init_version": TINY_INIT_VERSION}
-    else:
-        parts["vision"] = tree_fingerprint(path, ("*.safetensors", "*.bin", "*.index.json", "config.json")) \
-            if path.is_dir() else file_fingerprint(path)
-    folder = find_question_encoder(preset, question_encoder)
-    if folder is None:  # built in: its weights are the seeded init or the vision file's question_encoder.*
-        from models.fid_t5_files import TINY_CONFIG, TINY_TOKENIZER_DIR
-
-        tokenizer_json = (TINY_TOKENIZER_DIR / "tokenizer.json").read_bytes()
-        parts["question_encoder"] = {"config": SHAPES_QUESTION_ENCODER if preset == "shapes" else TINY_CONFIG,
-                                     "seed": TINY_SEED, "tokenizer": hashlib.sha256(tokenizer_json).hexdigest()}
-    else:
-        parts["question_encoder"] = tree_fingerprint(folder, _T5_FINGERPRINT)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
 def safetensors_metadata(path: Path) -> dict[str, str]:
     """The metadata of a ``.safetensors`` file (``{}`` for other files and folders)."""
     if path.is_dir() or path.suffix != ".safetensors":
@@ -418,8 +416,3 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
 
 def _with(config: QAViTConfig, integration_point: str, text_dim: int) -> QAViTConfig:
     return QAViTConfig(**{**config.to_dict(), "integration_point": integration_point, "text_dim": text_dim})
-
-
-def _check(preset: str) -> None:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown QA-ViT preset {preset!r}; choose one of {', '.join(PRESETS)}")

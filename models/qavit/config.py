@@ -1,4 +1,5 @@
-"""Sizes of the QA-ViT presets, the integration points and the CLIP preprocessing facts.
+"""The QA-ViT presets (the family's one table: sizes, vision weights, question encoder), the
+integration points and the CLIP preprocessing facts.
 
 ``l14_336``: the published QA-ViT configuration (amazon-science/QA-ViT, VisualT5 configs): CLIP
 ViT-L/14 at 336 px (24 layers, width 1024, 16 heads, MLP 4096, quick-GELU, LayerNorm eps 1e-5,
@@ -20,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-PRESETS = ("tiny", "shapes", "l14_336")
+from models.family import Preset, Published, RandomInit, Shipped
+from models.fid_t5_family import PRESETS as FID_T5_PRESETS
+
 INTEGRATION_POINTS = ("all", "early", "late", "late2", "late3", "sparse")
 
 # CLIP's normalisation of [0, 1] RGB pixels (openai/clip-vit-large-patch14-336 preprocessor_config.json)
@@ -90,11 +93,6 @@ class QAViTConfig:
         return self.image_size // self.patch_size
 
     @property
-    def num_tokens(self) -> int:
-        """CLS + patches."""
-        return 1 + self.grid ** 2
-
-    @property
     def instruction_layers(self) -> list[int]:
         return instruction_layers(self.depth, self.integration_point)
 
@@ -112,23 +110,43 @@ class QAViTConfig:
         return asdict(self)
 
 
-def qavit_config(preset: str, integration_point: str | None = None) -> QAViTConfig:
-    """The sizes of ``preset``; ``integration_point`` (default ``late``) picks the instruction layers."""
-    if preset == "tiny":
-        cfg = QAViTConfig(image_size=112, patch_size=14, width=64, depth=4, heads=4, mlp_dim=256, text_dim=64,
-                          initializer_factor=2.0)
-    elif preset == "shapes":
-        cfg = QAViTConfig(image_size=168, patch_size=14, width=128, depth=6, heads=4, mlp_dim=512,
-                          text_dim=SHAPES_QUESTION_ENCODER["d_model"])
-    elif preset == "l14_336":
-        cfg = QAViTConfig(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
-                          text_dim=768)
-    else:
-        raise ValueError(f"unknown QA-ViT preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if integration_point is not None:
-        instruction_layers(cfg.depth, integration_point)  # validates the name
-        cfg = QAViTConfig(**{**cfg.to_dict(), "integration_point": integration_point})
-    return cfg
+@dataclass(frozen=True)
+class QAViTPreset(Preset):
+    """A QA-ViT preset: besides the vision weights, its question encoder (the ``T5Config`` fields
+    of a built-in T5 encoder, seeded random or trained into the vision file, or a published T5
+    folder) and the plain CLIP weights that can stand in for its checkpoint."""
+
+    question_encoder: dict | Published | None = None  # every preset names one (after Preset's fields: a default)
+    clip: Published | None = None
+
+
+_QAVIT_URL = "https://awscv-public-data.s3.us-west-2.amazonaws.com/qavit/checkpoint/vit%2Bt5/"
+
+PRESETS: dict[str, QAViTPreset] = {
+    "tiny": QAViTPreset(QAViTConfig(image_size=112, patch_size=14, width=64, depth=4, heads=4, mlp_dim=256,
+                                    text_dim=64, initializer_factor=2.0),
+                        RandomInit(), "random, tests; pixels at 112 px",
+                        question_encoder=FID_T5_PRESETS["tiny"].config),
+    "shapes": QAViTPreset(QAViTConfig(image_size=168, patch_size=14, width=128, depth=6, heads=4, mlp_dim=512,
+                                      text_dim=SHAPES_QUESTION_ENCODER["d_model"]),
+                          Shipped("qavit.safetensors", "bin/train-shapes qavit"),
+                          "trained on the shapes data, bundled; 168 px", question_encoder=SHAPES_QUESTION_ENCODER),
+    "l14_336": QAViTPreset(QAViTConfig(image_size=336, patch_size=14, width=1024, depth=24, heads=16, mlp_dim=4096,
+                                       text_dim=768),
+                           Published((("qavit-base2.pth", _QAVIT_URL + "qavit-base2.pth"),)),  # ViT+T5-base QA-ViT
+                           "CLIP ViT-L/14-336 + flan-t5-base question encoder, from the --weights folder; 336 px",
+                           question_encoder=Published((("flan-t5-base", "https://huggingface.co/google/flan-t5-base"),)),
+                           clip=Published((("clip-vit-large-patch14-336",
+                                            "https://huggingface.co/openai/clip-vit-large-patch14-336"),))),
+}
+
+
+def with_integration_point(config: QAViTConfig, integration_point: str | None) -> QAViTConfig:
+    """``config`` with its instruction layers at ``integration_point`` (``None``: unchanged)."""
+    if integration_point is None:
+        return config
+    instruction_layers(config.depth, integration_point)  # validates the name
+    return QAViTConfig(**{**config.to_dict(), "integration_point": integration_point})
 
 
 def clip_preprocess(preset: str) -> dict:
@@ -139,6 +157,6 @@ def clip_preprocess(preset: str) -> dict:
     ``preprocess_image`` resizes the whole image to S x S (aspect ratio not kept), so the heatmap
     covers the whole image, as the BLIP grid it is resampled to does.
     """
-    cfg = qavit_config(preset)
+    cfg = PRESETS[preset].config
     return {"family": "clip", "image_size": cfg.image_size, "interpolation": "bicubic",
             "mean": CLIP_MEAN, "std": CLIP_STD}
