@@ -251,7 +251,8 @@ def _cmd_stages(a) -> int:
         for n in names:
             cls = STAGES[n]
             out[n] = {"version": cls.version, "granularity": cls.granularity.value, "cacheable": cls.cacheable,
-                      "doc": cls.describe(), "defined_in": STAGES.origin(n), "params": cls.Params.model_json_schema()}
+                      "doc": cls.describe(), "defined_in": STAGES.origin(n), "params": cls.Params.model_json_schema(),
+                      "roles": {k: o.role.value for k, o in cls(cls.Params()).outputs().items() if o.role is not None}}
         print(json.dumps(out, indent=2))
         return 0
     for n in names:
@@ -269,7 +270,8 @@ def _cmd_stages(a) -> int:
             print(f"    {k}: {describe_type(i.spec)}{f' ({flags})' if flags else ''} — {i.doc}")
         print("  outputs:")
         for k, o in stage.outputs().items():
-            print(f"    {k}: {describe_type(o.spec)} — {o.doc}")
+            role = f" [role: {o.role.value}]" if o.role is not None else ""
+            print(f"    {k}: {describe_type(o.spec)}{role} — {o.doc}")
         print()
     return 0
 

@@ -3,7 +3,7 @@ and the ``render`` stage that turns a sample's columns into PNG images.
 
 Images are ``uint8[H, W, 3]`` RGB (as ``load_image`` gives them); colours are RGB tuples.
 A heatmap ``[g, g]`` covers the whole image: cell ``(r, c)`` spans the pixels
-``x in [x0, x1), y in [y0, y1)`` of :func:`cell_rect` (``x0 = ceil(c * W / g)``), which is
+``x in [x0, x1), y in [y0, y1)`` given by :func:`cell_edges` (``x0 = ceil(c * W / g)``), which is
 exactly the pixel set that nearest-neighbour upsampling gives the cell. Bilinear upsampling
 (the default) aligns pixel centres with cell centres, so a cell's value spreads half a cell
 beyond its rectangle and peaks at its centre.
@@ -48,13 +48,6 @@ def cell_edges(g: int, size: int) -> np.ndarray:
     """Pixel edges ``[g + 1]`` of ``g`` cells over ``size`` pixels: cell ``c`` holds the
     pixels ``p`` with ``floor(p * g / size) == c``, i.e. ``[ceil(c * size / g), ceil((c + 1) * size / g))``."""
     return -(-np.arange(g + 1) * size // g)
-
-
-def cell_rect(row: int, col: int, g: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """``(x0, y0, x1, y1)`` with exclusive ends: the pixels of cell ``(row, col)`` of a
-    ``g x g`` grid over a ``height x width`` image."""
-    xs, ys = cell_edges(g, width), cell_edges(g, height)
-    return int(xs[col]), int(ys[row]), int(xs[col + 1]), int(ys[row + 1])
 
 
 def normalise_heatmap(heatmap: np.ndarray) -> np.ndarray:
@@ -298,14 +291,6 @@ def encode_image(image: np.ndarray, fmt: str = "png", quality: int = 90) -> byte
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any OpenCV-readable) bytes -> RGB ``uint8[H, W, 3]``."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError("cannot decode image bytes")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 # --- one sample -----------------------------------------------------------------------------

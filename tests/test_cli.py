@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import os
 import socket
 import subprocess
@@ -45,8 +47,11 @@ def test_stages_lists_params_and_columns(capsys):
     assert main(["stages", "heatmap_points"]) == 0
     out = capsys.readouterr().out
     assert "num_points: int (default 5" in out and "inputs:" in out and "heatmap: float32[g, g]" in out
+    assert "points: float32[5, 2] [role: points]" in out  # each output says what it is
     assert main(["stages", "--json"]) == 0
-    assert '"properties"' in capsys.readouterr().out
+    described = json.loads(capsys.readouterr().out)
+    assert described["heatmap_points"]["params"]["properties"]
+    assert described["heatmap_enhance"]["roles"] == {"heatmap": "enhanced_heatmap", "status": "status"}
 
 
 def test_show_yaml_and_dot(capsys):

@@ -243,8 +243,6 @@ def test_itm_shapes_and_properties(itm, tokenizer):
     assert embeds.shape == (2, 577, 64)
     assert itm.grid == 24 and itm.num_text_layers == 12 and itm.num_heads == 4
     assert itm.itm_logits(embeds, ids, mask).shape == (2, 2)
-    sim = itm.itc_similarity(embeds, ids, mask)
-    assert sim.shape == (2,) and bool((sim.abs() <= 1 + 1e-6).all())
 
 
 def test_probs_path_matches_fused_attention(itm, tokenizer):

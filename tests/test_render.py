@@ -3,16 +3,30 @@ coordinates, mask outlines on the mask border; and the render stage in a graph."
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
 from stages.base import Batch
 from stages.render import (
-    BACKGROUND, FOREGROUND, MASK_COLOR, Render, RenderParams, cell_rect, decode_png, draw_patches, draw_points,
+    BACKGROUND, FOREGROUND, MASK_COLOR, Render, RenderParams, cell_edges, draw_patches, draw_points,
     heatmap_overlay, mask_outline, normalise_heatmap, patch_counts, render_views, resize_mask, upsample,
 )
 
 H, W, G = 90, 151, 7          # non-square, cells of non-integer size (151 / 7 = 21.57 px)
+
+
+def cell_rect(row: int, col: int, g: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, x1, y1)``, ends exclusive: the pixels of cell ``(row, col)`` of a ``g x g`` grid."""
+    xs, ys = cell_edges(g, width), cell_edges(g, height)
+    return int(xs[col]), int(ys[row]), int(xs[col + 1]), int(ys[row + 1])
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> RGB ``uint8[H, W, 3]``."""
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def grey(h=H, w=W, value=128):

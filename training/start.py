@@ -17,11 +17,12 @@ def start_run(cls: type[Trainer], s: Any) -> tuple[Path, Path, Any, dict[str, An
     """Check that the loss plot can be drawn, set ``$PNPVQA_WEIGHTS``, create the output folder,
     pick the device and read the checkpoint to resume; returns the folder, the checkpoint's path,
     the torch device and the checkpoint (``None`` for a new run)."""
+    from models.weights import WEIGHTS_ENV
     from training.outputs import check_plotting, load_checkpoint
 
     check_plotting()
-    if getattr(s, "weights", None):
-        os.environ["PNPVQA_WEIGHTS"] = str(s.weights)
+    if getattr(s, "weights", None):  # the model layer reads its weights folder from there (runtime/settings.py)
+        os.environ[WEIGHTS_ENV] = str(s.weights)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"

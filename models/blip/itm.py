@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.blip.config import BlipConfig
@@ -57,15 +56,6 @@ class BlipITM(nn.Module):
         -> ``[B, 2]`` (index 1 = match)."""
         out = self.text_encoder(input_ids, attention_mask, image_embeds)
         return self.itm_head(out.hidden[:, 0])
-
-    def itc_similarity(self, image_embeds: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
-        """Cosine of the normalised ``vision_proj(image CLS)`` and ``text_proj(text CLS)`` from
-        the text-only encoder -> ``[B]``. LAVIS feeds ``[CLS]`` first here (not ``[ENC]``)."""
-        text = self.text_encoder(input_ids, attention_mask).hidden[:, 0]
-        image_feat = F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)
-        text_feat = F.normalize(self.text_proj(text), dim=-1)
-        return (image_feat * text_feat).sum(-1)
 
     def check_block_num(self, block_num: int) -> None:
         last = self.num_text_layers - 1
