@@ -5,7 +5,6 @@ of the dataset rebuilt from the manifest (nothing is re-run).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import pyarrow.parquet as pq
 
 from artifacts.columns import column_to_python, is_fixed_tensor, is_variable_tensor
 from runtime.errors import UsageError
+from runtime.run_folder import finished_manifest
 from stages.base import Role
 from stages.render import VIEWS
 
@@ -136,13 +136,13 @@ class Run:
 
     def __init__(self, folder: str | Path):
         self.dir = Path(folder)
-        results, manifest = self.dir / RESULTS, self.dir / MANIFEST
+        results = self.dir / RESULTS
         if not self.dir.is_dir():
             raise UsageError(f"{folder}: no such run folder (a folder written by 'runtime run' with "
                              f"{RESULTS} and {MANIFEST})")
+        self.manifest: dict = finished_manifest(self.dir)
         if not results.is_file():
             raise UsageError(f"{folder}: no {RESULTS} in it; is the run finished? ('runtime run' writes it at the end)")
-        self.manifest: dict = json.loads(manifest.read_text()) if manifest.is_file() else {}
         self.results = results
         self.file = pq.ParquetFile(results)
         self.schema: pa.Schema = self.file.schema_arrow

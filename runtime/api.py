@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import ExitStack
@@ -86,6 +87,15 @@ def check_sources(graph: Graph) -> None:
         raise GraphError(problems)
 
 
+def refuse_empty(samples: int, graph: Graph, limit: int | None) -> None:
+    """Stop before any work when the dataset has no samples: the run would have no results."""
+    if samples == 0:
+        params = json.dumps(graph.raw["dataset"].get("params") or {})
+        selected = f", so --limit {limit} selects none" if limit else ""
+        raise UsageError(f"the dataset of {graph.path} ({graph.source.name}, params {params}) has no samples"
+                         f"{selected}: nothing to run; check its file and params")
+
+
 def run_graph(graph: str | Path | Graph, *, output: str | Path | Location | None = None, **options) -> RunSummary:
     """Validate ``graph`` and run it; every problem found before work raises ``GraphError``
     (options: those of :func:`run_graphs`)."""
@@ -154,6 +164,7 @@ def run_graphs(
         check_sources(g)
     dataset = check_dataset(select_samples(lead.source.iter_samples(), ids, limit), ids,
                             source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
+    refuse_empty(dataset.samples, lead, limit)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
     ray_connection = RayConnection(address)  # connects on first use: none for local runs
     try:
@@ -179,7 +190,7 @@ def run_graphs(
                     folder.remove_parts()
                 ctx = RunContext(g, folder, store, {n for n in force or [] if n in g.nodes}, device=device,
                                  retry_errors=retry_errors, settings=settings)
-                ctx.write_manifest("running", executor, device, args)
+                ctx.begin(executor, device, args)
                 ctxs.append(ctx)
             bars = Progress(ctxs, dataset.samples, progress, settings.progress_seconds)
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)

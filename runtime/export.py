@@ -40,14 +40,15 @@ def export_predictions(run: str | Path, fmt: str, answer: str | None = None,
     """Write the predictions of ``run`` in format ``fmt``; returns (file, questions, empty answers)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FORMATS)}; got '{fmt}'")
+    from runtime.run import read_results
+    from runtime.run_folder import finished_manifest
+
     run = Path(run)
+    manifest = finished_manifest(run)
     if not (run / RESULTS).is_file():
         raise UsageError(f"{run}: no {RESULTS} in it (is it a finished run folder?)")
-    from runtime.run import read_results
-
     table = read_results(run)
-    manifest = run / MANIFEST
-    roles = (json.loads(manifest.read_text()).get("roles") or {}) if manifest.is_file() else {}
+    roles = manifest.get("roles") or {}
     column = answer_column(table.column_names, roles, answer)
     ids = table.column("sample_id").to_pylist()
     answers = ["" if a is None else str(a) for a in table.column(column).to_pylist()]
@@ -61,9 +62,21 @@ def export_predictions(run: str | Path, fmt: str, answer: str | None = None,
                              "(runs of the vqav2 source use the question ids)")
         records = [{"question_id": int(i), "answer": a} for i, a in zip(ids, answers)]
     path = Path(out) if out else run / f"predictions_{fmt}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records))
+    write_predictions(path, records)
     return path, len(records), empty
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    """``records`` as JSON at ``path`` (its folders created); ``UsageError`` naming the path
+    when it cannot be written there."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(records))
+    except OSError as exc:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else (exc.strerror or str(exc))
+        raise UsageError(f"{path}: cannot write the predictions there ({reason}); choose with --out a file in a "
+                         "folder you can write to") from None
 
 
 def add_export_parser(sub) -> None:

@@ -268,7 +268,8 @@ class RayRunner:
     Workers start when the first shard needs computing. A worker that dies (killed, out of
     memory, its node lost) is restarted by Ray when the cluster has room for it; its shard goes
     to another worker, up to ``SHARD_ATTEMPTS`` times, then its rows fail with a transient error
-    that the next run retries.
+    that the next run retries. When every worker is lost for good, the shards left fail the same
+    way: the run still finishes, with the parts it has.
     """
 
     def __init__(self, ctxs: list[RunContext], progress: Progress, ray_connection: RayConnection,
@@ -285,6 +286,7 @@ class RayRunner:
         self.workers, self.gpus_per_worker, self.threads = workers, gpus_per_worker, threads  # as asked
         self.run_id = uuid.uuid4().hex
         self.work_refs: list = []        # each graph's ShardWork, in the object store
+        self.started = False             # whether the workers were started (the pool may since be empty)
         self.pool: list = []             # the workers (lost ones out of restarts removed)
         self.free: deque = deque()       # workers with nothing to do
         self.restarting: dict = {}       # ref of a lost worker's info() (ready once restarted) -> worker
@@ -303,7 +305,7 @@ class RayRunner:
                 if not todo:
                     self.progress.shard(shard.num_samples)
                     continue
-                if not self.pool:
+                if not self.started:
                     self.start_workers()
                 self.hand_out(shard, todo, 1)
                 self.hand_out_retries()
@@ -312,14 +314,15 @@ class RayRunner:
                 if self.running:
                     self.collect_one()
             self.flush_workers()
-            finished = not self.running and len(self.free) == len(self.pool)
+            finished = not self.running and len(self.free) == len(self.pool) == len(KEPT_WORKERS.actors)
         finally:
-            if self.pool and not finished:  # interrupted, or workers lost: start afresh next time
+            if self.started and not finished:  # interrupted, or workers lost: start afresh next time
                 KEPT_WORKERS.drop()
 
     def start_workers(self) -> None:
         """Start (or reuse) the workers, send them the graphs' work, check they see the storage."""
         ray = self.ray
+        self.started = True
         began = time.perf_counter()
         self.connection.connect()
         res = ray.cluster_resources()
@@ -342,13 +345,15 @@ class RayRunner:
         self.free.extend(self.pool)
 
     def hand_out(self, shard: Shard, todo: list[int], attempt: int) -> None:
-        """Give ``shard`` to a free worker, once the shards in flight leave room for its bytes."""
+        """Give ``shard`` to a free worker, once the shards in flight leave room for its bytes;
+        fail it when no worker is left."""
         size = shard_bytes(shard)
         while self.running and (not self.free or self.bytes_in_flight + size > self.byte_budget):
             self.collect_one()
         while not self.free:
             if not self.pool:
-                raise RuntimeError("every Ray worker was lost and none could be restarted")
+                self.give_up(shard, todo, "every Ray worker was lost and none could be restarted")
+                return
             self.collect_one()
         worker = self.free.popleft()
         self.running[worker.run.remote(self.run_id, self.work_refs, todo, shard)] = \
@@ -365,13 +370,27 @@ class RayRunner:
         ready, _ = self.ray.wait([*self.running, *self.restarting], num_returns=1,
                                  timeout=None if self.running else WORKER_WAIT)
         if not ready:
-            raise RuntimeError(f"no Ray worker came back within {WORKER_WAIT:.0f} s after workers were lost "
-                               "(their nodes may be gone and the cluster too small to restart them); run the "
-                               "same command again to resume")
+            self.workers_gone()
+            return
         if ready[0] in self.restarting:
             self.worker_back(ready[0])
         else:
             self.shard_back(ready[0])
+
+    def workers_gone(self) -> None:
+        """No lost worker came back within ``WORKER_WAIT`` (their nodes may be gone and the
+        cluster too small to restart them): they count as lost for good."""
+        log.warning("warning: no Ray worker came back within %.0f s after workers were lost", WORKER_WAIT)
+        for worker in self.restarting.values():
+            self.drop_worker(worker)
+        self.restarting.clear()
+
+    def drop_worker(self, worker) -> None:
+        """A worker lost for good (out of restarts, or not back in time)."""
+        self.pool.remove(worker)
+        if not self.pool:
+            log.warning("warning: every Ray worker was lost and none could be restarted; the shards left fail "
+                        "with a transient error: run the same command again to retry them")
 
     def worker_back(self, ref) -> None:
         """A lost worker answered again (restarted), or ran out of restarts."""
@@ -380,7 +399,7 @@ class RayRunner:
             self.ray.get(ref)
             self.free.append(worker)
         except self.lost:
-            self.pool.remove(worker)
+            self.drop_worker(worker)
 
     def shard_back(self, ref) -> None:
         """A worker finished a shard (its outcomes are added) or was lost running it."""
@@ -405,10 +424,13 @@ class RayRunner:
         if job.attempt < SHARD_ATTEMPTS:
             self.retries.append((job.shard, job.todo, job.attempt + 1))
             return
-        for i in job.todo:
-            self.ctxs[i].fail(job.shard, f"[runtime] the worker was lost {job.attempt} times "
-                              f"({type(exc).__name__}); run again to retry these rows")
-        self.progress.shard(job.shard.num_samples)
+        self.give_up(job.shard, job.todo, f"the worker was lost {job.attempt} times ({type(exc).__name__})")
+
+    def give_up(self, shard: Shard, todo: list[int], why: str) -> None:
+        """Fail ``shard``'s rows in the graphs ``todo`` with a transient error (the next run retries them)."""
+        for i in todo:
+            self.ctxs[i].fail(shard, f"[runtime] {why}; run again to retry these rows")
+        self.progress.shard(shard.num_samples)
 
     def flush_workers(self) -> None:
         """Have the live workers write their store index segments."""

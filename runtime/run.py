@@ -172,6 +172,12 @@ class RunContext:
         self.summary.corrupt_discarded += len(outcome.discarded)
         self.summary.produced_bytes += outcome.produced_bytes
 
+    def begin(self, executor: str, device: str, args: dict) -> None:
+        """Record this run as running, then remove the folder's last results: until this run
+        finishes, the folder holds no results but its own."""
+        self.write_manifest("running", executor, device, args)
+        self.folder.remove_results()
+
     def note_workers(self, workers: list[dict], startup_seconds: float) -> None:
         """Record where the run's workers are (in the running manifest too)."""
         self.summary.workers = workers

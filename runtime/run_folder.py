@@ -2,7 +2,7 @@
 
 Layout (docs/store.md)::
 
-    results.parquet                            the parts concatenated, in shard order
+    results.parquet                            the parts concatenated, in shard order (only once the run finished)
     manifest.json                              the run's record (written by ``runtime.run``)
     parts/part-<part key>.<sha256>.parquet     one shard's rows; sha256 of exactly the file's bytes
     .lock                                      the run holding the folder (``runtime.run_lock``)
@@ -14,6 +14,7 @@ workers write the parts of the shards they run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ import pyarrow.parquet as pq
 from artifacts.filehash import sha256_bytes
 from artifacts.location import Location, new_writer_id
 from artifacts.store import check_bytes, parse_table, table_bytes
+from runtime.errors import UsageError
 from runtime.run_lock import RunLock
 
 log = logging.getLogger(__name__)
@@ -133,8 +135,28 @@ class RunFolder:
             writer.close()
         return {"file": RESULTS, "rows": rows, "bytes": sink.size, "sha256": sink.sha256.hexdigest()}
 
+    def remove_results(self) -> None:
+        """The last run's results: a run starting here takes them away, so that the folder never
+        holds results that its manifest (now this run's) does not describe."""
+        self.loc.delete(RESULTS)
+
     def write_manifest(self, data: bytes) -> None:
         self.loc.write_bytes_atomic(MANIFEST, data, self.writer_id)
 
     def read_results(self) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.loc.read_bytes(RESULTS)))
+
+
+def finished_manifest(folder: Path) -> dict:
+    """The manifest of the run folder ``folder`` (``{}`` without one); ``UsageError`` when it
+    says that its run did not finish: that run removed the results of the one before it, and
+    has written none of its own yet."""
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    status = manifest.get("status", "finished")
+    if status != "finished":
+        raise UsageError(f"{folder}: its run is not finished ({MANIFEST} says '{status}', started "
+                         f"{manifest.get('started', '?')}, graph {manifest.get('graph_file', '?')}): it is still "
+                         "running or was stopped, and has no results yet; run its command again to finish it, "
+                         "or wait for it")
+    return manifest

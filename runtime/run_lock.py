@@ -3,8 +3,10 @@
 ``OUTPUT/.lock`` holds who runs there (host, pid, command, start) and a heartbeat that a
 background thread refreshes every ``HEARTBEAT`` seconds. A second run into the folder stops
 with a message naming the holder, or with ``wait`` waits for it. A lock left by a run that
-died (its pid is gone on this host, or its heartbeat is older than ``TTL`` for a run on
-another host) is taken over. Creating the lock is atomic on local folders; on object stores
+died is taken over: its pid is gone on this host, or its heartbeat is older than ``TTL``
+(whatever its pid: a pid can be reused), or it is empty or unreadable and older than
+``HEARTBEAT`` (a run killed between creating and writing it; a live run's lock is whole within
+that time). Creating the lock is atomic on local folders; on object stores
 it is a check followed by a write, so two runs started in the same instant can both get in
 (docs/store.md).
 """
@@ -31,6 +33,10 @@ class RunLocked(UsageError):
     """The output folder is held by another run."""
 
 
+class FolderNotWritable(UsageError):
+    """The output folder cannot be created, or its lock cannot be written."""
+
+
 class RunLock:
     def __init__(self, folder: Location, command: str = ""):
         self.folder = folder
@@ -47,24 +53,43 @@ class RunLock:
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.folder.read_bytes(LOCK))
+            data = self.folder.read_bytes(LOCK)
         except FileNotFoundError:
             return None
-        except ValueError:  # being written: treat as held, fresh
-            return {"owner": "?", "heartbeat": time.time()}
+        try:
+            holder = json.loads(data)
+            float(holder["heartbeat"])
+            return holder
+        except (ValueError, TypeError, KeyError):  # empty or cut short: as old as the file
+            return {"owner": "?", "unreadable": True, "heartbeat": self._lock_written()}
+
+    def _lock_written(self) -> float:
+        """When the lock file was last written (now, if it is gone meanwhile)."""
+        return next((f.mtime for f in self.folder.list() if f.name == LOCK), time.time())
 
     @staticmethod
     def _dead(holder: dict) -> bool:
-        alive = writer_alive(str(holder.get("owner", "")))
-        if alive is not None:
-            return not alive
-        return time.time() - float(holder.get("heartbeat", 0)) > TTL
+        age = time.time() - float(holder["heartbeat"])
+        if holder.get("unreadable"):
+            return age > HEARTBEAT
+        if age > TTL:  # no heartbeat for so long: gone, even if its pid now names another process
+            return True
+        return writer_alive(str(holder.get("owner", ""))) is False
+
+    def _create(self) -> bool:
+        """Create the lock (and the folder); False when another run holds it."""
+        try:
+            self.folder.makedirs()
+            return self.folder.create_exclusive(LOCK, self._record())
+        except OSError as exc:
+            raise FolderNotWritable(f"--output {self.folder.display()}: cannot write there ({exc.strerror or exc}"
+                                    f"{': ' + str(exc.filename) if exc.filename else ''}); choose an output "
+                                    "folder you can create and write") from None
 
     def acquire(self, wait: bool = False, poll: float = 2.0) -> None:
-        self.folder.makedirs()
         announced = False
         while True:
-            if self.folder.create_exclusive(LOCK, self._record()):
+            if self._create():
                 break
             holder = self._holder()
             if holder is None:
@@ -115,6 +140,10 @@ class RunLock:
 
 
 def describe_holder(folder: Location, holder: dict) -> str:
+    if holder.get("unreadable"):
+        return (f"{folder.display()} has an unreadable lock ({LOCK}, written "
+                f"{time.strftime('%H:%M:%S', time.localtime(holder['heartbeat']))}): a run is starting there, or one "
+                f"was killed as it started; it counts as stale {HEARTBEAT:.0f} s after it was written")
     started = holder.get("started")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
     command = f", command: {holder['command']}" if holder.get("command") else ""

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,7 +18,8 @@ import stages
 from conftest import GRAPHS, RAY_OPTIONS
 from runtime.api import run_graph
 from runtime.errors import UsageError
-from runtime.ray_executor import MAX_CPU_WORKERS, plan_workers
+from runtime import ray_executor
+from runtime.ray_executor import KEPT_WORKERS, MAX_CPU_WORKERS, plan_workers
 from runtime.graph import load_graph
 from runtime.run import RunContext
 from stages.heatmaps import SamplePatches
@@ -174,6 +176,30 @@ def test_a_killed_worker_is_restarted_and_its_shard_retried(tmp_path, slow_graph
     assert "error" not in result, result.get("error")
     summary = result["summary"]
     assert summary.errors == 0 and "worker was lost" in caplog.text
+    assert pq.read_table(out / "results.parquet").equals(want)
+
+
+def test_every_worker_lost_fails_the_shards_left_transiently_and_keeps_the_finished(tmp_path, slow_graph, ray_session,
+                                                                                    monkeypatch, caplog):
+    want = local_reference(tmp_path, graph=slow_graph, overrides=[])
+    KEPT_WORKERS.drop()  # workers kept from earlier tests may restart: these must not
+    monkeypatch.setattr(ray_executor, "ACTOR_RESTARTS", 0)  # a cluster with no room to restart them
+    out = tmp_path / "ray"
+    kw = dict(graph=slow_graph, executor="ray", output=out, cache_dir=tmp_path / "cache", progress=False, device="cpu")
+    thread, result = run_in_thread(**kw)
+    for pid in wait_for_workers(out, thread):
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    assert "every Ray worker was lost" in caplog.text
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"
+    rows = pq.read_table(out / "results.parquet")
+    ok = rows.filter(pc.equal(rows.column("status"), "ok"))
+    summary = result["summary"]
+    assert ok.num_rows > 0 and summary.transient_errors == rows.num_rows - ok.num_rows > 0
+    assert ok.equals(want.filter(pc.is_in(want.column("sample_id"), ok.column("sample_id"))))
+    again = run_graph(**kw)  # the next run computes the failed shards only
+    assert again.shards_from_parts > 0 and again.errors == 0
     assert pq.read_table(out / "results.parquet").equals(want)
 
 
