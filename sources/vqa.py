@@ -11,11 +11,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import string
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
@@ -33,11 +34,35 @@ class VQAv2Params(SourceParams):
         None, description="image file name with {image_id} and {data_subtype}; default: "
         "COCO_{data_subtype}_{image_id:012d}.jpg, else {image_id:012d}.jpg")
 
+    @field_validator("image_pattern")
+    @classmethod
+    def _pattern_fits(cls, pattern: str | None) -> str | None:
+        return pattern and checked_pattern(pattern, image_id=42, data_subtype="val2014")
+
 
 class GQAParams(SourceParams):
     questions: str = Field(..., description="GQA questions JSON (e.g. testdev_balanced_questions.json)")
     images: str = Field(..., description="folder of the GQA images")
     image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
+
+    @field_validator("image_pattern")
+    @classmethod
+    def _pattern_fits(cls, pattern: str) -> str:
+        return checked_pattern(pattern, image_id="2354786")
+
+
+def checked_pattern(pattern: str, **example: Any) -> str:
+    """``pattern`` if it names ``{image_id}`` and formats with the fields of ``example`` (the
+    values a dataset gives), else a ``ValueError`` saying why: found at validation, not by
+    the first sample, and never every question mapped to one file."""
+    try:
+        pattern.format(**example)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{pattern!r} cannot name an image file ({type(exc).__name__}: {exc}); its fields can be "
+                         f"{', '.join('{' + name + '}' for name in example)}") from None
+    if "image_id" not in {field for _, field, _, _ in string.Formatter().parse(pattern) if field}:
+        raise ValueError(f"{pattern!r} has no {{image_id}}: every question would read the same file")
+    return pattern
 
 
 @SOURCES.add

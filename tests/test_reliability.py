@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import time
 
 import cv2
@@ -273,6 +274,34 @@ def test_argument_errors_exit_2_naming_the_argument(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err, err
+
+
+def test_source_params_out_of_range_fail_validation_naming_file_field_and_range(tmp_path, write_graph):
+    import subprocess
+    import sys
+
+    from runtime.graph import load_graph
+
+    oracle = GRAPHS / "oracle_heatmap.yaml"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runtime", "validate", str(oracle), "--set", "dataset.image_size=20000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"{oracle}, field 'dataset.params.image_size'" in proc.stderr
+            and "at least 32 and at most 4096" in proc.stderr and "got 20000" in proc.stderr), proc.stderr
+    assert time.monotonic() - started < 60  # refused from the params, not after drawing an image
+    for override, allowed in (("num_images=1000000000", "at most 1000000"), ("questions_per_image=1000", "at most 100")):
+        with pytest.raises(GraphError, match=rf"field 'dataset.params.{override.split('=')[0]}': .*{allowed}"):
+            load_graph(oracle, [f"dataset.{override}"])
+    for pattern, why in (("x.jpg", "has no {image_id}"), ("{imageid}.jpg", "KeyError: 'imageid'")):
+        graph = write_graph(f"""
+            dataset: {{source: gqa, params: {{questions: q.json, images: img, image_pattern: '{pattern}'}}}}
+            nodes:
+              image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+            outputs: [image.size]
+            """)
+        with pytest.raises(GraphError, match=rf"g.yaml, field 'dataset.params.image_pattern': .*{re.escape(why)}"):
+            load_graph(graph)
 
 
 def test_error_messages_carry_no_memory_addresses(tmp_path, write_graph):
