@@ -192,6 +192,78 @@ def test_bad_json_in_a_csv_answers_cell_is_an_error_row(tmp_path, write_graph):
     assert rows["bad"]["status"] == "error" and "line 3: answers is not a valid JSON list" in rows["bad"]["error"]
 
 
+def test_broken_jsonl_lines_become_error_rows_naming_file_and_line(tmp_path, write_graph):
+    import subprocess
+    import sys
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    lines = ['{"sample_id": "ok", "image": "a.png", "question": "what?"}',
+             '{"sample_id": "comma", "image": "a.png", "question": "what?",}',  # a trailing comma
+             '{"image": "a.png", "question": "what?"', '[1, 2]', '7', 'null',
+             '{"sample_id": "no_question", "image": "a.png"}', '{"image": "a.png", "question": "last?"}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    graph = write_graph(IMAGE_GRAPH.format(path=tmp_path / "m.jsonl"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "runtime", "run", str(graph), "--executor", "local", "--quiet",
+                               "--device", "cpu", "--cache", str(tmp_path / "c"), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    proc = run("--output", str(tmp_path / "o"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()}
+    assert rows["ok"]["status"] == rows["7"]["status"] == "ok"  # the row number of the last line, as before
+    expect = {"m.jsonl:2": "line 2: not valid JSON", "m.jsonl:3": "line 3: not valid JSON",
+              "m.jsonl:4": "line 4: a row must be a JSON object, got [1, 2]", "m.jsonl:5": "line 5: a row must be a "
+              "JSON object, got 7", "m.jsonl:6": "line 6: a row must be a JSON object, got null",
+              "no_question": "line 7: no 'question'"}
+    assert len(rows) == 8
+    for sid, message in expect.items():
+        assert rows[sid]["status"] == "error" and rows[sid]["error_kind"] == "source", sid
+        assert f"{tmp_path / 'm.jsonl'}, {message}" in rows[sid]["error"], rows[sid]["error"]
+    # a file that is not JSON lines at all (a JSON array; a CSV named .jsonl) stays one exit-2 error
+    for name, text in (("array.jsonl", '[\n  {"image": "a.png", "question": "q?"}\n]\n'), ("csv.jsonl", "image,question\na.png,q?\n")):
+        (tmp_path / "m.jsonl").write_text(text)
+        proc = run("--output", str(tmp_path / name))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{tmp_path / 'm.jsonl'}" in proc.stderr and "one JSON object per line" in proc.stderr, proc.stderr
+
+
+def test_broken_gqa_and_vqav2_entries_become_error_rows(tmp_path, write_graph):
+    cv2.imwrite(str(tmp_path / "1.jpg"), np.zeros((8, 8, 3), np.uint8))
+    gqa = {"10": {"imageId": "1", "question": "what?", "answer": "x"}, "11": {"question": "where?"},
+           "12": ["not", "an", "object"], "13": {"imageId": "1"}, "14": None}
+    (tmp_path / "gqa.json").write_text(json.dumps(gqa))
+    graph = write_graph(f"""
+        dataset: {{source: gqa, params: {{questions: {tmp_path / 'gqa.json'}, images: {tmp_path}}}}}
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+        outputs: [image.size]
+        """)
+    kw = dict(executor="local", cache_dir=tmp_path / "c", progress=False, device="cpu")
+    summary = run_graph(graph, output=tmp_path / "o", **kw)
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()}
+    assert rows["10"]["status"] == "ok" and summary.errors == 4
+    where = f"{tmp_path / 'gqa.json'}, question"
+    for sid, message in {"11": "no imageId", "12": "must be an object with imageId and question, got list",
+                         "13": "no question", "14": "must be an object with imageId and question, got NoneType"}.items():
+        assert rows[sid]["error_kind"] == "source" and f"{where} '{sid}': {message}" in rows[sid]["error"], rows[sid]
+    questions = {"questions": [{"question_id": 1, "image_id": 1, "question": "what?"},
+                               {"question_id": 2, "image_id": 1}, {"question_id": 3, "question": "what?"}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    graph = write_graph(f"""
+        dataset: {{source: vqav2, params: {{questions: {tmp_path / 'q.json'}, images: {tmp_path},
+                                            image_pattern: '{{image_id}}.jpg'}}}}
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+        outputs: [image.size]
+        """, name="vqa.yaml")
+    summary = run_graph(graph, output=tmp_path / "o2", **kw)
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o2" / "results.parquet").to_pylist()}
+    assert rows["1"]["status"] == "ok" and summary.errors == 2
+    assert "q.json, questions[1]: no question" in rows["2"]["error"] and "questions[2]: no image_id" in rows["3"]["error"]
+
+
 def test_duplicates_and_ambiguous_image_ids_stop_the_run_before_work(tmp_path, write_graph, calls):
     for name in ("a", "b"):
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((8, 8, 3), 9 if name == "a" else 99, np.uint8))
