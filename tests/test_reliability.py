@@ -108,6 +108,56 @@ def test_non_finite_weights_are_refused_at_load(tmp_path):
         load_fusion(path)
 
 
+def cut_short(source, target, missing: int = 100):
+    """``target``: a copy of ``source`` without its last ``missing`` bytes (a download that did not finish)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes()[:-missing])
+    return target
+
+
+def test_truncated_safetensors_fail_validation_and_loading_naming_the_file(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from models.blip.family import BLIP_ITM
+    from models.fusion import load_fusion
+    from models.weights import SHAPES_WEIGHTS_DIR, WeightsError, load_checkpoint
+
+    fusion = cut_short(SHAPES_WEIGHTS_DIR / "fusion_difnet.safetensors", tmp_path / "fusion.safetensors")
+    caption = cut_short(SHAPES_WEIGHTS_DIR / "blip_caption.safetensors", tmp_path / "caption.safetensors")
+    repo = tmp_path / "hub" / "models--org--blip-itm"  # hf:org/blip-itm in a Hugging Face cache
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    hf_weights = cut_short(SHAPES_WEIGHTS_DIR / "blip_itm.safetensors", repo / "snapshots" / "abc" / "model.safetensors")
+    (hf_weights.parent / "config.json").write_text(json.dumps({"model_type": "blip",
+                                                               "architectures": ["BlipForImageTextRetrieval"]}))
+    proc = subprocess.run([sys.executable, "-m", "runtime", "validate", str(GRAPHS / "fusion_caption.yaml"),
+                           "--set", f"fusion.weights={fusion}", "--set", f"caption.checkpoint={caption}",
+                           "--set", "gradcam.checkpoint=hf:org/blip-itm"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for node, field, path in (("fusion", "weights", fusion), ("caption", "checkpoint", caption),
+                              ("gradcam", "checkpoint", hf_weights)):
+        assert re.search(rf"node '{node}', field 'params.{field}': {re.escape(str(path))} is damaged or cut short: it has "
+                         rf"\d+ bytes, its header describes \d+", proc.stderr), proc.stderr
+    # a shipped preset file cut short: the preset's problem, naming the file
+    shipped = tmp_path / "shipped"
+    cut_short(SHAPES_WEIGHTS_DIR / "blip_itm.safetensors", shipped / "blip_itm.safetensors")
+    monkeypatch.setattr("models.weights.SHAPES_WEIGHTS_DIR", shipped)
+    [(field, message)] = BLIP_ITM.problems("shapes")
+    assert field == "preset" and f"{shipped / 'blip_itm.safetensors'} is damaged or cut short" in message
+    # loading names the file too, also where the sizes add up but safetensors refuses the header
+    with pytest.raises(WeightsError, match=f"{re.escape(str(caption))} is damaged or cut short"):
+        load_checkpoint(caption)
+    with pytest.raises(WeightsError, match=f"{re.escape(str(fusion))} is damaged or cut short"):
+        load_fusion(fusion)
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for name in "ab"}).encode()
+    overlapping = tmp_path / "overlapping.safetensors"
+    overlapping.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(WeightsError, match=f"{re.escape(str(overlapping))} is not a readable checkpoint .*SafetensorError"):
+        load_checkpoint(overlapping)
+
+
 class NaNHeatmap(Stage):
     """A stage whose output goes NaN for one row, as a model with broken weights would."""
 
