@@ -157,7 +157,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
             line, error = _decoded(raw, where)
             if not line.strip():
                 continue
-            if objects == 0 and first_problem is None and line.strip() in ("[", "{"):
+            first_line = objects == 0 and first_problem is None
+            if first_line and line.strip() in ("[", "{"):
                 raise ValueError(f"{where}: '{line.strip()}' alone opens a JSON document written over several lines; "
                                  "a JSONL manifest has one JSON object per line")
             row = _jsonl_object(line, error, where)
