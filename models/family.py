@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from models.hf_hub import local_path
-from models.weights import (WeightsError, file_fingerprint, find_weights, random_weights, shapes_weights,
-                            tree_fingerprint)
+from models.weights import (WeightsError, check_safetensors_files, file_fingerprint, find_weights, random_weights,
+                            shapes_weights, tree_fingerprint)
 
 
 @dataclass(frozen=True)
@@ -146,17 +146,21 @@ class ModelFamily:
     def find(self, preset: str, path: str | Path | None = None) -> Path | None:
         """What a load would read: ``path`` (checked by :meth:`check_path`), else the preset's
         file; ``None`` for random weights (a :class:`RandomInit` preset, or ``--random-weights``).
-        ``WeightsError`` naming what is missing and where it is published."""
+        ``WeightsError`` naming what is missing and where it is published, or a safetensors file
+        that is cut short (its header checked against its size, no tensor read)."""
         source = self.source(preset)
         if path is not None:
-            return self.check_path(preset, path)
-        if isinstance(source, RandomInit) or (random_weights() and self.honours_random_weights):
+            found = self.check_path(preset, path)
+        elif isinstance(source, RandomInit) or (random_weights() and self.honours_random_weights):
             return None
-        try:
-            found = source.locate()
-        except WeightsError as exc:
-            raise WeightsError(f"{exc}{self.missing_hint(preset)}") from None
-        return self.check_found(preset, found)
+        else:
+            try:
+                located = source.locate()
+            except WeightsError as exc:
+                raise WeightsError(f"{exc}{self.missing_hint(preset)}") from None
+            found = self.check_found(preset, located)
+        check_safetensors_files(self.weight_files(found))
+        return found
 
     def fingerprint(self, preset: str, path: str | Path | None = None) -> str:
         """Identifies the weights a load would give: the random init's fingerprint, else the
@@ -197,6 +201,11 @@ class ModelFamily:
     def check_found(self, preset: str, found: Path) -> Path:
         """A preset's file as found; a family checks what a folder must hold here."""
         return found
+
+    def weight_files(self, found: Path) -> list[Path]:
+        """The files a load of ``found`` reads (a folder: its ``.safetensors`` files), whose
+        safetensors headers :meth:`find` checks against their sizes."""
+        return [found] if found.is_file() else sorted(found.glob("*.safetensors"))
 
     def missing_hint(self, preset: str) -> str:
         """Added to the message of a missing preset file (e.g. where a zipped download lies)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import zipfile
@@ -74,6 +75,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` / ``.pt`` (``weights_only=True``) or ``.safetensors`` file; a state dict
     wrapped under ``"model"`` or ``"state_dict"`` is unwrapped."""
     import torch
+    from safetensors import SafetensorError
+
     path = Path(path)
     if not path.exists():
         raise WeightsError(f"checkpoint {path} does not exist")
@@ -81,6 +84,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
+            check_safetensors(path)
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -88,7 +92,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
         raise WeightsError(f"{path} holds objects other than tensors and is refused: checkpoints are read "
                            f"with weights_only=True (tensors and plain containers only). {detail}".strip()) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, SafetensorError) as exc:
         raise WeightsError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     for wrapper in ("model", "state_dict"):
@@ -160,6 +164,11 @@ def safetensors_header(path: str | Path) -> dict:
     """The JSON header of a ``.safetensors`` file (tensor names with dtype and shape, and
     ``__metadata__``), read without loading a tensor or importing torch. ``WeightsError`` when
     the file is not a safetensors file."""
+    return _read_safetensors_header(path)[1]
+
+
+def _read_safetensors_header(path: str | Path) -> tuple[int, dict]:
+    """``(header size in bytes, header)`` of a ``.safetensors`` file."""
     try:
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
@@ -170,7 +179,57 @@ def safetensors_header(path: str | Path) -> dict:
         raise WeightsError(f"{path} is not a readable safetensors file ({exc})") from None
     if not isinstance(header, dict):
         raise WeightsError(f"{path} is not a readable safetensors file (its header is not a JSON object)")
-    return header
+    return size, header
+
+
+# bytes per element of the safetensors dtypes (sub-byte float types are not checked for size)
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
+                           "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+                           "C64": 8}
+
+
+def check_safetensors(path: str | Path) -> None:
+    """``WeightsError`` naming ``path`` when its header does not describe its bytes: a tensor whose
+    data_offsets do not fit its dtype and shape, or a file that is not exactly 8 + header + the
+    end of the last tensor's data long (cut short by a download or a copy). Reads the header
+    only: safetensors itself finds this when loading, without naming the file."""
+    size, header = _read_safetensors_header(path)
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        problem = _tensor_entry_problem(info)
+        if problem:
+            raise WeightsError(f"{path} is damaged: tensor {name} {problem}; fetch or write it again")
+        end = max(end, info["data_offsets"][1])
+    data_bytes = Path(path).stat().st_size - 8 - size
+    if data_bytes != end:
+        raise WeightsError(f"{path} is damaged or cut short: it has {8 + size + data_bytes} bytes, its header describes "
+                           f"{8 + size + end} (8 + header {size} + tensor data {end}); fetch or write it again")
+
+
+def _tensor_entry_problem(info: object) -> str | None:
+    """What is wrong with one tensor's header entry (its offsets against its dtype and shape)."""
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    shape = info.get("shape") if isinstance(info, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+            and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        return f"has no valid data_offsets and shape ({info!r:.80})"
+    begin, stop = offsets
+    if not 0 <= begin <= stop:
+        return f"has data_offsets {offsets}"
+    itemsize = SAFETENSORS_DTYPE_BYTES.get(info.get("dtype"))
+    if itemsize is not None and stop - begin != math.prod(shape) * itemsize:
+        return f"({info.get('dtype')} {shape}) needs {math.prod(shape) * itemsize} bytes, its data_offsets give {stop - begin}"
+    return None
+
+
+def check_safetensors_files(paths: Iterable[Path]) -> None:
+    """:func:`check_safetensors` for each ``.safetensors`` file of ``paths`` (others are read by
+    torch, which names the file itself)."""
+    for path in paths:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from artifacts.columns import describe_type, match_spec
 from artifacts.fingerprint import fingerprint
 from runtime.errors import GraphError, Problem
-from runtime.params_doc import type_name
+from runtime.params_doc import allowed_range, type_name
 from runtime.yaml_io import DuplicateKeyError, load_yaml, parse_value
 from sources import SOURCES
 from sources.base import Source
@@ -308,7 +308,9 @@ def _pydantic_problems(exc: ValidationError, file: str, node: str | None, prefix
             msg = f"unknown parameter; {_suggest(name, list(fields))}valid parameters: {valid}"
         else:
             f = fields.get(name)
-            hint = f" (expected {type_name(f.annotation)}, default {f.default!r})" if f else ""
+            allowed = allowed_range(f) if f else None
+            hint = f" (expected {type_name(f.annotation)}{f', {allowed}' if allowed else ''}, default {f.default!r})" \
+                if f else ""
             msg = f"{err['msg']}{hint}; got {err.get('input')!r}"
         out.append(Problem(file, node, f"{prefix}.{loc}" if loc else prefix, msg))
     return out

@@ -18,6 +18,16 @@ def type_name(ann) -> str:
     return "None" if ann is type(None) else getattr(ann, "__name__", str(ann))
 
 
+def allowed_range(field) -> str | None:
+    """The bounds of a numeric param as text (``at least 32 and at most 4096``), or None when it
+    has none."""
+    bounds = {type(m).__name__: getattr(m, type(m).__name__.lower()) for m in field.metadata
+              if type(m).__name__ in ("Ge", "Gt", "Le", "Lt")}
+    low = f"at least {bounds['Ge']}" if "Ge" in bounds else f"above {bounds['Gt']}" if "Gt" in bounds else None
+    high = f"at most {bounds['Le']}" if "Le" in bounds else f"below {bounds['Lt']}" if "Lt" in bounds else None
+    return " and ".join(b for b in (low, high) if b) or None
+
+
 def describe_params(model) -> list[str]:
     lines = []
     for name, f in model.model_fields.items():

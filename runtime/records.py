@@ -3,7 +3,8 @@ the whole selection checked before a run.
 
 A record with a bad value (a question that is a number, answers that are not a list, an
 image reference of the wrong type, or what its source flagged: undecodable base64, bad JSON in
-a CSV cell, bytes that are not UTF-8) becomes an error row with a message naming where it
+a CSV cell, bytes that are not UTF-8, a JSONL line that is no JSON object, a missing question)
+becomes an error row with a message naming where it
 came from and the field; the run goes on. What makes the selection as a whole wrong stops the
 run before any work (exit 2), naming the ids: duplicate sample ids, an image id that names two
 different images, ``--ids`` that match nothing, a file a source cannot read at all.

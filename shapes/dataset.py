@@ -16,14 +16,22 @@ from shapes.questions import ask_questions, human_answers
 from shapes.scene import Scene, draw_scene
 
 
+# Upper bounds that keep a typo from costing minutes and gigabytes before any row is made: an
+# image of MAX_IMAGE_SIZE takes about a second and 50 MB; a scene offers fewer than 50 distinct
+# questions.
+MAX_IMAGE_SIZE = 4096
+MAX_NUM_IMAGES = 1_000_000
+MAX_QUESTIONS_PER_IMAGE = 100
+
+
 class ShapesParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     seed: int = Field(0, ge=0, description="dataset seed; same seed, same images and questions")
-    num_images: int = Field(16, ge=1, description="number of images")
+    num_images: int = Field(16, ge=1, le=MAX_NUM_IMAGES, description="number of images")
     questions_per_image: int = Field(
-        4, ge=1, description="questions per image (fewer if a scene allows fewer)")
-    image_size: int = Field(256, ge=32, description="side of the square images in pixels")
+        4, ge=1, le=MAX_QUESTIONS_PER_IMAGE, description="questions per image (fewer if a scene allows fewer)")
+    image_size: int = Field(256, ge=32, le=MAX_IMAGE_SIZE, description="side of the square images in pixels")
     min_shapes: int = Field(2, ge=1, le=4, description="fewest objects in a scene")
     max_shapes: int = Field(4, ge=1, le=4, description="most objects in a scene")
     textured_fraction: float = Field(

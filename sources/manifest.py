@@ -8,6 +8,11 @@ answer) and ``question_type``. Other columns are ignored.
 
 Rows are streamed in file order and never reordered: put the questions of an image on
 consecutive rows, or image-level work is repeated for every run of rows of that image.
+
+A bad row is one error row naming file and line: a JSONL line that is not a JSON object (bad
+JSON, a list, a number, ``null``) gets the sample id ``<file name>:<line>``. Only a file that
+is no manifest at all stops the run: no ``question`` column, or a ``.jsonl`` that is not JSON
+lines (a JSON document over several lines, no line a JSON object).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ EXTENSIONS: dict[str, Format] = {
 }
 MANIFEST_COLUMNS = ("question", "image", "image_bytes", "sample_id", "image_id", "answers", "question_type")
 PARQUET_BATCH_ROWS = 256
+NEEDED_COLUMNS = "a manifest row needs 'question' and 'image' or 'image_bytes'"
 
 
 class ManifestParams(SourceParams):
@@ -85,12 +91,8 @@ class ManifestSource(Source):
 
 
 def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[str, Any]:
-    """One record of a manifest row. What is wrong with the file as a whole (no question column)
-    raises ``ValueError``; what is wrong with this row alone goes to the record's ``_error``
-    (the row becomes an error row, see ``runtime.records``)."""
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: a row must be a JSON object with 'question' and 'image' or 'image_bytes', "
-                         f"got {type(row).__name__}")
+    """One record of a manifest row; what is wrong with this row alone goes to the record's
+    ``_error`` (the row becomes an error row, see ``runtime.records``)."""
     error = row.pop(ERROR, None)
 
     def value(column: str) -> Any:  # a missing column or an empty CSV cell is None
@@ -98,8 +100,7 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
         return None if v == "" else v
 
     if "question" not in row:
-        raise ValueError(
-            f"{where}: no 'question' column; a manifest needs 'question' and 'image' or 'image_bytes'")
+        error = error or f"{where}: no 'question'; {NEEDED_COLUMNS}"
     image, image_bytes = value("image"), value("image_bytes")
     if image is None and image_bytes is None:
         error = error or f"{where}: no 'image' (path) or 'image_bytes', or both are empty"
@@ -130,7 +131,7 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
     record = {
         "sample_id": str(number) if sample_id is None else as_text(sample_id),
         "image_id": as_text(image_id),
-        "question": row["question"],
+        "question": row.get("question"),
         "image_path": image_path,
         "image_bytes": image_bytes,
         "answers": answers,
@@ -143,29 +144,66 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+    """The rows of a JSONL file. A line that is not a JSON object (bad JSON, a list, a number,
+    ``null``) is a row holding only its error and a sample id made of the file name and line
+    number, so it becomes one error row. The file as a whole is refused (``ValueError``) only
+    when it is no manifest at all: a JSON document over several lines, no line a JSON object,
+    or none with a question."""
+    objects = questions = 0
+    first_problem = None
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, 1):
             where = f"{path}, line {line_number}"
-            error = None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                line = raw.decode("utf-8", errors="replace")
-                error = f"{where}: not valid UTF-8 text (byte {raw[exc.start]:#04x} at position {exc.start})"
+            line, error = _decoded(raw, where)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e})") from None
-            if error and isinstance(row, dict):
-                row[ERROR] = error
+            first_line = objects == 0 and first_problem is None
+            if first_line and line.strip() in ("[", "{"):
+                raise ValueError(f"{where}: '{line.strip()}' alone opens a JSON document written over several lines; "
+                                 "a JSONL manifest has one JSON object per line")
+            row = _jsonl_object(line, error, where)
+            if isinstance(row, str):
+                first_problem = first_problem or row
+                row = {"sample_id": f"{path.name}:{line_number}", ERROR: row}  # stable; unlike any row number
+            else:
+                objects += 1
+                questions += "question" in row
             yield row, where
+    if first_problem and not objects:
+        raise ValueError(f"{path}: not JSON lines (one JSON object per line): no line is an object; "
+                         f"first: {first_problem}")
+    if objects and not questions:
+        raise ValueError(f"{path}: no row has a 'question'; {NEEDED_COLUMNS}")
+
+
+def _decoded(raw: bytes, where: str) -> tuple[str, str | None]:
+    """A line as text, and what is wrong when it is not UTF-8 (its bad bytes then replaced)."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        return (raw.decode("utf-8", errors="replace"),
+                f"{where}: not valid UTF-8 text (byte {raw[exc.start]:#04x} at position {exc.start})")
+
+
+def _jsonl_object(line: str, error: str | None, where: str) -> dict[str, Any] | str:
+    """A JSONL line as a row (carrying ``error`` as its ``_error``), or what keeps it from being
+    a JSON object."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return error or f"{where}: not valid JSON ({exc})"
+    if not isinstance(row, dict):
+        return error or f"{where}: a row must be a JSON object, got {line.strip()[:40]}; {NEEDED_COLUMNS}"
+    if error:
+        row[ERROR] = error
+    return row
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
+        if reader.fieldnames is not None and "question" not in reader.fieldnames:
+            raise ValueError(f"{path}: no 'question' column; {NEEDED_COLUMNS}")
         for row in reader:
             where = f"{path}, line {reader.line_num}"
             bad = [k for k, v in row.items() if isinstance(v, str) and _has_surrogates(v)]
@@ -182,6 +220,8 @@ def _has_surrogates(text: str) -> bool:
 
 def _parquet_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     file = pq.ParquetFile(path)
+    if "question" not in file.schema_arrow.names:
+        raise ValueError(f"{path}: no 'question' column; {NEEDED_COLUMNS}")
     columns = [c for c in MANIFEST_COLUMNS if c in file.schema_arrow.names]
     number = 0
     for batch in file.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):

@@ -3,7 +3,9 @@
 Question metadata is read into memory; images stay on disk and are passed on as paths.
 Samples are grouped by image, images in order of first appearance in the question file.
 A missing image file is not an error here: the image loading stage turns it into an error
-row (a warning names the first one, to catch a wrong ``image_pattern`` early).
+row (a warning names the first one, to catch a wrong ``image_pattern`` early). So is an entry
+without its image id or question, or (GQA) one that is not an object; a VQAv2 question without
+``question_id`` stops the run (its row would have no id).
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import string
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
@@ -33,11 +36,35 @@ class VQAv2Params(SourceParams):
         None, description="image file name with {image_id} and {data_subtype}; default: "
         "COCO_{data_subtype}_{image_id:012d}.jpg, else {image_id:012d}.jpg")
 
+    @field_validator("image_pattern")
+    @classmethod
+    def _pattern_fits(cls, pattern: str | None) -> str | None:
+        return pattern and checked_pattern(pattern, image_id=42, data_subtype="val2014")
+
 
 class GQAParams(SourceParams):
     questions: str = Field(..., description="GQA questions JSON (e.g. testdev_balanced_questions.json)")
     images: str = Field(..., description="folder of the GQA images")
     image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
+
+    @field_validator("image_pattern")
+    @classmethod
+    def _pattern_fits(cls, pattern: str) -> str:
+        return checked_pattern(pattern, image_id="2354786")
+
+
+def checked_pattern(pattern: str, **example: Any) -> str:
+    """``pattern`` if it names ``{image_id}`` and formats with the fields of ``example`` (the
+    values a dataset gives), else a ``ValueError`` saying why: found at validation, not by
+    the first sample, and never every question mapped to one file."""
+    try:
+        pattern.format(**example)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"{pattern!r} cannot name an image file ({type(exc).__name__}: {exc}); its fields can be "
+                         f"{', '.join('{' + name + '}' for name in example)}") from None
+    if "image_id" not in {field for _, field, _, _ in string.Formatter().parse(pattern) if field}:
+        raise ValueError(f"{pattern!r} has no {{image_id}}: every question would read the same file")
+    return pattern
 
 
 @SOURCES.add
@@ -74,10 +101,9 @@ class VQAv2Source(Source):
             raise ValueError(f"{self.params.questions}: no 'questions' list{hint}; questions must be a VQAv2 "
                              "questions file (OpenEnded_mscoco_*_questions.json)")
         for i, q in enumerate(data["questions"]):
-            missing = [k for k in ("question_id", "image_id", "question") if not isinstance(q, dict) or k not in q]
-            if missing:
-                raise ValueError(f"{self.params.questions}, questions[{i}]: no {missing[0]}; every question needs "
-                                 "question_id, image_id and question")
+            if not isinstance(q, dict) or "question_id" not in q:  # no sample id: the row could not be named
+                raise ValueError(f"{self.params.questions}, questions[{i}]: no question_id; every question is an "
+                                 "object with question_id, image_id and question")
         return data
 
     def _annotations(self) -> dict:
@@ -112,7 +138,7 @@ class VQAv2Source(Source):
         else:
             patterns = VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
         images = _ImageFolder(p.images)
-        for image_id, group in _by_image(data["questions"], "image_id"):
+        for image_id, group in _by_image(data["questions"], lambda q: q.get("image_id")):
             error = image_path = None
             number = int(image_id) if isinstance(image_id, str) and image_id.isdigit() else image_id
             if isinstance(number, int) and not isinstance(number, bool):
@@ -128,8 +154,8 @@ class VQAv2Source(Source):
                     human, error = None, error or "its annotation's answers are not a list of {answer: ...}"
                 record = {
                     "sample_id": str(q["question_id"]),
-                    "image_id": str(image_id),
-                    "question": q["question"],
+                    "image_id": str(image_id) if "image_id" in q else None,
+                    "question": q.get("question"),
                     "image_path": image_path,
                     "image_bytes": None,
                     "answers": None if human is None else [a["answer"] for a in human],
@@ -137,8 +163,9 @@ class VQAv2Source(Source):
                     "answer_type": ann.get("answer_type"),
                     WHERE: where,
                 }
-                if error:
-                    record[ERROR] = f"{where}: {error}"
+                problem = entry_problem(q, ("image_id", "question")) or error
+                if problem:
+                    record[ERROR] = f"{where}: {problem}"
                 yield record
 
 
@@ -164,10 +191,6 @@ class GQASource(Source):
         data = _read_json(self.params.questions)
         if not isinstance(data, dict):
             raise ValueError(f"{self.params.questions}: a GQA questions file is an object keyed by question id")
-        for qid, q in data.items():
-            missing = [k for k in ("imageId", "question") if not isinstance(q, dict) or k not in q]
-            if missing:
-                raise ValueError(f"{self.params.questions}, question {qid!r}: no {missing[0]}")
         return data
 
     def count(self) -> int:
@@ -175,21 +198,44 @@ class GQASource(Source):
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
-        questions = [{"qid": qid, **q} for qid, q in self._questions.items()]
         images = _ImageFolder(p.images)
-        for image_id, group in _by_image(questions, "imageId"):
-            image_path = images.path([p.image_pattern.format(image_id=image_id)])
-            for _, q in group:
-                types = q.get("types") or {}
-                yield {
-                    "sample_id": str(q["qid"]),
-                    "image_id": str(image_id),
-                    "question": q["question"],
-                    "image_path": image_path,
-                    "image_bytes": None,
-                    "answers": [q["answer"]] if q.get("answer") is not None else None,
-                    "question_type": types.get("detailed") or types.get("structural"),
-                }
+        entries = list(self._questions.items())
+        for image_id, group in _by_image(entries, lambda e: e[1].get("imageId") if isinstance(e[1], dict) else None):
+            image_path = None  # found for the group's first usable entry (broken ones name no image)
+            for _, (qid, q) in group:
+                where = f"{p.questions}, question {qid!r}"
+                problem = entry_problem(q, ("imageId", "question"))
+                if problem is None and image_path is None:
+                    image_path = images.path([p.image_pattern.format(image_id=image_id)])
+                yield _gqa_record(qid, q, None if problem else image_id, image_path, where, problem)
+
+
+def _gqa_record(qid: str, q: Any, image_id: Any, image_path: str | None, where: str,
+                problem: str | None) -> dict[str, Any]:
+    """The record of GQA entry ``qid``; an entry with a ``problem`` becomes an error row."""
+    q = q if isinstance(q, dict) else {}
+    types = q.get("types") or {}
+    record = {
+        "sample_id": str(qid),
+        "image_id": None if image_id is None else str(image_id),
+        "question": q.get("question"),
+        "image_path": None if problem else image_path,
+        "image_bytes": None,
+        "answers": [q["answer"]] if q.get("answer") is not None else None,
+        "question_type": types.get("detailed") or types.get("structural"),
+        WHERE: where,
+    }
+    if problem:
+        record[ERROR] = f"{where}: {problem}"
+    return record
+
+
+def entry_problem(entry: Any, needed: tuple[str, ...]) -> str | None:
+    """What keeps a question file's entry from being a sample (not an object, a field missing)."""
+    if not isinstance(entry, dict):
+        return f"must be an object with {' and '.join(needed)}, got {type(entry).__name__} {entry!r:.40}"
+    missing = [k for k in needed if k not in entry]
+    return f"no {missing[0]}; every question needs {' and '.join(needed)}" if missing else None
 
 
 class _ImageFolder:
@@ -210,11 +256,11 @@ class _ImageFolder:
         return str(found or paths[0])
 
 
-def _by_image(items: Iterable[dict], key: str) -> Iterator[tuple[Any, list[tuple[int, dict]]]]:
+def _by_image(items: Iterable[Any], image_of: Callable[[Any], Any]) -> Iterator[tuple[Any, list[tuple[int, Any]]]]:
     """``(image id, [(index, item)])`` in order of first appearance of the image."""
-    groups: dict[Any, list[tuple[int, dict]]] = {}
+    groups: dict[Any, list[tuple[int, Any]]] = {}
     for index, item in enumerate(items):
-        image = item[key]
+        image = image_of(item)
         groups.setdefault(image if isinstance(image, (str, int)) else repr(image), []).append((index, item))
     yield from groups.items()
 

@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import re
 import time
 
 import cv2
@@ -107,6 +108,56 @@ def test_non_finite_weights_are_refused_at_load(tmp_path):
         load_fusion(path)
 
 
+def cut_short(source, target, missing: int = 100):
+    """``target``: a copy of ``source`` without its last ``missing`` bytes (a download that did not finish)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes()[:-missing])
+    return target
+
+
+def test_truncated_safetensors_fail_validation_and_loading_naming_the_file(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from models.blip.family import BLIP_ITM
+    from models.fusion import load_fusion
+    from models.weights import SHAPES_WEIGHTS_DIR, WeightsError, load_checkpoint
+
+    fusion = cut_short(SHAPES_WEIGHTS_DIR / "fusion_difnet.safetensors", tmp_path / "fusion.safetensors")
+    caption = cut_short(SHAPES_WEIGHTS_DIR / "blip_caption.safetensors", tmp_path / "caption.safetensors")
+    repo = tmp_path / "hub" / "models--org--blip-itm"  # hf:org/blip-itm in a Hugging Face cache
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    hf_weights = cut_short(SHAPES_WEIGHTS_DIR / "blip_itm.safetensors", repo / "snapshots" / "abc" / "model.safetensors")
+    (hf_weights.parent / "config.json").write_text(json.dumps({"model_type": "blip",
+                                                               "architectures": ["BlipForImageTextRetrieval"]}))
+    proc = subprocess.run([sys.executable, "-m", "runtime", "validate", str(GRAPHS / "fusion_caption.yaml"),
+                           "--set", f"fusion.weights={fusion}", "--set", f"caption.checkpoint={caption}",
+                           "--set", "gradcam.checkpoint=hf:org/blip-itm"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub")})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for node, field, path in (("fusion", "weights", fusion), ("caption", "checkpoint", caption),
+                              ("gradcam", "checkpoint", hf_weights)):
+        assert re.search(rf"node '{node}', field 'params.{field}': {re.escape(str(path))} is damaged or cut short: it has "
+                         rf"\d+ bytes, its header describes \d+", proc.stderr), proc.stderr
+    # a shipped preset file cut short: the preset's problem, naming the file
+    shipped = tmp_path / "shipped"
+    cut_short(SHAPES_WEIGHTS_DIR / "blip_itm.safetensors", shipped / "blip_itm.safetensors")
+    monkeypatch.setattr("models.weights.SHAPES_WEIGHTS_DIR", shipped)
+    [(field, message)] = BLIP_ITM.problems("shapes")
+    assert field == "preset" and f"{shipped / 'blip_itm.safetensors'} is damaged or cut short" in message
+    # loading names the file too, also where the sizes add up but safetensors refuses the header
+    with pytest.raises(WeightsError, match=f"{re.escape(str(caption))} is damaged or cut short"):
+        load_checkpoint(caption)
+    with pytest.raises(WeightsError, match=f"{re.escape(str(fusion))} is damaged or cut short"):
+        load_fusion(fusion)
+    header = json.dumps({name: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]} for name in "ab"}).encode()
+    overlapping = tmp_path / "overlapping.safetensors"
+    overlapping.write_bytes(len(header).to_bytes(8, "little") + header + bytes(4))
+    with pytest.raises(WeightsError, match=f"{re.escape(str(overlapping))} is not a readable checkpoint .*SafetensorError"):
+        load_checkpoint(overlapping)
+
+
 class NaNHeatmap(Stage):
     """A stage whose output goes NaN for one row, as a model with broken weights would."""
 
@@ -191,6 +242,78 @@ def test_bad_json_in_a_csv_answers_cell_is_an_error_row(tmp_path, write_graph):
     assert rows["bad"]["status"] == "error" and "line 3: answers is not a valid JSON list" in rows["bad"]["error"]
 
 
+def test_broken_jsonl_lines_become_error_rows_naming_file_and_line(tmp_path, write_graph):
+    import subprocess
+    import sys
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    lines = ['{"sample_id": "ok", "image": "a.png", "question": "what?"}',
+             '{"sample_id": "comma", "image": "a.png", "question": "what?",}',  # a trailing comma
+             '{"image": "a.png", "question": "what?"', '[1, 2]', '7', 'null',
+             '{"sample_id": "no_question", "image": "a.png"}', '{"image": "a.png", "question": "last?"}']
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    graph = write_graph(IMAGE_GRAPH.format(path=tmp_path / "m.jsonl"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "runtime", "run", str(graph), "--executor", "local", "--quiet",
+                               "--device", "cpu", "--cache", str(tmp_path / "c"), *args],
+                              capture_output=True, text=True, timeout=300)
+
+    proc = run("--output", str(tmp_path / "o"))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()}
+    assert rows["ok"]["status"] == rows["7"]["status"] == "ok"  # the row number of the last line, as before
+    expect = {"m.jsonl:2": "line 2: not valid JSON", "m.jsonl:3": "line 3: not valid JSON",
+              "m.jsonl:4": "line 4: a row must be a JSON object, got [1, 2]", "m.jsonl:5": "line 5: a row must be a "
+              "JSON object, got 7", "m.jsonl:6": "line 6: a row must be a JSON object, got null",
+              "no_question": "line 7: no 'question'"}
+    assert len(rows) == 8
+    for sid, message in expect.items():
+        assert rows[sid]["status"] == "error" and rows[sid]["error_kind"] == "source", sid
+        assert f"{tmp_path / 'm.jsonl'}, {message}" in rows[sid]["error"], rows[sid]["error"]
+    # a file that is not JSON lines at all (a JSON array; a CSV named .jsonl) stays one exit-2 error
+    for name, text in (("array.jsonl", '[\n  {"image": "a.png", "question": "q?"}\n]\n'), ("csv.jsonl", "image,question\na.png,q?\n")):
+        (tmp_path / "m.jsonl").write_text(text)
+        proc = run("--output", str(tmp_path / name))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"{tmp_path / 'm.jsonl'}" in proc.stderr and "one JSON object per line" in proc.stderr, proc.stderr
+
+
+def test_broken_gqa_and_vqav2_entries_become_error_rows(tmp_path, write_graph):
+    cv2.imwrite(str(tmp_path / "1.jpg"), np.zeros((8, 8, 3), np.uint8))
+    gqa = {"10": {"imageId": "1", "question": "what?", "answer": "x"}, "11": {"question": "where?"},
+           "12": ["not", "an", "object"], "13": {"imageId": "1"}, "14": None}
+    (tmp_path / "gqa.json").write_text(json.dumps(gqa))
+    graph = write_graph(f"""
+        dataset: {{source: gqa, params: {{questions: {tmp_path / 'gqa.json'}, images: {tmp_path}}}}}
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+        outputs: [image.size]
+        """)
+    kw = dict(executor="local", cache_dir=tmp_path / "c", progress=False, device="cpu")
+    summary = run_graph(graph, output=tmp_path / "o", **kw)
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()}
+    assert rows["10"]["status"] == "ok" and summary.errors == 4
+    where = f"{tmp_path / 'gqa.json'}, question"
+    for sid, message in {"11": "no imageId", "12": "must be an object with imageId and question, got list",
+                         "13": "no question", "14": "must be an object with imageId and question, got NoneType"}.items():
+        assert rows[sid]["error_kind"] == "source" and f"{where} '{sid}': {message}" in rows[sid]["error"], rows[sid]
+    questions = {"questions": [{"question_id": 1, "image_id": 1, "question": "what?"},
+                               {"question_id": 2, "image_id": 1}, {"question_id": 3, "question": "what?"}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    graph = write_graph(f"""
+        dataset: {{source: vqav2, params: {{questions: {tmp_path / 'q.json'}, images: {tmp_path},
+                                            image_pattern: '{{image_id}}.jpg'}}}}
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+        outputs: [image.size]
+        """, name="vqa.yaml")
+    summary = run_graph(graph, output=tmp_path / "o2", **kw)
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "o2" / "results.parquet").to_pylist()}
+    assert rows["1"]["status"] == "ok" and summary.errors == 2
+    assert "q.json, questions[1]: no question" in rows["2"]["error"] and "questions[2]: no image_id" in rows["3"]["error"]
+
+
 def test_duplicates_and_ambiguous_image_ids_stop_the_run_before_work(tmp_path, write_graph, calls):
     for name in ("a", "b"):
         cv2.imwrite(str(tmp_path / f"{name}.png"), np.full((8, 8, 3), 9 if name == "a" else 99, np.uint8))
@@ -273,6 +396,34 @@ def test_argument_errors_exit_2_naming_the_argument(tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert named in err and "Traceback" not in err, err
+
+
+def test_source_params_out_of_range_fail_validation_naming_file_field_and_range(tmp_path, write_graph):
+    import subprocess
+    import sys
+
+    from runtime.graph import load_graph
+
+    oracle = GRAPHS / "oracle_heatmap.yaml"
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runtime", "validate", str(oracle), "--set", "dataset.image_size=20000"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert (f"{oracle}, field 'dataset.params.image_size'" in proc.stderr
+            and "at least 32 and at most 4096" in proc.stderr and "got 20000" in proc.stderr), proc.stderr
+    assert time.monotonic() - started < 60  # refused from the params, not after drawing an image
+    for override, allowed in (("num_images=1000000000", "at most 1000000"), ("questions_per_image=1000", "at most 100")):
+        with pytest.raises(GraphError, match=rf"field 'dataset.params.{override.split('=')[0]}': .*{allowed}"):
+            load_graph(oracle, [f"dataset.{override}"])
+    for pattern, why in (("x.jpg", "has no {image_id}"), ("{imageid}.jpg", "KeyError: 'imageid'")):
+        graph = write_graph(f"""
+            dataset: {{source: gqa, params: {{questions: q.json, images: img, image_pattern: '{pattern}'}}}}
+            nodes:
+              image: {{stage: load_image, inputs: {{image_path: source.image_path}}}}
+            outputs: [image.size]
+            """)
+        with pytest.raises(GraphError, match=rf"g.yaml, field 'dataset.params.image_pattern': .*{re.escape(why)}"):
+            load_graph(graph)
 
 
 def test_error_messages_carry_no_memory_addresses(tmp_path, write_graph):

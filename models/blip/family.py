@@ -56,6 +56,10 @@ class BlipFamily(ModelFamily):
             raise WeightsError(f"checkpoint {path} does not exist")
         return path
 
+    def weight_files(self, found: Path) -> list[Path]:
+        """A Hugging Face folder's weight file or the shards its index names."""
+        return weight_files(found) if found.is_dir() else [found]
+
     def found_fingerprint(self, found: Path) -> str:
         if found.is_dir():  # a Hugging Face folder: its config and weight files
             parts = [file_fingerprint(f) for f in [found / "config.json", *weight_files(found)]]

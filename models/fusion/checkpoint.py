@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from models.fusion.config import FusionConfig
-from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint,
-                            safetensors_header)
+from models.weights import (LoadReport, WeightsError, apply_state_dict, check_safetensors, file_fingerprint,
+                            load_checkpoint, safetensors_header)
 
 if TYPE_CHECKING:  # torch is imported where modules are built or weights read
     import torch
@@ -47,11 +47,12 @@ def save_fusion(module: nn.Module, config: FusionConfig, path: str | Path) -> Pa
 
 
 def read_fusion_config(path: str | Path) -> FusionConfig:
-    """The config stored in a fusion file (``WeightsError`` when it is not one)."""
+    """The config stored in a fusion file (``WeightsError`` when it is not one, or is cut short)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"fusion weights {path} do not exist (train them with `runtime train fusion --out DIR`, "
                            "which writes DIR/fusion.safetensors)")
+    check_safetensors(path)
     metadata = safetensors_header(path).get("__metadata__") or {}
     if metadata.get("format") != FORMAT or "fusion_config" not in metadata:
         raise WeightsError(f"{path} is not a fusion weights file (its safetensors metadata has no "
@@ -94,9 +95,7 @@ def load_fusion(path: str | Path, expected: FusionConfig | Mapping[str, Any] | N
         if wrong:
             raise WeightsError(f"fusion weights {path} were trained for another configuration: "
                                + "; ".join(wrong) + ". Retrain for these models or pick the matching file.")
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state = load_checkpoint(path)
     module = build_fusion(config)
     report = apply_state_dict(module, state, f"fusion weights {path}")
     if report.unexpected:

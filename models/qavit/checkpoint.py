@@ -50,8 +50,8 @@ from models.family import Loaded, ModelFamily, Published, RandomInit, Shipped
 from models.fid_t5_family import TINY_TOKENIZER_DIR, TOKENIZER_FILES, WEIGHT_FILES, t5_folder_lacks
 from models.hf_hub import local_path
 from models.qavit.config import PRESETS, QAViTConfig, integration_point_of, with_integration_point
-from models.weights import (LoadReport, WeightsError, apply_state_dict, file_fingerprint, load_checkpoint,
-                            safetensors_header, tree_fingerprint)
+from models.weights import (LoadReport, WeightsError, apply_state_dict, check_safetensors_files, file_fingerprint,
+                            load_checkpoint, safetensors_header, tree_fingerprint)
 
 if TYPE_CHECKING:  # torch and the model code are imported where weights are read or models built
     import torch
@@ -144,6 +144,7 @@ class QAViTFamily(ModelFamily):
         missing = t5_folder_lacks(folder)
         if missing:
             raise WeightsError(f"question encoder folder {folder} lacks {', '.join(missing)}. Published at: {url}")
+        check_safetensors_files(sorted(folder.glob("*.safetensors")))
         return folder
 
     def problems(self, preset: str, checkpoint: str | Path | None = None, question_encoder: str | Path | None = None,
