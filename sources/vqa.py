@@ -148,10 +148,10 @@ class VQAv2Source(Source):
             for index, q in group:
                 where = f"{p.questions}, questions[{index}]"
                 ann = answers_by_qid.get(q["question_id"], {})
-                human = ann.get("answers")
+                human, answers_error = ann.get("answers"), None  # this question's alone: not the image's
                 if human is not None and not (isinstance(human, list) and all(isinstance(a, dict) and "answer" in a
                                                                               for a in human)):
-                    human, error = None, error or "its annotation's answers are not a list of {answer: ...}"
+                    human, answers_error = None, "its annotation's answers are not a list of {answer: ...}"
                 record = {
                     "sample_id": str(q["question_id"]),
                     "image_id": str(image_id) if "image_id" in q else None,
@@ -163,7 +163,7 @@ class VQAv2Source(Source):
                     "answer_type": ann.get("answer_type"),
                     WHERE: where,
                 }
-                problem = entry_problem(q, ("image_id", "question")) or error
+                problem = entry_problem(q, ("image_id", "question")) or error or answers_error
                 if problem:
                     record[ERROR] = f"{where}: {problem}"
                 yield record

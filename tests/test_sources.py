@@ -24,7 +24,7 @@ from artifacts.columns import is_fixed_tensor, python_to_column
 from shapes.dataset import render_scene
 from shapes.scene import COLORS
 from sources import SOURCES, GQASource, ManifestSource, ShapesSource, VQAv2Source
-from sources.base import BASE_COLUMNS
+from sources.base import BASE_COLUMNS, ERROR
 
 # --- helpers -----------------------------------------------------------------------------
 
@@ -256,6 +256,19 @@ def test_vqav2_reads_groups_and_finds_images(vqa_files):
     assert rows[0]["answers"] == [f"a420-{k}" for k in range(10)]
     assert (rows[0]["question_type"], rows[0]["answer_type"]) == ("what is", "other")
     assert all({k for k in r if not k.startswith("_")} == source.columns().keys() and r["image_bytes"] is None for r in rows)
+
+
+def test_vqav2_malformed_answers_fail_only_their_question(vqa_files):
+    annotations = json.loads((vqa_files / "a.json").read_text())
+    annotations["annotations"][0]["answers"] = "yes"  # question 420 of image 42; 421 shares the image
+    (vqa_files / "a.json").write_text(json.dumps(annotations))
+    source = VQAv2Source(VQAv2Source.Params(
+        questions=str(vqa_files / "q.json"), annotations=str(vqa_files / "a.json"),
+        images=str(vqa_files / "val2014")))
+    rows = {r["sample_id"]: r for r in source.iter_samples()}
+    assert "answers are not a list" in rows["420"][ERROR]
+    assert ERROR not in rows["421"] and rows["421"]["answers"] == [f"a421-{k}" for k in range(10)]
+    assert ERROR not in rows["70"]
 
 
 def test_vqav2_without_annotations_and_with_a_pattern(vqa_files, caplog):
