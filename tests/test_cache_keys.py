@@ -187,20 +187,10 @@ def _rewrite_keeping_mtime(path, text):
 
 
 def test_edits_with_the_mtime_put_back_change_the_key(plugin, write_graph, tmp_path, monkeypatch):
-    memo = tmp_path / "memo.sqlite3"
-    monkeypatch.setenv(filehash.MEMO_ENV, str(memo))
+    monkeypatch.setenv(filehash.MEMO_ENV, str(tmp_path / "memo.sqlite3"))
     image = tmp_path / "image.png"
     image.write_text("first picture")
-    old = sqlite3.connect(memo)  # a memo written by the version keyed without the change time
-    old.execute("CREATE TABLE hashes (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT, "
-                "PRIMARY KEY (path, size, mtime_ns, inode))")
-    st = os.stat(image)
-    old.execute("INSERT INTO hashes VALUES (?, ?, ?, ?, ?)", (str(image.resolve()), st.st_size, st.st_mtime_ns,
-                                                             st.st_ino, "0" * 64))
-    old.commit()
-    old.close()
-    first = filehash.file_sha256(image)
-    assert first == hashlib.sha256(b"first picture").hexdigest()  # not the old table's entry
+    assert filehash.file_sha256(image) == hashlib.sha256(b"first picture").hexdigest()
     _rewrite_keeping_mtime(image, "other picture")
     filehash._MEMO.local.clear()  # as a new process would: from the memo on disk
     assert filehash.file_sha256(image) == hashlib.sha256(b"other picture").hexdigest()
@@ -214,6 +204,27 @@ def test_edits_with_the_mtime_put_back_change_the_key(plugin, write_graph, tmp_p
     _rewrite_keeping_mtime(plugin / "helper.py", "SCALE = 2.0\n")  # a module the stage imports
     filehash._MEMO.local.clear()
     assert changed(base, keys_of(graph=graph)) == {"patches"}
+
+
+def test_a_memo_file_of_the_version_without_change_times_is_not_read(tmp_path, monkeypatch):
+    memo = tmp_path / "old-memo.sqlite3"
+    monkeypatch.setenv(filehash.MEMO_ENV, str(memo))
+    image = tmp_path / "image.png"
+    image.write_text("a picture")
+    st = os.stat(image)
+    old = sqlite3.connect(memo)  # its table, holding an entry for this very file version, but wrong
+    old.execute("CREATE TABLE hashes (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT, "
+                "PRIMARY KEY (path, size, mtime_ns, inode))")
+    old.execute("INSERT INTO hashes VALUES (?, ?, ?, ?, ?)", (str(image.resolve()), st.st_size, st.st_mtime_ns,
+                                                             st.st_ino, "0" * 64))
+    old.commit()
+    old.close()
+    assert filehash.file_sha256(image) == hashlib.sha256(b"a picture").hexdigest()
+    filehash._MEMO.local.clear()
+    reads = []
+    real = filehash._hash_file
+    monkeypatch.setattr(filehash, "_hash_file", lambda p: reads.append(p) or real(p))
+    assert filehash.file_sha256(image) == hashlib.sha256(b"a picture").hexdigest() and reads == []  # remembered
 
 
 def test_shard_content_and_what_does_not_count(base, write_graph):
