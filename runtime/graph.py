@@ -311,7 +311,7 @@ def _suggest(word: object, choices: list[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-def _build_params(model, values: dict, file: str, node: str | None, prefix: str):
+def _build_params(model, values: dict, file: str, node: str | None, prefix: str) -> tuple[Any, list[Problem]]:
     """``(model(**values), [])``, or ``(None, problems)``: pydantic's, and a boolean where a param
     takes a number (pydantic would read ``true`` as 1)."""
     if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
