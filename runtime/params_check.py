@@ -8,13 +8,13 @@ import typing
 from collections.abc import Mapping, Sequence
 
 
-def takes_bool(annotation: object) -> bool:
+def _takes_bool(annotation: object) -> bool:
     """Whether a param of this annotation may be a boolean."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
-        return takes_bool(args[0])
+        return _takes_bool(args[0])
     if origin in (typing.Union, types.UnionType):
-        return any(takes_bool(a) for a in args)
+        return any(_takes_bool(a) for a in args)
     if origin is typing.Literal:
         return any(isinstance(a, bool) for a in args)
     return annotation in (bool, typing.Any, object)
@@ -27,7 +27,7 @@ def holds_stray_bool(annotation: object, value: object) -> bool:
     if origin is typing.Annotated:
         return holds_stray_bool(args[0], value)
     if isinstance(value, bool):
-        return not takes_bool(annotation)
+        return not _takes_bool(annotation)
     if origin in (typing.Union, types.UnionType):  # stray for every member that could hold the value
         holders = [a for a in args if _could_hold(a, value)]
         return bool(holders) and all(holds_stray_bool(a, value) for a in holders)
