@@ -92,7 +92,8 @@ class Registry(MutableMapping[str, T], Generic[T]):
         try:
             item = ep.load()
         except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin must not end the process; Ctrl-C still does
-            raise RegistryError(f"{where} (group {self.group}) cannot be loaded: {type(exc).__name__}: {exc}") \
+            said = " ".join(str(exc).split())  # one line: it is quoted in a warning and in validation errors
+            raise RegistryError(f"{where} (group {self.group}) cannot be loaded: {type(exc).__name__}: {said}") \
                 from None
         if self.name_of(item) != ep.name:
             raise RegistryError(f"{where} names a {self.kind} called '{self.name_of(item)}'; the entry point "
