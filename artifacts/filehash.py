@@ -1,11 +1,14 @@
 """Full content hashes of files (weights, images), computed once per file version.
 
 A file's sha256 is remembered in a small SQLite table keyed by its real path, size,
-modification time (ns) and inode, so a multi-GB checkpoint or a folder of 40k images is read
-once per machine, and any change to the file (a new mtime or size) hashes it again. The memo
-lives in ``$PNPVQA_HASH_MEMO`` (default ``~/.cache/pnpvqa-runtime/file-hashes.sqlite3``;
-``off`` keeps it in memory only). A memo that cannot be opened is not an error: hashes are
-then computed every time.
+modification time, inode and change time (ns), so a multi-GB checkpoint or a folder of 40k
+images is read once per machine, and any change to the file hashes it again. The change time
+is what makes that hold: a program can put the modification time back after rewriting a file
+in place (``os.utime``, ``touch -d``, ``cp -p``, ``rsync -t``), but every write or metadata
+change sets the change time to the clock's now, and no user call can set it. The memo lives
+in ``$PNPVQA_HASH_MEMO`` (default ``~/.cache/pnpvqa-runtime/file-hashes.sqlite3``; ``off``
+keeps it in memory only). A memo that cannot be opened is not an error: hashes are then
+computed every time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from typing import Iterable
 MEMO_ENV = "PNPVQA_HASH_MEMO"
 CHUNK = 1 << 22
 TABLES = ("hashes", "syntax")
+# the tables' names in SQLite: version 2 keys by the change time too; a memo file written before
+# keeps its version-1 tables, which nothing reads
+SCHEMA = "_v2"
 
 
 def _memo_path() -> Path | None:
@@ -34,7 +40,7 @@ def _memo_path() -> Path | None:
 
 
 class _Memo:
-    """(real path, size, mtime_ns, inode) -> a text value (a file's sha256; in ``runtime.code_identity``
+    """(real path, size, mtime_ns, inode, ctime_ns) -> a text value (a file's sha256; in ``runtime.code_identity``
     the hash and imports of a module's syntax tree), per table, in SQLite when possible, else in
     memory."""
 
@@ -53,8 +59,9 @@ class _Memo:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     db = sqlite3.connect(str(path), timeout=10, check_same_thread=False)
                     for table in TABLES:
-                        db.execute(f"CREATE TABLE IF NOT EXISTS {table} (path TEXT, size INTEGER, mtime_ns INTEGER, "
-                                   "inode INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, inode))")
+                        db.execute(f"CREATE TABLE IF NOT EXISTS {table}{SCHEMA} (path TEXT, size INTEGER, "
+                                   "mtime_ns INTEGER, inode INTEGER, ctime_ns INTEGER, sha256 TEXT, "
+                                   "PRIMARY KEY (path, size, mtime_ns, inode, ctime_ns))")
                     db.commit()
                     self.db = db
                 except (OSError, sqlite3.Error):
@@ -69,8 +76,8 @@ class _Memo:
             if db is None:
                 return None
             try:
-                row = db.execute(f"SELECT sha256 FROM {table} WHERE path=? AND size=? AND mtime_ns=? AND inode=?",
-                                 ident).fetchone()
+                row = db.execute(f"SELECT sha256 FROM {table}{SCHEMA} WHERE path=? AND size=? AND mtime_ns=? "
+                                 "AND inode=? AND ctime_ns=?", ident).fetchone()
             except sqlite3.Error:
                 return None
             if row:
@@ -85,7 +92,7 @@ class _Memo:
             if db is None or not items:
                 return
             try:
-                db.executemany(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?, ?, ?)",
+                db.executemany(f"INSERT OR REPLACE INTO {table}{SCHEMA} VALUES (?, ?, ?, ?, ?, ?)",
                                [(*ident, value) for ident, value in items])
                 db.commit()
             except sqlite3.Error:
@@ -95,14 +102,15 @@ class _Memo:
 _MEMO = _Memo()
 
 
-def _identity(path: Path) -> tuple:
+def file_version(path: str | os.PathLike) -> tuple:
+    """What the memo knows a version of the file by: (real path, size, mtime_ns, inode, ctime_ns)."""
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
 
 
 def remembered(path: str | os.PathLike, table: str, compute) -> str:
     """``compute(path)`` (a text), remembered per file version in ``table`` of the memo."""
-    ident = _identity(Path(path))
+    ident = file_version(Path(path))
     value = _MEMO.get(ident, table)
     if value is None:
         value = compute(path)
@@ -135,7 +143,7 @@ def hash_files(paths: Iterable[str | os.PathLike], threads: int = 4, missing_ok:
     idents: list[tuple | None] = []
     for p in paths:
         try:
-            idents.append(_identity(p))
+            idents.append(file_version(p))
         except OSError:
             if not missing_ok:
                 raise

@@ -8,13 +8,17 @@ points of the registry's group, e.g. in a plugin's ``pyproject.toml``::
     [project.entry-points."pnpvqa.stages"]
     center_prior = "my_heatmaps.stages:CenterPrior"
 
-Entry points are read on the first lookup, so importing a registry costs nothing. Two items
-under one name are an error that names both origins.
+Entry points are read on the first lookup, so importing a registry costs nothing. A plugin that
+cannot be loaded (an import error, even ``sys.exit`` at import), is misnamed or clashes with
+another item under one name is left out with a warning naming it, so it blocks nothing but the
+graphs that use its name: for them ``failure(name)`` says what is wrong (graph validation
+reports it). Two built-in items under one name are an error.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Generic, TypeVar
 
@@ -46,6 +50,7 @@ class Registry(MutableMapping[str, T], Generic[T]):
         self.kind, self.group, self.name_of = kind, group, name_of
         self._items: dict[str, T] = {}
         self._origins: dict[str, str] = {}
+        self._failures: dict[str, str] = {}  # name -> why the plugin item of that name is left out
         self._plugins_loaded = False
 
     def add(self, item: T, origin: str | None = None) -> T:
@@ -63,6 +68,11 @@ class Registry(MutableMapping[str, T], Generic[T]):
         self._load_plugins()
         return self._origins[name]
 
+    def failure(self, name: object) -> str | None:
+        """Why the plugin item called ``name`` is left out (None when it is not)."""
+        self._load_plugins()
+        return self._failures.get(name) if isinstance(name, str) else None
+
     def _load_plugins(self) -> None:
         if self._plugins_loaded:
             return
@@ -72,14 +82,23 @@ class Registry(MutableMapping[str, T], Generic[T]):
         for ep in entry_points(group=self.group):
             where = f"entry point '{ep.name} = {ep.value}' of {ep.dist.name if ep.dist else 'an installed package'}"
             try:
-                item = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
-                raise RegistryError(f"{where} (group {self.group}) cannot be loaded: {type(exc).__name__}: {exc}") \
-                    from None
-            if self.name_of(item) != ep.name:
-                raise RegistryError(f"{where} names a {self.kind} called '{self.name_of(item)}'; the entry point "
-                                    "must have the same name")
-            self.add(item, f"{origin_of(item)}, {where}")
+                self._add_plugin(ep, where)
+            except RegistryError as exc:
+                self._failures[ep.name] = str(exc)
+                print(f"warning: {exc}; left out", file=sys.stderr)
+
+    def _add_plugin(self, ep, where: str) -> None:
+        """Load one entry point and register its item; ``RegistryError`` says why it cannot be."""
+        try:
+            item = ep.load()
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin must not end the process; Ctrl-C still does
+            said = " ".join(str(exc).split())  # one line: it is quoted in a warning and in validation errors
+            raise RegistryError(f"{where} (group {self.group}) cannot be loaded: {type(exc).__name__}: {said}") \
+                from None
+        if self.name_of(item) != ep.name:
+            raise RegistryError(f"{where} names a {self.kind} called '{self.name_of(item)}'; the entry point "
+                                "must have the same name")
+        self.add(item, f"{origin_of(item)}, {where}")
 
     # -- mapping ------------------------------------------------------------------------------
     def __getitem__(self, name: str) -> T:
@@ -104,4 +123,4 @@ class Registry(MutableMapping[str, T], Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         self._load_plugins()
-        return name in self._items
+        return isinstance(name, str) and name in self._items

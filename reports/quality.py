@@ -25,6 +25,7 @@ from shapes.scene import TEXTURES
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
 QUALITY_SEED = 9000
+MIN_IMAGES = 2  # the ITM check's hard negatives include other images' questions
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
 BACKGROUNDS = ("plain", *TEXTURES)
 
@@ -251,6 +252,19 @@ def findings_from(table: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def _at_least(low: int):
+    """An argparse type: an integer no smaller than ``low`` (argparse names the argument, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="runtime quality",
@@ -260,8 +274,10 @@ def parser() -> argparse.ArgumentParser:
                     "type), heatmap pointing game, energy in mask, top-20 recall and ITM accuracy, VQA "
                     "accuracy and pointing game per background, and findings computed from the numbers (plus a "
                     ".json beside it). Runs share the cache: a second call recomputes only what changed.")
-    p.add_argument("--images", type=int, default=100, help="held-out shapes images, 4 questions each (default 100)")
-    p.add_argument("--seed", type=int, default=QUALITY_SEED,
+    p.add_argument("--images", type=_at_least(MIN_IMAGES), default=100,
+                   help=f"held-out shapes images, 4 questions each (default 100, at least {MIN_IMAGES}: the ITM check "
+                        "pairs each question with another image's as a negative)")
+    p.add_argument("--seed", type=_at_least(0), default=QUALITY_SEED,
                    help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0-2, its "
                         "held-out sets 1000-1002, the shipped weights' checks 7000)")
     p.add_argument("--out", default="docs/quality.md", help="Markdown report to write (default docs/quality.md)")

@@ -136,8 +136,11 @@ SCRIPT = r"""
       document.getElementById('btn-' + t).classList.toggle('active', t === tab);
     });
   }
+  function fragment() {  // a mistyped or truncated link (#sample=pct%zz) opens the summary, not a script error
+    try { return decodeURIComponent(location.hash.replace(/^#/, '')); } catch (e) { return ''; }
+  }
   function route() {
-    var hash = decodeURIComponent(location.hash.replace(/^#/, ''));
+    var hash = fragment();
     if (hash.indexOf('sample=') === 0) { renderSample(hash.slice(7)); show('sample'); }
     else if (hash.indexOf('image=') === 0) { renderImage(hash.slice(6)); show('image'); }
     else if (TABS.indexOf(hash) >= 0) {

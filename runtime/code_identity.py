@@ -26,7 +26,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from artifacts.filehash import remembered
+from artifacts.filehash import file_version, remembered
 
 PROJECT_PACKAGES = ("stages", "grids", "models", "artifacts")
 # import name -> distributions whose version can change a stage's numbers
@@ -103,10 +103,10 @@ def _module_file(name: str) -> Path | None:
 
 
 @lru_cache(maxsize=None)
-def _parse(file: str, mtime_ns: int) -> tuple[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
-    """(hash of the docstring-free syntax tree, imports as (module, names, level)), remembered
-    per file version across processes (``artifacts.filehash``): parsing a model package takes
-    a second."""
+def _parse(file: str, version: tuple) -> tuple[str, tuple[tuple[str, tuple[str, ...], int], ...]]:
+    """(hash of the docstring-free syntax tree, imports as (module, names, level)) of the file at
+    ``version`` (``file_version``: an edit with the mtime put back is a new version), remembered
+    across processes (``artifacts.filehash``): parsing a model package takes a second."""
     digest, imports = json.loads(remembered(file, "syntax", _parse_file))
     return digest, tuple((m, tuple(n), level) for m, n, level in imports)
 
@@ -146,7 +146,7 @@ def _closure(start: str, roots: frozenset[str]) -> tuple[dict[str, str], set[str
         if file is None or file.suffix != ".py":
             hashes[name] = "unreadable"
             continue
-        digest, imports = _parse(str(file), file.stat().st_mtime_ns)
+        digest, imports = _parse(str(file), file_version(file))
         hashes[name] = digest
         is_package = file.name == "__init__.py"
         package = name if is_package else name.rpartition(".")[0]
@@ -194,7 +194,7 @@ def code_identity(cls: type) -> CodeIdentity:
     hashes, external = _closure(module, roots)
     for runner in RUNNER_MODULES:  # its own file only: its imports are the runtime's, not numbers
         file = _module_file(runner)
-        hashes[runner] = _parse(str(file), file.stat().st_mtime_ns)[0] if file else "unreadable"
+        hashes[runner] = _parse(str(file), file_version(file))[0] if file else "unreadable"
     if hashes.get(module) == "unreadable":  # e.g. a class typed into an interactive session
         try:
             hashes[module] = hashlib.sha256(inspect.getsource(cls).encode()).hexdigest()

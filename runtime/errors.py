@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass
 
 
@@ -33,3 +34,21 @@ class GraphError(Exception):
 
 class UsageError(Exception):
     """A bad command-line argument."""
+
+
+def _short_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 2, 60, 60
+    r.maxlist = r.maxtuple = r.maxset = r.maxfrozenset = r.maxdict = 5
+    return r
+
+
+_SHORT_REPR = _short_repr()
+SHOWN_LIMIT = 200
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a message, cut to about ``SHOWN_LIMIT`` characters without building
+    the whole text: a value from a graph may expand to a megabyte through YAML aliases."""
+    text = _SHORT_REPR.repr(value)
+    return text if len(text) <= SHOWN_LIMIT else text[:SHOWN_LIMIT] + "..."

@@ -21,9 +21,10 @@ from pydantic import ValidationError
 
 from artifacts.columns import describe_type, match_spec
 from artifacts.fingerprint import fingerprint
-from runtime.errors import GraphError, Problem
+from runtime.errors import GraphError, Problem, shown
+from runtime.params_check import holds_stray_bool
 from runtime.params_doc import allowed_range, type_name
-from runtime.yaml_io import DuplicateKeyError, load_yaml, parse_value
+from runtime.yaml_io import DuplicateKeyError, ExpansionError, load_yaml, parse_value
 from sources import SOURCES
 from sources.base import Source
 from stages import STAGES
@@ -33,6 +34,8 @@ SOURCE = "source"  # the reserved node name of the dataset in input references
 TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size"}
 NODE_KEYS = {"stage", "params", "inputs", "batch_size"}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# a graph's name is its run folder's (runs/NAME, OUTPUT/NAME of a sweep): one plain path component
+GRAPH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 DEFAULT_SHARD_SIZE = 256
 
 
@@ -129,6 +132,10 @@ def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str,
                                   + (f" (extended by {chain[-1]})" if chain else ""))]) from None
     except OSError as exc:
         raise GraphError([Problem(file, None, None, f"cannot read the graph file: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise GraphError([Problem(file, None, None, f"line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8 "
+                                  "(graph files are UTF-8 text)")]) from None
     try:
         doc = load_yaml(text)
     except DuplicateKeyError as exc:
@@ -136,6 +143,8 @@ def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str,
         what = "duplicate node name" if exc.path == ["nodes"] else "duplicate key"
         raise GraphError([Problem(file, node, ".".join(exc.path + [exc.key]),
                                   f"{what} '{exc.key}' (line {exc.line}); each name may appear once")]) from None
+    except ExpansionError as exc:
+        raise GraphError([Problem(file, None, None, str(exc))]) from None
     except Exception as exc:  # yaml.YAMLError and friends: report the parser's own words
         raise GraphError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
     if not isinstance(doc, dict):
@@ -152,7 +161,9 @@ def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str,
     if "extends" not in doc:
         return doc, origins
 
-    parent_path = (path.parent / str(doc["extends"])).resolve()
+    if not isinstance(doc["extends"], str):
+        raise GraphError([Problem(file, None, "extends", f"must be the path of a graph file; got {shown(doc['extends'])}")])
+    parent_path = (path.parent / doc["extends"]).resolve()
     parent, parent_origins = _read_document(parent_path, chain + (path,))
     merged = copy.deepcopy(parent)
     for key in ("name", "description", "shard_size"):
@@ -202,9 +213,12 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
             continue
         try:
             parsed = parse_value(value)
+        except ExpansionError as exc:
+            problems.append(Problem("--set", None, key, str(exc)))
+            continue
         except Exception as exc:  # yaml.YAMLError and friends: the value, not the graph, is wrong
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            problems.append(Problem("--set", None, key, f"the value {value!r} is not valid YAML ({first}); quote "
+            problems.append(Problem("--set", None, key, f"the value {shown(value)} is not valid YAML ({first}); quote "
                                     "strings, write lists as [a, b]"))
             continue
         if key == "shard_size":
@@ -292,15 +306,33 @@ def load_graph(path: str | Path, overrides: list[str] | None = None,
 
 # --- validation ---------------------------------------------------------------------------
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
+def _suggest(word: object, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1) if isinstance(word, str) else []
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-def _pydantic_problems(exc: ValidationError, file: str, node: str | None, prefix: str, model) -> list[Problem]:
+def _build_params(model, values: dict, file: str, node: str | None, prefix: str) -> tuple[Any, list[Problem]]:
+    """``(model(**values), [])``, or ``(None, problems)``: pydantic's, and a boolean where a param
+    takes a number (pydantic would read ``true`` as 1)."""
+    if not isinstance(values, dict) or not all(isinstance(k, str) for k in values):
+        return None, [Problem(file, node, prefix, "must be a mapping of parameter -> value")]
+    fields = model.model_fields
+    strays = [name for name, value in values.items()
+              if name in fields and holds_stray_bool(fields[name].annotation, value)]
+    problems = [Problem(file, node, f"{prefix}.{name}", f"expected {type_name(fields[name].annotation)}, got "
+                        f"{shown(values[name])}: a boolean is not a number") for name in strays]
+    try:
+        built = model(**values)
+    except ValidationError as exc:  # the strays' own errors are the ones above
+        errors = [err for err in exc.errors() if not err["loc"] or err["loc"][0] not in strays]
+        return None, problems + _pydantic_problems(errors, file, node, prefix, model)
+    return (None if problems else built), problems
+
+
+def _pydantic_problems(errors: list[dict], file: str, node: str | None, prefix: str, model) -> list[Problem]:
     out = []
     fields = model.model_fields
-    for err in exc.errors():
+    for err in errors:
         loc = ".".join(str(x) for x in err["loc"])
         name = str(err["loc"][0]) if err["loc"] else ""
         if err["type"] == "extra_forbidden":
@@ -311,7 +343,7 @@ def _pydantic_problems(exc: ValidationError, file: str, node: str | None, prefix
             allowed = allowed_range(f) if f else None
             hint = f" (expected {type_name(f.annotation)}{f', {allowed}' if allowed else ''}, default {f.default!r})" \
                 if f else ""
-            msg = f"{err['msg']}{hint}; got {err.get('input')!r}"
+            msg = f"{err['msg']}{hint}; got {shown(err.get('input'))}"
         out.append(Problem(file, node, f"{prefix}.{loc}" if loc else prefix, msg))
     return out
 
@@ -323,33 +355,40 @@ def _parse_ref(text: Any) -> Ref | None:
     return Ref(node, column) if node and column else None
 
 
+def _name_problems(name: object, file: str) -> list[Problem]:
+    """A graph's name names its run folder: a name, never a path (``../x`` would write outside runs/)."""
+    if isinstance(name, str) and GRAPH_NAME_RE.match(name) and ".." not in name:
+        return []
+    return [Problem(file, None, "name", "a graph's name names its run folder (runs/NAME): letters, digits, '_', "
+                    f"'-' and '.' (not '..'), starting with a letter, digit or '_'; got {shown(name)}")]
+
+
 def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
-    problems: list[Problem] = []
+    problems: list[Problem] = _name_problems(doc["name"], file)
 
     # dataset source
     ds = doc.get("dataset")
     source: Source | None = None
     if not isinstance(ds, dict) or "source" not in ds:
         problems.append(Problem(file, None, "dataset", f"missing 'dataset: {{source: NAME, params: {{...}}}}'; sources: {', '.join(SOURCES)}"))
+    elif SOURCES.failure(ds.get("source")):
+        problems.append(Problem(file, None, "dataset.source", SOURCES.failure(ds.get("source"))))
     elif ds.get("source") not in SOURCES:
-        problems.append(Problem(file, None, "dataset.source", f"unknown source '{ds.get('source')}'; {_suggest(str(ds.get('source')), list(SOURCES))}valid sources: {', '.join(SOURCES)}"))
+        problems.append(Problem(file, None, "dataset.source", f"unknown source {shown(ds.get('source'))}; {_suggest(ds.get('source'), list(SOURCES))}valid sources: {', '.join(SOURCES)}"))
     else:
         extra = set(ds) - {"source", "params"}
         for k in sorted(extra):
             problems.append(Problem(file, None, f"dataset.{k}", "unknown key; valid keys: source, params"))
         cls = SOURCES[ds["source"]]
-        try:
-            source = cls(cls.Params(**(ds.get("params") or {})))
-        except ValidationError as exc:
-            problems += _pydantic_problems(exc, file, None, "dataset.params", cls.Params)
-        except TypeError:
-            problems.append(Problem(file, None, "dataset.params", "must be a mapping of parameter -> value"))
+        params, found = _build_params(cls.Params, ds.get("params") or {}, file, None, "dataset.params")
+        problems += found
+        source = cls(params) if params is not None else None
     source_cols = source.columns() if source else {}
     source_types = {k: v.type for k, v in source_cols.items()}
 
     shard_size = doc.get("shard_size", DEFAULT_SHARD_SIZE)
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-        problems.append(Problem(file, None, "shard_size", f"must be a positive integer (samples per shard); got {shard_size!r}"))
+        problems.append(Problem(file, None, "shard_size", f"must be a positive integer (samples per shard); got {shown(shard_size)}"))
         shard_size = DEFAULT_SHARD_SIZE
 
     # nodes: stage + params
@@ -374,20 +413,19 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             else:
                 problems.append(Problem(nfile, name, k, f"unknown node key; valid keys: {', '.join(sorted(NODE_KEYS))}"))
         stage_name = spec.get("stage")
+        if STAGES.failure(stage_name):
+            problems.append(Problem(nfile, name, "stage", STAGES.failure(stage_name)))
+            continue
         if stage_name not in STAGES:
-            problems.append(Problem(nfile, name, "stage", f"unknown stage '{stage_name}'; {_suggest(str(stage_name), list(STAGES))}"
+            problems.append(Problem(nfile, name, "stage", f"unknown stage {shown(stage_name)}; {_suggest(stage_name, list(STAGES))}"
                                     f"run `runtime stages` for the list: {', '.join(STAGES)}"))
             continue
         cls = STAGES[stage_name]
-        params = spec.get("params") or {}
-        if not isinstance(params, dict):
-            problems.append(Problem(nfile, name, "params", "must be a mapping of parameter -> value"))
+        params, found = _build_params(cls.Params, spec.get("params") or {}, nfile, name, "params")
+        if params is None:
+            problems += found
             continue
-        try:
-            stages[name] = cls(cls.Params(**params))
-        except ValidationError as exc:
-            problems += _pydantic_problems(exc, nfile, name, "params", cls.Params)
-            continue
+        stages[name] = cls(params)
         for fld, msg in stages[name].problems():
             problems.append(Problem(nfile, name, f"params.{fld}", msg))
         inputs = spec.get("inputs") or {}
@@ -398,7 +436,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         wiring[name] = inputs
         batch_size = spec.get("batch_size")
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-            problems.append(Problem(nfile, name, "batch_size", f"must be a positive integer; got {batch_size!r}"))
+            problems.append(Problem(nfile, name, "batch_size", f"must be a positive integer; got {shown(batch_size)}"))
         extras[name] = batch_size
 
     # edges + cycles
@@ -415,7 +453,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                 continue
             ref = _parse_ref(target)
             if ref is None:
-                problems.append(Problem(nfile, name, f"inputs.{inp}", f"expected NODE.COLUMN (or source.COLUMN), got {target!r}"))
+                problems.append(Problem(nfile, name, f"inputs.{inp}", f"expected NODE.COLUMN (or source.COLUMN), got {shown(target)}"))
                 continue
             if ref.node == SOURCE:
                 if source is not None and ref.column not in source_cols:
@@ -506,7 +544,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
     for i, item in enumerate(raw_outputs):
         ref = _parse_ref(item)
         if ref is None:
-            problems.append(Problem(file, None, f"outputs[{i}]", f"expected NODE.COLUMN, got {item!r}"))
+            problems.append(Problem(file, None, f"outputs[{i}]", f"expected NODE.COLUMN, got {shown(item)}"))
         elif ref.node == SOURCE:
             if source is not None and ref.column not in source_cols:
                 problems.append(Problem(file, None, f"outputs[{i}]", f"source has no column '{ref.column}'; columns: {', '.join(source_cols)}"))

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import sqlite3
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -170,6 +173,58 @@ def test_weights_fingerprint_reads_the_whole_file_once(tmp_path, monkeypatch):
     data[len(data) // 2] ^= 1  # one bit in the middle: the old fingerprint read only the ends
     path.write_bytes(bytes(data))
     assert file_fingerprint(path) != first and len(reads) == 1
+
+
+def _rewrite_keeping_mtime(path, text):
+    """Rewrite ``path`` in place with as many bytes and put its modification time back (as
+    ``cp -p``, ``rsync -t`` or an editor's "keep timestamps" do)."""
+    st = os.stat(path)
+    assert len(text.encode()) == st.st_size
+    time.sleep(0.05)  # past the clock tick of the file's change time (a few ms; docs/store.md)
+    path.write_text(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+
+
+def test_edits_with_the_mtime_put_back_change_the_key(plugin, write_graph, tmp_path, monkeypatch):
+    monkeypatch.setenv(filehash.MEMO_ENV, str(tmp_path / "memo.sqlite3"))
+    image = tmp_path / "image.png"
+    image.write_text("first picture")
+    assert filehash.file_sha256(image) == hashlib.sha256(b"first picture").hexdigest()
+    _rewrite_keeping_mtime(image, "other picture")
+    filehash._MEMO.local.clear()  # as a new process would: from the memo on disk
+    assert filehash.file_sha256(image) == hashlib.sha256(b"other picture").hexdigest()
+
+    graph = write_graph(f"""
+        extends: {ORACLE}
+        nodes:
+          patches: {{stage: plugin_patches, inputs: {{heatmap: enhance.heatmap}}}}
+        """)
+    base = keys_of(graph=graph)
+    _rewrite_keeping_mtime(plugin / "helper.py", "SCALE = 2.0\n")  # a module the stage imports
+    filehash._MEMO.local.clear()
+    assert changed(base, keys_of(graph=graph)) == {"patches"}
+
+
+def test_a_memo_file_of_the_version_without_change_times_is_not_read(tmp_path, monkeypatch):
+    memo = tmp_path / "old-memo.sqlite3"
+    monkeypatch.setenv(filehash.MEMO_ENV, str(memo))
+    image = tmp_path / "image.png"
+    image.write_text("a picture")
+    st = os.stat(image)
+    old = sqlite3.connect(memo)  # its table, holding an entry for this very file version, but wrong
+    old.execute("CREATE TABLE hashes (path TEXT, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT, "
+                "PRIMARY KEY (path, size, mtime_ns, inode))")
+    old.execute("INSERT INTO hashes VALUES (?, ?, ?, ?, ?)", (str(image.resolve()), st.st_size, st.st_mtime_ns,
+                                                             st.st_ino, "0" * 64))
+    old.commit()
+    old.close()
+    assert filehash.file_sha256(image) == hashlib.sha256(b"a picture").hexdigest()
+    filehash._MEMO.local.clear()
+    reads = []
+    real = filehash._hash_file
+    monkeypatch.setattr(filehash, "_hash_file", lambda p: reads.append(p) or real(p))
+    assert filehash.file_sha256(image) == hashlib.sha256(b"a picture").hexdigest() and reads == []  # remembered
 
 
 def test_shard_content_and_what_does_not_count(base, write_graph):

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT
-from plugins import Registry, RegistryError
+from plugins import Registry
 
 pytestmark = pytest.mark.slow
 
@@ -120,15 +120,22 @@ def registry_with(monkeypatch, *points):
     return reg
 
 
-def test_clashing_misnamed_and_broken_plugins_are_named(monkeypatch):
+def test_clashing_misnamed_and_broken_plugins_are_named_and_left_out(monkeypatch, capsys):
     reg = registry_with(monkeypatch, FakeEntryPoint("builtin", "pkg:other", lambda: Thing("builtin")))
-    with pytest.raises(RegistryError, match="two things are named 'builtin': here and .*pkg:other"):
-        list(reg)
+    assert list(reg) == ["builtin"] and reg.origin("builtin") == "here"
+    assert re.search("two things are named 'builtin': here and .*pkg:other", reg.failure("builtin"))
     reg = registry_with(monkeypatch, FakeEntryPoint("alias", "pkg:thing", lambda: Thing("real")))
-    with pytest.raises(RegistryError, match="called 'real'; the entry point must have the same name"):
-        reg["builtin"]
-    reg = registry_with(monkeypatch, FakeEntryPoint("bad", "pkg:missing", lambda: 1 / 0))
-    with pytest.raises(RegistryError, match="'bad = pkg:missing'.*cannot be loaded: ZeroDivisionError"):
-        "bad" in reg
-    reg = registry_with(monkeypatch, FakeEntryPoint("extra", "pkg:extra", lambda: Thing("extra")))
+    assert "alias" not in reg and "real" not in reg
+    assert "called 'real'; the entry point must have the same name" in reg.failure("alias")
+    reg = registry_with(monkeypatch, FakeEntryPoint("bad", "pkg:missing", lambda: 1 / 0),
+                        FakeEntryPoint("exits", "pkg:exits", lambda: sys.exit(3)),
+                        FakeEntryPoint("extra", "pkg:extra", lambda: Thing("extra")))
     assert sorted(reg) == ["builtin", "extra"] and "entry point 'extra = pkg:extra'" in reg.origin("extra")
+    assert re.search("'bad = pkg:missing'.*cannot be loaded: ZeroDivisionError", reg.failure("bad"))
+    assert "cannot be loaded: SystemExit: 3" in reg.failure("exits") and reg.failure("extra") is None
+    warnings = capsys.readouterr().err
+    assert "warning: two things are named 'builtin'" in warnings
+    assert all(f"warning: entry point '{n}" in warnings for n in ("alias", "bad", "exits"))
+    reg = registry_with(monkeypatch, FakeEntryPoint("stop", "pkg:stop", lambda: (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C during a plugin's import still stops the command
+        "stop" in reg

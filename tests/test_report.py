@@ -465,3 +465,8 @@ def test_report_of_a_run_without_ground_truth_opens_every_view(tmp_path, write_g
     check_page(html, tmp_path)
     dom = check_page(html, tmp_path, "#sample=s01")
     assert 'id="tab-sample" class="active"' in dom
+
+
+def test_a_malformed_link_fragment_opens_the_summary(report, tmp_path):
+    dom = check_page(report, tmp_path, "#sample=pct%zz")  # not percent-encoding: decodeURIComponent throws
+    assert 'id="tab-summary" class="active"' in dom
