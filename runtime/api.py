@@ -82,7 +82,8 @@ def choose_executor(executor: str, address: str | None, samples: int) -> str:
 
 
 def check_sources(graph: Graph) -> None:
-    problems = [Problem(graph.path, None, f"dataset.params.{f}", msg) for f, msg in graph.source.problems()]
+    where, prefix = (graph.dataset_file, "params") if graph.dataset_file else (graph.path, "dataset.params")
+    problems = [Problem(where, None, f"{prefix}.{f}", msg) for f, msg in graph.source.problems()]
     if problems:
         raise GraphError(problems)
 

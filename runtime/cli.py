@@ -17,6 +17,7 @@ EPILOG = """examples:
   runtime run graphs/pnp_vqa.yaml --preset large --random-weights --profile   time the published sizes
   runtime run graphs/oracle_heatmap.yaml --executor local --limit 20
   runtime run graphs/oracle_heatmap.yaml --set points.num_points=3 --set dataset.num_images=64
+  runtime run graphs/pnp_vqa.yaml graphs/esam_enhanced.yaml --dataset datasets/vqav2_val.yaml   a sweep on VQAv2
   runtime validate graphs/oracle_heatmap.yaml             check a graph without running it
   runtime show graphs/oracle_heatmap.yaml --dot | dot -Tpng > graph.png
   runtime stages heatmap_points                          params and columns of one stage
@@ -44,12 +45,15 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
-    def graph_args(sp, several: bool = False):
+    def graph_args(sp, several: str | None = None):
         if several:
-            sp.add_argument("graph", nargs="+", help="graph YAML file (see graphs/); several graphs over one "
-                            "dataset run as a sweep: in one pass, sharing every node they have in common")
+            sp.add_argument("graph", nargs="+", help=f"graph YAML file (see graphs/); {several}")
         else:
             sp.add_argument("graph", help="graph YAML file (see graphs/)")
+        sp.add_argument("--dataset", metavar="FILE.yaml",
+                        help="a dataset file (a graph's dataset block: source + params; see datasets/) replacing "
+                             "the graphs' own; its relative paths are relative to the file; --set dataset.PARAM "
+                             "still applies on top")
         sp.add_argument("--preset", metavar="NAME", action="append", default=[],
                         help="model preset for every model node that offers it (BLIP / UnifiedQA: tiny, base, large, "
                              "3b; EfficientSAM: tiny, vitt, vits); repeatable, e.g. --preset large --preset vitt")
@@ -73,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
                        "graphs over one dataset run as a sweep: each shard goes through every graph, nodes with the "
                        "same key are computed once, each model loads once, and each graph gets its own run folder "
                        "(OUTPUT/<graph name> with --output).")
-    graph_args(r, several=True)
+    graph_args(r, several="several graphs over one dataset run as a sweep: in one pass, sharing every node they "
+               "have in common")
     r.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
                    help="auto (default): Ray for --address or runs of 500 samples or more, local below (Ray's "
                    "start-up, about 25 s on 2 cores, would dominate a small run); ray: shards spread over Ray "
@@ -107,8 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", action="store_true", help="count the time inside model forward and backward passes "
                    "per node (manifest: model_seconds) and print its share of the run's wall time")
 
-    v = sub.add_parser("validate", help="check a graph file without running it")
-    graph_args(v)
+    v = sub.add_parser("validate", help="check graph files without running them")
+    graph_args(v, several="each is checked, and every problem of each reported")
     s = sub.add_parser("show", help="print the resolved graph (after extends and --set)")
     graph_args(s)
     s.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of YAML")
@@ -173,7 +178,7 @@ def _load(a, path: str | None = None):
     """Validate the graph of a run / validate / show command, after ``_settings`` and --preset."""
     from runtime.graph import load_graph
 
-    graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype)
+    graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype, dataset=a.dataset)
     if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
         if left:
@@ -182,12 +187,20 @@ def _load(a, path: str | None = None):
     return graph
 
 
+def _warn_notes(graph) -> None:
+    """What validation dropped from ``graph`` (removed or skipped nodes' columns), one line each."""
+    for note in graph.notes:
+        print(f"warning: {graph.path}: {note}", file=sys.stderr)
+
+
 def _cmd_run(a) -> int:
     from runtime.api import run_graphs
     from runtime.run import format_summary
 
     settings = _settings(a)
     graphs = [_load(a, path) for path in a.graph]
+    for graph in graphs:
+        _warn_notes(graph)
     outputs = None
     if a.output:
         outputs = [a.output] if len(graphs) == 1 else [f"{a.output.rstrip('/')}/{g.name}" for g in graphs]
@@ -197,7 +210,7 @@ def _cmd_run(a) -> int:
                            progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait, settings=settings,
                            arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
                                       "dtype": a.dtype,
-                                      "weights": a.weights})
+                                      "weights": a.weights, **({"dataset": a.dataset} if a.dataset else {})})
     for graph, summary in zip(graphs, summaries):
         if len(graphs) > 1:
             print(f"== {graph.name} ({graph.path})")
@@ -209,9 +222,19 @@ def _cmd_validate(a) -> int:
     from runtime.api import check_sources
 
     _settings(a)
-    g = _load(a)
-    check_sources(g)
-    print(f"{a.graph}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
+    problems = []
+    for path in a.graph:  # every graph is checked: one run of validate reports all of a sweep's problems
+        try:
+            g = _load(a, path)
+            check_sources(g)
+        except GraphError as exc:  # a shared dataset file's problems once, not once per graph
+            problems += [p for p in exc.problems if p not in problems]
+            continue
+        print(f"{path}: ok — {len(g.nodes)} nodes, source '{g.source.name}', {len(g.outputs)} kept outputs")
+        for note in g.notes:
+            print(f"  {note}")
+    if problems:
+        raise GraphError(problems)
     return 0
 
 
@@ -222,6 +245,7 @@ def _cmd_show(a) -> int:
 
     _settings(a)
     g = _load(a)
+    _warn_notes(g)
     if a.dot:
         print(g.to_dot())
         return 0

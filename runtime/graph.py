@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import graphlib
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from stages.base import Granularity, Stage
 
 SOURCE = "source"  # the reserved node name of the dataset in input references
 TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size"}
-NODE_KEYS = {"stage", "params", "inputs", "batch_size"}
+NODE_KEYS = {"stage", "params", "inputs", "batch_size", "optional"}
+DATASET_KEYS = {"source", "params"}
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # a graph's name is its run folder's (runs/NAME, OUTPUT/NAME of a sweep): one plain path component
 GRAPH_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -78,6 +80,8 @@ class Graph:
     outputs: list[Ref]
     shard_size: int
     raw: dict[str, Any] = field(repr=False)  # the resolved document (after extends and --set)
+    dataset_file: str | None = None  # the file the dataset block came from; None: written in the graph
+    notes: list[str] = field(default_factory=list)  # what validation dropped (removed, skipped nodes' columns)
 
     @property
     def hash(self) -> str:
@@ -119,34 +123,83 @@ class Graph:
 
 # --- loading ------------------------------------------------------------------------------
 
-def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+@dataclass
+class _Document:
+    """A graph file merged with its ``extends`` chain."""
+
+    doc: dict
+    origins: dict[str, str]  # node -> the file that defined (or last overrode) it
+    dataset_file: str | None  # the file the dataset block came from; None: written inline
+    notes: list[str]  # outputs dropped with the nodes a variant removed
+
+
+def _parse_yaml_file(path: Path, what: str, chain: tuple[Path, ...] = ()) -> Any:
+    """The YAML document in ``path``, a ``GraphError`` naming the file when it cannot be read
+    (``what``: "graph" or "dataset")."""
+    file = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise GraphError([Problem(file, None, None, f"{what} file not found"
+                                  + (f" (extended by {chain[-1]})" if chain else ""))]) from None
+    except OSError as exc:
+        raise GraphError([Problem(file, None, None, f"cannot read the {what} file: {exc}")]) from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[:exc.start].count(b"\n") + 1
+        raise GraphError([Problem(file, None, None, f"line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8 "
+                                  f"({what} files are UTF-8 text)")]) from None
+    try:
+        return load_yaml(text)
+    except DuplicateKeyError as exc:
+        node = exc.key if exc.path == ["nodes"] else (exc.path[1] if len(exc.path) > 1 and exc.path[0] == "nodes" else None)
+        kind = "duplicate node name" if exc.path == ["nodes"] else "duplicate key"
+        raise GraphError([Problem(file, node, ".".join(exc.path + [exc.key]),
+                                  f"{kind} '{exc.key}' (line {exc.line}); each name may appear once")]) from None
+    except ExpansionError as exc:
+        raise GraphError([Problem(file, None, None, str(exc))]) from None
+    except Exception as exc:  # yaml.YAMLError and friends: report the parser's own words
+        raise GraphError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+
+
+def read_dataset_file(path: Path) -> dict:
+    """The dataset block held in ``path`` (``source`` + ``params``), with its relative file paths
+    made relative to the file's folder: a dataset file works from any working directory."""
+    file = str(path)
+    block = _parse_yaml_file(path, "dataset")
+    if not isinstance(block, dict) or "source" not in block:
+        raise GraphError([Problem(file, None, None, "a dataset file is a YAML mapping {source: NAME, params: {...}} "
+                                  f"(a graph's dataset block); sources: {', '.join(SOURCES)}")])
+    unknown = sorted(set(block) - DATASET_KEYS)
+    if unknown:
+        raise GraphError([Problem(file, None, k, f"unknown key; valid keys: {', '.join(sorted(DATASET_KEYS))}")
+                          for k in unknown])
+    params = block.get("params")
+    if block["source"] in SOURCES and isinstance(params, dict):  # else validation names what is wrong
+        folder = path.parent
+        block["params"] = {k: (_relative_to(folder, v) if k in SOURCES[block["source"]].Params.path_params else v)
+                           for k, v in params.items()}
+    return block
+
+
+def _relative_to(folder: Path, value: Any) -> Any:
+    """``value`` (a path param) joined to ``folder`` when it is a relative path."""
+    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+        return value
+    return os.path.normpath(folder / value)
+
+
+def _dataset_path(graph: Path, value: Any) -> Path | None:
+    """The dataset file a graph's ``dataset: FILE.yaml`` names (relative to the graph), else None."""
+    return (graph.parent / value).resolve() if isinstance(value, str) else None
+
+
+def _read_document(path: Path, chain: tuple[Path, ...]) -> _Document:
     """Read ``path`` and its ``extends`` chain; return the merged document and node origins."""
     file = str(path)
     if path in chain:
         raise GraphError([Problem(file, None, "extends", "circular extends: "
                                   + " -> ".join(str(p) for p in (*chain, path)))])
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise GraphError([Problem(file, None, None, "graph file not found"
-                                  + (f" (extended by {chain[-1]})" if chain else ""))]) from None
-    except OSError as exc:
-        raise GraphError([Problem(file, None, None, f"cannot read the graph file: {exc}")]) from None
-    except UnicodeDecodeError as exc:
-        line = exc.object[:exc.start].count(b"\n") + 1
-        raise GraphError([Problem(file, None, None, f"line {line}: byte 0x{exc.object[exc.start]:02x} is not UTF-8 "
-                                  "(graph files are UTF-8 text)")]) from None
-    try:
-        doc = load_yaml(text)
-    except DuplicateKeyError as exc:
-        node = exc.key if exc.path == ["nodes"] else (exc.path[1] if len(exc.path) > 1 and exc.path[0] == "nodes" else None)
-        what = "duplicate node name" if exc.path == ["nodes"] else "duplicate key"
-        raise GraphError([Problem(file, node, ".".join(exc.path + [exc.key]),
-                                  f"{what} '{exc.key}' (line {exc.line}); each name may appear once")]) from None
-    except ExpansionError as exc:
-        raise GraphError([Problem(file, None, None, str(exc))]) from None
-    except Exception as exc:  # yaml.YAMLError and friends: report the parser's own words
-        raise GraphError([Problem(file, None, None, f"not valid YAML: {exc}")]) from None
+    doc = _parse_yaml_file(path, "graph", chain)
     if not isinstance(doc, dict):
         raise GraphError([Problem(file, None, None, "a graph file must be a YAML mapping with "
                                   "'dataset', 'nodes' and 'outputs'")])
@@ -157,27 +210,34 @@ def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str,
     nodes = doc.get("nodes") or {}
     if not isinstance(nodes, dict):
         raise GraphError([Problem(file, None, "nodes", "must be a mapping of node name -> {stage, params, inputs}")])
+    dataset_path = _dataset_path(path, doc.get("dataset"))
+    if dataset_path is not None:
+        doc["dataset"] = read_dataset_file(dataset_path)
+    dataset_file = str(dataset_path) if dataset_path else None
     origins = {name: file for name in nodes}
     if "extends" not in doc:
-        return doc, origins
+        return _Document(doc, origins, dataset_file, [])
 
     if not isinstance(doc["extends"], str):
         raise GraphError([Problem(file, None, "extends", f"must be the path of a graph file; got {shown(doc['extends'])}")])
     parent_path = (path.parent / doc["extends"]).resolve()
-    parent, parent_origins = _read_document(parent_path, chain + (path,))
-    merged = copy.deepcopy(parent)
+    parent = _read_document(parent_path, chain + (path,))
+    merged = copy.deepcopy(parent.doc)
     for key in ("name", "description", "shard_size"):
         if key in doc:
             merged[key] = doc[key]
     if "dataset" in doc:
         ds = doc["dataset"] or {}
         base = merged.get("dataset") or {}
-        if isinstance(ds, dict) and isinstance(base, dict) and ds.get("source", base.get("source")) == base.get("source"):
+        if dataset_path is None and isinstance(ds, dict) and isinstance(base, dict) \
+                and ds.get("source", base.get("source")) == base.get("source"):
             merged["dataset"] = {**base, **ds, "params": {**(base.get("params") or {}), **(ds.get("params") or {})}}
-        else:
+        else:  # another source, or a dataset file: the whole block
             merged["dataset"] = ds
+    else:
+        dataset_file = parent.dataset_file
     merged_nodes = dict(merged.get("nodes") or {})
-    all_origins = dict(parent_origins)
+    all_origins = dict(parent.origins)
     for name, spec in nodes.items():
         all_origins[name] = file
         if spec is None:  # `name: null` removes an inherited node
@@ -194,12 +254,31 @@ def _read_document(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str,
         else:
             merged_nodes[name] = spec
     merged["nodes"] = merged_nodes
+    notes = list(parent.notes)
     if "outputs" in doc:
         merged["outputs"] = doc["outputs"]
+    else:
+        removed = [name for name, spec in nodes.items() if spec is None]
+        merged["outputs"], dropped = _without_nodes(merged.get("outputs"), set(removed))
+        notes += [f"node '{name}' removed by {file}: its inherited outputs {', '.join(dropped[name])} are dropped"
+                  for name in removed if dropped.get(name)]
     merged["outputs"] = list(merged.get("outputs") or []) + list(doc.get("add_outputs") or [])
     merged.pop("add_outputs", None)
     merged.pop("extends", None)
-    return merged, all_origins
+    return _Document(merged, all_origins, dataset_file, notes)
+
+
+def _without_nodes(outputs: Any, nodes: set[str]) -> tuple[Any, dict[str, list[str]]]:
+    """``outputs`` without the columns of ``nodes``, and those dropped by node (a malformed
+    ``outputs`` is left to validation)."""
+    if not isinstance(outputs, list) or not nodes:
+        return outputs, {}
+    dropped: dict[str, list[str]] = {}
+    for item in outputs:
+        ref = _parse_ref(item)
+        if ref is not None and ref.node in nodes:
+            dropped.setdefault(ref.node, []).append(item)
+    return [o for o in outputs if not any(o in cols for cols in dropped.values())], dropped
 
 
 def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
@@ -227,6 +306,10 @@ def apply_overrides(doc: dict, overrides: list[str], file: str) -> None:
         target, dot, param = key.partition(".")
         if not dot or not param:
             problems.append(Problem("--set", None, key, "expected NODE.PARAM=VALUE, dataset.PARAM=VALUE or shard_size=N"))
+            continue
+        if key == "dataset.source":
+            problems.append(Problem("--set", None, key, "the source is not a parameter: switch datasets with "
+                                    "`--dataset FILE.yaml` (a file holding a graph's dataset block)"))
             continue
         if target == "dataset":
             ds = doc.setdefault("dataset", {})
@@ -284,24 +367,30 @@ def apply_dtype(doc: dict, dtype: str, file: str) -> None:
 
 
 def load_graph(path: str | Path, overrides: list[str] | None = None,
-               presets: list[str] | tuple[str, ...] = (), dtype: str | None = None) -> Graph:
+               presets: list[str] | tuple[str, ...] = (), dtype: str | None = None,
+               dataset: str | Path | None = None) -> Graph:
     """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem.
 
+    ``dataset`` (``--dataset``) is a dataset file replacing the graph's whole dataset block.
     Each of ``presets`` sets the preset of the model nodes that offer it (``--preset large
     --preset vitt``), ``dtype`` the compute type of those that have one (``--dtype``);
     ``overrides`` (``--set``) come after them.
     """
     path = Path(path)
-    doc, origins = _read_document(path.resolve(), ())
+    read = _read_document(path.resolve(), ())
+    doc, dataset_file = read.doc, read.dataset_file
     file = str(path)
-    origins = {k: (file if Path(v) == path.resolve() else v) for k, v in origins.items()}
+    origins = {k: (file if Path(v) == path.resolve() else v) for k, v in read.origins.items()}
+    if dataset is not None:
+        doc["dataset"] = read_dataset_file(Path(dataset).resolve())
+        dataset_file = str(dataset)
     doc.setdefault("name", path.stem)
     for preset in presets:
         apply_preset(doc, preset, file)
     if dtype is not None:
         apply_dtype(doc, dtype, file)
     apply_overrides(doc, list(overrides or []), file)
-    return _validate(doc, origins, file)
+    return _validate(doc, origins, file, dataset_file, read.notes)
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -363,28 +452,65 @@ def _name_problems(name: object, file: str) -> list[Problem]:
                     f"'-' and '.' (not '..'), starting with a letter, digit or '_'; got {shown(name)}")]
 
 
-def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
-    problems: list[Problem] = _name_problems(doc["name"], file)
-
-    # dataset source
-    ds = doc.get("dataset")
-    source: Source | None = None
+def _build_source(ds: Any, dataset_file: str | None, file: str) -> tuple[Source | None, list[Problem]]:
+    """The dataset block's source, or the problems with it (naming the dataset file when the
+    block came from one)."""
+    where, prefix = (dataset_file, "") if dataset_file else (file, "dataset.")
     if not isinstance(ds, dict) or "source" not in ds:
-        problems.append(Problem(file, None, "dataset", f"missing 'dataset: {{source: NAME, params: {{...}}}}'; sources: {', '.join(SOURCES)}"))
-    elif SOURCES.failure(ds.get("source")):
-        problems.append(Problem(file, None, "dataset.source", SOURCES.failure(ds.get("source"))))
-    elif ds.get("source") not in SOURCES:
-        problems.append(Problem(file, None, "dataset.source", f"unknown source {shown(ds.get('source'))}; {_suggest(ds.get('source'), list(SOURCES))}valid sources: {', '.join(SOURCES)}"))
-    else:
-        extra = set(ds) - {"source", "params"}
-        for k in sorted(extra):
-            problems.append(Problem(file, None, f"dataset.{k}", "unknown key; valid keys: source, params"))
-        cls = SOURCES[ds["source"]]
-        params, found = _build_params(cls.Params, ds.get("params") or {}, file, None, "dataset.params")
-        problems += found
-        source = cls(params) if params is not None else None
+        return None, [Problem(where, None, prefix.rstrip(".") or None, "missing 'dataset: {source: NAME, params: "
+                              f"{{...}}}}'; sources: {', '.join(SOURCES)}")]
+    if SOURCES.failure(ds.get("source")):
+        return None, [Problem(where, None, f"{prefix}source", SOURCES.failure(ds.get("source")))]
+    if ds.get("source") not in SOURCES:
+        return None, [Problem(where, None, f"{prefix}source", f"unknown source {shown(ds.get('source'))}; "
+                              f"{_suggest(ds.get('source'), list(SOURCES))}valid sources: {', '.join(SOURCES)}")]
+    problems = [Problem(where, None, f"{prefix}{k}", "unknown key; valid keys: source, params")
+                for k in sorted(set(ds) - DATASET_KEYS)]
+    cls = SOURCES[ds["source"]]
+    params, found = _build_params(cls.Params, ds.get("params") or {}, where, None, f"{prefix}params")
+    return (cls(params) if params is not None else None), problems + found
+
+
+def _input_refs(spec: Any) -> list[Ref]:
+    """The column references among a raw node spec's inputs."""
+    inputs = spec.get("inputs") if isinstance(spec, dict) else None
+    return [ref for ref in map(_parse_ref, inputs.values()) if ref is not None] if isinstance(inputs, dict) else []
+
+
+def _skip_optional_nodes(doc: dict, source: str, source_cols: dict) -> list[str]:
+    """Drop from ``doc`` each ``optional: true`` node that reads a column the source lacks
+    (ground-truth masks on VQAv2), the nodes reading its columns, and their kept outputs;
+    return one note per skipped node."""
+    nodes = doc.get("nodes") or {}
+    skipped: dict[str, str] = {}  # node -> why
+    for name, spec in nodes.items():
+        missing = [r.column for r in _input_refs(spec) if r.node == SOURCE and r.column not in source_cols]
+        if isinstance(spec, dict) and spec.get("optional") is True and missing:
+            skipped[name] = f"source '{source}' has no column '{missing[0]}'"
+    grew = bool(skipped)
+    while grew:  # downstream: a node reading a skipped node's column cannot run either
+        readers = {name: ref.node for name, spec in nodes.items() if name not in skipped
+                   for ref in _input_refs(spec) if ref.node in skipped}
+        skipped.update({name: f"it reads skipped node '{up}'" for name, up in readers.items()})
+        grew = bool(readers)
+    if not skipped:
+        return []
+    doc["nodes"] = {name: spec for name, spec in nodes.items() if name not in skipped}
+    doc["outputs"], dropped = _without_nodes(doc.get("outputs"), set(skipped))
+    return [f"node '{name}' skipped: {why}" + (f"; its outputs {', '.join(dropped[name])} are dropped"
+                                               if dropped.get(name) else "") for name, why in skipped.items()]
+
+
+def _validate(doc: dict, origins: dict[str, str], file: str, dataset_file: str | None = None,
+              notes: list[str] | None = None) -> Graph:
+    problems: list[Problem] = _name_problems(doc["name"], file)
+    source, found = _build_source(doc.get("dataset"), dataset_file, file)
+    problems += found
     source_cols = source.columns() if source else {}
     source_types = {k: v.type for k, v in source_cols.items()}
+    notes = list(notes or [])
+    if source is not None:
+        notes += _skip_optional_nodes(doc, source.name, source_cols)
 
     shard_size = doc.get("shard_size", DEFAULT_SHARD_SIZE)
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
@@ -412,6 +538,8 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                                         "whole graph; set the number of workers with `runtime run --workers N`"))
             else:
                 problems.append(Problem(nfile, name, k, f"unknown node key; valid keys: {', '.join(sorted(NODE_KEYS))}"))
+        if not isinstance(spec.get("optional", False), bool):
+            problems.append(Problem(nfile, name, "optional", f"must be true or false; got {shown(spec['optional'])}"))
         stage_name = spec.get("stage")
         if STAGES.failure(stage_name):
             problems.append(Problem(nfile, name, "stage", STAGES.failure(stage_name)))
@@ -458,7 +586,8 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
             if ref.node == SOURCE:
                 if source is not None and ref.column not in source_cols:
                     problems.append(Problem(nfile, name, f"inputs.{inp}", f"source '{source.name}' has no column '{ref.column}'; "
-                                            f"{_suggest(ref.column, list(source_cols))}columns: {', '.join(source_cols)}"))
+                                            f"{_suggest(ref.column, list(source_cols))}columns: {', '.join(source_cols)}; "
+                                            "to skip the node on such sources, mark it `optional: true`"))
                     continue
             elif ref.node not in raw_nodes:
                 problems.append(Problem(nfile, name, f"inputs.{inp}", f"unknown node '{ref.node}'; "
@@ -546,8 +675,9 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
         if ref is None:
             problems.append(Problem(file, None, f"outputs[{i}]", f"expected NODE.COLUMN, got {shown(item)}"))
         elif ref.node == SOURCE:
-            if source is not None and ref.column not in source_cols:
-                problems.append(Problem(file, None, f"outputs[{i}]", f"source has no column '{ref.column}'; columns: {', '.join(source_cols)}"))
+            if source is not None and ref.column not in source_cols:  # metadata of another dataset (answer_type)
+                notes.append(f"output {ref} dropped: source '{source.name}' has no column '{ref.column}'; "
+                             f"{_suggest(ref.column, list(source_cols))}columns: {', '.join(source_cols)}")
             else:
                 outputs.append(ref)
         elif ref.node not in raw_nodes:
@@ -571,7 +701,7 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
     resolved = {
         "name": doc["name"],
         "description": doc.get("description", ""),
-        "dataset": {"source": ds["source"], "params": source.params.model_dump(mode="json")},
+        "dataset": {"source": doc["dataset"]["source"], "params": source.params.model_dump(mode="json")},
         "shard_size": shard_size,
         "nodes": {n: {"stage": nd.stage.name, "version": nd.stage.version,
                       "params": nd.stage.params.model_dump(mode="json"),
@@ -580,4 +710,5 @@ def _validate(doc: dict, origins: dict[str, str], file: str) -> Graph:
                   for n, nd in nodes.items()},
         "outputs": [str(r) for r in outputs],
     }
-    return Graph(doc["name"], file, doc.get("description", ""), source, source_types, nodes, outputs, shard_size, resolved)
+    return Graph(doc["name"], file, doc.get("description", ""), source, source_types, nodes, outputs, shard_size, resolved,
+                 dataset_file, notes)

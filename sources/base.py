@@ -27,6 +27,8 @@ ERROR = "_error"
 
 class SourceParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # the params holding file or folder paths: in a dataset file, relative ones are relative to it
+    path_params: ClassVar[tuple[str, ...]] = ()
 
 
 @dataclass(frozen=True)

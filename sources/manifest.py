@@ -39,6 +39,7 @@ NEEDED_COLUMNS = "a manifest row needs 'question' and 'image' or 'image_bytes'"
 
 
 class ManifestParams(SourceParams):
+    path_params = ("path",)
     path: str = Field(..., description="manifest file (JSONL, CSV or Parquet)")
     format: Format | None = Field(
         None, description=f"file format; default: from the extension ({', '.join(EXTENSIONS)})")

@@ -28,6 +28,7 @@ VQA_IMAGE_PATTERNS = ("COCO_{data_subtype}_{image_id:012d}.jpg", "{image_id:012d
 
 
 class VQAv2Params(SourceParams):
+    path_params = ("questions", "annotations", "images")
     questions: str = Field(
         ..., description="VQAv2 / OK-VQA questions JSON (OpenEnded_mscoco_*_questions.json)")
     annotations: str | None = Field(None, description="annotations JSON with the human answers (optional)")
@@ -43,6 +44,7 @@ class VQAv2Params(SourceParams):
 
 
 class GQAParams(SourceParams):
+    path_params = ("questions", "images")
     questions: str = Field(..., description="GQA questions JSON (e.g. testdev_balanced_questions.json)")
     images: str = Field(..., description="folder of the GQA images")
     image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
