@@ -76,8 +76,10 @@ def partial_run_warning(manifest: dict, questions: int) -> str | None:
     limit, ids = arguments.get("limit"), arguments.get("ids")
     if not limit and not ids:
         return None
-    how = f"--limit {limit}" if limit else f"--ids, {len(ids)} ids"
     total = dataset_size((manifest.get("graph") or {}).get("dataset") or {})
+    if total is not None and questions >= total:  # a --limit above the dataset's size
+        return None
+    how = f"--limit {limit}" if limit else f"--ids, {len(ids)} ids"
     of = f"{questions} of the {total} questions" if total else f"{questions} questions, part"
     return (f"warning: the run covers {of} of its dataset ({how}); an evaluation server scores the questions "
             "left out as wrong")

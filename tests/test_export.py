@@ -76,8 +76,8 @@ def test_a_format_for_another_dataset_is_refused(tmp_path):
 
     gqa = make_run(tmp_path / "gqa", {"source": "gqa", "params": {"questions": "gone.json", "images": "gone"}})
     assert_refused(cli("export", str(gqa), "--format", "vqav2"), "--format vqav2", "'gqa'", "use --format gqa")
-    assert json.loads(Path(cli("export", str(gqa), "--format", "gqa").stdout.split(":")[0]).read_text())[0] == \
-        {"questionId": "262148000", "prediction": "dog"}
+    assert cli("export", str(gqa), "--format", "gqa").returncode == 0
+    assert json.loads((gqa / "predictions_gqa.json").read_text())[0] == {"questionId": "262148000", "prediction": "dog"}
 
     # your own data (a manifest source) may be exported in any format
     own = make_run(tmp_path / "own", {"source": "manifest", "params": {"path": "m.jsonl"}})
@@ -89,6 +89,11 @@ def test_a_run_of_part_of_the_dataset_is_exported_with_a_warning(tmp_path):
     done = cli("export", str(limited), "--format", "vqav2")
     assert done.returncode == 0 and (limited / "predictions_vqav2.json").is_file()
     assert done.stderr.startswith("warning: the run covers 3 of the 5 questions of its dataset (--limit 3)")
+
+    # a --limit above the dataset's size: the whole dataset, no warning
+    whole = make_run(tmp_path / "whole", {"source": "vqav2", "params": vqav2_files(tmp_path / "w", 3)}, {"limit": 10})
+    done = cli("export", str(whole), "--format", "vqav2")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
 
     # the dataset gone (moved, another machine): the warning without the total
     gone = make_run(tmp_path / "gone", {"source": "vqav2", "params": {"questions": "nope.json", "images": "nope"}},
