@@ -15,8 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.errors import UsageError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 RESULTS, MANIFEST = "results.parquet", "manifest.json"  # runtime.run's, not imported: the parser is built on every command
 FORMATS = ("vqav2", "okvqa", "gqa")
@@ -33,7 +37,7 @@ class Exported:
     partial: str | None = None  # a warning when the run covers only part of its dataset
 
 
-def answer_column(schema, roles: dict[str, str], wanted: str | None) -> str:
+def answer_column(schema: pa.Schema, roles: dict[str, str], wanted: str | None) -> str:
     """``wanted``, else the one kept column whose role (``roles``, the manifest's) is the answer;
     refused unless it holds strings (a list of captions would be written as its Python text)."""
     from stages.base import Role
@@ -54,7 +58,7 @@ def answer_column(schema, roles: dict[str, str], wanted: str | None) -> str:
     return column
 
 
-def _is_text(arrow_type) -> bool:
+def _is_text(arrow_type: pa.DataType) -> bool:
     import pyarrow as pa
 
     return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
