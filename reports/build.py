@@ -195,7 +195,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
 
     rows = metric_rows(runs)
     shared, diff = disagreements(runs)
-    differ = {sid for sid, _, _ in diff}
+    differ = {d.sample_id for d in diff}
 
     # one record per sample, one entry per run
     per_run = []

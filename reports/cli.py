@@ -42,8 +42,16 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    cp = argparse.ArgumentParser(prog="runtime compare",
-                                 description="Metrics of runs side by side and the samples whose answers differ.")
+    cp = argparse.ArgumentParser(
+        prog="runtime compare",
+        description="Compare finished runs in the terminal, over the samples present in every run (how many "
+                    "of each run's are left out is said first): metrics side by side (samples, errors, VQA "
+                    "accuracy, heatmap metrics, ITM score, heatmap entropy), then the samples whose answers "
+                    "differ, each with its question, its ground-truth answers, each run's answer marked right "
+                    "(✓), partly right (~) or wrong (✗), and the run(s) that were right. Right or wrong comes "
+                    "from a run's per-question accuracy column when it kept one, else from a normalised exact "
+                    "match against the ground-truth answers; the output says which. Columns are found by the "
+                    "roles the manifest records (answer, accuracy) and the source's answers column.")
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with results.parquet and manifest.json)")
     cp.add_argument("--show", type=int, default=20, metavar="N", help="disagreeing samples to list (default 20)")
     return cp
