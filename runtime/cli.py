@@ -324,7 +324,25 @@ COMMANDS = {"export": _cmd_export, "run": _cmd_run, "train": _cmd_train, "valida
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 
+# exit status when the reader of our output went away (`runtime stages | head`): 128 + SIGPIPE, as for a
+# program the signal ends, so `set -o pipefail` scripts still see that the output was cut
+CLOSED_PIPE_STATUS = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit quietly when stdout is a pipe closed early."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a warning when the interpreter exits
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the flush at exit writes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(_train_usage())
@@ -353,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # not an error of the command: `main` exits quietly
     except Exception as exc:  # noqa: BLE001
         from runtime.settings import DEBUG_ENV
 
