@@ -30,7 +30,8 @@ from typing import Iterator
 
 from artifacts.location import Probe
 from runtime.errors import UsageError
-from runtime.executors import Progress, apply_threads, worker_info
+from runtime.executors import apply_threads, worker_info
+from runtime.progress import Progress
 from runtime.run import RunContext
 from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork
@@ -303,7 +304,7 @@ class RayRunner:
             for shard in shards:
                 todo = [i for i, c in enumerate(self.ctxs) if c.needs(shard)]
                 if not todo:
-                    self.progress.shard(shard.num_samples)
+                    self.progress.shard(shard.index, shard.num_samples)
                     continue
                 if not self.started:
                     self.start_workers()
@@ -413,7 +414,7 @@ class RayRunner:
         for i, outcome in zip(job.todo, outcomes):
             self.ctxs[i].absorb(outcome)
         self.lead.note_driver_bytes(outcome_bytes(outcomes))
-        self.progress.shard(job.shard.num_samples)
+        self.progress.shard(job.shard.index, job.shard.num_samples)
         self.free.append(job.worker)
 
     def worker_lost(self, job: Assignment, exc: Exception) -> None:
@@ -430,7 +431,7 @@ class RayRunner:
         """Fail ``shard``'s rows in the graphs ``todo`` with a transient error (the next run retries them)."""
         for i in todo:
             self.ctxs[i].fail(shard, f"[runtime] {why}; run again to retry these rows")
-        self.progress.shard(shard.num_samples)
+        self.progress.shard(shard.index, shard.num_samples)
 
     def flush_workers(self) -> None:
         """Have the live workers write their store index segments."""
