@@ -102,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
                    "memory, are always retried)")
     r.add_argument("--wait", action="store_true", help="when another run holds the output folder, wait for it "
                    "instead of stopping")
-    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress: no bars, no [progress] lines")
     r.add_argument("--debug", action="store_true", help="print tracebacks of failing rows and errors")
     r.add_argument("--profile", action="store_true", help="count the time inside model forward and backward passes "
                    "per node (manifest: model_seconds) and print its share of the run's wall time")

@@ -69,7 +69,7 @@ class Progress:
         if self.bars:
             tqdm.write(message, file=self.stream)
         elif self.plain:
-            print(f"[progress] {message}", file=self.stream, flush=True)
+            self._write(f"[progress] {message}")
 
     # -- the work ------------------------------------------------------------------------------
     def start(self, ctxs: list, total_samples: int) -> None:
@@ -143,8 +143,12 @@ class Progress:
         if self.total and rate > 0 and self.done < self.total:
             left = f", about {(self.total - self.done) / rate:.0f} s left"
         now = "".join(f"; shard {shard}: {name} at {n} samples" for shard, (name, n) in sorted(self.latest.items()))
-        print(f"[progress] {self.done}/{self.total} samples, {rate:.1f}/s, {self._errors()} errors{left}{now}",
-              file=self.stream, flush=True)
+        self._write(f"[progress] {self.done}/{self.total} samples, {rate:.1f}/s, {self._errors()} errors{left}{now}")
+
+    def _write(self, line: str) -> None:
+        """One line in one write: a model's set-up thread may write beside the main thread."""
+        self.stream.write(line + "\n")
+        self.stream.flush()
 
     def close(self) -> None:
         for bar in [self.sample_bar, *self.node_bars.values()]:
