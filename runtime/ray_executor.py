@@ -448,13 +448,19 @@ class RayRunner:
         while True:
             step = POLL_SECONDS if deadline is None else max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
             ready, _ = self.ray.wait(refs, num_returns=1, timeout=step)
-            self.pick_up_progress()
+            if self.board is not None:  # gone if its actor was lost
+                self.pick_up_progress()
             if ready or (deadline is not None and time.monotonic() >= deadline):
                 return ready
 
     def pick_up_progress(self) -> None:
         """Show what the workers left on the board since the last look."""
-        notes, counts = self.ray.get(self.board.take.remote())
+        try:
+            notes, counts = self.ray.get(self.board.take.remote())
+        except self.lost:  # the board's node went away: shards still count as they finish
+            log.warning("warning: the Ray progress actor was lost; progress now moves per shard")
+            self.board = None
+            return
         for message in notes:
             self.progress.note(message)
         for (graph, node, shard), samples in counts.items():

@@ -58,7 +58,7 @@ class Tracker(Protocol):
 
 
 def describe_model(name: str, stage) -> str:
-    """A model node as the progress names it: ``itm (blip_itm, preset large)``."""
+    """A model node as the progress names it: ``gradcam (itm_gradcam, preset large)``."""
     preset = getattr(stage.params, "preset", None)
     return f"{name} ({stage.name}{f', preset {preset}' if preset else ''})"
 
