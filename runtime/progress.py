@@ -24,6 +24,8 @@ READ_STEP = 4096  # records between two looks at the clock while the dataset is 
 
 
 class Progress:
+    """The progress of one run or sweep, shown on ``stream`` (stderr) as the module doc says."""
+
     def __init__(self, enabled: bool, interval: float, stream=None):
         self.enabled, self.interval = enabled, interval
         self.stream = stream or sys.stderr
@@ -62,7 +64,7 @@ class Progress:
         finally:
             if counter is not None:
                 counter.close()
-        self.note(f"dataset: {count} records read and checked in {time.monotonic() - began:.1f} s")
+        self.note(f"dataset: {count} records read in {time.monotonic() - began:.1f} s")
 
     def note(self, message: str) -> None:
         """A one-off event (a model loading, workers starting); may come from another thread."""

@@ -45,7 +45,7 @@ def test_without_a_terminal_one_line_per_tick_for_the_whole_run(tmp_path):
     proc = run_cli(tmp_path, ORACLE, "--output", str(tmp_path / "o"))
     assert "\x1b" not in proc.stderr and "\r" not in proc.stderr
     lines = sample_lines(proc.stderr)
-    assert "[progress] dataset: 16 records read and checked in" in proc.stderr
+    assert "[progress] dataset: 16 records read in" in proc.stderr
     assert all(line.startswith("[progress] ") and "/16 samples" in line for line in lines)
     assert lines[-1].startswith("[progress] 16/16 samples") and sum("16/16" in line for line in lines) == 1
     # rows move as batches finish, before their shard does: nodes are named in the lines of shard 0
@@ -71,10 +71,10 @@ def test_reading_the_dataset_shows_records_read():
     assert sum(1 for _ in shown.reading({"i": i} for i in range(2 * READ_STEP + 5))) == 2 * READ_STEP + 5
     lines = plain.getvalue().splitlines()
     assert lines[0].startswith(f"[progress] reading dataset: {READ_STEP} records")
-    assert lines[-1].startswith(f"[progress] dataset: {2 * READ_STEP + 5} records read and checked in")
+    assert lines[-1].startswith(f"[progress] dataset: {2 * READ_STEP + 5} records read in")
     terminal = Terminal()
     list(Progress(True, 0.0, stream=terminal).reading({"i": i} for i in range(READ_STEP + 1)))
-    assert "reading dataset" in terminal.getvalue() and "records read and checked" in terminal.getvalue()
+    assert "reading dataset" in terminal.getvalue() and "records read in" in terminal.getvalue()
     quiet = io.StringIO()
     list(Progress(False, 0.0, stream=quiet).reading({"i": i} for i in range(READ_STEP + 1)))
     assert quiet.getvalue() == ""
