@@ -11,8 +11,9 @@ from pathlib import Path
 from artifacts.location import Location
 from artifacts.store import Store
 from runtime.errors import GraphError, Problem, UsageError
-from runtime.executors import Progress, available_cpus, run_local
+from runtime.executors import available_cpus, run_local
 from runtime.graph import Graph, load_graph
+from runtime.progress import Progress
 from runtime.ray_executor import RayConnection, RayRunner
 from runtime.records import check_dataset
 from runtime.run import RunContext, RunSummary
@@ -163,7 +164,8 @@ def run_graphs(
         raise UsageError(f"{len(graphs)} graphs but {len(outputs)} output folders")
     for g in graphs:
         check_sources(g)
-    dataset = check_dataset(select_samples(lead.source.iter_samples(), ids, limit), ids,
+    display = Progress(progress, settings.progress_seconds)
+    dataset = check_dataset(display.reading(select_samples(lead.source.iter_samples(), ids, limit)), ids,
                             source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
     refuse_empty(dataset.samples, lead, limit)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
@@ -193,16 +195,16 @@ def run_graphs(
                                  retry_errors=retry_errors, settings=settings)
                 ctx.begin(executor, device, args)
                 ctxs.append(ctx)
-            bars = Progress(ctxs, dataset.samples, progress, settings.progress_seconds)
+            display.start(ctxs, dataset.samples)
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)
             try:
                 if executor == "local":
-                    run_local(ctxs, shards, bars, threads=threads)
+                    run_local(ctxs, shards, display, threads=threads)
                 else:
-                    RayRunner(ctxs, bars, ray_connection, settings, workers=workers, gpus_per_worker=gpus_per_worker,
+                    RayRunner(ctxs, display, ray_connection, settings, workers=workers, gpus_per_worker=gpus_per_worker,
                               threads=threads).run(shards)
             finally:
-                bars.close()
+                display.close()
             return [ctx.finish(executor, device, args) for ctx in ctxs]
     finally:
         ray_connection.close()

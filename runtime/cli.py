@@ -107,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                    "memory, are always retried)")
     r.add_argument("--wait", action="store_true", help="when another run holds the output folder, wait for it "
                    "instead of stopping")
-    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress: no bars, no [progress] lines")
     r.add_argument("--debug", action="store_true", help="print tracebacks of failing rows and errors")
     r.add_argument("--profile", action="store_true", help="count the time inside model forward and backward passes "
                    "per node (manifest: model_seconds) and print its share of the run's wall time")
@@ -348,7 +348,25 @@ COMMANDS = {"export": _cmd_export, "run": _cmd_run, "train": _cmd_train, "valida
             "sources": _cmd_sources, "cache": _cmd_cache}
 
 
+# exit status when the reader of our output went away (`runtime stages | head`): 128 + SIGPIPE, as for a
+# program the signal ends, so `set -o pipefail` scripts still see that the output was cut
+CLOSED_PIPE_STATUS = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; exit quietly when stdout is a pipe closed early."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a warning when the interpreter exits
+    except BrokenPipeError:
+        # Python's documented recipe: point stdout at devnull so the flush at exit writes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return CLOSED_PIPE_STATUS
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"] and (len(argv) == 1 or argv[1] in ("-h", "--help")):
         print(_train_usage())
@@ -377,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # not an error of the command: `main` exits quietly
     except Exception as exc:  # noqa: BLE001
         from runtime.settings import DEBUG_ENV
 

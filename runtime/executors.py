@@ -1,5 +1,5 @@
 """The ``local`` executor (shards one after another in this process) and what both executors
-share: progress, thread counts, where a worker runs. The ``ray`` executor is
+share: thread counts, where a worker runs (their progress is ``runtime.progress``). The ``ray`` executor is
 ``runtime.ray_executor``; both run the same ``ShardWork``, so the same inputs give the same
 results.
 """
@@ -9,63 +9,12 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import time
 from typing import Iterator
 
-from tqdm import tqdm
-
 from runtime.node_runner import loaded_torch
+from runtime.progress import Progress
 from runtime.run import RunContext
 from runtime.shards import Shard
-
-
-class Progress:
-    """Progress of a run (or a sweep of runs). On a terminal: one bar for samples plus one per
-    node. Elsewhere (a log file, a cluster job): one plain line per node every ``interval``
-    seconds (and at the end): samples done, rate, errors, time left."""
-
-    def __init__(self, ctxs: list[RunContext], total_samples: int | None, enabled: bool, interval: float,
-                 stream=None):
-        self.total, self.enabled = total_samples, enabled
-        self.stream = stream or sys.stderr
-        self.plain = enabled and not self.stream.isatty()
-        self.done, self.started, self.printed = 0, time.monotonic(), time.monotonic()
-        self.interval = interval
-        prefix = len(ctxs) > 1
-        self.nodes = [(f"{ctx.graph.name}/{name}" if prefix else name, node)
-                      for ctx in ctxs for name, node in ctx.summary.nodes.items()]
-        bars = enabled and not self.plain
-        self.bars = [tqdm(total=total_samples, desc="samples", unit="q", position=0, dynamic_ncols=True,
-                          leave=True, file=self.stream)] if bars else []
-        if bars:
-            self.bars += [tqdm(total=total_samples, desc=f"  {name}", unit="q", position=i + 1, dynamic_ncols=True,
-                               leave=True, file=self.stream) for i, (name, _) in enumerate(self.nodes)]
-
-    def shard(self, samples: int) -> None:
-        self.done += samples
-        for bar in self.bars:
-            bar.update(samples)
-        if self.plain and time.monotonic() - self.printed >= self.interval:
-            self.lines()
-
-    def lines(self) -> None:
-        """One line per node: where the run stands."""
-        self.printed = time.monotonic()
-        elapsed = max(1e-9, self.printed - self.started)
-        rate = self.done / elapsed
-        total = f"/{self.total}" if self.total is not None else ""
-        left = ""
-        if self.total and rate > 0 and self.done < self.total:
-            left = f", about {(self.total - self.done) / rate:.0f} s left"
-        for name, node in self.nodes:
-            print(f"[progress] {name}: {self.done}{total} samples, {rate:.1f}/s, {node.errors} errors{left}",
-                  file=self.stream, flush=True)
-
-    def close(self) -> None:
-        for bar in self.bars:
-            bar.close()
-        if self.plain:
-            self.lines()
 
 
 def available_cpus() -> int:
@@ -96,8 +45,8 @@ def run_local(ctxs: list[RunContext], shards: Iterator[Shard], progress: Progres
         memo: dict[str, object] = {}
         for ctx in ctxs:
             if ctx.needs(shard):
-                ctx.run_here(shard, worker_info(), memo, stages)
-        progress.shard(shard.num_samples)
+                ctx.run_here(shard, worker_info(), memo, stages, tracker=progress)
+        progress.shard(shard.index, shard.num_samples)
 
 
 def worker_info() -> dict:

@@ -12,6 +12,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -159,7 +160,10 @@ class NodeRunner:
         return col
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, shard: Shard, upstream: dict[str, pa.Table]) -> tuple[pa.Table, NodeStats]:
+    def run(self, shard: Shard, upstream: dict[str, pa.Table],
+            on_batch: Callable[[int], None] | None = None) -> tuple[pa.Table, NodeStats]:
+        """The node's table for ``shard``; ``on_batch(samples)`` after each batch, with the
+        samples its rows stand for (a per-image row stands for its image's questions)."""
         start, model_start = time.perf_counter(), compute_clock.seconds()
         stats = NodeStats()
         row_ids = self._row_ids(shard)
@@ -185,6 +189,7 @@ class NodeRunner:
         todo = [i for i in range(n) if errors[i] is None]
         out_types = self.node.output_types
         pieces: list[tuple[list[int], dict[str, pa.Array]]] = []
+        samples_of_row = np.bincount(shard.image_rows, minlength=n) if per_image and on_batch else None
         for rows in self._batches(todo):
             done_rows, outs, failures = self._process_rows(rows, inputs, row_ids, out_types)
             stats.calls += 1
@@ -194,6 +199,8 @@ class NodeRunner:
             if done_rows:
                 pieces.append((done_rows, outs))
             stats.computed += len(rows)
+            if on_batch is not None:
+                on_batch(len(rows) if samples_of_row is None else int(samples_of_row[rows].sum()))
 
         # scatter computed rows into full-length columns (null where the row failed)
         position = np.full(n, -1, dtype=np.int64)

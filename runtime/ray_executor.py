@@ -30,7 +30,8 @@ from typing import Iterator
 
 from artifacts.location import Probe
 from runtime.errors import UsageError
-from runtime.executors import Progress, apply_threads, worker_info
+from runtime.executors import apply_threads, worker_info
+from runtime.progress import Progress
 from runtime.run import RunContext
 from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork
@@ -43,6 +44,7 @@ SHARD_ATTEMPTS = 3        # a shard whose worker is lost is tried this many time
 ACTOR_RESTARTS = 4        # a lost worker is restarted (when the cluster has room) this many times
 BYTES_IN_FLIGHT = 0.25    # shards handed out hold at most this share of the object store
 WORKER_WAIT = 600.0       # seconds to wait for a lost worker's restart when no other worker is left
+POLL_SECONDS = 1.0        # how often workers send their batch counts, and the driver picks them up
 
 
 def init_ray(address: str | None) -> bool:
@@ -124,6 +126,48 @@ def plan_workers(ctx: RunContext, cluster_cpus: float, cluster_gpus: float, work
     return WorkerPlan(count, max(0.01, num_cpus), gpus_per_worker, max(1, int(num_cpus)))
 
 
+class ProgressBoard:
+    """Body of a small Ray actor where workers leave their progress (models loading, batches
+    done) and the driver picks it up while it waits for shards."""
+
+    def __init__(self):
+        self.notes: list[str] = []
+        self.counts: dict[tuple[str, str, int], int] = {}
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def add(self, counts: dict[tuple[str, str, int], int]) -> None:
+        for key, samples in counts.items():
+            self.counts[key] = self.counts.get(key, 0) + samples
+
+    def take(self) -> tuple[list[str], dict[tuple[str, str, int], int]]:
+        """What was left since the last call."""
+        taken = self.notes, self.counts
+        self.notes, self.counts = [], {}
+        return taken
+
+
+class BoardReporter:
+    """A worker's ``Tracker``: notes go to the board at once, batch counts at most every
+    ``POLL_SECONDS`` (a batch costs no remote call)."""
+
+    def __init__(self, board):
+        self.board = board
+        self.counts: dict[tuple[str, str, int], int] = {}
+        self.sent = time.monotonic()
+
+    def note(self, message: str) -> None:
+        self.board.note.remote(f"[worker {os.getpid()}] {message}")
+
+    def rows(self, graph: str, node: str, shard: int, samples: int) -> None:
+        key = (graph, node, shard)
+        self.counts[key] = self.counts.get(key, 0) + samples
+        if time.monotonic() - self.sent >= POLL_SECONDS:
+            self.board.add.remote(self.counts)
+            self.counts, self.sent = {}, time.monotonic()
+
+
 class ShardWorker:
     """Body of the Ray actor that runs whole shards (see the module doc).
 
@@ -143,6 +187,7 @@ class ShardWorker:
         self.run_id: str | None = None
         self.works: list[ShardWork] = []
         self.stages: dict[str, object] = {}
+        self.reporter: BoardReporter | None = None
 
     def info(self, probes: tuple[Probe, ...] = ()) -> dict:
         """Where this worker is, and whether it sees each probe the driver placed."""
@@ -167,12 +212,22 @@ class ShardWorker:
             self.run_id, self.works = run_id, works
         return self.works
 
-    def run(self, run_id: str, work_refs: list, todo: list[int], shard: Shard) -> list[ShardOutcome]:
-        """The shard through the graphs ``todo`` (indexes into the run's works), sharing work."""
+    def run(self, run_id: str, work_refs: list, todo: list[int], shard: Shard, board=None) -> list[ShardOutcome]:
+        """The shard through the graphs ``todo`` (indexes into the run's works), sharing work;
+        its progress goes to ``board`` (a ``ProgressBoard`` actor) when there is one."""
         works = self._use(run_id, work_refs)
         memo: dict[str, object] = {}
         where = {"pid": os.getpid(), "host": socket.gethostname()}
-        return [works[i].run(shard, worker=where, memo=memo) for i in todo]
+        return [works[i].run(shard, worker=where, memo=memo, tracker=self._reporter(board)) for i in todo]
+
+    def _reporter(self, board) -> BoardReporter | None:
+        """The run's reporter to ``board``, kept from shard to shard: its counts go out every
+        ``POLL_SECONDS`` however short the shards."""
+        if board is None:
+            return None
+        if self.reporter is None or self.reporter.board != board:
+            self.reporter = BoardReporter(board)
+        return self.reporter
 
     def close(self) -> None:
         for work in self.works:
@@ -292,6 +347,7 @@ class RayRunner:
         self.restarting: dict = {}       # ref of a lost worker's info() (ready once restarted) -> worker
         self.running: dict = {}          # ref of a worker's run() -> Assignment
         self.retries: deque = deque()    # (shard, todo, attempt) to hand out again
+        self.board = None                # the ProgressBoard actor, when progress is shown
         self.bytes_in_flight = 0
         self.byte_budget = 0
         self.lost = _lost_worker_errors()
@@ -303,7 +359,7 @@ class RayRunner:
             for shard in shards:
                 todo = [i for i, c in enumerate(self.ctxs) if c.needs(shard)]
                 if not todo:
-                    self.progress.shard(shard.num_samples)
+                    self.progress.shard(shard.index, shard.num_samples)
                     continue
                 if not self.started:
                     self.start_workers()
@@ -316,6 +372,8 @@ class RayRunner:
             self.flush_workers()
             finished = not self.running and len(self.free) == len(self.pool) == len(KEPT_WORKERS.actors)
         finally:
+            if self.board is not None:
+                self.ray.kill(self.board)
             if self.started and not finished:  # interrupted, or workers lost: start afresh next time
                 KEPT_WORKERS.drop()
 
@@ -324,7 +382,10 @@ class RayRunner:
         ray = self.ray
         self.started = True
         began = time.perf_counter()
+        self.progress.note("starting Ray workers...")
         self.connection.connect()
+        if self.progress.enabled:
+            self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
         res = ray.cluster_resources()
         plan = max((plan_workers(c, res.get("CPU", 1.0), res.get("GPU", 0.0), self.workers, self.gpus_per_worker)
                     for c in self.ctxs), key=lambda p: p.num_gpus)
@@ -342,6 +403,7 @@ class RayRunner:
         for c in self.ctxs:
             c.note_workers([{**i, "num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus} for i in infos],
                            time.perf_counter() - began)
+        self.progress.note(f"{len(self.pool)} Ray workers up in {time.perf_counter() - began:.1f} s")
         self.free.extend(self.pool)
 
     def hand_out(self, shard: Shard, todo: list[int], attempt: int) -> None:
@@ -356,7 +418,7 @@ class RayRunner:
                 return
             self.collect_one()
         worker = self.free.popleft()
-        self.running[worker.run.remote(self.run_id, self.work_refs, todo, shard)] = \
+        self.running[worker.run.remote(self.run_id, self.work_refs, todo, shard, self.board)] = \
             Assignment(worker, shard, todo, size, attempt)
         self.bytes_in_flight += size
         self.lead.note_driver_bytes(size)
@@ -367,8 +429,7 @@ class RayRunner:
 
     def collect_one(self) -> None:
         """Wait for one finished shard or one restarted worker and deal with it."""
-        ready, _ = self.ray.wait([*self.running, *self.restarting], num_returns=1,
-                                 timeout=None if self.running else WORKER_WAIT)
+        ready = self.wait_one(None if self.running else WORKER_WAIT)
         if not ready:
             self.workers_gone()
             return
@@ -376,6 +437,34 @@ class RayRunner:
             self.worker_back(ready[0])
         else:
             self.shard_back(ready[0])
+
+    def wait_one(self, timeout: float | None) -> list:
+        """Wait up to ``timeout`` seconds (None: for ever) for a shard or a restarted worker,
+        picking up the workers' progress every ``POLL_SECONDS`` meanwhile."""
+        refs = [*self.running, *self.restarting]
+        if self.board is None:
+            return self.ray.wait(refs, num_returns=1, timeout=timeout)[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = POLL_SECONDS if deadline is None else max(0.0, min(POLL_SECONDS, deadline - time.monotonic()))
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=step)
+            if self.board is not None:  # gone if its actor was lost
+                self.pick_up_progress()
+            if ready or (deadline is not None and time.monotonic() >= deadline):
+                return ready
+
+    def pick_up_progress(self) -> None:
+        """Show what the workers left on the board since the last look."""
+        try:
+            notes, counts = self.ray.get(self.board.take.remote())
+        except self.lost:  # the board's node went away: shards still count as they finish
+            log.warning("warning: the Ray progress actor was lost; progress now moves per shard")
+            self.board = None
+            return
+        for message in notes:
+            self.progress.note(message)
+        for (graph, node, shard), samples in counts.items():
+            self.progress.rows(graph, node, shard, samples)
 
     def workers_gone(self) -> None:
         """No lost worker came back within ``WORKER_WAIT`` (their nodes may be gone and the
@@ -413,7 +502,7 @@ class RayRunner:
         for i, outcome in zip(job.todo, outcomes):
             self.ctxs[i].absorb(outcome)
         self.lead.note_driver_bytes(outcome_bytes(outcomes))
-        self.progress.shard(job.shard.num_samples)
+        self.progress.shard(job.shard.index, job.shard.num_samples)
         self.free.append(job.worker)
 
     def worker_lost(self, job: Assignment, exc: Exception) -> None:
@@ -430,7 +519,7 @@ class RayRunner:
         """Fail ``shard``'s rows in the graphs ``todo`` with a transient error (the next run retries them)."""
         for i in todo:
             self.ctxs[i].fail(shard, f"[runtime] {why}; run again to retry these rows")
-        self.progress.shard(shard.num_samples)
+        self.progress.shard(shard.index, shard.num_samples)
 
     def flush_workers(self) -> None:
         """Have the live workers write their store index segments."""

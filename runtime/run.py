@@ -24,7 +24,7 @@ from runtime.graph import Graph
 from runtime.node_runner import TRANSIENT_ERROR
 from runtime.run_folder import RESULTS, CorruptPart, RunFolder
 from runtime.settings import RunSettings
-from runtime.shard_work import ShardOutcome, ShardWork, node_device
+from runtime.shard_work import ShardOutcome, ShardWork, Tracker, node_device
 from runtime.shards import Shard
 from stages.base import Role
 from stages.evaluation import official_report
@@ -142,11 +142,12 @@ class RunContext:
         return True
 
     # -- running and bookkeeping ---------------------------------------------------------------
-    def run_here(self, shard: Shard, worker: dict, memo: dict, stages: dict) -> None:
+    def run_here(self, shard: Shard, worker: dict, memo: dict, stages: dict, tracker: Tracker | None = None) -> None:
         """Compute ``shard`` in this process (the local executor) and add its outcome.
-        ``memo`` and ``stages``: tables and set-up stages shared with the other graphs of a sweep."""
+        ``memo`` and ``stages``: tables and set-up stages shared with the other graphs of a sweep;
+        ``tracker``: told of models loading and batches done."""
         self.work.stage_cache = stages
-        self.absorb(self.work.run(shard, worker=worker, memo=memo))
+        self.absorb(self.work.run(shard, worker=worker, memo=memo, tracker=tracker))
 
     def fail(self, shard: Shard, message: str) -> None:
         """Give up on ``shard`` (its workers were lost): its rows fail transiently, to be retried."""

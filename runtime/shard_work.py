@@ -18,8 +18,10 @@ with ``retry_errors``), or is not cacheable; its inputs are then planned the sam
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import pyarrow as pa
 
@@ -43,6 +45,22 @@ SOURCE_RESULT_COLUMNS = ("sample_id", "image_id", "question")
 def node_device(stage, device: str) -> str:
     """Where a node's stage computes: the run's device for model stages, the CPU for the rest."""
     return device if stage.resources.gpu > 0 else "cpu"
+
+
+class Tracker(Protocol):
+    """Who hears how a shard's work goes (the run's progress, or a Ray worker's link to it)."""
+
+    def note(self, message: str) -> None:
+        """A one-off event: a model loading, or ready."""
+
+    def rows(self, graph: str, node: str, shard: int, samples: int) -> None:
+        """A batch of ``node`` finished, covering ``samples`` samples of shard ``shard``."""
+
+
+def describe_model(name: str, stage) -> str:
+    """A model node as the progress names it: ``gradcam (itm_gradcam, preset large)``."""
+    preset = getattr(stage.params, "preset", None)
+    return f"{name} ({stage.name}{f', preset {preset}' if preset else ''})"
 
 
 @dataclass
@@ -196,20 +214,24 @@ class ShardWork:
         return table
 
     # -- running ---------------------------------------------------------------------------
-    def run(self, shard: Shard, worker: dict | None = None, memo: dict[str, pa.Table] | None = None) -> ShardOutcome:
+    def run(self, shard: Shard, worker: dict | None = None, memo: dict[str, pa.Table] | None = None,
+            tracker: Tracker | None = None) -> ShardOutcome:
         """Plan, compute, store and write the part of one shard. ``memo`` (a sweep): tables by
-        key shared with the other graphs running this shard; filled with this graph's."""
+        key shared with the other graphs running this shard; filled with this graph's.
+        ``tracker``: told of models loading and of each batch done."""
         discarded_before = len(self.store.discarded) if self.store is not None else 0
         plan = self.plan(shard, memo)
         tables: dict[str, pa.Table] = dict(plan.loaded)
         outcome = ShardOutcome(shard.index, shard.num_samples, "", loaded=list(plan.load), worker=worker or {})
-        ready = self._set_up_ahead(plan.compute)
+        ready = self._set_up_ahead(plan.compute, tracker)
         for name in plan.compute:
             runner = self.runners[name]
             ready[name].result()  # set up (models loaded) beside the data work of the nodes before it
             if self.stage_cache is not None:
                 self.stage_cache[self.stage_key(name)] = runner.stage
-            tables[name], stats = runner.run(shard, tables)
+            on_batch = None if tracker is None else \
+                (lambda samples, node=name: tracker.rows(self.graph_name, node, shard.index, samples))
+            tables[name], stats = runner.run(shard, tables, on_batch)
             outcome.computed[name] = stats
             outcome.produced_bytes += tables[name].nbytes
             self._save(plan, name, tables[name])
@@ -220,7 +242,7 @@ class ShardWork:
             outcome.discarded = self.store.discarded[discarded_before:]
         return outcome
 
-    def _set_up_ahead(self, names: list[str]) -> dict[str, Future]:
+    def _set_up_ahead(self, names: list[str], tracker: Tracker | None = None) -> dict[str, Future]:
         """Set up the stages of ``names`` in order on a background thread, so that the first
         shard's image decoding runs while the models load (the second and later shards find
         them ready). An error surfaces where the node runs, as if set up there."""
@@ -228,10 +250,21 @@ class ShardWork:
         if not todo:
             return {n: _DONE for n in names}
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="setup")
-        futures = {n: pool.submit(self.runners[n].setup, node_device(self.runners[n].stage, self.device))
-                   for n in todo}
+        futures = {n: pool.submit(self._set_up, n, tracker) for n in todo}
         pool.shutdown(wait=False)
         return {n: futures.get(n, _DONE) for n in names}
+
+    def _set_up(self, name: str, tracker: Tracker | None) -> None:
+        """Set up one node's stage; a model's loading (seconds to minutes) is told to ``tracker``."""
+        runner = self.runners[name]
+        device = node_device(runner.stage, self.device)
+        if tracker is None or runner.stage.resources.gpu == 0:  # no model: set up at once
+            runner.setup(device)
+            return
+        what, began = describe_model(name, runner.stage), time.perf_counter()
+        tracker.note(f"loading model {what} on {device}...")
+        runner.setup(device)
+        tracker.note(f"model {what} ready in {time.perf_counter() - began:.1f} s")
 
     def _save(self, plan: ShardPlan, name: str, table: pa.Table) -> None:
         node = self.nodes[name]

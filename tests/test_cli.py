@@ -120,3 +120,17 @@ def test_report_commands_parse_their_own_options_and_fail_in_one_line(capsys, tm
         main(["report", "--help"])
     assert exit_.value.code == 0
     assert "usage: runtime report" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["stages"], ["stages", "--json"], ["sources"], ["show", ORACLE]])
+def test_a_pipe_closed_early_ends_the_command_quietly(command):
+    """`runtime stages | head -1`: the reader goes away after one line; no traceback, status 141."""
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", *command], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) in (0, 141)  # 0: it had written everything before the pipe closed
+    assert err == "", err

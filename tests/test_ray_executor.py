@@ -216,3 +216,18 @@ def test_workers_that_cannot_see_the_run_folder_stop_the_run(tmp_path):
     with pytest.raises(UsageError, match=f"worker on b .* cannot see {tmp_path / 'out'}: .*shared filesystem"):
         check_workers_see(probes, [{"host": "a", "sees": [True]}, {"host": "b", "node_id": "n2", "sees": [False]}])
     assert isinstance(probes[0].loc, Location)
+
+
+def test_ray_progress_moves_as_batches_finish_and_ends_exact(tmp_path, ray_session, slow_graph, capsys):
+    from runtime.settings import RunSettings
+
+    summary = run_graph(slow_graph, overrides=["dataset.num_images=8", "shard_size=16", "patches.batch_size=1"],
+                        executor="ray", output=tmp_path / "o", cache_dir=tmp_path / "cache", device="cpu",
+                        progress=True, settings=RunSettings(progress_seconds=0.0))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[progress]")]
+    assert any(line.endswith("Ray workers...") for line in lines) and any("Ray workers up in" in line for line in lines)
+    counts = [line for line in lines if " samples, " in line]
+    total = summary.samples
+    # a worker's batches show before its shard is done (patches: 4 batches of 0.4 s a shard)
+    assert any(f"/{total} samples" in line and "shard " in line for line in counts), lines
+    assert counts[-1].startswith(f"[progress] {total}/{total} samples") and sum(f" {total}/{total}" in c for c in counts) == 1
