@@ -29,6 +29,7 @@ from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
 from reports.plots import make_plots
 from reports.render import RenderOptions, render_run, writable_folder
 from reports.template import render_html
+from stages.evaluation import official_line
 
 DEFAULT_LIMIT = 200
 DEFAULT_PAGE_SIZE = 50
@@ -81,7 +82,7 @@ def _detail_set(order: list[str], image_of: dict[str, str], limit: int) -> list[
 
 def _official(report: dict) -> str:
     """'62.34 over 64 questions; yes/no 75.29, number 74.55, ...' (the official report's numbers)."""
-    parts = [f"{report['overall']:.2f} over {report['questions']} questions"]
+    parts = [official_line(report)]
     for title, key in (("per answer type", "perAnswerType"), ("per question type", "perQuestionType")):
         table = report.get(key) or {}
         if table:

@@ -27,7 +27,7 @@ from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork, node_device
 from runtime.shards import Shard
 from stages.base import Role
-from stages.evaluation import official_report
+from stages.evaluation import official_line, official_report
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class RunContext:
         self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
         scored = self._scored_columns()
-        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type")}
+        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type", "status")}
 
         def add(table: pa.Table) -> None:
             self._summarise(table, means)
@@ -218,7 +218,8 @@ class RunContext:
         for node, column in scored.items():
             metric = getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
             summary.evaluation[node] = {"metric": metric, **official_report(
-                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None)}
+                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None,
+                failed=[status == "error" for status in graded["status"]])}
         summary.seconds = time.time() - self.started
         self.write_manifest("finished", executor, device, args, results)
         return summary
@@ -334,7 +335,7 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         if report.get("overall") is not None:
             types = ", ".join(f"{t} {v:.2f}" for t, v in sorted((report.get("perAnswerType") or {}).items()))
             name = "VQA accuracy" if report["metric"] == "vqa" else "GQA accuracy"
-            lines.append(f"  {name} ({node}, official): {report['overall']:.2f} over {report['questions']} questions"
+            lines.append(f"  {name} ({node}, official): {official_line(report)}"
                          + (f"; per answer type: {types}" if types else ""))
     for k, v in summary.metrics.items():
         lines.append(f"  mean {k}: {v:.4f}")
