@@ -182,6 +182,7 @@ SCRIPT = r"""
       row('errors', h('span', {cls: r.errors ? 'err' : null, text: String(r.errors)}));
       r.metrics.forEach(function (m) { if (m[0] !== 'samples' && m[0] !== 'errors' && m[1] !== null) row(m[0], fmt(m[1], 4)); });
       (r.evaluation || []).forEach(function (e) { row(e[0], e[1]); });
+      (r.warnings || []).forEach(function (w) { row('warning', h('span', {cls: 'err', text: w})); });
       row('status', (r.status || '?') + ', ' + (r.executor || '?') + ' on ' + (r.device || '?') + ', ' + fmt(r.seconds, 1) + ' s');
       row('started', (r.started || '-') + ' \u2192 ' + (r.finished || '-'));
       var nodes = h('table', {cls: 'grid small'},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from contextlib import ExitStack
@@ -19,6 +20,8 @@ from runtime.run import RunContext, RunSummary
 from runtime.run_folder import RunFolder
 from runtime.settings import RunSettings
 from runtime.shards import iter_shards, select_samples
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = ".runtime_cache"
 EXECUTORS = ("auto", "ray", "local")
@@ -192,6 +195,8 @@ def run_graphs(
                                  retry_errors=retry_errors, settings=settings)
                 ctx.begin(executor, device, args)
                 ctxs.append(ctx)
+            for warning in dict.fromkeys(w for ctx in ctxs for w in ctx.summary.warnings):  # once in a sweep
+                log.warning("warning: %s", warning)
             bars = Progress(ctxs, dataset.samples, progress, settings.progress_seconds)
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)
             try:

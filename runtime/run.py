@@ -69,10 +69,24 @@ class RunSummary:
     startup_seconds: float = 0.0  # Ray: from connecting to every worker being up
     workers: list[dict] = field(default_factory=list)
     random_weights: bool = False  # --random-weights: the models are untrained (not a total)
+    warnings: list[str] = field(default_factory=list)  # said before work, kept in the manifest (not totals)
 
     @property
     def results(self) -> Path | str:
         return self.output / RESULTS if isinstance(self.output, Path) else f"{self.output.rstrip('/')}/{RESULTS}"
+
+
+def foreign_weights_warnings(graph: Graph) -> list[str]:
+    """One line per kind of data that model nodes' weights were trained on when it is not the
+    data of the graph's source (the shipped weights, trained on synthetic shapes, answer about
+    other images with shapes words)."""
+    nodes: dict[str, list[str]] = {}
+    for name, node in graph.nodes.items():
+        data = node.stage.trained_on()
+        if data is not None and data != graph.source.data:
+            nodes.setdefault(data, []).append(name)
+    return [f"answers from weights trained on synthetic {data} ({', '.join(names)}): not meaningful on this data "
+            f"(source {graph.source.name}); see --weights" for data, names in nodes.items()]
 
 
 def node_identity(graph: Graph, name: str, device: str, weights: str | None) -> dict:
@@ -104,7 +118,8 @@ class RunContext:
                               forced, retry_errors, device, settings)
         self.summary = RunSummary(self.folder.loc.local_path() or self.folder.display(),
                                   nodes={n: NodeSummary(nd.stage.name) for n, nd in graph.nodes.items()},
-                                  random_weights=settings.random_weights)
+                                  random_weights=settings.random_weights,
+                                  warnings=foreign_weights_warnings(graph))
         self.started = time.time()
         self.part_files: list[str | None] = []  # per shard index: the part's name under parts/
         self._existing_parts = self.folder.parts_by_key()
@@ -270,6 +285,7 @@ class RunContext:
             "versions": package_versions(),
             "weights": self.weights,
             "random_weights": self.settings.random_weights,  # for timing only, the results mean nothing
+            "warnings": self.summary.warnings,
             "identity": self.identities,
             "workers": self.summary.workers,
             "seeds": seeds,
@@ -277,7 +293,7 @@ class RunContext:
             "parts": [name for name in self.part_files if name],
             "evaluation": self.summary.evaluation,
             "totals": {k: v for k, v in asdict(self.summary).items()
-                       if k not in ("nodes", "output", "workers", "evaluation", "random_weights")},
+                       if k not in ("nodes", "output", "workers", "evaluation", "random_weights", "warnings")},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
         }
@@ -324,6 +340,8 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         capacity = summary.seconds * max(1, len(summary.workers))
         lines.append(f"  inside model forward / backward passes: {model:.1f} s, {100 * model / capacity:.0f}% of the "
                      "wall time" + (f" of {len(summary.workers)} workers" if summary.workers else ""))
+    for warning in summary.warnings:
+        lines.append(f"  warning: {warning}")
     if summary.random_weights:
         lines.append("  RANDOM WEIGHTS (--random-weights): the models are untrained; use this run for timing only")
     if summary.transient_errors:
