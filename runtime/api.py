@@ -16,7 +16,7 @@ from runtime.executors import Progress, available_cpus, run_local
 from runtime.graph import Graph, load_graph
 from runtime.ray_executor import RayConnection, RayRunner
 from runtime.records import check_dataset
-from runtime.run import RunContext, RunSummary
+from runtime.run import RunContext, RunSummary, sweep_shares
 from runtime.run_folder import RunFolder
 from runtime.settings import RunSettings
 from runtime.shards import iter_shards, select_samples
@@ -207,6 +207,6 @@ def run_graphs(
                               threads=threads).run(shards)
             finally:
                 bars.close()
-            return [ctx.finish(executor, device, args) for ctx in ctxs]
+            return [ctx.finish(executor, device, args, share) for ctx, share in zip(ctxs, sweep_shares(ctxs))]
     finally:
         ray_connection.close()
