@@ -108,7 +108,7 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
         "dir": str(run.dir.resolve()), "graph_file": m.get("graph_file"),
         "dataset": f"{dataset.get('source', '?')} {json.dumps(dataset.get('params') or {}, sort_keys=True)}",
         "samples": len(run), "errors": run.errors(), "error_examples": examples,
-        "warnings": m.get("warnings") or [],
+        "warnings": m.get("warnings") or [], "reruns": m.get("reruns") or [],
         "metrics": [[name, _num(vals[i])] for name, vals in rows],
         "manifest_means": [[k, _num(v)] for k, v in (totals.get("metrics") or {}).items()],
         "evaluation": [[f"{'VQA' if e.get('metric') == 'vqa' else 'GQA'} accuracy, official ({node})", _official(e)]

@@ -185,6 +185,7 @@ SCRIPT = r"""
       (r.warnings || []).forEach(function (w) { row('warning', h('span', {cls: 'err', text: w})); });
       row('status', (r.status || '?') + ', ' + (r.executor || '?') + ' on ' + (r.device || '?') + ', ' + fmt(r.seconds, 1) + ' s');
       row('started', (r.started || '-') + ' \u2192 ' + (r.finished || '-'));
+      if (r.reruns.length) row('reruns', r.reruns.length + ' computing nothing (last ' + r.reruns[r.reruns.length - 1].started + '); times are of the run that did the work');
       var nodes = h('table', {cls: 'grid small'},
         h('thead', null, h('tr', null, ['node', 'stage', 'rows', 'run', 'cached', 'errors', 'time s', 'RSS MB'].map(function (t, i) {
           return h('th', {cls: i > 1 ? 'num' : null, text: t});

@@ -92,6 +92,7 @@ def test_a_rerun_that_computes_nothing_keeps_the_record_of_the_run_that_did_the_
         assert len(again["reruns"]) == count and again["reruns"][-1]["seconds"] == summary.seconds
         assert summary.nodes["vqa"].computed_shards == 0  # the printed summary is the rerun's own
         assert f"keeps the record of the run started {first['started']}" in format_summary(summary, None)
+        assert len(_run_summary(Run(out), [], 0, None)["reruns"]) == count  # the report notes them
     _, forced, _ = run(force=["vqa"])  # a rerun that computes: its own record
     assert "reruns" not in forced and forced["nodes"]["vqa"]["computed_shards"] == 3
 
