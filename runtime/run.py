@@ -91,6 +91,8 @@ def foreign_weights_warnings(graph: Graph) -> list[str]:
             f"(source {graph.source.name}); see --weights" for data, names in nodes.items()]
 
 
+# the summary's fields that the manifest keeps elsewhere, or that are no totals
+NOT_TOTALS = ("nodes", "output", "workers", "evaluation", "random_weights", "warnings", "record_of")
 # what the record of the run that did the work is made of: a rerun that computes nothing keeps them
 WORK_FIELDS = ("started", "finished", "executor", "device", "arguments", "workers", "nodes")
 WORK_TOTALS = ("seconds", "sweep_seconds", "startup_seconds", "driver_bytes", "produced_bytes")
@@ -333,8 +335,7 @@ class RunContext:
             "results": results,
             "parts": [name for name in self.part_files if name],
             "evaluation": self.summary.evaluation,
-            "totals": {k: v for k, v in asdict(self.summary).items()
-                       if k not in ("nodes", "output", "workers", "evaluation", "random_weights", "warnings", "record_of")},
+            "totals": {k: v for k, v in asdict(self.summary).items() if k not in NOT_TOTALS},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
         }

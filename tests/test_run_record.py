@@ -59,8 +59,9 @@ def test_no_warning_on_shapes_data_or_without_shipped_weights(tmp_path, write_gr
 
 def eval_graph(tmp_path, write_graph, name: str = "g", metrics: tuple[str, ...] = ("vqa",)):
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text("\n".join(json.dumps({"sample_id": str(i), "image_id": str(i), "image_bytes": "aGk=", "question": q,
-                                              "answers": [q] * 10}) for i, q in enumerate(["yes", "2", "red"])))
+    rows = [{"sample_id": str(i), "image_id": str(i), "image_bytes": "aGk=", "question": q, "answers": [q] * 10}
+            for i, q in enumerate(["yes", "2", "red"])]  # one image a question: three shards
+    manifest.write_text("\n".join(json.dumps(row) for row in rows))
     nodes = "\n".join(f"  {m}: {{stage: vqa_eval, params: {{metric: {m}}}, "
                       "inputs: {prediction: source.question, answers: source.answers}}" for m in metrics)
     outputs = ", ".join(f"{m}.accuracy" for m in metrics)
