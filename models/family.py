@@ -36,6 +36,7 @@ class RandomInit:
 
     seed: int = 0
     init_version: int = 1
+    trained_on = None  # untrained
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Shipped:
 
     file: str
     train_command: str
+    trained_on: str = "shapes"  # the source whose data the file was trained on (a ``Source.data`` value)
 
     def locate(self) -> Path:
         return shapes_weights(self.file, self.train_command)
@@ -55,6 +57,7 @@ class Published:
     the weights folder, the first preferred and named when none is there."""
 
     files: tuple[tuple[str, str], ...]
+    trained_on = None  # real data: not known to differ from a run's
 
     def locate(self) -> Path:
         first_error = None
@@ -130,6 +133,14 @@ class ModelFamily:
 
     def source(self, preset: str) -> WeightsSource:
         return self.preset(preset).weights
+
+    def trained_on(self, preset: str, checkpoint: str | Path | None = None) -> str | None:
+        """The data the weights a load would give were trained on, where the table knows it
+        (``Shipped``: the synthetic shapes); None for an explicit checkpoint, published or random
+        weights (``--random-weights`` included)."""
+        if checkpoint is not None or (random_weights() and self.honours_random_weights):
+            return None
+        return self.source(preset).trained_on
 
     def config(self, preset: str, checkpoint: str | Path | None = None) -> Any:
         """The sizes of the model a load would give: the preset's (a family whose checkpoints

@@ -29,6 +29,7 @@ from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
 from reports.plots import make_plots
 from reports.render import RenderOptions, render_run, writable_folder
 from reports.template import render_html
+from stages.evaluation import official_line
 
 DEFAULT_LIMIT = 200
 DEFAULT_PAGE_SIZE = 50
@@ -81,7 +82,7 @@ def _detail_set(order: list[str], image_of: dict[str, str], limit: int) -> list[
 
 def _official(report: dict) -> str:
     """'62.34 over 64 questions; yes/no 75.29, number 74.55, ...' (the official report's numbers)."""
-    parts = [f"{report['overall']:.2f} over {report['questions']} questions"]
+    parts = [official_line(report)]
     for title, key in (("per answer type", "perAnswerType"), ("per question type", "perQuestionType")):
         table = report.get(key) or {}
         if table:
@@ -107,6 +108,7 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
         "dir": str(run.dir.resolve()), "graph_file": m.get("graph_file"),
         "dataset": f"{dataset.get('source', '?')} {json.dumps(dataset.get('params') or {}, sort_keys=True)}",
         "samples": len(run), "errors": run.errors(), "error_examples": examples,
+        "warnings": m.get("warnings") or [], "reruns": m.get("reruns") or [],
         "metrics": [[name, _num(vals[i])] for name, vals in rows],
         "manifest_means": [[k, _num(v)] for k, v in (totals.get("metrics") or {}).items()],
         "evaluation": [[f"{'VQA' if e.get('metric') == 'vqa' else 'GQA'} accuracy, official ({node})", _official(e)]

@@ -182,8 +182,10 @@ SCRIPT = r"""
       row('errors', h('span', {cls: r.errors ? 'err' : null, text: String(r.errors)}));
       r.metrics.forEach(function (m) { if (m[0] !== 'samples' && m[0] !== 'errors' && m[1] !== null) row(m[0], fmt(m[1], 4)); });
       (r.evaluation || []).forEach(function (e) { row(e[0], e[1]); });
+      (r.warnings || []).forEach(function (w) { row('warning', h('span', {cls: 'err', text: w})); });
       row('status', (r.status || '?') + ', ' + (r.executor || '?') + ' on ' + (r.device || '?') + ', ' + fmt(r.seconds, 1) + ' s');
       row('started', (r.started || '-') + ' \u2192 ' + (r.finished || '-'));
+      if (r.reruns.length) row('reruns', r.reruns.length + ' computing nothing (last ' + r.reruns[r.reruns.length - 1].started + '); times are of the run that did the work');
       var nodes = h('table', {cls: 'grid small'},
         h('thead', null, h('tr', null, ['node', 'stage', 'rows', 'run', 'cached', 'errors', 'time s', 'RSS MB'].map(function (t, i) {
           return h('th', {cls: i > 1 ? 'num' : null, text: t});

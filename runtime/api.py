@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from contextlib import ExitStack
@@ -16,10 +17,12 @@ from runtime.graph import Graph, load_graph
 from runtime.progress import Progress
 from runtime.ray_executor import RayConnection, RayRunner
 from runtime.records import check_dataset
-from runtime.run import RunContext, RunSummary
+from runtime.run import RunContext, RunSummary, sweep_shares
 from runtime.run_folder import RunFolder
 from runtime.settings import RunSettings
 from runtime.shards import iter_shards, select_samples
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = ".runtime_cache"
 EXECUTORS = ("auto", "ray", "local")
@@ -195,6 +198,8 @@ def run_graphs(
                                  retry_errors=retry_errors, settings=settings)
                 ctx.begin(executor, device, args)
                 ctxs.append(ctx)
+            for warning in dict.fromkeys(w for ctx in ctxs for w in ctx.summary.warnings):  # once in a sweep
+                log.warning("warning: %s", warning)
             display.start(ctxs, dataset.samples)
             shards = iter_shards(lead.source, lead.shard_size, ids=ids, limit=limit, records=dataset.records)
             try:
@@ -205,6 +210,6 @@ def run_graphs(
                               threads=threads).run(shards)
             finally:
                 display.close()
-            return [ctx.finish(executor, device, args) for ctx in ctxs]
+            return [ctx.finish(executor, device, args, share) for ctx, share in zip(ctxs, sweep_shares(ctxs))]
     finally:
         ray_connection.close()

@@ -27,7 +27,7 @@ from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork, Tracker, node_device
 from runtime.shards import Shard
 from stages.base import Role
-from stages.evaluation import official_report
+from stages.evaluation import official_line, official_report
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +69,53 @@ class RunSummary:
     startup_seconds: float = 0.0  # Ray: from connecting to every worker being up
     workers: list[dict] = field(default_factory=list)
     random_weights: bool = False  # --random-weights: the models are untrained (not a total)
+    warnings: list[str] = field(default_factory=list)  # said before work, kept in the manifest (not totals)
+    sweep_seconds: float | None = None  # a graph of a sweep: the whole sweep's time (``seconds``: its share)
+    record_of: str | None = None  # computed nothing: when the run whose record the manifest keeps started
 
     @property
     def results(self) -> Path | str:
         return self.output / RESULTS if isinstance(self.output, Path) else f"{self.output.rstrip('/')}/{RESULTS}"
+
+
+def foreign_weights_warnings(graph: Graph) -> list[str]:
+    """One line per kind of data that model nodes' weights were trained on when it is not the
+    data of the graph's source (the shipped weights, trained on synthetic shapes, answer about
+    other images with shapes words)."""
+    nodes: dict[str, list[str]] = {}
+    for name, node in graph.nodes.items():
+        data = node.stage.trained_on()
+        if data is not None and data != graph.source.data:
+            nodes.setdefault(data, []).append(name)
+    return [f"answers from weights trained on synthetic {data} ({', '.join(names)}): not meaningful on this data "
+            f"(source {graph.source.name}); see --weights" for data, names in nodes.items()]
+
+
+# the summary's fields that the manifest keeps elsewhere, or that are no totals
+NOT_TOTALS = ("nodes", "output", "workers", "evaluation", "random_weights", "warnings", "record_of")
+# what the record of the run that did the work is made of: a rerun that computes nothing keeps them
+WORK_FIELDS = ("started", "finished", "executor", "device", "arguments", "workers", "nodes")
+WORK_TOTALS = ("seconds", "sweep_seconds", "startup_seconds", "driver_bytes", "produced_bytes")
+
+
+def keep_work_record(manifest: dict, earlier: dict) -> dict:
+    """The manifest of a rerun that computed nothing with the record of the run that did the
+    work (``earlier``): its start, end, executor, node times and totals of time; this rerun
+    and those before it noted in ``reruns``."""
+    rerun = {"started": manifest["started"], "finished": manifest["finished"], "executor": manifest["executor"],
+             "seconds": manifest["totals"]["seconds"]}
+    totals = {**manifest["totals"], **{k: v for k, v in earlier["totals"].items() if k in WORK_TOTALS}}
+    return {**manifest, **{k: earlier[k] for k in WORK_FIELDS if k in earlier}, "totals": totals,
+            "reruns": [*earlier.get("reruns", []), rerun]}
+
+
+def sweep_shares(ctxs: list[RunContext]) -> list[float]:
+    """Each graph's share of a sweep's time: the compute time of the nodes it computed over that
+    of all graphs (a node shared by several graphs is computed once, by the first graph that
+    needs it in a shard, and counts there); equal shares when nothing was computed."""
+    work = [sum(s.seconds for s in ctx.summary.nodes.values()) for ctx in ctxs]
+    total = sum(work)
+    return [w / total if total else 1 / len(ctxs) for w in work]
 
 
 def node_identity(graph: Graph, name: str, device: str, weights: str | None) -> dict:
@@ -104,11 +147,13 @@ class RunContext:
                               forced, retry_errors, device, settings)
         self.summary = RunSummary(self.folder.loc.local_path() or self.folder.display(),
                                   nodes={n: NodeSummary(nd.stage.name) for n, nd in graph.nodes.items()},
-                                  random_weights=settings.random_weights)
+                                  random_weights=settings.random_weights,
+                                  warnings=foreign_weights_warnings(graph))
         self.started = time.time()
         self.part_files: list[str | None] = []  # per shard index: the part's name under parts/
         self._existing_parts = self.folder.parts_by_key()
         self._running_manifest: tuple | None = None
+        self._earlier: dict = {}  # the folder's manifest before this run began
 
     # -- which shards are finished -----------------------------------------------------------
     def keys(self, shard: Shard) -> dict[str, str]:
@@ -176,6 +221,7 @@ class RunContext:
     def begin(self, executor: str, device: str, args: dict) -> None:
         """Record this run as running, then remove the folder's last results: until this run
         finishes, the folder holds no results but its own."""
+        self._earlier = self.folder.read_manifest()
         self.write_manifest("running", executor, device, args)
         self.folder.remove_results()
 
@@ -191,8 +237,9 @@ class RunContext:
         self.summary.driver_bytes += size
 
     # -- finishing -------------------------------------------------------------------------
-    def finish(self, executor: str, device: str, args: dict) -> RunSummary:
-        """Concatenate the parts into results.parquet, drop stale parts, write the manifest."""
+    def finish(self, executor: str, device: str, args: dict, share: float = 1.0) -> RunSummary:
+        """Concatenate the parts into results.parquet, drop stale parts, write the manifest.
+        ``share``: this graph's share of a sweep's time (``sweep_shares``)."""
         parts = [name for name in self.part_files if name]
         self.folder.remove_parts_except(set(parts))
         summary = self.summary
@@ -200,7 +247,7 @@ class RunContext:
         self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
         scored = self._scored_columns()
-        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type")}
+        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type", "status")}
 
         def add(table: pa.Table) -> None:
             self._summarise(table, means)
@@ -219,10 +266,22 @@ class RunContext:
         for node, column in scored.items():
             metric = getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
             summary.evaluation[node] = {"metric": metric, **official_report(
-                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None)}
-        summary.seconds = time.time() - self.started
+                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None,
+                failed=[status == "error" for status in graded["status"]])}
+        wall = time.time() - self.started
+        summary.seconds = share * wall
+        summary.sweep_seconds = wall if share < 1 else None
         self.write_manifest("finished", executor, device, args, results)
         return summary
+
+    def _work_record(self, results: dict | None) -> dict | None:
+        """The manifest of the run that did the work, when this run computed nothing and wrote
+        the same results (same graph, same parts, same bytes) as it."""
+        earlier = self._earlier
+        computed = any(s.computed_shards for s in self.summary.nodes.values())
+        same = (earlier.get("status") == "finished" and earlier.get("graph_hash") == self.graph.hash
+                and results is not None and (earlier.get("results") or {}).get("sha256") == results["sha256"])
+        return earlier if same and not computed else None
 
     def _scored_columns(self) -> dict[str, str]:
         """Nodes whose accuracy (the role) is kept in the results: node -> results column."""
@@ -270,17 +329,21 @@ class RunContext:
             "versions": package_versions(),
             "weights": self.weights,
             "random_weights": self.settings.random_weights,  # for timing only, the results mean nothing
+            "warnings": self.summary.warnings,
             "identity": self.identities,
             "workers": self.summary.workers,
             "seeds": seeds,
             "results": results,
             "parts": [name for name in self.part_files if name],
             "evaluation": self.summary.evaluation,
-            "totals": {k: v for k, v in asdict(self.summary).items()
-                       if k not in ("nodes", "output", "workers", "evaluation", "random_weights")},
+            "totals": {k: v for k, v in asdict(self.summary).items() if k not in NOT_TOTALS},
             "nodes": {n: asdict(s) for n, s in self.summary.nodes.items()},
             "cache": self.store.root if self.store else None,
         }
+        earlier = self._work_record(results) if status == "finished" else None
+        if earlier:
+            manifest = keep_work_record(manifest, earlier)
+            self.summary.record_of = manifest["started"]
         self.folder.write_manifest(json.dumps(manifest, indent=2, default=str).encode())
 
 
@@ -314,7 +377,11 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         lines.append(line)
     lines.append("-" * len(head))
     lines.append(f"{summary.samples} samples in {summary.shards} shards ({summary.shards_from_parts} already done), "
-                 f"{summary.errors} errors, {summary.seconds:.1f} s")
+                 f"{summary.errors} errors, {summary.seconds:.1f} s"
+                 + (f" (its share of the sweep's {summary.sweep_seconds:.1f} s)" if summary.sweep_seconds else ""))
+    if summary.record_of:
+        lines.append(f"  nothing computed: the manifest keeps the record of the run started {summary.record_of} "
+                     "and notes this rerun under 'reruns'")
     if summary.workers:
         lines.append(f"  Ray: {len(summary.workers)} workers up in {summary.startup_seconds:.1f} s; the driver "
                      f"carried {summary.driver_bytes / 2**20:.1f} MiB for {summary.produced_bytes / 2**20:.1f} MiB "
@@ -324,6 +391,8 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         capacity = summary.seconds * max(1, len(summary.workers))
         lines.append(f"  inside model forward / backward passes: {model:.1f} s, {100 * model / capacity:.0f}% of the "
                      "wall time" + (f" of {len(summary.workers)} workers" if summary.workers else ""))
+    for warning in summary.warnings:
+        lines.append(f"  warning: {warning}")
     if summary.random_weights:
         lines.append("  RANDOM WEIGHTS (--random-weights): the models are untrained; use this run for timing only")
     if summary.transient_errors:
@@ -335,7 +404,7 @@ def format_summary(summary: RunSummary, graph: Graph) -> str:
         if report.get("overall") is not None:
             types = ", ".join(f"{t} {v:.2f}" for t, v in sorted((report.get("perAnswerType") or {}).items()))
             name = "VQA accuracy" if report["metric"] == "vqa" else "GQA accuracy"
-            lines.append(f"  {name} ({node}, official): {report['overall']:.2f} over {report['questions']} questions"
+            lines.append(f"  {name} ({node}, official): {official_line(report)}"
                          + (f"; per answer type: {types}" if types else ""))
     for k, v in summary.metrics.items():
         lines.append(f"  mean {k}: {v:.4f}")

@@ -143,6 +143,13 @@ class RunFolder:
     def write_manifest(self, data: bytes) -> None:
         self.loc.write_bytes_atomic(MANIFEST, data, self.writer_id)
 
+    def read_manifest(self) -> dict:
+        """The folder's manifest as written (``{}`` when there is none or it is not JSON)."""
+        try:
+            return json.loads(self.loc.read_bytes(MANIFEST))
+        except (FileNotFoundError, ValueError):
+            return {}
+
     def read_results(self) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.loc.read_bytes(RESULTS)))
 

@@ -55,6 +55,9 @@ class Source:
 
     name: ClassVar[str]
     Params: ClassVar[type[SourceParams]] = SourceParams
+    # what the samples are, where weights may be trained on them (``ModelFamily.trained_on``):
+    # a model trained on other data answers about this data at random
+    data: ClassVar[str | None] = None
 
     def __init__(self, params: SourceParams):
         self.params = params

@@ -4,7 +4,8 @@ Columns: ``question`` (required); ``image`` (a path; relative paths are resolved
 manifest's folder) or ``image_bytes`` (encoded image: Parquet binary, base64 string in JSONL);
 optional ``sample_id`` (default: the row number, from 0), ``image_id`` (default: the image
 path as written, or the SHA-1 of the bytes), ``answers`` (a list; in CSV a JSON list or one
-answer) and ``question_type``. Other columns are ignored.
+answer), ``question_type`` and ``answer_type`` (VQAv2's "yes/no", "number", "other": the
+official report's per-answer-type table). Other columns are ignored.
 
 Rows are streamed in file order and never reordered: put the questions of an image on
 consecutive rows, or image-level work is repeated for every run of rows of that image.
@@ -24,16 +25,18 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from sources.base import ERROR, SOURCES, WHERE, Source, SourceParams
+from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
 Format = Literal["jsonl", "csv", "parquet"]
 EXTENSIONS: dict[str, Format] = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet",
 }
-MANIFEST_COLUMNS = ("question", "image", "image_bytes", "sample_id", "image_id", "answers", "question_type")
+MANIFEST_COLUMNS = ("question", "image", "image_bytes", "sample_id", "image_id", "answers", "question_type",
+                    "answer_type")
 PARQUET_BATCH_ROWS = 256
 NEEDED_COLUMNS = "a manifest row needs 'question' and 'image' or 'image_bytes'"
 
@@ -55,6 +58,10 @@ class ManifestSource(Source):
     name = "manifest"
     Params = ManifestParams
     params: ManifestParams
+
+    def columns(self) -> dict[str, SourceColumn]:
+        return {**BASE_COLUMNS, "answer_type": SourceColumn(
+            pa.string(), 'VQAv2 answer type ("yes/no", "number", "other"); null if not given')}
 
     def problems(self) -> list[tuple[str, str]]:
         path = Path(self.params.path).expanduser()
@@ -137,6 +144,7 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
         "image_bytes": image_bytes,
         "answers": answers,
         "question_type": value("question_type"),
+        "answer_type": value("answer_type"),
         WHERE: where,
     }
     if error:

@@ -23,6 +23,7 @@ class ShapesSource(Source):
 
     name = "shapes"
     Params = ShapesParams
+    data = "shapes"  # the data the shipped weights were trained on
     params: ShapesParams
 
     def columns(self) -> dict[str, SourceColumn]:

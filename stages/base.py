@@ -176,6 +176,11 @@ class Stage:
         """A fingerprint of the model weights this stage will load (part of the cache key)."""
         return None
 
+    def trained_on(self) -> str | None:
+        """The data (a ``Source.data`` value) the weights this stage will load were trained on,
+        where known: a run on other data warns that its answers mean little."""
+        return None
+
     def compute_dtype(self) -> str:
         """The floating-point type the stage computes in (part of the cache key): its ``dtype``
         param when it has one, else float32."""

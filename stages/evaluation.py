@@ -125,16 +125,27 @@ def gqa_accuracy(prediction: str, answers: Sequence[str]) -> float | None:
 
 
 def official_report(accuracies: Sequence[float | None], question_types: Sequence[str | None] | None = None,
-                    answer_types: Sequence[str | None] | None = None, digits: int = 2) -> dict[str, Any]:
+                    answer_types: Sequence[str | None] | None = None, failed: Sequence[bool] | None = None,
+                    digits: int = 2) -> dict[str, Any]:
     """The official report: ``overall``, ``perQuestionType`` and ``perAnswerType`` as
-    ``round(100 * mean, 2)`` over the questions that have answers (in the given order, summed
-    as the official code sums). Types that are null are left out of their table."""
-    rows = [k for k, a in enumerate(accuracies) if a is not None]
+    ``round(100 * mean, 2)`` (in the given order, summed as the official code sums) over every
+    question: a row with an accuracy, or a row that ``failed`` (an error row: the official
+    evaluation requires an answer to every question, so one without scores 0). ``answered``
+    and ``answered_overall``: the count and accuracy of the questions with an answer alone;
+    ``errors``: the questions that failed. Rows neither scored nor failed (no human answers)
+    are no questions. Types that are null are left out of their table."""
+    failed = failed or [False] * len(accuracies)
+    answered = [k for k, a in enumerate(accuracies) if a is not None]
+    scores = {k: accuracies[k] if accuracies[k] is not None else 0.0
+              for k in range(len(accuracies)) if accuracies[k] is not None or (failed[k] and answered)}
+    rows = list(scores)  # an error row counts once the data has answers (some row was scored)
 
     def pct(ks: list[int]) -> float:
-        return round(100 * float(sum(accuracies[k] for k in ks)) / len(ks), digits)
+        return round(100 * float(sum(scores[k] for k in ks)) / len(ks), digits)
 
-    report: dict[str, Any] = {"questions": len(rows), "overall": pct(rows) if rows else None}
+    report: dict[str, Any] = {"questions": len(rows), "overall": pct(rows) if rows else None,
+                              "answered": len(answered), "errors": len(rows) - len(answered),
+                              "answered_overall": pct(answered) if answered else None}
     for name, types in (("perQuestionType", question_types), ("perAnswerType", answer_types)):
         if types is None:
             continue
@@ -144,6 +155,16 @@ def official_report(accuracies: Sequence[float | None], question_types: Sequence
                 groups.setdefault(types[k], []).append(k)
         report[name] = {t: pct(ks) for t, ks in groups.items()}
     return report
+
+
+def official_line(report: dict) -> str:
+    """'72.50 over 4 questions' and, when some failed, what the answered ones alone score:
+    '(errors scored 0); 96.67 accuracy over 3 of 4 questions (1 errors)'."""
+    line = f"{report['overall']:.2f} over {report['questions']} questions"
+    if report.get("errors"):
+        line += (f" (errors scored 0); {report['answered_overall']:.2f} accuracy over {report['answered']} of "
+                 f"{report['questions']} questions ({report['errors']} errors)")
+    return line
 
 
 class VQAEvalParams(StageParams):

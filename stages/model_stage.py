@@ -43,6 +43,9 @@ class ModelStage(Stage):
         p = self.params
         return self.model_family().fingerprint(p.preset, p.checkpoint, **self.weights_options())
 
+    def trained_on(self) -> str | None:
+        return self.model_family().trained_on(self.params.preset, self.params.checkpoint)
+
     def setup(self, device: str) -> None:
         super().setup(device)
         p = self.params

@@ -325,7 +325,7 @@ def test_manifest_jsonl_with_relative_paths_and_base64_bytes(tmp_path):
     png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
     lines = [
         {"question": "q0", "image": "imgs/a.png", "answers": ["x", "y"]},
-        {"question": "q1", "image": "imgs/a.png", "question_type": "what"},
+        {"question": "q1", "image": "imgs/a.png", "question_type": "what", "answer_type": "other"},
         {"question": "q2", "image_bytes": base64.b64encode(png).decode(), "sample_id": 17, "answers": "z"},
     ]
     path = tmp_path / "m.jsonl"
@@ -339,7 +339,8 @@ def test_manifest_jsonl_with_relative_paths_and_base64_bytes(tmp_path):
     assert rows[2]["image_bytes"] == png and rows[2]["image_path"] is None
     assert rows[2]["image_id"] == hashlib.sha1(png).hexdigest()
     assert [r["answers"] for r in rows] == [["x", "y"], None, ["z"]]
-    assert rows[1]["question_type"] == "what"
+    assert (rows[1]["question_type"], rows[1]["answer_type"]) == ("what", "other")
+    assert rows[0]["answer_type"] is None
     assert all({k for k in r if not k.startswith("_")} == source.columns().keys() for r in rows)
 
 

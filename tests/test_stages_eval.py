@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from stages.base import Batch
-from stages.evaluation import (CONTRACTIONS, VQAEval, gqa_accuracy, normalize_answer, official_report,
+from stages.evaluation import (CONTRACTIONS, VQAEval, gqa_accuracy, normalize_answer, official_line,
+                               official_report,
                                process_punctuation, vqa_accuracy)
 
 
@@ -102,7 +103,28 @@ def test_official_report_rounds_as_the_official_code():
     assert report["overall"] == round(100 * float(sum(scored)) / 6, 2) == 57.78
     assert report["perQuestionType"] == {"what color": 100.0, "how many": 45.0, "is the": round(100 * (0.9 + 2 / 3) / 2, 2)}
     assert report["perAnswerType"] == {"other": 100.0, "number": 45.0, "yes/no": 52.22}
-    assert official_report([None]) == {"questions": 0, "overall": None}
+    assert official_report([None]) == {"questions": 0, "overall": None, "answered": 0, "errors": 0,
+                                       "answered_overall": None}
+
+
+def test_official_report_scores_failed_questions_0():
+    # four questions answered (1.0, 0.5, 0.0, 1.0), two failed, one row without human answers
+    acc = [1.0, None, 0.5, 0.0, None, 1.0, None]
+    failed = [False, True, False, False, True, False, False]
+    atypes = ["yes/no", "yes/no", "number", "other", "other", "other", None]
+    report = official_report(acc, None, atypes, failed=failed)
+    assert (report["questions"], report["answered"], report["errors"]) == (6, 4, 2)
+    assert report["overall"] == 41.67  # 2.5 / 6: the failed questions score 0, as officially
+    assert report["answered_overall"] == 62.5  # 2.5 / 4
+    assert report["perAnswerType"] == {"yes/no": 50.0, "number": 50.0, "other": 33.33}  # 1/2, 0.5/1, 1/3
+    assert official_report([None, None], failed=[True, False])["questions"] == 0  # no answers in the data
+
+
+def test_summary_line_says_how_many_questions_failed():
+    report = official_report([1.0, None, 0.5, 0.0], failed=[False, True, False, False])
+    assert official_line(report) == ("37.50 over 4 questions (errors scored 0); 50.00 accuracy over 3 of 4 "
+                                     "questions (1 errors)")
+    assert official_line(official_report([1.0, 0.5])) == "75.00 over 2 questions"
 
 
 def make_batch(predictions, answers, valid) -> Batch:
@@ -181,8 +203,42 @@ def test_run_summary_and_manifest_carry_the_official_report(tmp_path, write_grap
     summary = run_graph(graph, executor="local", output=tmp_path / "out", cache_dir=tmp_path / "c",
                         progress=False, device="cpu")
     # the prediction is the question here: 0.9, 1.0, 0.0 ("Two" -> "2" against ten "two"), 1.0
-    want = {"metric": "vqa", "questions": 4, "overall": round(100 * 2.9 / 4, 2),
+    want = {"metric": "vqa", "questions": 4, "overall": round(100 * 2.9 / 4, 2), "answered": 4, "errors": 0,
+            "answered_overall": 72.5,
             "perQuestionType": {"how many": 45.0, "is the": 100.0, "what color": 100.0}, "perAnswerType": {}}
     assert summary.evaluation == {"acc": want}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["evaluation"] == {"acc": want}
     assert "VQA accuracy (acc, official): 72.50 over 4 questions" in format_summary(summary, None)
+
+
+def test_cli_reports_errors_scored_0_and_the_answered_accuracy(tmp_path, write_graph):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    rows = [{"question": "yes", "answers": ["yes"] * 10, "answer_type": "yes/no"},
+            {"question": "no", "answers": 7, "answer_type": "yes/no"},  # malformed: this question fails
+            {"question": "2", "answers": ["2"] * 10, "answer_type": "number"},
+            {"question": "red", "answers": ["blue"] * 10, "answer_type": "other"}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps({"sample_id": str(i), "image_bytes": "aGk=", **r})
+                                  for i, r in enumerate(rows)))
+    graph = write_graph(f"""
+        dataset: {{source: manifest, params: {{path: {manifest}}}}}
+        nodes:
+          acc: {{stage: vqa_eval, inputs: {{prediction: source.question, answers: source.answers}}}}
+        outputs: [acc.accuracy, source.answer_type]
+        """)
+    proc = subprocess.run([sys.executable, "-m", "runtime", "run", str(graph), "--executor", "local", "--quiet",
+                           "--device", "cpu", "--output", str(tmp_path / "out"), "--cache", str(tmp_path / "c")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # official: (1 + 0 + 1 + 0) / 4 = 50.00; the 3 answered alone: 2 / 3 = 66.67
+    assert ("VQA accuracy (acc, official): 50.00 over 4 questions (errors scored 0); 66.67 accuracy over 3 of 4 "
+            "questions (1 errors); per answer type: number 100.00, other 0.00, yes/no 50.00") in proc.stdout
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())["evaluation"]["acc"]
+    assert (record["overall"], record["answered_overall"], record["questions"], record["answered"],
+            record["errors"]) == (50.0, 66.67, 4, 3, 1)
+    assert record["perAnswerType"] == {"yes/no": 50.0, "number": 100.0, "other": 0.0}
