@@ -199,9 +199,10 @@ def test_shipped_graphs_keep_their_gt_metrics_on_shapes_and_skip_them_on_vqav2(v
 def test_kept_source_columns_of_other_datasets_are_dropped_with_a_note(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"image": "a.jpg", "question": "what?"}\n')
     (tmp_path / "m.yaml").write_text("source: manifest\nparams: {path: m.jsonl}\n")
-    g = load_graph(GRAPHS / "pnp_vqa.yaml", dataset=tmp_path / "m.yaml")
-    assert "source.answer_type" not in [str(r) for r in g.outputs]
-    assert any(n.startswith("output source.answer_type dropped: source 'manifest' has no column") for n in g.notes)
+    (tmp_path / "g.yaml").write_text(f"extends: {GRAPHS / 'pnp_vqa.yaml'}\nadd_outputs: [source.gt_mask]\n")
+    g = load_graph(tmp_path / "g.yaml", dataset=tmp_path / "m.yaml")  # gt_mask: a shapes column
+    assert "source.gt_mask" not in [str(r) for r in g.outputs] and "source.answer_type" in [str(r) for r in g.outputs]
+    assert any(n.startswith("output source.gt_mask dropped: source 'manifest' has no column") for n in g.notes)
 
 
 # --- 4 and the CLI ---------------------------------------------------------------------------
