@@ -249,3 +249,14 @@ def test_readme_own_data_flow_on_real_photos(tmp_path):
         assert [r["sample_id"] for r in results] == ["1", "2", "3", "4"]
         assert all(r["status"] == "ok" and r["answer.answer"] for r in results)
         assert all(0.0 <= r["accuracy.accuracy"] <= 1.0 for r in results)
+    runs = [str(tmp_path / "runs" / name) for name in ("pnp_vqa", "esam_enhanced", "qavit")]
+    report = cli("report", *runs, "--output", str(tmp_path / "report"))
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "report" / "index.html").stat().st_size > 0
+    compare = cli("compare", *runs)
+    assert compare.returncode == 0, compare.stderr
+    assert "compared on the 4 samples present in every run" in compare.stdout
+    export = cli("export", runs[1], "--format", "vqav2", "--out", str(tmp_path / "answers.json"))
+    assert export.returncode == 0, export.stderr
+    answers = json.loads((tmp_path / "answers.json").read_text())
+    assert sorted(a["question_id"] for a in answers) == [1, 2, 3, 4] and all(a["answer"] for a in answers)
