@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -210,6 +211,8 @@ def run_graphs(
                               threads=threads).run(shards)
             finally:
                 display.close()
-            return [ctx.finish(executor, device, args, share) for ctx, share in zip(ctxs, sweep_shares(ctxs))]
+            sweep_seconds = time.time() - min(ctx.started for ctx in ctxs)  # one figure for every graph
+            return [ctx.finish(executor, device, args, share, sweep_seconds)
+                    for ctx, share in zip(ctxs, sweep_shares(ctxs))]
     finally:
         ray_connection.close()

@@ -237,9 +237,11 @@ class RunContext:
         self.summary.driver_bytes += size
 
     # -- finishing -------------------------------------------------------------------------
-    def finish(self, executor: str, device: str, args: dict, share: float = 1.0) -> RunSummary:
+    def finish(self, executor: str, device: str, args: dict, share: float = 1.0,
+               sweep_seconds: float | None = None) -> RunSummary:
         """Concatenate the parts into results.parquet, drop stale parts, write the manifest.
-        ``share``: this graph's share of a sweep's time (``sweep_shares``)."""
+        ``share``: this graph's share of a sweep's time (``sweep_shares``), ``sweep_seconds``
+        that time, measured once for all of the sweep's graphs."""
         parts = [name for name in self.part_files if name]
         self.folder.remove_parts_except(set(parts))
         summary = self.summary
@@ -268,7 +270,7 @@ class RunContext:
             summary.evaluation[node] = {"metric": metric, **official_report(
                 graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None,
                 failed=[status == "error" for status in graded["status"]])}
-        wall = time.time() - self.started
+        wall = time.time() - self.started if sweep_seconds is None else sweep_seconds
         summary.seconds = share * wall
         summary.sweep_seconds = wall if share < 1 else None
         self.write_manifest("finished", executor, device, args, results)
