@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 import textwrap
 from collections import Counter
@@ -30,6 +32,12 @@ def pytest_ignore_collect(collection_path, config):
     if config.getoption("markexpr", "").replace(" ", "") == "notslow" and slow_module(collection_path):
         return True
     return None
+
+
+def runtime_cli(*args: str, cwd: Path = ROOT, timeout: float = 300) -> "subprocess.CompletedProcess":
+    """``runtime ARGS...`` in a subprocess of this checkout, output captured as text (UTF-8)."""
+    return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"})
 
 
 @pytest.fixture

@@ -5,9 +5,6 @@ node, ``runtime validate`` over several graphs, and README's "Your own data" flo
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import GRAPHS, ROOT
+from conftest import GRAPHS, ROOT, runtime_cli as cli
 from runtime.errors import GraphError
 from runtime.graph import load_graph
 from runtime.run import RunContext
@@ -54,11 +51,6 @@ def write_vqav2(root: Path) -> Path:
 @pytest.fixture
 def vqav2(tmp_path) -> Path:
     return write_vqav2(tmp_path / "data")
-
-
-def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
 
 
 def keys(graph) -> dict[str, str]:

@@ -5,22 +5,15 @@ with a warning naming how many of its questions it covers."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from conftest import ROOT
+from conftest import runtime_cli as cli
 
 IDS = ["262148000", "262148001", "262148002"]
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", *argv], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *named: str) -> None:

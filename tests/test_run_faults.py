@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pyarrow.parquet as pq
@@ -16,18 +15,13 @@ import pytest
 
 import stages
 from artifacts.location import HOST, Location
-from conftest import GRAPHS, ROOT
+from conftest import GRAPHS, runtime_cli as cli
 from runtime import run_lock
 from runtime.api import run_graph
 from runtime.run_lock import RunLock, RunLocked
 
 ORACLE = GRAPHS / "oracle_heatmap.yaml"
 TINY = ["dataset.num_images=2", "shard_size=4"]
-
-
-def cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runtime", *argv], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def assert_refused(proc: subprocess.CompletedProcess, *named: str) -> None:
