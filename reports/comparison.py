@@ -13,11 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reports.data import Run, unique_labels
+from reports.paired import EXACT_UP_TO, Difference, paired_difference
 from runtime.errors import UsageError
 
 MAX_DISAGREEMENTS = 20
 TRUTH = "answers"  # the sources' ground-truth answers, kept under the source column's name
 MARKS = {None: " ", "right": "✓", "partly": "~", "wrong": "✗"}
+RESAMPLES = 10000
+TYPE_COLUMNS = (("answer type", "answer_type"), ("question type", "question_type"))  # source columns
 
 
 def _fmt(v) -> str:
@@ -183,11 +186,99 @@ def disagreements(runs: list[Run], shared: list[str] | None = None) -> tuple[int
     return len(shared), out
 
 
+# -- accuracy per answer type and question type -----------------------------------------------------
+
+def source_values(runs: list[Run], column: str, shared: list[str]) -> list:
+    """A source column's value per shared sample: the first run's, else another's."""
+    known: dict[str, object] = {}
+    for r in reversed(runs):
+        known.update({s: v for s, v in zip(r.sample_ids, r.values(column)) if v is not None})
+    return [known.get(s) for s in shared]
+
+
+def answered_scores(run: Run, shared: list[str]) -> list[float | None]:
+    """The run's score per shared sample (by ``scores``); None where its row failed or
+    cannot be scored (no ground truth), so that such questions are left out, not counted wrong."""
+    scored = scores(run)
+    failed = {s for s, st, a in zip(run.sample_ids, run.values("status"), run.values(run.roles.answer))
+              if st == "error" or a is None}
+    return [None if s in failed else scored.get(s) for s in shared]
+
+
+def type_groups(runs: list[Run], shared: list[str]) -> list[tuple[str, np.ndarray]]:
+    """``[(row name, mask over shared)]``: overall, then each answer type and question type."""
+    groups = [("overall", np.ones(len(shared), bool))]
+    for title, column in TYPE_COLUMNS:
+        types = np.array(source_values(runs, column, shared), object)
+        for t in sorted({t for t in types if t is not None}):
+            groups.append((f"{title}: {t}", types == t))
+    return groups
+
+
+@dataclass(frozen=True)
+class TypeRow:
+    """One row of the side-by-side accuracy table, over the questions every run answered."""
+    name: str
+    questions: int
+    accuracy: list[float]    # per run, in points
+    differ: int              # questions whose answers differ
+    right: list[int]         # per run: of those, how often it was (among) the best
+    none_right: int          # of those, how often no run scored
+
+
+def type_rows(runs: list[Run], shared: list[str]) -> list[TypeRow]:
+    """Each run's accuracy side by side per answer type and question type, with how many
+    answers differ and who was right, over the questions every run answered."""
+    per_run = np.array([[np.nan if x is None else x for x in answered_scores(r, shared)] for r in runs], float)
+    answered = ~np.isnan(per_run).any(axis=0)
+    right = {d.sample_id: d.right for d in disagreements(runs, shared)[1]}
+    rows = []
+    for name, mask in type_groups(runs, shared):
+        keep = mask & answered
+        if not keep.any():
+            continue
+        winners = [right[s] for s, k in zip(shared, keep) if k and s in right]
+        rows.append(TypeRow(name, int(keep.sum()), [float(100 * a) for a in per_run[:, keep].mean(axis=1)],
+                            len(winners), [sum(i in w for w in winners) for i in range(len(runs))],
+                            sum(not w for w in winners)))
+    return rows
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One row of a pair's accuracy difference: both runs' accuracy (points) and the difference."""
+    name: str
+    first: float
+    other: float
+    difference: Difference   # other - first, in fractions
+
+
+def paired_rows(runs: list[Run], shared: list[str], other: int, resamples: int = RESAMPLES,
+                seed: int = 0) -> list[PairedRow]:
+    """``runs[other]`` against ``runs[0]`` per type group, over the questions both answered; the
+    questions of one image are resampled together (``paired_difference``)."""
+    first, second = (np.array([np.nan if x is None else x for x in answered_scores(runs[k], shared)], float)
+                     for k in (0, other))
+    images = np.array([i if i is not None else s for s, i in zip(shared, source_values(runs, "image_id", shared))],
+                      object)  # without an image id each question is its own image
+    both = ~np.isnan(first) & ~np.isnan(second)
+    rows = []
+    for name, mask in type_groups(runs, shared):
+        keep = mask & both
+        if keep.any():
+            d = paired_difference(first[keep], second[keep], images[keep], resamples=resamples, seed=seed)
+            rows.append(PairedRow(name, float(100 * first[keep].mean()), float(100 * second[keep].mean()), d))
+    return rows
+
+
 # -- the text --------------------------------------------------------------------------------------
 
-def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMENTS) -> str:
+def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMENTS, resamples: int = RESAMPLES,
+            seed: int = 0) -> str:
     """A plain-text comparison of runs over the samples they share: metrics per run (rows =
-    metrics, columns = runs), then the first ``limit`` samples where the runs' answers
+    metrics, columns = runs); accuracy per answer and question type side by side; for each run
+    after the first, its accuracy difference to the first with a 95% interval and p-value
+    (``resamples`` draws, ``seed``); then the first ``limit`` samples where the runs' answers
     disagree, with the ground truth, each run's answer marked right or wrong, and the run(s)
     that were right."""
     runs = [r if isinstance(r, Run) else Run(r) for r in run_dirs]
@@ -206,6 +297,10 @@ def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMEN
     if len(runs) < 2:
         lines.append("one run: no answers to compare")
         return "\n".join(lines)
+    lines += type_table(runs, shared)
+    for other in range(1, len(runs)):
+        lines += ["", *difference_table(runs, shared, other, resamples, seed)]
+    lines.append("")
     lines += disagreement_table(runs, shared, limit)
     return "\n".join(lines)
 
@@ -227,6 +322,46 @@ def metrics_table(runs: list[Run], shared: list[str]) -> list[str]:
     lines = [head, "-" * len(head)]
     for name, vals in rows:
         lines.append(f"{name:<{first}}" + "".join(f"{_fmt(v):>{width + 2}}" for v in vals))
+    return lines
+
+
+def type_table(runs: list[Run], shared: list[str]) -> list[str]:
+    """Each run's accuracy per answer and question type, and who was right where answers differ."""
+    rows = type_rows(runs, shared)
+    if not rows:
+        return ["accuracy by type: no question that every run answered has ground truth"]
+    name_w = max(len("questions of"), *(len(r.name) for r in rows))
+    col = max(10, *(len(f"[{i}]") + 6 for i in range(len(runs))))
+    head = (f"{'questions of':<{name_w}}  {'n':>6}" + "".join(f"{f'[{i}] acc':>{col}}" for i in range(len(runs)))
+            + f"{'differ':>8}" + "".join(f"{f'[{i}] right':>{col + 1}}" for i in range(len(runs))) + f"{'none':>6}")
+    lines = [f"accuracy (points) by answer type and question type, over the {rows[0].questions} questions every run "
+             "answered (failed rows and rows without ground truth left out); differ: answers differ, right: the "
+             "run(s) whose answer scores highest there", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.name:<{name_w}}  {r.questions:>6}" + "".join(f"{a:>{col}.2f}" for a in r.accuracy)
+                     + f"{r.differ:>8}" + "".join(f"{n:>{col + 1}}" for n in r.right) + f"{r.none_right:>6}")
+    return lines
+
+
+def difference_table(runs: list[Run], shared: list[str], other: int, resamples: int, seed: int) -> list[str]:
+    """``runs[other]`` minus the first run in accuracy points, per type, with interval and p-value."""
+    title = f"[{other}] {runs[other].label} - [0] {runs[0].label}"
+    rows = paired_rows(runs, shared, other, resamples, seed)
+    if not rows:
+        return [f"{title}: no question that both answered has ground truth"]
+    name_w = max(len("questions of"), *(len(r.name) for r in rows))
+    head = (f"{'questions of':<{name_w}}  {'n':>6}  {'images':>6}  {'[0] acc':>8}  {f'[{other}] acc':>8}  "
+            f"{'diff':>7}  {'95% interval':<18}  {'p':>6}  p by")
+    lines = [f"{title}: accuracy difference in points over the {rows[0].difference.n_questions} questions both "
+             "answered (failed rows and rows without ground truth left out)",
+             f"  95% interval: percentile, bootstrap resampling images ({resamples} resamples, seed {seed}); p: two-sided "
+             f"sign-flip permutation test over images (every flip up to {EXACT_UP_TO} images, else {resamples} drawn)",
+             head, "-" * len(head)]
+    for r in rows:
+        d = r.difference
+        interval = f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
+        lines.append(f"{r.name:<{name_w}}  {d.n_questions:>6}  {d.n_images:>6}  {r.first:>8.2f}  {r.other:>8.2f}  "
+                     f"{100 * d.mean:>+7.2f}  {interval:<18}  {d.p_value:>6.4f}  {d.p_method}")
     return lines
 
 
