@@ -52,9 +52,8 @@ def bootstrap_interval(sums: np.ndarray, counts: np.ndarray, resamples: int,
     block = max(1, CELLS_PER_BLOCK // n)
     means = []
     for start in range(0, resamples, block):
-        # how often each image is drawn, per resample: one multinomial row per resample
-        times = rng.multinomial(n, np.full(n, 1 / n), size=min(block, resamples - start)).astype(float)
-        means.append((times @ sums) / (times @ counts))
+        drawn = rng.integers(0, n, (min(block, resamples - start), n))  # one row of image indices per resample
+        means.append(sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1))
     low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
     return float(low), float(high)
 
@@ -72,7 +71,7 @@ def sign_flip_p_value(sums: np.ndarray, resamples: int, rng: np.random.Generator
     hits = 0
     block = max(1, CELLS_PER_BLOCK // n)
     for start in range(0, resamples, block):
-        signs = rng.choice(np.array([-1.0, 1.0]), size=(min(block, resamples - start), n))
+        signs = 2.0 * rng.integers(0, 2, (min(block, resamples - start), n), dtype=np.int8) - 1
         hits += int(np.sum(np.abs(signs @ sums) >= observed))
     return (hits + 1) / (resamples + 1), f"{resamples} random sign flips"
 
