@@ -297,10 +297,8 @@ def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMEN
     if len(runs) < 2:
         lines.append("one run: no answers to compare")
         return "\n".join(lines)
-    lines += type_table(runs, shared)
-    for other in range(1, len(runs)):
-        lines += ["", *difference_table(runs, shared, other, resamples, seed)]
-    lines.append("")
+    for table in accuracy_tables(runs, shared, resamples, seed):
+        lines += [*text_table(table), ""]
     lines += disagreement_table(runs, shared, limit)
     return "\n".join(lines)
 
@@ -325,44 +323,61 @@ def metrics_table(runs: list[Run], shared: list[str]) -> list[str]:
     return lines
 
 
-def type_table(runs: list[Run], shared: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class Table:
+    """A table of formatted cells, shared by the terminal text and the HTML report."""
+    title: str
+    notes: list[str]
+    head: list[str]
+    rows: list[list[str]]
+    align: str               # per column: "l" left or "r" right
+
+
+def text_table(table: Table) -> list[str]:
+    """The table as aligned lines of text, under its title and notes."""
+    widths = [max(len(c) for c in column) for column in zip(table.head, *table.rows)]
+    line = lambda cells: "  ".join(c.ljust(w) if a == "l" else c.rjust(w)  # noqa: E731
+                                   for c, w, a in zip(cells, widths, table.align)).rstrip()
+    head = line(table.head)
+    return [table.title, *(f"  {n}" for n in table.notes), head, "-" * len(head), *map(line, table.rows)]
+
+
+def type_table(runs: list[Run], shared: list[str]) -> Table:
     """Each run's accuracy per answer and question type, and who was right where answers differ."""
     rows = type_rows(runs, shared)
-    if not rows:
-        return ["accuracy by type: no question that every run answered has ground truth"]
-    name_w = max(len("questions of"), *(len(r.name) for r in rows))
-    col = max(10, *(len(f"[{i}]") + 6 for i in range(len(runs))))
-    head = (f"{'questions of':<{name_w}}  {'n':>6}" + "".join(f"{f'[{i}] acc':>{col}}" for i in range(len(runs)))
-            + f"{'differ':>8}" + "".join(f"{f'[{i}] right':>{col + 1}}" for i in range(len(runs))) + f"{'none':>6}")
-    lines = [f"accuracy (points) by answer type and question type, over the {rows[0].questions} questions every run "
-             "answered (failed rows and rows without ground truth left out); differ: answers differ, right: the "
-             "run(s) whose answer scores highest there", head, "-" * len(head)]
-    for r in rows:
-        lines.append(f"{r.name:<{name_w}}  {r.questions:>6}" + "".join(f"{a:>{col}.2f}" for a in r.accuracy)
-                     + f"{r.differ:>8}" + "".join(f"{n:>{col + 1}}" for n in r.right) + f"{r.none_right:>6}")
-    return lines
+    runs_ = range(len(runs))
+    return Table(
+        f"accuracy (points) by answer type and question type, over the {rows[0].questions if rows else 0} "
+        "questions every run answered",
+        ["failed rows and rows without ground truth left out; differ: the answers differ; right: the run(s) "
+         "whose answer scores highest there"],
+        ["questions of", "n", *(f"[{i}] acc" for i in runs_), "differ", *(f"[{i}] right" for i in runs_), "none"],
+        [[r.name, str(r.questions), *(f"{a:.2f}" for a in r.accuracy), str(r.differ), *map(str, r.right),
+          str(r.none_right)] for r in rows],
+        "l" + "r" * (2 * len(runs) + 3))
 
 
-def difference_table(runs: list[Run], shared: list[str], other: int, resamples: int, seed: int) -> list[str]:
+def difference_table(runs: list[Run], shared: list[str], other: int, resamples: int, seed: int) -> Table:
     """``runs[other]`` minus the first run in accuracy points, per type, with interval and p-value."""
-    title = f"[{other}] {runs[other].label} - [0] {runs[0].label}"
     rows = paired_rows(runs, shared, other, resamples, seed)
-    if not rows:
-        return [f"{title}: no question that both answered has ground truth"]
-    name_w = max(len("questions of"), *(len(r.name) for r in rows))
-    head = (f"{'questions of':<{name_w}}  {'n':>6}  {'images':>6}  {'[0] acc':>8}  {f'[{other}] acc':>8}  "
-            f"{'diff':>7}  {'95% interval':<18}  {'p':>6}  p by")
-    lines = [f"{title}: accuracy difference in points over the {rows[0].difference.n_questions} questions both "
-             "answered (failed rows and rows without ground truth left out)",
-             f"  95% interval: percentile, bootstrap resampling images ({resamples} resamples, seed {seed}); p: two-sided "
-             f"sign-flip permutation test over images (every flip up to {EXACT_UP_TO} images, else {resamples} drawn)",
-             head, "-" * len(head)]
-    for r in rows:
-        d = r.difference
-        interval = f"[{100 * d.low:+.2f}, {100 * d.high:+.2f}]"
-        lines.append(f"{r.name:<{name_w}}  {d.n_questions:>6}  {d.n_images:>6}  {r.first:>8.2f}  {r.other:>8.2f}  "
-                     f"{100 * d.mean:>+7.2f}  {interval:<18}  {d.p_value:>6.4f}  {d.p_method}")
-    return lines
+    return Table(
+        f"[{other}] {runs[other].label} - [0] {runs[0].label}: accuracy difference in points over the "
+        f"{rows[0].difference.n_questions if rows else 0} questions both answered",
+        ["failed rows and rows without ground truth left out",
+         f"95% interval: percentile, bootstrap resampling images ({resamples} resamples, seed {seed}); p: two-sided "
+         f"sign-flip permutation test over images (every flip up to {EXACT_UP_TO} images, else {resamples} drawn)"],
+        ["questions of", "n", "images", "[0] acc", f"[{other}] acc", "diff", "95% interval", "p", "p by"],
+        [[r.name, str(r.difference.n_questions), str(r.difference.n_images), f"{r.first:.2f}", f"{r.other:.2f}",
+          f"{100 * r.difference.mean:+.2f}", f"[{100 * r.difference.low:+.2f}, {100 * r.difference.high:+.2f}]",
+          f"{r.difference.p_value:.4f}", r.difference.p_method] for r in rows],
+        "lrrrrrlrl")
+
+
+def accuracy_tables(runs: list[Run], shared: list[str], resamples: int = RESAMPLES, seed: int = 0) -> list[Table]:
+    """The accuracy per type side by side, then each later run's difference to the first."""
+    if len(runs) < 2:
+        return []
+    return [type_table(runs, shared), *(difference_table(runs, shared, k, resamples, seed) for k in range(1, len(runs)))]
 
 
 def disagreement_table(runs: list[Run], shared: list[str], limit: int) -> list[str]:
