@@ -338,6 +338,8 @@ def text_table(table: Table) -> list[str]:
     widths = [max(len(c) for c in column) for column in zip(table.head, *table.rows)]
     line = lambda cells: "  ".join(c.ljust(w) if a == "l" else c.rjust(w)  # noqa: E731
                                    for c, w, a in zip(cells, widths, table.align)).rstrip()
+    if not table.rows:
+        return [table.title + ": none (no such question has ground truth)"]
     head = line(table.head)
     return [table.title, *(f"  {n}" for n in table.notes), head, "-" * len(head), *map(line, table.rows)]
 
