@@ -125,3 +125,12 @@ def test_a_failed_row_is_wrong_and_runs_without_shared_samples_are_refused(tmp_p
 def test_help_describes_the_comparison():
     text = " ".join(cli("compare", "--help").stdout.split())
     assert "over the samples present in every run" in text and "ground-truth answers" in text
+
+
+def test_without_ground_truth_the_accuracy_tables_say_none(tmp_path):
+    runs = [make_run(tmp_path / n, n, {"q0": x, "q1": "2"}) for n, x in (("alpha", "dog"), ("beta", "cat"))]
+    for run in runs:
+        pq.write_table(pq.read_table(run / "results.parquet").drop(["answers"]), run / "results.parquet")
+    out = cli("compare", *map(str, runs)).stdout
+    assert "over the 0 questions every run answered: none (no such question has ground truth)" in out
+    assert "over the 0 questions both answered: none (no such question has ground truth)" in out
