@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import UsageError
-from reports.comparison import disagreements, metric_rows
+from reports.comparison import accuracy_tables, disagreements, metric_rows, shared_samples
 from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
 from reports.plots import make_plots
 from reports.render import RenderOptions, render_run, writable_folder
@@ -260,6 +260,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         "runs": [_run_summary(run, rows, i, notes[i]) for i, run in enumerate(runs)],
         "metrics": [[name, [_num(v) for v in vals]] for name, vals in rows],
         "shared": shared, "differ": len(diff),
+        "accuracy_tables": [vars(t) for t in accuracy_tables(runs, shared_samples(runs))],
         "plots": [{"src": f"{rel}/plots/{name}", "title": t} for name, t in plots],
         "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap",
                   **{label: f"{label} heatmap" for run in runs for label in run.roles.heatmaps

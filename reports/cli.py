@@ -50,10 +50,17 @@ def compare_parser() -> argparse.ArgumentParser:
                     "differ, each with its question, its ground-truth answers, each run's answer marked right "
                     "(✓), partly right (~) or wrong (✗), and the run(s) that were right. Right or wrong comes "
                     "from a run's per-question accuracy column when it kept one, else from a normalised exact "
-                    "match against the ground-truth answers; the output says which. Columns are found by the "
+                    "match against the ground-truth answers; the output says which. Also, per answer type and "
+                    "question type, each run's accuracy side by side, and for each run after the first its "
+                    "accuracy difference to the first over the questions both answered, with a 95% interval "
+                    "from a bootstrap that resamples images and a sign-flip permutation test's p-value. Columns are found by the "
                     "roles the manifest records (answer, accuracy) and the source's answers column.")
     cp.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with results.parquet and manifest.json)")
     cp.add_argument("--show", type=int, default=20, metavar="N", help="disagreeing samples to list (default 20)")
+    cp.add_argument("--resamples", type=int, default=10000, metavar="N",
+                    help="bootstrap resamples (and random sign flips) for each accuracy difference (default 10000)")
+    cp.add_argument("--seed", type=int, default=0, metavar="S",
+                    help="seed of the resampling, so that intervals and p-values are reproducible (default 0)")
     return cp
 
 
@@ -76,9 +83,12 @@ def report_main(argv: list[str]) -> int:
 
 
 def compare_main(argv: list[str]) -> int:
-    """``runtime compare RUN... [--show N]``."""
+    """``runtime compare RUN... [--show N] [--resamples N] [--seed S]``."""
     from reports.comparison import compare
+    from runtime.errors import UsageError
 
     a = compare_parser().parse_args(argv)
-    print(compare([Path(r) for r in a.runs], limit=a.show))
+    if a.resamples < 1:
+        raise UsageError(f"--resamples must be at least 1, got {a.resamples}")
+    print(compare([Path(r) for r in a.runs], limit=a.show, resamples=a.resamples, seed=a.seed))
     return 0

@@ -13,11 +13,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reports.data import Run, unique_labels
+from reports.paired import EXACT_UP_TO, Difference, paired_difference
 from runtime.errors import UsageError
 
 MAX_DISAGREEMENTS = 20
 TRUTH = "answers"  # the sources' ground-truth answers, kept under the source column's name
 MARKS = {None: " ", "right": "✓", "partly": "~", "wrong": "✗"}
+RESAMPLES = 10000
+TYPE_COLUMNS = (("answer type", "answer_type"), ("question type", "question_type"))  # source columns
 
 
 def _fmt(v) -> str:
@@ -183,11 +186,99 @@ def disagreements(runs: list[Run], shared: list[str] | None = None) -> tuple[int
     return len(shared), out
 
 
+# -- accuracy per answer type and question type -----------------------------------------------------
+
+def source_values(runs: list[Run], column: str, shared: list[str]) -> list:
+    """A source column's value per shared sample: the first run's, else another's."""
+    known: dict[str, object] = {}
+    for r in reversed(runs):
+        known.update({s: v for s, v in zip(r.sample_ids, r.values(column)) if v is not None})
+    return [known.get(s) for s in shared]
+
+
+def answered_scores(run: Run, shared: list[str]) -> list[float | None]:
+    """The run's score per shared sample (by ``scores``); None where its row failed or
+    cannot be scored (no ground truth), so that such questions are left out, not counted wrong."""
+    scored = scores(run)
+    failed = {s for s, st, a in zip(run.sample_ids, run.values("status"), run.values(run.roles.answer))
+              if st == "error" or a is None}
+    return [None if s in failed else scored.get(s) for s in shared]
+
+
+def type_groups(runs: list[Run], shared: list[str]) -> list[tuple[str, np.ndarray]]:
+    """``[(row name, mask over shared)]``: overall, then each answer type and question type."""
+    groups = [("overall", np.ones(len(shared), bool))]
+    for title, column in TYPE_COLUMNS:
+        types = np.array(source_values(runs, column, shared), object)
+        for t in sorted({t for t in types if t is not None}):
+            groups.append((f"{title}: {t}", types == t))
+    return groups
+
+
+@dataclass(frozen=True)
+class TypeRow:
+    """One row of the side-by-side accuracy table, over the questions every run answered."""
+    name: str
+    questions: int
+    accuracy: list[float]    # per run, in points
+    differ: int              # questions whose answers differ
+    right: list[int]         # per run: of those, how often it was (among) the best
+    none_right: int          # of those, how often no run scored
+
+
+def type_rows(runs: list[Run], shared: list[str]) -> list[TypeRow]:
+    """Each run's accuracy side by side per answer type and question type, with how many
+    answers differ and who was right, over the questions every run answered."""
+    per_run = np.array([[np.nan if x is None else x for x in answered_scores(r, shared)] for r in runs], float)
+    answered = ~np.isnan(per_run).any(axis=0)
+    right = {d.sample_id: d.right for d in disagreements(runs, shared)[1]}
+    rows = []
+    for name, mask in type_groups(runs, shared):
+        keep = mask & answered
+        if not keep.any():
+            continue
+        winners = [right[s] for s, k in zip(shared, keep) if k and s in right]
+        rows.append(TypeRow(name, int(keep.sum()), [float(100 * a) for a in per_run[:, keep].mean(axis=1)],
+                            len(winners), [sum(i in w for w in winners) for i in range(len(runs))],
+                            sum(not w for w in winners)))
+    return rows
+
+
+@dataclass(frozen=True)
+class PairedRow:
+    """One row of a pair's accuracy difference: both runs' accuracy (points) and the difference."""
+    name: str
+    first: float
+    other: float
+    difference: Difference   # other - first, in fractions
+
+
+def paired_rows(runs: list[Run], shared: list[str], other: int, resamples: int = RESAMPLES,
+                seed: int = 0) -> list[PairedRow]:
+    """``runs[other]`` against ``runs[0]`` per type group, over the questions both answered; the
+    questions of one image are resampled together (``paired_difference``)."""
+    first, second = (np.array([np.nan if x is None else x for x in answered_scores(runs[k], shared)], float)
+                     for k in (0, other))
+    images = np.array([i if i is not None else s for s, i in zip(shared, source_values(runs, "image_id", shared))],
+                      object)  # without an image id each question is its own image
+    both = ~np.isnan(first) & ~np.isnan(second)
+    rows = []
+    for name, mask in type_groups(runs, shared):
+        keep = mask & both
+        if keep.any():
+            d = paired_difference(first[keep], second[keep], images[keep], resamples=resamples, seed=seed)
+            rows.append(PairedRow(name, float(100 * first[keep].mean()), float(100 * second[keep].mean()), d))
+    return rows
+
+
 # -- the text --------------------------------------------------------------------------------------
 
-def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMENTS) -> str:
+def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMENTS, resamples: int = RESAMPLES,
+            seed: int = 0) -> str:
     """A plain-text comparison of runs over the samples they share: metrics per run (rows =
-    metrics, columns = runs), then the first ``limit`` samples where the runs' answers
+    metrics, columns = runs); accuracy per answer and question type side by side; for each run
+    after the first, its accuracy difference to the first with a 95% interval and p-value
+    (``resamples`` draws, ``seed``); then the first ``limit`` samples where the runs' answers
     disagree, with the ground truth, each run's answer marked right or wrong, and the run(s)
     that were right."""
     runs = [r if isinstance(r, Run) else Run(r) for r in run_dirs]
@@ -206,6 +297,8 @@ def compare(run_dirs: list[str | Path] | list[Run], limit: int = MAX_DISAGREEMEN
     if len(runs) < 2:
         lines.append("one run: no answers to compare")
         return "\n".join(lines)
+    for table in accuracy_tables(runs, shared, resamples, seed):
+        lines += [*text_table(table), ""]
     lines += disagreement_table(runs, shared, limit)
     return "\n".join(lines)
 
@@ -228,6 +321,65 @@ def metrics_table(runs: list[Run], shared: list[str]) -> list[str]:
     for name, vals in rows:
         lines.append(f"{name:<{first}}" + "".join(f"{_fmt(v):>{width + 2}}" for v in vals))
     return lines
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table of formatted cells, shared by the terminal text and the HTML report."""
+    title: str
+    notes: list[str]
+    head: list[str]
+    rows: list[list[str]]
+    align: str               # per column: "l" left or "r" right
+
+
+def text_table(table: Table) -> list[str]:
+    """The table as aligned lines of text, under its title and notes."""
+    widths = [max(len(c) for c in column) for column in zip(table.head, *table.rows)]
+    line = lambda cells: "  ".join(c.ljust(w) if a == "l" else c.rjust(w)  # noqa: E731
+                                   for c, w, a in zip(cells, widths, table.align)).rstrip()
+    if not table.rows:
+        return [table.title + ": none (no such question has ground truth)"]
+    head = line(table.head)
+    return [table.title, *(f"  {n}" for n in table.notes), head, "-" * len(head), *map(line, table.rows)]
+
+
+def type_table(runs: list[Run], shared: list[str]) -> Table:
+    """Each run's accuracy per answer and question type, and who was right where answers differ."""
+    rows = type_rows(runs, shared)
+    runs_ = range(len(runs))
+    return Table(
+        f"accuracy (points) by answer type and question type, over the {rows[0].questions if rows else 0} "
+        "questions every run answered",
+        ["failed rows and rows without ground truth left out; differ: the answers differ; right: the run(s) "
+         "whose answer scores highest there"],
+        ["questions of", "n", *(f"[{i}] acc" for i in runs_), "differ", *(f"[{i}] right" for i in runs_), "none"],
+        [[r.name, str(r.questions), *(f"{a:.2f}" for a in r.accuracy), str(r.differ), *map(str, r.right),
+          str(r.none_right)] for r in rows],
+        "l" + "r" * (2 * len(runs) + 3))
+
+
+def difference_table(runs: list[Run], shared: list[str], other: int, resamples: int, seed: int) -> Table:
+    """``runs[other]`` minus the first run in accuracy points, per type, with interval and p-value."""
+    rows = paired_rows(runs, shared, other, resamples, seed)
+    return Table(
+        f"[{other}] {runs[other].label} - [0] {runs[0].label}: accuracy difference in points over the "
+        f"{rows[0].difference.n_questions if rows else 0} questions both answered",
+        ["failed rows and rows without ground truth left out",
+         f"95% interval: percentile, bootstrap resampling images ({resamples} resamples, seed {seed}); p: two-sided "
+         f"sign-flip permutation test over images (every flip up to {EXACT_UP_TO} images, else {resamples} drawn)"],
+        ["questions of", "n", "images", "[0] acc", f"[{other}] acc", "diff", "95% interval", "p", "p by"],
+        [[r.name, str(r.difference.n_questions), str(r.difference.n_images), f"{r.first:.2f}", f"{r.other:.2f}",
+          f"{100 * r.difference.mean:+.2f}", f"[{100 * r.difference.low:+.2f}, {100 * r.difference.high:+.2f}]",
+          f"{r.difference.p_value:.4f}", r.difference.p_method] for r in rows],
+        "lrrrrrlrl")
+
+
+def accuracy_tables(runs: list[Run], shared: list[str], resamples: int = RESAMPLES, seed: int = 0) -> list[Table]:
+    """The accuracy per type side by side, then each later run's difference to the first."""
+    if len(runs) < 2:
+        return []
+    return [type_table(runs, shared), *(difference_table(runs, shared, k, resamples, seed) for k in range(1, len(runs)))]
 
 
 def disagreement_table(runs: list[Run], shared: list[str], limit: int) -> list[str]:

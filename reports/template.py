@@ -170,6 +170,15 @@ SCRIPT = r"""
       h('h2', {text: 'Runs compared'}), mt,
       NR > 1 ? h('p', {cls: 'muted small', text: 'Answers differ on ' + DATA.differ + ' of ' + DATA.shared +
         ' samples present in every run (filter "answers differ" in Samples).'}) : null));
+    (DATA.accuracy_tables || []).forEach(function (t) {  // the same cells as runtime compare prints
+      root.appendChild(h('div', {cls: 'card', style: 'margin-bottom:14px; overflow-x:auto'},
+        h('h2', {text: t.title}), t.notes.map(function (n) { return h('p', {cls: 'muted small', text: n}); }),
+        h('table', {cls: 'grid small accuracy'},
+          h('thead', null, h('tr', null, t.head.map(function (c, i) { return h('th', {cls: t.align[i] === 'r' ? 'num' : null, text: c}); }))),
+          h('tbody', null, t.rows.map(function (row) {
+            return h('tr', null, row.map(function (c, i) { return h('td', {cls: t.align[i] === 'r' ? 'num' : null, text: c}); }));
+          })))));
+    });
     var cards = h('div', {cls: 'cards'});
     RUNS.forEach(function (r) {
       var kv = h('table', {cls: 'kv'});

@@ -27,7 +27,8 @@ def make_run(folder: Path, name: str, answers: dict[str, str | None], accuracy: 
     """A finished run folder of ``name`` answering ``answers`` (sample id -> answer) with the
     ground truth of ``TRUTH``; ``accuracy`` kept under role accuracy when given."""
     ids = list(answers)
-    columns = {"sample_id": ids, "question": [QUESTIONS[s] for s in ids],
+    columns = {"sample_id": ids, "question": [QUESTIONS[s] for s in ids], "image_id": [IMAGES[s] for s in ids],
+               "answer_type": [ANSWER_TYPES[s] for s in ids], "question_type": [QUESTION_TYPES[s] for s in ids],
                "answers": pa.array([TRUTH[s] for s in ids], pa.list_(pa.string())),
                f"{node}.text": [answers[s] for s in ids],
                "status": ["ok" if answers[s] is not None else "error" for s in ids]}
@@ -42,6 +43,9 @@ def make_run(folder: Path, name: str, answers: dict[str, str | None], accuracy: 
 
 
 QUESTIONS = {f"q{i}": f"question {i}?" for i in range(6)}
+IMAGES = {"q0": "i0", "q1": "i0", "q2": "i1", "q3": "i1", "q4": "i2", "q5": "i2"}
+ANSWER_TYPES = {"q0": "other", "q1": "number", "q2": "other", "q3": "yes/no", "q4": "other", "q5": "yes/no"}
+QUESTION_TYPES = {"q0": "what is", "q1": "how many", "q2": "what color", "q3": "is the", "q4": "what is", "q5": "is the"}
 TRUTH = {"q0": ["dog"] * 3, "q1": ["two", "two", "2"], "q2": ["red"], "q3": ["yes"], "q4": ["cat"], "q5": ["no"]}
 
 
@@ -74,12 +78,42 @@ def test_compare_over_the_shared_samples_shows_ground_truth_and_who_was_right(tm
     assert "q3 " not in out.split("answers differ")[1]   # both said yes
 
 
+def line_of(text: str, start: str, after: str = "") -> list[str]:
+    """The cells of the first line starting with ``start`` after the text ``after``."""
+    return next(line for line in text.split(after, 1)[1].splitlines() if line.startswith(start))[len(start):].split()
+
+
+def test_accuracy_by_type_and_the_difference_with_its_interval_resampling_images(tmp_path):
+    a = make_run(tmp_path / "a", "alpha", {"q0": "dog", "q1": "2", "q2": "blue", "q3": "yes", "q4": "cat", "q5": "no"},
+                 accuracy={"q0": 1.0, "q1": 0.3, "q2": 0.0, "q3": 1.0, "q4": 1.0, "q5": 0.0})
+    b = make_run(tmp_path / "b", "beta", {"q0": "cat", "q1": "Two", "q2": "Red.", "q3": "yes"}, node="qa")
+    done = cli("compare", str(a), str(b), "--resamples", "2000", "--seed", "7")
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    # side by side, over q0-q3: n, each run's accuracy, answers differ, [0] right, [1] right, none
+    by_type = "accuracy (points) by answer type and question type"
+    assert line_of(out, "overall ", by_type) == ["4", "57.50", "75.00", "3", "1", "2", "0"]
+    assert line_of(out, "answer type: other ", by_type) == ["2", "50.00", "50.00", "2", "1", "1", "0"]
+    assert line_of(out, "question type: how many ", by_type) == ["1", "30.00", "100.00", "1", "0", "1", "0"]
+    # beta - alpha per image: i0 (q0, q1) (0 - 1) + (1 - 0.3) = -0.3, i1 (q2, q3) +1, 2 questions each: a
+    # resample of two images means -0.15, +0.175 or +0.5; every sign flip of (-0.3, 1) is as extreme: p 1
+    pair = "[1] beta - [0] alpha: accuracy difference in points over the 4 questions both answered"
+    assert pair in out and "(2000 resamples, seed 7)" in out
+    assert line_of(out, "overall ", pair) == ["4", "2", "57.50", "75.00", "+17.50", "[-15.00,", "+50.00]", "1.0000",
+                                              "exact,", "all", "4", "sign", "flips"]
+    assert line_of(out, "question type: what is ", pair)[4:7] == ["-100.00", "[-100.00,", "-100.00]"]
+    assert cli("compare", str(a), str(b), "--resamples", "2000", "--seed", "7").stdout == out
+
+
 def test_a_failed_row_is_wrong_and_runs_without_shared_samples_are_refused(tmp_path):
     a = make_run(tmp_path / "a", "alpha", {"q0": "dog", "q1": None}, accuracy={"q0": 1.0, "q1": None})
     b = make_run(tmp_path / "b", "beta", {"q0": "cat", "q1": "two"}, accuracy={"q0": 0.0, "q1": 1.0})
     out = cli("compare", str(a), str(b)).stdout
     assert "none left out" in out
     assert table_row(out, "q1").endswith("[1]") and "✗ -" in table_row(out, "q1")
+    # the failed row is left out of the accuracy comparisons
+    assert "over the 1 questions both answered" in out
+    assert line_of(out, "overall ", "by answer type")[:3] == ["1", "100.00", "0.00"]
 
     other = make_run(tmp_path / "c", "gamma", {"q5": "no"})
     refused = cli("compare", str(a), str(other))
@@ -91,3 +125,12 @@ def test_a_failed_row_is_wrong_and_runs_without_shared_samples_are_refused(tmp_p
 def test_help_describes_the_comparison():
     text = " ".join(cli("compare", "--help").stdout.split())
     assert "over the samples present in every run" in text and "ground-truth answers" in text
+
+
+def test_without_ground_truth_the_accuracy_tables_say_none(tmp_path):
+    runs = [make_run(tmp_path / n, n, {"q0": x, "q1": "2"}) for n, x in (("alpha", "dog"), ("beta", "cat"))]
+    for run in runs:
+        pq.write_table(pq.read_table(run / "results.parquet").drop(["answers"]), run / "results.parquet")
+    out = cli("compare", *map(str, runs)).stdout
+    assert "over the 0 questions every run answered: none (no such question has ground truth)" in out
+    assert "over the 0 questions both answered: none (no such question has ground truth)" in out

@@ -176,6 +176,24 @@ def test_compare_lists_both_runs(runs):
     assert re.search(r"answers differ on \d+ of 4 samples", text)
 
 
+def test_compare_tables_of_accuracy_by_type_and_difference_are_in_the_summary(tmp_path):
+    from reports import build_report
+    from test_compare import make_run
+
+    a = make_run(tmp_path / "a", "alpha", {"q0": "dog", "q1": "2", "q2": "blue", "q3": "yes"},
+                 accuracy={"q0": 1.0, "q1": 0.3, "q2": 0.0, "q3": 1.0})
+    b = make_run(tmp_path / "b", "beta", {"q0": "cat", "q1": "Two", "q2": "Red.", "q3": "yes"}, node="qa")
+    html = build_report([a, b], tmp_path / "report", limit=0)
+    by_type, difference = report_data(html)["accuracy_tables"]
+    assert by_type["rows"][0] == ["overall", "4", "57.50", "75.00", "3", "1", "2", "0"]
+    # the same cells as runtime compare prints (tests/test_compare.py), default resamples and seed
+    assert difference["title"].startswith("[1] beta - [0] alpha: accuracy difference in points")
+    assert difference["rows"][0] == ["overall", "4", "2", "57.50", "75.00", "+17.50", "[-15.00, +50.00]", "1.0000",
+                                     "exact, all 4 sign flips"]
+    dom = check_page(html, tmp_path)
+    assert "accuracy difference in points" in dom and "[-15.00, +50.00]" in dom and "question type: what is" in dom
+
+
 def test_cli_functions(runs, tmp_path, capsys):
     from reports.cli import compare_main, report_main
 
