@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from reports.data import Run, unique_labels
+from reports.data import Run, column_mean, error_count, unique_labels
 from reports.paired import EXACT_UP_TO, Difference, paired_difference
 from runtime.errors import UsageError
 
@@ -58,14 +57,10 @@ class Rows:
         self.table = run.table.take(pa.array(self.rows, pa.int64()))
 
     def mean(self, column: str | None) -> float | None:
-        if column is None or column not in self.table.column_names:
-            return None
-        return pc.mean(self.table.column(column)).as_py()
+        return column_mean(self.table, column)
 
     def errors(self) -> int:
-        if "status" not in self.table.column_names:
-            return 0
-        return int(pc.sum(pc.equal(self.table.column("status"), "error")).as_py() or 0)
+        return error_count(self.table)
 
     def mean_entropy(self, label: str) -> float | None:
         ent = self.run.entropy().get(label)

@@ -131,6 +131,20 @@ def _is_heavy(t: pa.DataType) -> bool:
     return is_fixed_tensor(t) or is_variable_tensor(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
+def column_mean(table: pa.Table, column: str | None) -> float | None:
+    """Mean of a numeric column over its non-null values; None when the table lacks it."""
+    if column is None or column not in table.column_names:
+        return None
+    return pc.mean(table.column(column)).as_py()
+
+
+def error_count(table: pa.Table) -> int:
+    """Rows whose status is ``error``."""
+    if "status" not in table.column_names:
+        return 0
+    return int(pc.sum(pc.equal(table.column("status"), "error")).as_py() or 0)
+
+
 class Run:
     """One run folder, read lazily: light columns for every sample, heavy ones on demand."""
 
@@ -168,14 +182,10 @@ class Run:
         return self.table.column(column).to_pylist()
 
     def mean(self, column: str | None) -> float | None:
-        if column is None or column not in self.table.column_names:
-            return None
-        return pc.mean(self.table.column(column)).as_py()
+        return column_mean(self.table, column)
 
     def errors(self) -> int:
-        if "status" not in self.table.column_names:
-            return 0
-        return int(pc.sum(pc.equal(self.table.column("status"), "error")).as_py() or 0)
+        return error_count(self.table)
 
     @property
     def dataset(self) -> dict:
