@@ -3,6 +3,8 @@ imputation, and the stage with the tiny preset (shapes, batching, a graph run)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,30 @@ def test_orders_of_the_stage(stage, inputs):
     np.testing.assert_array_equal(orders[:, 0], heatmap_order(heatmaps[:2]))
     assert not np.array_equal(orders[0, 1], orders[1, 1])  # random order seeded per row
     np.testing.assert_array_equal(orders[0, 2], centre_order(24))
+
+
+def test_graph_validates_and_runs_with_the_tiny_preset(tmp_path, write_graph):
+    import pyarrow.parquet as pq
+
+    from runtime.api import run_graph
+    from runtime.graph import load_graph
+
+    graphs = Path(__file__).resolve().parents[1] / "graphs"
+    assert load_graph(graphs / "faithfulness.yaml").nodes["faithfulness"]
+    graph = write_graph(f"""
+        extends: {graphs / "faithfulness.yaml"}
+        dataset: {{params: {{num_images: 2, questions_per_image: 1}}}}
+        nodes:
+          caption: null
+          answer: null
+          accuracy: null
+          faithfulness: {{params: {{steps: 2, road_iterations: 4}}}}
+        outputs: [gradcam.heatmap, faithfulness.deletion_auc, faithfulness.random_deletion_auc,
+                  faithfulness.insertion_curve]
+        """)
+    summary = run_graph(graph, executor="local", output=tmp_path / "o", cache_dir=tmp_path / "c", presets=["tiny"],
+                        device="cpu", progress=False)
+    assert summary.samples == 2 and summary.errors == 0
+    table = pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()
+    assert all(0 <= row["faithfulness.deletion_auc"] <= 1 and len(row["faithfulness.insertion_curve"]) == 3
+               for row in table)
