@@ -12,7 +12,7 @@ torch is imported inside them, so graphs without model stages never import it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -78,14 +78,6 @@ def curve_auc(curves: np.ndarray) -> np.ndarray:
     step axis normalised to [0, 1] (trapezoid rule)."""
     k = curves.shape[-1] - 1
     return (curves.sum(axis=-1) - (curves[..., 0] + curves[..., -1]) / 2) / k
-
-
-def faithfulness_curves(orders: np.ndarray, steps: int, mode: str,
-                        score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """``[N, steps+1]`` the curve of ``mode``: ``score`` maps visible cells ``bool [M, g*g]``
-    to scores ``[M]`` (the model, or a stub in tests)."""
-    visible = visible_cells(orders, steps, mode)
-    return score(visible.reshape(-1, visible.shape[-1])).reshape(visible.shape[:2])
 
 
 # --- pixels: cell masks, fills and ROAD's imputation (torch) --------------------------------

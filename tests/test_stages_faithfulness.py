@@ -11,8 +11,8 @@ import torch
 
 from stages.base import Batch
 from stages.faithfulness import (
-    MODES, ORDERS, HeatmapFaithfulness, centre_order, curve_auc, faithfulness_curves, heatmap_order,
-    pixel_mask, random_order, road_impute, step_counts, visible_cells,
+    MODES, ORDERS, HeatmapFaithfulness, centre_order, curve_auc, heatmap_order,
+    fill_canvas, pixel_mask, random_order, road_impute, step_counts, visible_cells,
 )
 
 # g = 2: the heatmap ranks cells 0, 2, 3, 1; the "evidence" the stub model sees is cells 0 and 2
@@ -22,7 +22,13 @@ EVIDENCE = np.array([True, False, True, False])
 
 def evidence_left(visible: np.ndarray) -> np.ndarray:
     """Stub model: the share of the evidence cells left visible."""
-    return (visible & EVIDENCE).sum(axis=1) / EVIDENCE.sum()
+    return (visible & EVIDENCE).sum(axis=-1) / EVIDENCE.sum()
+
+
+def faithfulness_curves(orders: np.ndarray, steps: int, mode: str, score=evidence_left) -> np.ndarray:
+    """``[N, steps+1]``: the curve of ``mode`` scored by the stub (the stage scores the same
+    visible cells with the model)."""
+    return score(visible_cells(orders, steps, mode))
 
 
 # --- pure functions -------------------------------------------------------------------------
@@ -45,22 +51,22 @@ def test_steps_and_visible_cells():
 
 def test_curves_and_areas_by_hand():
     perfect, centre = heatmap_order(HEATMAP), centre_order(2)[None]
-    deletion = faithfulness_curves(perfect, 4, "deletion", evidence_left)
-    insertion = faithfulness_curves(perfect, 4, "insertion", evidence_left)
+    deletion = faithfulness_curves(perfect, 4, "deletion")
+    insertion = faithfulness_curves(perfect, 4, "insertion")
     np.testing.assert_allclose(deletion, [[1, 0.5, 0, 0, 0]])
     np.testing.assert_allclose(insertion, [[0, 0.5, 1, 1, 1]])
     np.testing.assert_allclose(curve_auc(deletion), [0.25])   # (1/2 + 1/2) / 4
     np.testing.assert_allclose(curve_auc(insertion), [0.75])  # (1/2 + 1 + 1 + 1/2) / 4
     # centre prior 0, 1, 2, 3: the second evidence cell goes third
-    np.testing.assert_allclose(curve_auc(faithfulness_curves(centre, 4, "deletion", evidence_left)), [0.375])
-    np.testing.assert_allclose(curve_auc(faithfulness_curves(centre, 4, "insertion", evidence_left)), [0.625])
+    np.testing.assert_allclose(curve_auc(faithfulness_curves(centre, 4, "deletion")), [0.375])
+    np.testing.assert_allclose(curve_auc(faithfulness_curves(centre, 4, "insertion")), [0.625])
 
 
 def test_perfect_heatmap_beats_random_orders():
     rng = np.random.default_rng(0)
     randoms = np.stack([random_order(rng, 4) for _ in range(200)])
-    random_deletion = curve_auc(faithfulness_curves(randoms, 4, "deletion", evidence_left)).mean()
-    random_insertion = curve_auc(faithfulness_curves(randoms, 4, "insertion", evidence_left)).mean()
+    random_deletion = curve_auc(faithfulness_curves(randoms, 4, "deletion")).mean()
+    random_insertion = curve_auc(faithfulness_curves(randoms, 4, "insertion")).mean()
     assert 0.25 < random_deletion and random_insertion < 0.75
     np.testing.assert_allclose(random_deletion + random_insertion, 1.0)  # complementary with this stub
 
@@ -69,6 +75,14 @@ def test_pixel_mask_maps_cells_to_blocks():
     visible = torch.tensor([[True, False, False, True]])
     expected = np.kron(np.array([[1, 0], [0, 1]]), np.ones((3, 3))).astype(bool)
     np.testing.assert_array_equal(pixel_mask(visible, 2, 6)[0].numpy(), expected)
+
+
+def test_fills():
+    pixels = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    np.testing.assert_allclose(fill_canvas(pixels, "mean", 2)[1, 2].numpy(), np.full((4, 4), 87.5))
+    assert not fill_canvas(pixels, "zero", 2).any()
+    flat = torch.ones(1, 3, 8, 8)
+    np.testing.assert_allclose(fill_canvas(flat, "blur", 2).numpy(), flat.numpy(), rtol=1e-6)  # blur keeps a flat image
 
 
 def test_road_imputation_restores_a_linear_ramp():
