@@ -134,25 +134,37 @@ def neighbour_mean(pixels: torch.Tensor) -> torch.Tensor:
     return total / inside
 
 
+def pyramid_fill(pixels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``pixels [B, C, s, s]`` with the pixels where ``known [B, 1, s, s]`` is 0 filled from a
+    pyramid of area-averaged known pixels (push-pull): every hole gets the mean of the nearest
+    known pixels at the scale where it closes; a region with no known pixel at all gets 0."""
+    import torch
+    import torch.nn.functional as F
+
+    if pixels.shape[-1] == 1:
+        return pixels * known
+    coarse_known = F.avg_pool2d(known, 2, ceil_mode=True)
+    coarse = F.avg_pool2d(pixels * known, 2, ceil_mode=True) / coarse_known.clamp(min=1e-12)
+    filled = pyramid_fill(coarse, (coarse_known > 0).to(known.dtype))
+    up = F.interpolate(filled, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.where(known > 0, pixels, up)
+
+
 def road_impute(pixels: torch.Tensor, removed: torch.Tensor, noise: torch.Tensor, iterations: int) -> torch.Tensor:
     """ROAD's noisy linear imputation: ``pixels [B, 3, s, s]`` with the ``removed [B, s, s]``
     pixels replaced by the solution of "each removed pixel is the weighted mean of its 8
     neighbours" (known pixels fixed), plus ``noise [B, 3, s, s]`` on them.
 
-    ROAD solves that sparse system exactly; here Jacobi iterations, batched, start from the
-    kept pixels blurred by a normalised convolution (a removed region with no kept pixel
-    near starts at 0, the normalisation mean) and approach the solution: exact on holes a few
-    pixels wide, smoother than it in the middle of large ones.
+    ROAD solves that sparse system exactly; here Jacobi iterations, batched, start from a
+    push-pull fill of the holes (:func:`pyramid_fill`) and approach the solution (a region with
+    no kept pixel at all stays 0, the normalisation mean).
     """
     import torch
 
-    hole = removed[:, None].to(pixels.dtype)
-    kept = pixels * (1 - hole)
-    weight = gaussian_blur_pixels(1 - hole, 4.0, "constant")
-    start = gaussian_blur_pixels(kept, 4.0, "constant") / weight.clamp(min=1e-6)
-    out = torch.where(hole.bool(), start * (weight > 1e-6), pixels)
+    hole = removed[:, None]
+    out = pyramid_fill(pixels, (~hole).to(pixels.dtype))
     for _ in range(iterations):
-        out = torch.where(hole.bool(), neighbour_mean(out), pixels)
+        out = torch.where(hole, neighbour_mean(out), pixels)
     return out + noise * hole
 
 

@@ -87,15 +87,19 @@ def test_fills():
 
 def test_road_imputation_restores_a_linear_ramp():
     # a linear ramp satisfies "each pixel is the weighted mean of its neighbours" (symmetric
-    # weights), so a hole inside it is imputed exactly; noise lands on the hole only
-    ramp = torch.arange(12.0)[None, None, :].expand(1, 3, 12, 12) / 11
-    removed = torch.zeros(1, 12, 12, dtype=torch.bool)
-    removed[0, 4:8, 3:9] = True
-    imputed = road_impute(ramp.clone(), removed, torch.zeros_like(ramp), iterations=300)
+    # weights), so ROAD's exact solution of a hole inside it is the ramp itself; the Jacobi
+    # iterations from the push-pull start approach it, and noise lands on the hole only
+    ramp = (torch.arange(32.0)[None, :] + 0.5 * torch.arange(32.0)[:, None]).expand(1, 3, 32, 32) / 31
+    removed = torch.zeros(1, 32, 32, dtype=torch.bool)
+    removed[0, 6:26, 4:28] = True
+    zero = torch.zeros_like(ramp)
+    assert (road_impute(ramp, removed, zero, iterations=64) - ramp).abs().max() < 0.01
+    imputed = road_impute(ramp, removed, zero, iterations=256)
     np.testing.assert_allclose(imputed.numpy(), ramp.numpy(), atol=1e-4)
-    noise = torch.ones_like(ramp)
-    noisy = road_impute(ramp.clone(), removed, noise, iterations=300) - imputed
+    noisy = road_impute(ramp, removed, torch.ones_like(ramp), iterations=256) - imputed
     np.testing.assert_allclose(noisy[0, 0].numpy(), removed[0].float().numpy(), atol=1e-6)
+    everything = torch.ones(1, 32, 32, dtype=torch.bool)
+    assert not road_impute(ramp, everything, zero, iterations=4).any()  # nothing kept: the mean colour
 
 
 # --- the stage (tiny preset) ----------------------------------------------------------------
