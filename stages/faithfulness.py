@@ -290,8 +290,10 @@ class HeatmapFaithfulness(ModelStage):
             tokens = whole_tokens[torch.from_numpy(np.maximum(whole[part], 0)).to(device)]
             built = np.flatnonzero(whole[part] < 0)
             if len(built):
-                images = self.perturbed(batch, pixels, canvas, flat[part][built], rows[part][built],
-                                        road[part][built], (orders[part][built], steps[part][built]), grid)
+                items = start + built
+                noise_keys = [f"{batch.row_ids[rows[i]]}#road#{orders[i]}#{steps[i]}" if road[i] else None
+                              for i in items]
+                images = self.perturbed(pixels, canvas, batch.image_rows[rows[items]], flat[items], noise_keys, grid)
                 with torch.no_grad():
                     tokens[torch.from_numpy(built).to(device)] = self.model.encode_image(images)
             row = torch.from_numpy(rows[part]).to(device)
@@ -300,22 +302,22 @@ class HeatmapFaithfulness(ModelStage):
             scores[part] = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
         return scores.reshape(visible.shape[:4])
 
-    def perturbed(self, batch: Batch, pixels: torch.Tensor, canvas: torch.Tensor, visible: np.ndarray,
-                  rows: np.ndarray, road: np.ndarray, keys: tuple[np.ndarray, np.ndarray], grid: int) -> torch.Tensor:
-        """``[B, 3, s, s]`` images of ``visible bool [B, C]`` cells of rows ``rows [B]``: removed
-        cells show the fill, or (``road``) ROAD's imputation with noise seeded by the row, the
-        order and the step (``keys``), so the images never depend on batching."""
+    def perturbed(self, pixels: torch.Tensor, canvas: torch.Tensor, image_of: np.ndarray, visible: np.ndarray,
+                  noise_keys: list[str | None], grid: int) -> torch.Tensor:
+        """``[B, 3, s, s]`` images of ``visible bool [B, C]`` cells of images ``image_of [B]``:
+        removed cells show the fill, or, where an item has a noise key, ROAD's imputation with
+        noise seeded by that key (row, order, step), so the images never depend on batching."""
         import torch
 
         device, size = pixels.device, pixels.shape[-1]
-        image = torch.from_numpy(batch.image_rows[rows]).to(device)
+        image = torch.from_numpy(image_of).to(device)
         shown = pixel_mask(torch.from_numpy(visible).to(device), grid, size)    # [B, s, s]
         out = torch.where(shown[:, None], pixels[image], canvas[image])
-        if road.any():
-            r = np.flatnonzero(road)
-            noise = np.stack([row_rng(self.params.seed, f"{batch.row_ids[rows[i]]}#road#{keys[0][i]}#{keys[1][i]}")
-                              .standard_normal((3, size, size), dtype=np.float32) for i in r]) * self.params.road_noise
-            index = torch.from_numpy(r).to(device)
+        road = [i for i, key in enumerate(noise_keys) if key is not None]
+        if road:
+            noise = np.stack([row_rng(self.params.seed, noise_keys[i]).standard_normal((3, size, size), dtype=np.float32)
+                              for i in road]) * self.params.road_noise
+            index = torch.tensor(road, device=device)
             out[index] = road_impute(pixels[image[index]], ~shown[index], torch.from_numpy(noise).to(device),
                                      self.params.road_iterations)
         return out
