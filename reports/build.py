@@ -23,6 +23,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.errors import UsageError
 from reports.comparison import accuracy_tables, disagreements, metric_rows, shared_samples
 from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
@@ -30,6 +32,7 @@ from reports.plots import make_plots
 from reports.render import RenderOptions, render_run, writable_folder
 from reports.template import render_html
 from stages.evaluation import official_line
+from stages.render import colorize, encode_image
 
 DEFAULT_LIMIT = 200
 DEFAULT_PAGE_SIZE = 50
@@ -71,6 +74,35 @@ def _answer_counts(answers: list[str] | None) -> list[list] | None:
     for a in answers:
         counts[str(a)] = counts.get(str(a), 0) + 1
     return [[a, n] for a, n in sorted(counts.items(), key=lambda kv: -kv[1])]
+
+
+def heatmap_range(heatmap: Any) -> list[float] | None:
+    """``[min, max]`` of a heatmap's finite cells: each overlay is drawn min-max scaled, so the
+    picture alone hides whether a map spans 0..1 or 0..1e-4."""
+    if heatmap is None:
+        return None
+    h = np.asarray(heatmap, dtype=np.float64)
+    finite = h[np.isfinite(h)]
+    if not finite.size:
+        return None
+    return [float(finite.min()), float(finite.max())]
+
+
+def heatmap_ranges(run: Run, sample_ids: list[str]) -> dict[str, dict[str, list[float]]]:
+    """``{sample id: {heatmap label: [min, max]}}`` of ``sample_ids``, labels as the views are named."""
+    labels = run.roles.heatmaps
+    rows = run.details(sample_ids, list(labels.values())) if labels and sample_ids else {}
+    out: dict[str, dict[str, list[float]]] = {}
+    for sid, row in rows.items():
+        ranges = {label: heatmap_range(row.get(column)) for label, column in labels.items()}
+        out[sid] = {label: r for label, r in ranges.items() if r is not None}
+    return out
+
+
+def write_colorbar(path: Path, colormap: str) -> None:
+    """A horizontal strip of the overlays' colormap, low (left) to high (right)."""
+    strip = np.repeat(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None, :], 12, axis=0)
+    path.write_bytes(encode_image(colorize(strip, colormap), "png"))
 
 
 def _detail_set(order: list[str], image_of: dict[str, str], limit: int) -> list[str]:
@@ -160,6 +192,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
     plain: dict[str, str] = {}
     notes: list[str | None] = []
     captions: list[dict[str, Any]] = []
+    ranges: list[dict[str, dict[str, list[float]]]] = []
     for i, run in enumerate(runs):
         key = json.dumps(run.dataset, sort_keys=True)
         images = sources.setdefault(key, SourceImages(run.dataset, run.dir))
@@ -190,10 +223,12 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         notes.append(note)
         caps = run.details(detail, [run.roles.captions]) if run.roles.captions and detail else {}
         captions.append({sid: row.get(run.roles.captions) for sid, row in caps.items()})
+        ranges.append(heatmap_ranges(run, detail))
         if folder.parent == assets:
             shutil.rmtree(folder, ignore_errors=True)
 
     plots = make_plots(runs, assets / "plots")
+    write_colorbar(assets / "colorbar.png", options.colormap)
 
     rows = metric_rows(runs)
     shared, diff = disagreements(runs)
@@ -245,6 +280,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
                     e["ncaps"] = len(caps)
                 if sid in views[j]:
                     e["v"] = views[j][sid]
+                if ranges[j].get(sid):
+                    e["hr"] = ranges[j][sid]
             entries.append(e)
         samples.append({
             "id": sid, "im": image_of[sid], "q": questions[first].get(sid), "qt": qtypes[first].get(sid),
@@ -262,6 +299,7 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         "shared": shared, "differ": len(diff),
         "accuracy_tables": [vars(t) for t in accuracy_tables(runs, shared_samples(runs))],
         "plots": [{"src": f"{rel}/plots/{name}", "title": t} for name, t in plots],
+        "colorbar": {"src": f"{rel}/colorbar.png", "colormap": options.colormap},
         "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap",
                   **{label: f"{label} heatmap" for run in runs for label in run.roles.heatmaps
                      if label not in HEATMAP_LABELS.values()},

@@ -62,6 +62,8 @@ ol.caps { margin:4px 0 0 18px; padding:0; font-size:12px; color:#333; }
 #js-errors { display:none; background:#fde2e1; color:#8a1c14; padding:8px 20px; white-space:pre-wrap; }
 a { color:var(--accent); text-decoration:none; } a:hover { text-decoration:underline; }
 .gt { font-size:12px; color:#333; }
+.colorbar { display:flex; align-items:center; gap:4px; color:var(--muted); }
+.colorbar img, .qgrid .colorbar img { flex:1 1 auto; width:auto; min-width:40px; height:10px; border:0; border-radius:2px; }
 .nav2 { display:flex; gap:6px; align-items:center; margin-bottom:10px; flex-wrap:wrap; }
 """
 
@@ -387,7 +389,8 @@ SCRIPT = r"""
       if (e.v) {
         var views = h('div', {cls: 'views'});
         Object.keys(DATA.views).forEach(function (k) {
-          if (e.v[k]) views.appendChild(h('figure', null, img(e.v[k], DATA.views[k] + ' (' + r.label + ')'), h('figcaption', {text: DATA.views[k]})));
+          if (e.v[k]) views.appendChild(h('figure', null, img(e.v[k], DATA.views[k] + ' (' + r.label + ')'), h('figcaption', {text: DATA.views[k]}),
+            heatLegend(e.hr && e.hr[k])));
         });
         col.appendChild(views);
       }
@@ -401,6 +404,12 @@ SCRIPT = r"""
   }
 
   // ---- one image, all its questions ----
+  // the overlays are min-max scaled per map: the colour bar spans that map's own [min, max]
+  function heatLegend(range) {
+    if (!range) return null;
+    return h('div', {cls: 'colorbar small'}, h('span', {text: range[0].toPrecision(3)}),
+      img(DATA.colorbar.src, DATA.colorbar.colormap + ' colour bar'), h('span', {text: range[1].toPrecision(3)}));
+  }
   function others(run) { return run.heatmaps.filter(function (k) { return k !== 'heatmap'; }); }
 
   function renderImage(id) {
@@ -440,7 +449,7 @@ SCRIPT = r"""
           idx.map(function (i) {
             var e = SAMPLES[i].r[ri];
             if (!e) return h('td', {cls: 'muted', text: 'not in this run'});
-            return h('td', null, e.v ? img(e.v[kind], kind + ' ' + SAMPLES[i].id) : null,
+            return h('td', null, e.v ? img(e.v[kind], kind + ' ' + SAMPLES[i].id) : null, heatLegend(e.hr && e.hr[kind]),
               kind === 'heatmap' ? h('div', null, okBadge(e), ' ', e.a === null || e.a === undefined ? '-' : e.a) : null,
               metricLine('entropy', e.en && e.en[kind] !== undefined ? {x: e.en[kind]} : null, 3));
           })));

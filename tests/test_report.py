@@ -308,6 +308,33 @@ def test_attention_maps_per_layer_are_drawn(tmp_path):
     assert views[:4] == [{"heatmap", "attention"}] * 4 and views[4:] == [set()] * 4
 
 
+def test_each_heatmap_carries_its_range_and_the_colour_bar_is_written(tmp_path):
+    run = fake_run(tmp_path / "ranges", 8)
+    heat = np.array(pq.read_table(run / "results.parquet", columns=["gradcam.heatmap"]).column(0).to_pylist(),
+                    dtype=np.float64).reshape(8, 24, 24)
+    heat[1] *= 1e-4                                       # a faint map keeps its own, small range
+    html = build_report_of(run, tmp_path / "rep", heat)
+    data = report_data(html)
+    pictured = [s for s in data["samples"] if s["r"][0].get("v")]
+    assert len(pictured) == 4
+    for k, s in enumerate(data["samples"][:4]):
+        assert s["r"][0]["hr"]["heatmap"] == pytest.approx([heat[k].min(), heat[k].max()])
+    assert all("hr" not in s["r"][0] for s in data["samples"][4:])   # no pictures, no legend
+    assert (html.parent / data["colorbar"]["src"]).is_file() and data["colorbar"]["colormap"] == "turbo"
+
+
+def build_report_of(run: Path, out: Path, heat: np.ndarray) -> Path:
+    """The report of ``run`` after its heatmaps were replaced by ``heat``."""
+    from artifacts.columns import python_to_column, tensor_type
+    from reports import build_report
+
+    table = pq.read_table(run / "results.parquet")
+    i = table.schema.get_field_index("gradcam.heatmap")
+    column = python_to_column(heat.astype(np.float32), tensor_type("float32", list(heat.shape[1:])), len(heat))
+    pq.write_table(table.set_column(i, "gradcam.heatmap", column), run / "results.parquet")
+    return build_report([run], out, limit=4)
+
+
 # --- headless chromium ------------------------------------------------------------------------
 
 def chromium() -> Path:
@@ -367,6 +394,7 @@ def test_report_opens_in_chromium_without_errors(report, tmp_path):
     sid = report_data(report)["samples"][1]["id"]
     dom = check_page(report, tmp_path, f"#sample={sid}")
     assert 'id="tab-sample" class="active"' in dom and "_mask.png" in dom and "_heatmap.png" in dom
+    assert dom.count('class="colorbar small"') >= 3 and "colorbar.png" in dom   # heatmap, enhanced, pnp heatmap
     check_screenshot(report, tmp_path, f"#sample={sid}")
     image = report_data(report)["samples"][0]["im"]
     dom = check_page(report, tmp_path, f"#image={image}")
