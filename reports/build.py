@@ -28,7 +28,7 @@ import numpy as np
 from runtime.errors import UsageError
 from reports.comparison import accuracy_tables, disagreements, metric_rows, shared_samples
 from reports.data import HEATMAP_LABELS, Run, SourceImages, unique_labels
-from reports.plots import make_plots
+from reports.plots import TOP_ANSWERS, answer_counts, make_plots
 from reports.render import RenderOptions, render_run, writable_folder
 from reports.template import render_html
 from stages.evaluation import official_line
@@ -135,6 +135,7 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
                 if len(examples) >= 5:
                     break
     dataset = run.dataset
+    answers = answer_counts(run)
     return {
         "label": run.label, "graph": run.graph_name, "description": run.description,
         "dir": str(run.dir.resolve()), "graph_file": m.get("graph_file"),
@@ -151,6 +152,7 @@ def _run_summary(run: Run, rows: list[tuple[str, list]], i: int, render_note: st
         "has": {"enhanced": bool(run.roles.enhanced), "points": bool(run.roles.points),
                 "mask": bool(run.roles.mask), "heatmap": bool(run.roles.heatmap)},
         "heatmaps": list(run.roles.heatmaps),
+        "answers": [list(c) for c in answers[:TOP_ANSWERS]], "distinct_answers": len(answers),
     }
 
 

@@ -1,5 +1,5 @@
 """Report plots (matplotlib, Agg backend): accuracy by question type, heatmap entropy,
-pointing game and energy in the mask, one series per run."""
+pointing game and energy in the mask, one series per run; the answers of each run."""
 
 from __future__ import annotations
 
@@ -136,10 +136,55 @@ def plot_pointing(runs: list[Run], path: Path) -> bool:
     return True
 
 
+TOP_ANSWERS = 15
+
+
+def answer_counts(run: Run) -> list[tuple[str, int]]:
+    """Every answer of ``run`` with its count, most frequent first (ties by answer); samples
+    without an answer (errors) are left out."""
+    counts: dict[str, int] = {}
+    for a in run.values(run.roles.answer):
+        if a is not None:
+            counts[str(a)] = counts.get(str(a), 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _short(text: str, limit: int = 24) -> str:
+    """A tick label that leaves the bars room: long free-text answers are cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def plot_answers(runs: list[Run], path: Path, top: int = TOP_ANSWERS) -> bool:
+    """One panel per run: its ``top`` answers and their counts, so a run that collapsed onto a
+    few answers shows at once."""
+    counts = [answer_counts(run) for run in runs]
+    if not any(counts):
+        return False
+    plt = _pyplot()
+    rows = max(min(top, len(c)) for c in counts)
+    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 0.28 * rows + 1.6), dpi=100, squeeze=False)
+    for ax, run, c, color in zip(axes[0], runs, counts, _colors(len(runs))):
+        shown = c[:top]
+        total = sum(n for _, n in c)
+        y = np.arange(len(shown))
+        ax.barh(y, [n for _, n in shown], color=color)
+        ax.set_yticks(y, [_short(a) for a, _ in shown], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("samples")
+        ax.set_title(f"{run.label}: {len(c)} distinct in {total}", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"Most frequent answers (top {top})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
 PLOTS = (
     ("accuracy_by_type.png", "Accuracy by question type", plot_accuracy_by_type),
     ("heatmap_entropy.png", "Heatmap entropy per run", plot_entropy),
     ("pointing_game.png", "Pointing game and energy in the mask per run", plot_pointing),
+    ("answers.png", "Answers per run", plot_answers),
 )
 
 

@@ -193,6 +193,8 @@ SCRIPT = r"""
       row('errors', h('span', {cls: r.errors ? 'err' : null, text: String(r.errors)}));
       r.metrics.forEach(function (m) { if (m[0] !== 'samples' && m[0] !== 'errors' && m[1] !== null) row(m[0], fmt(m[1], 4)); });
       (r.evaluation || []).forEach(function (e) { row(e[0], e[1]); });
+      if (r.answers.length) row('answers', h('span', {cls: 'answers', text: r.distinct_answers + ' distinct; most frequent: ' +
+        r.answers.slice(0, 5).map(function (c) { return c[0] + ' \u00d7' + c[1]; }).join(', ')}));
       (r.warnings || []).forEach(function (w) { row('warning', h('span', {cls: 'err', text: w})); });
       row('status', (r.status || '?') + ', ' + (r.executor || '?') + ' on ' + (r.device || '?') + ', ' + fmt(r.seconds, 1) + ' s');
       row('started', (r.started || '-') + ' \u2192 ' + (r.finished || '-'));

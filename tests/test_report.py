@@ -113,7 +113,7 @@ def test_report_lists_every_sample_and_its_pictures_exist(runs, report):
     assert all(v == {"heatmap", "enhanced", "points", "mask", "patches"} for v in views[0])
     assert all(v == {"heatmap", "patches"} for v in views[1])
     assert [r["label"] for r in data["runs"]] == ["esam_enhanced", "pnp_vqa"]
-    assert len(data["plots"]) == 3
+    assert len(data["plots"]) == 4
     summary = data["runs"][0]
     assert summary["samples"] == 4 and summary["errors"] == 0
     assert {n[0] for n in summary["nodes"]} >= {"gradcam", "sam", "enhance", "caption", "answer"}
@@ -323,6 +323,23 @@ def test_each_heatmap_carries_its_range_and_the_colour_bar_is_written(tmp_path):
     assert (html.parent / data["colorbar"]["src"]).is_file() and data["colorbar"]["colormap"] == "turbo"
 
 
+def test_answer_counts_of_a_hand_made_run(tmp_path):
+    from reports import build_report
+    from reports.data import Run
+    from reports.plots import answer_counts
+
+    run = fake_run(tmp_path / "answers", 8)
+    table = pq.read_table(run / "results.parquet")
+    answers = pa.array(["yes", "no", "yes", "red", "yes", "no", None, "red"], pa.string())
+    table = table.set_column(table.schema.get_field_index("answer.answer"), "answer.answer", answers)
+    pq.write_table(table, run / "results.parquet")
+    assert answer_counts(Run(run)) == [("yes", 3), ("no", 2), ("red", 2)]     # ties by answer, no answer left out
+    data = report_data(build_report([run], tmp_path / "rep", limit=0))
+    assert data["runs"][0]["answers"] == [["yes", 3], ["no", 2], ["red", 2]]
+    assert data["runs"][0]["distinct_answers"] == 3
+    assert "Answers per run" in [p["title"] for p in data["plots"]]
+
+
 def build_report_of(run: Path, out: Path, heat: np.ndarray) -> Path:
     """The report of ``run`` after its heatmaps were replaced by ``heat``."""
     from artifacts.columns import python_to_column, tensor_type
@@ -390,6 +407,7 @@ def check_screenshot(html: Path, tmp: Path, fragment: str = "") -> Path:
 def test_report_opens_in_chromium_without_errors(report, tmp_path):
     dom = check_page(report, tmp_path)
     assert dom.count("<tr data-sample=") == 8          # 4 samples x 2 runs, one page
+    assert dom.count('class="answers"') == 2 and "answers.png" in dom   # most frequent answers of each run
     check_screenshot(report, tmp_path)
     sid = report_data(report)["samples"][1]["id"]
     dom = check_page(report, tmp_path, f"#sample={sid}")
@@ -467,7 +485,7 @@ def test_report_controls_work_in_chromium(report, tmp_path):
     assert ui["perPage"] == 8 and ui["text"] == 2
     assert ui["sampleTab"] and ui["sampleImages"] >= 8     # plain image + esam 5 views + pnp 2 views
     assert ui["imageTab"] and ui["imageImages"] >= 6       # plain + 2 questions x (esam heatmap, enhanced; pnp)
-    assert ui["plots"] == 3
+    assert ui["plots"] == 4                             # accuracy, entropy, pointing, answers
 
 
 def test_large_report_paginates(tmp_path):
