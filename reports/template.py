@@ -64,6 +64,7 @@ a { color:var(--accent); text-decoration:none; } a:hover { text-decoration:under
 .gt { font-size:12px; color:#333; }
 .colorbar { display:flex; align-items:center; gap:4px; color:var(--muted); }
 .colorbar img, .qgrid .colorbar img { flex:1 1 auto; width:auto; min-width:40px; height:10px; border:0; border-radius:2px; }
+img.thumb { width:48px; height:48px; object-fit:cover; border-radius:3px; display:block; }
 .nav2 { display:flex; gap:6px; align-items:center; margin-bottom:10px; flex-wrap:wrap; }
 """
 
@@ -268,7 +269,7 @@ SCRIPT = r"""
     clear(head).appendChild(h('tr', null, COLS.map(function (c) {
       return h('th', {cls: 'sortable' + (c.num ? ' num' : ''), 'data-key': c.k, title: 'sort by ' + c.t,
         onclick: function () { if (state.sort === c.k) state.desc = !state.desc; else { state.sort = c.k; state.desc = !!c.num; } applyFilters(); }}, c.t);
-    })));
+    }), h('th', {text: 'heatmap'})));
   }
 
   function applyFilters() {
@@ -303,6 +304,7 @@ SCRIPT = r"""
     }
     document.querySelectorAll('#samples-head th').forEach(function (th) {
       var k = th.getAttribute('data-key'), c = COLS.filter(function (c) { return c.k === k; })[0];
+      if (!c) return;  // the thumbnail column does not sort
       th.textContent = c.t + (state.sort === k ? (state.desc ? ' \u25bc' : ' \u25b2') : '');
     });
     renderPage();
@@ -328,7 +330,8 @@ SCRIPT = r"""
         h('td', {cls: 'num', text: fmt(first(e.pg), 0)}),
         h('td', {cls: 'num', text: fmt(first(e.en), 3)}),
         h('td', {text: s.qt || '-'}),
-        h('td', {text: e.st || '-', cls: e.st === 'error' ? 'err' : null})));
+        h('td', {text: e.st || '-', cls: e.st === 'error' ? 'err' : null}),
+        h('td', null, e.v && e.v.heatmap ? img(e.v.heatmap, 'heatmap ' + s.id, 'thumb') : null)));
     });
     body.appendChild(frag);
     document.getElementById('samples-table').setAttribute('data-rows', String(filtered.length));

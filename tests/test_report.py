@@ -407,6 +407,7 @@ def check_screenshot(html: Path, tmp: Path, fragment: str = "") -> Path:
 def test_report_opens_in_chromium_without_errors(report, tmp_path):
     dom = check_page(report, tmp_path)
     assert dom.count("<tr data-sample=") == 8          # 4 samples x 2 runs, one page
+    assert dom.count('class="thumb"') == 8                                # a heatmap thumbnail per row
     assert dom.count('class="answers"') == 2 and "answers.png" in dom   # most frequent answers of each run
     check_screenshot(report, tmp_path)
     sid = report_data(report)["samples"][1]["id"]
