@@ -4,6 +4,7 @@ pointing game and energy in the mask, one series per run; the answers of each ru
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +27,14 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
-def accuracy_by_type(runs: list[Run]) -> tuple[list[str], list[list[float | None]], list[list[int]]]:
-    """Question types (by count over all runs) and, per run, mean accuracy and count per type."""
+def accuracy_by_type(runs: list[Run], column: str = "question_type"
+                     ) -> tuple[list[str], list[list[float | None]], list[list[int]]]:
+    """Types of ``column`` (by count over all runs) and, per run, mean accuracy and count per type."""
     counts: dict[str, int] = {}
     per_run: list[dict[str, list[float]]] = []
     for run in runs:
         acc = run.values(run.roles.accuracy)
-        types = run.values("question_type")
+        types = run.values(column)
         groups: dict[str, list[float]] = {}
         for t, a in zip(types, acc):
             if a is None:
@@ -47,8 +49,11 @@ def accuracy_by_type(runs: list[Run]) -> tuple[list[str], list[list[float | None
     return types, means, ns
 
 
-def plot_accuracy_by_type(runs: list[Run], path: Path) -> bool:
-    types, means, ns = accuracy_by_type(runs)
+def plot_accuracy_by_type(runs: list[Run], path: Path, column: str = "question_type",
+                          title: str = "Accuracy by question type") -> bool:
+    if not any(column in r.table.column_names for r in runs):
+        return False
+    types, means, ns = accuracy_by_type(runs, column)
     if not types:
         return False
     plt = _pyplot()
@@ -65,7 +70,7 @@ def plot_accuracy_by_type(runs: list[Run], path: Path) -> bool:
     ax.set_xticks(x, types, rotation=20 if len(types) > 6 else 0, ha="right" if len(types) > 6 else "center")
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("VQA accuracy")
-    ax.set_title("Accuracy by question type")
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -182,6 +187,8 @@ def plot_answers(runs: list[Run], path: Path, top: int = TOP_ANSWERS) -> bool:
 
 PLOTS = (
     ("accuracy_by_type.png", "Accuracy by question type", plot_accuracy_by_type),
+    ("accuracy_by_answer_type.png", "Accuracy by answer type",
+     partial(plot_accuracy_by_type, column="answer_type", title="Accuracy by answer type")),
     ("heatmap_entropy.png", "Heatmap entropy per run", plot_entropy),
     ("pointing_game.png", "Pointing game and energy in the mask per run", plot_pointing),
     ("answers.png", "Answers per run", plot_answers),

@@ -113,7 +113,7 @@ def test_report_lists_every_sample_and_its_pictures_exist(runs, report):
     assert all(v == {"heatmap", "enhanced", "points", "mask", "patches"} for v in views[0])
     assert all(v == {"heatmap", "patches"} for v in views[1])
     assert [r["label"] for r in data["runs"]] == ["esam_enhanced", "pnp_vqa"]
-    assert len(data["plots"]) == 4
+    assert len(data["plots"]) == 5
     summary = data["runs"][0]
     assert summary["samples"] == 4 and summary["errors"] == 0
     assert {n[0] for n in summary["nodes"]} >= {"gradcam", "sam", "enhance", "caption", "answer"}
@@ -340,6 +340,23 @@ def test_answer_counts_of_a_hand_made_run(tmp_path):
     assert "Answers per run" in [p["title"] for p in data["plots"]]
 
 
+def test_accuracy_by_answer_type_of_a_hand_made_run(tmp_path):
+    from reports.data import Run
+    from reports.plots import accuracy_by_type, plot_accuracy_by_type
+
+    run = fake_run(tmp_path / "types", 8)
+    table = pq.read_table(run / "results.parquet")
+    assert not plot_accuracy_by_type([Run(run)], tmp_path / "none.png", column="answer_type")   # no such column
+    acc = pa.array([1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.3, 1.0], pa.float32())
+    table = table.set_column(table.schema.get_field_index("accuracy.accuracy"), "accuracy.accuracy", acc)
+    table = table.append_column("answer_type", pa.array(["yes/no"] * 5 + ["number"] * 3))
+    pq.write_table(table, run / "results.parquet")
+    types, means, ns = accuracy_by_type([Run(run)], "answer_type")
+    assert types == ["yes/no", "number"] and ns == [[5, 3]]
+    assert means[0] == pytest.approx([3 / 5, 1.3 / 3])
+    assert plot_accuracy_by_type([Run(run)], tmp_path / "types.png", column="answer_type")
+
+
 def build_report_of(run: Path, out: Path, heat: np.ndarray) -> Path:
     """The report of ``run`` after its heatmaps were replaced by ``heat``."""
     from artifacts.columns import python_to_column, tensor_type
@@ -486,7 +503,7 @@ def test_report_controls_work_in_chromium(report, tmp_path):
     assert ui["perPage"] == 8 and ui["text"] == 2
     assert ui["sampleTab"] and ui["sampleImages"] >= 8     # plain image + esam 5 views + pnp 2 views
     assert ui["imageTab"] and ui["imageImages"] >= 6       # plain + 2 questions x (esam heatmap, enhanced; pnp)
-    assert ui["plots"] == 4                             # accuracy, entropy, pointing, answers
+    assert ui["plots"] == 5                  # accuracy by question and answer type, entropy, pointing, answers
 
 
 def test_large_report_paginates(tmp_path):
