@@ -1,5 +1,6 @@
-"""Report plots (matplotlib, Agg backend): accuracy by question type, heatmap entropy,
-pointing game and energy in the mask, one series per run; the answers of each run."""
+"""Report plots (matplotlib, Agg backend): accuracy by question type and by answer type,
+heatmap entropy, pointing game and energy in the mask, one series per run; the most frequent
+answers of each run."""
 
 from __future__ import annotations
 
