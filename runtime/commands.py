@@ -47,5 +47,6 @@ REPORTS: dict[str, Command] = {c.name: c for c in (
     Command("quality", "VQA accuracy and heatmap quality of every variant on held-out shapes data "
             "(writes docs/quality.md; `runtime quality --help`)", "reports.quality:main"),
     Command("report", "an HTML report of one or more runs (summary, samples, heatmaps, plots)", "reports.cli:report_main"),
-    Command("compare", "metrics of runs side by side and the samples whose answers differ", "reports.cli:compare_main"),
+    Command("compare", "metrics of runs side by side, accuracy differences with 95%% intervals, and the samples "
+            "whose answers differ (with the ground truth)", "reports.cli:compare_main"),
 )}
