@@ -3,13 +3,15 @@
 Layout (``out`` a folder, the default)::
 
     OUT/index.html          the report: inline CSS and JS, the data as embedded JSON
-    OUT/assets/r0/...png    pictures of run 0 (heatmap overlays, points, mask, patches, ...)
+    OUT/assets/r0/...jpg    pictures of run 0 (heatmap overlays, points, mask, patches, ...; JPEG
+                            unless png was asked for), heatmaps again on the range shared across runs
     OUT/assets/plots/...png matplotlib plots
 
 (``out`` ending in ``.html``: the pictures go to ``<stem>_files/`` beside it.) Every picture is
 referenced by a relative path, nothing from the network, so the folder can be copied or
-zipped anywhere and still opens. The table of samples is paginated in the browser from the
-embedded JSON, so a report of 10k+ samples opens quickly; pictures and captions are included
+zipped anywhere and still opens. Pictures load as they come into view (``loading="lazy"``);
+the table of samples is paginated in the browser from the embedded JSON, so a report of 10k+
+samples opens quickly. Pictures and captions are included
 for the first ``limit`` samples only (rounded up to whole images), and samples beyond it
 show their text and metrics.
 """
@@ -96,6 +98,23 @@ def heatmap_ranges(run: Run, sample_ids: list[str]) -> dict[str, dict[str, list[
     for sid, row in rows.items():
         ranges = {label: heatmap_range(row.get(column)) for label, column in labels.items()}
         out[sid] = {label: r for label, r in ranges.items() if r is not None}
+    return out
+
+
+def shared_ranges(ranges: list[dict[str, dict[str, list[float]]]]) -> dict[str, dict[str, list[float]]]:
+    """``{sample id: {heatmap label: [lo, hi]}}``: the range spanning the runs' ranges of the same
+    sample's heatmap of the same label, for those that two or more runs have (the others have
+    only their own range to share)."""
+    spans: dict[str, dict[str, list[list[float]]]] = {}
+    for run_ranges in ranges:
+        for sid, labels in run_ranges.items():
+            for label, r in labels.items():
+                spans.setdefault(sid, {}).setdefault(label, []).append(r)
+    out: dict[str, dict[str, list[float]]] = {}
+    for sid, labels in spans.items():
+        joint = {label: [min(r[0] for r in rs), max(r[1] for r in rs)] for label, rs in labels.items() if len(rs) > 1}
+        if joint:
+            out[sid] = joint
     return out
 
 
@@ -194,28 +213,33 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
     plain: dict[str, str] = {}
     notes: list[str | None] = []
     captions: list[dict[str, Any]] = []
-    ranges: list[dict[str, dict[str, list[float]]]] = []
+    vshared: list[dict[str, dict[str, str]]] = []
+    ranges = [heatmap_ranges(run, detail) for run in runs]
+    shared_range = shared_ranges(ranges)
     for i, run in enumerate(runs):
         key = json.dumps(run.dataset, sort_keys=True)
         images = sources.setdefault(key, SourceImages(run.dataset, run.dir))
         folder = run.dir / "render"
         if not writable_folder(folder):
             folder = assets / f".render-r{i}"
-        rendered = render_run(run, detail, images, options, folder) if detail else None
+        rendered = render_run(run, detail, images, options, folder, shared_range) if detail else None
         target = assets / f"r{i}"
         target.mkdir()
         run_views: dict[str, dict[str, str]] = {}
+        run_shared: dict[str, dict[str, str]] = {}
         if rendered is not None:
-            for sid, files in rendered.samples.items():
-                run_views[sid] = {}
-                for view, name in files.items():
-                    shutil.copyfile(rendered.folder / name, target / name)
-                    run_views[sid][view] = f"{rel}/r{i}/{name}"
+            for kept, drawn in ((run_views, rendered.samples), (run_shared, rendered.shared)):
+                for sid, files in drawn.items():
+                    kept[sid] = {}
+                    for view, name in files.items():
+                        shutil.copyfile(rendered.folder / name, target / name)
+                        kept[sid][view] = f"{rel}/r{i}/{name}"
             for iid, name in rendered.images.items():
                 if iid not in plain:
                     shutil.copyfile(rendered.folder / name, target / name)
                     plain[iid] = f"{rel}/r{i}/{name}"
         views.append(run_views)
+        vshared.append(run_shared)
         note = None
         if rendered is not None and rendered.problem:
             note = f"images of the dataset are not available: {rendered.problem}"
@@ -225,7 +249,6 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         notes.append(note)
         caps = run.details(detail, [run.roles.captions]) if run.roles.captions and detail else {}
         captions.append({sid: row.get(run.roles.captions) for sid, row in caps.items()})
-        ranges.append(heatmap_ranges(run, detail))
         if folder.parent == assets:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -284,12 +307,15 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
                     e["v"] = views[j][sid]
                 if ranges[j].get(sid):
                     e["hr"] = ranges[j][sid]
+                if sid in vshared[j]:
+                    e["vs"] = vshared[j][sid]
             entries.append(e)
         samples.append({
             "id": sid, "im": image_of[sid], "q": questions[first].get(sid), "qt": qtypes[first].get(sid),
             "gt": _answer_counts(answers[first].get(sid)), "d": int(sid in detail_set),
             "img": plain.get(image_of[sid]) if sid in detail_set else None,
             "x": int(sid in differ), "r": entries,
+            **({"hs": shared_range[sid]} if sid in detail_set and sid in shared_range else {}),
         })
 
     data = {
@@ -301,7 +327,8 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         "shared": shared, "differ": len(diff),
         "accuracy_tables": [vars(t) for t in accuracy_tables(runs, shared_samples(runs))],
         "plots": [{"src": f"{rel}/plots/{name}", "title": t} for name, t in plots],
-        "colorbar": {"src": f"{rel}/colorbar.png", "colormap": options.colormap},
+        "colorbar": {"src": f"{rel}/colorbar.png", "colormap": options.colormap,
+                     "opacity": [options.min_alpha, options.alpha]},
         "views": {"heatmap": "heatmap", "enhanced": "enhanced heatmap",
                   **{label: f"{label} heatmap" for run in runs for label in run.roles.heatmaps
                      if label not in HEATMAP_LABELS.values()},

@@ -31,8 +31,9 @@ def report_parser() -> argparse.ArgumentParser:
                          f"(default {DEFAULT_LIMIT}); the table always lists every sample")
     rp.add_argument("--page-size", type=int, default=DEFAULT_PAGE_SIZE, metavar="N",
                     help=f"table rows per page (default {DEFAULT_PAGE_SIZE})")
-    rp.add_argument("--format", choices=["png", "jpeg"], default="png",
-                    help="picture format (default png; jpeg is about a tenth of the size on photos)")
+    rp.add_argument("--format", choices=["jpeg", "png"], default="jpeg",
+                    help="picture format (default jpeg, about a tenth of PNG's size on photos; png keeps "
+                         "the pictures lossless)")
     rp.add_argument("--max-side", type=int, default=384, metavar="PX",
                     help="pictures are at most this many pixels on the longer side (default 384)")
     rp.add_argument("--screenshot", metavar="PNG", help="also save a screenshot of the report (headless Chromium)")

@@ -1,6 +1,7 @@
 """The report page: inline CSS and JavaScript (no network), the data as embedded JSON.
 
-The page sets ``data-ready="1"`` on ``<html>`` once its script has run, collects script errors
+The page sets ``data-ready="1"`` on ``<html>`` once its script has run (and ``data-ready-ms``: the
+milliseconds from navigation start to then, the page's open time), collects script errors
 in ``data-js-errors`` (and shows them in a red bar) and pictures that failed to load in
 ``data-broken-images``: the browser test reads all three.
 """
@@ -47,7 +48,8 @@ td.num, th.num, table.grid td.num, table.grid th.num { text-align:right; font-va
 .controls input[type=text] { padding:5px 8px; min-width:260px; border:1px solid var(--line); border-radius:5px; }
 .controls select, .controls button { padding:4px 8px; border:1px solid var(--line); border-radius:5px; background:#fff; }
 .pager { display:flex; gap:8px; align-items:center; margin:8px 0; }
-.runs-grid { display:grid; gap:12px; }
+.runs-grid { display:grid; gap:12px; grid-template-columns:repeat(auto-fit, minmax(260px, 1fr)); }
+.viewctl label { margin-right:8px; white-space:nowrap; }
 .runcol h3 { margin:0 0 4px; }
 figure { margin:0 0 8px; } figure img { max-width:100%; border:1px solid var(--line); border-radius:4px; display:block; }
 figcaption { font-size:12px; color:var(--muted); }
@@ -130,6 +132,44 @@ SCRIPT = r"""
     document.documentElement.setAttribute('data-broken-images', broken.join(' '));
   }
   function img(src, alt, cls) { return src ? h('img', {src: src, alt: alt, loading: 'lazy', cls: cls || null, onerror: onBroken}) : null; }
+
+  // ---- what the sample and image views show: heatmap scaling, runs ----
+  // per map: each overlay spans its own [min, max]; shared: the same sample's heatmaps of one kind
+  // span one range across the runs, so a weaker map looks weaker
+  var VIEW = {scaling: 'own', shown: RUNS.map(function () { return true; })};
+  var HAS_SHARED = SAMPLES.some(function (s) { return !!s.hs; });
+  var OPACITY = DATA.colorbar.colormap + ' colour map; overlay opacity ' + Math.round(DATA.colorbar.opacity[0] * 100) +
+    '% at the low end of the range (the whole picture is tinted, so a map whose heat sits in a few cells still shows) to ' +
+    Math.round(DATA.colorbar.opacity[1] * 100) + '% at the high end';
+  function pic(e, s, k) { return (VIEW.scaling === 'shared' && e.vs && e.vs[k]) || (e.v && e.v[k]) || null; }
+  function heatLegend(e, s, k) {
+    var shared = VIEW.scaling === 'shared' && s.hs && s.hs[k];
+    var range = shared || (e.hr && e.hr[k]);
+    if (!range) return null;
+    return h('div', {cls: 'colorbar small', 'data-scale': shared ? 'shared' : 'own',
+                     title: (shared ? 'range shared by this sample\'s ' + k + ' maps across the runs' : 'this map\'s own range') + '; ' + OPACITY},
+      h('span', {text: range[0].toPrecision(3)}), img(DATA.colorbar.src, DATA.colorbar.colormap + ' colour bar'),
+      h('span', {text: range[1].toPrecision(3)}));
+  }
+  function viewControls(where, rerender) {
+    var box = h('div', {cls: 'nav2 viewctl small'});
+    if (HAS_SHARED) {
+      box.appendChild(h('span', {cls: 'muted', text: 'heatmap range: '}));
+      [['own', 'per map'], ['shared', 'shared across runs']].forEach(function (o) {
+        box.appendChild(h('label', null, h('input', {type: 'radio', name: 'scaling-' + where, value: o[0], 'data-scaling': o[0],
+          checked: VIEW.scaling === o[0] ? 'checked' : null, onchange: function () { VIEW.scaling = o[0]; rerender(); }}), ' ' + o[1]));
+      });
+    }
+    if (NR > 1) {
+      box.appendChild(h('span', {cls: 'muted', text: 'runs shown: '}));
+      RUNS.forEach(function (r, i) {
+        box.appendChild(h('label', null, h('input', {type: 'checkbox', 'data-run': String(i), checked: VIEW.shown[i] ? 'checked' : null,
+          onchange: function (ev) { VIEW.shown[i] = ev.target.checked; rerender(); }}), ' ' + r.label));
+      });
+    }
+    box.appendChild(h('span', {cls: 'muted', text: OPACITY}));
+    return box;
+  }
 
   // ---- tabs and routing ----
   var TABS = ['summary', 'samples', 'sample', 'image', 'plots'];
@@ -220,7 +260,7 @@ SCRIPT = r"""
     if (DATA.plots.length) {
       root.appendChild(h('div', {cls: 'card plots', style: 'margin-top:14px'}, h('h2', {text: 'Plots'}),
         h('div', {cls: 'cards'}, DATA.plots.map(function (p) {
-          return h('figure', {style: 'flex:1 1 420px; max-width:640px'}, h('img', {src: p.src, alt: p.title, onerror: onBroken}), h('figcaption', {text: p.title}));
+          return h('figure', {style: 'flex:1 1 420px; max-width:640px'}, h('img', {src: p.src, alt: p.title, loading: 'lazy', onerror: onBroken}), h('figcaption', {text: p.title}));
         }))));
     }
   }
@@ -380,8 +420,10 @@ SCRIPT = r"""
         h('div', {cls: 'gt'}, h('span', {cls: 'muted', text: 'ground truth: '}), gtText(s.gt)),
         s.d ? null : h('p', {cls: 'small muted', text: 'Pictures and captions are included for the first ' + DATA.limit +
           ' samples only (runtime report --limit N); this one shows text and metrics.'}))));
-    var grid = h('div', {cls: 'runs-grid', style: 'grid-template-columns:repeat(' + NR + ', minmax(260px, 1fr))'});
+    root.appendChild(viewControls('sample', function () { renderSample(id); }));
+    var grid = h('div', {cls: 'runs-grid'});  // as many runs per row as fit, the others wrap
     RUNS.forEach(function (r, ri) {
+      if (!VIEW.shown[ri]) return;
       var e = s.r[ri];
       var col = h('div', {cls: 'card runcol'}, h('h3', {text: r.label}));
       if (!e) { col.appendChild(h('p', {cls: 'muted', text: 'not in this run'})); grid.appendChild(col); return; }
@@ -394,8 +436,8 @@ SCRIPT = r"""
       if (e.v) {
         var views = h('div', {cls: 'views'});
         Object.keys(DATA.views).forEach(function (k) {
-          if (e.v[k]) views.appendChild(h('figure', null, img(e.v[k], DATA.views[k] + ' (' + r.label + ')'), h('figcaption', {text: DATA.views[k]}),
-            heatLegend(e.hr && e.hr[k])));
+          if (e.v[k]) views.appendChild(h('figure', null, img(pic(e, s, k), DATA.views[k] + ' (' + r.label + ')'), h('figcaption', {text: DATA.views[k]}),
+            heatLegend(e, s, k)));
         });
         col.appendChild(views);
       }
@@ -409,12 +451,6 @@ SCRIPT = r"""
   }
 
   // ---- one image, all its questions ----
-  // the overlays are min-max scaled per map: the colour bar spans that map's own [min, max]
-  function heatLegend(range) {
-    if (!range) return null;
-    return h('div', {cls: 'colorbar small'}, h('span', {text: range[0].toPrecision(3)}),
-      img(DATA.colorbar.src, DATA.colorbar.colormap + ' colour bar'), h('span', {text: range[1].toPrecision(3)}));
-  }
   function others(run) { return run.heatmaps.filter(function (k) { return k !== 'heatmap'; }); }
 
   function renderImage(id) {
@@ -441,6 +477,7 @@ SCRIPT = r"""
         h('p', {cls: 'muted', text: 'How the heatmap moves with the question: one column per question, one row per run' +
           (further.length ? ' (and per ' + further.map(function (k) { return DATA.views[k]; }).join(', ') + ')' : '') + '.'}),
         s0.d ? null : h('p', {cls: 'small muted', text: 'No pictures: beyond the first ' + DATA.limit + ' samples.'}))));
+    root.appendChild(viewControls('image', function () { renderImage(id); }));
     var table = h('table', {cls: 'grid'});
     table.appendChild(h('thead', null, h('tr', null, h('th', {text: 'run'}), idx.map(function (i) {
       var s = SAMPLES[i];
@@ -448,13 +485,14 @@ SCRIPT = r"""
     }))));
     var body = h('tbody');
     RUNS.forEach(function (r, ri) {
+      if (!VIEW.shown[ri]) return;
       var kinds = ['heatmap'].concat(others(r));
       kinds.forEach(function (kind) {
         body.appendChild(h('tr', null, h('td', null, h('b', {text: r.label}), kind !== 'heatmap' ? h('div', {cls: 'small muted', text: DATA.views[kind]}) : null),
           idx.map(function (i) {
             var e = SAMPLES[i].r[ri];
             if (!e) return h('td', {cls: 'muted', text: 'not in this run'});
-            return h('td', null, e.v ? img(e.v[kind], kind + ' ' + SAMPLES[i].id) : null, heatLegend(e.hr && e.hr[kind]),
+            return h('td', null, img(pic(e, SAMPLES[i], kind), kind + ' ' + SAMPLES[i].id), heatLegend(e, SAMPLES[i], kind),
               kind === 'heatmap' ? h('div', null, okBadge(e), ' ', e.a === null || e.a === undefined ? '-' : e.a) : null,
               metricLine('entropy', e.en && e.en[kind] !== undefined ? {x: e.en[kind]} : null, 3));
           })));
@@ -469,7 +507,7 @@ SCRIPT = r"""
     var root = clear(document.getElementById('tab-plots'));
     if (!DATA.plots.length) root.appendChild(h('p', {cls: 'muted', text: 'no plots (the runs keep no accuracy, heatmap or pointing-game columns)'}));
     DATA.plots.forEach(function (p) {
-      root.appendChild(h('div', {cls: 'card plots', style: 'margin-bottom:14px'}, h('h2', {text: p.title}), h('img', {src: p.src, alt: p.title, onerror: onBroken})));
+      root.appendChild(h('div', {cls: 'card plots', style: 'margin-bottom:14px'}, h('h2', {text: p.title}), h('img', {src: p.src, alt: p.title, loading: 'lazy', onerror: onBroken})));
     });
   }
 
@@ -478,6 +516,7 @@ SCRIPT = r"""
   applyFilters();
   renderPlots();
   route();
+  document.documentElement.setAttribute('data-ready-ms', String(Math.round(performance.now())));
   document.documentElement.setAttribute('data-ready', '1');
 })();
 """

@@ -114,16 +114,27 @@ def colorize(values: np.ndarray, colormap: str = "turbo") -> np.ndarray:
     return cv2.cvtColor(cv2.applyColorMap(u8, COLORMAPS[colormap]), cv2.COLOR_BGR2RGB)
 
 
+def scale_heatmap(heatmap: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``(heatmap - lo) / (hi - lo)`` clipped to ``[0, 1]`` float32 (non-finite cells as ``lo``):
+    a map drawn on a range it shares with others, not its own min-max."""
+    h = np.asarray(heatmap, dtype=np.float64)
+    h = np.where(np.isfinite(h), h, lo)
+    return np.clip((h - lo) / (hi - lo) if hi > lo else np.zeros_like(h), 0.0, 1.0).astype(np.float32)
+
+
 def heatmap_overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.6, colormap: str = "turbo",
-                    interpolation: Interpolation = "bilinear", normalise: bool = True) -> np.ndarray:
+                    interpolation: Interpolation = "bilinear", normalise: bool = True,
+                    min_alpha: float = 0.0) -> np.ndarray:
     """Blend a heatmap ``[g, g]`` over ``image``: the map is normalised (:func:`normalise_heatmap`),
     upsampled to the image size and coloured; each pixel mixes in the colour with weight
-    ``alpha * value``, so cold regions show the image unchanged and only heat is tinted."""
+    ``min_alpha + (alpha - min_alpha) * value``. With ``min_alpha`` 0 cold regions show the image
+    unchanged and only heat is tinted; above 0 the cold colour covers the whole image, so a map
+    whose heat sits in a few cells still reads as a map (hot spot against a cold field)."""
     image = np.asarray(image, dtype=np.uint8)
     h, w = image.shape[:2]
     grid = normalise_heatmap(heatmap) if normalise else np.clip(np.asarray(heatmap, np.float32), 0, 1)
     values = np.clip(upsample(grid, h, w, interpolation), 0.0, 1.0)
-    weight = (alpha * values)[..., None]
+    weight = (min_alpha + (alpha - min_alpha) * values)[..., None]
     out = image.astype(np.float32) * (1.0 - weight) + colorize(values, colormap).astype(np.float32) * weight
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
@@ -249,7 +260,8 @@ def draw_patches(image: np.ndarray, counts: np.ndarray, color: Sequence[int] = P
 
 
 def attention_grid(image: np.ndarray, maps: np.ndarray, alpha: float = 0.6, colormap: str = "turbo",
-                   interpolation: Interpolation = "bilinear", columns: int = 4, tile: int = 192) -> np.ndarray:
+                   interpolation: Interpolation = "bilinear", columns: int = 4, tile: int = 192,
+                   min_alpha: float = 0.0) -> np.ndarray:
     """Attention maps per layer ``[L, g, g]`` as overlays tiled ``columns`` per row, each
     labelled with its layer number (tiles ``tile`` pixels on the longer side)."""
     maps = np.asarray(maps, dtype=np.float32)
@@ -265,7 +277,7 @@ def attention_grid(image: np.ndarray, maps: np.ndarray, alpha: float = 0.6, colo
     for i, m in enumerate(maps):
         r, c = divmod(i, cols)
         y, x = pad + r * (th + pad), pad + c * (tw + pad)
-        sheet[y:y + th, x:x + tw] = heatmap_overlay(small, m, alpha, colormap, interpolation)
+        sheet[y:y + th, x:x + tw] = heatmap_overlay(small, m, alpha, colormap, interpolation, min_alpha=min_alpha)
         _label(sheet, f"layer {i}", x + 3, y + 14, 0.4)
     return sheet
 
@@ -304,24 +316,26 @@ def render_views(image: np.ndarray, *, heatmap: np.ndarray | None = None, enhanc
                  labels: np.ndarray | None = None, mask: np.ndarray | None = None,
                  patches: np.ndarray | None = None, attention: np.ndarray | None = None,
                  alpha: float = 0.6, colormap: str = "turbo", interpolation: Interpolation = "bilinear",
-                 max_side: int | None = 384, views: Sequence[str] = VIEWS) -> dict[str, np.ndarray]:
+                 max_side: int | None = 384, views: Sequence[str] = VIEWS,
+                 min_alpha: float = 0.0) -> dict[str, np.ndarray]:
     """The views of one sample as RGB images (at most ``max_side`` pixels on the longer side):
 
     ``heatmap`` / ``enhanced``: overlays of the GradCAM and the enhanced heatmap; ``points``:
     the peak points with rank and score over the heatmap overlay; ``mask``: the SAM mask
     outlined (with its prompt points); ``patches``: the cells drawn for the captions, by how
     often (``patches`` are flat cell indices of the heatmap grid); ``attention``: one overlay
-    per layer. A view whose inputs are missing is left out.
+    per layer. A view whose inputs are missing is left out. ``alpha`` / ``min_alpha``: the
+    overlays' opacity at the hottest and the coldest value (:func:`heatmap_overlay`).
     """
     small, scale = fit_image(image, max_side)
     out: dict[str, np.ndarray] = {}
     base = None
     if heatmap is not None:
-        base = heatmap_overlay(small, heatmap, alpha, colormap, interpolation)
+        base = heatmap_overlay(small, heatmap, alpha, colormap, interpolation, min_alpha=min_alpha)
         if "heatmap" in views:
             out["heatmap"] = base
     if enhanced is not None and "enhanced" in views:
-        out["enhanced"] = heatmap_overlay(small, enhanced, alpha, colormap, interpolation)
+        out["enhanced"] = heatmap_overlay(small, enhanced, alpha, colormap, interpolation, min_alpha=min_alpha)
     if points is not None and "points" in views:
         out["points"] = draw_points(base if base is not None else small, points, scores, labels, scale)
     if mask is not None and "mask" in views:
@@ -332,7 +346,7 @@ def render_views(image: np.ndarray, *, heatmap: np.ndarray | None = None, enhanc
         grid = heatmap.shape[0] if heatmap is not None else int(np.ceil(np.sqrt(np.max(patches) + 1)))
         out["patches"] = draw_patches(small, patch_counts(patches, grid))
     if attention is not None and "attention" in views:
-        out["attention"] = attention_grid(small, attention, alpha, colormap, interpolation)
+        out["attention"] = attention_grid(small, attention, alpha, colormap, interpolation, min_alpha=min_alpha)
     return out
 
 

@@ -11,8 +11,9 @@ from PIL import Image
 
 from stages.base import Batch
 from stages.render import (
-    BACKGROUND, FOREGROUND, MASK_COLOR, Render, RenderParams, cell_edges, draw_patches, draw_points,
-    heatmap_overlay, mask_outline, normalise_heatmap, patch_counts, render_views, resize_mask, upsample,
+    BACKGROUND, FOREGROUND, MASK_COLOR, Render, RenderParams, cell_edges, colorize, draw_patches, draw_points,
+    heatmap_overlay, mask_outline, normalise_heatmap, patch_counts, render_views, resize_mask, scale_heatmap,
+    upsample,
 )
 
 H, W, G = 90, 151, 7          # non-square, cells of non-integer size (151 / 7 = 21.57 px)
@@ -98,6 +99,52 @@ def test_overlay_keeps_cold_pixels_and_normalises():
     assert np.array_equal(a, heatmap_overlay(img, 5 * m - 2))
     assert np.array_equal(heatmap_overlay(img, np.full((G, G), 3.0)), img)
     assert normalise_heatmap(np.array([[np.nan, 1.0], [2.0, 3.0]])).tolist() == [[0.0, 0.0], [0.5, 1.0]]
+
+
+def test_a_map_whose_heat_sits_in_one_percent_of_the_cells_stays_visible_with_a_minimum_opacity():
+    """6 hot cells of 576 over a textured picture: alpha proportional to the value tints ~1% of
+    the picture; the report's minimum opacity tints all of it, the hot spot far from the rest."""
+    from reports.render import RenderOptions
+
+    img = np.random.default_rng(0).integers(60, 200, (384, 384, 3), dtype=np.uint8)
+    heat = np.random.default_rng(1).random((24, 24)).astype(np.float32) * 1e-3
+    heat[10:12, 5:8] = 1.0                                           # 1% of the cells, ~all the mass
+    hot = np.zeros((384, 384), bool)
+    hot[10 * 16:12 * 16, 5 * 16:8 * 16] = True
+
+    def tinted(out):
+        return np.abs(out.astype(int) - img.astype(int)).sum(-1) > 24   # a visible change of colour
+
+    before = heatmap_overlay(img, heat, alpha=0.6, interpolation="nearest")
+    assert tinted(before).mean() < 0.02
+    o = RenderOptions()
+    assert 0 < o.min_alpha < o.alpha
+    after = heatmap_overlay(img, heat, alpha=o.alpha, min_alpha=o.min_alpha, interpolation="nearest")
+    assert tinted(after).mean() > 0.95                                 # the overlay is seen everywhere
+    colour = after.astype(float)
+    assert np.array_equal(after[hot], before[hot])                     # the hot spot drawn as before,
+    gap = np.linalg.norm(colour[hot].mean(0) - colour[~hot].mean(0))
+    assert gap > 60                                                    # far from the cold field (~72 of 107)
+    # constant maps: the cold colour at the minimum opacity, the picture still under it
+    flat = heatmap_overlay(img, np.zeros((G, G)), alpha=0.6, min_alpha=0.3)
+    assert np.allclose(flat, img * 0.7 + colorize(np.zeros((1, 1)))[0, 0] * 0.3, atol=1)
+
+
+def test_scale_heatmap_uses_the_given_range():
+    m = np.array([[0.0, 1.0], [2.0, np.nan]])
+    assert scale_heatmap(m, 0.0, 4.0).tolist() == [[0.0, 0.25], [0.5, 0.0]]
+    assert scale_heatmap(m, 1.0, 1.5).tolist() == [[0.0, 0.0], [1.0, 0.0]]   # clipped to [0, 1]
+    assert scale_heatmap(m, 2.0, 2.0).tolist() == [[0.0, 0.0], [0.0, 0.0]]   # empty range: all cold
+
+
+def test_shared_ranges_span_the_runs_of_each_sample_and_heatmap():
+    from reports.build import shared_ranges
+
+    ranges = [{"s0": {"heatmap": [0.0, 1.0], "prior": [0.0, 0.5]}, "s1": {"heatmap": [0.2, 0.4]}},
+              {"s0": {"heatmap": [0.1, 3.0]}, "s2": {"heatmap": [0.0, 1e-4]}},
+              {"s0": {"heatmap": [-1.0, 0.5]}, "s1": {"enhanced": [0.0, 1.0]}}]
+    # s0's heatmap in three runs; prior, s1 (different heatmaps) and s2 in one run each: nothing to share
+    assert shared_ranges(ranges) == {"s0": {"heatmap": [-1.0, 3.0]}}
 
 
 def test_points_are_drawn_at_their_pixels():
