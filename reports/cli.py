@@ -19,9 +19,11 @@ def report_parser() -> argparse.ArgumentParser:
         description="Write one HTML report of the given run folders: a summary per run, a sortable and "
                     "filterable table of samples, each sample side by side across runs (heatmap overlays, "
                     "enhanced heatmap, SAM mask, peak points, sampled patches, captions, answers), each image "
-                    "with all its questions, and plots. The pictures are drawn from results.parquet and the "
-                    "dataset's images (nothing is re-run), cached in RUN/render/, and copied next to the HTML "
-                    "file, so the report folder can be moved or zipped.")
+                    "with all its questions, and plots. Each heatmap has a colour bar stating its range; a toggle "
+                    "draws a sample's heatmaps on their own ranges or on one range shared across the runs. The "
+                    "pictures are drawn from results.parquet and the dataset's images (nothing is re-run), cached "
+                    "in RUN/render/, copied next to the HTML file (so the report folder can be moved or zipped) "
+                    "and loaded as they scroll into view.")
     rp.add_argument("runs", nargs="+", metavar="RUN", help="run folders (with results.parquet and manifest.json)")
     rp.add_argument("--output", "-o", metavar="PATH",
                     help="report folder (index.html + assets/) or an .html file (pictures in <name>_files/); "

@@ -65,6 +65,7 @@ ol.caps { margin:4px 0 0 18px; padding:0; font-size:12px; color:#333; }
 a { color:var(--accent); text-decoration:none; } a:hover { text-decoration:underline; }
 .gt { font-size:12px; color:#333; }
 .colorbar { display:flex; align-items:center; gap:4px; color:var(--muted); }
+.colorbar span { white-space:nowrap; }
 .colorbar img, .qgrid .colorbar img { flex:1 1 auto; width:auto; min-width:40px; height:10px; border:0; border-radius:2px; }
 img.thumb { width:48px; height:48px; object-fit:cover; border-radius:3px; display:block; }
 .nav2 { display:flex; gap:6px; align-items:center; margin-bottom:10px; flex-wrap:wrap; }

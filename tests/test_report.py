@@ -135,10 +135,10 @@ def test_pictures_are_cached_in_the_run_folder(runs, report):
 
     index = runs["esam"] / "render" / "index.json"
     assert index.is_file()
-    before = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.png")}
+    before = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.jpg")}
     assert before
     out = build_report([runs["esam"]], runs["tmp"] / "again.html")
-    after = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.png")}
+    after = {p.name: p.stat().st_mtime_ns for p in (runs["esam"] / "render").glob("*.jpg")}
     assert after == before                        # nothing redrawn
     assert (runs["tmp"] / "again_files").is_dir() and out.name == "again.html"
 
@@ -263,16 +263,20 @@ outputs: [source.answers, image.size]
 
 # --- a large synthetic run: the page stays quick --------------------------------------------
 
-def fake_run(folder: Path, n: int, attention: bool = False) -> Path:
+def fake_run(folder: Path, n: int, attention: bool = False, name: str = "big", scale: float = 1.0,
+             plugin: bool = False, ground_truth: bool = True) -> Path:
     """A results.parquet of ``n`` samples (4 questions per shapes image) and a manifest;
-    ``attention`` adds QA-ViT-style attention maps per layer ``[3, 8, 8]``."""
+    ``attention`` adds QA-ViT-style attention maps per layer ``[3, 8, 8]``; ``scale`` multiplies
+    the heatmaps; ``plugin`` adds a second heatmap as a plugin's stage keeps it (``prior.heatmap``,
+    role heatmap: the report knows it by its role only); ``ground_truth=False`` leaves out the
+    answers and the accuracy, as a folder of photos with questions has none."""
     from artifacts.columns import python_to_column, tensor_type
 
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = [f"shapes-0-{i // 4:06d}" for i in range(n)]
-    heat = rng.random((n, 24, 24)).astype(np.float32)
-    table = pa.table({
+    heat = rng.random((n, 24, 24)).astype(np.float32) * np.float32(scale)
+    columns = {
         "sample_id": [f"{im}-q{i % 4}" for i, im in enumerate(images)],
         "image_id": images,
         "question": [f"question {i} <b>&amp;</b>?" for i in range(n)],
@@ -283,18 +287,24 @@ def fake_run(folder: Path, n: int, attention: bool = False) -> Path:
         "accuracy.accuracy": pa.array(rng.choice([0.0, 1.0], n), pa.float32()),
         "status": ["ok"] * n,
         "error": pa.nulls(n, pa.string()),
-    })
+    }
+    roles = {"gradcam.heatmap": "heatmap", "answer.answer": "answer", "accuracy.accuracy": "accuracy"}
+    nodes = {"gradcam": {"stage": "itm_gradcam"}, "answer": {"stage": "qa_fid"}, "accuracy": {"stage": "vqa_eval"}}
+    if not ground_truth:
+        del columns["answers"], columns["accuracy.accuracy"], roles["accuracy.accuracy"], nodes["accuracy"]
+    if plugin:
+        prior = heat * np.hanning(24)[:, None].astype(np.float32) * np.hanning(24)[None, :].astype(np.float32)
+        columns["prior.heatmap"] = python_to_column(prior, tensor_type("float32", [24, 24]), n)
+        roles["prior.heatmap"] = "heatmap"
+        nodes["prior"] = {"stage": "center_prior", "inputs": {"heatmap": "gradcam.heatmap"}}
     if attention:
         maps = rng.random((n, 3, 8, 8)).astype(np.float32)
-        table = table.append_column("qavit.layer_attention",
-                                    python_to_column(maps, tensor_type("float32", [3, 8, 8]), n))
-    pq.write_table(table, folder / "results.parquet")
-    manifest = {"graph": {"name": "big", "dataset": {"source": "shapes", "params": {"seed": 0, "num_images": n // 4}},
-                          "nodes": {"gradcam": {"stage": "itm_gradcam"}, "answer": {"stage": "qa_fid"},
-                                    "accuracy": {"stage": "vqa_eval"}}},
-                "roles": {"gradcam.heatmap": "heatmap", "answer.answer": "answer", "accuracy.accuracy": "accuracy",
-                          **({"qavit.layer_attention": "attention"} if attention else {})},
-                "nodes": {}, "totals": {}}
+        columns["qavit.layer_attention"] = python_to_column(maps, tensor_type("float32", [3, 8, 8]), n)
+        roles["qavit.layer_attention"] = "attention"
+    pq.write_table(pa.table(columns), folder / "results.parquet")
+    manifest = {"graph": {"name": name, "dataset": {"source": "shapes", "params": {"seed": 0, "num_images": n // 4}},
+                          "nodes": nodes},
+                "roles": roles, "nodes": {}, "totals": {}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return folder
 
@@ -429,7 +439,7 @@ def test_report_opens_in_chromium_without_errors(report, tmp_path):
     check_screenshot(report, tmp_path)
     sid = report_data(report)["samples"][1]["id"]
     dom = check_page(report, tmp_path, f"#sample={sid}")
-    assert 'id="tab-sample" class="active"' in dom and "_mask.png" in dom and "_heatmap.png" in dom
+    assert 'id="tab-sample" class="active"' in dom and "_mask.jpg" in dom and "_heatmap.jpg" in dom
     assert dom.count('class="colorbar small"') >= 3 and "colorbar.png" in dom   # heatmap, enhanced, pnp heatmap
     check_screenshot(report, tmp_path, f"#sample={sid}")
     image = report_data(report)["samples"][0]["im"]
@@ -552,3 +562,123 @@ def test_report_of_a_run_without_ground_truth_opens_every_view(tmp_path, write_g
 def test_a_malformed_link_fragment_opens_the_summary(report, tmp_path):
     dom = check_page(report, tmp_path, "#sample=pct%zz")  # not percent-encoding: decodeURIComponent throws
     assert 'id="tab-summary" class="active"' in dom
+
+
+SIX_RUNS_SCRIPT = """
+<script>
+(function () {
+  var out = {};
+  function fits() { return document.documentElement.scrollWidth <= window.innerWidth; }
+  function scales() {
+    return Array.prototype.map.call(document.querySelectorAll('#tab-sample .colorbar'), function (c) { return c.getAttribute('data-scale'); });
+  }
+  function shared() {
+    return Array.prototype.filter.call(document.querySelectorAll('#tab-sample img'), function (i) { return i.getAttribute('src').indexOf('_shared-') >= 0; }).length;
+  }
+  function ranges() {
+    return Array.prototype.map.call(document.querySelectorAll('#tab-sample .colorbar'), function (c) { return c.textContent; });
+  }
+  out.summaryFits = fits();
+  location.hash = 'sample=' + encodeURIComponent(SID);
+  setTimeout(function () {
+    out.columns = document.querySelectorAll('#tab-sample .runcol').length;
+    out.sampleFits = fits();
+    out.rows = new Set(Array.prototype.map.call(document.querySelectorAll('#tab-sample .runcol'), function (c) { return c.getBoundingClientRect().top; })).size;
+    out.ownScales = scales(); out.ownShared = shared(); out.ownRanges = ranges();
+    document.querySelector('#tab-sample input[data-scaling="shared"]').click();
+    out.sharedScales = scales(); out.sharedPictures = shared();
+    out.sharedRanges = ranges();
+    document.querySelector('#tab-sample input[data-run="5"]').click();
+    out.afterHiding = document.querySelectorAll('#tab-sample .runcol').length;
+    document.querySelector('#tab-sample a[href^="#image="]').click();
+    setTimeout(function () {
+      out.imageFits = fits();
+      out.imageRows = document.querySelectorAll('#tab-image tbody tr').length;
+      out.imageShared = Array.prototype.filter.call(document.querySelectorAll('#tab-image .colorbar'), function (c) { return c.getAttribute('data-scale') === 'shared'; }).length;
+      document.getElementById('btn-plots').click();
+      setTimeout(function () {
+        var plots = document.querySelectorAll('#tab-plots img');
+        out.plots = plots.length;
+        out.plotsLoaded = Array.prototype.filter.call(plots, function (i) { return i.complete && i.naturalWidth > 0; }).length;
+        out.plotsFit = fits();
+        document.documentElement.setAttribute('data-ui', JSON.stringify(out));
+      }, 500);
+    }, 100);
+  }, 100);
+})();
+</script>
+"""
+
+
+def ui_result(html: Path, tmp: Path, script: str) -> dict:
+    """Open a copy of the report with ``script`` added and return what it put in ``data-ui``."""
+    import html as html_lib
+
+    page = html.parent / "ui_test.html"
+    page.write_text(html.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
+    dom = check_page(page, tmp)
+    m = re.search(r'data-ui="([^"]*)"', dom[:dom.find(">", dom.find("<html")) + 1])
+    assert m, "the UI script did not finish"
+    return json.loads(html_lib.unescape(m.group(1)))
+
+
+def test_six_runs_fit_the_page_with_shared_scaling_a_plugin_heatmap_and_a_run_without_ground_truth(tmp_path):
+    """Six runs: heatmaps of different strength (run i scaled by 10^-i), run 1 with a plugin's
+    heatmap, run 2 without ground truth. Side by side they wrap instead of scrolling sideways,
+    each heatmap has a colour bar with its range, and the shared scaling draws one sample's
+    heatmaps on one range across the runs."""
+    from reports import build_report
+
+    runs = [fake_run(tmp_path / f"run{i}", 8, name=f"variant{i}", scale=10.0 ** -i, plugin=i == 1,
+                     ground_truth=i != 2) for i in range(6)]
+    html = build_report(runs, tmp_path / "report", limit=4)
+    data = report_data(html)
+    assert [r["label"] for r in data["runs"]] == [f"variant{i}" for i in range(6)]
+    assert data["runs"][1]["heatmaps"] == ["heatmap", "prior"] and data["views"]["prior"] == "prior heatmap"
+    s = data["samples"][0]
+    own = [e["hr"]["heatmap"] for e in s["r"]]
+    assert own[0][1] == pytest.approx(1e5 * own[5][1], rel=1e-3)             # 10^-5 apart
+    assert s["hs"] == {"heatmap": [min(r[0] for r in own), max(r[1] for r in own)]}   # prior: one run only
+    for i, e in enumerate(s["r"]):
+        assert set(e["vs"]) == {"heatmap"} and (html.parent / e["vs"]["heatmap"]).is_file()
+        assert e["vs"]["heatmap"] != e["v"]["heatmap"]
+    assert {"heatmap", "prior"} <= set(s["r"][1]["v"]) and "prior" in s["r"][1]["hr"]
+    assert all(e["acc"] is None and e["ok"] is None for e in (x["r"][2] for x in data["samples"]))
+    ui = ui_result(html, tmp_path, SIX_RUNS_SCRIPT.replace("SID", json.dumps(s["id"])))
+    assert ui["summaryFits"] and ui["sampleFits"] and ui["imageFits"] and ui["plotsFit"]
+    assert ui["columns"] == 6 and ui["rows"] >= 2                             # wrapped, not cut off
+    assert ui["ownScales"] == ["own"] * 7 and ui["ownShared"] == 0           # six heatmaps + the plugin's
+    # the colour bars in page order: run 0's heatmap, run 1's heatmap and prior, runs 2-5's heatmaps
+    assert ui["sharedScales"] == ["shared", "shared", "own"] + ["shared"] * 4 and ui["sharedPictures"] == 6
+    shared_text = {t for t, scale in zip(ui["sharedRanges"], ui["sharedScales"]) if scale == "shared"}
+    assert len(shared_text) == 1 and len(set(ui["ownRanges"]) - {ui["ownRanges"][2]}) == 6   # one range, not six
+    assert ui["sharedRanges"][2] == ui["ownRanges"][2]                        # the plugin's keeps its own
+    assert ui["afterHiding"] == 5
+    assert ui["imageRows"] == 6 and ui["imageShared"] == 5 * 4               # 5 runs' heatmaps x 4 questions
+    assert ui["plots"] == len(data["plots"]) >= 3 and ui["plotsLoaded"] == ui["plots"]
+    check_screenshot(html, tmp_path, f"#sample={s['id']}")
+
+
+def test_a_thousand_question_report_is_small_and_opens_quickly(tmp_path):
+    """1,000 questions in two runs, every one pictured (the figures in the README): the page is
+    the embedded JSON, its pictures JPEG and loaded as they come into view, and it is ready well
+    within two seconds (``data-ready-ms``, measured by the page itself, without virtual time)."""
+    from reports import build_report
+
+    runs = [fake_run(tmp_path / "a", 1000, name="a"), fake_run(tmp_path / "b", 1000, name="b", scale=0.5)]
+    html = build_report(runs, tmp_path / "report", limit=1000)
+    pictures = list((html.parent / "assets").glob("r*/*"))
+    assert pictures and all(p.suffix == ".jpg" for p in pictures)
+    assert html.stat().st_size < 2e6
+    assert sum(p.stat().st_size for p in pictures) / 1000 < 100e3              # per question, both runs
+    sid = report_data(html)["samples"][500]["id"]
+    for fragment in ("", "#samples", f"#sample={sid}"):
+        dom = subprocess.run([str(chromium()), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--dump-dom",
+                              html.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=90).stdout
+        head = dom[:dom.find(">", dom.find("<html")) + 1]
+        assert 'data-ready="1"' in head and "data-js-errors" not in head, head
+        assert int(re.search(r'data-ready-ms="(\d+)"', head)[1]) < 2000, head
+        imgs = re.findall(r"<img [^>]*>", dom)
+        assert imgs and all('loading="lazy"' in i for i in imgs)
