@@ -222,7 +222,10 @@ def build_report(run_dirs: list[str | Path], out: str | Path, page_size: int = D
         folder = run.dir / "render"
         if not writable_folder(folder):
             folder = assets / f".render-r{i}"
-        rendered = render_run(run, detail, images, options, folder, shared_range) if detail else None
+        # a heatmap whose own range is the shared one is its own picture in both scalings
+        redraw = {sid: {label: r for label, r in labels.items() if ranges[i].get(sid, {}).get(label) != r}
+                  for sid, labels in shared_range.items()}
+        rendered = render_run(run, detail, images, options, folder, redraw) if detail else None
         target = assets / f"r{i}"
         target.mkdir()
         run_views: dict[str, dict[str, str]] = {}

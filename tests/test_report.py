@@ -331,6 +331,13 @@ def test_each_heatmap_carries_its_range_and_the_colour_bar_is_written(tmp_path):
         assert s["r"][0]["hr"]["heatmap"] == pytest.approx([heat[k].min(), heat[k].max()])
     assert all("hr" not in s["r"][0] for s in data["samples"][4:])   # no pictures, no legend
     assert (html.parent / data["colorbar"]["src"]).is_file() and data["colorbar"]["colormap"] == "turbo"
+    assert data["colorbar"]["opacity"] == [0.3, 0.6] and all("hs" not in s for s in data["samples"])   # one run
+    # the same run twice: the shared range is each map's own, so nothing is drawn again
+    from reports import build_report
+
+    twice = report_data(build_report([run, run], tmp_path / "twice", limit=4))
+    assert [s["hs"]["heatmap"] for s in twice["samples"][:4]] == [s["r"][0]["hr"]["heatmap"] for s in data["samples"][:4]]
+    assert all("vs" not in e for s in twice["samples"] for e in s["r"])
 
 
 def test_answer_counts_of_a_hand_made_run(tmp_path):
