@@ -1,5 +1,7 @@
 """reports: the HTML report of two real runs (esam_enhanced, pnp_vqa), compare(), the
-render cache, and the page opened in headless chromium (no script errors, not blank).
+render cache, and the page opened in headless chromium (no script errors, not blank); six
+hand-made runs (a plugin's heatmap, one without ground truth) side by side with the colour bars,
+the shared heatmap range and the plots; the size and open time of 1,000 questions.
 
 Browser checks: chromium is run twice on the report, once with ``--screenshot`` and once with
 ``--dump-dom``. The page marks itself: ``data-ready="1"`` on <html> once its script ran to the
