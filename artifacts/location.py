@@ -9,6 +9,10 @@ the destination still appears whole or not at all).
 
 Temporary names start with a dot and carry the writer's id (``host-pid-random``), so listings
 skip them and a cleaner can tell whose they are (:func:`writer_alive`).
+
+Object stores have no exclusive creation and no atomic rename; :meth:`Location.claim` gives the
+few writers that must not overlap (the run lock) a mutual exclusion built from what they do
+have, strongly consistent writes and listings (docs/store.md, "Filesystems").
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import hashlib
 import io
 import os
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +32,9 @@ from pathlib import Path, PurePosixPath
 import pyarrow.fs as pafs
 
 HOST = socket.gethostname()
+# A claim (Location.claim) lives for a few requests; one older than this was left by a process
+# that died holding it.
+CLAIM_STALE = 30.0
 
 
 def new_writer_id() -> str:
@@ -242,8 +250,9 @@ class Location:
             self.delete(temp)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create ``rel`` with ``data`` unless it exists; True when this call created it.
-        Atomic on local folders; elsewhere a check followed by a write (see docs/store.md)."""
+        """Create ``rel`` with ``data`` unless it exists; True when this call created it (False
+        also when another process was creating it at the same moment: try again). Exclusive
+        creation on local folders; elsewhere a check and a write under :meth:`claim`."""
         if self.local:
             self.makedirs(rel.rpartition("/")[0])
             try:
@@ -255,10 +264,38 @@ class Location:
                 fh.flush()
                 os.fsync(fh.fileno())
             return True
-        if self.exists(rel):
-            return False
-        self.write_bytes_atomic(rel, data, "lock")
-        return True
+        with self.claim(rel) as sole:
+            if not sole or self.exists(rel):
+                return False
+            self.write_bytes_atomic(rel, data, "lock")
+            return True
+
+    @contextmanager
+    def claim(self, rel: str) -> Iterator[bool]:
+        """A short mutual exclusion among processes that contend for ``rel`` on a filesystem
+        without exclusive creation; yields whether this process is the only claimant.
+
+        Each contender writes its own claim object (``<rel>.claim-<writer id>``) and then lists
+        the claims. Writes and listings are strongly consistent (S3 since December 2020, GCS),
+        so of two contenders the later lister always sees the earlier one's claim: at most one
+        of them sees none but its own (both may see both, and both back off: the caller
+        retries after a random pause). A claim is
+        removed when the block ends; one older than ``CLAIM_STALE`` s, or whose writer is
+        gone from this host, was left by a dead process and does not count."""
+        head, _, name = rel.rpartition("/")
+        prefix = f"{name}.claim-"
+        mine = f"{prefix}{new_writer_id()}"
+        own = f"{head}/{mine}" if head else mine
+        self.makedirs(head)
+        with (open(self.path(own), "wb") if self.local else self.fs.open_output_stream(self.path(own))):
+            pass  # an empty object: whole or absent, no temporary name needed
+        try:
+            now = time.time()
+            others = [f for f in self.list(head) if f.name.startswith(prefix) and f.name != mine
+                      and now - f.mtime < CLAIM_STALE and writer_alive(f.name[len(prefix):]) is not False]
+            yield not others
+        finally:
+            self.delete(own)
 
     def delete(self, rel: str) -> bool:
         """Remove a file; False when it was not there."""

@@ -1,0 +1,224 @@
+"""The store and run folders on a real S3 API (moto's server on localhost, tests/s3_server.py),
+reached through pyarrow's own S3FileSystem: runs, resume after SIGKILL, cache verify and gc,
+the run lock without atomic creation, objects cut short, throttling retried."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from artifacts.location import Location
+from conftest import GRAPHS, ROOT
+from runtime.api import run_graph
+from runtime.cli import main
+from runtime.run import read_results
+from runtime.run_lock import RunLock, RunLocked
+from s3_server import FaultyProxy, bucket, patched_env, s3  # noqa: F401  (fixtures)
+from test_resume import _cli as slow_cli  # the CLI with a slow sample_patches registered
+
+pytestmark = pytest.mark.slow
+
+ORACLE = GRAPHS / "oracle_heatmap.yaml"
+SMALL = ["dataset.num_images=6", "shard_size=8"]
+
+
+def run(output, cache, overrides=SMALL, **kw):
+    return run_graph(ORACLE, overrides=list(overrides), executor="local", output=output, cache_dir=cache,
+                     progress=False, device="cpu", **kw)
+
+
+@pytest.fixture
+def reference(tmp_path):
+    """The results of the same run on a local disk."""
+    run(tmp_path / "ref", tmp_path / "ref_cache")
+    return pq.read_table(tmp_path / "ref" / "results.parquet")
+
+
+def entries(s3, bucket, stage):
+    return [k for k in s3.keys(bucket, f"cache/{stage}/") if k.endswith(".parquet") and "/_index/" not in k]
+
+
+def cut_short(s3, bucket, key):
+    """Replace an object by its first half, as a truncated upload would leave it."""
+    client = s3.client()
+    data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    client.put_object(Bucket=bucket, Key=key, Body=data[: len(data) // 2])
+
+
+def test_run_rerun_verify_and_gc_on_s3(s3, bucket, reference, capsys):
+    out, cache = f"s3://{bucket}/runs/x", f"s3://{bucket}/cache"
+    first = run(out, cache)
+    assert first.samples == 24 and first.errors == 0
+    assert read_results(out).equals(reference)
+    keys = s3.keys(bucket)
+    assert f"runs/x/results.parquet" in keys and "runs/x/manifest.json" in keys
+    assert not [k for k in keys if ".tmp-" in k or ".claim-" in k or k.endswith("/.lock")]
+
+    again = run(f"s3://{bucket}/runs/y", cache)  # a new run folder: every result from the cache
+    assert all(s.computed_shards == 0 for s in again.nodes.values())
+    assert read_results(f"s3://{bucket}/runs/y").equals(reference)
+
+    assert main(["cache", "verify", "--cache", cache]) == 0
+    assert "match their checksums" in capsys.readouterr().out
+    assert main(["cache", "gc", "--cache", cache]) == 0
+    assert "removed 0 files" in capsys.readouterr().out
+    assert len(entries(s3, bucket, "mask_heatmap")) == first.nodes["oracle"].computed_shards
+
+
+def test_objects_cut_short_are_detected_and_recomputed(s3, bucket, reference, calls, capsys):
+    out, cache = f"s3://{bucket}/runs/x", f"s3://{bucket}/cache"
+    run(out, cache)
+    entry = entries(s3, bucket, "heatmap_points")[0]
+    cut_short(s3, bucket, entry)
+    assert main(["cache", "ls", "--cache", cache]) == 0
+    assert "1 bad" in capsys.readouterr().out
+    assert main(["cache", "verify", "--cache", cache]) == 1
+    assert "checksum mismatch" in capsys.readouterr().out
+
+    calls.clear()
+    other = run(f"s3://{bucket}/runs/y", cache)  # a new run folder: the cut entry is recomputed
+    assert other.corrupt_discarded == 1 and other.errors == 0
+    assert calls["heatmap_points"] == 1  # that shard of that node only (images are not cached)
+    assert not set(calls) - {"heatmap_points", "load_image"}
+    assert read_results(f"s3://{bucket}/runs/y").equals(reference)
+    assert main(["cache", "verify", "--cache", cache]) == 0
+
+    part = next(k for k in s3.keys(bucket, "runs/x/parts/") if k.endswith(".parquet"))
+    cut_short(s3, bucket, part)
+    calls.clear()
+    again = run(out, cache)  # the cut part is rebuilt from the cache
+    assert again.corrupt_discarded == 1 and again.shards_from_parts == again.shards - 1
+    assert not set(calls) - {"load_image"} and read_results(out).equals(reference)
+
+    cut_short(s3, bucket, entries(s3, bucket, "sample_patches")[0])
+    capsys.readouterr()
+    assert main(["cache", "gc", "--cache", cache]) == 0
+    assert "removed 1 files" in capsys.readouterr().out
+    assert main(["cache", "verify", "--cache", cache]) == 0
+
+
+@pytest.fixture
+def slow_graph(write_graph):
+    return write_graph(f"""
+        extends: {ORACLE}
+        name: slow
+        shard_size: 8
+        dataset: {{params: {{num_images: 16}}}}
+        nodes:
+          patches: {{stage: slow_patches, params: {{num_captions: 3}}, inputs: {{heatmap: enhance.heatmap}}}}
+        """)
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def test_sigkill_then_resume_on_s3(s3, bucket, tmp_path, slow_graph):
+    reference = subprocess.run(slow_cli(tmp_path, slow_graph, tmp_path / "ref", tmp_path / "ref_cache"),
+                               env=_env(), capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    out, cache = f"s3://{bucket}/runs/x", f"s3://{bucket}/cache"
+    proc = subprocess.Popen(slow_cli(tmp_path, slow_graph, out, cache), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while len([k for k in s3.keys(bucket, "runs/x/parts/") if k.endswith(".parquet")]) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the run wrote no parts in 120 s"
+            time.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    keys = s3.keys(bucket, "runs/x/")
+    assert "runs/x/.lock" in keys and "runs/x/results.parquet" not in keys  # left by the killed run
+    done = len([k for k in keys if k.startswith("runs/x/parts/part-")])
+
+    resumed = subprocess.run(slow_cli(tmp_path, slow_graph, out, cache), env=_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "locked by a run that is gone" in resumed.stderr
+    assert f"({done} already done)" in resumed.stdout or f"({done + 1} already done)" in resumed.stdout
+    got = read_results(out).sort_by("sample_id")
+    want = pq.read_table(tmp_path / "ref" / "results.parquet").sort_by("sample_id")
+    assert got.num_rows == want.num_rows == 64 and got.equals(want)
+    assert "runs/x/.lock" not in s3.keys(bucket, "runs/x/")
+
+
+def test_lock_admits_one_of_many_runs_started_together(s3, bucket):
+    """Four contenders per round, released by a barrier: exactly one holds the folder, the
+    others are refused. Without the claim (a check, then a write) two get in most rounds."""
+    folder = Location(f"s3://{bucket}/runs/contended")
+    for _ in range(8):
+        barrier = threading.Barrier(4)
+        won, refused, failed = [], [], []
+
+        def contend(i):
+            lock = RunLock(folder, f"contender {i}")
+            barrier.wait()
+            try:
+                lock.acquire()
+                won.append(lock)
+            except RunLocked:
+                refused.append(i)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failed.append(exc)
+
+        threads = [threading.Thread(target=contend, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not failed, failed
+        assert len(won) == 1 and len(refused) == 3
+        won[0].release()
+        assert not folder.exists(".lock")
+    assert not [k for k in s3.keys(bucket) if ".claim-" in k]
+
+
+def test_second_cli_run_into_an_s3_folder_is_refused(s3, bucket, tmp_path, slow_graph):
+    out, cache = f"s3://{bucket}/runs/x", f"s3://{bucket}/cache"
+    procs = [subprocess.Popen(slow_cli(tmp_path, slow_graph, out, cache), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], results
+    refused = results[[p.returncode for p in procs].index(2)][1]
+    assert f"{out} is in use by another run" in refused and "--wait" in refused
+    assert read_results(out).num_rows == 64
+
+
+def test_throttling_and_server_errors_are_retried(s3, bucket, reference):
+    """A proxy answers the first request for each object with 503 SlowDown: pyarrow's S3 client
+    retries it, and the run ends with the same results as on a local disk."""
+    seen = set()
+
+    def first_time(method, path):
+        if "/cache/" not in path and "/runs/" not in path:
+            return False
+        key = (method, path.split("?")[0])
+        fresh = key not in seen
+        seen.add(key)
+        return fresh
+
+    proxy = FaultyProxy(s3.endpoint, first_time)
+    try:
+        with patched_env(s3.env(proxy.endpoint)):
+            summary = run(f"s3://{bucket}/runs/x", f"s3://{bucket}/cache")
+    finally:
+        proxy.stop()
+    assert summary.errors == 0
+    assert len([m for m, _ in proxy.failed if m == "PUT"]) > 10 and any(m == "GET" for m, _ in proxy.failed)
+    assert read_results(f"s3://{bucket}/runs/x").equals(reference)
