@@ -20,17 +20,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
 import socket
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 HOST = socket.gethostname()
 # A claim (Location.claim) lives for a few requests; one older than this was left by a process
 # that died holding it.
@@ -55,6 +58,25 @@ def writer_alive(writer_id: str) -> bool | None:
     except PermissionError:
         return True
     return True
+
+
+def retried(read: Callable[[], T], attempts: int = 4, pause: float = 0.5) -> T:
+    """``read()``, tried again after an I/O error other than a missing file.
+
+    pyarrow's S3 client retries throttling and 5xx answers itself, except on a read smaller
+    than the error's XML body (a lock file, a 4-byte footer check): it writes the body into the
+    caller's buffer, overflows it and reports INTERNAL_FAILURE, which it does not retry."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.debug("retrying a read after %s", exc)
+            time.sleep(pause * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class HashingWriter(io.RawIOBase):
@@ -139,11 +161,15 @@ class Location:
         if self.local:
             with open(self.path(rel), "rb") as fh:
                 return fh.read()
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(errno.ENOENT, "no such file", self.display(rel))
-        with self.fs.open_input_stream(self.path(rel)) as fh:
-            return fh.read()
+
+        def read() -> bytes:
+            info = self.fs.get_file_info(self.path(rel))
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(errno.ENOENT, "no such file", self.display(rel))
+            with self.fs.open_input_stream(self.path(rel)) as fh:
+                return fh.read()
+
+        return retried(read)
 
     def read_tail(self, rel: str, n: int) -> bytes:
         if self.local:
@@ -151,10 +177,14 @@ class Location:
                 size = os.fstat(fh.fileno()).st_size
                 fh.seek(max(0, size - n))
                 return fh.read()
-        with self.fs.open_input_file(self.path(rel)) as fh:
-            size = fh.size()
-            fh.seek(max(0, size - n))
-            return fh.read()
+
+        def read() -> bytes:
+            with self.fs.open_input_file(self.path(rel)) as fh:
+                size = fh.size()
+                fh.seek(max(0, size - n))
+                return fh.read()
+
+        return retried(read)
 
     def list(self, rel: str = "") -> list[FileStat]:
         """Plain files directly in folder ``rel`` (none when it does not exist)."""

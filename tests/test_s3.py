@@ -201,14 +201,15 @@ def test_second_cli_run_into_an_s3_folder_is_refused(s3, bucket, tmp_path, slow_
 
 
 def test_throttling_and_server_errors_are_retried(s3, bucket, reference):
-    """A proxy answers the first request for each object with 503 SlowDown: pyarrow's S3 client
-    retries it, and the run ends with the same results as on a local disk."""
+    """A proxy answers the first upload and the first download of each stored object (entries,
+    parts, results, the lock) with 503 SlowDown: pyarrow's S3 client retries most, Location
+    retries the small reads it does not, and the run ends with the results of a local disk."""
     seen = set()
 
     def first_time(method, path):
-        if "/cache/" not in path and "/runs/" not in path:
-            return False
         key = (method, path.split("?")[0])
+        if method not in ("PUT", "GET") or not key[1].endswith((".parquet", ".lock", ".json")):
+            return False
         fresh = key not in seen
         seen.add(key)
         return fresh
@@ -217,6 +218,10 @@ def test_throttling_and_server_errors_are_retried(s3, bucket, reference):
     try:
         with patched_env(s3.env(proxy.endpoint)):
             summary = run(f"s3://{bucket}/runs/x", f"s3://{bucket}/cache")
+            # a read smaller than the error's body (the footer check of `cache ls`), first refused
+            entry = entries(s3, bucket, "mask_heatmap")[0]
+            assert Location(f"s3://{bucket}").read_tail(entry, 4) == b"PAR1"
+            assert ("GET", f"/{bucket}/{entry}") in proxy.failed
     finally:
         proxy.stop()
     assert summary.errors == 0
