@@ -125,7 +125,11 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            holder = self._holder()
+            try:
+                holder = self._holder()
+            except OSError as exc:  # the store did not answer (after its retries): try next beat
+                log.warning("warning: cannot read the lock of %s: %s", self.folder.display(), exc)
+                continue
             if holder is None or holder.get("owner") != self.owner:
                 self.lost = True
                 log.warning("warning: the lock of %s was taken by another run", self.folder.display())
