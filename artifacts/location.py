@@ -376,3 +376,41 @@ class Probe:
 
     def remove(self) -> None:
         self.loc.delete(self.rel)
+
+
+# -- single objects given by URI (dataset files in a bucket) -----------------------------------
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names a file by URI (``s3://bucket/key``) rather than a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{uri}: not a URI pyarrow can open ({exc})") from None
+
+
+def object_bytes(uri: str) -> bytes:
+    """The bytes of the file at ``uri``; ``FileNotFoundError`` when there is none."""
+    fs, path = _open_uri(uri)
+
+    def read() -> bytes:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(errno.ENOENT, "no such object", uri)
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    return retried(read)
+
+
+def object_version(uri: str) -> tuple[int, float] | None:
+    """(size, modification time) of the object at ``uri`` from its metadata alone (no
+    download), or None when there is none. An object is rewritten whole, never in place, so a
+    new version has a new modification time."""
+    fs, path = _open_uri(uri)
+    info = retried(lambda: fs.get_file_info(path))
+    if info.type != pafs.FileType.File:
+        return None
+    return info.size or 0, info.mtime.timestamp() if info.mtime is not None else 0.0

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from artifacts.location import is_uri
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
 Format = Literal["jsonl", "csv", "parquet"]
@@ -119,7 +120,8 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
             error, image_bytes = error or f"{where}: image_bytes is not valid base64 ({exc})", None
     image_path = None
     if image_bytes is None and isinstance(image, str):
-        image_path = str(path.parent / Path(image).expanduser())  # an absolute image path stays as is
+        # an absolute image path or a URI (s3://bucket/key: read by the worker that decodes it) stays as is
+        image_path = image if is_uri(image) else str(path.parent / Path(image).expanduser())
     elif image_bytes is None and image is not None:
         error = error or f"{where}: image must be a path (text), got {type(image).__name__} {image!r:.40}"
     image_id = value("image_id")

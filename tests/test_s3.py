@@ -4,14 +4,19 @@ the run lock without atomic creation, objects cut short, throttling retried."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import threading
 import time
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+import stages
+from artifacts.columns import TensorSpec
 
 from artifacts.location import Location
 from conftest import GRAPHS, ROOT
@@ -19,6 +24,7 @@ from runtime.api import run_graph
 from runtime.cli import main
 from runtime.run import read_results
 from runtime.run_lock import RunLock, RunLocked
+from stages.base import Batch, Granularity, Input, Output, Stage
 from s3_server import FaultyProxy, bucket, patched_env, s3  # noqa: F401  (fixtures)
 from test_resume import _cli as slow_cli  # the CLI with a slow sample_patches registered
 
@@ -227,3 +233,81 @@ def test_throttling_and_server_errors_are_retried(s3, bucket, reference):
     assert summary.errors == 0
     assert len([m for m, _ in proxy.failed if m == "PUT"]) > 10 and any(m == "GET" for m, _ in proxy.failed)
     assert read_results(f"s3://{bucket}/runs/x").equals(reference)
+
+
+# -- datasets in a bucket ----------------------------------------------------------------------
+
+def _png(width: int, height: int, shade: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (shade, shade // 2, 80)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class MeanPixel(Stage):
+    """A cacheable stage that reads pixels: the mean of each image."""
+
+    name = "mean_pixel"
+    granularity = Granularity.IMAGE
+    INPUTS = {"image": Input(TensorSpec("uint8", None, ndim=3), "RGB pixels")}
+    OUTPUTS = {"mean": Output(pa.float64(), "mean pixel value")}
+
+    def process(self, batch: Batch) -> dict:
+        return {"mean": [float(image.mean()) for image in batch["image"]]}
+
+
+def test_manifest_with_images_in_a_bucket(s3, bucket, tmp_path, write_graph, monkeypatch):
+    """Images given as s3:// URIs in a manifest: fingerprinted by their metadata (no download),
+    read once by the stage that decodes them; a rewritten object is a new input."""
+    monkeypatch.setitem(stages.STAGES, "mean_pixel", MeanPixel)
+    client = s3.client()
+    sizes = {"a": (40, 30), "b": (24, 64), "c": (50, 50)}
+    for name, (w, h) in sizes.items():
+        client.put_object(Bucket=bucket, Key=f"images/{name}.png", Body=_png(w, h, 10 * w % 255))
+    lines = [{"sample_id": f"{name}{q}", "image": f"s3://{bucket}/images/{name}.png", "question": f"what {q}?"}
+             for name in sizes for q in range(2)]
+    lines.append({"sample_id": "gone", "image": f"s3://{bucket}/images/gone.png", "question": "where?"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines))
+    graph = write_graph(f"""
+        dataset: {{source: manifest, params: {{path: {manifest}}}}}
+        shard_size: 2
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path, image_bytes: source.image_bytes}}}}
+          mean: {{stage: mean_pixel, inputs: {{image: image.image}}}}
+        outputs: [image.size, mean.mean]
+        """)
+    requests = []
+    proxy = FaultyProxy(s3.endpoint, lambda method, path: requests.append((method, path.split("?")[0])) and False)
+
+    def image_requests(method):
+        return sorted(p for m, p in requests if m == method and "/images/" in p)
+
+    def go(out):
+        requests.clear()
+        with patched_env(s3.env(proxy.endpoint)):
+            summary = run_graph(graph, executor="local", output=tmp_path / out, cache_dir=f"s3://{bucket}/cache",
+                                progress=False, device="cpu")
+        return summary, {r["sample_id"]: r for r in pq.read_table(tmp_path / out / "results.parquet").to_pylist()}
+
+    try:
+        first, rows = go("first")
+        assert first.errors == 1 and "image not found" in rows["gone"]["error"] and "gone.png" in rows["gone"]["error"]
+        for name, (w, h) in sizes.items():
+            assert rows[f"{name}0"]["image.size"] == rows[f"{name}1"]["image.size"] == [h, w]
+        # each image downloaded once, by the stage that decodes it
+        assert image_requests("GET") == sorted(f"/{bucket}/images/{n}.png" for n in sizes)
+        first_means = {sid: r["mean.mean"] for sid, r in rows.items()}
+
+        again, _ = go("again")
+        assert again.nodes["mean"].computed_shards == 0  # nothing changed: all from the cache
+        client.put_object(Bucket=bucket, Key="images/b.png", Body=_png(70, 30, 200))  # rewritten
+        second, rows = go("second")
+        assert rows["b0"]["image.size"] == [30, 70] and rows["a0"]["image.size"] == [30, 40]
+        assert rows["b0"]["mean.mean"] != first_means["b0"] and rows["a0"]["mean.mean"] == first_means["a0"]
+        assert second.nodes["mean"].computed_shards == 1  # only the shard of the new b.png
+    finally:
+        proxy.stop()
