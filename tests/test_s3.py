@@ -311,3 +311,31 @@ def test_manifest_with_images_in_a_bucket(s3, bucket, tmp_path, write_graph, mon
         assert second.nodes["mean"].computed_shards == 1  # only the shard of the new b.png
     finally:
         proxy.stop()
+
+
+def test_manifest_in_a_bucket_with_images_beside_it(s3, bucket, tmp_path, write_graph):
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="data/images/a.png", Body=_png(20, 10, 30))
+    client.put_object(Bucket=bucket, Key="data/images/b.png", Body=_png(12, 18, 90))
+    rows = [{"sample_id": "a", "image": "images/a.png", "question": "what?"},
+            {"sample_id": "b", "image": "images/b.png", "question": "which?", "answers": ["x"]}]
+    client.put_object(Bucket=bucket, Key="data/m.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
+    csv_text = "sample_id,image,question\nc,images/b.png,why?\n"
+    client.put_object(Bucket=bucket, Key="data/m.csv", Body=csv_text.encode())
+
+    def sizes(manifest, out):
+        graph = write_graph(f"""
+            dataset: {{source: manifest, params: {{path: "{manifest}"}}}}
+            nodes:
+              image: {{stage: load_image, inputs: {{image_path: source.image_path, image_bytes: source.image_bytes}}}}
+            outputs: [image.size]
+            """, name=f"{out}.yaml")
+        summary = run_graph(graph, executor="local", output=tmp_path / out, cache_dir=tmp_path / "cache",
+                            progress=False, device="cpu")
+        assert summary.errors == 0
+        return {r["sample_id"]: r["image.size"] for r in pq.read_table(tmp_path / out / "results.parquet").to_pylist()}
+
+    assert sizes(f"s3://{bucket}/data/m.jsonl", "jsonl") == {"a": [10, 20], "b": [18, 12]}
+    assert sizes(f"s3://{bucket}/data/m.csv", "csv") == {"c": [18, 12]}
+    with pytest.raises(Exception, match=f"s3://{bucket}/data/nope.jsonl does not exist"):
+        sizes(f"s3://{bucket}/data/nope.jsonl", "nope")
