@@ -312,6 +312,23 @@ def test_manifest_with_images_in_a_bucket(s3, bucket, tmp_path, write_graph, mon
     finally:
         proxy.stop()
 
+    # a store that keeps failing to serve an image: its rows fail as transient, the next run retries them
+    client.put_object(Bucket=bucket, Key="images/c.png", Body=_png(52, 50, 120))
+    down = FaultyProxy(s3.endpoint, lambda method, path: method == "GET" and path.endswith("/images/c.png"))
+    try:
+        with patched_env(s3.env(down.endpoint)):
+            failing = run_graph(graph, executor="local", output=tmp_path / "third", cache_dir=f"s3://{bucket}/cache",
+                                progress=False, device="cpu")
+    finally:
+        down.stop()
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "third" / "results.parquet").to_pylist()}
+    assert failing.transient_errors == 2 and rows["c0"]["error_kind"] == "transient"
+    assert "cannot read image" in rows["c0"]["error"] and "c.png" in rows["c0"]["error"]
+    retried = run_graph(graph, executor="local", output=tmp_path / "third", cache_dir=f"s3://{bucket}/cache",
+                        progress=False, device="cpu")
+    rows = {r["sample_id"]: r for r in pq.read_table(tmp_path / "third" / "results.parquet").to_pylist()}
+    assert retried.transient_errors == 0 and rows["c0"]["image.size"] == [50, 52]
+
 
 def test_manifest_in_a_bucket_with_images_beside_it(s3, bucket, tmp_path, write_graph):
     client = s3.client()
