@@ -63,7 +63,7 @@ def test_run_rerun_verify_and_gc_on_s3(s3, bucket, reference, capsys):
     assert first.samples == 24 and first.errors == 0
     assert read_results(out).equals(reference)
     keys = s3.keys(bucket)
-    assert f"runs/x/results.parquet" in keys and "runs/x/manifest.json" in keys
+    assert "runs/x/results.parquet" in keys and "runs/x/manifest.json" in keys
     assert not [k for k in keys if ".tmp-" in k or ".claim-" in k or k.endswith("/.lock")]
 
     again = run(f"s3://{bucket}/runs/y", cache)  # a new run folder: every result from the cache
