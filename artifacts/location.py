@@ -9,6 +9,10 @@ the destination still appears whole or not at all).
 
 Temporary names start with a dot and carry the writer's id (``host-pid-random``), so listings
 skip them and a cleaner can tell whose they are (:func:`writer_alive`).
+
+Object stores have no exclusive creation and no atomic rename; :meth:`Location.claim` gives the
+few writers that must not overlap (the run lock) a mutual exclusion built from what they do
+have, strongly consistent writes and listings (docs/store.md, "Filesystems").
 """
 
 from __future__ import annotations
@@ -16,17 +20,24 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import logging
 import os
 import socket
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 HOST = socket.gethostname()
+# A claim (Location.claim) lives for a few requests; one older than this was left by a process
+# that died holding it.
+CLAIM_STALE = 30.0
 
 
 def new_writer_id() -> str:
@@ -47,6 +58,25 @@ def writer_alive(writer_id: str) -> bool | None:
     except PermissionError:
         return True
     return True
+
+
+def retried(read: Callable[[], T], attempts: int = 4, pause: float = 0.5) -> T:
+    """``read()``, tried again after an I/O error other than a missing file.
+
+    pyarrow's S3 client retries throttling and 5xx answers itself, except on a read smaller
+    than the error's XML body (a lock file, a 4-byte footer check): it writes the body into the
+    caller's buffer, overflows it and reports INTERNAL_FAILURE, which it does not retry."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except (FileNotFoundError, PermissionError):
+            raise
+        except OSError as exc:
+            if attempt == attempts - 1:
+                raise
+            log.debug("retrying a read after %s", exc)
+            time.sleep(pause * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class HashingWriter(io.RawIOBase):
@@ -131,11 +161,15 @@ class Location:
         if self.local:
             with open(self.path(rel), "rb") as fh:
                 return fh.read()
-        info = self.fs.get_file_info(self.path(rel))
-        if info.type == pafs.FileType.NotFound:
-            raise FileNotFoundError(errno.ENOENT, "no such file", self.display(rel))
-        with self.fs.open_input_stream(self.path(rel)) as fh:
-            return fh.read()
+
+        def read() -> bytes:
+            info = self.fs.get_file_info(self.path(rel))
+            if info.type == pafs.FileType.NotFound:
+                raise FileNotFoundError(errno.ENOENT, "no such file", self.display(rel))
+            with self.fs.open_input_stream(self.path(rel)) as fh:
+                return fh.read()
+
+        return retried(read)
 
     def read_tail(self, rel: str, n: int) -> bytes:
         if self.local:
@@ -143,10 +177,14 @@ class Location:
                 size = os.fstat(fh.fileno()).st_size
                 fh.seek(max(0, size - n))
                 return fh.read()
-        with self.fs.open_input_file(self.path(rel)) as fh:
-            size = fh.size()
-            fh.seek(max(0, size - n))
-            return fh.read()
+
+        def read() -> bytes:
+            with self.fs.open_input_file(self.path(rel)) as fh:
+                size = fh.size()
+                fh.seek(max(0, size - n))
+                return fh.read()
+
+        return retried(read)
 
     def list(self, rel: str = "") -> list[FileStat]:
         """Plain files directly in folder ``rel`` (none when it does not exist)."""
@@ -242,8 +280,9 @@ class Location:
             self.delete(temp)
 
     def create_exclusive(self, rel: str, data: bytes) -> bool:
-        """Create ``rel`` with ``data`` unless it exists; True when this call created it.
-        Atomic on local folders; elsewhere a check followed by a write (see docs/store.md)."""
+        """Create ``rel`` with ``data`` unless it exists; True when this call created it (False
+        also when another process was creating it at the same moment: try again). Exclusive
+        creation on local folders; elsewhere a check and a write under :meth:`claim`."""
         if self.local:
             self.makedirs(rel.rpartition("/")[0])
             try:
@@ -255,10 +294,38 @@ class Location:
                 fh.flush()
                 os.fsync(fh.fileno())
             return True
-        if self.exists(rel):
-            return False
-        self.write_bytes_atomic(rel, data, "lock")
-        return True
+        with self.claim(rel) as sole:
+            if not sole or self.exists(rel):
+                return False
+            self.write_bytes_atomic(rel, data, "lock")
+            return True
+
+    @contextmanager
+    def claim(self, rel: str) -> Iterator[bool]:
+        """A short mutual exclusion among processes that contend for ``rel`` on a filesystem
+        without exclusive creation; yields whether this process is the only claimant.
+
+        Each contender writes its own claim object (``<rel>.claim-<writer id>``) and then lists
+        the claims. Writes and listings are strongly consistent (S3 since December 2020, GCS),
+        so of two contenders the later lister always sees the earlier one's claim: at most one
+        of them sees none but its own (both may see both, and both back off: the caller
+        retries after a random pause). A claim is
+        removed when the block ends; one older than ``CLAIM_STALE`` s, or whose writer is
+        gone from this host, was left by a dead process and does not count."""
+        head, _, name = rel.rpartition("/")
+        prefix = f"{name}.claim-"
+        mine = f"{prefix}{new_writer_id()}"
+        own = f"{head}/{mine}" if head else mine
+        self.makedirs(head)
+        with (open(self.path(own), "wb") if self.local else self.fs.open_output_stream(self.path(own))):
+            pass  # an empty object: whole or absent, no temporary name needed
+        try:
+            now = time.time()
+            others = [f for f in self.list(head) if f.name.startswith(prefix) and f.name != mine
+                      and now - f.mtime < CLAIM_STALE and writer_alive(f.name[len(prefix):]) is not False]
+            yield not others
+        finally:
+            self.delete(own)
 
     def delete(self, rel: str) -> bool:
         """Remove a file; False when it was not there."""
@@ -309,3 +376,41 @@ class Probe:
 
     def remove(self) -> None:
         self.loc.delete(self.rel)
+
+
+# -- single objects given by URI (dataset files in a bucket) -----------------------------------
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names a file by URI (``s3://bucket/key``) rather than a local path."""
+    return "://" in path and not path.startswith("file://")
+
+
+def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{uri}: not a URI pyarrow can open ({exc})") from None
+
+
+def object_bytes(uri: str) -> bytes:
+    """The bytes of the file at ``uri``; ``FileNotFoundError`` when there is none."""
+    fs, path = _open_uri(uri)
+
+    def read() -> bytes:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            raise FileNotFoundError(errno.ENOENT, "no such object", uri)
+        with fs.open_input_stream(path) as fh:
+            return fh.read()
+
+    return retried(read)
+
+
+def object_version(uri: str) -> tuple[int, float] | None:
+    """(size, modification time) of the object at ``uri`` from its metadata alone (no
+    download), or None when there is none. An object is rewritten whole, never in place, so a
+    new version has a new modification time."""
+    fs, path = _open_uri(uri)
+    info = retried(lambda: fs.get_file_info(path))
+    if info.type != pafs.FileType.File:
+        return None
+    return info.size or 0, info.mtime.timestamp() if info.mtime is not None else 0.0

@@ -6,9 +6,10 @@ with a message naming the holder, or with ``wait`` waits for it. A lock left by 
 died is taken over: its pid is gone on this host, or its heartbeat is older than ``TTL``
 (whatever its pid: a pid can be reused), or it is empty or unreadable and older than
 ``HEARTBEAT`` (a run killed between creating and writing it; a live run's lock is whole within
-that time). Creating the lock is atomic on local folders; on object stores
-it is a check followed by a write, so two runs started in the same instant can both get in
-(docs/store.md).
+that time). Creating the lock is exclusive on local folders (``O_EXCL``); on object stores,
+which have neither exclusive creation nor an atomic rename, creating it and taking over a dead
+holder's are each done under a claim (``Location.claim``, docs/store.md), so two runs started
+in the same instant still cannot both get in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 
@@ -92,13 +94,13 @@ class RunLock:
             if self._create():
                 break
             holder = self._holder()
-            if holder is None:
+            if holder is None:  # removed meanwhile, or another run was creating it too
+                time.sleep(random.uniform(0.01, 0.2))
                 continue
             if self._dead(holder):
                 log.warning("warning: %s was locked by a run that is gone (pid %s on %s); taking it over",
                             self.folder.display(), holder.get("pid"), holder.get("host"))
-                if self._holder() == holder:
-                    self.folder.delete(LOCK)
+                self._remove_if_still(holder)
                 continue
             if not wait:
                 raise RunLocked(describe_holder(self.folder, holder)
@@ -110,9 +112,24 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 
+    def _remove_if_still(self, holder: dict) -> None:
+        """Remove the lock if ``holder`` still holds it. On object stores the check and the
+        removal are one claim, so a run that took the lock over meanwhile keeps it."""
+        if self.folder.local:
+            if self._holder() == holder:
+                self.folder.delete(LOCK)
+            return
+        with self.folder.claim(LOCK) as sole:
+            if sole and self._holder() == holder:
+                self.folder.delete(LOCK)
+
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT):
-            holder = self._holder()
+            try:
+                holder = self._holder()
+            except OSError as exc:  # the store did not answer (after its retries): try next beat
+                log.warning("warning: cannot read the lock of %s: %s", self.folder.display(), exc)
+                continue
             if holder is None or holder.get("owner") != self.owner:
                 self.lost = True
                 log.warning("warning: the lock of %s was taken by another run", self.folder.display())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from artifacts.columns import python_to_column
 from artifacts.filehash import hash_files, sha256_bytes
+from artifacts.location import is_uri, object_version
 from artifacts.fingerprint import fingerprint
 from runtime.records import ERROR, clean_records
 from sources.base import Source
@@ -103,12 +105,24 @@ def _tokens(records: list[dict[str, Any]], schema: dict[str, pa.DataType]) -> di
     tokens = {name: [_value_token(r.get(name)) for r in records] for name in schema if name != "image_path"}
     if "image_path" in schema:
         paths = [r.get("image_path") for r in records]
-        unique = sorted({p for p in paths if p})
-        digests = dict(zip(unique, hash_files(unique, missing_ok=True)))
-        # a readable file counts by its bytes; a missing one by its path (its error names it)
-        tokens["image_path"] = [None if not p else (["file", digests[p]] if digests[p] else ["missing", p])
-                                for p in paths]
+        files = sorted({p for p in paths if p and not is_uri(p)})
+        objects = sorted({p for p in paths if p and is_uri(p)})
+        found = {p: ["file", d] for p, d in zip(files, hash_files(files, missing_ok=True)) if d}
+        found.update(_object_tokens(objects))
+        # a readable file counts by its bytes, an object in a bucket by its version; a missing one
+        # by its path (its error names it)
+        tokens["image_path"] = [None if not p else found.get(p, ["missing", p]) for p in paths]
     return tokens
+
+
+def _object_tokens(uris: list[str], threads: int = 8) -> dict[str, list]:
+    """An object in a bucket counts by its URI, size and modification time, read from its
+    metadata: the driver downloads no image (the worker that decodes it does)."""
+    if not uris:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
+        versions = list(pool.map(object_version, uris))
+    return {u: ["object", u, *v] for u, v in zip(uris, versions) if v is not None}
 
 
 def _build(index: int, records: list[dict[str, Any]], schema: dict[str, pa.DataType]) -> Shard:

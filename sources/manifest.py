@@ -1,7 +1,9 @@
 """Your own data as a manifest: one row per (image, question) in a JSONL, CSV or Parquet file.
 
-Columns: ``question`` (required); ``image`` (a path; relative paths are resolved against the
-manifest's folder) or ``image_bytes`` (encoded image: Parquet binary, base64 string in JSONL);
+The manifest is a local file or an object in a bucket (``s3://bucket/data/questions.jsonl``,
+read by the driver). Columns: ``question`` (required); ``image`` (a path or a URI; relative
+paths are resolved against the manifest's folder or URI; images are read by the workers that
+decode them) or ``image_bytes`` (encoded image: Parquet binary, base64 string in JSONL);
 optional ``sample_id`` (default: the row number, from 0), ``image_id`` (default: the image
 path as written, or the SHA-1 of the bytes), ``answers`` (a list; in CSV a JSON list or one
 answer), ``question_type`` and ``answer_type`` (VQAv2's "yes/no", "number", "other": the
@@ -21,14 +23,16 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, BinaryIO, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from artifacts.location import is_uri, object_bytes, object_version
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
 Format = Literal["jsonl", "csv", "parquet"]
@@ -64,9 +68,9 @@ class ManifestSource(Source):
             pa.string(), 'VQAv2 answer type ("yes/no", "number", "other"); null if not given')}
 
     def problems(self) -> list[tuple[str, str]]:
-        path = Path(self.params.path).expanduser()
+        path = _located(self.params.path)
         found = []
-        if not path.is_file():
+        if not _is_file(path):
             found.append(("path", f"{path} does not exist or is not a file; expected a JSONL, CSV or "
                                   "Parquet manifest with a 'question' and an 'image' or 'image_bytes' "
                                   "column; set path to it"))
@@ -77,19 +81,19 @@ class ManifestSource(Source):
 
     def count(self) -> int | None:
         """Rows of the file: Parquet metadata, or non-empty lines (CSV: minus the header)."""
-        path = Path(self.params.path).expanduser()
+        path = _located(self.params.path)
         fmt = self._format()
         try:
             if fmt == "parquet":
-                return pq.ParquetFile(path).metadata.num_rows
-            with open(path, "rb") as f:
+                return _parquet_file(path).metadata.num_rows
+            with _open_bytes(path) as f:
                 lines = sum(1 for line in f if line.strip())
             return max(0, lines - 1) if fmt == "csv" else lines
         except (OSError, ValueError):
             return None
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
-        path = Path(self.params.path).expanduser().absolute()
+        path = _located(self.params.path)
         read_rows = {"jsonl": _jsonl_rows, "csv": _csv_rows, "parquet": _parquet_rows}[self._format()]
         for number, (row, where) in enumerate(read_rows(path)):
             yield _sample(path, number, row, where)
@@ -98,7 +102,45 @@ class ManifestSource(Source):
         return self.params.format or EXTENSIONS.get(Path(self.params.path).suffix.lower())
 
 
-def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[str, Any]:
+# The manifest is a local file (a Path) or an object in a bucket (its URI, a str: the driver
+# reads the questions; the images it names are read by the workers).
+
+def _located(text: str) -> Path | str:
+    return text if is_uri(text) else Path(text).expanduser().absolute()
+
+
+def _is_file(path: Path | str) -> bool:
+    if isinstance(path, Path):
+        return path.is_file()
+    try:
+        return object_version(path) is not None
+    except (ValueError, OSError):
+        return False
+
+
+def _open_bytes(path: Path | str) -> BinaryIO:
+    return io.BytesIO(object_bytes(path)) if isinstance(path, str) else open(path, "rb")
+
+
+def _parquet_file(path: Path | str) -> pq.ParquetFile:
+    return pq.ParquetFile(pa.BufferReader(object_bytes(path)) if isinstance(path, str) else path)
+
+
+def _file_name(path: Path | str) -> str:
+    return path.rsplit("/", 1)[-1] if isinstance(path, str) else path.name
+
+
+def _beside(path: Path | str, image: str) -> str:
+    """An image named in the manifest at ``path``: a URI or an absolute path as written, a
+    relative path resolved against the manifest's folder (or its URI's)."""
+    if is_uri(image):
+        return image
+    if isinstance(path, str):
+        return image if image.startswith("/") else f"{path.rsplit('/', 1)[0]}/{image}"
+    return str(path.parent / Path(image).expanduser())
+
+
+def _sample(path: Path | str, number: int, row: dict[str, Any], where: str) -> dict[str, Any]:
     """One record of a manifest row; what is wrong with this row alone goes to the record's
     ``_error`` (the row becomes an error row, see ``runtime.records``)."""
     error = row.pop(ERROR, None)
@@ -119,7 +161,7 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
             error, image_bytes = error or f"{where}: image_bytes is not valid base64 ({exc})", None
     image_path = None
     if image_bytes is None and isinstance(image, str):
-        image_path = str(path.parent / Path(image).expanduser())  # an absolute image path stays as is
+        image_path = _beside(path, image)
     elif image_bytes is None and image is not None:
         error = error or f"{where}: image must be a path (text), got {type(image).__name__} {image!r:.40}"
     image_id = value("image_id")
@@ -152,7 +194,7 @@ def _sample(path: Path, number: int, row: dict[str, Any], where: str) -> dict[st
     return record
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
+def _jsonl_rows(path: Path | str) -> Iterator[tuple[dict[str, Any], str]]:
     """The rows of a JSONL file. A line that is not a JSON object (bad JSON, a list, a number,
     ``null``) is a row holding only its error and a sample id made of the file name and line
     number, so it becomes one error row. The file as a whole is refused (``ValueError``) only
@@ -160,7 +202,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
     or none with a question."""
     objects = questions = 0
     first_problem = None
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for line_number, raw in enumerate(f, 1):
             where = f"{path}, line {line_number}"
             line, error = _decoded(raw, where)
@@ -173,7 +215,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
             row = _jsonl_object(line, error, where)
             if isinstance(row, str):
                 first_problem = first_problem or row
-                row = {"sample_id": f"{path.name}:{line_number}", ERROR: row}  # stable; unlike any row number
+                row = {"sample_id": f"{_file_name(path)}:{line_number}", ERROR: row}  # stable; unlike any row number
             else:
                 objects += 1
                 questions += "question" in row
@@ -208,8 +250,8 @@ def _jsonl_object(line: str, error: str | None, where: str) -> dict[str, Any] | 
     return row
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+def _csv_rows(path: Path | str) -> Iterator[tuple[dict[str, Any], str]]:
+    with io.TextIOWrapper(_open_bytes(path), encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is not None and "question" not in reader.fieldnames:
             raise ValueError(f"{path}: no 'question' column; {NEEDED_COLUMNS}")
@@ -227,8 +269,8 @@ def _has_surrogates(text: str) -> bool:
     return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
-def _parquet_rows(path: Path) -> Iterator[tuple[dict[str, Any], str]]:
-    file = pq.ParquetFile(path)
+def _parquet_rows(path: Path | str) -> Iterator[tuple[dict[str, Any], str]]:
+    file = _parquet_file(path)
     if "question" not in file.schema_arrow.names:
         raise ValueError(f"{path}: no 'question' column; {NEEDED_COLUMNS}")
     columns = [c for c in MANIFEST_COLUMNS if c in file.schema_arrow.names]

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps
 from pydantic import Field, field_validator
 
 from artifacts.columns import TensorSpec, tensor_type, variable_tensor_type
+from artifacts.location import is_uri, object_bytes
 from stages.base import STAGES, Batch, Granularity, Input, Output, Resources, Stage, StageParams
 from stages.common import optional_column
 
@@ -105,7 +106,15 @@ def to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read and decode an image file; ValueError saying which file and why."""
+    """Read and decode an image file (a path, or a URI such as ``s3://bucket/key``); ValueError
+    saying which file and why (ConnectionError, a transient error, when a store does not answer)."""
+    if is_uri(path):
+        try:
+            return decode_image(object_bytes(path), f"image {path}", max_pixels)
+        except FileNotFoundError:
+            raise ValueError(f"image not found: {path}") from None
+        except OSError as exc:  # the store did not answer (after retries): not the image's fault
+            raise ConnectionError(f"cannot read image {path}: {exc}") from exc
     p = Path(path)
     if not p.exists():
         raise ValueError(f"image file not found: {path}")

@@ -152,6 +152,32 @@ def test_run_lock_refuses_waits_and_takes_over_dead_holders(tmp_path):
         RunLock(folder).acquire()
 
 
+def test_run_lock_heartbeat_outlives_a_store_that_does_not_answer(tmp_path, monkeypatch):
+    import runtime.run_lock as run_lock
+
+    monkeypatch.setattr(run_lock, "HEARTBEAT", 0.05)
+    folder = Location(tmp_path / "out")
+    lock = RunLock(folder, "beating")
+    lock.acquire()
+    real_read, failures = Location.read_bytes, []
+
+    def flaky_read(self, rel):
+        if len(failures) < 2:
+            failures.append(rel)
+            raise OSError("AWS Error NETWORK_CONNECTION during GetObject operation")
+        return real_read(self, rel)
+
+    monkeypatch.setattr(Location, "read_bytes", flaky_read)
+    written = json.loads((tmp_path / "out" / ".lock").read_text())["heartbeat"]
+    deadline = time.time() + 10
+    while json.loads((tmp_path / "out" / ".lock").read_text())["heartbeat"] == written:
+        assert time.time() < deadline, "the heartbeat stopped after the store failed to answer"
+        time.sleep(0.02)
+    assert len(failures) == 2 and not lock.lost and lock._thread.is_alive()
+    lock.release()
+    assert not (tmp_path / "out" / ".lock").exists()
+
+
 class SlowPatches(SamplePatches):
     name = "slow_patches"
 
