@@ -537,7 +537,7 @@ def test_beam_search_equals_transformers_generate(captioner, tokenizer, num_beam
     with torch.no_grad():
         ours = beam_search(captioner.text_decoder, states, prompt, num_beams=num_beams, max_length=14,
                            min_length=min_length, repetition_penalty=penalty, length_penalty=length_penalty,
-                           eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+                           length_rule="generated", eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
         theirs = hf.generate(input_ids=prompt.expand(3, -1), encoder_hidden_states=states, num_beams=num_beams,
                              max_length=14, min_length=min_length, repetition_penalty=penalty,
                              length_penalty=length_penalty, do_sample=False, eos_token_id=tokenizer.sep_token_id,
