@@ -294,7 +294,7 @@ class Caption(ModelStage):
             for s in range(0, a * c, p.generation_batch):
                 chunk = states[s:s + p.generation_batch]
                 if flat_uniforms is None:
-                    ids = beam_search(self.model.text_decoder, chunk, prompt, num_beams=p.num_beams,
+                    ids, _ = beam_search(self.model.text_decoder, chunk, prompt, num_beams=p.num_beams,
                                       max_length=p.max_length, min_length=p.min_length,
                                       repetition_penalty=p.repetition_penalty, length_penalty=p.length_penalty,
                                       length_rule=p.length_rule, **special)

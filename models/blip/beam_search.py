@@ -69,8 +69,9 @@ def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
                 max_length: int, min_length: int, repetition_penalty: float, length_penalty: float,
                 eos_token_id: int, pad_token_id: int, length_rule: LengthRuleName) -> torch.Tensor:
     """``decoder``: a ``BertLMHeadModel``; ``encoder_states [B, K, Cv]``; ``prompt_ids [T0]``;
-    ``length_rule``: a key of ``LENGTH_RULES``. Returns ``[B, <= max_length]`` ids, the prompt
-    included."""
+    ``length_rule``: a key of ``LENGTH_RULES``. Returns each sentence's best hypothesis, ids
+    ``[B, <= max_length]`` (the prompt included), and its score ``[B]`` (``sequences_scores`` of
+    transformers: the rule's normalised sum of log-probs, in the rule's ``score_dtype``)."""
     rule = LENGTH_RULES[length_rule]
     batch, prompt_length = encoder_states.shape[0], prompt_ids.numel()
     device = encoder_states.device
@@ -155,4 +156,4 @@ def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
         logits, cache = decoder(running[:, :, length - 1].reshape(-1, 1), cross_kv=cross_kv, cache=cache,
                                 use_cache=True)
     out_length = prompt_length + int(generated[:, 0].max())
-    return finished[:, 0, :out_length]
+    return finished[:, 0, :out_length], finished_scores[:, 0]
