@@ -55,8 +55,8 @@ LENGTH_RULES = {
     # at the length before the step; finalize adds the running beams at max_length)
     "lavis": LengthRule(prompt_counts=True, eos_counts=False, bound="candidates", at_limit="finalize",
                         score_dtype=torch.float64),
-    # transformers >= 4.48 (_beam_search): new tokens only, eos included; bound from the best
-    # running beam (early_stopping=False's heuristic)
+    # current transformers (the installed 5.x `_beam_search`): new tokens only, eos included;
+    # bound from the best running beam (early_stopping=False's heuristic)
     "generated": LengthRule(prompt_counts=False, eos_counts=True, bound="running", at_limit="stop",
                             score_dtype=torch.float32),
 }
@@ -67,7 +67,8 @@ LengthRuleName = Literal["lavis", "generated"]
 @counted
 def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor, *, num_beams: int,
                 max_length: int, min_length: int, repetition_penalty: float, length_penalty: float,
-                eos_token_id: int, pad_token_id: int, length_rule: LengthRuleName) -> torch.Tensor:
+                eos_token_id: int, pad_token_id: int,
+                length_rule: LengthRuleName) -> tuple[torch.Tensor, torch.Tensor]:
     """``decoder``: a ``BertLMHeadModel``; ``encoder_states [B, K, Cv]``; ``prompt_ids [T0]``;
     ``length_rule``: a key of ``LENGTH_RULES``. Returns each sentence's best hypothesis, ids
     ``[B, <= max_length]`` (the prompt included), and its score ``[B]`` (``sequences_scores`` of
@@ -122,9 +123,9 @@ def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
         token = top_index % vocab
         candidates = torch.gather(running, 1, source[:, :, None].expand(-1, -1, max_length)).clone()
         candidates[:, :, length] = token
-        at_limit = length + 1 >= max_length
+        last_step = length + 1 >= max_length
         is_eos = token == eos_token_id
-        stops = is_eos | (at_limit and rule.at_limit == "stop")                         # [B, 2K]
+        stops = is_eos | (last_step and rule.at_limit == "stop")                         # [B, 2K]
 
         # the best num_beams candidates that did not stop run on
         run_scores = top_scores + stops.float() * NEG
@@ -145,11 +146,11 @@ def beam_search(decoder, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values,
                             torch.tensor(NEG, dtype=rule.score_dtype, device=device))
         improvable = improvable & (bound > worst).any(dim=-1, keepdim=True)
-        if at_limit and rule.at_limit == "finalize":
+        if last_step and rule.at_limit == "finalize":  # the running beams of open sentences end here
             join(running, running_scores, torch.full_like(nxt, max_length - uncounted),
                  torch.full_like(nxt, max_length - prompt_length), torch.ones_like(nxt, dtype=torch.bool))
         length += 1
-        if at_limit or not bool(improvable.any()):
+        if last_step or not bool(improvable.any()):
             break
         beam_index = (beam_of + offsets).reshape(-1)
         cache = [(k.index_select(0, beam_index), v.index_select(0, beam_index)) for k, v in cache]
