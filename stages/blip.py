@@ -165,6 +165,11 @@ class CaptionParams(StageParams):
     num_beams: int = Field(3, ge=1, le=64, description="beams of decoding=beam (LAVIS: 3)")
     length_penalty: float = Field(1.0, description="beam search: hypotheses are scored sum(log p) / length ** "
                                   "length_penalty (Hugging Face's default 1.0)")
+    length_rule: Literal["lavis", "generated"] = Field(
+        "lavis", description="beam search's length and stop rule: lavis = transformers 4.25/4.26, which LAVIS "
+        "runs on (a finished caption's length counts the prompt, not the eos; a sentence stops when the best of "
+        "all candidates, scored as ending there, cannot beat its worst kept caption); generated = current "
+        "transformers (only new tokens, eos included; the best running beam is the bound)")
     max_length: int = Field(20, ge=2, le=512, description="most tokens, prompt included ([DEC] a picture of = 4)")
     min_length: int = Field(10, ge=0, description="fewest tokens before [SEP] may end a caption, prompt included")
     top_k: int = Field(50, ge=0, description="top-k sampling (0 = off)")
@@ -289,10 +294,10 @@ class Caption(ModelStage):
             for s in range(0, a * c, p.generation_batch):
                 chunk = states[s:s + p.generation_batch]
                 if flat_uniforms is None:
-                    ids = beam_search(self.model.text_decoder, chunk, prompt, num_beams=p.num_beams,
+                    ids, _ = beam_search(self.model.text_decoder, chunk, prompt, num_beams=p.num_beams,
                                       max_length=p.max_length, min_length=p.min_length,
                                       repetition_penalty=p.repetition_penalty, length_penalty=p.length_penalty,
-                                      **special)
+                                      length_rule=p.length_rule, **special)
                 else:
                     ids = self.model.generate(chunk, prompt, flat_uniforms[s:s + p.generation_batch],
                                               max_length=p.max_length, min_length=p.min_length, top_k=p.top_k,

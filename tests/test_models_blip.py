@@ -535,15 +535,17 @@ def test_beam_search_equals_transformers_generate(captioner, tokenizer, num_beam
     prompt = caption_prompt_ids(tokenizer)
     states = _states(captioner, 3, seed=4)
     with torch.no_grad():
-        ours = beam_search(captioner.text_decoder, states, prompt, num_beams=num_beams, max_length=14,
+        ours, scores = beam_search(captioner.text_decoder, states, prompt, num_beams=num_beams, max_length=14,
                            min_length=min_length, repetition_penalty=penalty, length_penalty=length_penalty,
-                           eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
+                           length_rule="generated", eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id)
         theirs = hf.generate(input_ids=prompt.expand(3, -1), encoder_hidden_states=states, num_beams=num_beams,
                              max_length=14, min_length=min_length, repetition_penalty=penalty,
                              length_penalty=length_penalty, do_sample=False, eos_token_id=tokenizer.sep_token_id,
-                             pad_token_id=tokenizer.pad_token_id, early_stopping=False)
-    for a, b in zip(ours, theirs):
+                             pad_token_id=tokenizer.pad_token_id, early_stopping=False,
+                             return_dict_in_generate=True, output_scores=True)
+    for a, b in zip(ours, theirs.sequences):
         assert _until_eos(a, tokenizer.sep_token_id) == _until_eos(b, tokenizer.sep_token_id)
+    assert torch.allclose(scores, theirs.sequences_scores, atol=1e-5)
 
 
 def test_caption_text_is_lavis_and_never_shows_word_pieces(tokenizer):

@@ -162,8 +162,8 @@ def test_caption_beam_search_and_whole_image_captioning(caption_stage):
 
     with torch.no_grad():
         tokens = beam.model.encode_image(torch.from_numpy(px))
-        ids = beam_search(beam.model.text_decoder, tokens, beam.prompt_ids, num_beams=3, max_length=20,
-                          min_length=10, repetition_penalty=1.0, length_penalty=1.0,
+        ids, _ = beam_search(beam.model.text_decoder, tokens, beam.prompt_ids, num_beams=3, max_length=20,
+                          min_length=10, repetition_penalty=1.0, length_penalty=1.0, length_rule="lavis",
                           eos_token_id=beam.tokenizer.sep_token_id, pad_token_id=beam.tokenizer.pad_token_id)
     want = [t[len("a picture of "):] for t in beam.tokenizer.batch_decode(ids, skip_special_tokens=True,
                                                                           clean_up_tokenization_spaces=True)]
