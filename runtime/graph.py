@@ -9,25 +9,30 @@ problem with the file, node and field, and what would be valid. The seams: readi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from runtime.graph_edits import apply_dtype, apply_overrides, apply_preset
 from runtime.graph_files import SOURCE, Ref, read_dataset_file, read_document
 from runtime.graph_model import Graph, Node
 from runtime.graph_validation import validate
+from runtime.overlays import expand, override_target, per_expansion, read_overlay
 
 __all__ = ["SOURCE", "Graph", "Node", "Ref", "load_graph"]
 
 
 def load_graph(path: str | Path, overrides: list[str] | None = None,
                presets: list[str] | tuple[str, ...] = (), dtype: str | None = None,
-               dataset: str | Path | None = None) -> Graph:
-    """Read, merge, override and validate a graph file; raise ``GraphError`` listing every problem.
+               dataset: str | Path | None = None, overlays: list[str | Path] | tuple[str | Path, ...] = ()) -> Graph:
+    """Read, merge, overlay, override and validate a graph file; raise ``GraphError`` listing every problem.
 
     ``dataset`` (``--dataset``) is a dataset file replacing the graph's whole dataset block.
+    The overlays the graph file names, then ``overlays`` (``--overlay``, each adding its name
+    to the graph's: ``esam_enhanced-faithfulness``) expand against the graph as it stands.
     Each of ``presets`` sets the preset of the model nodes that offer it (``--preset large
     --preset vitt``), ``dtype`` the compute type of those that have one (``--dtype``);
-    ``overrides`` (``--set``) come after them.
+    ``overrides`` (``--set``) come after them, and one naming an overlay template sets every
+    node it expanded to.
     """
     path = Path(path)
     read = read_document(path.resolve(), ())
@@ -38,10 +43,17 @@ def load_graph(path: str | Path, overrides: list[str] | None = None,
         doc["dataset"] = read_dataset_file(Path(dataset).resolve())
         dataset_file = str(dataset)
     doc.setdefault("name", path.stem)
+    overrides = list(overrides or [])
+    expanded: dict[str, list[str]] = {}
+    for overlay in [*map(read_overlay, read.overlays), *(named := [read_overlay(o) for o in overlays])]:
+        base = copy.deepcopy(doc)  # the graph as it stands, with the --set that apply to it, gives the roles and types
+        apply_overrides(base, [o for o in overrides if override_target(o) in {"dataset", "shard_size", *(base.get("nodes") or {})}], file)
+        expanded |= expand(overlay, validate(base, origins, file, dataset_file, read.notes), doc, origins)
+    doc["name"] = "-".join([doc["name"], *(o.name for o in named)])
     for preset in presets:
         apply_preset(doc, preset, file)
     if dtype is not None:
         apply_dtype(doc, dtype, file)
-    apply_overrides(doc, list(overrides or []), file)
+    apply_overrides(doc, per_expansion(overrides, expanded), file)
     return validate(doc, origins, file, dataset_file, read.notes)
 

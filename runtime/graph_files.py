@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,8 @@ from runtime.yaml_io import DuplicateKeyError, ExpansionError, load_yaml
 from sources import SOURCES
 
 SOURCE = "source"  # the reserved node name of the dataset in input references
-TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size"}
+TOP_KEYS = {"name", "description", "extends", "dataset", "nodes", "outputs", "add_outputs", "shard_size",
+            "overlays"}
 DATASET_KEYS = {"source", "params"}
 
 
@@ -46,9 +47,10 @@ class Document:
     origins: dict[str, str]  # node -> the file that defined (or last overrode) it
     dataset_file: str | None  # the file the dataset block came from; None: written inline
     notes: list[str]  # outputs dropped with the nodes a variant removed
+    overlays: list[str] = field(default_factory=list)  # overlay files the chain names, parents' first
 
 
-def _parse_yaml_file(path: Path, what: str, chain: tuple[Path, ...] = ()) -> Any:
+def parse_yaml_file(path: Path, what: str, chain: tuple[Path, ...] = ()) -> Any:
     """The YAML document in ``path``, a ``GraphError`` naming the file when it cannot be read
     (``what``: "graph" or "dataset")."""
     file = str(path)
@@ -80,7 +82,7 @@ def read_dataset_file(path: Path) -> dict:
     """The dataset block held in ``path`` (``source`` + ``params``), with its relative file paths
     made relative to the file's folder: a dataset file works from any working directory."""
     file = str(path)
-    block = _parse_yaml_file(path, "dataset")
+    block = parse_yaml_file(path, "dataset")
     if not isinstance(block, dict) or "source" not in block:
         raise GraphError([Problem(file, None, None, "a dataset file is a YAML mapping {source: NAME, params: {...}} "
                                   f"(a graph's dataset block); sources: {', '.join(SOURCES)}")])
@@ -114,7 +116,7 @@ def read_document(path: Path, chain: tuple[Path, ...]) -> Document:
     if path in chain:
         raise GraphError([Problem(file, None, "extends", "circular extends: "
                                   + " -> ".join(str(p) for p in (*chain, path)))])
-    doc = _parse_yaml_file(path, "graph", chain)
+    doc = parse_yaml_file(path, "graph", chain)
     if not isinstance(doc, dict):
         raise GraphError([Problem(file, None, None, "a graph file must be a YAML mapping with "
                                   "'dataset', 'nodes' and 'outputs'")])
@@ -129,9 +131,10 @@ def read_document(path: Path, chain: tuple[Path, ...]) -> Document:
     if dataset_path is not None:
         doc["dataset"] = read_dataset_file(dataset_path)
     dataset_file = str(dataset_path) if dataset_path else None
+    overlays = _overlay_paths(path, doc.pop("overlays", None))
     origins = {name: file for name in nodes}
     if "extends" not in doc:
-        return Document(doc, origins, dataset_file, [])
+        return Document(doc, origins, dataset_file, [], overlays)
 
     if not isinstance(doc["extends"], str):
         raise GraphError([Problem(file, None, "extends", f"must be the path of a graph file; got {shown(doc['extends'])}")])
@@ -180,7 +183,17 @@ def read_document(path: Path, chain: tuple[Path, ...]) -> Document:
     merged["outputs"] = list(merged.get("outputs") or []) + list(doc.get("add_outputs") or [])
     merged.pop("add_outputs", None)
     merged.pop("extends", None)
-    return Document(merged, all_origins, dataset_file, notes)
+    return Document(merged, all_origins, dataset_file, notes, parent.overlays + overlays)
+
+
+def _overlay_paths(graph: Path, value: Any) -> list[str]:
+    """The overlay files a graph's ``overlays: [FILE.yaml, ...]`` names, relative to the graph."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise GraphError([Problem(str(graph), None, "overlays", "must be a list of overlay files (paths relative to "
+                                  f"this file, e.g. [overlays/faithfulness.yaml]); got {shown(value)}")])
+    return [os.path.normpath(graph.parent / v) for v in value]
 
 
 def without_nodes(outputs: Any, nodes: set[str]) -> tuple[Any, dict[str, list[str]]]:
