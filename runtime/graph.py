@@ -44,16 +44,28 @@ def load_graph(path: str | Path, overrides: list[str] | None = None,
         dataset_file = str(dataset)
     doc.setdefault("name", path.stem)
     overrides = list(overrides or [])
+    named = [read_overlay(o) for o in overlays]
     expanded: dict[str, list[str]] = {}
-    for overlay in [*map(read_overlay, read.overlays), *(named := [read_overlay(o) for o in overlays])]:
-        base = copy.deepcopy(doc)  # the graph as it stands, with the --set that apply to it, gives the roles and types
-        apply_overrides(base, [o for o in overrides if override_target(o) in {"dataset", "shard_size", *(base.get("nodes") or {})}], file)
-        expanded |= expand(overlay, validate(base, origins, file, dataset_file, read.notes), doc, origins)
-    doc["name"] = "-".join([doc["name"], *(o.name for o in named)])
+    notes = list(read.notes)
+    for overlay in [*map(read_overlay, read.overlays), *named]:
+        base = validate(_as_it_stands(doc, overrides, file), origins, file, dataset_file, read.notes)
+        added, passed_over = expand(overlay, base, doc, origins)
+        expanded |= added
+        notes += passed_over
+    if named and isinstance(doc["name"], str):  # its own run folder, not the graph's
+        doc["name"] = "-".join([doc["name"], *(o.name for o in named)])
     for preset in presets:
         apply_preset(doc, preset, file)
     if dtype is not None:
         apply_dtype(doc, dtype, file)
     apply_overrides(doc, per_expansion(overrides, expanded), file)
-    return validate(doc, origins, file, dataset_file, read.notes)
+    return validate(doc, origins, file, dataset_file, notes)
 
+
+def _as_it_stands(doc: dict, overrides: list[str], file: str) -> dict:
+    """A copy of ``doc`` with the ``--set`` items naming its nodes, dataset or shard_size: the
+    graph an overlay expands against (items naming nodes it expands to apply afterwards)."""
+    base = copy.deepcopy(doc)
+    known = {"dataset", "shard_size", *(base.get("nodes") or {})}
+    apply_overrides(base, [o for o in overrides if override_target(o) in known], file)
+    return base

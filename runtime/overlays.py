@@ -116,10 +116,12 @@ def _template(file: str, name: str, spec: Any) -> tuple[Template | None, list[Pr
     return Template(name, node, roles, inp, outputs, stage), []
 
 
-def expand(overlay: Overlay, graph: Graph, doc: dict, origins: dict[str, str]) -> dict[str, list[str]]:
+def expand(overlay: Overlay, graph: Graph, doc: dict,
+           origins: dict[str, str]) -> tuple[dict[str, list[str]], list[str]]:
     """Add ``overlay``'s expanded nodes and their kept columns to ``doc`` (the document ``graph``
-    was validated from), recording each node's origin; return ``{template: expanded node names}``."""
-    problems, expanded = [], {}
+    was validated from), recording each node's origin; return ``{template: expanded node names}``
+    and one note per output of a listed role passed over because its type does not fit."""
+    problems, expanded, notes = [], {}, []
     nodes = doc.setdefault("nodes", {})
     for t in overlay.templates:
         spec = t.stage.inputs()[t.input].spec
@@ -135,6 +137,8 @@ def expand(overlay: Overlay, graph: Graph, doc: dict, origins: dict[str, str]) -
                                     f"({graph.path}) has no output with role {' / '.join(t.roles)} that fits input "
                                     f"'{t.input}' ({describe_type(spec)}): {seen}"))
             continue
+        notes += [f"overlay {overlay.file}: template '{t.name}' passes over {n}.{c}, which does not fit input "
+                  f"'{t.input}' ({why})" for n, c, why in misfits]
         per_node = {n: sum(1 for m, _, _ in fits if m == n) for n, _, _ in fits}
         expanded[t.name] = []
         for source, column, _ in fits:
@@ -149,7 +153,7 @@ def expand(overlay: Overlay, graph: Graph, doc: dict, origins: dict[str, str]) -
             expanded[t.name].append(name)
     if problems:
         raise GraphError(problems)
-    return expanded
+    return expanded, notes
 
 
 def override_target(item: str) -> str:

@@ -99,6 +99,8 @@ def test_plugin_heatmap_is_picked_up_and_attention_maps_that_do_not_fit_are_left
     g = load_graph(graph, overlays=[FAITHFULNESS])
     # prior.layers has role attention but is [3, g, g]: the [g, g] heatmap input does not take it
     assert faithfulness_nodes(g) == {"faithfulness_gradcam": "gradcam.heatmap", "faithfulness_prior": "prior.heatmap"}
+    assert f"overlay {FAITHFULNESS}: template 'faithfulness' passes over prior.layers, which does not fit input " \
+           "'heatmap' (expected 2 dimensions (float32[g, g]))" in g.notes
 
 
 def test_the_example_plugin_stage_is_picked_up_by_its_role():
