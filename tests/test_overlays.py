@@ -181,3 +181,20 @@ def test_cli_show_prints_the_expansion_and_validate_checks_it():
         in shown.stdout and "heatmap: qavit.heatmap" in shown.stdout
     bad = runtime_cli("validate", str(GRAPHS / "oracle_heatmap.yaml"), "--overlay", str(FAITHFULNESS))
     assert bad.returncode == 2 and "node 'faithfulness_oracle', field 'inputs.pixels'" in bad.stderr
+
+
+def test_a_graph_names_its_overlays_relative_to_itself_and_they_carry_along_extends(write_graph, tmp_path):
+    (tmp_path / "sub").mkdir()
+    child = write_graph(f"""
+        extends: {GRAPHS / 'faithfulness.yaml'}
+        name: child
+        nodes:
+          enhance: {{params: {{alpha: 0.25}}}}
+        """, "sub/child.yaml")
+    g = load_graph(child)
+    assert g.name == "child" and set(faithfulness_nodes(g)) == {"faithfulness_gradcam", "faithfulness_enhance"}
+    bad = write_graph(f"extends: {GRAPHS / 'pnp_vqa.yaml'}\noverlays: overlays/faithfulness.yaml\n")
+    assert problems_of(bad) == [f"{bad}, field 'overlays': must be a list of overlay files (paths relative to this "
+                                "file, e.g. [overlays/faithfulness.yaml]); got 'overlays/faithfulness.yaml'"]
+    missing = write_graph(f"extends: {GRAPHS / 'pnp_vqa.yaml'}\noverlays: [nope.yaml]\n", "m.yaml")
+    assert problems_of(missing) == [f"{tmp_path / 'nope.yaml'}: overlay file not found"]
