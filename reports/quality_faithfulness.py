@@ -95,7 +95,7 @@ def render_section(table: dict[str, Any], *, images: int) -> list[str]:
         "## Heatmap faithfulness without masks",
         "",
         f"Scores that need no masks, for the heatmap that drives the captions, on the first {images} held-out "
-        f"images ({questions} questions over all variants): `runtime run GRAPH --overlay "
+        f"image{'s' if images != 1 else ''} ({questions} questions over all variants): `runtime run GRAPH --overlay "
         f"graphs/overlays/faithfulness.yaml` ({STEPS} steps, the shapes BLIP ITM as the evidence). Area under "
         "the deletion, insertion and ROAD curves of the ITM match probability as the heatmap's highest cells go "
         "first, and the same for a random and a centre-prior order on the same questions (lower is better for "
