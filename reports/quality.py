@@ -6,8 +6,10 @@ the training runs' held-out sets 1000-1002 and the shipped weights' checks 7000)
 own defaults (the ``shapes`` presets), then writes a Markdown report: per variant VQA accuracy,
 accuracy per question type, and the quality of the heatmap that drives the captions (pointing
 game, energy inside the referred object's mask, top-20 patch recall), plus the ITM accuracy on
-hard negatives of the ITM model that gives GradCAM. Runs share the content-addressed cache, so
-a second call only recomputes what changed.
+hard negatives of the ITM model that gives GradCAM; and, on the first few images, the mask-free
+faithfulness scores of that heatmap with their agreement with the mask scores
+(``reports/quality_faithfulness.py``). Runs share the content-addressed cache, so a second call
+only recomputes what changed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from plugins import Registry
+from reports.quality_faithfulness import faithfulness_table, render_section, run_faithfulness
 from shapes.scene import TEXTURES
 
 GRAPHS = Path(__file__).resolve().parents[1] / "graphs"
@@ -128,7 +131,8 @@ def _background_questions(table: dict[str, dict[str, Any]], background: str) -> 
 
 
 def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, seed: int, images: int,
-                    command: str, findings: Sequence[str]) -> str:
+                    command: str, findings: Sequence[str], faithfulness: dict[str, Any] | None = None,
+                    faithfulness_images: int = 0) -> str:
     lines = [
         "# Heatmap variants on held-out shapes data",
         "",
@@ -179,6 +183,7 @@ def render_markdown(table: dict[str, dict[str, Any]], itm: dict[str, float], *, 
         f"scene; the table's pointing column covers every question that refers to objects): "
         f"{_fmt(itm.get('pointing_game'))}.",
         "",
+        *([*render_section(faithfulness, images=faithfulness_images), ""] if faithfulness else []),
         "## What the numbers say",
         "",
         *[f"- {f}" for f in findings],
@@ -272,14 +277,19 @@ def parser() -> argparse.ArgumentParser:
                     "baselines (uniform patch sampling, ground-truth-mask heatmap) with their graph defaults on "
                     "held-out shapes data, and write a Markdown table of VQA accuracy (overall and per question "
                     "type), heatmap pointing game, energy in mask, top-20 recall and ITM accuracy, VQA "
-                    "accuracy and pointing game per background, and findings computed from the numbers (plus a "
-                    ".json beside it). Runs share the cache: a second call recomputes only what changed.")
+                    "accuracy and pointing game per background, heatmap faithfulness without masks (deletion / "
+                    "insertion / ROAD AUC) with its Spearman agreement with the mask scores, and findings computed "
+                    "from the numbers (plus a .json beside it). Runs share the cache: a second call recomputes only what changed.")
     p.add_argument("--images", type=_at_least(MIN_IMAGES), default=100,
                    help=f"held-out shapes images, 4 questions each (default 100, at least {MIN_IMAGES}: the ITM check "
                         "pairs each question with another image's as a negative)")
     p.add_argument("--seed", type=_at_least(0), default=QUALITY_SEED,
                    help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0-2, its "
                         "held-out sets 1000-1002, the shipped weights' checks 7000)")
+    p.add_argument("--faithfulness-images", type=_at_least(0), default=24, metavar="N",
+                   help="score the heatmaps' faithfulness without masks (deletion / insertion / ROAD, 8 steps) on the "
+                        "first N of the images, and its agreement with the mask scores (default 24; each question "
+                        "costs about 81 ITM passes; 0: leave the section out)")
     p.add_argument("--out", default="docs/quality.md", help="Markdown report to write (default docs/quality.md)")
     p.add_argument("--runs", default="runs/quality", help="folder of the variants' runs (default runs/quality)")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="as `runtime run` (default local)")
@@ -317,6 +327,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_variant(variant, seed=args.seed, images=args.images, runs=Path(args.runs),
                                   executor=args.executor, cache_dir=args.cache, progress=not args.quiet)
             table[variant.name] = variant_metrics(results, variant.heatmap_node, backgrounds)
+        scored = min(args.faithfulness_images, args.images)
+        faithfulness = faithfulness_table({
+            v.name: run_faithfulness(v, seed=args.seed, images=args.images, scored=scored, runs=Path(args.runs),
+                                     executor=args.executor, cache_dir=args.cache, progress=not args.quiet)
+            for v in chosen}) if scored else None
         itm = itm_accuracy(args.seed, args.images)
     except GraphError as exc:
         print("error: " + "; ".join(str(p) for p in exc.problems), file=sys.stderr)
@@ -326,11 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     command = "runtime quality" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     text = render_markdown(table, itm, seed=args.seed, images=args.images, command=command.strip(),
-                           findings=findings_from(table))
+                           findings=findings_from(table), faithfulness=faithfulness, faithfulness_images=scored)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"seed": args.seed, "images": args.images, "variants": table,
-                                                    "itm": itm}, indent=2, sort_keys=True) + "\n")
+                                                    "itm": itm, "faithfulness": faithfulness,
+                                                    "faithfulness_images": scored}, indent=2, sort_keys=True) + "\n")
     print(text)
     return 0

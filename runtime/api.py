@@ -113,6 +113,7 @@ def run_graphs(
     *,
     overrides: list[str] | None = None,
     presets: list[str] | None = None,
+    overlays: list[str | Path] | None = None,
     executor: str = "auto",
     outputs: list[str | Path | Location] | None = None,
     cache_dir: str | Path | Location | None = None,
@@ -135,11 +136,13 @@ def run_graphs(
     every graph in turn, a node with the same key in two graphs is computed once (uncached
     image-level work included), each model is loaded once, and each graph gets its own run
     folder as if run alone. ``settings``: debug, profile, weights... (default: this process's,
-    ``RunSettings.from_environment``). Every problem found before work raises ``GraphError``
+    ``RunSettings.from_environment``); ``overlays``: overlay files applied to each graph given
+    by path (``--overlay``). Every problem found before work raises ``GraphError``
     or ``UsageError``."""
     settings = settings or RunSettings.from_environment()
     settings.apply_to_process()  # before any graph is loaded: its model nodes look for their weights
-    graphs = [g if isinstance(g, Graph) else load_graph(g, overrides, presets=presets or ()) for g in graphs]
+    graphs = [g if isinstance(g, Graph) else load_graph(g, overrides, presets=presets or (), overlays=overlays or ())
+              for g in graphs]
     if not graphs:
         raise UsageError("give at least one graph")
     if executor not in EXECUTORS:

@@ -20,6 +20,7 @@ EPILOG = """examples:
   runtime run graphs/pnp_vqa.yaml graphs/esam_enhanced.yaml --dataset datasets/vqav2_val.yaml   a sweep on VQAv2
   runtime validate graphs/oracle_heatmap.yaml             check a graph without running it
   runtime show graphs/oracle_heatmap.yaml --dot | dot -Tpng > graph.png
+  runtime run graphs/qavit.yaml --overlay graphs/overlays/faithfulness.yaml --limit 16   score its heatmap without masks
   runtime stages heatmap_points                          params and columns of one stage
   runtime cache ls ; runtime cache verify ; runtime cache gc --older-than 30
   runtime report runs/esam_enhanced runs/pnp_vqa          HTML report with both runs side by side
@@ -66,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                              "architectures without their files; marked in the manifest, refused by quality")
         sp.add_argument("--weights", metavar="DIR",
                         help="folder of real checkpoints under their standard names (sets $PNPVQA_WEIGHTS)")
+        sp.add_argument("--overlay", metavar="FILE.yaml", action="append", default=[],
+                        help="an overlay file (see graphs/overlays/) whose template nodes attach to every output "
+                             "of their roles, e.g. graphs/overlays/faithfulness.yaml scores every heatmap; "
+                             "repeatable; adds the overlay's name to the graph's (its run folder)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
                         help="override a node param (or dataset.PARAM, NODE.batch_size, "
                              "shard_size) without editing the file; repeatable; VALUE is parsed as YAML")
@@ -114,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check graph files without running them")
     graph_args(v, several="each is checked, and every problem of each reported")
-    s = sub.add_parser("show", help="print the resolved graph (after extends and --set)")
+    s = sub.add_parser("show", help="print the resolved graph (after extends, overlays and --set)")
     graph_args(s)
     s.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of YAML")
 
@@ -178,7 +183,8 @@ def _load(a, path: str | None = None):
     """Validate the graph of a run / validate / show command, after ``_settings`` and --preset."""
     from runtime.graph import load_graph
 
-    graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype, dataset=a.dataset)
+    graph = load_graph(path or a.graph, a.overrides, presets=a.preset, dtype=a.dtype, dataset=a.dataset,
+                       overlays=a.overlay)
     if a.preset and "tiny" not in a.preset:
         left = [n for n, nd in graph.nodes.items() if getattr(nd.stage.params, "preset", None) == "tiny"]
         if left:
@@ -210,7 +216,7 @@ def _cmd_run(a) -> int:
                            progress=not a.quiet, retry_errors=a.retry_errors, wait=a.wait, settings=settings,
                            arguments={"graph": " ".join(a.graph), "overrides": a.overrides, "preset": a.preset,
                                       "dtype": a.dtype,
-                                      "weights": a.weights, **({"dataset": a.dataset} if a.dataset else {})})
+                                      "weights": a.weights, **({"overlay": a.overlay} if a.overlay else {}), **({"dataset": a.dataset} if a.dataset else {})})
     for graph, summary in zip(graphs, summaries):
         if len(graphs) > 1:
             print(f"== {graph.name} ({graph.path})")

@@ -68,6 +68,10 @@ def test_plugin_stage_is_listed_with_its_origin_and_runs_in_a_graph(installed, t
     assert data["views"]["prior"] == "prior heatmap" and data["runs"][0]["heatmaps"] == ["heatmap", "prior"]
     assert all({"heatmap", "prior"} <= set(s["r"][0]["v"]) for s in data["samples"])
     assert "pointing game (prior)" in dict(data["metrics"])
+    # the faithfulness overlay finds the plugin's heatmap by its role
+    shown = runtime(installed, "show", str(graph), "--overlay", str(ROOT / "graphs" / "overlays" / "faithfulness.yaml"))
+    assert shown.returncode == 0, shown.stderr
+    assert "faithfulness_prior:" in shown.stdout and "heatmap: prior.heatmap" in shown.stdout
 
 
 def test_plugin_source_is_listed_with_its_origin_and_feeds_a_graph(installed, tmp_path):

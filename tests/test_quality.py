@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -96,3 +97,66 @@ def test_metrics_and_findings_by_background(tmp_path):
     real = sample_backgrounds(9000, 3)  # the source's own scenes
     assert len(real) >= 6 and set(real.values()) <= {"plain", "noise", "stripes", "checker"}
     assert all(k.startswith("shapes-9000-") for k in real)
+
+
+def _faith_row(deletion, insertion, road, pointing, energy, recall):
+    return {"deletion_auc": deletion, "insertion_auc": insertion, "road_auc": road,
+            "random_deletion_auc": 0.5, "random_insertion_auc": 0.5, "random_road_auc": 0.5,
+            "centre_deletion_auc": 0.4, "centre_insertion_auc": 0.6, "centre_road_auc": 0.45,
+            "pointing_game": pointing, "energy_in_mask": energy, "topk_recall": recall}
+
+
+def test_faithfulness_section_means_and_rank_agreement_with_the_masks():
+    from reports.quality_faithfulness import faithfulness_table, render_section
+
+    rows = {
+        # deletion falls as energy rises (-deletion agrees: rho 1); insertion the reverse (rho -1)
+        "a": [_faith_row(0.4, 0.8, 0.3, 1.0, 0.6, 0.5), _faith_row(0.2, 0.9, 0.1, 1.0, 0.9, 0.5),
+              _faith_row(0.6, 0.7, 0.5, 0.0, 0.1, None)],
+        "b": [_faith_row(0.5, 0.5, 0.5, 0.0, 0.2, 0.1), _faith_row(0.7, 0.6, 0.4, 0.0, 0.0, 0.2),
+              _faith_row(0.3, 0.4, 0.6, 1.0, 0.4, 0.3)],
+        "c": [_faith_row(0.9, 0.2, 0.8, 0.0, 0.05, None), _faith_row(0.8, 0.3, 0.7, None, None, None),
+              _faith_row(0.7, 0.1, 0.9, 0.0, 0.05, None)],
+    }
+    t = faithfulness_table(rows)
+    a, b = t["variants"]["a"], t["variants"]["b"]
+    assert a["questions"] == 3 and a["deletion_auc"] == pytest.approx(0.4) and a["insertion_auc"] == pytest.approx(0.8)
+    assert a["energy_in_mask"] == pytest.approx(1.6 / 3) and a["topk_recall"] == 0.5 and a["centre_road_auc"] == 0.45
+    agree = t["agreement"]
+    assert agree["a"]["deletion"]["energy_in_mask"] == pytest.approx(1.0)
+    assert agree["a"]["insertion"]["energy_in_mask"] == pytest.approx(1.0)
+    # pointing game 1, 1, 0 against -deletion -0.4, -0.2, -0.6: ranks 2.5 2.5 1 vs 2 3 1 -> rho 0.866
+    assert agree["a"]["deletion"]["pointing_game"] == pytest.approx(np.sqrt(3) / 2)
+    assert agree["a"]["deletion"]["topk_recall"] is None          # 2 pairs only
+    assert agree["c"]["deletion"]["pointing_game"] is None        # pointing game constant there
+    # b: -deletion -0.5 -0.7 -0.3 (ranks 2 1 3) vs energy 0.2 0.0 0.4 (2 1 3): 1
+    assert agree["b"]["deletion"]["energy_in_mask"] == pytest.approx(1.0)
+    # over variant means: -deletion a -0.4, b -0.5, c -0.8; energy a 0.533, b 0.2, c 0.05: the same order
+    assert agree["variants"]["deletion"]["energy_in_mask"] == pytest.approx(1.0)
+    pooled = [r for rs in rows.values() for r in rs]
+    from reports.agreement import spearman
+    assert agree["pooled"]["road"]["energy_in_mask"] == pytest.approx(
+        spearman([-r["road_auc"] for r in pooled], [r["energy_in_mask"] for r in pooled]))
+
+    text = "\n".join(render_section(t, images=2))
+    assert "on the first 2 held-out images (9 questions over all variants)" in text
+    assert "| `a` | 0.400 | 0.500 | 0.400 | 0.800 | 0.500 | 0.600 | 0.300 | 0.500 | 0.450 |" in text
+    assert "| questions of `a` | 0.866 / 1.000 / – | 0.866 / 1.000 / – |" in text
+    assert "| variant means (3) |" in text and "| all questions |" in text
+    full = render_markdown({"a": {**_base_metrics(), "vqa_accuracy": 0.5}}, {}, seed=1, images=2, command="c",
+                           findings=[], faithfulness=t, faithfulness_images=2)
+    assert "## Heatmap faithfulness without masks" in full
+    assert "## Heatmap faithfulness without masks" not in render_markdown(
+        {"a": {**_base_metrics(), "vqa_accuracy": 0.5}}, {}, seed=1, images=2, command="c", findings=[])
+
+
+def _base_metrics():
+    m = {f"accuracy_{t}": 0.5 for t in ("color", "shape", "count", "position", "exists")}
+    return {**m, **{f"questions_{t}": 1 for t in ("color", "shape", "count", "position", "exists")},
+            "questions": 5, "errors": 0, "pointing_game": 0.5, "energy_in_mask": 0.5, "topk_recall": 0.5}
+
+
+def test_faithfulness_images_must_not_be_negative(capsys):
+    with pytest.raises(SystemExit):
+        main(["--faithfulness-images", "-1"])
+    assert "--faithfulness-images: must be at least 0" in capsys.readouterr().err
