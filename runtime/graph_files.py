@@ -99,8 +99,9 @@ def read_dataset_file(path: Path) -> dict:
 
 
 def _relative_to(folder: Path, value: Any) -> Any:
-    """``value`` (a path param) joined to ``folder`` when it is a relative path."""
-    if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+    """``value`` (a path param) joined to ``folder`` when it is a relative path; URIs
+    (``s3://...``, ``file://...``) are left as they are."""
+    if not isinstance(value, str) or not value or "://" in value or Path(value).expanduser().is_absolute():
         return value
     return os.path.normpath(folder / value)
 

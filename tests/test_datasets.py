@@ -88,6 +88,13 @@ def test_inline_relative_paths_stay_relative_to_the_working_directory(write_grap
     assert g.raw["dataset"]["params"]["path"] == "data/m.jsonl"
 
 
+def test_uris_in_a_dataset_file_are_not_joined_to_its_folder(tmp_path):
+    path = tmp_path / "bucket.yaml"
+    path.write_text("source: manifest\nparams: {path: s3://bucket/data/m.jsonl}\n")
+    g = load_graph(GRAPHS / "pnp_vqa.yaml", dataset=path)
+    assert g.raw["dataset"]["params"]["path"] == "s3://bucket/data/m.jsonl"
+
+
 @pytest.mark.parametrize("text, field, words", [
     ("source: vqav2\nparams: {questions: q.json, images: i, split: val}\n", "params.split", "unknown parameter"),
     ("source: vqa2\nparams: {}\n", "source", "did you mean 'vqav2'"),
