@@ -5,7 +5,8 @@ finishes with the local executor's results, and little passes through the driver
 
 The nodes are started with the credentials but without ``AWS_ENDPOINT_URL``, as nodes
 configured on their own would be: the workers read the images from the store the driver
-names because the run passes its endpoint on (runtime/settings.py), never its credentials."""
+names because the run passes its endpoint on (runtime/settings.py), never its credentials.
+A node whose Python finds another numpy is refused before any work (runtime/worker_code.py)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ import pytest
 
 import stages
 from artifacts.columns import TensorSpec, tensor_type
+from conftest import GRAPHS
 from runtime.api import run_graph
+from runtime.errors import UsageError
 from runtime.run import read_results
-from s3_server import bucket, s3  # noqa: F401  (fixtures)
+from s3_server import bucket, patched_env, s3  # noqa: F401  (fixtures)
 from stages.base import Granularity, Input, Output, Stage
 from test_ray_executor import run_in_thread
 
@@ -131,3 +134,26 @@ def test_cluster_and_bucket_survive_a_lost_node_with_local_results(s3, bucket, c
     # decoded images and 384 x 384 pixels stay in the workers: paths and outcomes cross the driver
     assert summary.produced_bytes > 100 * 2**20
     assert summary.driver_bytes < 0.01 * summary.produced_bytes
+
+
+def test_a_node_with_other_libraries_is_refused_before_any_work(cluster, tmp_path):
+    """A node whose Python finds numpy 9.9 (a dist-info first on its path), as a node set up
+    apart would: its worker's code identity is not the driver's, and the run stops naming it."""
+    c, _ = cluster
+    fake = tmp_path / "site" / "numpy-9.9.dist-info"
+    fake.mkdir(parents=True)
+    (fake / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 9.9\n")
+    with patched_env({"PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}):
+        odd = c.add_node(**NODE)  # its processes inherit this environment
+    c.wait_for_nodes()
+    try:
+        with pytest.raises(UsageError) as info:
+            run_graph(GRAPHS / "oracle_heatmap.yaml", overrides=["dataset.num_images=4"], executor="ray",
+                      address=c.address, output=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+                      device="cpu")
+    finally:
+        c.remove_node(odd)
+    message = str(info.value)
+    assert f"(node {odd.node_id[:12]}) runs other code than this driver" in message
+    assert "numpy 9.9 there" in message and "install the same checkout and libraries on every node" in message
+    assert not list((tmp_path / "cache").rglob("*.parquet"))  # nothing computed
