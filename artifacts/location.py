@@ -386,9 +386,12 @@ def is_uri(path: str) -> bool:
 
 
 def _open_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and path of ``uri``. Opening an ``s3://`` URI without a region asks the
+    store for the bucket's: an OSError then means the store did not answer, not a bad URI, and
+    passes on as one (an image's row then fails as transient, to be retried)."""
     try:
         return pafs.FileSystem.from_uri(uri)
-    except (ValueError, OSError) as exc:
+    except ValueError as exc:  # pyarrow's ArrowInvalid: a scheme or option it does not know
         raise ValueError(f"{uri}: not a URI pyarrow can open ({exc})") from None
 
 

@@ -36,6 +36,7 @@ from runtime.run import RunContext
 from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork
 from runtime.shards import Shard
+from runtime.worker_code import check_same_code, identities, stage_classes
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,11 @@ class ShardWorker:
         self.stages: dict[str, object] = {}
         self.reporter: BoardReporter | None = None
 
-    def info(self, probes: tuple[Probe, ...] = ()) -> dict:
-        """Where this worker is, and whether it sees each probe the driver placed."""
-        return {**worker_info(), "threads": self.threads, "sees": [p.seen() for p in probes]}
+    def info(self, probes: tuple[Probe, ...] = (), classes: tuple[type, ...] = ()) -> dict:
+        """Where this worker is, whether it sees each probe the driver placed, and its code
+        identity of each stage class (runtime/worker_code.py)."""
+        return {**worker_info(), "threads": self.threads, "sees": [p.seen() for p in probes],
+                "code": identities(classes)}
 
     def _use(self, run_id: str, work_refs: list) -> list[ShardWork]:
         if run_id != self.run_id:
@@ -394,12 +397,14 @@ class RayRunner:
         self.pool.extend(KEPT_WORKERS.for_plan(plan, self.settings))
         self.work_refs = [ray.put(c.work) for c in self.ctxs]
         probes = storage_probes(self.ctxs)
+        classes = stage_classes(c.graph for c in self.ctxs)
         try:
-            infos = ray.get([w.info.remote(tuple(probes)) for w in self.pool])
+            infos = ray.get([w.info.remote(tuple(probes), classes) for w in self.pool])
         finally:
             for probe in probes:
                 probe.remove()
         check_workers_see(probes, infos)
+        check_same_code(classes, infos)
         for c in self.ctxs:
             c.note_workers([{**i, "num_cpus": plan.num_cpus, "num_gpus": plan.num_gpus} for i in infos],
                            time.perf_counter() - began)

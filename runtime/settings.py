@@ -10,6 +10,13 @@ weights folder (``PNPVQA_WEIGHTS``) and random weights (``PNPVQA_RANDOM_WEIGHTS`
 model looks for its checkpoint, deep inside model code that the runtime does not call with
 arguments. ``apply_to_process`` sets both, in one place, in the driver and in every worker
 before any model is built.
+
+The S3 endpoint and region of the driver (``STORAGE_ENV``) go to every worker too: the store
+and run folder already carry the driver's endpoint (pyarrow pickles it with the filesystem),
+and images given as ``s3://`` URIs must be read from that same store, not from whatever a
+node's environment names. Credentials are never passed on: the actor's arguments are kept in
+Ray's GCS, readable by anyone who can reach the cluster, so each node brings its own (its
+environment when ``ray start`` ran, ``~/.aws``, an instance role).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from models.weights import RANDOM_WEIGHTS_ENV, WEIGHTS_ENV
 DEBUG_ENV = "RUNTIME_DEBUG"                        # tracebacks without --debug (any command)
 PROGRESS_SECONDS_ENV = "RUNTIME_PROGRESS_SECONDS"  # plain progress lines: seconds between them
 DEFAULT_PROGRESS_SECONDS = 30.0
+# which S3-compatible store, not who may use it (module doc): no credentials here
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,7 @@ class RunSettings:
     progress_seconds: float = DEFAULT_PROGRESS_SECONDS  # between plain progress lines (no terminal)
     weights: Path | None = None      # --weights: folder of real checkpoints
     random_weights: bool = False     # --random-weights: seeded random weights, for timing only
+    storage_env: tuple[tuple[str, str], ...] = ()  # the driver's STORAGE_ENV variables that are set
 
     @classmethod
     def from_environment(cls, debug: bool = False, profile: bool = False, weights: Path | None = None,
@@ -41,10 +51,13 @@ class RunSettings:
         return cls(debug=debug or bool(os.environ.get(DEBUG_ENV)), profile=profile,
                    progress_seconds=float(os.environ.get(PROGRESS_SECONDS_ENV, DEFAULT_PROGRESS_SECONDS)),
                    weights=weights or model_weights.weights_dir(),
-                   random_weights=random_weights or model_weights.random_weights())
+                   random_weights=random_weights or model_weights.random_weights(),
+                   storage_env=tuple((k, os.environ[k]) for k in STORAGE_ENV if os.environ.get(k)))
 
     def apply_to_process(self) -> None:
-        """Set the model layer's two settings in this process's environment (module doc)."""
+        """Set the model layer's two settings and the driver's storage endpoint and region in
+        this process's environment (module doc)."""
+        os.environ.update(self.storage_env)
         if self.weights is None:
             os.environ.pop(WEIGHTS_ENV, None)
         else:

@@ -11,11 +11,11 @@ from models.weights import RANDOM_WEIGHTS_ENV, WEIGHTS_ENV
 from runtime import ray_executor
 from runtime.graph import load_graph
 from runtime.run import RunContext
-from runtime.settings import DEBUG_ENV, PROGRESS_SECONDS_ENV, RunSettings
+from runtime.settings import DEBUG_ENV, PROGRESS_SECONDS_ENV, STORAGE_ENV, RunSettings
 
 
 def test_flags_win_and_the_environment_fills_in(monkeypatch, tmp_path):
-    for var in (WEIGHTS_ENV, RANDOM_WEIGHTS_ENV, DEBUG_ENV, PROGRESS_SECONDS_ENV):
+    for var in (WEIGHTS_ENV, RANDOM_WEIGHTS_ENV, DEBUG_ENV, PROGRESS_SECONDS_ENV, *STORAGE_ENV):
         monkeypatch.delenv(var, raising=False)
     assert RunSettings.from_environment() == RunSettings()
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
@@ -36,6 +36,27 @@ def test_a_ray_worker_applies_the_settings_it_is_started_with(monkeypatch, tmp_p
     assert os.environ[WEIGHTS_ENV] == str(tmp_path) and os.environ[RANDOM_WEIGHTS_ENV] == "1"
     ray_executor.ShardWorker(1, RunSettings())
     assert WEIGHTS_ENV not in os.environ and RANDOM_WEIGHTS_ENV not in os.environ
+
+
+def test_workers_get_the_drivers_s3_endpoint_and_region_but_no_credentials(monkeypatch):
+    """A worker reads ``s3://`` images from the store the driver names; the credentials stay
+    out of the actor's arguments (kept in Ray's GCS): each node has its own."""
+    for var in STORAGE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://head:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key-id")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "token")
+    settings = RunSettings.from_environment()
+    shipped = pickle.dumps(settings)  # what a Ray worker's actor is created with
+    assert b"head:9000" in shipped and not any(s in shipped for s in (b"key-id", b"secret", b"token"))
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://elsewhere:9000")  # the node's own: the driver's wins
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    monkeypatch.setattr(ray_executor, "apply_threads", lambda threads: None)
+    ray_executor.ShardWorker(1, pickle.loads(shipped))
+    assert os.environ["AWS_ENDPOINT_URL"] == "http://head:9000" and os.environ["AWS_DEFAULT_REGION"] == "eu-west-1"
 
 
 def test_debug_and_profile_reach_every_node_runner_also_on_a_worker(tmp_path):

@@ -172,3 +172,31 @@ def test_preprocess_family_defaults():
 def test_preprocess_params_are_validated(bad):
     with pytest.raises(ValidationError):
         PreprocessImage.Params(**bad)
+
+
+def test_an_image_store_that_does_not_answer_is_a_connection_error(monkeypatch):
+    """Opening an s3:// URI asks the store for the bucket's region: an unreachable store (a
+    worker that does not know the endpoint, a network fault) is no fault of the image, and its
+    row fails as transient (node_runner: a ConnectionError), not as bad data."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from artifacts import location
+    from stages.images import read_image
+
+    def opening_with(from_uri):  # pyarrow's FileSystem type cannot be patched: the module seen by location can
+        monkeypatch.setattr(location, "pafs", SimpleNamespace(FileSystem=SimpleNamespace(from_uri=from_uri)))
+
+    def unreachable(uri):
+        raise OSError("When resolving region for bucket 'b': AWS Error NETWORK_CONNECTION during HeadBucket operation")
+
+    def unknown(uri):
+        raise pa.ArrowInvalid(f"Unrecognized filesystem type in URI: {uri}")
+
+    opening_with(unreachable)
+    with pytest.raises(ConnectionError, match="cannot read image s3://b/a.png: .*NETWORK_CONNECTION"):
+        read_image("s3://b/a.png")
+    opening_with(unknown)
+    with pytest.raises(ValueError, match="s3://b/a.png: not a URI pyarrow can open"):
+        read_image("s3://b/a.png")
