@@ -3,7 +3,8 @@
 scipy), and the ROAD curve of the stage against grad-cam's ``ROADMostRelevantFirst`` on the
 same samples. Writes ``bench/results/faithfulness_road.json`` and ``.md``.
 
-    .venv/bin/python bench/faithfulness_road.py                  # about 5 minutes on 2 cores
+    .venv/bin/python bench/faithfulness_road.py     # minutes; 25 on 2 shared, loaded cores with the figures' settings:
+    .venv/bin/python bench/faithfulness_road.py --samples 2 --candidates 12 --repeats 2 --batch 2 --iterations 8 16 64
     .venv/bin/python bench/faithfulness_road.py --threads 1 --repeats 5
 
 Parts:
