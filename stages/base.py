@@ -63,6 +63,21 @@ class Role(str, enum.Enum):
     STATUS = "status"                      # what the stage did for the row (e.g. a fallback)
     POINTING_GAME = "pointing_game"        # 1 if a heatmap's hottest cell hits the ground truth
     ENERGY_IN_MASK = "energy_in_mask"      # share of a heatmap's mass inside the ground truth
+    # heatmap faithfulness without masks (heatmap_faithfulness): areas under the ITM match
+    # curve as a heatmap's highest cells are deleted / inserted / ROAD-imputed first (deletion,
+    # road: lower is better; insertion: higher), and the same for a random and a centre order
+    DELETION_AUC = "deletion_auc"
+    INSERTION_AUC = "insertion_auc"
+    ROAD_AUC = "road_auc"
+    RANDOM_DELETION_AUC = "random_deletion_auc"
+    RANDOM_INSERTION_AUC = "random_insertion_auc"
+    RANDOM_ROAD_AUC = "random_road_auc"
+    CENTRE_DELETION_AUC = "centre_deletion_auc"
+    CENTRE_INSERTION_AUC = "centre_insertion_auc"
+    CENTRE_ROAD_AUC = "centre_road_auc"
+    DELETION_CURVE = "deletion_curve"      # the heatmap order's curves [steps + 1]
+    INSERTION_CURVE = "insertion_curve"
+    ROAD_CURVE = "road_curve"
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ torch is imported inside them, so graphs without model stages never import it.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -20,7 +21,7 @@ from pydantic import Field
 
 from artifacts.columns import TensorSpec, tensor_type
 from models.blip.family import BLIP_ITM
-from stages.base import STAGES, Batch, Input, Output, Resources, StageParams
+from stages.base import STAGES, Batch, Input, Output, Resources, Role, StageParams
 from stages.blip import Preset
 from stages.common import row_rng
 from stages.model_stage import ModelStage
@@ -121,33 +122,71 @@ def fill_canvas(pixels: torch.Tensor, fill: str, grid: int) -> torch.Tensor:
     return torch.zeros_like(pixels)
 
 
-def neighbour_mean(pixels: torch.Tensor) -> torch.Tensor:
-    """``[B, C, s, s]`` -> the ROAD-weighted mean of each pixel's 8 neighbours inside the image
-    (weights of neighbours outside renormalised away)."""
+def _neighbour_sum(pixels: torch.Tensor) -> torch.Tensor:
+    """``[B, C, s, s]`` -> the ROAD-weighted sum of each pixel's 8 neighbours inside the image."""
     import torch
     import torch.nn.functional as F
 
     weights = torch.tensor(ROAD_NEIGHBOURS, device=pixels.device, dtype=pixels.dtype)
     channels = pixels.shape[1]
-    total = F.conv2d(pixels, weights.view(1, 1, 3, 3).expand(channels, 1, 3, 3), padding=1, groups=channels)
-    inside = F.conv2d(torch.ones_like(pixels[:, :1]), weights.view(1, 1, 3, 3), padding=1)
-    return total / inside
+    return F.conv2d(pixels, weights.view(1, 1, 3, 3).expand(channels, 1, 3, 3), padding=1, groups=channels)
 
 
-def pyramid_fill(pixels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """``pixels [B, C, s, s]`` with the pixels where ``known [B, 1, s, s]`` is 0 filled from a
-    pyramid of area-averaged known pixels (push-pull): every hole gets the mean of the nearest
-    known pixels at the scale where it closes; a region with no known pixel at all gets 0."""
+def road_cg(pixels: torch.Tensor, removed: torch.Tensor, start: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``iterations`` of conjugate gradients (preconditioned by the diagonal) on ROAD's system
+    for the ``removed [B, s, s]`` pixels of ``pixels [B, C, s, s]``, from ``start`` on them:
+    ``d_i x_i - sum_j w_ij x_j = 0`` for each removed pixel ``i`` (``w`` the neighbour weights
+    inside the image, ``d_i`` their sum; known pixels fixed). The matrix is symmetric positive
+    definite wherever a hole touches a kept pixel; items are solved independently (sums per
+    item and channel), with a fixed iteration count, so batching never changes a result."""
+    import torch
+
+    hole = removed[:, None].to(pixels.dtype)
+    known = pixels * (1 - hole)
+    diag = _neighbour_sum(torch.ones_like(pixels[:1, :1]))                  # [1, 1, s, s]
+    rhs = hole * _neighbour_sum(known)
+
+    def system(u):
+        return hole * (diag * u - _neighbour_sum(u))
+
+    def dot(a, b):
+        return (a * b).sum(dim=(2, 3), keepdim=True)
+
+    u = start * hole
+    r = rhs - system(u)
+    z = r / diag
+    p, rz = z, dot(r, z)
+    for _ in range(iterations):
+        ap = system(p)
+        pap = dot(p, ap)
+        alpha = torch.where(pap > 0, rz / pap.clamp(min=1e-30), torch.zeros_like(pap))
+        u = u + alpha * p
+        r = r - alpha * ap
+        z = r / diag
+        rz_next = dot(r, z)
+        beta = torch.where(rz > 0, rz_next / rz.clamp(min=1e-30), torch.zeros_like(rz))
+        p, rz = z + beta * p, rz_next
+    return known + u
+
+
+def road_solve(pixels: torch.Tensor, removed: torch.Tensor, iterations: int, coarsest: int = 12) -> torch.Tensor:
+    """ROAD's linear imputation, coarse to fine: the image's pyramid (2x2 area means of the
+    kept pixels; a coarse pixel is removed when all four of its pixels are) is solved at its
+    coarsest level (at most ``coarsest`` pixels a side, ``4 * side`` iterations), and each
+    finer level runs ``iterations`` of :func:`road_cg` from the bilinear upsampling of the
+    coarser solution. A region with no kept pixel at all gets 0 (the normalisation mean)."""
     import torch
     import torch.nn.functional as F
 
-    if pixels.shape[-1] == 1:
-        return pixels * known
+    size = pixels.shape[-1]
+    if size <= coarsest:
+        return road_cg(pixels, removed, torch.zeros_like(pixels), 4 * size)
+    known = (~removed[:, None]).to(pixels.dtype)
     coarse_known = F.avg_pool2d(known, 2, ceil_mode=True)
     coarse = F.avg_pool2d(pixels * known, 2, ceil_mode=True) / coarse_known.clamp(min=1e-12)
-    filled = pyramid_fill(coarse, (coarse_known > 0).to(known.dtype))
-    up = F.interpolate(filled, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.where(known > 0, pixels, up)
+    solved = road_solve(coarse, coarse_known[:, 0] == 0, iterations, coarsest)
+    start = F.interpolate(solved, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
+    return road_cg(pixels, removed, start, iterations)
 
 
 def road_impute(pixels: torch.Tensor, removed: torch.Tensor, noise: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -155,20 +194,29 @@ def road_impute(pixels: torch.Tensor, removed: torch.Tensor, noise: torch.Tensor
     pixels replaced by the solution of "each removed pixel is the weighted mean of its 8
     neighbours" (known pixels fixed), plus ``noise [B, 3, s, s]`` on them.
 
-    ROAD solves that sparse system exactly; here Jacobi iterations, batched, start from a
-    push-pull fill of the holes (:func:`pyramid_fill`) and approach the solution (a region with
-    no kept pixel at all stays 0, the normalisation mean).
-    """
+    ROAD (and pytorch-grad-cam's ``NoisyLinearImputer``) solves that sparse system exactly
+    with a direct solver, one image at a time on the CPU; here it is solved batched, in torch,
+    coarse to fine (:func:`road_solve`), ``iterations`` conjugate-gradient steps per pyramid
+    level (bench/faithfulness_road.py measures the agreement and the time). Denormal floats
+    are flushed while it runs (the residuals of a converged item would crawl otherwise)."""
     import torch
 
-    hole = removed[:, None]
-    out = pyramid_fill(pixels, (~hole).to(pixels.dtype))
-    for _ in range(iterations):
-        out = torch.where(hole, neighbour_mean(out), pixels)
-    return out + noise * hole
+    flushed = torch.set_flush_denormal(True)
+    try:
+        out = road_solve(pixels, removed, iterations)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+    return torch.where(removed[:, None], out + noise, pixels)
 
 
 # --- the stage ------------------------------------------------------------------------------
+
+def image_key(pixels: np.ndarray) -> str:
+    """A key of an image's content (its preprocessed pixels), for per-image seeding that never
+    depends on which rows or batches the image comes with."""
+    return hashlib.blake2b(np.ascontiguousarray(pixels).tobytes(), digest_size=8).hexdigest()
+
 
 class HeatmapFaithfulnessParams(StageParams):
     preset: Preset = Field("tiny", description=BLIP_ITM.preset_doc("BLIP ITM model whose match score is the "
@@ -180,12 +228,19 @@ class HeatmapFaithfulnessParams(StageParams):
     fill: Literal["blur", "mean", "zero"] = Field(
         "blur", description="what deletion shows in removed cells and insertion starts from: the image blurred "
         "by one cell, its per-channel mean, or zero (the normalisation mean colour)")
-    road_iterations: int = Field(64, ge=0, le=4096, description="Jacobi iterations of ROAD's neighbour imputation")
+    road_iterations: int = Field(16, ge=0, le=4096, description="conjugate-gradient iterations per pyramid level "
+                                 "of ROAD's neighbour imputation (solved coarse to fine)")
     road_noise: float = Field(0.01, ge=0, description="std of the Gaussian noise ROAD adds to imputed pixels "
                               "(ROAD's 0.01, in normalised pixel units)")
-    seed: int = Field(0, ge=0, description="seed of the random order and ROAD's noise (per row)")
-    chunk: int = Field(64, ge=1, description="perturbed images encoded and scored at once (memory bound)")
+    seed: int = Field(0, ge=0, description="seed of the random order (per image) and ROAD's noise (per image "
+                      "and set of removed cells)")
+    chunk: int = Field(64, ge=1, description="perturbed images built and encoded at once (memory bound)")
     max_length: int = Field(35, ge=3, le=512, description="question tokens kept (as itm_gradcam)")
+
+
+AUC_ROLES = {(order, mode): Role(f"{'' if order == 'heatmap' else order + '_'}{mode}_auc")
+             for order in ORDERS for mode in MODES}
+CURVE_ROLES = {mode: Role(f"{mode}_curve") for mode in MODES}
 
 
 @STAGES.add
@@ -202,13 +257,23 @@ class HeatmapFaithfulness(ModelStage):
     favoured by construction (it is the gradient of this very score); other heatmaps (enhanced,
     fused, QA-ViT, a plugin's) are judged by a model they were not built from. Compare a
     heatmap with the baselines and with other heatmaps under the same model, not in absolute
-    terms. The whole image and the full fill are encoded once per image.
+    terms.
+
+    Image-level work once per image: the random order is seeded per image and the centre
+    order is the same for every image, so the baselines' perturbed images are shared by all
+    questions of an image; every distinct perturbed image of a batch (an image, the cells left
+    visible, fill or ROAD) is built and encoded once and scored against each question that
+    uses it (ROAD's noise is seeded by the image and the removed cells, so equal sets give
+    equal images). Per image ``3 + 6 (steps - 1)`` encodes (whole image, full fill, ROAD with
+    everything removed, the baselines' other steps), per row ``3 (steps - 1)``, fewer where
+    sets coincide.
     """
 
     name = "heatmap_faithfulness"
+    version = "2"   # random order per image, ROAD noise per image and removed set, coarse-to-fine CG
     Params = HeatmapFaithfulnessParams
     family = BLIP_ITM
-    resources = Resources(gpu=0.5, batch_size=4)  # each row scores 9 * (steps + 1) images
+    resources = Resources(gpu=0.5, batch_size=8)  # rows of an image share the baselines' images
 
     def inputs(self) -> dict[str, Input]:
         s = self.model_config().vit.image_size
@@ -224,9 +289,11 @@ class HeatmapFaithfulness(ModelStage):
         for order in ORDERS:
             prefix = "" if order == "heatmap" else f"{order}_"
             for mode in MODES:
-                out[f"{prefix}{mode}_auc"] = Output(pa.float32(), f"{mode} AUC of the {order} cell order")
+                out[f"{prefix}{mode}_auc"] = Output(pa.float32(), f"{mode} AUC of the {order} cell order",
+                                                    role=AUC_ROLES[order, mode])
                 out[f"{prefix}{mode}_curve"] = Output(tensor_type("float32", [k]),
-                                                      f"{mode} curve [{k}] of the {order} cell order")
+                                                      f"{mode} curve [{k}] of the {order} cell order",
+                                                      role=CURVE_ROLES[mode] if order == "heatmap" else None)
         return out
 
     def extra_problems(self) -> list[tuple[str, str]]:
@@ -239,11 +306,13 @@ class HeatmapFaithfulness(ModelStage):
         self.tokenizer = load_blip_tokenizer(BLIP_ITM.tokenizer_dir(self.params.preset, self.params.checkpoint))
 
     def orders(self, batch: Batch, grid: int) -> np.ndarray:
-        """``[N, 3, g*g]`` the heatmap's, the random and the centre cell order of each row."""
+        """``[N, 3, g*g]`` the heatmap's, the random and the centre cell order of each row; the
+        random order is seeded by the row's image, so all questions of an image share it."""
         n, cells = len(batch), grid * grid
-        random = np.stack([random_order(row_rng(self.params.seed, f"{r}#order"), cells) for r in batch.row_ids])
+        keys = [image_key(p) for p in batch["pixels"]]
+        random = np.stack([random_order(row_rng(self.params.seed, f"{k}#order"), cells) for k in keys])
         centre = np.broadcast_to(centre_order(grid), (n, cells))
-        return np.stack([heatmap_order(batch["heatmap"]), random, centre], axis=1)
+        return np.stack([heatmap_order(batch["heatmap"]), random[batch.image_rows], centre], axis=1)
 
     def process(self, batch: Batch) -> dict[str, Any]:
         p = self.params
@@ -261,63 +330,79 @@ class HeatmapFaithfulness(ModelStage):
                 out[f"{prefix}{mode}_curve"] = curves[:, o, m].astype(np.float32)
         return out
 
+    @staticmethod
+    def distinct_images(image_rows: np.ndarray, visible: np.ndarray) -> tuple[list[tuple[int, str, bytes]], np.ndarray]:
+        """The distinct perturbed images of ``visible bool [N, 3, 3, K+1, C]`` and which one each
+        curve point shows: ``(specs, index [N, 3, 3, K+1])``; a spec is ``(image, kind,
+        visible cells packed)`` with kind "whole" (nothing removed, whatever the mode), "fill"
+        (deletion and insertion: removed cells show the fill) or "road"."""
+        rows, _, modes, _ = np.indices(visible.shape[:4]).reshape(4, -1)
+        flat = visible.reshape(-1, visible.shape[-1])
+        packed = np.packbits(flat, axis=1)
+        everything = flat.all(axis=1)
+        road = modes == MODES.index("road")
+        seen: dict[tuple[int, str, bytes], int] = {}
+        index = np.empty(len(flat), np.int64)
+        for i in range(len(flat)):
+            kind = "whole" if everything[i] else "road" if road[i] else "fill"
+            spec = (int(image_rows[rows[i]]), kind, b"" if kind == "whole" else packed[i].tobytes())
+            index[i] = seen.setdefault(spec, len(seen))
+        return list(seen), index.reshape(visible.shape[:4])
+
     def score(self, batch: Batch, visible: np.ndarray, grid: int) -> np.ndarray:
         """ITM match probability of each row's question with each perturbed image:
-        ``visible bool [N, 3, 3, K+1, C]`` -> ``[N, 3, 3, K+1]``. The whole image and the full
-        fill come from tokens encoded once per image; the rest is built, encoded and scored
-        ``chunk`` images at a time."""
+        ``visible bool [N, 3, 3, K+1, C]`` -> ``[N, 3, 3, K+1]``. The distinct images
+        (:meth:`distinct_images`) are built and encoded ``chunk`` at a time; each is scored
+        once per row that shows it."""
         import torch
 
         from models.blip.tokenizer import tokenize_questions
 
         p, device = self.params, self.device
         ids, mask = tokenize_questions(self.tokenizer, [blip_question(q) for q in batch["question"]], p.max_length)
+        ids, mask = ids.to(device), mask.to(device)
         pixels = torch.from_numpy(batch["pixels"]).to(device)                    # [I, 3, s, s]
         canvas = fill_canvas(pixels, p.fill, grid)
-        with torch.no_grad():
-            whole_tokens = self.model.encode_image(torch.cat([pixels, canvas]))  # [2I, 1+P, W]
-        n_images = len(pixels)
-        rows, orders, modes, steps = np.indices(visible.shape[:4]).reshape(4, -1)
-        flat = visible.reshape(-1, visible.shape[-1])
-        road = modes == MODES.index("road")
-        # whole image: nothing removed; full fill: everything removed by deletion / insertion
-        # (ROAD's all-removed image still carries per-row noise, so it is built)
-        whole = np.where(flat.all(axis=1), batch.image_rows[rows],
-                         np.where(~flat.any(axis=1) & ~road, n_images + batch.image_rows[rows], -1))
-        scores = np.empty(len(flat), np.float32)
-        for start in range(0, len(flat), p.chunk):
-            part = slice(start, start + p.chunk)
-            tokens = whole_tokens[torch.from_numpy(np.maximum(whole[part], 0)).to(device)]
-            built = np.flatnonzero(whole[part] < 0)
-            if len(built):
-                items = start + built
-                noise_keys = [f"{batch.row_ids[rows[i]]}#road#{orders[i]}#{steps[i]}" if road[i] else None
-                              for i in items]
-                images = self.perturbed(pixels, canvas, batch.image_rows[rows[items]], flat[items], noise_keys, grid)
-                with torch.no_grad():
-                    tokens[torch.from_numpy(built).to(device)] = self.model.encode_image(images)
-            row = torch.from_numpy(rows[part]).to(device)
+        keys = [image_key(x) for x in batch["pixels"]]
+        specs, index = self.distinct_images(batch.image_rows, visible)
+        rows = np.broadcast_to(np.arange(len(batch))[:, None, None, None], index.shape).reshape(-1)
+        # each (row, distinct image) pair is scored once
+        pairs, pair_of = np.unique(rows * len(specs) + index.reshape(-1), return_inverse=True)
+        pair_rows, pair_images = pairs // len(specs), pairs % len(specs)
+        scores = np.empty(len(pairs), np.float32)
+        for start in range(0, len(specs), p.chunk):
+            part = specs[start:start + p.chunk]
+            images = self.perturbed(pixels, canvas, keys, part, grid)
             with torch.no_grad():
-                logits = self.model.itm_logits(tokens, ids.to(device)[row], mask.to(device)[row])
-            scores[part] = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
-        return scores.reshape(visible.shape[:4])
+                tokens = self.model.encode_image(images)
+            todo = np.flatnonzero((pair_images >= start) & (pair_images < start + len(part)))
+            for first in range(0, len(todo), p.chunk):
+                sel = todo[first:first + p.chunk]
+                row = torch.from_numpy(pair_rows[sel]).to(device)
+                with torch.no_grad():
+                    logits = self.model.itm_logits(tokens[torch.from_numpy(pair_images[sel] - start).to(device)],
+                                                   ids[row], mask[row])
+                scores[sel] = logits.float().softmax(dim=-1)[:, 1].cpu().numpy()
+        return scores[pair_of].reshape(visible.shape[:4])
 
-    def perturbed(self, pixels: torch.Tensor, canvas: torch.Tensor, image_of: np.ndarray, visible: np.ndarray,
-                  noise_keys: list[str | None], grid: int) -> torch.Tensor:
-        """``[B, 3, s, s]`` images of ``visible bool [B, C]`` cells of images ``image_of [B]``:
-        removed cells show the fill, or, where an item has a noise key, ROAD's imputation with
-        noise seeded by that key (row, order, step), so the images never depend on batching."""
+    def perturbed(self, pixels: torch.Tensor, canvas: torch.Tensor, keys: list[str],
+                  specs: list[tuple[int, str, bytes]], grid: int) -> torch.Tensor:
+        """``[B, 3, s, s]`` the images of ``specs`` (:meth:`distinct_images`): removed cells
+        show the fill, or ROAD's imputation with noise seeded by the image's content and the
+        removed cells, so an image never depends on the rows or the batch it comes with."""
         import torch
 
-        device, size = pixels.device, pixels.shape[-1]
-        image = torch.from_numpy(image_of).to(device)
-        shown = pixel_mask(torch.from_numpy(visible).to(device), grid, size)    # [B, s, s]
+        device, size, cells = pixels.device, pixels.shape[-1], grid * grid
+        image = torch.tensor([spec[0] for spec in specs], device=device)
+        visible = np.stack([np.unpackbits(np.frombuffer(b, np.uint8), count=cells).astype(bool) if kind != "whole"
+                            else np.ones(cells, bool) for _, kind, b in specs])
+        shown = pixel_mask(torch.from_numpy(visible).to(device), grid, size)     # [B, s, s]
         out = torch.where(shown[:, None], pixels[image], canvas[image])
-        road = [i for i, key in enumerate(noise_keys) if key is not None]
+        road = [i for i, spec in enumerate(specs) if spec[1] == "road"]
         if road:
-            noise = np.stack([row_rng(self.params.seed, noise_keys[i]).standard_normal((3, size, size), dtype=np.float32)
-                              for i in road]) * self.params.road_noise
-            index = torch.tensor(road, device=device)
-            out[index] = road_impute(pixels[image[index]], ~shown[index], torch.from_numpy(noise).to(device),
-                                     self.params.road_iterations)
+            noise = np.stack([row_rng(self.params.seed, f"{keys[specs[i][0]]}#road#{specs[i][2].hex()}")
+                              .standard_normal((3, size, size), dtype=np.float32) for i in road])
+            at = torch.tensor(road, device=device)
+            out[at] = road_impute(pixels[image[at]], ~shown[at], torch.from_numpy(noise * self.params.road_noise)
+                                  .to(device), self.params.road_iterations)
         return out

@@ -15,6 +15,8 @@ from stages.faithfulness import (
     fill_canvas, pixel_mask, random_order, road_impute, step_counts, visible_cells,
 )
 
+ROAD_WEIGHTS = np.array([[1, 2, 1], [2, 0, 2], [1, 2, 1]]) / 12
+
 # g = 2: the heatmap ranks cells 0, 2, 3, 1; the "evidence" the stub model sees is cells 0 and 2
 HEATMAP = np.array([[[0.9, 0.1], [0.5, 0.3]]], np.float32)
 EVIDENCE = np.array([True, False, True, False])
@@ -102,6 +104,60 @@ def test_road_imputation_restores_a_linear_ramp():
     assert not road_impute(ramp, everything, zero, iterations=4).any()  # nothing kept: the mean colour
 
 
+def exact_road(image: np.ndarray, removed: np.ndarray) -> np.ndarray:
+    """ROAD's system solved exactly (scipy's sparse LU), one channel ``[s, s]``: each removed
+    pixel is the weighted mean of its neighbours inside the image."""
+    from scipy.sparse import lil_matrix
+    from scipy.sparse.linalg import spsolve
+
+    size = image.shape[0]
+    unknown = np.argwhere(removed)
+    number = {tuple(ij): n for n, ij in enumerate(unknown)}
+    a, b = lil_matrix((len(unknown), len(unknown))), np.zeros(len(unknown))
+    for n, (i, j) in enumerate(unknown):
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                y, x, w = i + di, j + dj, ROAD_WEIGHTS[di + 1, dj + 1]
+                if w == 0 or not (0 <= y < size and 0 <= x < size):
+                    continue
+                a[n, n] += w
+                if removed[y, x]:
+                    a[n, number[y, x]] -= w
+                else:
+                    b[n] += w * image[y, x]
+    out = image.copy()
+    out[removed] = spsolve(a.tocsc(), b)
+    return out
+
+
+def test_road_imputation_of_one_pixel_is_the_weighted_neighbour_mean():
+    image = torch.arange(25.0).reshape(1, 1, 5, 5).expand(1, 3, 5, 5) ** 1.5
+    removed = torch.zeros(1, 5, 5, dtype=torch.bool)
+    removed[0, 2, 2] = removed[0, 0, 4] = True   # an inner pixel and a corner
+    out = road_impute(image, removed, torch.zeros_like(image), iterations=8)[0, 0].numpy()
+    x = image[0, 0].numpy()
+    inner = (ROAD_WEIGHTS * x[1:4, 1:4]).sum()   # all 8 neighbours: weights sum to 1
+    corner = (2 * x[0, 3] + 2 * x[1, 4] + x[1, 3]) / 5   # 3 neighbours inside: 1/6, 1/6, 1/12
+    np.testing.assert_allclose([out[2, 2], out[0, 4]], [inner, corner], rtol=1e-5)
+    np.testing.assert_array_equal(np.delete(out.ravel(), [12, 4]), np.delete(x.ravel(), [12, 4]))
+
+
+def test_road_imputation_matches_the_exact_sparse_solution():
+    # a random mask of blocks on a smooth image, 48 px: the coarse-to-fine CG at the stage's
+    # default 16 iterations per level is within 2 % of the image's range of scipy's exact
+    # solution, and at 64 iterations within 1e-4
+    rng = np.random.default_rng(3)
+    size = 48
+    image = torch.from_numpy(rng.standard_normal((1, 3, size, size)).astype(np.float32))
+    image = torch.nn.functional.avg_pool2d(image, 5, 1, 2, count_include_pad=False)
+    removed = torch.from_numpy(np.kron(rng.random((12, 12)) < 0.5, np.ones((4, 4))).astype(bool))[None]
+    exact = np.stack([exact_road(image[0, c].double().numpy(), removed[0].numpy()) for c in range(3)])
+    scale = float(image.max() - image.min())
+    for iterations, tolerance in ((16, 0.02), (64, 1e-4)):
+        ours = road_impute(image, removed, torch.zeros_like(image), iterations)[0].numpy()
+        assert np.abs(ours - exact).max() < tolerance * scale, iterations
+
+
 # --- the stage (tiny preset) ----------------------------------------------------------------
 
 QUESTIONS = ["What color is the circle?", "how many squares are there?", "Is there a red triangle?"]
@@ -139,9 +195,10 @@ def test_stage_outputs_and_whole_image_encoded_once(stage, inputs, monkeypatch):
         for mode in MODES:
             assert out[f"{order}{mode}_auc"].shape == (3,) and out[f"{order}{mode}_auc"].dtype == np.float32
             assert out[f"{order}{mode}_curve"].shape == (3, 3)
-    # whole image and full fill of the 2 images once; per row and order: deletion and
-    # insertion step 1, ROAD steps 1 and 2 -> 3 rows * 3 orders * 4 built images
-    assert encoded[0] == 4 and sum(encoded[1:]) == 3 * 3 * 4
+    # steps = 2; per image: whole image, full fill, ROAD with everything removed, and the random
+    # and centre orders' step 1 of deletion, insertion and ROAD (3 + 6); per row: the heatmap
+    # order's step 1 of each mode (3) -> 2 images * 9 + 3 rows * 3
+    assert sum(encoded) == 2 * 9 + 3 * 3 and max(encoded) <= 16
     # step 0 of deletion / ROAD and the last step of insertion are the whole image: one score
     np.testing.assert_allclose(out["deletion_curve"][:, 0], out["insertion_curve"][:, -1], rtol=1e-6)
     np.testing.assert_allclose(out["road_curve"][:, 0], out["random_deletion_curve"][:, 0], rtol=1e-6)
@@ -164,7 +221,10 @@ def test_orders_of_the_stage(stage, inputs):
     orders = stage.orders(batch, 24)
     assert orders.shape == (2, len(ORDERS), 576)
     np.testing.assert_array_equal(orders[:, 0], heatmap_order(heatmaps[:2]))
-    assert not np.array_equal(orders[0, 1], orders[1, 1])  # random order seeded per row
+    assert not np.array_equal(orders[0, 1], orders[1, 1])  # random order seeded per image
+    same = stage.orders(batch_of([1, 1], pixels, heatmaps[:2], QUESTIONS[:2], ["x", "y"]), 24)
+    np.testing.assert_array_equal(same[0, 1], same[1, 1])
+    np.testing.assert_array_equal(same[0, 1], orders[1, 1])
     np.testing.assert_array_equal(orders[0, 2], centre_order(24))
 
 
@@ -175,21 +235,52 @@ def test_graph_validates_and_runs_with_the_tiny_preset(tmp_path, write_graph):
     from runtime.graph import load_graph
 
     graphs = Path(__file__).resolve().parents[1] / "graphs"
-    assert load_graph(graphs / "faithfulness.yaml").nodes["faithfulness"]
+    shipped = load_graph(graphs / "faithfulness.yaml").nodes
+    assert {"faithfulness_gradcam", "faithfulness_enhance"} <= set(shipped)
     graph = write_graph(f"""
-        extends: {graphs / "faithfulness.yaml"}
+        extends: {graphs / "pnp_vqa.yaml"}
+        overlays: [{graphs / "overlays" / "faithfulness.yaml"}]
         dataset: {{params: {{num_images: 2, questions_per_image: 1}}}}
         nodes:
           caption: null
           answer: null
           accuracy: null
-          faithfulness: {{params: {{steps: 2, road_iterations: 4}}}}
-        outputs: [gradcam.heatmap, faithfulness.deletion_auc, faithfulness.random_deletion_auc,
-                  faithfulness.insertion_curve]
-        """)
+        outputs: [gradcam.heatmap]
+        """)  # the overlay adds its nodes' outputs
     summary = run_graph(graph, executor="local", output=tmp_path / "o", cache_dir=tmp_path / "c", presets=["tiny"],
-                        device="cpu", progress=False)
+                        overrides=["faithfulness.steps=2", "faithfulness.road_iterations=4"], device="cpu",
+                        progress=False)
     assert summary.samples == 2 and summary.errors == 0
     table = pq.read_table(tmp_path / "o" / "results.parquet").to_pylist()
-    assert all(0 <= row["faithfulness.deletion_auc"] <= 1 and len(row["faithfulness.insertion_curve"]) == 3
-               for row in table)
+    assert all(0 <= row["faithfulness_gradcam.deletion_auc"] <= 1
+               and len(row["faithfulness_gradcam.insertion_curve"]) == 3 for row in table)
+
+
+def test_batch_splits_give_the_same_numbers(stage, inputs):
+    pixels, heatmaps = inputs
+    images, ids = [0, 1, 0], ["a", "b", "c"]
+    together = stage.process(batch_of(images, pixels, heatmaps, QUESTIONS, ids))
+    first = stage.process(batch_of(images[:2], pixels, heatmaps[:2], QUESTIONS[:2], ids[:2]))
+    second = stage.process(batch_of(images[2:], pixels, heatmaps[2:], QUESTIONS[2:], ids[2:]))
+    for name in together:
+        np.testing.assert_allclose(together[name], np.concatenate([first[name], second[name]]),
+                                   rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_questions_of_an_image_share_its_baseline_images(stage, inputs, monkeypatch):
+    pixels, heatmaps = inputs
+    encoded = []
+    original = stage.model.encode_image
+    monkeypatch.setattr(stage.model, "encode_image", lambda x: encoded.append(len(x)) or original(x))
+    questions = 4
+    out = stage.process(batch_of([0] * questions, pixels, np.repeat(heatmaps[:1], questions, axis=0)
+                                , QUESTIONS + ["Any circles?"],
+                                 list("abcd")))
+    # one image: 9 encodes of its own; the 4 rows share one heatmap, so its 3 images too
+    assert sum(encoded) == 9 + 3
+    for mode in MODES:  # the baselines' curves differ by question only through the ITM text
+        assert out[f"random_{mode}_curve"].shape == (questions, 3)
+    encoded.clear()
+    stage.process(batch_of([0] * questions, pixels, np.stack([heatmaps[0], heatmaps[1], heatmaps[2], heatmaps[0].T]),
+                           QUESTIONS + ["Any circles?"], list("abcd")))
+    assert sum(encoded) == 9 + questions * 3   # per image 3 + 6 (steps - 1), per row 3 (steps - 1)
