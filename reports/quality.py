@@ -286,10 +286,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_at_least(0), default=QUALITY_SEED,
                    help=f"shapes seed of the held-out images (default {QUALITY_SEED}; training used 0-2, its "
                         "held-out sets 1000-1002, the shipped weights' checks 7000)")
-    p.add_argument("--faithfulness-images", type=_at_least(0), default=24, metavar="N",
+    p.add_argument("--faithfulness-images", type=_at_least(0), default=16, metavar="N",
                    help="score the heatmaps' faithfulness without masks (deletion / insertion / ROAD, 8 steps) on the "
-                        "first N of the images, and its agreement with the mask scores (default 24; each question "
-                        "costs about 81 ITM passes; 0: leave the section out)")
+                        "first N of the images, and its agreement with the mask scores (default 16; per variant, each "
+                        "image costs about 45 ITM ViT passes and each question 21; 0: leave the section out)")
     p.add_argument("--out", default="docs/quality.md", help="Markdown report to write (default docs/quality.md)")
     p.add_argument("--runs", default="runs/quality", help="folder of the variants' runs (default runs/quality)")
     p.add_argument("--executor", choices=["local", "ray"], default="local", help="as `runtime run` (default local)")
