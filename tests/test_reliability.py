@@ -456,7 +456,7 @@ def test_the_reliability_table_names_real_tests():
     table = (root / "docs" / "reliability.md").read_text()
     cited = re.findall(r"`(test_\w+\.py)::(test_\w+)`", table)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`test_" in line]
-    assert len(rows) >= 30 and len(cited) == len(rows)
+    assert len(rows) >= 30 and all(re.search(r"`test_\w+\.py::test_\w+`", row) for row in rows)
     for file, name in cited:
         source = (root / "tests" / file).read_text()
         assert re.search(rf"^def {name}\(", source, re.M), f"{file}::{name} is not a test"
