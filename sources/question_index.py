@@ -1,0 +1,111 @@
+"""The index of a question file: its entries as Arrow columns in an Arrow file, rows already in
+the order the source yields them (grouped by image), memory-mapped when read.
+
+A question file is parsed once per version (``artifacts.filehash.file_version`` of every file
+it is built from): later runs map the index instead, so a ``--limit``, resumed or extended
+run starts at once, and a run's memory holds a batch of records, not the dataset (the mapped
+pages are the file's, shared and reclaimable). Indexes live under ``$PNPVQA_QUESTION_INDEX``
+(default ``~/.cache/pnpvqa-runtime/question-index``; ``off``: built in a temporary folder
+for each run, never reused).
+
+Building streams the file (``sources.json_stream``) into batches of rows written as they
+fill; only the grouping (one int per row) is computed over the whole file in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from artifacts.filehash import file_version
+
+INDEX_ENV = "PNPVQA_QUESTION_INDEX"
+INDEX_VERSION = 1  # of the index's layout and of what the sources put in it
+BATCH_ROWS = 1 << 16
+GROUP = "group"  # the column rows are grouped by (in order of first appearance)
+
+
+def index_folder() -> Path | None:
+    value = os.environ.get(INDEX_ENV)
+    if value == "off":
+        return None
+    if value:
+        return Path(value)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "pnpvqa-runtime" / "question-index"
+
+
+def write_rows(path: Path, schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> None:
+    """Write ``rows`` (dicts of plain values) to an Arrow file in batches of ``BATCH_ROWS``."""
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        for row in rows:
+            for name, values in columns.items():
+                values.append(row.get(name))
+            if len(columns[schema.names[0]]) >= BATCH_ROWS:
+                writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
+                columns = {name: [] for name in schema.names}
+        writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
+
+
+def mapped(path: Path) -> pa.Table:
+    """The Arrow file at ``path``, memory-mapped (no copy)."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+
+
+def grouped_order(table: pa.Table) -> np.ndarray:
+    """Row numbers with the rows of each ``GROUP`` value together, groups in order of their first
+    row, rows of a group in file order."""
+    codes = pc.dictionary_encode(table.column(GROUP)).combine_chunks().indices  # first-appearance numbering
+    return np.argsort(codes.to_numpy(zero_copy_only=False), kind="stable")
+
+
+def write_in_order(path: Path, table: pa.Table, order: np.ndarray,
+                   extra: Callable[[pa.Table], dict[str, pa.Array]] | None = None,
+                   metadata: dict[str, str] | None = None) -> None:
+    """``table``'s rows in ``order`` (with the columns ``extra(rows)`` adds) to an Arrow file,
+    one batch at a time; ``metadata`` goes into its schema."""
+    writer = None
+    with pa.OSFile(str(path), "wb") as sink:
+        for start in range(0, max(len(order), 1), BATCH_ROWS):
+            rows = order[start:start + BATCH_ROWS]
+            batch = table.take(pa.array(rows, type=pa.int64()))
+            for name, column in (extra(batch) if extra else {}).items():
+                batch = batch.append_column(name, column)
+            batch = batch.combine_chunks().replace_schema_metadata(metadata)
+            if writer is None:
+                writer = pa.ipc.new_file(sink, batch.schema)
+            writer.write_table(batch)
+        writer.close()
+
+
+def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None]) -> pa.Table:
+    """The index of ``files`` (the question file first; a later one: annotations), built by
+    ``build(folder for scratch files, path to write)`` when none is there for their versions."""
+    folder = index_folder()
+    if folder is None:  # built for this run alone: mapped, then unlinked (the mapping keeps it)
+        with tempfile.TemporaryDirectory(prefix="pnpvqa-index-") as scratch:
+            build(Path(scratch), Path(scratch) / "index.arrow")
+            return mapped(Path(scratch) / "index.arrow")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(json.dumps([kind, INDEX_VERSION, [file_version(f) for f in files]]).encode()).hexdigest()
+    path = folder / f"{kind}-{key[:32]}.arrow"
+    if not path.is_file():
+        with tempfile.TemporaryDirectory(prefix=f".{kind}-", dir=folder) as scratch:
+            build(Path(scratch), Path(scratch) / "index.arrow")
+            os.replace(Path(scratch) / "index.arrow", path)  # whole or absent: a run killed here leaves none
+    return mapped(path)
+
+
+def rows_of(table: pa.Table) -> Iterator[dict[str, Any]]:
+    """The index's rows as dicts, one small batch in memory at a time."""
+    for batch in table.to_batches(max_chunksize=4096):
+        yield from batch.to_pylist()
