@@ -30,7 +30,9 @@ EXECUTORS = ("auto", "ray", "local")
 # `auto` picks Ray from this many samples on (or when joining a cluster): below it, Ray's start-up
 # (about 25 s on 2 cores, bench/results/ray_engine.md) costs more than a second worker saves
 AUTO_RAY_SAMPLES = 500
-KEEP_RECORDS_BYTES = 256 * 2**20  # records read by the dataset check are kept for the run up to this size
+# records read by the dataset check are kept for the run up to this size: a small dataset is read
+# once; a bigger one is read again shard by shard, so that memory does not grow with it
+KEEP_RECORDS_BYTES = 16 * 2**20
 
 
 def default_cache_dir() -> Path:
@@ -169,8 +171,12 @@ def run_graphs(
     for g in graphs:
         check_sources(g)
     display = Progress(progress, settings.progress_seconds)
-    dataset = check_dataset(display.reading(select_samples(lead.source.iter_samples(), ids, limit)), ids,
-                            source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
+    counted = [display.reading(select_samples(lead.source.iter_samples(), ids, limit))]
+
+    def read():  # the first read is shown; another (to name duplicates) is not
+        return counted.pop() if counted else select_samples(lead.source.iter_samples(), ids, limit)
+
+    dataset = check_dataset(read, ids, source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
     refuse_empty(dataset.samples, lead, limit)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
     ray_connection = RayConnection(address)  # connects on first use: none for local runs
