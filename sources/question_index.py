@@ -107,5 +107,5 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
 
 def rows_of(table: pa.Table) -> Iterator[dict[str, Any]]:
     """The index's rows as dicts, one small batch in memory at a time."""
-    for batch in table.to_batches(max_chunksize=4096):
+    for batch in table.to_batches(max_chunksize=1024):
         yield from batch.to_pylist()

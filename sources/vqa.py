@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import string
 from pathlib import Path
 from typing import Any, Iterator
@@ -346,21 +347,22 @@ def entry_problem(entry: Any, needed: tuple[str, ...]) -> str | None:
 
 
 class _ImageFolder:
-    """Resolves image file names in a folder to absolute paths."""
+    """Resolves image file names in a folder to absolute paths (``os.path``: pathlib would intern
+    every file name for the life of the process, memory that grows with the images)."""
 
     def __init__(self, folder: str):
-        self.folder = Path(folder).expanduser().absolute()
+        self.folder = str(Path(folder).expanduser().absolute())
         self.warned = False
 
     def path(self, names: list[str]) -> str:
         """The first of ``names`` that exists, else the first (and warn once)."""
-        paths = [self.folder / n for n in names]
-        found = next((p for p in paths if p.is_file()), None)
+        paths = [os.path.join(self.folder, n) for n in names]
+        found = next((p for p in paths if os.path.isfile(p)), None)
         if found is None and not self.warned:
             self.warned = True
             log.warning("image not found: %s (tried %s); such samples will become error rows; "
                         "check images and image_pattern", paths[0], ", ".join(names))
-        return str(found or paths[0])
+        return found or paths[0]
 
 
 def _entries(path: str, key: str, head: dict[str, Any]) -> Iterator[Any]:

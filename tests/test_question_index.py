@@ -1,0 +1,143 @@
+"""Big question files (issue 27): streamed JSON, the memory-mapped question index, and a
+driver whose memory does not grow with the number of samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+
+import pyarrow.parquet as pq
+import pytest
+
+import sources.json_stream as json_stream
+from artifacts import filehash
+from runtime.api import run_graph
+from runtime.graph import load_graph
+from runtime.records import check_dataset
+from runtime.shards import iter_shards, select_samples
+from sources import question_index
+from sources.json_stream import array_entries, object_items
+from sources.vqa import GQASource, VQAv2Source
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOC = {"info": {"year": 2017, "nested": [1, [2.5e-3, {"k": "v"}]]}, "data_subtype": "val2014",
+       "questions": [{"image_id": 12345, "question": "Ça va? \u2603 \"quoted\"", "question_id": 123450},
+                     {"image_id": 7, "question": "x" * 50, "question_id": 70000000001}, 17, None, [], {}],
+       "license": {"name": "after the array"}}
+
+
+@pytest.fixture(autouse=True)
+def index_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(question_index.INDEX_ENV, str(tmp_path / "index"))
+    return tmp_path / "index"
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_streamed_entries_equal_json_load_whatever_the_buffer_size(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(json_stream, "CHUNK", chunk)
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps(DOC, indent=1))
+    head: dict = {}
+    assert list(array_entries(path, "questions", head)) == DOC["questions"]
+    assert head == {**{k: v for k, v in DOC.items() if k != "questions"}, "questions": []}
+    assert list(object_items(path, "an object")) == list(DOC.items())
+
+
+def test_streamed_json_says_where_it_is_broken(tmp_path):
+    path = tmp_path / "q.json"
+    path.write_text('{"questions": [{"question_id": 1}, {"question_id": 2,}]}')
+    with pytest.raises(ValueError, match=r"q\.json: not valid JSON .*char 3\d"):
+        list(array_entries(path, "questions", {}))
+    path.write_text('[1, 2]')
+    with pytest.raises(ValueError, match="keyed by question id"):
+        list(object_items(path, "a GQA questions file is an object keyed by question id"))
+
+
+def write_vqa(folder, questions: int, per_image: int = 5):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "images").mkdir(exist_ok=True)
+    qs = [{"image_id": i // per_image, "question": f"q {i}?", "question_id": i} for i in range(questions)]
+    anns = [{"question_id": i, "question_type": "what", "answer_type": "other",
+             "answers": [{"answer": str(i % 7)}] * 10} for i in range(questions)]
+    (folder / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": qs}))
+    (folder / "a.json").write_text(json.dumps({"annotations": anns}))
+    return VQAv2Source.Params(questions=str(folder / "q.json"), annotations=str(folder / "a.json"),
+                              images=str(folder / "images"))
+
+
+def test_vqav2_index_is_built_once_per_file_version_and_keeps_the_order(tmp_path, index_dir, monkeypatch):
+    params = write_vqa(tmp_path / "d", 12, per_image=3)
+    qs = json.loads((tmp_path / "d" / "q.json").read_text())
+    qs["questions"].append({"image_id": 0, "question": "late question of the first image", "question_id": 99})
+    (tmp_path / "d" / "q.json").write_text(json.dumps(qs))
+    first = list(VQAv2Source(params).iter_samples())
+    assert [r["sample_id"] for r in first[:4]] == ["0", "1", "2", "99"]  # grouped by image, first-appearance order
+    assert first[0]["answers"] == ["0"] * 10 and first[0]["image_path"].endswith("COCO_val2014_000000000000.jpg")
+    assert len(list(index_dir.glob("vqav2-*.arrow"))) == 1
+
+    def no_build(*_):
+        raise AssertionError("rebuilt")
+    monkeypatch.setattr(VQAv2Source, "_build_index", no_build)
+    assert list(VQAv2Source(params).iter_samples()) == first  # mapped, not parsed again
+    os.utime(tmp_path / "d" / "q.json", ns=(1, 1))  # another version of the file: a new index
+    with pytest.raises(AssertionError, match="rebuilt"):
+        VQAv2Source(params).count()
+
+
+def test_gqa_index_keeps_odd_entries_as_they_were(tmp_path):
+    (tmp_path / "images").mkdir()
+    data = {"q1": {"imageId": "img1", "question": "a?", "answer": "yes", "types": {"structural": "verify"}},
+            "q2": [1, 2], "q3": {"imageId": "img1", "question": 5},
+            "q4": {"imageId": "img0", "question": "b?", "answer": None}}
+    (tmp_path / "g.json").write_text(json.dumps(data))
+    rows = list(GQASource(GQASource.Params(questions=str(tmp_path / "g.json"),
+                                           images=str(tmp_path / "images"))).iter_samples())
+    assert [r["sample_id"] for r in rows] == ["q1", "q3", "q2", "q4"]
+    assert rows[0]["question_type"] == "verify" and rows[0]["answers"] == ["yes"]
+    assert rows[1]["question"] == 5  # clean_record makes it an error row, as before
+    assert "_error" in rows[2] and rows[3]["answers"] is None
+
+
+def driver_peak(params, shard_size: int = 256) -> int:
+    """Peak traced bytes of what the driver does before and around the work: the dataset check
+    and cutting every shard (the source's index already built), records kept up to 1 MiB (both sizes
+    pass it)."""
+    source = VQAv2Source(params)
+    source.count()
+    tracemalloc.start()
+    try:
+        check_dataset(lambda: select_samples(source.iter_samples(), None, None), keep_bytes=2**20)
+        for shard in iter_shards(source, shard_size):
+            del shard
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_driver_memory_does_not_grow_with_the_samples(tmp_path, monkeypatch):
+    """Over 2k and 20k samples the driver's peak differs by the check's hashes (24 bytes a
+    sample) and little else: no records, question dicts or file names kept (bounded caches made
+    small here, so that both sizes fill them)."""
+    monkeypatch.setattr(filehash, "LOCAL_ENTRIES", 64)
+    small = driver_peak(write_vqa(tmp_path / "2k", 2000))
+    big = driver_peak(write_vqa(tmp_path / "20k", 20000))
+    per_sample = (big - small) / 18000
+    assert per_sample < 40, f"{per_sample:.0f} bytes a sample ({small} -> {big} bytes)"
+
+
+def test_results_are_written_as_a_stream_of_the_parts(tmp_path):
+    """Each part is written as its shard finishes; results.parquet is the parts appended one row
+    group each, not one table gathered in memory."""
+    params = write_vqa(tmp_path / "d", 300, per_image=3)
+    graph = load_graph(os.path.join(ROOT, "bench", "graphs", "decode_only.yaml"),
+                       ["dataset.source=vqav2", *[f"dataset.{k}={v}" for k, v in params.model_dump().items()],
+                        "shard_size=16"])
+    summary = run_graph(graph, output=tmp_path / "out", cache_dir=tmp_path / "cache", executor="local",
+                        progress=False, device="cpu")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    results = pq.ParquetFile(tmp_path / "out" / "results.parquet")
+    assert summary.samples == 300 and summary.shards == len(manifest["parts"]) > 4
+    assert results.num_row_groups == len(manifest["parts"])
+    part_rows = [pq.ParquetFile(tmp_path / "out" / "parts" / p).metadata.num_rows for p in manifest["parts"]]
+    assert [results.metadata.row_group(i).num_rows for i in range(results.num_row_groups)] == part_rows
