@@ -15,6 +15,7 @@ fill; only the grouping (one int per row) is computed over the whole file in mem
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -43,17 +44,17 @@ def index_folder() -> Path | None:
     return base / "pnpvqa-runtime" / "question-index"
 
 
-def write_rows(path: Path, schema: pa.Schema, rows: Iterable[dict[str, Any]]) -> None:
-    """Write ``rows`` (dicts of plain values) to an Arrow file in batches of ``BATCH_ROWS``."""
+def write_rows(path: Path, schema: pa.Schema, rows: Iterable[tuple]) -> None:
+    """Write ``rows`` (tuples of plain values, in the order of ``schema``) to an Arrow file in
+    batches of ``BATCH_ROWS``."""
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        columns: dict[str, list] = {name: [] for name in schema.names}
-        for row in rows:
-            for name, values in columns.items():
-                values.append(row.get(name))
-            if len(columns[schema.names[0]]) >= BATCH_ROWS:
-                writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
-                columns = {name: [] for name in schema.names}
-        writer.write_batch(pa.record_batch(list(columns.values()), schema=schema))
+        rows = iter(rows)
+        while True:
+            batch = list(itertools.islice(rows, BATCH_ROWS))
+            columns = list(zip(*batch)) if batch else [[] for _ in schema.names]
+            writer.write_batch(pa.record_batch([list(c) for c in columns], schema=schema))
+            if len(batch) < BATCH_ROWS:
+                return
 
 
 def mapped(path: Path) -> pa.Table:

@@ -210,8 +210,7 @@ def _vqa_question_rows(path: str, head: dict[str, Any]) -> Iterator[dict[str, An
         qid, image_id, question = q["question_id"], q.get("image_id"), q.get("question")
         plain = (_typed(qid) is not None and isinstance(question, str) and _typed(image_id) is not None
                  and (isinstance(image_id, int) or image_id.isdigit()))
-        yield {"row": i, "sample_id": str(qid), "qkey": _typed(qid), "group": _group(image_id),
-               "question": question if plain else None, "odd": None if plain else json.dumps(q)}
+        yield i, str(qid), _typed(qid), _group(image_id), question if plain else None, None if plain else json.dumps(q)
     if not isinstance(head.get("questions"), list):
         top = head.get("_top", head)
         hint = " (this looks like an annotations file)" if isinstance(top, dict) and "annotations" in top else ""
@@ -225,18 +224,25 @@ def _vqa_annotation_rows(path: str) -> Iterator[dict[str, Any]]:
         if not isinstance(a, dict) or "question_id" not in a:
             raise ValueError(f"{path}, annotations[{i}]: no question_id")
         human, qtype, atype = a.get("answers"), a.get("question_type"), a.get("answer_type")
-        plain = (isinstance(human, list) and all(isinstance(h, dict) and isinstance(h.get("answer"), str)
-                                                 for h in human)
-                 and all(t is None or isinstance(t, str) for t in (qtype, atype)))
-        yield {"key": _typed(a["question_id"]), "has_annotation": True,
-               "answers": [h["answer"] for h in human] if plain else None,
-               "question_type": qtype if plain else None, "answer_type": atype if plain else None,
-               "ann_odd": None if plain else json.dumps(a)}
+        answers = _plain_answers(human)
+        if answers is not None and isinstance(qtype, (str, type(None))) and isinstance(atype, (str, type(None))):
+            yield _typed(a["question_id"]), True, answers, qtype, atype, None
+        else:
+            yield _typed(a["question_id"]), True, None, None, None, json.dumps(a)
     if not isinstance(head.get("annotations"), list):
         top = head.get("_top", head)
         hint = " (this looks like a questions file)" if isinstance(top, dict) and "questions" in top else ""
         raise ValueError(f"{path}: no 'annotations' list{hint}; annotations must be a VQAv2 annotations file "
                          "(mscoco_*_annotations.json)")
+
+
+def _plain_answers(human: Any) -> list[str] | None:
+    """The answer texts of a list of ``{answer: text, ...}``; None for anything else."""
+    try:
+        answers = [h["answer"] for h in human] if isinstance(human, list) else None
+    except (TypeError, KeyError):
+        return None
+    return answers if answers is not None and all(type(a) is str for a in answers) else None
 
 
 def _vqa_annotation(row: dict[str, Any]) -> dict[str, Any]:
@@ -311,9 +317,8 @@ def _gqa_question_rows(path: str) -> Iterator[dict[str, Any]]:
             plain = (isinstance(q, dict) and _typed(image_id) is not None and isinstance(q.get("question"), str)
                      and isinstance(q.get("answer"), (str, type(None))) and (types is None or isinstance(types, dict))
                      and isinstance(qtype, (str, type(None))))
-            yield {"row": i, "sample_id": qid, "group": _group(image_id),
-                   "question": q["question"] if plain else None, "answer": q.get("answer") if plain else None,
-                   "question_type": qtype if plain else None, "odd": None if plain else json.dumps(q)}
+            yield (i, qid, _group(image_id), q["question"] if plain else None, q.get("answer") if plain else None,
+                   qtype if plain else None, None if plain else json.dumps(q))
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, exc) from None
 
