@@ -106,6 +106,16 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
     return mapped(path)
 
 
+def vouched_rows(table: pa.Table, limit: int | None) -> int | None:
+    """The rows of the first ``limit`` when the index holds only plain entries (no ``odd`` one:
+    each a well-typed record whose image id names one file) and no sample id twice; else None."""
+    if table.column("odd").null_count != table.num_rows:
+        return None
+    if pc.count_distinct(table.column("sample_id")).as_py() != table.num_rows:
+        return None
+    return table.num_rows if limit is None else min(limit, table.num_rows)
+
+
 def rows_of(table: pa.Table) -> Iterator[dict[str, Any]]:
     """The index's rows as dicts, one small batch in memory at a time."""
     for batch in table.to_batches(max_chunksize=1024):

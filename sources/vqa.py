@@ -26,7 +26,8 @@ from pydantic import Field, field_validator
 
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 from sources.json_stream import array_entries, object_items
-from sources.question_index import grouped_order, mapped, open_index, rows_of, write_in_order, write_rows
+from sources.question_index import (grouped_order, mapped, open_index, rows_of, vouched_rows, write_in_order,
+                                    write_rows)
 
 log = logging.getLogger(__name__)
 
@@ -128,17 +129,25 @@ class VQAv2Source(Source):
     def count(self) -> int:
         return self._index.num_rows
 
-    def iter_samples(self) -> Iterator[dict[str, Any]]:
+    def _patterns(self) -> tuple[Any, tuple[str, ...]]:
+        """The file's data_subtype and the image file names to try."""
         p = self.params
-        index = self._index
-        subtype = json.loads((index.schema.metadata or {}).get(b"data_subtype", b"null"))
+        subtype = json.loads((self._index.schema.metadata or {}).get(b"data_subtype", b"null"))
         if p.image_pattern:
             if subtype is None and "{data_subtype" in p.image_pattern:
                 raise ValueError(
                     f"{p.questions} has no data_subtype, but image_pattern uses {{data_subtype}}")
-            patterns = (p.image_pattern,)
-        else:
-            patterns = VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
+            return subtype, (p.image_pattern,)
+        return subtype, VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
+
+    def vouched(self, limit: int | None) -> int | None:
+        self._patterns()  # its problem stops the run before work, as the dataset check would
+        return vouched_rows(self._index, limit)
+
+    def iter_samples(self) -> Iterator[dict[str, Any]]:
+        p = self.params
+        index = self._index
+        subtype, patterns = self._patterns()
         images = _ImageFolder(p.images)
         group = None
         for row in rows_of(index):
@@ -283,6 +292,9 @@ class GQASource(Source):
 
     def count(self) -> int:
         return self._index.num_rows
+
+    def vouched(self, limit: int | None) -> int | None:
+        return vouched_rows(self._index, limit)
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params

@@ -142,3 +142,36 @@ def test_results_are_written_as_a_stream_of_the_parts(tmp_path):
     assert results.num_row_groups == len(manifest["parts"])
     part_rows = [pq.ParquetFile(tmp_path / "out" / "parts" / p).metadata.num_rows for p in manifest["parts"]]
     assert [results.metadata.row_group(i).num_rows for i in range(results.num_row_groups)] == part_rows
+
+
+def test_an_index_of_plain_unique_entries_vouches_for_the_selection(tmp_path):
+    """A run over such an index needs no read of every record before its first shard; an odd
+    entry or a repeated id sends it back to the full dataset check (which names them)."""
+    params = write_vqa(tmp_path / "plain", 50)
+    assert VQAv2Source(params).vouched(None) == 50 and VQAv2Source(params).vouched(7) == 7
+    for name, entry in (("odd", {"image_id": 1, "question": 3, "question_id": 1000}),
+                        ("repeated", {"image_id": 1, "question": "again?", "question_id": 3})):
+        params = write_vqa(tmp_path / name, 50)
+        qs = json.loads((tmp_path / name / "q.json").read_text())
+        qs["questions"].append(entry)
+        (tmp_path / name / "q.json").write_text(json.dumps(qs))
+        assert VQAv2Source(params).vouched(7) is None
+
+
+def test_a_limited_run_reads_only_the_records_of_its_shards(tmp_path, monkeypatch):
+    write_vqa(tmp_path / "d", 3000, per_image=3)
+    (tmp_path / "d" / "dataset.yaml").write_text(
+        "source: vqav2\nparams: {questions: q.json, annotations: a.json, images: images}\n")
+    graph = load_graph(os.path.join(ROOT, "bench", "graphs", "decode_only.yaml"), ["shard_size=16"],
+                       dataset=tmp_path / "d" / "dataset.yaml")
+    read = []
+    real = VQAv2Source.iter_samples
+
+    def counted(self):
+        for record in real(self):
+            read.append(record["sample_id"])
+            yield record
+    monkeypatch.setattr(VQAv2Source, "iter_samples", counted)
+    summary = run_graph(graph, output=tmp_path / "out", cache_dir=tmp_path / "cache", executor="local",
+                        progress=False, device="cpu", limit=20)
+    assert summary.samples == 20 and len(read) <= 21  # islice asks for one past the limit at most
