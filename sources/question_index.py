@@ -1,15 +1,15 @@
 """The index of a question file: its entries as Arrow columns in an Arrow file, rows already in
-the order the source yields them (grouped by image), memory-mapped when read.
+the order the source yields them (grouped by image), read a batch at a time.
 
 A question file is parsed once per version (``artifacts.filehash.file_version`` of every file
-it is built from): later runs map the index instead, so a ``--limit``, resumed or extended
-run starts at once, and a run's memory holds a batch of records, not the dataset (the mapped
-pages are the file's, shared and reclaimable). Indexes live under ``$PNPVQA_QUESTION_INDEX``
+it is built from): later runs read the index instead, so a ``--limit``, resumed or extended
+run starts at once, and a run's memory holds a batch of records, not the dataset. Indexes live under ``$PNPVQA_QUESTION_INDEX``
 (default ``~/.cache/pnpvqa-runtime/question-index``; ``off``: built in a temporary folder
 for each run, never reused).
 
 Building streams the file (``sources.json_stream``) into batches of rows written as they
-fill; only the grouping (one int per row) is computed over the whole file in memory.
+fill, then reorders them from a memory-mapped scratch copy: the grouping (a few ints per row)
+and the mapped pages are what a build holds (about 100 bytes a question, once per version).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import pyarrow.compute as pc
 from artifacts.filehash import file_version
 
 INDEX_ENV = "PNPVQA_QUESTION_INDEX"
-INDEX_VERSION = 1  # of the index's layout and of what the sources put in it
-BATCH_ROWS = 1 << 16
+INDEX_VERSION = 2  # of the index's layout and of what the sources put in it
+BATCH_ROWS = 1 << 16  # rows parsed or reordered at a time while building
+READ_ROWS = 1 << 10   # rows of a batch of the index file: what a run holds of it at a time
 GROUP = "group"  # the column rows are grouped by (in order of first appearance)
 
 
@@ -72,8 +73,12 @@ def grouped_order(table: pa.Table) -> np.ndarray:
 def write_in_order(path: Path, table: pa.Table, order: np.ndarray,
                    extra: Callable[[pa.Table], dict[str, pa.Array]] | None = None,
                    metadata: dict[str, str] | None = None) -> None:
-    """``table``'s rows in ``order`` (with the columns ``extra(rows)`` adds) to an Arrow file,
-    one batch at a time; ``metadata`` goes into its schema."""
+    """``table``'s rows in ``order`` (with the columns ``extra(rows)`` adds) to an Arrow file in
+    batches of ``READ_ROWS``; its schema keeps ``metadata``, the number of rows and whether
+    the index vouches for its rows (``QuestionIndex.vouched``)."""
+    plain = table.column("odd").null_count == table.num_rows
+    unique = pc.count_distinct(table.column("sample_id")).as_py() == table.num_rows
+    metadata = {**(metadata or {}), "rows": str(table.num_rows), "vouched": json.dumps(plain and unique)}
     writer = None
     with pa.OSFile(str(path), "wb") as sink:
         for start in range(0, max(len(order), 1), BATCH_ROWS):
@@ -84,18 +89,44 @@ def write_in_order(path: Path, table: pa.Table, order: np.ndarray,
             batch = batch.combine_chunks().replace_schema_metadata(metadata)
             if writer is None:
                 writer = pa.ipc.new_file(sink, batch.schema)
-            writer.write_table(batch)
+            writer.write_table(batch, max_chunksize=READ_ROWS)
         writer.close()
 
 
-def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None]) -> pa.Table:
+class QuestionIndex:
+    """An index file, read one batch at a time (not mapped: mapped pages touched would count in
+    the run's resident memory until the OS wants them back)."""
+
+    def __init__(self, path: Path, keep: object = None):
+        self.path = path
+        self._keep = keep  # a temporary folder holding the file, removed with this object
+        with pa.OSFile(str(path)) as f:
+            self.metadata = {k.decode(): v.decode() for k, v in (pa.ipc.open_file(f).schema.metadata or {}).items()}
+        self.rows = int(self.metadata["rows"])
+
+    def vouched(self, limit: int | None) -> int | None:
+        """The rows of the first ``limit`` when every entry is plain (a well-typed record whose
+        image id names one file: no ``odd`` one) and no sample id comes twice; else None."""
+        if not json.loads(self.metadata["vouched"]):
+            return None
+        return self.rows if limit is None else min(limit, self.rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rows as dicts, one small batch in memory at a time."""
+        with pa.OSFile(str(self.path)) as f:
+            reader = pa.ipc.open_file(f)
+            for i in range(reader.num_record_batches):
+                yield from reader.get_batch(i).to_pylist()
+
+
+def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None]) -> QuestionIndex:
     """The index of ``files`` (the question file first; a later one: annotations), built by
     ``build(folder for scratch files, path to write)`` when none is there for their versions."""
     folder = index_folder()
-    if folder is None:  # built for this run alone: mapped, then unlinked (the mapping keeps it)
-        with tempfile.TemporaryDirectory(prefix="pnpvqa-index-") as scratch:
-            build(Path(scratch), Path(scratch) / "index.arrow")
-            return mapped(Path(scratch) / "index.arrow")
+    if folder is None:  # built for this run alone, in a folder removed with the index
+        scratch = tempfile.TemporaryDirectory(prefix="pnpvqa-index-")
+        build(Path(scratch.name), Path(scratch.name) / "index.arrow")
+        return QuestionIndex(Path(scratch.name) / "index.arrow", keep=scratch)
     folder.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(json.dumps([kind, INDEX_VERSION, [file_version(f) for f in files]]).encode()).hexdigest()
     path = folder / f"{kind}-{key[:32]}.arrow"
@@ -103,20 +134,4 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
         with tempfile.TemporaryDirectory(prefix=f".{kind}-", dir=folder) as scratch:
             build(Path(scratch), Path(scratch) / "index.arrow")
             os.replace(Path(scratch) / "index.arrow", path)  # whole or absent: a run killed here leaves none
-    return mapped(path)
-
-
-def vouched_rows(table: pa.Table, limit: int | None) -> int | None:
-    """The rows of the first ``limit`` when the index holds only plain entries (no ``odd`` one:
-    each a well-typed record whose image id names one file) and no sample id twice; else None."""
-    if table.column("odd").null_count != table.num_rows:
-        return None
-    if pc.count_distinct(table.column("sample_id")).as_py() != table.num_rows:
-        return None
-    return table.num_rows if limit is None else min(limit, table.num_rows)
-
-
-def rows_of(table: pa.Table) -> Iterator[dict[str, Any]]:
-    """The index's rows as dicts, one small batch in memory at a time."""
-    for batch in table.to_batches(max_chunksize=1024):
-        yield from batch.to_pylist()
+    return QuestionIndex(path)

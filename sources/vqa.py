@@ -26,8 +26,7 @@ from pydantic import Field, field_validator
 
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 from sources.json_stream import array_entries, object_items
-from sources.question_index import (grouped_order, mapped, open_index, rows_of, vouched_rows, write_in_order,
-                                    write_rows)
+from sources.question_index import QuestionIndex, grouped_order, mapped, open_index, write_in_order, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,7 @@ class VQAv2Source(Source):
         return found + _missing_dir("images", p.images)
 
     @functools.cached_property
-    def _index(self) -> pa.Table:
+    def _index(self) -> QuestionIndex:
         p = self.params
         files = [p.questions] + ([p.annotations] if p.annotations is not None else [])
         return open_index("vqav2", files, self._build_index)
@@ -127,12 +126,12 @@ class VQAv2Source(Source):
                        {"data_subtype": json.dumps(head.get("data_subtype"))})
 
     def count(self) -> int:
-        return self._index.num_rows
+        return self._index.rows
 
     def _patterns(self) -> tuple[Any, tuple[str, ...]]:
         """The file's data_subtype and the image file names to try."""
         p = self.params
-        subtype = json.loads((self._index.schema.metadata or {}).get(b"data_subtype", b"null"))
+        subtype = json.loads(self._index.metadata.get("data_subtype", "null"))
         if p.image_pattern:
             if subtype is None and "{data_subtype" in p.image_pattern:
                 raise ValueError(
@@ -142,7 +141,7 @@ class VQAv2Source(Source):
 
     def vouched(self, limit: int | None) -> int | None:
         self._patterns()  # its problem stops the run before work, as the dataset check would
-        return vouched_rows(self._index, limit)
+        return self._index.vouched(limit)
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
@@ -150,7 +149,7 @@ class VQAv2Source(Source):
         subtype, patterns = self._patterns()
         images = _ImageFolder(p.images)
         group = None
-        for row in rows_of(index):
+        for row in index:
             q = json.loads(row["odd"]) if row["odd"] is not None else \
                 {"question_id": row["sample_id"], "image_id": _untyped(row["group"]), "question": row["question"]}
             if row["group"] != group:
@@ -282,7 +281,7 @@ class GQASource(Source):
                 + _missing_dir("images", p.images))
 
     @functools.cached_property
-    def _index(self) -> pa.Table:
+    def _index(self) -> QuestionIndex:
         return open_index("gqa", [self.params.questions], self._build_index)
 
     def _build_index(self, scratch: Path, path: Path) -> None:
@@ -291,16 +290,16 @@ class GQASource(Source):
         write_in_order(path, questions, grouped_order(questions))
 
     def count(self) -> int:
-        return self._index.num_rows
+        return self._index.rows
 
     def vouched(self, limit: int | None) -> int | None:
-        return vouched_rows(self._index, limit)
+        return self._index.vouched(limit)
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
         images = _ImageFolder(p.images)
         group = image_path = None  # found for the group's first usable entry (broken ones name no image)
-        for row in rows_of(self._index):
+        for row in self._index:
             qid = row["sample_id"]
             q = json.loads(row["odd"]) if row["odd"] is not None else \
                 {"imageId": _untyped(row["group"]), "question": row["question"], "answer": row["answer"],
