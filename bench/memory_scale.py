@@ -72,8 +72,10 @@ def measure(dataset: Path, work: Path, tag: str, *extra: str) -> dict:
     cmd = [sys.executable, "-m", "runtime", "run", str(GRAPH), "--dataset", str(dataset), "--executor", "local",
            "--device", "cpu", "--quiet", "--cache", str(work / f"cache-{tag}"), "--output", str(work / f"out-{tag}"),
            *extra]
+    # the question index beside the dataset: none from before, the first run builds it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PNPVQA_QUESTION_INDEX": str(work / "index")}
     done = subprocess.run([sys.executable, __file__, "child", str(work / f"out-{tag}" / "parts"), *cmd], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                          env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout)
@@ -105,7 +107,6 @@ def scale(sizes: list[int], shard_size: int, limit_only: set[int] = frozenset())
     rerun with every part finished (only the ``--limit`` runs for those in ``limit_only``)."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="pnpvqa-memory-") as tmp:
-        os.environ["PNPVQA_QUESTION_INDEX"] = str(Path(tmp) / "index")  # none from before: the first run builds it
         for n in sizes:
             work = Path(tmp) / str(n)
             began = time.perf_counter()

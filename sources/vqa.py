@@ -1,8 +1,8 @@
 """VQAv2 / OK-VQA and GQA question files with an image folder.
 
 A question file is read once per version into an index (``sources.question_index``: Arrow
-columns in a memory-mapped file), so a run holds a batch of records, not the file; images stay
-on disk and are passed on as paths. Samples are grouped by image, images in order of first
+columns in a file, read a batch at a time), so a run holds a batch of records, not the file;
+images stay on disk and are passed on as paths. Samples are grouped by image, images in order of first
 appearance in the question file.
 A missing image file is not an error here: the image loading stage turns it into an error
 row (a warning names the first one, to catch a wrong ``image_pattern`` early). So is an entry
