@@ -3,6 +3,7 @@ driver whose memory does not grow with the number of samples."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tracemalloc
@@ -12,6 +13,7 @@ import pytest
 
 import sources.json_stream as json_stream
 from artifacts import filehash
+from runtime import run_folder
 from runtime.api import run_graph
 from runtime.graph import load_graph
 from runtime.records import check_dataset
@@ -126,9 +128,18 @@ def test_driver_memory_does_not_grow_with_the_samples(tmp_path, monkeypatch):
     assert per_sample < 40, f"{per_sample:.0f} bytes a sample ({small} -> {big} bytes)"
 
 
-def test_results_are_written_as_a_stream_of_the_parts(tmp_path):
-    """Each part is written as its shard finishes; results.parquet is the parts appended one row
-    group each, not one table gathered in memory."""
+def test_results_are_written_as_a_stream_of_the_parts(tmp_path, monkeypatch):
+    """Each part is written as its shard finishes; results.parquet is the parts appended in
+    order, gathered into row groups of whole parts (bounded: not one table of the run, not one
+    row group's metadata per part)."""
+    monkeypatch.setattr(run_folder, "RESULTS_GROUP_ROWS", 50)
+    written = []
+    real = run_folder.RunFolder.write_part
+
+    def write_part(self, key, table):
+        written.append(len(list((tmp_path / "out" / "parts").glob("part-*"))))  # parts already there
+        return real(self, key, table)
+    monkeypatch.setattr(run_folder.RunFolder, "write_part", write_part)
     write_vqa(tmp_path / "d", 300, per_image=3)
     (tmp_path / "d" / "dataset.yaml").write_text(
         "source: vqav2\nparams: {questions: q.json, annotations: a.json, images: images}\n")
@@ -137,11 +148,15 @@ def test_results_are_written_as_a_stream_of_the_parts(tmp_path):
     summary = run_graph(graph, output=tmp_path / "out", cache_dir=tmp_path / "cache", executor="local",
                         progress=False, device="cpu")
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary.samples == 300 and summary.shards == len(manifest["parts"]) == len(written) > 4
+    assert written == list(range(len(written)))  # one part per shard, as the run went
+    parts = [pq.read_table(tmp_path / "out" / "parts" / p) for p in manifest["parts"]]
     results = pq.ParquetFile(tmp_path / "out" / "results.parquet")
-    assert summary.samples == 300 and summary.shards == len(manifest["parts"]) > 4
-    assert results.num_row_groups == len(manifest["parts"])
-    part_rows = [pq.ParquetFile(tmp_path / "out" / "parts" / p).metadata.num_rows for p in manifest["parts"]]
-    assert [results.metadata.row_group(i).num_rows for i in range(results.num_row_groups)] == part_rows
+    assert results.read().column("sample_id").to_pylist() == [s for p in parts for s in p.column("sample_id").to_pylist()]
+    groups = [results.metadata.row_group(i).num_rows for i in range(results.num_row_groups)]
+    bounds = set(itertools.accumulate(p.num_rows for p in parts))
+    assert 1 < len(groups) < len(parts) and set(itertools.accumulate(groups)) <= bounds  # whole parts each
+    assert all(g < 50 + max(p.num_rows for p in parts) for g in groups)
 
 
 def test_an_index_of_plain_unique_entries_vouches_for_the_selection(tmp_path):
