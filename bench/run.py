@@ -317,7 +317,8 @@ def memory_scale_table(m: dict) -> list[str]:
              "`bench/graphs/decode_only.yaml` (decode each image, no model), local executor, on generated "
              "VQAv2-shaped datasets (5 questions an image, tiny JPEGs, annotations): peak RSS of the command "
              "(target: 200k within 1.2x of 20k), and seconds to its first results part. `--limit 64`, new: the "
-             "question index is built by this run; then: it is there. `-`: not run (too long here).", "",
+             "question index is built by this run (its peak is the build's); then: it is there. One run each; "
+             "`-`: not run (a full run of 1M takes too long here).", "",
              "| questions | full run: peak RSS | / 20k | time | first part | rerun, all done: peak RSS | time "
              "| `--limit 64`, new: first part | peak RSS | `--limit 64`: first part | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
