@@ -5,7 +5,7 @@ A question file is parsed once per version (``artifacts.filehash.file_version`` 
 it is built from): later runs read the index instead, so a ``--limit``, resumed or extended
 run starts at once, and a run's memory holds a batch of records, not the dataset. Indexes live under ``$PNPVQA_QUESTION_INDEX``
 (default ``~/.cache/pnpvqa-runtime/question-index``; ``off``: built in a temporary folder
-for each run, never reused).
+for each run, never reused); building one removes those of earlier versions of the same files.
 
 Building streams the file (``sources.json_stream``) into batches of rows written as they
 fill, then reorders them from a memory-mapped scratch copy: the grouping (a few ints per row)
@@ -128,10 +128,18 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
         build(Path(scratch.name), Path(scratch.name) / "index.arrow")
         return QuestionIndex(Path(scratch.name) / "index.arrow", keep=scratch)
     folder.mkdir(parents=True, exist_ok=True)
-    key = hashlib.sha256(json.dumps([kind, INDEX_VERSION, [file_version(f) for f in files]]).encode()).hexdigest()
-    path = folder / f"{kind}-{key[:32]}.arrow"
+    versions = [file_version(f) for f in files]
+    files_key = _digest([kind, [v[0] for v in versions]])  # the files by real path
+    path = folder / f"{kind}-{files_key}-{_digest([INDEX_VERSION, versions])}.arrow"
     if not path.is_file():
         with tempfile.TemporaryDirectory(prefix=f".{kind}-", dir=folder) as scratch:
             build(Path(scratch), Path(scratch) / "index.arrow")
             os.replace(Path(scratch) / "index.arrow", path)  # whole or absent: a run killed here leaves none
+        for older in folder.glob(f"{kind}-{files_key}-*.arrow"):  # of earlier versions of the same files
+            if older != path:
+                older.unlink(missing_ok=True)
     return QuestionIndex(path)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:24]

@@ -80,11 +80,17 @@ def test_vqav2_index_is_built_once_per_file_version_and_keeps_the_order(tmp_path
 
     def no_build(*_):
         raise AssertionError("rebuilt")
+    build = VQAv2Source._build_index
     monkeypatch.setattr(VQAv2Source, "_build_index", no_build)
     assert list(VQAv2Source(params).iter_samples()) == first  # mapped, not parsed again
     os.utime(tmp_path / "d" / "q.json", ns=(1, 1))  # another version of the file: a new index
     with pytest.raises(AssertionError, match="rebuilt"):
         VQAv2Source(params).count()
+    monkeypatch.setattr(VQAv2Source, "_build_index", build)
+    before = set(index_dir.glob("vqav2-*.arrow"))
+    VQAv2Source(params).count()
+    after = set(index_dir.glob("vqav2-*.arrow"))
+    assert len(after) == 1 and after != before  # the earlier version's index is gone
 
 
 def test_gqa_index_keeps_odd_entries_as_they_were(tmp_path):
