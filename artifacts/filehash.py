@@ -23,6 +23,7 @@ from typing import Iterable
 
 MEMO_ENV = "PNPVQA_HASH_MEMO"
 CHUNK = 1 << 22
+LOCAL_ENTRIES = 1 << 12  # versions remembered in memory beside SQLite
 TABLES = ("hashes", "syntax")
 # the tables' names in SQLite: version 2 keys by the change time too; a memo file written before
 # keeps its version-1 tables, which nothing reads
@@ -86,6 +87,8 @@ class _Memo:
 
     def put(self, items: list[tuple[tuple, str]], table: str = "hashes") -> None:
         with self.lock:
+            if self.db is not None and len(self.local) > LOCAL_ENTRIES:
+                self.local.clear()  # SQLite keeps them: memory stays flat over millions of images
             for ident, value in items:
                 self.local[(table, ident)] = value
             db = self._connect()
@@ -122,7 +125,7 @@ def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _hash_file(path: Path) -> str:
+def _hash_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while chunk := fh.read(CHUNK):
@@ -139,7 +142,7 @@ def hash_files(paths: Iterable[str | os.PathLike], threads: int = 4, missing_ok:
     """sha256 of each file, reading only files whose version is not in the memo (in threads:
     hashlib releases the GIL). A file that cannot be read raises ``OSError``, or gives ``None``
     with ``missing_ok``."""
-    paths = [Path(p) for p in paths]
+    paths = [os.fspath(p) for p in paths]  # not Path: pathlib interns every file name for good
     idents: list[tuple | None] = []
     for p in paths:
         try:

@@ -2,7 +2,8 @@
 medians quoted. Writes ``bench/results/bench.json`` and ``bench/results/bench.md``.
 
     bin/bench                    # everything, about 40 minutes on 2 cores
-    bin/bench --only startup     # one part (repeatable): e2e, profile, startup, sweep, ray, memory, resume, batch
+    bin/bench --only startup     # one part (repeatable): e2e, profile, startup, sweep, ray, memory, memory_scale,
+                                 # resume, batch
 
 Parts:
 
@@ -16,6 +17,9 @@ Parts:
 - ``ray``: Ray (one worker) against local, and one Ray worker against two;
 - ``memory``: peak RSS of a run at 1k and 10k questions (tiny presets: the runtime's memory,
   not the models');
+- ``memory_scale``: peak RSS, full-run time and time to the first results part of a model-free
+  graph over 20k / 200k / 1M generated VQAv2-shaped questions (``bench/memory_scale.py``; 1M:
+  the ``--limit 64`` runs only);
 - ``resume``: a run killed when half its shards are done, resumed, against half a fresh run;
 - ``batch``: the model stages' time at several batch sizes (the defaults' evidence).
 
@@ -173,6 +177,12 @@ def memory(tmp: Path, a) -> dict:
     return out
 
 
+def memory_scale(tmp: Path, a) -> dict:
+    from memory_scale import scale  # beside this script
+
+    return scale(a.scale_questions, a.scale_shard_size, limit_only=set(a.scale_limit_only))
+
+
 def resume(tmp: Path, a) -> dict:
     images = a.questions // 4
     fresh = timed(pnp_run(tmp, "fresh", images))
@@ -213,7 +223,7 @@ def batch(tmp: Path, a) -> dict:
 
 
 PARTS = {"e2e": e2e, "profile": profile, "startup": startup, "sweep": sweep, "ray": ray, "memory": memory,
-         "resume": resume, "batch": batch}
+         "memory_scale": memory_scale, "resume": resume, "batch": batch}
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -272,6 +282,8 @@ def table(results: dict) -> str:
         lines += [f"| {q} | {v['peak_rss_mb']:.0f} MiB | {v['seconds']:.1f} s |" for q, v in m.items()
                   if q != "_run"]
         lines += [""] + source("memory")
+    if "memory_scale" in r:
+        lines += memory_scale_table(r["memory_scale"]) + source("memory_scale")
     if "resume" in r:
         s = r["resume"]
         lines += ["## Resume after a kill", "",
@@ -293,6 +305,36 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_scale_table(m: dict) -> list[str]:
+    sizes = sorted((int(q) for q in m if q != "_run"))
+    base = m[str(sizes[0])].get("full", {}).get("peak_rss_mb")
+
+    def cell(row: dict, run: str, key: str) -> str:
+        value = row.get(run, {}).get(key)
+        return "-" if value is None else f"{value:.0f} MiB" if key == "peak_rss_mb" else f"{value:.1f} s"
+
+    lines = ["## Memory and time to first work against the dataset's size", "",
+             "`bench/graphs/decode_only.yaml` (decode each image, no model), local executor, on generated "
+             "VQAv2-shaped datasets (5 questions an image, tiny JPEGs, annotations): peak RSS of the command "
+             "(target: 200k within 1.2x of 20k), and seconds to its first results part. `--limit 64`, new: the "
+             "question index is built by this run (its peak is the build's); then: it is there. One run each; "
+             "`-`: not run (a full run of 1M takes too long here).", "",
+             "| questions | full run: peak RSS | / 20k | time | first part | rerun, all done: peak RSS | time "
+             "| `--limit 64`, new: first part | peak RSS | `--limit 64`: first part | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for q in sizes:
+        row = m[str(q)]
+        peak = row.get("full", {}).get("peak_rss_mb")
+        cells = [cell(row, "full", "peak_rss_mb"), f"{peak / base:.2f}x" if peak and base else "-",
+                 *(cell(row, run, key) for run, key in (("full", "seconds"), ("full", "first_part_s"),
+                                                         ("rerun", "peak_rss_mb"), ("rerun", "seconds"),
+                                                         ("limit_64_new", "first_part_s"),
+                                                         ("limit_64_new", "peak_rss_mb"),
+                                                         ("limit_64", "first_part_s"), ("limit_64", "peak_rss_mb")))]
+        lines.append(f"| {q} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
@@ -301,6 +343,11 @@ def main() -> None:
     ap.add_argument("--ray-questions", type=int, default=200, help="questions of the Ray comparisons")
     ap.add_argument("--sweep-images", type=int, default=16, help="shapes images of the sweep (4 questions each)")
     ap.add_argument("--batch-images", type=int, default=32, help="shapes images of the batch-size runs")
+    ap.add_argument("--scale-questions", type=int, nargs="+", default=[20000, 200000, 1000000],
+                    help="dataset sizes of memory_scale")
+    ap.add_argument("--scale-limit-only", type=int, nargs="*", default=[1000000],
+                    help="sizes memory_scale measures with --limit 64 runs only (a full run takes too long)")
+    ap.add_argument("--scale-shard-size", type=int, default=256, help="shard_size of the memory_scale runs")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and bench.md")
     a = ap.parse_args()
     parts = a.only or PARTS

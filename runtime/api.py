@@ -17,7 +17,7 @@ from runtime.executors import available_cpus, run_local
 from runtime.graph import Graph, load_graph
 from runtime.progress import Progress
 from runtime.ray_executor import RayConnection, RayRunner
-from runtime.records import check_dataset
+from runtime.records import DatasetCheck, check_dataset
 from runtime.run import RunContext, RunSummary, sweep_shares
 from runtime.run_folder import RunFolder
 from runtime.settings import RunSettings
@@ -30,7 +30,9 @@ EXECUTORS = ("auto", "ray", "local")
 # `auto` picks Ray from this many samples on (or when joining a cluster): below it, Ray's start-up
 # (about 25 s on 2 cores, bench/results/ray_engine.md) costs more than a second worker saves
 AUTO_RAY_SAMPLES = 500
-KEEP_RECORDS_BYTES = 256 * 2**20  # records read by the dataset check are kept for the run up to this size
+# records read by the dataset check are kept for the run up to this size: a small dataset is read
+# once; a bigger one is read again shard by shard, so that memory does not grow with it
+KEEP_RECORDS_BYTES = 16 * 2**20
 
 
 def default_cache_dir() -> Path:
@@ -100,6 +102,27 @@ def refuse_empty(samples: int, graph: Graph, limit: int | None) -> None:
         selected = f", so --limit {limit} selects none" if limit else ""
         raise UsageError(f"the dataset of {graph.path} ({graph.source.name}, params {params}) has no samples"
                          f"{selected}: nothing to run; check its file and params")
+
+
+def dataset_check(graph: Graph, ids: set[str] | None, limit: int | None, display: Progress) -> DatasetCheck:
+    """What the run needs to know of the selected samples before its first shard: read and
+    checked record by record (``check_dataset``), unless the source vouches for them (its index
+    has only plain, unique entries), so that a limited, resumed or extended run starts at once."""
+    where = f"the dataset of {graph.path} ({graph.source.name})"
+    if ids is None:
+        try:
+            samples = graph.source.vouched(limit)
+        except ValueError as exc:
+            raise UsageError(f"{where} cannot be read: {exc}") from None
+        if samples is not None:
+            display.note(f"dataset: {samples} records, vouched for by its question index (not read ahead)")
+            return DatasetCheck(samples=samples)
+    counted = [display.reading(select_samples(graph.source.iter_samples(), ids, limit))]
+
+    def read():  # the first read is shown; another (to name duplicates) is not
+        return counted.pop() if counted else select_samples(graph.source.iter_samples(), ids, limit)
+
+    return check_dataset(read, ids, source=where, keep_bytes=KEEP_RECORDS_BYTES)
 
 
 def run_graph(graph: str | Path | Graph, *, output: str | Path | Location | None = None, **options) -> RunSummary:
@@ -172,8 +195,7 @@ def run_graphs(
     for g in graphs:
         check_sources(g)
     display = Progress(progress, settings.progress_seconds)
-    dataset = check_dataset(display.reading(select_samples(lead.source.iter_samples(), ids, limit)), ids,
-                            source=f"the dataset of {lead.path} ({lead.source.name})", keep_bytes=KEEP_RECORDS_BYTES)
+    dataset = dataset_check(lead, ids, limit, display)
     refuse_empty(dataset.samples, lead, limit)
     executor = choose_executor(executor, address, dataset.samples * len(graphs))
     ray_connection = RayConnection(address)  # connects on first use: none for local runs

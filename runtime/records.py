@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from array import array
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
 
 from runtime.errors import UsageError
 from sources.base import ERROR, WHERE
@@ -105,65 +108,54 @@ def _record_bytes(record: dict[str, Any]) -> int:
     return size
 
 
-def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None, source: str = "the dataset",
-                  max_listed: int = 5, keep_bytes: int = 0) -> DatasetCheck:
-    """One pass over the selected records before a run: every record's types (bad ones are
-    counted; they become error rows), then the selection as a whole (``UsageError`` for
+def check_dataset(read: Callable[[], Iterable[dict[str, Any]]], ids: set[str] | None = None,
+                  source: str = "the dataset", max_listed: int = 5, keep_bytes: int = 0) -> DatasetCheck:
+    """One pass over the selected records (``read()``) before a run: every record's types (bad
+    ones are counted; they become error rows), then the selection as a whole (``UsageError`` for
     duplicate sample ids, an image id naming two images, ``ids`` that match nothing). The
     records are kept (``check.records``) while they hold less than ``keep_bytes``, so a small
-    dataset is not read (or rendered) twice."""
+    dataset is not read (or rendered) twice.
+
+    What the pass holds is 24 bytes per sample (hashes of ids and images, in arrays), whatever
+    the records weigh; only when two hashes meet is the selection read again, to name them."""
     check = DatasetCheck()
     kept: list[dict[str, Any]] | None = [] if keep_bytes > 0 else None
     kept_bytes = 0
-    first_seen: dict[str, str] = {}
-    duplicates: list[str] = []
-    images: dict[str, tuple[Any, str]] = {}
-    conflicts: list[str] = []
-    try:
-        for record in records:
-            clean_record(record)
-            check.samples += 1
+    sample_hashes, image_hashes, token_hashes = array("q"), array("q"), array("q")
+    previous_image: tuple | None = None
+    wanted = set(ids) if ids is not None else None
+    for record in _readable(read(), source):
+        check.samples += 1
+        if kept is not None:
+            kept_bytes += _record_bytes(record)
+            kept = kept if kept_bytes <= keep_bytes else None
             if kept is not None:
-                kept_bytes += _record_bytes(record)
-                kept = kept if kept_bytes <= keep_bytes else None
-                if kept is not None:
-                    kept.append(record)
-            check.record_errors += ERROR in record
-            sid, where = record["sample_id"], record.get(WHERE) or f"record {check.samples - 1}"
-            if sid in first_seen:
-                if len(duplicates) < max_listed:
-                    duplicates.append(f"{sid!r} ({first_seen[sid]} and {where})")
-                else:
-                    duplicates.append("")
-            else:
-                first_seen[sid] = where
-            if ERROR in record:
-                continue
-            token = _image_token(record)
-            known = images.setdefault(record["image_id"], (token, where))
-            if known[0] != token:
-                if len(conflicts) < max_listed:
-                    conflicts.append(f"{record['image_id']!r} ({known[1]}: {_image_text(known[0])}; "
-                                     f"{where}: {_image_text(token)})")
-                else:
-                    conflicts.append("")
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
-        if isinstance(exc, UsageError):
-            raise
-        raise UsageError(f"{source} cannot be read: {type(exc).__name__}: {exc}") from None
+                kept.append(record)
+        check.record_errors += ERROR in record
+        sample_hashes.append(hash(record["sample_id"]))
+        if wanted is not None:
+            wanted.discard(record["sample_id"])
+        if ERROR in record:
+            continue
+        image = (record["image_id"], _image_token(record))
+        if image != previous_image:  # an image's questions come together: one entry per image, mostly
+            previous_image = image
+            image_hashes.append(hash(image[0]))
+            token_hashes.append(hash(image[1]))
     problems = []
-    if duplicates:
-        listed = ", ".join(d for d in duplicates if d)
-        problems.append(f"{len(duplicates)} duplicate sample ids: {listed}{', ...' if len(duplicates) > max_listed else ''}; "
-                        "a sample id must name one (image, question) pair")
-    if conflicts:
-        listed = "; ".join(c for c in conflicts if c)
-        problems.append(f"{len(conflicts)} image ids name more than one image: {listed}"
-                        f"{'; ...' if len(conflicts) > max_listed else ''}; an image id must name one image (its "
-                        "results are computed once and shared by its questions)")
+    if _repeated(np.frombuffer(sample_hashes, dtype=np.int64)).size:
+        duplicates = _duplicates(_readable(read(), source), max_listed)
+        if duplicates:
+            problems.append(duplicates)
+    images = np.frombuffer(image_hashes, dtype=np.int64)
+    tokens = np.frombuffer(token_hashes, dtype=np.int64)
+    if _conflicting(images, tokens):
+        conflicts = _conflicts(_readable(read(), source), max_listed)
+        if conflicts:
+            problems.append(conflicts)
     if ids is not None:
-        check.missing_ids = sorted(set(ids) - set(first_seen))
-        if not first_seen:
+        check.missing_ids = sorted(wanted)
+        if len(check.missing_ids) == len(ids):
             shown = ", ".join(sorted(ids)[:max_listed])
             problems.append(f"--ids: none of the {len(ids)} ids ({shown}{', ...' if len(ids) > max_listed else ''}) "
                             "is a sample id of the dataset")
@@ -173,9 +165,68 @@ def check_dataset(records: Iterable[dict[str, Any]], ids: set[str] | None = None
                         ", ..." if len(check.missing_ids) > max_listed else "")
     if problems:
         raise UsageError(f"{source}: " + "; ".join(problems))
-    check.images = len(images)
+    check.images = np.unique(images).size
     check.records = kept
     return check
+
+
+def _readable(records: Iterable[dict[str, Any]], source: str) -> Iterator[dict[str, Any]]:
+    """``records`` cleaned (``clean_record``); a source that cannot be read is a ``UsageError``."""
+    try:
+        for record in records:
+            yield clean_record(record)
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as exc:
+        if isinstance(exc, UsageError):
+            raise
+        raise UsageError(f"{source} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _repeated(values: np.ndarray) -> np.ndarray:
+    """The values found more than once."""
+    ordered = np.sort(values)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def _conflicting(images: np.ndarray, tokens: np.ndarray) -> bool:
+    """Whether an image hash comes with two token hashes."""
+    pairs = np.unique(np.stack([images, tokens], axis=1), axis=0) if images.size else images.reshape(0, 2)
+    return _repeated(pairs[:, 0]).size > 0
+
+
+def _duplicates(records: Iterable[dict[str, Any]], max_listed: int) -> str | None:
+    """The message naming duplicate sample ids (second pass: only when hashes repeated)."""
+    first_seen: dict[str, str] = {}
+    duplicates: list[str] = []
+    for n, record in enumerate(records):
+        sid, where = record["sample_id"], record.get(WHERE) or f"record {n}"
+        if sid not in first_seen:
+            first_seen[sid] = where
+        else:
+            duplicates.append(f"{sid!r} ({first_seen[sid]} and {where})" if len(duplicates) < max_listed else "")
+    if not duplicates:
+        return None  # hashes of different ids met
+    listed = ", ".join(d for d in duplicates if d)
+    return (f"{len(duplicates)} duplicate sample ids: {listed}{', ...' if len(duplicates) > max_listed else ''}; "
+            "a sample id must name one (image, question) pair")
+
+
+def _conflicts(records: Iterable[dict[str, Any]], max_listed: int) -> str | None:
+    """The message naming image ids of more than one image (second pass, as ``_duplicates``)."""
+    images: dict[str, tuple[Any, str]] = {}
+    conflicts: list[str] = []
+    for n, record in enumerate(records):
+        if ERROR in record:
+            continue
+        where, token = record.get(WHERE) or f"record {n}", _image_token(record)
+        known = images.setdefault(record["image_id"], (token, where))
+        if known[0] != token:
+            conflicts.append(f"{record['image_id']!r} ({known[1]}: {_image_text(known[0])}; "
+                             f"{where}: {_image_text(token)})" if len(conflicts) < max_listed else "")
+    if not conflicts:
+        return None
+    listed = "; ".join(c for c in conflicts if c)
+    return (f"{len(conflicts)} image ids name more than one image: {listed}{'; ...' if len(conflicts) > max_listed else ''}; "
+            "an image id must name one image (its results are computed once and shared by its questions)")
 
 
 def _image_text(token: tuple) -> str:

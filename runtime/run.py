@@ -27,7 +27,7 @@ from runtime.settings import RunSettings
 from runtime.shard_work import ShardOutcome, ShardWork, Tracker, node_device
 from runtime.shards import Shard
 from stages.base import Role
-from stages.evaluation import official_line, official_report
+from stages.evaluation import OfficialTally, official_line
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +249,18 @@ class RunContext:
         self.work.close()  # the local executor's store: flush its index
         means: dict[str, list[float]] = {}
         scored = self._scored_columns()
-        graded: dict[str, list] = {c: [] for c in (*scored.values(), "question_type", "answer_type", "status")}
+        tallies = {node: OfficialTally(per_answer_type=self._metric(node) == "vqa") for node in scored}
 
-        def add(table: pa.Table) -> None:
+        def add(table: pa.Table) -> None:  # one part at a time: nothing of the results is kept
             self._summarise(table, means)
-            for column, values in graded.items():
-                values.extend(table.column(column).to_pylist() if column in table.column_names
-                              else [None] * table.num_rows)
+            if not tallies:
+                return
+            types = {c: table.column(c).to_pylist() if c in table.column_names else None
+                     for c in ("question_type", "answer_type")}
+            failed = [status == "error" for status in table.column("status").to_pylist()]
+            for node, column in scored.items():
+                tallies[node].add(table.column(column).to_pylist(), types["question_type"],
+                                  types["answer_type"], failed)
 
         results = None
         if parts:
@@ -265,11 +270,8 @@ class RunContext:
                 raise RunError(f"results part {bad.where} went bad during the run ({bad.problem}); "
                                "it was removed: run the same command again to recompute it") from None
         summary.metrics = {k: v[0] / v[1] for k, v in means.items() if v[1]}
-        for node, column in scored.items():
-            metric = getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
-            summary.evaluation[node] = {"metric": metric, **official_report(
-                graded[column], graded["question_type"], graded["answer_type"] if metric == "vqa" else None,
-                failed=[status == "error" for status in graded["status"]])}
+        for node, tally in tallies.items():
+            summary.evaluation[node] = {"metric": self._metric(node), **tally.report()}
         wall = time.time() - self.started if sweep_seconds is None else sweep_seconds
         summary.seconds = share * wall
         summary.sweep_seconds = wall if share < 1 else None
@@ -284,6 +286,9 @@ class RunContext:
         same = (earlier.get("status") == "finished" and earlier.get("graph_hash") == self.graph.hash
                 and results is not None and (earlier.get("results") or {}).get("sha256") == results["sha256"])
         return earlier if same and not computed else None
+
+    def _metric(self, node: str) -> str:
+        return getattr(self.graph.nodes[node].stage.params, "metric", "vqa")  # vqa_eval's says gqa
 
     def _scored_columns(self) -> dict[str, str]:
         """Nodes whose accuracy (the role) is kept in the results: node -> results column."""

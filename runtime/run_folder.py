@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 RESULTS = "results.parquet"
 MANIFEST = "manifest.json"
 PARTS = "parts"
+RESULTS_GROUP_ROWS = 1 << 13      # rows of a row group of results.parquet (about: whole parts)
+RESULTS_GROUP_BYTES = 16 * 2**20  # or fewer, once the parts gathered hold this many Arrow bytes
 PART_RE = re.compile(r"^part-(?P<key>[0-9a-f]{32})\.(?P<sha>[0-9a-f]{64})\.parquet$")
 
 
@@ -120,18 +122,27 @@ class RunFolder:
     # -- results and manifest --------------------------------------------------------------------
     def write_results(self, parts: Iterable[str], each: Callable[[pa.Table], None]) -> dict:
         """Concatenate ``parts`` into results.parquet, streamed part by part so memory stays flat
-        however many samples; ``each`` sees every part's table. Returns the manifest's record
-        of the file (rows, bytes, sha256)."""
+        however many samples; ``each`` sees every part's table. Parts are gathered into row groups
+        of about ``RESULTS_GROUP_ROWS`` rows (or ``RESULTS_GROUP_BYTES``): the writer keeps the
+        metadata of every row group until it closes, so one per part would grow with the parts.
+        Returns the manifest's record of the file (rows, bytes, sha256)."""
         rows = 0
+        pending: list[pa.Table] = []
         with self.loc.atomic_writer(RESULTS, self.writer_id) as sink:
             writer = None
             for name in parts:
                 table = self.read_part(name)
                 if writer is None:
                     writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-                writer.write_table(table)
+                pending.append(table)
                 rows += table.num_rows
                 each(table)
+                if sum(t.num_rows for t in pending) >= RESULTS_GROUP_ROWS \
+                        or sum(t.nbytes for t in pending) >= RESULTS_GROUP_BYTES:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=RESULTS_GROUP_ROWS * 4)
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=RESULTS_GROUP_ROWS * 4)
             writer.close()
         return {"file": RESULTS, "rows": rows, "bytes": sink.size, "sha256": sink.sha256.hexdigest()}
 

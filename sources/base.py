@@ -75,6 +75,14 @@ class Source:
         progress bars and for ``--executor auto``."""
         return None
 
+    def vouched(self, limit: int | None) -> int | None:
+        """The number of samples of the first ``limit`` (all: None) when the source itself
+        guarantees what the runtime's dataset check looks for (unique sample ids, one image per
+        image id, no record of a wrong type), so that a run need not read them all before its
+        first shard (``runtime.records``); None when it does not know. ``ValueError`` when the
+        source cannot be read."""
+        return None
+
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         """Yield one dict per sample with a value (or None) for every column of ``columns()``,
         keeping the questions of one image consecutive. A record may also carry ``WHERE`` and

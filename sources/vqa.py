@@ -1,7 +1,9 @@
 """VQAv2 / OK-VQA and GQA question files with an image folder.
 
-Question metadata is read into memory; images stay on disk and are passed on as paths.
-Samples are grouped by image, images in order of first appearance in the question file.
+A question file is read once per version into an index (``sources.question_index``: Arrow
+columns in a file, read a batch at a time), so a run holds a batch of records, not the file;
+images stay on disk and are passed on as paths. Samples are grouped by image, images in order of first
+appearance in the question file.
 A missing image file is not an error here: the image loading stage turns it into an error
 row (a warning names the first one, to catch a wrong ``image_pattern`` early). So is an entry
 without its image id or question, or (GQA) one that is not an object; a VQAv2 question without
@@ -13,14 +15,18 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import string
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
+from sources.json_stream import array_entries, object_items
+from sources.question_index import QuestionIndex, grouped_order, mapped, open_index, write_in_order, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -96,79 +102,165 @@ class VQAv2Source(Source):
         return found + _missing_dir("images", p.images)
 
     @functools.cached_property
-    def _data(self) -> dict:
-        data = _read_json(self.params.questions)
-        if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-            hint = " (this looks like an annotations file)" if isinstance(data, dict) and "annotations" in data else ""
-            raise ValueError(f"{self.params.questions}: no 'questions' list{hint}; questions must be a VQAv2 "
-                             "questions file (OpenEnded_mscoco_*_questions.json)")
-        for i, q in enumerate(data["questions"]):
-            if not isinstance(q, dict) or "question_id" not in q:  # no sample id: the row could not be named
-                raise ValueError(f"{self.params.questions}, questions[{i}]: no question_id; every question is an "
-                                 "object with question_id, image_id and question")
-        return data
+    def _index(self) -> QuestionIndex:
+        p = self.params
+        files = [p.questions] + ([p.annotations] if p.annotations is not None else [])
+        return open_index("vqav2", files, self._build_index)
 
-    def _annotations(self) -> dict:
-        path = self.params.annotations
-        data = _read_json(path)
-        if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-            hint = " (this looks like a questions file)" if isinstance(data, dict) and "questions" in data else ""
-            raise ValueError(f"{path}: no 'annotations' list{hint}; annotations must be a VQAv2 annotations file "
-                             "(mscoco_*_annotations.json)")
-        out = {}
-        for i, a in enumerate(data["annotations"]):
-            if not isinstance(a, dict) or "question_id" not in a:
-                raise ValueError(f"{path}, annotations[{i}]: no question_id")
-            out[a["question_id"]] = a
-        return out
+    def _build_index(self, scratch: Path, path: Path) -> None:
+        """Questions and annotations streamed to columns, then joined in the order of the samples."""
+        p = self.params
+        head: dict[str, Any] = {}
+        write_rows(scratch / "questions.arrow", VQA_QUESTION_ROWS, _vqa_question_rows(p.questions, head))
+        questions = mapped(scratch / "questions.arrow")
+        extra = None
+        if p.annotations is not None:
+            write_rows(scratch / "annotations.arrow", VQA_ANNOTATION_ROWS, _vqa_annotation_rows(p.annotations))
+            annotations = mapped(scratch / "annotations.arrow")
+            keys = annotations.column("key").combine_chunks()
+
+            def extra(rows: pa.Table) -> dict[str, pa.Array]:
+                found = pc.index_in(rows.column("qkey"), value_set=keys)
+                return {name: annotations.column(name).take(found) for name in VQA_ANNOTATION_ROWS.names[1:]}
+        write_in_order(path, questions, grouped_order(questions), extra,
+                       {"data_subtype": json.dumps(head.get("data_subtype"))})
 
     def count(self) -> int:
-        return len(self._data["questions"])
+        return self._index.rows
 
-    def iter_samples(self) -> Iterator[dict[str, Any]]:
+    def _patterns(self) -> tuple[Any, tuple[str, ...]]:
+        """The file's data_subtype and the image file names to try."""
         p = self.params
-        data = self._data
-        subtype = data.get("data_subtype")
-        answers_by_qid = {}
-        if p.annotations is not None:
-            answers_by_qid = self._annotations()
+        subtype = json.loads(self._index.metadata.get("data_subtype", "null"))
         if p.image_pattern:
             if subtype is None and "{data_subtype" in p.image_pattern:
                 raise ValueError(
                     f"{p.questions} has no data_subtype, but image_pattern uses {{data_subtype}}")
-            patterns = (p.image_pattern,)
-        else:
-            patterns = VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
+            return subtype, (p.image_pattern,)
+        return subtype, VQA_IMAGE_PATTERNS if subtype else VQA_IMAGE_PATTERNS[1:]
+
+    def vouched(self, limit: int | None) -> int | None:
+        self._patterns()  # its problem stops the run before work, as the dataset check would
+        return self._index.vouched(limit)
+
+    def iter_samples(self) -> Iterator[dict[str, Any]]:
+        p = self.params
+        index = self._index
+        subtype, patterns = self._patterns()
         images = _ImageFolder(p.images)
-        for image_id, group in _by_image(data["questions"], lambda q: q.get("image_id")):
-            error = image_path = None
-            number = int(image_id) if isinstance(image_id, str) and image_id.isdigit() else image_id
-            if isinstance(number, int) and not isinstance(number, bool):
-                image_path = images.path([pat.format(image_id=number, data_subtype=subtype) for pat in patterns])
-            else:
-                error = f"image_id must be a COCO image number, got {type(image_id).__name__} {image_id!r:.40}"
-            for index, q in group:
-                where = f"{p.questions}, questions[{index}]"
-                ann = answers_by_qid.get(q["question_id"], {})
-                human, answers_error = ann.get("answers"), None  # this question's alone: not the image's
-                if human is not None and not (isinstance(human, list) and all(isinstance(a, dict) and "answer" in a
-                                                                              for a in human)):
-                    human, answers_error = None, "its annotation's answers are not a list of {answer: ...}"
-                record = {
-                    "sample_id": str(q["question_id"]),
-                    "image_id": str(image_id) if "image_id" in q else None,
-                    "question": q.get("question"),
-                    "image_path": image_path,
-                    "image_bytes": None,
-                    "answers": None if human is None else [a["answer"] for a in human],
-                    "question_type": ann.get("question_type"),
-                    "answer_type": ann.get("answer_type"),
-                    WHERE: where,
-                }
-                problem = entry_problem(q, ("image_id", "question")) or error or answers_error
-                if problem:
-                    record[ERROR] = f"{where}: {problem}"
-                yield record
+        group = None
+        for row in index:
+            q = json.loads(row["odd"]) if row["odd"] is not None else \
+                {"question_id": row["sample_id"], "image_id": _untyped(row["group"]), "question": row["question"]}
+            if row["group"] != group:
+                group, image_id = row["group"], q.get("image_id")
+                error = image_path = None
+                number = int(image_id) if isinstance(image_id, str) and image_id.isdigit() else image_id
+                if isinstance(number, int) and not isinstance(number, bool):
+                    image_path = images.path([pat.format(image_id=number, data_subtype=subtype) for pat in patterns])
+                else:
+                    error = f"image_id must be a COCO image number, got {type(image_id).__name__} {image_id!r:.40}"
+            where = f"{p.questions}, questions[{row['row']}]"
+            ann = _vqa_annotation(row)
+            human, answers_error = ann.get("answers"), None  # this question's alone: not the image's
+            if human is not None and not (isinstance(human, list) and all(isinstance(a, dict) and "answer" in a
+                                                                          for a in human)):
+                human, answers_error = None, "its annotation's answers are not a list of {answer: ...}"
+            record = {
+                "sample_id": str(q["question_id"]),
+                "image_id": str(image_id) if "image_id" in q else None,
+                "question": q.get("question"),
+                "image_path": image_path,
+                "image_bytes": None,
+                "answers": None if human is None else [a["answer"] for a in human],
+                "question_type": ann.get("question_type"),
+                "answer_type": ann.get("answer_type"),
+                WHERE: where,
+            }
+            problem = entry_problem(q, ("image_id", "question")) or error or answers_error
+            if problem:
+                record[ERROR] = f"{where}: {problem}"
+            yield record
+
+
+# the index's columns: plain entries as values; any other entry (a wrong type somewhere, a field
+# missing) as its JSON in ``odd``, read back as it was (it becomes an error row, or its own case)
+VQA_QUESTION_ROWS = pa.schema([("row", pa.int64()), ("sample_id", pa.string()), ("qkey", pa.string()),
+                               ("group", pa.string()), ("question", pa.string()), ("odd", pa.string())])
+VQA_ANNOTATION_ROWS = pa.schema([("key", pa.string()), ("has_annotation", pa.bool_()),
+                                 ("answers", pa.list_(pa.string())), ("question_type", pa.string()),
+                                 ("answer_type", pa.string()), ("ann_odd", pa.string())])
+
+
+def _typed(value: Any) -> str | None:
+    """A JSON id as text that keeps its type (``12`` and ``"12"`` name different images)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return f"i{value}" if isinstance(value, int) else f"s{value}"
+
+
+def _untyped(key: str) -> int | str:
+    return int(key[1:]) if key[0] == "i" else key[1:]
+
+
+def _group(image_id: Any) -> str:
+    """The group key of an image id as the source groups them (``True`` with ``1``, like a dict)."""
+    if isinstance(image_id, bool):
+        return f"i{int(image_id)}"
+    return _typed(image_id) or f"r{image_id!r}"
+
+
+def _vqa_question_rows(path: str, head: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for i, q in enumerate(_entries(path, "questions", head)):
+        if not isinstance(q, dict) or "question_id" not in q:  # no sample id: the row could not be named
+            raise ValueError(f"{path}, questions[{i}]: no question_id; every question is an "
+                             "object with question_id, image_id and question")
+        qid, image_id, question = q["question_id"], q.get("image_id"), q.get("question")
+        plain = (_typed(qid) is not None and isinstance(question, str) and _typed(image_id) is not None
+                 and (isinstance(image_id, int) or image_id.isdigit()))
+        yield i, str(qid), _typed(qid), _group(image_id), question if plain else None, None if plain else json.dumps(q)
+    if not isinstance(head.get("questions"), list):
+        top = head.get("_top", head)
+        hint = " (this looks like an annotations file)" if isinstance(top, dict) and "annotations" in top else ""
+        raise ValueError(f"{path}: no 'questions' list{hint}; questions must be a VQAv2 "
+                         "questions file (OpenEnded_mscoco_*_questions.json)")
+
+
+def _vqa_annotation_rows(path: str) -> Iterator[dict[str, Any]]:
+    head: dict[str, Any] = {}
+    for i, a in enumerate(_entries(path, "annotations", head)):
+        if not isinstance(a, dict) or "question_id" not in a:
+            raise ValueError(f"{path}, annotations[{i}]: no question_id")
+        human, qtype, atype = a.get("answers"), a.get("question_type"), a.get("answer_type")
+        answers = _plain_answers(human)
+        if answers is not None and isinstance(qtype, (str, type(None))) and isinstance(atype, (str, type(None))):
+            yield _typed(a["question_id"]), True, answers, qtype, atype, None
+        else:
+            yield _typed(a["question_id"]), True, None, None, None, json.dumps(a)
+    if not isinstance(head.get("annotations"), list):
+        top = head.get("_top", head)
+        hint = " (this looks like a questions file)" if isinstance(top, dict) and "questions" in top else ""
+        raise ValueError(f"{path}: no 'annotations' list{hint}; annotations must be a VQAv2 annotations file "
+                         "(mscoco_*_annotations.json)")
+
+
+def _plain_answers(human: Any) -> list[str] | None:
+    """The answer texts of a list of ``{answer: text, ...}``; None for anything else."""
+    try:
+        answers = [h["answer"] for h in human] if isinstance(human, list) else None
+    except (TypeError, KeyError):
+        return None
+    return answers if answers is not None and all(type(a) is str for a in answers) else None
+
+
+def _vqa_annotation(row: dict[str, Any]) -> dict[str, Any]:
+    """A question's annotation as the file has it (only what the record takes of a plain one)."""
+    if row.get("ann_odd") is not None:
+        return json.loads(row["ann_odd"])
+    if not row.get("has_annotation"):
+        return {}
+    return {"answers": [{"answer": a} for a in row["answers"]], "question_type": row["question_type"],
+            "answer_type": row["answer_type"]}
 
 
 @SOURCES.add
@@ -189,27 +281,57 @@ class GQASource(Source):
                 + _missing_dir("images", p.images))
 
     @functools.cached_property
-    def _questions(self) -> dict:
-        data = _read_json(self.params.questions)
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.params.questions}: a GQA questions file is an object keyed by question id")
-        return data
+    def _index(self) -> QuestionIndex:
+        return open_index("gqa", [self.params.questions], self._build_index)
+
+    def _build_index(self, scratch: Path, path: Path) -> None:
+        write_rows(scratch / "questions.arrow", GQA_QUESTION_ROWS, _gqa_question_rows(self.params.questions))
+        questions = mapped(scratch / "questions.arrow")
+        write_in_order(path, questions, grouped_order(questions))
 
     def count(self) -> int:
-        return len(self._questions)
+        return self._index.rows
+
+    def vouched(self, limit: int | None) -> int | None:
+        return self._index.vouched(limit)
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
         images = _ImageFolder(p.images)
-        entries = list(self._questions.items())
-        for image_id, group in _by_image(entries, lambda e: e[1].get("imageId") if isinstance(e[1], dict) else None):
-            image_path = None  # found for the group's first usable entry (broken ones name no image)
-            for _, (qid, q) in group:
-                where = f"{p.questions}, question {qid!r}"
-                problem = entry_problem(q, ("imageId", "question"))
-                if problem is None and image_path is None:
-                    image_path = images.path([p.image_pattern.format(image_id=image_id)])
-                yield _gqa_record(qid, q, None if problem else image_id, image_path, where, problem)
+        group = image_path = None  # found for the group's first usable entry (broken ones name no image)
+        for row in self._index:
+            qid = row["sample_id"]
+            q = json.loads(row["odd"]) if row["odd"] is not None else \
+                {"imageId": _untyped(row["group"]), "question": row["question"], "answer": row["answer"],
+                 "types": {"detailed": row["question_type"]}}
+            if row["group"] != group:
+                group, image_path = row["group"], None
+            image_id = q.get("imageId") if isinstance(q, dict) else None
+            where = f"{p.questions}, question {qid!r}"
+            problem = entry_problem(q, ("imageId", "question"))
+            if problem is None and image_path is None:
+                image_path = images.path([p.image_pattern.format(image_id=image_id)])
+            yield _gqa_record(qid, q, None if problem else image_id, image_path, where, problem)
+
+
+GQA_QUESTION_ROWS = pa.schema([("row", pa.int64()), ("sample_id", pa.string()), ("group", pa.string()),
+                               ("question", pa.string()), ("answer", pa.string()), ("question_type", pa.string()),
+                               ("odd", pa.string())])
+
+
+def _gqa_question_rows(path: str) -> Iterator[dict[str, Any]]:
+    try:
+        for i, (qid, q) in enumerate(object_items(path, "a GQA questions file is an object keyed by question id")):
+            image_id = q.get("imageId") if isinstance(q, dict) else None
+            types = q.get("types") if isinstance(q, dict) else None
+            qtype = (types.get("detailed") or types.get("structural")) if isinstance(types, dict) else None
+            plain = (isinstance(q, dict) and _typed(image_id) is not None and isinstance(q.get("question"), str)
+                     and isinstance(q.get("answer"), (str, type(None))) and (types is None or isinstance(types, dict))
+                     and isinstance(qtype, (str, type(None))))
+            yield (i, qid, _group(image_id), q["question"] if plain else None, q.get("answer") if plain else None,
+                   qtype if plain else None, None if plain else json.dumps(q))
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from None
 
 
 def _gqa_record(qid: str, q: Any, image_id: Any, image_path: str | None, where: str,
@@ -241,40 +363,33 @@ def entry_problem(entry: Any, needed: tuple[str, ...]) -> str | None:
 
 
 class _ImageFolder:
-    """Resolves image file names in a folder to absolute paths."""
+    """Resolves image file names in a folder to absolute paths (``os.path``: pathlib would intern
+    every file name for the life of the process, memory that grows with the images)."""
 
     def __init__(self, folder: str):
-        self.folder = Path(folder).expanduser().absolute()
+        self.folder = str(Path(folder).expanduser().absolute())
         self.warned = False
 
     def path(self, names: list[str]) -> str:
         """The first of ``names`` that exists, else the first (and warn once)."""
-        paths = [self.folder / n for n in names]
-        found = next((p for p in paths if p.is_file()), None)
+        paths = [os.path.join(self.folder, n) for n in names]
+        found = next((p for p in paths if os.path.isfile(p)), None)
         if found is None and not self.warned:
             self.warned = True
             log.warning("image not found: %s (tried %s); such samples will become error rows; "
                         "check images and image_pattern", paths[0], ", ".join(names))
-        return str(found or paths[0])
+        return found or paths[0]
 
 
-def _by_image(items: Iterable[Any], image_of: Callable[[Any], Any]) -> Iterator[tuple[Any, list[tuple[int, Any]]]]:
-    """``(image id, [(index, item)])`` in order of first appearance of the image."""
-    groups: dict[Any, list[tuple[int, Any]]] = {}
-    for index, item in enumerate(items):
-        image = image_of(item)
-        groups.setdefault(image if isinstance(image, (str, int)) else repr(image), []).append((index, item))
-    yield from groups.items()
-
-
-def _read_json(path: str) -> Any:
+def _entries(path: str, key: str, head: dict[str, Any]) -> Iterator[Any]:
     try:
-        with open(Path(path).expanduser(), encoding="utf-8") as f:
-            return json.load(f)
+        yield from array_entries(path, key, head)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        raise _not_utf8(path, exc) from None
+
+
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> ValueError:
+    return ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x})")
 
 
 def _missing_file(param: str, path: str, expected: str) -> list[tuple[str, str]]:

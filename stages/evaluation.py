@@ -124,6 +124,55 @@ def gqa_accuracy(prediction: str, answers: Sequence[str]) -> float | None:
     return float(gqa(prediction) == gqa(answers[0]))
 
 
+class OfficialTally:
+    """The sums behind ``official_report``, added part by part (a run's results need not be in
+    memory at once): the same additions in the same order, so the same figures."""
+
+    def __init__(self, per_answer_type: bool = True):
+        self.per_answer_type = per_answer_type
+        self.answered, self.answered_sum, self.failed = 0, 0.0, 0
+        # per table: type -> [sum of scores, scored rows, failed rows], in order of first row
+        self.types: dict[str, dict[str, list]] = {"perQuestionType": {}, "perAnswerType": {}}
+
+    def add(self, accuracies: Sequence[float | None], question_types: Sequence[str | None] | None = None,
+            answer_types: Sequence[str | None] | None = None, failed: Sequence[bool] | None = None) -> None:
+        for k, accuracy in enumerate(accuracies):
+            scored = accuracy is not None
+            if not scored and not (failed and failed[k]):
+                continue  # no human answers: no question
+            if scored:
+                self.answered += 1
+                self.answered_sum += accuracy
+            else:
+                self.failed += 1
+            for name, types in (("perQuestionType", question_types), ("perAnswerType", answer_types)):
+                if types is not None and types[k] is not None:
+                    acc = self.types[name].setdefault(types[k], [0.0, 0, 0])
+                    if scored:
+                        acc[0] += accuracy
+                        acc[1] += 1
+                    else:
+                        acc[2] += 1
+
+    def report(self, digits: int = 2) -> dict[str, Any]:
+        """As ``official_report``: an error row counts (scoring 0) once some row was scored."""
+        def pct(total: float, count: int) -> float:
+            return round(100 * float(total) / count, digits)
+
+        with_failed = self.answered > 0
+        questions = self.answered + (self.failed if with_failed else 0)
+        report: dict[str, Any] = {"questions": questions,
+                                  "overall": pct(self.answered_sum, questions) if questions else None,
+                                  "answered": self.answered, "errors": questions - self.answered,
+                                  "answered_overall": pct(self.answered_sum, self.answered) if self.answered else None}
+        for name, groups in self.types.items():
+            if name == "perAnswerType" and not self.per_answer_type:
+                continue
+            counts = {t: (total, scored + (failed if with_failed else 0)) for t, (total, scored, failed) in groups.items()}
+            report[name] = {t: pct(total, n) for t, (total, n) in counts.items() if n}
+        return report
+
+
 def official_report(accuracies: Sequence[float | None], question_types: Sequence[str | None] | None = None,
                     answer_types: Sequence[str | None] | None = None, failed: Sequence[bool] | None = None,
                     digits: int = 2) -> dict[str, Any]:
@@ -134,26 +183,12 @@ def official_report(accuracies: Sequence[float | None], question_types: Sequence
     and ``answered_overall``: the count and accuracy of the questions with an answer alone;
     ``errors``: the questions that failed. Rows neither scored nor failed (no human answers)
     are no questions. Types that are null are left out of their table."""
-    failed = failed or [False] * len(accuracies)
-    answered = [k for k, a in enumerate(accuracies) if a is not None]
-    scores = {k: accuracies[k] if accuracies[k] is not None else 0.0
-              for k in range(len(accuracies)) if accuracies[k] is not None or (failed[k] and answered)}
-    rows = list(scores)  # an error row counts once the data has answers (some row was scored)
-
-    def pct(ks: list[int]) -> float:
-        return round(100 * float(sum(scores[k] for k in ks)) / len(ks), digits)
-
-    report: dict[str, Any] = {"questions": len(rows), "overall": pct(rows) if rows else None,
-                              "answered": len(answered), "errors": len(rows) - len(answered),
-                              "answered_overall": pct(answered) if answered else None}
+    tally = OfficialTally()
+    tally.add(accuracies, question_types, answer_types, failed)
+    report = tally.report(digits)
     for name, types in (("perQuestionType", question_types), ("perAnswerType", answer_types)):
         if types is None:
-            continue
-        groups: dict[str, list[int]] = {}
-        for k in rows:
-            if types[k] is not None:
-                groups.setdefault(types[k], []).append(k)
-        report[name] = {t: pct(ks) for t, ks in groups.items()}
+            report.pop(name)
     return report
 
 

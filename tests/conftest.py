@@ -23,6 +23,19 @@ GRAPHS = ROOT / "graphs"
 SLOW_MODULE_LINE = re.compile(r"^pytestmark = pytest\.mark\.slow$", re.MULTILINE)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def question_index_folder(tmp_path_factory):
+    """Question indexes of the tests' datasets in the session's tmp folder, not ~/.cache (in
+    os.environ: the commands the tests start inherit it)."""
+    before = os.environ.get("PNPVQA_QUESTION_INDEX")
+    os.environ["PNPVQA_QUESTION_INDEX"] = str(tmp_path_factory.mktemp("question-index"))
+    yield
+    if before is None:
+        os.environ.pop("PNPVQA_QUESTION_INDEX")
+    else:
+        os.environ["PNPVQA_QUESTION_INDEX"] = before
+
+
 def slow_module(path: Path) -> bool:
     """Whether the test module at ``path`` marks all its tests slow (read as text, not imported)."""
     return path.suffix == ".py" and path.name.startswith("test_") and bool(SLOW_MODULE_LINE.search(path.read_text()))

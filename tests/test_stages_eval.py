@@ -242,3 +242,26 @@ def test_cli_reports_errors_scored_0_and_the_answered_accuracy(tmp_path, write_g
     assert (record["overall"], record["answered_overall"], record["questions"], record["answered"],
             record["errors"]) == (50.0, 66.67, 4, 3, 1)
     assert record["perAnswerType"] == {"yes/no": 50.0, "number": 100.0, "other": 0.0}
+
+
+def test_official_tally_added_part_by_part_equals_the_report_of_the_whole():
+    """A run tallies its results part by part (nothing of them kept): the figures must be the
+    report of all rows at once, to the last digit."""
+    from stages.evaluation import OfficialTally
+
+    rng = np.random.default_rng(3)
+    n = 997
+    acc = [None if r < 0.2 else float(v) for r, v in zip(rng.random(n), rng.choice([0, 0.3, 0.6, 0.9, 1.0], n))]
+    qtypes = [None if r < 0.1 else f"q{k}" for r, k in zip(rng.random(n), rng.integers(0, 7, n))]
+    atypes = [["yes/no", "number", "other", None][k] for k in rng.integers(0, 4, n)]
+    failed = list(rng.random(n) < 0.15)
+    for per_answer_type in (True, False):
+        tally = OfficialTally(per_answer_type=per_answer_type)
+        for start in range(0, n, 64):
+            part = slice(start, start + 64)
+            tally.add(acc[part], qtypes[part], atypes[part], failed[part])
+        whole = official_report(acc, qtypes, atypes if per_answer_type else None, failed=failed)
+        assert tally.report() == whole
+    no_answers = OfficialTally()
+    no_answers.add([None, None], ["a", "b"], [None, None], [True, False])
+    assert no_answers.report() == official_report([None, None], ["a", "b"], [None, None], failed=[True, False])
