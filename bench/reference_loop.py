@@ -16,12 +16,20 @@ the rounds stop at ``max_rounds`` as the runtime's do, so both give the same ans
 draws from torch's global generator and loops without bound.
 
     .venv/bin/python bench/reference_loop.py --images 50 --out answers.json
+    .venv/bin/python bench/reference_loop.py --images 2 --questions-per-image 5 --random-weights \
+        --set gradcam.preset=large --set caption.preset=large --set answer.preset=base \
+        --set caption.num_captions=100 --out answers.json --stats stats.json   # published sizes
+
+``--stats`` writes the seconds of each step (load: decode and preprocess; itm; caption; qa) and
+the process's peak RSS after each, as ``bench/run.py``'s ``published`` part compares them with
+the runtime's nodes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,12 +42,18 @@ sys.path.insert(0, str(ROOT))
 from runtime.executors import apply_threads  # noqa: E402
 
 
-def pnp_vqa_settings() -> dict:
-    """The params of ``graphs/pnp_vqa.yaml``'s model nodes (the reference runs the same)."""
+def pnp_vqa_settings(overrides: list[str] = ()) -> dict:
+    """The params of ``graphs/pnp_vqa.yaml``'s model nodes (the reference runs the same), with
+    ``NODE.PARAM=VALUE`` overrides (values parsed as YAML, as ``runtime run --set``)."""
     from runtime.yaml_io import load_yaml
 
     nodes = load_yaml((ROOT / "graphs" / "pnp_vqa.yaml").read_text())["nodes"]
-    return {name: dict(nodes[name].get("params", {})) for name in ("gradcam", "caption", "answer")}
+    settings = {name: dict(nodes[name].get("params", {})) for name in ("gradcam", "caption", "answer")}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        node, _, param = key.partition(".")
+        settings[node][param] = load_yaml(value)
+    return settings
 
 
 def load_models(settings: dict, device: str):
@@ -131,22 +145,42 @@ def forward_qa(models, questions, captions) -> list[str]:
     return answers
 
 
-def predict(samples: list[dict], batch_size: int, device: str = "cpu") -> dict[str, str]:
+class StepClock:
+    """Seconds per step and the process's peak RSS (MiB) at the end of each."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.peak_rss_mb: dict[str, float] = {}
+
+    def step(self, name: str, fn, *args):
+        from runtime.node_runner import peak_rss_mb
+
+        start = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.peak_rss_mb[name] = peak_rss_mb()
+        return out
+
+
+def predict(samples: list[dict], batch_size: int, device: str = "cpu", overrides: list[str] = (),
+            clock: StepClock | None = None) -> dict[str, str]:
     """Answers by sample id, the reference way."""
     import torch
 
     from stages.images import PreprocessImage
 
-    models = load_models(pnp_vqa_settings(), device)
+    clock = clock or StepClock()
+    models = clock.step("setup", load_models, pnp_vqa_settings(overrides), device)
     preprocess = PreprocessImage(PreprocessImage.Params(family="blip"))
     answers = {}
     for start in range(0, len(samples), batch_size):
         batch = samples[start:start + batch_size]
-        pixels = torch.from_numpy(np.stack([load_question_image(s, preprocess) for s in batch]))
+        pixels = clock.step("load", lambda: torch.from_numpy(np.stack([load_question_image(s, preprocess)
+                                                                        for s in batch])))
         questions = [s["question"] for s in batch]
-        heatmaps = forward_itm(models, pixels, questions)
-        captions = forward_cap(models, pixels, heatmaps, [s["sample_id"] for s in batch])
-        for s, answer in zip(batch, forward_qa(models, questions, captions)):
+        heatmaps = clock.step("itm", forward_itm, models, pixels, questions)
+        captions = clock.step("caption", forward_cap, models, pixels, heatmaps, [s["sample_id"] for s in batch])
+        for s, answer in zip(batch, clock.step("qa", forward_qa, models, questions, captions)):
             answers[s["sample_id"]] = answer
     return answers
 
@@ -163,14 +197,26 @@ def main() -> None:
     ap.add_argument("--questions-per-image", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16, help="questions per data loader batch")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs available)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="NODE.PARAM=VALUE",
+                    help="a model node's param (gradcam, caption, answer), as runtime run --set")
+    ap.add_argument("--random-weights", action="store_true", help="seeded random weights (runtime run's flag)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file: {sample_id: answer}")
+    ap.add_argument("--stats", type=Path, help="JSON file: seconds and peak RSS per step")
     a = ap.parse_args()
+    from models.weights import RANDOM_WEIGHTS_ENV
     from runtime.executors import available_cpus
 
     apply_threads(a.threads or available_cpus())
+    if a.random_weights:
+        os.environ[RANDOM_WEIGHTS_ENV] = "1"
     start = time.perf_counter()
-    answers = predict(shapes_samples(8000, a.images, a.questions_per_image), a.batch_size)
+    clock = StepClock()
+    answers = predict(shapes_samples(8000, a.images, a.questions_per_image), a.batch_size,
+                      overrides=a.overrides, clock=clock)
     a.out.write_text(json.dumps(answers, indent=0, sort_keys=True))
+    if a.stats:
+        a.stats.write_text(json.dumps({"seconds": clock.seconds, "peak_rss_mb": clock.peak_rss_mb,
+                                       "total_s": time.perf_counter() - start}, indent=1))
     print(f"{len(answers)} questions in {time.perf_counter() - start:.1f} s")
 
 

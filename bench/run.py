@@ -3,7 +3,7 @@ medians quoted. Writes ``bench/results/bench.json`` and ``bench/results/bench.md
 
     bin/bench                    # everything, about 40 minutes on 2 cores
     bin/bench --only startup     # one part (repeatable): e2e, profile, startup, sweep, ray, memory, memory_scale,
-                                 # resume, batch
+                                 # resume, batch, published
 
 Parts:
 
@@ -21,7 +21,14 @@ Parts:
   graph over 20k / 200k / 1M generated VQAv2-shaped questions (``bench/memory_scale.py``; 1M:
   the ``--limit 64`` runs only);
 - ``resume``: a run killed when half its shards are done, resumed, against half a fresh run;
-- ``batch``: the model stages' time at several batch sizes (the defaults' evidence).
+- ``batch``: the model stages' time at several batch sizes (the defaults' evidence);
+- ``published``: the runtime against the reference loop at the published sizes with random
+  weights (BLIP large ITM and captioner, ViT-L/16 at 384; UnifiedQA T5 ``--published-t5``) and
+  LAVIS's VQAv2 settings (100 captions, 20 patches, top-k 50, captions 10 to 20 tokens), one
+  sampling round: seconds and peak RSS per step, answers checked equal. A random captioner
+  rarely emits the end token, so each question decodes 100 captions of 20 tokens on both sides:
+  the same decoding work (their texts are short: most ids fall outside the tokenizer).
+  Not in the default set (an hour on 2 cores).
 
 Every command runs with ``--threads`` set to the CPUs available (the runtime's default).
 """
@@ -222,8 +229,62 @@ def batch(tmp: Path, a) -> dict:
     return {n: {str(s): med(v) for s, v in by_size.items()} for n, by_size in times.items()}
 
 
+# LAVIS's VQAv2 settings (pnp_vqa.yaml has them but for the shapes presets' shorter captions), and
+# one sampling round: a random captioner draws ids mostly outside the tiny tokenizer that
+# --random-weights gives it, so its captions decode to a word or nothing, the substring rule
+# rejects most, and every further round would decode 100 more captions per question
+PUBLISHED_SETTINGS = ("caption.num_captions=100", "caption.min_length=10", "caption.max_length=20",
+                      "caption.num_patches=20", "caption.top_k=50", "answer.num_captions_fid=1", "caption.max_rounds=1")
+# reference loop step -> runtime nodes
+PUBLISHED_STEPS = {"load": ("image", "pixels"), "itm": ("gradcam",), "caption": ("caption",), "qa": ("answer",)}
+
+
+def published(tmp: Path, a) -> dict:
+    sets = [f"gradcam.preset={a.published_blip}", f"caption.preset={a.published_blip}",
+            f"answer.preset={a.published_t5}", *PUBLISHED_SETTINGS]
+    data = [f"dataset.num_images={a.published_images}", "dataset.questions_per_image=5"]
+    threads = ["--threads", str(a.threads)]
+    out = tmp / "published-reference"
+    out.mkdir()
+
+    def ours(r: int) -> list[str]:
+        return runtime("run", str(ROOT / "graphs" / "pnp_vqa.yaml"), "--quiet", "--device", "cpu", "--executor",
+                       "local", "--random-weights", "--profile", "--no-cache", "--output", str(tmp / f"out-pub{r}"),
+                       *threads, *[f"--set={x}" for x in sets + data])
+
+    def reference(r: int) -> list[str]:
+        return [PY, str(ROOT / "bench" / "reference_loop.py"), "--random-weights", "--images",
+                str(a.published_images), "--questions-per-image", "5", *threads, *[f"--set={x}" for x in sets],
+                "--out", str(out / f"{r}.json"), "--stats", str(out / f"{r}.stats.json")]
+
+    times = alternate(a.published_repeats, runtime=ours, reference=reference)
+    steps: dict[str, dict] = {}
+    for r in range(a.published_repeats):
+        nodes = manifest(tmp, f"pub{r}")["nodes"]
+        ref = json.loads((out / f"{r}.stats.json").read_text())
+        for step, names in PUBLISHED_STEPS.items():
+            row = steps.setdefault(step, {"runtime_s": [], "runtime_model_s": [], "reference_s": []})
+            row["runtime_s"].append(sum(nodes[n]["seconds"] for n in names))
+            row["runtime_model_s"].append(sum(nodes[n]["model_seconds"] for n in names))
+            row["reference_s"].append(ref["seconds"][step])
+        steps.setdefault("peak_rss_mb", {"runtime": [], "reference": []})
+        steps["peak_rss_mb"]["runtime"].append(max(n["peak_rss_mb"] for n in nodes.values()))
+        steps["peak_rss_mb"]["reference"].append(max(ref["peak_rss_mb"].values()))
+    m = manifest(tmp, "pub0")
+    ours_answers = {k: v for k, v in answers(tmp, "pub0").items()}
+    ref_answers = json.loads((out / "0.json").read_text())
+    return {"blip": a.published_blip, "t5": a.published_t5, "images": a.published_images,
+            "questions": a.published_images * 5, "threads": a.threads, "settings": sets,
+            "runtime_s": times["runtime"], "reference_s": times["reference"],
+            "speedup": med(times["reference"]) / med(times["runtime"]), "steps": steps,
+            "run_s": m["totals"]["seconds"], "model_s": sum(n["model_seconds"] for n in m["nodes"].values()),
+            "answers_equal": sum(ours_answers.get(k) == v for k, v in ref_answers.items()),
+            "answers_compared": len(ref_answers)}
+
+
 PARTS = {"e2e": e2e, "profile": profile, "startup": startup, "sweep": sweep, "ray": ray, "memory": memory,
-         "memory_scale": memory_scale, "resume": resume, "batch": batch}
+         "memory_scale": memory_scale, "resume": resume, "batch": batch, "published": published}
+DEFAULT_PARTS = [part for part in PARTS if part != "published"]
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -302,6 +363,8 @@ def table(results: dict) -> str:
                   "| node | " + " | ".join(str(s) for s in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
         lines += [f"| {node} | " + " | ".join(f"{v[str(s)]:.1f}" for s in sizes) + " |" for node, v in b.items()]
         lines += [""] + source("batch")
+    if "published" in r:
+        lines += published_table(r["published"]) + source("published")
     return "\n".join(lines)
 
 
@@ -335,6 +398,32 @@ def memory_scale_table(m: dict) -> list[str]:
     return lines + [""]
 
 
+def published_table(p: dict) -> list[str]:
+    rss = p["steps"]["peak_rss_mb"]
+    lines = ["## Published sizes (random weights)", "",
+             f"BLIP {p['blip']} ITM and captioner{' (ViT-L/16 at 384)' if p['blip'] == 'large' else ''}, "
+             f"UnifiedQA-v2 T5 {p['t5']}, random weights "
+             f"(`--random-weights`); LAVIS's VQAv2 settings and one sampling round "
+             f"(`{'`, `'.join(p['settings'][3:])}`); "
+             f"{p['images']} shapes images x 5 questions = {p['questions']} questions, {p['threads']} torch threads, "
+             "local executor. A random captioner rarely emits the end token: 100 captions of 20 tokens per question "
+             "on both sides (bench/run.py says why one round). "
+             "Seconds inside each step (runtime: its nodes; `model` = inside model passes, `--profile`), medians.", "",
+             "| step | runtime (model passes) | reference loop | speed-up |", "|---|---|---|---|"]
+    names = {"load": "decode + preprocess", "itm": "ITM + GradCAM", "caption": "captions", "qa": "QA (FiD)"}
+    for step, name in names.items():
+        s = p["steps"][step]
+        lines.append(f"| {name} | {med(s['runtime_s']):.1f} s ({med(s['runtime_model_s']):.1f} s) | "
+                     f"{med(s['reference_s']):.1f} s | {med(s['reference_s']) / med(s['runtime_s']):.2f}x |")
+    lines += [f"| whole command (target >= 5x) | {med(p['runtime_s']):.1f} s | {med(p['reference_s']):.1f} s | "
+              f"{p['speedup']:.2f}x |",
+              f"| peak RSS (target <= 0.6x) | {med(rss['runtime']):.0f} MiB | {med(rss['reference']):.0f} MiB | "
+              f"{med(rss['runtime']) / med(rss['reference']):.2f}x |", "",
+              f"Answers equal: {p['answers_equal']}/{p['answers_compared']}. Model passes: {p['model_s']:.1f} s of the "
+              f"runtime's {p['run_s']:.1f} s run ({100 * p['model_s'] / p['run_s']:.0f}%, target 85%).", ""]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=PARTS, help="run only this part (repeatable)")
@@ -348,9 +437,14 @@ def main() -> None:
     ap.add_argument("--scale-limit-only", type=int, nargs="*", default=[1000000],
                     help="sizes memory_scale measures with --limit 64 runs only (a full run takes too long)")
     ap.add_argument("--scale-shard-size", type=int, default=256, help="shard_size of the memory_scale runs")
+    ap.add_argument("--published-images", type=int, default=2, help="shapes images (5 questions each) of published")
+    ap.add_argument("--published-blip", default="large", help="BLIP preset of published")
+    ap.add_argument("--published-t5", default="base", help="UnifiedQA T5 preset of published (base, large, 3b)")
+    ap.add_argument("--published-repeats", type=int, default=1, help="A/B rounds of published")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of published's commands")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for bench.json and bench.md")
     a = ap.parse_args()
-    parts = a.only or PARTS
+    parts = a.only or DEFAULT_PARTS
     previous = a.out / "bench.json"
     results = json.loads(previous.read_text()) if a.only and previous.exists() else {"parts": {}}
     results.update(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}")
@@ -362,7 +456,8 @@ def main() -> None:
             print(f"[bench] {part} ...", flush=True)
             results["parts"][part] = {**PARTS[part](Path(tmp), a),
                                       "_run": {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"),
-                                               "repeats": a.repeats}}
+                                               "repeats": a.published_repeats if part == "published"
+                                               else a.repeats}}
             print(f"[bench] {part}: {time.perf_counter() - started:.0f} s", flush=True)
             a.out.mkdir(parents=True, exist_ok=True)
             (a.out / "bench.json").write_text(json.dumps(results, indent=2))

@@ -85,6 +85,20 @@ def tokenize_passages(tokenizer, passages: list[list[str]], max_length: int | No
     return ids, mask
 
 
+def passage_token_ids(tokenizer, passages: list[list[str]], max_length: int | None = None) -> list[list[list[int]]]:
+    """The token ids of each passage of B samples, unpadded: the real tokens of
+    :func:`tokenize_passages` (the same truncation), ``[B][n_b][L_p]``."""
+    flat = [p for sample in passages for p in sample]
+    if not flat:
+        raise ValueError("no passages to tokenize")
+    ids = tokenizer(flat, padding=False, truncation=True, max_length=max_length)["input_ids"]
+    out, start = [], 0
+    for sample in passages:
+        out.append(ids[start:start + len(sample)])
+        start += len(sample)
+    return out
+
+
 class FiDT5(nn.Module):
     """Fusion-in-Decoder around a ``T5ForConditionalGeneration`` (held as ``self.t5``)."""
 
@@ -106,6 +120,49 @@ class FiDT5(nn.Module):
         hidden = out.last_hidden_state.reshape(b, n * length, -1)
         return hidden, attention_mask.reshape(b, n * length)
 
+    def encode_packed(self, passages: list[list[list[int]]], chunk_tokens: int = 4096):
+        """The fused encoder states of B samples' passages (token ids ``[B][n_b][L_p]``) with no
+        padding: ``hidden [B, T, d]`` (each sample's passages' real tokens in order, then zeros;
+        T = the most real tokens of a sample) and ``mask [B, T]``.
+
+        The same states as :meth:`encode` without its padded positions, which the decoder never
+        attends to: a T5 encoder's outputs at real tokens do not depend on padding (masked keys
+        get zero attention weight; the relative position bias depends on offsets alone), and
+        cross-attention has no position bias, so dropping masked keys leaves the decoder's input
+        the same (to float rounding: other matrix shapes sum in another order). Passages are
+        sorted by length and encoded in chunks of at most ``chunk_tokens`` padded tokens, so a
+        chunk's rows differ little in length.
+        """
+        flat = [ids for sample in passages for ids in sample]
+        order = sorted(range(len(flat)), key=lambda k: -len(flat[k]))
+        device = self.t5.device
+        states: list[torch.Tensor | None] = [None] * len(flat)
+        start = 0
+        while start < len(order):
+            longest = len(flat[order[start]])
+            chunk = order[start:start + max(1, chunk_tokens // longest)]
+            ids = torch.full((len(chunk), longest), self.config.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+            for row, k in enumerate(chunk):
+                ids[row, :len(flat[k])] = torch.tensor(flat[k])
+                mask[row, :len(flat[k])] = 1
+            hidden = self.t5.encoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     return_dict=True).last_hidden_state
+            for row, k in enumerate(chunk):
+                states[k] = hidden[row, :len(flat[k])]
+            start += len(chunk)
+        per_sample, start = [], 0
+        for sample in passages:
+            per_sample.append(torch.cat(states[start:start + len(sample)]))
+            start += len(sample)
+        length = max(len(x) for x in per_sample)
+        fused = states[0].new_zeros((len(passages), length, states[0].shape[-1]))
+        fused_mask = torch.zeros((len(passages), length), dtype=torch.long, device=device)
+        for b, x in enumerate(per_sample):
+            fused[b, :len(x)] = x
+            fused_mask[b, :len(x)] = 1
+        return fused, fused_mask
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 decoder_input_ids: torch.Tensor, **kwargs):
         """Decoder logits ``[B, T, vocab]`` for ``decoder_input_ids [B, T]`` over the fused
@@ -126,6 +183,19 @@ class FiDT5(nn.Module):
         included) is ``max_new_tokens=19``.
         """
         hidden, mask = self.encode(input_ids, attention_mask)
+        return self._decode(hidden, mask, num_beams, max_new_tokens, min_new_tokens)
+
+    @torch.no_grad()
+    @counted
+    def generate_packed(self, passages: list[list[list[int]]], *, num_beams: int = 1, max_new_tokens: int = 20,
+                        min_new_tokens: int = 0, chunk_tokens: int = 4096) -> torch.LongTensor:
+        """:meth:`generate` over passages given as token ids ``[B][n_b][L_p]`` (unpadded), encoded
+        without padding (:meth:`encode_packed`): the same answers with less encoder work."""
+        hidden, mask = self.encode_packed(passages, chunk_tokens)
+        return self._decode(hidden, mask, num_beams, max_new_tokens, min_new_tokens)
+
+    def _decode(self, hidden: torch.Tensor, mask: torch.Tensor, num_beams: int, max_new_tokens: int,
+                min_new_tokens: int) -> torch.LongTensor:
         cfg = self.t5.config
         start = cfg.decoder_start_token_id if getattr(cfg, "decoder_start_token_id", None) is not None \
             else cfg.pad_token_id

@@ -31,6 +31,11 @@ class QAFiDParams(StageParams):
     min_length: int = Field(0, ge=0, description="fewest answer tokens (LAVIS: 0)")
     max_passage_tokens: int = Field(512, ge=8, description="passages are truncated to this many tokens")
     dtype: DType = Field("float32", description=DTYPE_DOC + "; not float16: T5's activations overflow it")
+    decode_tokens: int = Field(16384, ge=1, description="passage tokens decoded together: questions are answered "
+                               "in groups of at most this many (a question's passages always together); bounds the "
+                               "decoder's cross-attention cache, layers x 2 x d_model x 4 B per token (base 74 kB, "
+                               "large 197 kB)")
+    encode_tokens: int = Field(4096, ge=1, description="padded tokens per encoder call (activation memory)")
 
 
 @STAGES.add
@@ -39,7 +44,10 @@ class QAFiD(ModelStage):
 
     Each passage is the question (lowercased, stripped), a literal ``\\n`` and a group of
     ``num_captions_fid`` captions, exactly as LAVIS builds it; the T5 encoder reads every
-    passage separately and the decoder attends over all of them.
+    passage separately and the decoder attends over all of them. Passages are encoded without
+    padding (sorted by length, across the questions of a batch) and the decoder reads only their
+    real tokens: LAVIS's answers, with less encoder work than padding each question's passages
+    to its longest (``FiDT5.encode_packed``).
     """
 
     name = "qa_fid"
@@ -62,9 +70,7 @@ class QAFiD(ModelStage):
         self.model.to(device, torch_dtype(self.params.dtype))
 
     def process(self, batch: Batch) -> dict[str, Any]:
-        import torch
-
-        from models.fid_t5 import make_passages, tokenize_passages
+        from models.fid_t5 import make_passages, passage_token_ids
 
         p = self.params
         rows, passages = [], []
@@ -75,12 +81,28 @@ class QAFiD(ModelStage):
             rows.append(i)
             passages.append(make_passages(question, captions, p.num_captions_fid))
         answers: list[str | None] = [None] * len(batch)
-        if rows:
-            # samples with fewer passages get fully masked padding passages, which FiD ignores
-            ids, mask = tokenize_passages(self.tokenizer, passages, p.max_passage_tokens)
-            with torch.no_grad():
-                out = self.model.generate(ids.to(self.device), mask.to(self.device), num_beams=p.num_beams,
-                                          max_new_tokens=p.max_length - 1, min_new_tokens=max(0, p.min_length - 1))
-            for i, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
-                answers[i] = text.strip()
+        if not rows:
+            return {"answer": answers}
+        ids = passage_token_ids(self.tokenizer, passages, p.max_passage_tokens)
+        for group in token_groups([sum(map(len, sample)) for sample in ids], p.decode_tokens):
+            out = self.model.generate_packed([ids[g] for g in group], num_beams=p.num_beams,
+                                             max_new_tokens=p.max_length - 1, min_new_tokens=max(0, p.min_length - 1),
+                                             chunk_tokens=p.encode_tokens)
+            for g, text in zip(group, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
+                answers[rows[g]] = text.strip()
         return {"answer": answers}
+
+
+def token_groups(tokens: list[int], budget: int) -> list[list[int]]:
+    """Consecutive indices into ``tokens`` (each question's passage tokens) in groups of at most
+    ``budget`` tokens; a question over the budget is a group alone."""
+    groups: list[list[int]] = []
+    total = 0
+    for i, n in enumerate(tokens):
+        if groups and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    return groups

@@ -15,7 +15,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from conftest import hub_snapshot
 from models import fid_t5, fid_t5_family
-from models.fid_t5 import FID_T5, TINY_TOKENIZER_DIR, FiDT5, load_fid_t5, make_passages, tokenize_passages
+from models.fid_t5 import (FID_T5, TINY_TOKENIZER_DIR, FiDT5, load_fid_t5, make_passages, passage_token_ids,
+                           tokenize_passages)
 from models.weights import WEIGHTS_ENV, WeightsError
 
 BS = "\\"  # one backslash character
@@ -199,6 +200,40 @@ def test_batch_equals_one_by_one(tiny, batch, beams):
         one_ids, one_mask = tokenize_passages(tok, [sample])
         alone = model.generate(one_ids, one_mask, num_beams=beams, max_new_tokens=8, min_new_tokens=2)
         assert _strip(alone[0]) == _strip(together[i])
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 20, 4096])  # one passage per call, a few, all at once
+def test_encode_packed_is_encode_without_padding(tiny, batch, chunk_tokens):
+    model, tok = tiny
+    passages, ids, mask = batch
+    with torch.no_grad():
+        hidden, fused_mask = model.encode(ids, mask)
+        packed, packed_mask = model.encode_packed(passage_token_ids(tok, passages), chunk_tokens)
+    for i in range(len(passages)):
+        real = hidden[i][fused_mask[i].bool()]                       # [T_i, d]: the real tokens in order
+        assert packed_mask[i].sum() == len(real) and packed_mask[i, :len(real)].all()
+        torch.testing.assert_close(packed[i, :len(real)], real, atol=1e-5, rtol=1e-5)
+        assert not packed[i, len(real):].any()
+    assert packed.shape[1] == max(int(m.sum()) for m in fused_mask)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_generate_packed_equals_generate(tiny, batch, beams):
+    model, tok = tiny
+    passages, ids, mask = batch
+    padded = model.generate(ids, mask, num_beams=beams, max_new_tokens=8, min_new_tokens=2)
+    packed = model.generate_packed(passage_token_ids(tok, passages), num_beams=beams, max_new_tokens=8,
+                                   min_new_tokens=2, chunk_tokens=30)
+    assert [_strip(r) for r in packed] == [_strip(r) for r in padded]
+
+
+def test_passage_token_ids_are_the_real_tokens(tiny, batch):
+    _, tok = tiny
+    passages, ids, mask = batch
+    for i, sample in enumerate(passage_token_ids(tok, passages)):
+        assert len(sample) == len(passages[i])
+        for j, row in enumerate(sample):
+            assert row == ids[i, j][mask[i, j].bool()].tolist()
 
 
 def test_beam_search_returns_sequences(tiny, batch):

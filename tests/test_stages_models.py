@@ -131,6 +131,23 @@ def test_qa_fid_matches_model_and_fails_rows_without_captions():
     assert out["answer"][0] == expected and isinstance(out["answer"][2], str)
 
 
+def test_qa_fid_answers_equal_the_reference_loop():
+    """Packed passages, questions of several lengths and caption counts, answered in several
+    decoder groups: LAVIS's answers (one padded generate per question, bench/reference_loop.py)."""
+    from bench.reference_loop import forward_qa
+
+    stage = QAFiD(QAFiD.Params(decode_tokens=120, encode_tokens=64))
+    stage.setup("cpu")
+    rng = np.random.default_rng(4)
+    words = ["a", "red", "blue", "circle", "square", "two", "small", "triangle", "on", "the", "left", "big"]
+    questions = [QUESTIONS[i % 3] + " " * i for i in range(8)]
+    captions = [[" ".join(rng.choice(words, rng.integers(2, 9))) for _ in range(rng.integers(1, 12))]
+                for _ in questions]
+    out = stage.process(Batch({"question": questions, "captions": captions}, {}, [str(i) for i in range(8)]))
+    assert out["answer"] == forward_qa({"answer": stage}, questions, captions)
+    assert len(set(out["answer"])) > 1  # answers that vary with the passages
+
+
 @pytest.mark.parametrize("executor", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_pnp_vqa_graph_runs(tmp_path, executor, request):
     if executor == "ray":

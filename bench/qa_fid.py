@@ -1,0 +1,112 @@
+"""The QA stage alone at a published T5 size: the runtime's ``qa_fid`` against the reference
+loop's ``forward_qa`` (one padded FiD ``generate`` per question, as LAVIS) and against the
+stage's previous way (every passage of the batch padded to the batch's longest, one
+``generate``), on the same questions and captions, A/B alternated; answers checked equal.
+
+Captions are what a randomly initialised BLIP captioner emits at LAVIS's VQAv2 settings: random
+word pieces, never the end token, so every caption has ``max_length`` minus the prompt's tokens
+(16 pieces) -- drawn here uniformly from the vocabulary of the tokenizer that
+``--random-weights`` gives the BLIP captioner.
+
+    .venv/bin/python bench/qa_fid.py --preset base --questions 4 --captions 100 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def random_captions(questions: int, captions: int, seed: int = 0) -> list[list[str]]:
+    """``captions`` texts per question, as a random BLIP captioner's (module doc)."""
+    from models.blip.tokenizer import load_blip_tokenizer
+    from models.blip.family import BLIP_CAPTION
+
+    tok = load_blip_tokenizer(BLIP_CAPTION.tokenizer_dir("large", None))
+    ordinary = np.setdiff1d(np.arange(len(tok)), tok.all_special_ids)
+    rng = np.random.default_rng(seed)
+    return [[tok.decode(rng.choice(ordinary, 16).tolist(), clean_up_tokenization_spaces=True)
+             for _ in range(captions)] for _ in range(questions)]
+
+
+def padding_stats(tokenizer, passages: list[list[str]], max_length: int) -> dict:
+    """Encoder tokens of each way: real, padded per question (reference), padded per batch (before)."""
+    from models.fid_t5 import passage_token_ids
+
+    lengths = [[len(p) for p in sample] for sample in passage_token_ids(tokenizer, passages, max_length)]
+    longest = max(max(s) for s in lengths)
+    return {"real": sum(map(sum, lengths)), "per_question_padded": sum(len(s) * max(s) for s in lengths),
+            "per_batch_padded": sum(len(s) for s in lengths) * longest,
+            "passage_tokens_min_max": [min(map(min, lengths)), longest]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="base")
+    ap.add_argument("--questions", type=int, default=4)
+    ap.add_argument("--captions", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ways", nargs="+", default=["reference", "before", "runtime"])
+    ap.add_argument("--out", type=Path, help="JSON file of the results")
+    a = ap.parse_args()
+    from runtime.executors import apply_threads
+
+    apply_threads(a.threads)
+    os.environ["PNPVQA_RANDOM_WEIGHTS"] = "1"  # before any preset is looked up: the tokenizers too
+    import torch
+
+    from bench.reference_loop import forward_qa, shapes_samples
+    from models.fid_t5 import make_passages, tokenize_passages
+    from stages.base import Batch
+    from stages.qa import QAFiD
+
+    stage = QAFiD(QAFiD.Params(preset=a.preset, max_length=20))
+    stage.setup("cpu")
+    samples = shapes_samples(8000, a.questions, 1)
+    questions = [s["question"] for s in samples]
+    captions = random_captions(len(questions), a.captions)
+    passages = [make_passages(q, c, 1) for q, c in zip(questions, captions)]
+    p = stage.params
+
+    def before() -> list[str]:
+        ids, mask = tokenize_passages(stage.tokenizer, passages, p.max_passage_tokens)
+        out = stage.model.generate(ids, mask, max_new_tokens=p.max_length - 1)
+        return [t.strip() for t in stage.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    ways = {"reference": lambda: forward_qa({"answer": stage}, questions, captions),
+            "before": before,
+            "runtime": lambda: stage.process(Batch({"question": questions, "captions": captions}, {},
+                                                   [str(i) for i in range(len(questions))]))["answer"]}
+    times: dict[str, list[float]] = {w: [] for w in a.ways}
+    answers: dict[str, list[str]] = {}
+    with torch.no_grad():
+        for _ in range(a.repeats):
+            for w in a.ways:
+                start = time.perf_counter()
+                answers[w] = ways[w]()
+                times[w].append(time.perf_counter() - start)
+                print(f"{w}: {times[w][-1]:.1f} s", flush=True)
+    med = {w: statistics.median(t) for w, t in times.items()}
+    result = {"preset": a.preset, "questions": len(questions), "captions": a.captions, "threads": a.threads,
+              "seconds": times, "median_s": med,
+              "speedup_over_reference": {w: med.get("reference", float("nan")) / m for w, m in med.items()},
+              "answers_equal_reference": {w: answers[w] == answers.get("reference", answers[w]) for w in answers},
+              "tokens": padding_stats(stage.tokenizer, passages, p.max_passage_tokens)}
+    print(json.dumps(result, indent=1))
+    if a.out:
+        a.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
