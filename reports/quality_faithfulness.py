@@ -3,6 +3,12 @@ captions (deletion / insertion / ROAD AUC through ``graphs/overlays/faithfulness
 random and centre-prior orders) on the first images of the held-out set, and how far each of
 these scores agrees with the mask scores: Spearman's rho over samples (per variant and pooled)
 and over the variants' means. Where it agrees, it can stand in for them on data without masks.
+
+Agreement is measured on each score's gain over the random order on the same question, not on
+the raw area: an area also carries how strongly the ITM matches that question at all (its
+level), which moves every order's area together and correlates with the mask scores by itself
+(a question whose object the heatmap finds tends to be one the ITM matches strongly). The
+level's own agreement is reported beside it, so the reader sees what the raw areas would mix in.
 """
 
 from __future__ import annotations
@@ -64,22 +70,36 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _rhos(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """``{score: {mask score: rho}}`` over ``rows``, each mask-free score signed so higher is better."""
-    return {s: {m: spearman([None if r[f"{s}_auc"] is None else sign * r[f"{s}_auc"] for r in rows],
-                            [r[m] for r in rows]) for m in MASK_SCORES}
-            for s, sign in SCORES.items()}
+def _gain(row: dict[str, Any], score: str) -> float | None:
+    """How much better than the random order on the same question the heatmap's order does
+    (signed so higher is better)."""
+    area, level = row[f"{score}_auc"], row[f"random_{score}_auc"]
+    return None if area is None or level is None else SCORES[score] * (area - level)
+
+
+def _rhos(rows: Sequence[dict[str, Any]], value=_gain) -> dict[str, dict[str, float | None]]:
+    """``{score: {mask score: rho}}`` over ``rows`` of ``value(row, score)``."""
+    return {s: {m: spearman([value(r, s) for r in rows], [r[m] for r in rows]) for m in MASK_SCORES}
+            for s in SCORES}
+
+
+def _level(row: dict[str, Any], score: str) -> float | None:
+    """The random order's area: the question's evidence level, whatever the heatmap."""
+    return row[f"random_{score}_auc"]
 
 
 def faithfulness_table(rows_by_variant: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Per variant: questions, mean AUCs (heatmap, random and centre orders) and mean mask scores
-    over the scored questions; agreement (Spearman's rho) per variant, pooled over the variants'
-    questions, and over the variants' means."""
+    over the scored questions; agreement (Spearman's rho) of the gain over the random order per
+    variant, pooled over the variants' questions, and over the variants' means; and the pooled
+    agreement of the random order's own area (``level``)."""
     variants = {name: {"questions": len(rows), **{k: _mean(r[k] for r in rows) for k in rows[0]}} if rows
                 else {"questions": 0} for name, rows in rows_by_variant.items()}
     agreement = {name: _rhos(rows) for name, rows in rows_by_variant.items()}
-    agreement["pooled"] = _rhos([r for rows in rows_by_variant.values() for r in rows])
+    pooled = [r for rows in rows_by_variant.values() for r in rows]
+    agreement["pooled"] = _rhos(pooled)
     agreement["variants"] = _rhos([m for m in variants.values() if m["questions"]])
+    agreement["level"] = _rhos(pooled, _level)
     return {"variants": variants, "agreement": agreement}
 
 
@@ -110,17 +130,38 @@ def render_section(table: dict[str, Any], *, images: int) -> list[str]:
     lines += [
         "",
         "Agreement with the mask scores: Spearman's rank correlation (ties at their average rank) between each "
-        "mask-free score, signed so that higher is better (−deletion, insertion, −ROAD), and the pointing game / "
-        "energy in mask / top-20 recall of the same heatmap, over the questions of each variant that refer to "
-        "objects, over all variants' questions pooled, and over the variants' means. 1: the same order; 0: "
-        "unrelated; –: fewer than 3 pairs, or a score that is constant there (a flat heatmap has no order).",
+        "mask-free score's gain over the random order on the same question, signed so that higher is better "
+        "(random − deletion, insertion − random, random − ROAD), and the pointing game / energy in mask / top-20 "
+        "recall of the same heatmap, over the questions of each variant that refer to objects, over all variants' "
+        "questions pooled, and over the variants' means. 1: the same order; 0: unrelated; –: fewer than 3 pairs, "
+        "or a score that is constant there (a flat heatmap has no order). The gain, not the raw area: an area also "
+        "carries how strongly the ITM matches the question at all, whatever the heatmap; the last row is that "
+        "level alone (the random order's area, unsigned), which is what a raw area's agreement would mix in.",
         "",
         "| over | " + " | ".join(f"{LABELS[s]}: {' / '.join(MASK_SCORES.values())}" for s in SCORES) + " |",
         "|---|---|---|---|",
     ]
     scopes = [*((f"questions of `{n}`", n) for n in variants), ("all questions", "pooled"),
-              (f"variant means ({sum(1 for m in variants.values() if m['questions'])})", "variants")]
+              (f"variant means ({sum(1 for m in variants.values() if m['questions'])})", "variants"),
+              ("level only: the random order's area, all questions", "level")]
     for label, key in scopes:
         lines.append(f"| {label} | " + " | ".join(" / ".join(_fmt(agreement[key][s][m]) for m in MASK_SCORES)
                                                    for s in SCORES) + " |")
-    return lines
+    return lines + _reading(agreement)
+
+
+def _reading(agreement: dict[str, Any]) -> list[str]:
+    """One sentence from the agreement table: the best pair over variant means and the strongest
+    pooled per-question agreement, i.e. whether the scores rank variants and whether they judge
+    single heatmaps."""
+    def strongest(key: str, value=lambda rho: rho) -> tuple[float, str, str] | None:
+        pairs = [(rho, s, m) for s in SCORES for m, rho in agreement[key][s].items() if rho is not None]
+        return max(pairs, key=lambda p: value(p[0])) if pairs else None
+
+    ranked, single = strongest("variants"), strongest("pooled", abs)
+    if ranked is None or single is None:
+        return []
+    return ["", f"Read: over the variants' means, {LABELS[ranked[1]]} orders the variants as {MASK_SCORES[ranked[2]]} "
+                f"does with rho {ranked[0]:.2f}; over single questions the strongest agreement is {single[0]:.2f} "
+                f"({LABELS[single[1]]} with {MASK_SCORES[single[2]]}), so on data without masks these scores compare "
+                + ("variants, not single heatmaps." if abs(single[0]) < 0.5 else "variants and single heatmaps.")]

@@ -99,9 +99,9 @@ def test_metrics_and_findings_by_background(tmp_path):
     assert all(k.startswith("shapes-9000-") for k in real)
 
 
-def _faith_row(deletion, insertion, road, pointing, energy, recall):
+def _faith_row(deletion, insertion, road, pointing, energy, recall, level=0.5):
     return {"deletion_auc": deletion, "insertion_auc": insertion, "road_auc": road,
-            "random_deletion_auc": 0.5, "random_insertion_auc": 0.5, "random_road_auc": 0.5,
+            "random_deletion_auc": level, "random_insertion_auc": level, "random_road_auc": level,
             "centre_deletion_auc": 0.4, "centre_insertion_auc": 0.6, "centre_road_auc": 0.45,
             "pointing_game": pointing, "energy_in_mask": energy, "topk_recall": recall}
 
@@ -136,18 +136,36 @@ def test_faithfulness_section_means_and_rank_agreement_with_the_masks():
     pooled = [r for rs in rows.values() for r in rs]
     from reports.agreement import spearman
     assert agree["pooled"]["road"]["energy_in_mask"] == pytest.approx(
-        spearman([-r["road_auc"] for r in pooled], [r["energy_in_mask"] for r in pooled]))
+        spearman([r["random_road_auc"] - r["road_auc"] for r in pooled], [r["energy_in_mask"] for r in pooled]))
+    assert agree["level"]["deletion"]["energy_in_mask"] is None   # the random order's area is 0.5 throughout
 
     text = "\n".join(render_section(t, images=2))
     assert "on the first 2 held-out images (9 questions over all variants)" in text
     assert "| `a` | 0.400 | 0.500 | 0.400 | 0.800 | 0.500 | 0.600 | 0.300 | 0.500 | 0.450 |" in text
     assert "| questions of `a` | 0.866 / 1.000 / – | 0.866 / 1.000 / – |" in text
     assert "| variant means (3) |" in text and "| all questions |" in text
+    assert "| level only: the random order's area, all questions | – / – / – |" in text
+    assert "Read: over the variants' means, −deletion orders the variants as pointing does with rho 1.00" in text
     full = render_markdown({"a": {**_base_metrics(), "vqa_accuracy": 0.5}}, {}, seed=1, images=2, command="c",
                            findings=[], faithfulness=t, faithfulness_images=2)
     assert "## Heatmap faithfulness without masks" in full
     assert "## Heatmap faithfulness without masks" not in render_markdown(
         {"a": {**_base_metrics(), "vqa_accuracy": 0.5}}, {}, seed=1, images=2, command="c", findings=[])
+
+
+def test_faithfulness_agreement_is_on_the_gain_over_the_random_order_not_the_questions_level():
+    from reports.quality_faithfulness import faithfulness_table
+
+    # the ITM matches the found objects' questions more strongly (random-order areas 0.3, 0.5, 0.7,
+    # 0.9 rise with the energy), so the raw deletion area rises with the energy too; the heatmap's gain
+    # over random (level - deletion: 0.2, 0.15, 0.1, 0.05) falls as the energy rises
+    rows = {"a": [_faith_row(0.1, 0.5, 0.1, 0.0, 0.1, 0.1, level=0.3), _faith_row(0.35, 0.6, 0.35, 0.0, 0.2, 0.2, level=0.5),
+                  _faith_row(0.6, 0.7, 0.6, 1.0, 0.3, 0.3, level=0.7), _faith_row(0.85, 0.8, 0.85, 1.0, 0.4, 0.4, level=0.9)]}
+    agree = faithfulness_table(rows)["agreement"]
+    assert agree["a"]["deletion"]["energy_in_mask"] == pytest.approx(-1.0)
+    assert agree["level"]["deletion"]["energy_in_mask"] == pytest.approx(1.0)
+    # insertion - random: 0.2 0.1 0.0 -0.1 (ranks 4 3 2 1) vs pointing 0 0 1 1 (1.5 1.5 3.5 3.5): -4 / sqrt(5 * 4)
+    assert agree["a"]["insertion"]["pointing_game"] == pytest.approx(-2 / np.sqrt(5))
 
 
 def _base_metrics():
