@@ -38,6 +38,7 @@ HOST = socket.gethostname()
 # A claim (Location.claim) lives for a few requests; one older than this was left by a process
 # that died holding it.
 CLAIM_STALE = 30.0
+OBJECT_READ = 1 << 23  # bytes of an object streamed per request (object_stream)
 
 
 def new_writer_id() -> str:
@@ -406,6 +407,21 @@ def object_bytes(uri: str) -> bytes:
             return fh.read()
 
     return retried(read)
+
+
+def object_stream(uri: str):
+    """A stream of the bytes of the object at ``uri``, read ``OBJECT_READ`` bytes (one ranged
+    GET) at a time, so a big file (a question file) is never held whole;
+    ``FileNotFoundError`` when there is none."""
+    fs, path = _open_uri(uri)
+    return retried(lambda: fs.open_input_stream(path, buffer_size=OBJECT_READ))
+
+
+def object_type(uri: str) -> pafs.FileType:
+    """What ``uri`` names, from metadata alone: an object (``File``), a prefix with objects
+    under it (``Directory``, as a folder of images is) or nothing (``NotFound``)."""
+    fs, path = _open_uri(uri)
+    return retried(lambda: fs.get_file_info(path.rstrip("/"))).type
 
 
 def object_version(uri: str) -> tuple[int, float] | None:

@@ -12,7 +12,10 @@ What a node's result depends on is fingerprinted per node, not per shard
 it reads, in an order-free way (rows sorted by id), so reordering questions inside a shard,
 or editing a column a node does not read, keeps its cached result. Image files count by the
 sha256 of their bytes (remembered per file version: ``artifacts.filehash``), not by path, so a
-dataset moved to another folder or machine keeps its cache.
+dataset moved to another folder or machine keeps its cache. An image given as a URI counts by
+its URI, size and modification time, from the object's metadata (``_object_tokens``): the
+driver downloads no image, the worker that decodes it reads it once; an object overwritten
+with one of the same size within the same second (S3's times are whole seconds) is not noticed.
 """
 
 from __future__ import annotations

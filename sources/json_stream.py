@@ -1,7 +1,8 @@
 """Read a big JSON file one entry at a time: the items of a top-level object, or the elements
 of one of its arrays, each parsed alone (``json.JSONDecoder.raw_decode`` on a buffer refilled
 from the file). A question file of millions of entries then never exists as one Python object:
-memory holds one buffer and what the caller keeps of each entry.
+memory holds one buffer and what the caller keeps of each entry. The file is a local path or
+the URI of an object in a bucket (``s3://bucket/q.json``), streamed a range at a time.
 
 A file that is not the expected shape raises ``ValueError`` naming the byte offset, as
 ``json.load`` would.
@@ -9,9 +10,12 @@ A file that is not the expected shape raises ``ValueError`` naming the byte offs
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
+
+from artifacts.location import is_uri, object_stream
 
 CHUNK = 1 << 20
 _DECODER = json.JSONDecoder()
@@ -98,10 +102,17 @@ def _elements(r: _Reader) -> Iterator[Any]:
             return
 
 
+def _text(path: str | Path) -> TextIO:
+    """``path`` opened as UTF-8 text: a local file, or an object read a range at a time."""
+    if isinstance(path, str) and is_uri(path):
+        return io.TextIOWrapper(object_stream(path), encoding="utf-8")
+    return open(Path(path).expanduser(), encoding="utf-8")
+
+
 def object_items(path: str | Path, expected: str) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` of the top-level object of ``path``, one at a time; ``ValueError`` saying
     ``expected`` when the top level is not an object."""
-    with open(Path(path).expanduser(), encoding="utf-8") as f:
+    with _text(path) as f:
         r = _Reader(f, str(path))
         if r.peek() != "{":
             r.value()  # invalid JSON is said as such
@@ -116,7 +127,7 @@ def array_entries(path: str | Path, key: str, head: dict[str, Any]) -> Iterator[
     values (small: a question file's ``info``, ``data_subtype``...) are put into ``head``. An
     object without such an array yields nothing and puts ``head[key]`` as found (absent, or
     not a list: the caller says what is wrong)."""
-    with open(Path(path).expanduser(), encoding="utf-8") as f:
+    with _text(path) as f:
         r = _Reader(f, str(path))
         if r.peek() != "{":
             head["_top"] = r.value()  # not an object: the caller names what it is

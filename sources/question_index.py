@@ -2,7 +2,8 @@
 the order the source yields them (grouped by image), read a batch at a time.
 
 A question file is parsed once per version (``artifacts.filehash.file_version`` of every file
-it is built from): later runs read the index instead, so a ``--limit``, resumed or extended
+it is built from; of an object in a bucket, its URI, size and modification time, read from its
+metadata: a later run downloads nothing of it): later runs read the index instead, so a ``--limit``, resumed or extended
 run starts at once, and a run's memory holds a batch of records, not the dataset. Indexes live under ``$PNPVQA_QUESTION_INDEX``
 (default ``~/.cache/pnpvqa-runtime/question-index``; ``off``: built in a temporary folder
 for each run, never reused); building one removes those of earlier versions of the same files.
@@ -14,6 +15,7 @@ and the mapped pages are what a build holds (about 100 bytes a question, once pe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import json
@@ -27,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from artifacts.filehash import file_version
+from artifacts.location import is_uri, object_version
 
 INDEX_ENV = "PNPVQA_QUESTION_INDEX"
 INDEX_VERSION = 2  # of the index's layout and of what the sources put in it
@@ -128,8 +131,8 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
         build(Path(scratch.name), Path(scratch.name) / "index.arrow")
         return QuestionIndex(Path(scratch.name) / "index.arrow", keep=scratch)
     folder.mkdir(parents=True, exist_ok=True)
-    versions = [file_version(f) for f in files]
-    files_key = _digest([kind, [v[0] for v in versions]])  # the files by real path
+    versions = [_version(f) for f in files]
+    files_key = _digest([kind, [v[0] for v in versions]])  # the files by real path or URI
     path = folder / f"{kind}-{files_key}-{_digest([INDEX_VERSION, versions])}.arrow"
     if not path.is_file():
         with tempfile.TemporaryDirectory(prefix=f".{kind}-", dir=folder) as scratch:
@@ -139,6 +142,18 @@ def open_index(kind: str, files: list[str], build: Callable[[Path, Path], None])
             if older != path:
                 older.unlink(missing_ok=True)
     return QuestionIndex(path)
+
+
+def _version(file: str) -> tuple:
+    """What a version of ``file`` is known by: a local file's ``file_version``; an object's URI,
+    size and modification time (an object is rewritten whole, with a new time: to the second on
+    S3, so a rewrite of the same size within that second would keep the old index)."""
+    if not is_uri(file):
+        return file_version(os.path.expanduser(file))  # as the source reads it
+    version = object_version(file)
+    if version is None:
+        raise FileNotFoundError(errno.ENOENT, "no such object", file)
+    return (file, *version)
 
 
 def _digest(value: Any) -> str:

@@ -1,8 +1,10 @@
 """VQAv2 / OK-VQA and GQA question files with an image folder.
 
-A question file is read once per version into an index (``sources.question_index``: Arrow
-columns in a file, read a batch at a time), so a run holds a batch of records, not the file;
-images stay on disk and are passed on as paths. Samples are grouped by image, images in order of first
+The files and the folder are local paths or URIs (``s3://bucket/vqa/questions.json``,
+``s3://bucket/vqa/val2014``). A question file is read once per version into an index
+(``sources.question_index``: Arrow columns in a file, read a batch at a time), so a run holds a
+batch of records, not the file; images stay where they are and are passed on as paths or URIs,
+read by the workers that decode them. Samples are grouped by image, images in order of first
 appearance in the question file.
 A missing image file is not an error here: the image loading stage turns it into an error
 row (a warning names the first one, to catch a wrong ``image_pattern`` early). So is an entry
@@ -22,8 +24,10 @@ from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 from pydantic import Field, field_validator
 
+from artifacts.location import is_uri, object_type, object_version
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 from sources.json_stream import array_entries, object_items
 from sources.question_index import QuestionIndex, grouped_order, mapped, open_index, write_in_order, write_rows
@@ -36,9 +40,10 @@ VQA_IMAGE_PATTERNS = ("COCO_{data_subtype}_{image_id:012d}.jpg", "{image_id:012d
 class VQAv2Params(SourceParams):
     path_params = ("questions", "annotations", "images")
     questions: str = Field(
-        ..., description="VQAv2 / OK-VQA questions JSON (OpenEnded_mscoco_*_questions.json)")
-    annotations: str | None = Field(None, description="annotations JSON with the human answers (optional)")
-    images: str = Field(..., description="folder of the COCO images")
+        ..., description="VQAv2 / OK-VQA questions JSON (OpenEnded_mscoco_*_questions.json), a path or a URI")
+    annotations: str | None = Field(
+        None, description="annotations JSON with the human answers (optional), a path or a URI")
+    images: str = Field(..., description="folder of the COCO images, or a URI prefix (s3://bucket/val2014)")
     image_pattern: str | None = Field(
         None, description="image file name with {image_id} and {data_subtype}; default: "
         "COCO_{data_subtype}_{image_id:012d}.jpg, else {image_id:012d}.jpg")
@@ -51,8 +56,9 @@ class VQAv2Params(SourceParams):
 
 class GQAParams(SourceParams):
     path_params = ("questions", "images")
-    questions: str = Field(..., description="GQA questions JSON (e.g. testdev_balanced_questions.json)")
-    images: str = Field(..., description="folder of the GQA images")
+    questions: str = Field(
+        ..., description="GQA questions JSON (e.g. testdev_balanced_questions.json), a path or a URI")
+    images: str = Field(..., description="folder of the GQA images, or a URI prefix (s3://bucket/gqa/images)")
     image_pattern: str = Field("{image_id}.jpg", description="image file name with {image_id}")
 
     @field_validator("image_pattern")
@@ -147,7 +153,7 @@ class VQAv2Source(Source):
         p = self.params
         index = self._index
         subtype, patterns = self._patterns()
-        images = _ImageFolder(p.images)
+        images = _image_folder(p.images)
         group = None
         for row in index:
             q = json.loads(row["odd"]) if row["odd"] is not None else \
@@ -297,7 +303,7 @@ class GQASource(Source):
 
     def iter_samples(self) -> Iterator[dict[str, Any]]:
         p = self.params
-        images = _ImageFolder(p.images)
+        images = _image_folder(p.images)
         group = image_path = None  # found for the group's first usable entry (broken ones name no image)
         for row in self._index:
             qid = row["sample_id"]
@@ -362,6 +368,10 @@ def entry_problem(entry: Any, needed: tuple[str, ...]) -> str | None:
     return f"no {missing[0]}; every question needs {' and '.join(needed)}" if missing else None
 
 
+def _image_folder(folder: str) -> _ImageFolder | _ObjectFolder:
+    return _ObjectFolder(folder) if is_uri(folder) else _ImageFolder(folder)
+
+
 class _ImageFolder:
     """Resolves image file names in a folder to absolute paths (``os.path``: pathlib would intern
     every file name for the life of the process, memory that grows with the images)."""
@@ -376,9 +386,44 @@ class _ImageFolder:
         found = next((p for p in paths if os.path.isfile(p)), None)
         if found is None and not self.warned:
             self.warned = True
-            log.warning("image not found: %s (tried %s); such samples will become error rows; "
-                        "check images and image_pattern", paths[0], ", ".join(names))
+            _warn_missing(paths[0], names)
         return found or paths[0]
+
+
+class _ObjectFolder:
+    """Names image objects under a URI prefix (``s3://bucket/val2014/NAME``).
+
+    The driver does not look every image up, as it does in a local folder: that would be a
+    request or more per image, on top of the version a shard's fingerprint asks of each. Nor
+    does it list the prefix: a request per thousand objects (of other splits too) before the
+    first sample, and every name held. Instead the first images decide which of the candidate
+    names the folder uses (the first that exists; at most ``PROBES`` images are looked up, a few
+    requests each, however big the dataset), and every image is named that way; a missing one
+    fails its row where the loading stage reads it. So, unlike a local folder, one prefix
+    cannot mix the candidate names (VQAv2's ``COCO_val2014_...`` and bare ``000000000042.jpg``).
+    """
+
+    PROBES = 8
+
+    def __init__(self, folder: str):
+        self.folder = folder.rstrip("/")
+        self.chosen: int | None = None  # which of the candidate names the folder uses, once seen
+        self.probes = 0
+
+    def path(self, names: list[str]) -> str:
+        """The URI of the candidate name the folder uses (the first until one is found; warn once)."""
+        uris = [f"{self.folder}/{n}" for n in names]
+        if self.chosen is None and self.probes < self.PROBES:
+            self.probes += 1
+            self.chosen = next((k for k, uri in enumerate(uris) if object_version(uri) is not None), None)
+            if self.chosen is None and self.probes == 1:
+                _warn_missing(uris[0], names)
+        return uris[self.chosen or 0]
+
+
+def _warn_missing(path: str, names: list[str]) -> None:
+    log.warning("image not found: %s (tried %s); such samples will become error rows; "
+                "check images and image_pattern", path, ", ".join(names))
 
 
 def _entries(path: str, key: str, head: dict[str, Any]) -> Iterator[Any]:
@@ -393,14 +438,27 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> ValueError:
 
 
 def _missing_file(param: str, path: str, expected: str) -> list[tuple[str, str]]:
-    if Path(path).expanduser().is_file():
-        return []
-    return [(param, f"{path} does not exist or is not a file; expected {expected}; "
-                    f"set {param} to its path (download it from the dataset's site)")]
+    problem = _not_a(path, pafs.FileType.File, "a file")
+    return [(param, f"{path} {problem}; expected {expected}; set {param} to its path or URI "
+                    "(download it from the dataset's site)")] if problem else []
 
 
 def _missing_dir(param: str, path: str) -> list[tuple[str, str]]:
-    if Path(path).expanduser().is_dir():
-        return []
-    return [(param, f"{path} does not exist or is not a folder; expected the folder of the "
-                    f"dataset's images; set {param} to it")]
+    problem = _not_a(path, pafs.FileType.Directory, "a folder")
+    return [(param, f"{path} {problem}; expected the folder (or URI prefix) of the dataset's images; "
+                    f"set {param} to it")] if problem else []
+
+
+def _not_a(path: str, kind: pafs.FileType, what: str) -> str | None:
+    """Why ``path`` (local, or a URI looked up in its store: metadata only) is not ``what``."""
+    try:
+        found = object_type(path) if is_uri(path) else _local_type(Path(path).expanduser())
+    except (ValueError, OSError) as exc:  # a URI pyarrow cannot open, a store that does not answer
+        return f"cannot be looked up ({exc})"
+    return None if found == kind else f"does not exist or is not {what}"
+
+
+def _local_type(path: Path) -> pafs.FileType:
+    if path.is_file():
+        return pafs.FileType.File
+    return pafs.FileType.Directory if path.is_dir() else pafs.FileType.NotFound

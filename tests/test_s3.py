@@ -1,10 +1,12 @@
 """The store and run folders on a real S3 API (moto's server on localhost, tests/s3_server.py),
 reached through pyarrow's own S3FileSystem: runs, resume after SIGKILL, cache verify and gc,
-the run lock without atomic creation, objects cut short, throttling retried."""
+the run lock without atomic creation, objects cut short, throttling retried, datasets (a
+manifest, VQAv2, GQA) and their images in a bucket."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,12 +20,15 @@ import pytest
 import stages
 from artifacts.columns import TensorSpec
 
-from artifacts.location import Location
+from artifacts.location import Location, object_version
 from conftest import GRAPHS, ROOT
 from runtime.api import run_graph
 from runtime.cli import main
+from runtime.errors import GraphError
 from runtime.run import read_results
 from runtime.run_lock import RunLock, RunLocked
+from sources import VQAv2Source, vqa
+from sources.json_stream import array_entries
 from stages.base import Batch, Granularity, Input, Output, Stage
 from s3_server import FaultyProxy, bucket, patched_env, s3  # noqa: F401  (fixtures)
 from test_resume import _cli as slow_cli  # the CLI with a slow sample_patches registered
@@ -237,13 +242,13 @@ def test_throttling_and_server_errors_are_retried(s3, bucket, reference):
 
 # -- datasets in a bucket ----------------------------------------------------------------------
 
-def _png(width: int, height: int, shade: int) -> bytes:
+def _png(width: int, height: int, shade: int, format: str = "PNG") -> bytes:
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (width, height), (shade, shade // 2, 80)).save(buffer, format="PNG")
+    Image.new("RGB", (width, height), (shade, shade // 2, 80)).save(buffer, format=format)
     return buffer.getvalue()
 
 
@@ -356,3 +361,172 @@ def test_manifest_in_a_bucket_with_images_beside_it(s3, bucket, tmp_path, write_
     assert sizes(f"s3://{bucket}/data/m.csv", "csv") == {"c": [18, 12]}
     with pytest.raises(Exception, match=f"s3://{bucket}/data/nope.jsonl does not exist"):
         sizes(f"s3://{bucket}/data/nope.jsonl", "nope")
+
+
+# VQAv2 and GQA files and image folders in a bucket: the same rows as from a local disk
+
+COCO = {42: (40, 30), 7: (24, 64), 9: (50, 50), 13: (16, 20)}  # image id: size of its image
+
+
+def _vqa_dataset() -> dict[str, bytes]:
+    """A VQAv2 dataset (questions, annotations, four COCO-named images) by relative path; image
+    99 has a question but no file."""
+    questions = [{"image_id": i, "question": f"q{i}-{k}?", "question_id": 10 * i + k}
+                 for i in (*COCO, 99) for k in range(2 if i in (42, 9) else 1)]
+    annotations = [{"question_id": q["question_id"], "image_id": q["image_id"], "question_type": "what",
+                    "answer_type": "other", "answers": [{"answer": f"a{q['question_id']}"}] * 10} for q in questions]
+    files = {"q.json": json.dumps({"data_subtype": "val2014", "questions": questions}).encode(),
+             "a.json": json.dumps({"annotations": annotations}).encode()}
+    for image_id, (w, h) in COCO.items():
+        files[f"val2014/COCO_val2014_{image_id:012d}.jpg"] = _png(w, h, 3 * image_id, format="JPEG")
+    return files
+
+
+def _gqa_dataset() -> dict[str, bytes]:
+    questions = {f"g{i}{k}": {"imageId": f"n{i}", "question": f"is {i}-{k}?", "answer": "yes",
+                              "types": {"structural": "verify"}} for i in (*COCO, 99) for k in range(2)}
+    files = {"q.json": json.dumps(questions).encode()}
+    for image_id, (w, h) in COCO.items():
+        files[f"images/n{image_id}.jpg"] = _png(w, h, 5 * image_id, format="JPEG")
+    return files
+
+
+def _on_disk_and_in_bucket(files, tmp_path, s3, bucket, name) -> tuple[str, str]:
+    """The same files under a local folder and under a prefix of the bucket."""
+    for rel, data in files.items():
+        (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name / rel).write_bytes(data)
+        s3.client().put_object(Bucket=bucket, Key=f"{name}/{rel}", Body=data)
+    return str(tmp_path / name), f"s3://{bucket}/{name}"
+
+
+def _image_graph(write_graph, source, params, name):
+    return write_graph(f"""
+        dataset: {{source: {source}, params: {json.dumps(params)}}}
+        shard_size: 2
+        nodes:
+          image: {{stage: load_image, inputs: {{image_path: source.image_path, image_bytes: source.image_bytes}}}}
+          mean: {{stage: mean_pixel, inputs: {{image: image.image}}}}
+        outputs: [source.answers, image.size, mean.mean]
+        """, name=f"{name}.yaml")
+
+
+def _rows(out) -> dict[str, dict]:
+    return {r["sample_id"]: r for r in pq.read_table(out / "results.parquet").to_pylist()}
+
+
+def _comparable(rows: dict[str, dict]) -> dict[str, dict]:
+    """Rows without where their image is (a local path on disk, a URI in the bucket): no image
+    path, an error by the file name it ends with."""
+    return {sid: {k: (v.rsplit("/", 1)[-1] if k == "error" and v else v) for k, v in r.items() if k != "image_path"}
+            for sid, r in rows.items()}
+
+
+@pytest.fixture
+def requests_to(s3):
+    """A proxy in front of the store that records every request; the environment points at it."""
+    seen: list[tuple[str, str]] = []
+    proxy = FaultyProxy(s3.endpoint, lambda method, path: seen.append((method, path.split("?")[0])) and False)
+    with patched_env(s3.env(proxy.endpoint)):
+        yield seen
+    proxy.stop()
+
+
+def test_vqav2_files_and_images_in_a_bucket(s3, bucket, tmp_path, write_graph, monkeypatch, requests_to):
+    """Questions and annotations read from the bucket into the question index, which a second
+    run reuses without reading them again; images named as URIs under the
+    prefix and read by the stage that decodes them; a missing one is an error row."""
+    monkeypatch.setitem(stages.STAGES, "mean_pixel", MeanPixel)
+    files = _vqa_dataset()
+    local, uri = _on_disk_and_in_bucket(files, tmp_path, s3, bucket, "vqa")
+
+    def go(root, out):
+        params = {"questions": f"{root}/q.json", "annotations": f"{root}/a.json", "images": f"{root}/val2014"}
+        summary = run_graph(_image_graph(write_graph, "vqav2", params, out), executor="local", output=tmp_path / out,
+                            cache_dir=tmp_path / f"cache_{root == uri}", progress=False, device="cpu")
+        return summary, _rows(tmp_path / out)
+
+    _, want = go(local, "local")
+    requests_to.clear()
+    first, got = go(uri, "bucket")
+    assert _comparable(got) == _comparable(want) and len(got) == 7 and first.errors == 1
+    assert "image not found" in got["990"]["error"] and "COCO_val2014_000000000099.jpg" in got["990"]["error"]
+    assert got["420"]["image.size"] == [30, 40] and got["420"]["answers"] == ["a420"] * 10
+    gets = [p for m, p in requests_to if m == "GET"]
+    assert gets.count(f"/{bucket}/vqa/q.json") == gets.count(f"/{bucket}/vqa/a.json") == 1
+    assert sorted(p for p in gets if "/val2014/" in p) == sorted(  # each image downloaded once
+        f"/{bucket}/vqa/{rel}" for rel in files if rel.startswith("val2014/"))
+
+    requests_to.clear()
+    again, rows = go(uri, "again")
+    assert rows == got and again.errors == 1
+    assert again.nodes["mean"].computed_shards == 0  # the images' versions unchanged: all from the cache
+    assert not [p for m, p in requests_to if m == "GET" and p.endswith(".json")]  # the index, not the files
+
+
+def test_a_question_file_in_a_bucket_is_streamed_a_range_at_a_time(s3, bucket, tmp_path, monkeypatch, requests_to):
+    questions = [{"image_id": i // 3, "question": f"question {i}?", "question_id": i} for i in range(3000)]
+    data = json.dumps({"data_subtype": "val2014", "questions": questions}).encode()
+    s3.client().put_object(Bucket=bucket, Key="q.json", Body=data)
+    monkeypatch.setattr("artifacts.location.OBJECT_READ", 1 << 14)
+    monkeypatch.setattr("sources.json_stream.CHUNK", 1 << 12)  # reads within the buffer, as 1 MiB in 8 are
+    head: dict = {}
+    assert list(array_entries(f"s3://{bucket}/q.json", "questions", head)) == questions
+    assert head == {"data_subtype": "val2014", "questions": []}
+    gets = [p for m, p in requests_to if m == "GET"]
+    assert len(data) > 6 * (1 << 14) and gets == [f"/{bucket}/q.json"] * -(-len(data) // (1 << 14))
+
+
+def test_gqa_questions_and_images_in_a_bucket(s3, bucket, tmp_path, write_graph, monkeypatch):
+    monkeypatch.setitem(stages.STAGES, "mean_pixel", MeanPixel)
+    local, uri = _on_disk_and_in_bucket(_gqa_dataset(), tmp_path, s3, bucket, "gqa")
+
+    def go(root, out):
+        params = {"questions": f"{root}/q.json", "images": f"{root}/images"}
+        summary = run_graph(_image_graph(write_graph, "gqa", params, out), executor="local",
+                            output=tmp_path / out, cache_dir=tmp_path / f"{out}_cache", progress=False, device="cpu")
+        return summary, _rows(tmp_path / out)
+
+    (_, want), (summary, got) = go(local, "local"), go(uri, "bucket")
+    assert _comparable(got) == _comparable(want) and len(got) == 10 and summary.errors == 2
+    assert got["g420"]["image.size"] == [30, 40] and "n99.jpg" in got["g990"]["error"]
+
+
+def test_missing_files_in_a_bucket_stop_the_run_naming_the_param(s3, bucket, tmp_path, write_graph, monkeypatch):
+    monkeypatch.setitem(stages.STAGES, "mean_pixel", MeanPixel)
+    _, uri = _on_disk_and_in_bucket(_vqa_dataset(), tmp_path, s3, bucket, "vqa")
+    params = {"questions": f"{uri}/nope.json", "annotations": f"{uri}/a.json", "images": f"{uri}/val2017"}
+    graph = _image_graph(write_graph, "vqav2", params, "g")
+    with pytest.raises(GraphError) as info:
+        run_graph(graph, executor="local", output=tmp_path / "out", cache_dir=tmp_path / "cache", progress=False,
+                  device="cpu")
+    problems = {p.field: p.message for p in info.value.problems}
+    assert set(problems) == {"dataset.params.questions", "dataset.params.images"}
+    assert f"{uri}/nope.json does not exist or is not a file" in problems["dataset.params.questions"]
+    assert f"{uri}/val2017 does not exist or is not a folder" in problems["dataset.params.images"]
+    assert not (tmp_path / "out" / "parts").exists()
+
+
+def test_image_names_under_a_prefix_are_settled_by_the_first_images(s3, bucket, tmp_path, monkeypatch, caplog):
+    """The driver looks up the candidate names of the first images only: the folder's naming
+    (here bare COCO numbers) is found on the first image that exists; a wrong prefix costs at
+    most PROBES images' lookups, not one per image, and one warning."""
+    files = {rel.replace("COCO_val2014_", ""): data for rel, data in _vqa_dataset().items()}
+    _, uri = _on_disk_and_in_bucket(files, tmp_path, s3, bucket, "bare")
+    looked_up = []
+    monkeypatch.setattr(vqa, "object_version", lambda u: looked_up.append(u) or object_version(u))
+
+    def paths(images):
+        looked_up.clear()
+        source = VQAv2Source(VQAv2Source.Params(questions=f"{uri}/q.json", images=images))
+        return {r["sample_id"]: r["image_path"] for r in source.iter_samples()}
+
+    found = paths(f"{uri}/val2014/")
+    assert found["420"] == f"{uri}/val2014/000000000042.jpg" and found["990"] == f"{uri}/val2014/000000000099.jpg"
+    assert looked_up == [f"{uri}/val2014/COCO_val2014_000000000042.jpg", f"{uri}/val2014/000000000042.jpg"]
+    monkeypatch.setattr(vqa._ObjectFolder, "PROBES", 2)  # of the dataset's five images
+    with caplog.at_level(logging.WARNING):
+        wrong = paths(f"{uri}/elsewhere")
+    assert wrong["420"] == f"{uri}/elsewhere/COCO_val2014_000000000042.jpg"
+    assert len(looked_up) == 2 * 2  # two images, two candidate names each
+    assert len([r for r in caplog.records if "image not found" in r.getMessage()]) == 1
