@@ -11,7 +11,7 @@ from torch import nn
 
 from models.blip.config import BlipConfig
 from models.blip.med import BertLMHeadModel, init_bert_weights
-from models.blip.sampling import build_processors, pick_tokens
+from models.blip.sampling import TopKSampler
 from models.blip.vit import build_vit, encode, vit_grid
 from models.compute_clock import counted
 
@@ -44,6 +44,12 @@ class BlipCaption(nn.Module):
         logits, _ = self.text_decoder(input_ids, encoder_states=encoder_states)
         return logits
 
+    def _next_logits(self, input_ids: torch.Tensor, cross_kv, cache):
+        """Logits ``[N, vocab]`` of the position after ``input_ids [N, T]`` (the output layer on
+        the last position only) and the extended self-attention cache."""
+        out = self.text_decoder.bert(input_ids, cross_kv=cross_kv, causal=True, cache=cache, use_cache=True)
+        return self.text_decoder.cls(out.hidden[:, -1]), out.cache
+
     @torch.no_grad()
     @counted
     def generate(self, encoder_states: torch.Tensor, prompt_ids: torch.Tensor,
@@ -71,19 +77,18 @@ class BlipCaption(nn.Module):
             raise ValueError(f"uniforms must be [{rows}, {steps}] (rows x (max_length - prompt)), "
                              f"got {tuple(uniforms.shape)}")
         device = encoder_states.device
-        processors = build_processors(min_length=min_length, eos_token_id=eos_token_id, top_k=top_k,
-                                      top_p=top_p, repetition_penalty=repetition_penalty, device=device)
+        sampler = TopKSampler(min_length=min_length, eos_token_id=eos_token_id, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, device=device)
         ids = prompt_ids.to(device).expand(rows, prompt_length).clone()
         cross_kv = self.text_decoder.bert.cross_kv(encoder_states)
-        logits, cache = self.text_decoder(ids, cross_kv=cross_kv, use_cache=True)
+        logits, cache = self._next_logits(ids, cross_kv, None)
         unfinished = torch.ones(rows, dtype=torch.bool, device=device)
         for step in range(steps):
-            scores = processors(ids, logits[:, -1].float())
-            chosen = pick_tokens(scores, None if uniforms is None else uniforms[:, step])
+            chosen = sampler(ids, logits.float(), None if uniforms is None else uniforms[:, step])
             chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad_token_id))
             ids = torch.cat([ids, chosen[:, None]], dim=1)
             unfinished &= chosen != eos_token_id
             if step + 1 == steps or not bool(unfinished.any()):
                 break
-            logits, cache = self.text_decoder(chosen[:, None], cross_kv=cross_kv, cache=cache, use_cache=True)
+            logits, cache = self._next_logits(chosen[:, None], cross_kv, cache)
         return ids
