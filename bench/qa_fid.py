@@ -2,6 +2,9 @@
 loop's ``forward_qa`` (one padded FiD ``generate`` per question, as LAVIS) and against the
 stage's previous way (every passage of the batch padded to the batch's longest, one
 ``generate``), on the same questions and captions, A/B alternated; answers checked equal.
+Each way's matrix-multiply FLOPs are counted once (``torch.utils.flop_counter``) and set against
+its time and against this machine's rate on one encoder-sized matmul: where a way already runs
+near that rate, only less work (fewer padded tokens) makes it faster.
 
 Captions are what a randomly initialised BLIP captioner emits at LAVIS's VQAv2 settings: random
 word pieces, never the end token, so every caption has ``max_length`` minus the prompt's tokens
@@ -48,6 +51,32 @@ def padding_stats(tokenizer, passages: list[list[str]], max_length: int) -> dict
     return {"real": sum(map(sum, lengths)), "per_question_padded": sum(len(s) * max(s) for s in lengths),
             "per_batch_padded": sum(len(s) for s in lengths) * longest,
             "passage_tokens_min_max": [min(map(min, lengths)), longest]}
+
+
+def counted_gflop(fn) -> float:
+    """GFLOP of the matrix multiplies (and attention) one call of ``fn`` runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_rate(tokens: int = 4096, width: int = 768, hidden: int = 3072, repeats: int = 5) -> float:
+    """GFLOP/s of a T5-base feed-forward-sized matmul at the current thread count (best of
+    ``repeats``: the machine's rate on this shape when nothing else runs in between)."""
+    import torch
+
+    x, w = torch.randn(tokens, width), torch.randn(hidden, width)
+    torch.nn.functional.linear(x, w)
+    best = min(_seconds(lambda: torch.nn.functional.linear(x, w)) for _ in range(repeats))
+    return 2 * tokens * width * hidden / best / 1e9
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -97,12 +126,16 @@ def main() -> None:
                 answers[w] = ways[w]()
                 times[w].append(time.perf_counter() - start)
                 print(f"{w}: {times[w][-1]:.1f} s", flush=True)
+        gflop = {w: counted_gflop(ways[w]) for w in a.ways}
     med = {w: statistics.median(t) for w, t in times.items()}
+    rate = matmul_rate()
     result = {"preset": a.preset, "questions": len(questions), "captions": a.captions, "threads": a.threads,
               "seconds": times, "median_s": med,
               "speedup_over_reference": {w: med.get("reference", float("nan")) / m for w, m in med.items()},
               "answers_equal_reference": {w: answers[w] == answers.get("reference", answers[w]) for w in answers},
-              "tokens": padding_stats(stage.tokenizer, passages, p.max_passage_tokens)}
+              "tokens": padding_stats(stage.tokenizer, passages, p.max_passage_tokens),
+              "gflop": gflop, "gflop_per_s": {w: gflop[w] / med[w] for w in gflop},
+              "matmul_gflop_per_s": rate, "share_of_matmul_rate": {w: gflop[w] / med[w] / rate for w in gflop}}
     print(json.dumps(result, indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
