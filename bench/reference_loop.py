@@ -81,25 +81,88 @@ def load_question_image(sample: dict, preprocess) -> np.ndarray:
 
 
 def forward_itm(models, pixels, questions):
-    """GradCAM heatmaps ``[B, g*g]``: every question's image encoded again."""
+    """GradCAM heatmaps ``[B, g*g]`` the way LAVIS's ``compute_gradcam`` gets them: every
+    question's image encoded again by the ITM ViT with autograd on and every parameter requiring
+    grad, the ITM logits of the whole model, ``zero_grad`` and ``backward`` of the match logits'
+    sum into every parameter's ``.grad`` (ViT included), then the saved cross-attention map of
+    ``block_num`` and its gradient. The parameter gradients stay allocated until the next call,
+    as LAVIS's do until its next batch's ``zero_grad``."""
     import torch
 
+    from models.blip.itm import combine_gradcam
     from models.blip.tokenizer import tokenize_questions
     from stages.text import blip_question
 
     gradcam = models["gradcam"]
+    model, block_num = gradcam.model, gradcam.block_num
+    model.check_block_num(block_num)
     ids, mask = tokenize_questions(gradcam.tokenizer, [blip_question(q) for q in questions],
                                    gradcam.params.max_length)
+    params = list(model.parameters())
+    requires = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            embeds = model.encode_image(pixels)                                # [B, 1+P, Cv], in the graph
+            image_mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+            out = model.text_encoder(ids, mask, embeds, encoder_mask=image_mask, probs_layer=block_num)
+            logits = model.itm_head(out.hidden[:, 0])
+            probs = out.cross_probs                                            # [B, heads, T, 1+P]
+            probs.retain_grad()
+            model.zero_grad()
+            logits[:, 1].sum().backward()
+    finally:
+        for p, r in zip(params, requires):
+            p.requires_grad_(r)
     with torch.no_grad():
-        embeds = gradcam.model.encode_image(pixels)
-    heatmap, _ = gradcam.model.gradcam(embeds, ids, mask, gradcam.block_num)
+        heatmap = combine_gradcam(probs.detach(), probs.grad, mask)
     return heatmap.reshape(len(questions), -1).numpy()
 
 
-def forward_cap(models, pixels, heatmaps, sample_ids):
-    """Captions per row; each round decodes ``num_captions`` captions for every row."""
+def lavis_generate(stage, patch_states, uniforms):
+    """Sampled caption ids ``[N, <= max_length]`` (prompt included, ``pad`` after ``eos``) for
+    ``patch_states [N, K, Cv]``, with the per-step work of LAVIS's ``text_decoder.generate(
+    do_sample=True)``: the prompt prefilled, then one decoder call per new token in which every
+    layer projects the image tokens' cross-attention keys and values again (LAVIS caches only
+    the self-attention ones), the logits processors on the full-vocabulary logits, and one draw
+    per row. The draw is the runtime's (``pick_tokens`` on ``uniforms [N, max_length - T0]``),
+    and the stop and padding rules are ``BlipCaption.generate``'s, so the ids are the runtime's."""
     import torch
 
+    from models.blip.sampling import build_processors, pick_tokens
+
+    p, model, tokenizer = stage.params, stage.model, stage.tokenizer
+    eos, pad = tokenizer.sep_token_id, tokenizer.pad_token_id
+    rows = patch_states.shape[0]
+    prompt = stage.prompt_ids.to(patch_states.device)
+    steps = p.max_length - prompt.numel()
+    processors = build_processors(min_length=p.min_length, eos_token_id=eos, top_k=p.top_k, top_p=p.top_p,
+                                  repetition_penalty=p.repetition_penalty, device=patch_states.device)
+    ids = prompt.expand(rows, -1).clone()
+    with torch.no_grad():
+        logits, cache = model.text_decoder(ids, encoder_states=patch_states, use_cache=True)
+        unfinished = torch.ones(rows, dtype=torch.bool, device=ids.device)
+        for step in range(steps):
+            scores = processors(ids, logits[:, -1].float())
+            chosen = pick_tokens(scores, uniforms[:, step])
+            chosen = torch.where(unfinished, chosen, torch.full_like(chosen, pad))
+            ids = torch.cat([ids, chosen[:, None]], dim=1)
+            unfinished &= chosen != eos
+            if step + 1 == steps or not bool(unfinished.any()):
+                break
+            logits, cache = model.text_decoder(chosen[:, None], encoder_states=patch_states, cache=cache,
+                                               use_cache=True)
+    return ids
+
+
+def forward_cap(models, pixels, heatmaps, sample_ids):
+    """Captions per row; each round decodes ``num_captions`` captions for every row of the
+    batch, finished or not, all ``B * num_captions`` sequences in one decoding loop
+    (:func:`lavis_generate`)."""
+    import torch
+
+    from stages.blip import caption_texts
     from stages.common import row_rng
     from grids import sample_patch_sets
 
@@ -108,19 +171,22 @@ def forward_cap(models, pixels, heatmaps, sample_ids):
     n = len(sample_ids)
     with torch.no_grad():
         encoded = stage.model.encode_image(pixels)                      # [B, 1+P, C]
-    rows = torch.arange(n)
+    width = encoded.shape[-1]
     new_tokens = p.max_length - len(stage.prompt_ids)
     captions: list[list[str]] = [[] for _ in range(n)]
     for r in range(p.max_rounds):
         if min(len(c) for c in captions) >= p.num_captions:
             break
         rngs = [row_rng(p.seed, f"{sid}#{r}") for sid in sample_ids]
-        patches = sample_patch_sets(heatmaps, rngs, p.num_captions, p.num_patches)
-        index = torch.from_numpy(patches + 1).long()
+        patches = sample_patch_sets(heatmaps, rngs, p.num_captions, p.num_patches)  # [B, C, K], sorted
+        index = torch.from_numpy(patches + 1).long()                                # +1 skips CLS
+        states = torch.stack([torch.gather(encoded, 1, index[:, c, :, None].expand(-1, -1, width))
+                              for c in range(p.num_captions)], dim=1).flatten(0, 1)  # [B*C, K, W]
         uniforms = torch.from_numpy(np.stack([rng.random((p.num_captions, new_tokens)) for rng in rngs]))
-        texts = stage._decode(encoded, rows, index, uniforms)
+        ids = lavis_generate(stage, states, uniforms.flatten(0, 1))
+        texts = caption_texts(stage.tokenizer, ids, len(stage.prompt_ids), p.prompt, p.text)
         for i in range(n):
-            for text in texts[i]:
+            for text in texts[i * p.num_captions:(i + 1) * p.num_captions]:
                 if len(captions[i]) < p.num_captions and not any(text in kept for kept in captions[i]):
                     captions[i].append(text)
     return captions
