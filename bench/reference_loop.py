@@ -5,15 +5,33 @@ The control flow is LAVIS ``PNPVQA.predict_answers`` over a data loader of quest
 
 - each question arrives with its own decoded, preprocessed image (a data loader item per
   question), so an image asked 4 questions is decoded and resized 4 times;
-- ``forward_itm``: the batch's images are encoded by the ITM ViT once per question, then GradCAM;
+- ``forward_itm`` (LAVIS ``compute_gradcam``): the batch's images are encoded by the ITM ViT
+  once per question, with autograd on and every parameter requiring grad; the ITM text encoder
+  runs on those tokens keeping layer ``block_num``'s cross-attention probabilities in the graph;
+  ``zero_grad``, then ``backward`` of the match logits' sum: a full backward through the text
+  encoder and the ViT into every parameter's ``.grad`` (held until the next batch, as LAVIS's
+  are), and the GradCAM from the probabilities and their retained gradient;
 - ``forward_cap``: the captioner's ViT encodes every question's image again; each round
-  decodes ``num_captions`` captions for every row of the batch, finished or not, until every
-  row holds ``num_captions`` distinct captions;
-- ``forward_qa``: one FiD ``generate`` per question (LAVIS's ``internal_bsz_fid=1``).
+  decodes ``num_captions`` captions for every row of the batch, finished or not, all
+  ``batch x num_captions`` sequences in one decoding loop, until every row holds
+  ``num_captions`` distinct captions. The loop (``lavis_generate``) does what LAVIS's
+  ``text_decoder.generate(do_sample=True)`` does per step: prefill the prompt, then one decoder
+  call per new token in which every layer projects the sampled image tokens' cross-attention
+  keys and values again (only the self-attention ones are cached, as in LAVIS's ``med.py``),
+  the logits processors over the full vocabulary, one draw per row, finished rows padded;
+- ``forward_qa``: one FiD ``generate`` per question (LAVIS's ``internal_bsz_fid=1``), padded
+  per question; its greedy decoding caches the decoder's self- and cross-attention keys and
+  values, as Hugging Face T5 ``generate`` (LAVIS's) does.
 
-Random draws are the runtime's (seeded by sample id and round: ``stages.common.row_rng``) and
-the rounds stop at ``max_rounds`` as the runtime's do, so both give the same answers; LAVIS
-draws from torch's global generator and loops without bound.
+Random draws are the runtime's (seeded by sample id and round: ``stages.common.row_rng``; the
+token draw is ``models.blip.sampling.pick_tokens``) and the rounds stop at ``max_rounds`` as the
+runtime's do, so both give the same heatmaps, captions and answers
+(``tests/test_reference_loop.py``); LAVIS draws from torch's global generator and loops without
+bound. Left as the runtime does them (small next to the work above): the caption decoder's
+all-ones image and text attention masks that LAVIS passes (the ITM step passes its image mask),
+the second tokenization inside LAVIS's ITM forward, and attention computed by explicit matmul
+and softmax in every LAVIS layer where the project's model uses fused attention (all but the
+GradCAM layer).
 
     .venv/bin/python bench/reference_loop.py --images 50 --out answers.json
     .venv/bin/python bench/reference_loop.py --images 2 --questions-per-image 5 --random-weights \
