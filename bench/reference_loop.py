@@ -27,11 +27,13 @@ Random draws are the runtime's (seeded by sample id and round: ``stages.common.r
 token draw is ``models.blip.sampling.pick_tokens``) and the rounds stop at ``max_rounds`` as the
 runtime's do, so both give the same heatmaps, captions and answers
 (``tests/test_reference_loop.py``); LAVIS draws from torch's global generator and loops without
-bound. Left as the runtime does them (small next to the work above): the caption decoder's
-all-ones image and text attention masks that LAVIS passes (the ITM step passes its image mask),
-the second tokenization inside LAVIS's ITM forward, and attention computed by explicit matmul
-and softmax in every LAVIS layer where the project's model uses fused attention (all but the
-GradCAM layer).
+bound. Both ViTs attend as LAVIS's do, by explicit matmul and softmax (``lavis_vit_attention``:
+under grad autograd keeps every layer's attention probabilities, ``[heads, 577, 577]`` per layer
+and image at 384 px). Left as the runtime does them (small next to the work above): the
+caption decoder's all-ones image and text attention masks that LAVIS passes (the ITM step passes
+its image mask), the second tokenization inside LAVIS's ITM forward, and fused attention in the
+BERT layers other than the GradCAM layer, where LAVIS's ``med.py`` uses explicit matmul and
+softmax.
 
     .venv/bin/python bench/reference_loop.py --images 50 --out answers.json
     .venv/bin/python bench/reference_loop.py --images 2 --questions-per-image 5 --random-weights \
@@ -85,7 +87,17 @@ def load_models(settings: dict, device: str):
         stage = cls(cls.Params(**settings[name]))
         stage.setup(device)
         out[name] = stage
+    for name in ("gradcam", "caption"):
+        lavis_vit_attention(out[name].model.visual_encoder)
     return out
+
+
+def lavis_vit_attention(vit, explicit: bool = True) -> None:
+    """Make the ViT's attention LAVIS's (``lavis/models/vit.py``): ``softmax(q k^T * scale) v``
+    with the probabilities materialised (and kept by autograd for the backward under grad),
+    instead of timm's fused attention; ``explicit=False`` restores the fused one."""
+    for block in vit.blocks:
+        block.attn.fused_attn = not explicit
 
 
 def load_question_image(sample: dict, preprocess) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.reference_loop import forward_cap, forward_itm, lavis_generate
+from bench.reference_loop import forward_cap, forward_itm, lavis_generate, lavis_vit_attention
 from stages.base import Batch
 from stages.blip import Caption, ItmGradcam
 
@@ -39,6 +39,7 @@ def test_itm_full_backward_equals_the_runtime_gradcam():
     runtime = stage.process(batch_of({"pixels": px, "question": QUESTIONS}, [0, 1, 0], ["a", "b", "c"]))
     model = stage.model
     model.visual_encoder.patch_embed.proj.weight.requires_grad_(False)  # restored afterwards
+    lavis_vit_attention(model.visual_encoder)  # LAVIS's explicit attention, as load_models sets it
     reference = forward_itm({"gradcam": stage}, torch.from_numpy(px[[0, 1, 0]]), QUESTIONS)
     expected = runtime["heatmap"].reshape(3, -1)
     assert reference.shape == expected.shape and np.abs(expected).max() > 0
@@ -79,6 +80,10 @@ def test_reference_captions_equal_the_runtime_stage(caption_stage):
     heat = np.random.default_rng(5).random((3, 24, 24)).astype(np.float32)
     ids = ["q0", "q1", "q2"]
     runtime = caption_stage.process(batch_of({"pixels": px, "heatmap": heat}, [0, 1, 0], ids))
-    reference = forward_cap({"caption": caption_stage}, torch.from_numpy(px[[0, 1, 0]]), heat.reshape(3, -1), ids)
+    lavis_vit_attention(caption_stage.model.visual_encoder)
+    try:
+        reference = forward_cap({"caption": caption_stage}, torch.from_numpy(px[[0, 1, 0]]), heat.reshape(3, -1), ids)
+    finally:
+        lavis_vit_attention(caption_stage.model.visual_encoder, explicit=False)
     assert reference == runtime["captions"]
     assert sum(len(c) for c in reference) > 3
