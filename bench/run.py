@@ -10,8 +10,8 @@ Parts:
 - ``e2e``: questions/s of ``graphs/pnp_vqa.yaml`` (local executor, empty cache) against
   ``bench/reference_loop.py`` (LAVIS ``predict_answers``' control flow and per-step work, same
   models and draws: GradCAM by a full backward through the ITM model, ViT included, and caption
-  decoding that projects the image tokens' cross-attention keys/values at every step) on the
-  same questions, answers checked equal;
+  decoding that projects the image tokens' cross-attention keys/values at every step, ViTs with
+  LAVIS's explicit attention) on the same questions, answers checked equal;
 - ``profile``: the share of wall time spent inside model forward / backward passes and decoding
   loops (``runtime run --profile``), local and Ray (one worker);
 - ``startup``: ``runtime validate``, and a rerun whose parts are all finished;
@@ -28,7 +28,8 @@ Parts:
   weights (BLIP large ITM and captioner, ViT-L/16 at 384; UnifiedQA T5 ``--published-t5``) and
   LAVIS's VQAv2 settings (100 captions, 20 patches, top-k 50, captions 10 to 20 tokens), one
   sampling round: seconds and peak RSS per step, answers checked equal (the reference's ITM
-  step holds parameter gradients and ViT activations, as LAVIS's does). A random captioner
+  step holds parameter gradients and ViT activations, attention maps included, as LAVIS's
+  does). A random captioner
   rarely emits the end token, so each question decodes 100 captions of 20 tokens on both sides:
   the same decoding work (their texts are short: most ids fall outside the tokenizer).
   Not in the default set (an hour on 2 cores).
