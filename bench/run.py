@@ -8,8 +8,10 @@ medians quoted. Writes ``bench/results/bench.json`` and ``bench/results/bench.md
 Parts:
 
 - ``e2e``: questions/s of ``graphs/pnp_vqa.yaml`` (local executor, empty cache) against
-  ``bench/reference_loop.py`` (LAVIS ``predict_answers``' control flow, same models and draws)
-  on the same questions, answers checked equal;
+  ``bench/reference_loop.py`` (LAVIS ``predict_answers``' control flow and per-step work, same
+  models and draws: GradCAM by a full backward through the ITM model, ViT included, and caption
+  decoding that projects the image tokens' cross-attention keys/values at every step, ViTs with
+  LAVIS's explicit attention) on the same questions, answers checked equal;
 - ``profile``: the share of wall time spent inside model forward / backward passes and decoding
   loops (``runtime run --profile``), local and Ray (one worker);
 - ``startup``: ``runtime validate``, and a rerun whose parts are all finished;
@@ -25,7 +27,9 @@ Parts:
 - ``published``: the runtime against the reference loop at the published sizes with random
   weights (BLIP large ITM and captioner, ViT-L/16 at 384; UnifiedQA T5 ``--published-t5``) and
   LAVIS's VQAv2 settings (100 captions, 20 patches, top-k 50, captions 10 to 20 tokens), one
-  sampling round: seconds and peak RSS per step, answers checked equal. A random captioner
+  sampling round: seconds and peak RSS per step, answers checked equal (the reference's ITM
+  step holds parameter gradients and ViT activations, attention maps included, as LAVIS's
+  does). A random captioner
   rarely emits the end token, so each question decodes 100 captions of 20 tokens on both sides:
   the same decoding work (their texts are short: most ids fall outside the tokenizer).
   Not in the default set (an hour on 2 cores).
@@ -407,7 +411,9 @@ def published_table(p: dict) -> list[str]:
              f"(`{'`, `'.join(p['settings'][3:])}`); "
              f"{p['images']} shapes images x 5 questions = {p['questions']} questions, {p['threads']} torch threads, "
              "local executor. A random captioner rarely emits the end token: 100 captions of 20 tokens per question "
-             "on both sides (bench/run.py says why one round). "
+             "on both sides (bench/run.py says why one round). The reference loop does LAVIS's per-step work: "
+             "GradCAM by a full backward through the ITM model (ViT included, into every parameter's gradient), "
+             "caption decoding that projects the image tokens' cross-attention keys/values at every step. "
              "Seconds inside each step (runtime: its nodes; `model` = inside model passes, `--profile`), medians.", "",
              "| step | runtime (model passes) | reference loop | speed-up |", "|---|---|---|---|"]
     names = {"load": "decode + preprocess", "itm": "ITM + GradCAM", "caption": "captions", "qa": "QA (FiD)"}
