@@ -120,7 +120,7 @@ class FiDT5(nn.Module):
         hidden = out.last_hidden_state.reshape(b, n * length, -1)
         return hidden, attention_mask.reshape(b, n * length)
 
-    def encode_packed(self, passages: list[list[list[int]]], chunk_tokens: int = 4096):
+    def encode_packed(self, passages: list[list[list[int]]], chunk_tokens: int = 2048):
         """The fused encoder states of B samples' passages (token ids ``[B][n_b][L_p]``) with no
         padding: ``hidden [B, T, d]`` (each sample's passages' real tokens in order, then zeros;
         T = the most real tokens of a sample) and ``mask [B, T]``.
@@ -188,7 +188,7 @@ class FiDT5(nn.Module):
     @torch.no_grad()
     @counted
     def generate_packed(self, passages: list[list[list[int]]], *, num_beams: int = 1, max_new_tokens: int = 20,
-                        min_new_tokens: int = 0, chunk_tokens: int = 4096) -> torch.LongTensor:
+                        min_new_tokens: int = 0, chunk_tokens: int = 2048) -> torch.LongTensor:
         """:meth:`generate` over passages given as token ids ``[B][n_b][L_p]`` (unpadded), encoded
         without padding (:meth:`encode_packed`): the same answers with less encoder work."""
         hidden, mask = self.encode_packed(passages, chunk_tokens)
