@@ -11,7 +11,8 @@ word pieces, never the end token, so every caption has ``max_length`` minus the 
 (16 pieces) -- drawn here uniformly from the vocabulary of the tokenizer that
 ``--random-weights`` gives the BLIP captioner.
 
-    .venv/bin/python bench/qa_fid.py --preset base --questions 4 --captions 100 --repeats 3
+    .venv/bin/python bench/qa_fid.py --preset base --questions 4 --captions 100 --repeats 3 \
+        --ways reference runtime --out bench/results/qa_fid.json      # and qa_fid.md beside it
 """
 
 from __future__ import annotations
@@ -139,6 +140,25 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if a.out:
         a.out.write_text(json.dumps(result, indent=1))
+        a.out.with_suffix(".md").write_text(markdown(result, " ".join(sys.argv[1:])))
+
+
+def markdown(r: dict, argv: str) -> str:
+    """The result as a table: time, speed-up, work and rate of each way."""
+    t = r["tokens"]
+    lines = [f"# QA (FiD) alone: UnifiedQA-v2 T5 {r['preset']}, random weights", "",
+             f"{r['questions']} questions x {r['captions']} random-captioner captions, {r['threads']} torch threads; "
+             f"passage tokens: {t['real']} real, {t['per_question_padded']} padded per question (the reference), "
+             f"{t['per_batch_padded']} padded per batch. GFLOP: matrix multiplies counted by torch's flop counter. "
+             f"This machine's rate on one T5-base feed-forward matmul: {r['matmul_gflop_per_s']:.0f} GFLOP/s.", "",
+             "| way | median time | speed-up | GFLOP | GFLOP/s | share of the matmul rate | answers equal |",
+             "|---|---|---|---|---|---|---|"]
+    for way, seconds in r["median_s"].items():
+        lines.append(f"| {way} | {seconds:.1f} s | {r['speedup_over_reference'][way]:.2f}x | {r['gflop'][way]:.0f} | "
+                     f"{r['gflop_per_s'][way]:.0f} | {100 * r['share_of_matmul_rate'][way]:.0f}% | "
+                     f"{'yes' if r['answers_equal_reference'][way] else 'NO'} |")
+    return "\n".join(lines + ["", f"_`bench/qa_fid.py {argv}`, medians of {len(next(iter(r['seconds'].values())))} "
+                                   "alternated rounds._", ""])
 
 
 if __name__ == "__main__":
