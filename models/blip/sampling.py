@@ -94,10 +94,12 @@ class TopKSampler:
         scores = self.penalty(ids, logits)
         if ids.shape[1] < self.min_length:
             scores[:, self.eos_token_id] = float("-inf")
-        k = min(self.top_k, scores.shape[-1])
-        best, index = scores.topk(k, dim=-1, sorted=False)
-        tied = (scores >= best.amin(dim=-1, keepdim=True)).sum(dim=-1) > k
-        order = index.sort(dim=-1).values                                  # token-id order
+        vocab = scores.shape[-1]
+        k = min(self.top_k, vocab)
+        # one more than k: the k-th best score is tied beyond k exactly when the (k+1)-th equals it
+        best, index = scores.topk(min(k + 1, vocab), dim=-1)
+        tied = best[:, k] == best[:, k - 1] if k < vocab else torch.zeros_like(best[:, 0], dtype=torch.bool)
+        order = index[:, :k].sort(dim=-1).values                           # token-id order
         chosen = order.gather(1, draw(scores.gather(1, order), uniforms)[:, None]).squeeze(1)
         if bool(tied.any()):
             rows = tied.nonzero().squeeze(1)
