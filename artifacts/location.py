@@ -417,6 +417,14 @@ def object_stream(uri: str):
     return retried(lambda: fs.open_input_stream(path, buffer_size=OBJECT_READ))
 
 
+def object_file(uri: str):
+    """The object at ``uri`` as a random-access file (each read a ranged GET): what a Parquet
+    reader needs to fetch the footer and the row groups it reads, not the whole object;
+    ``FileNotFoundError`` when there is none."""
+    fs, path = _open_uri(uri)
+    return retried(lambda: fs.open_input_file(path))
+
+
 def object_type(uri: str) -> pafs.FileType:
     """What ``uri`` names, from metadata alone: an object (``File``), a prefix with objects
     under it (``Directory``, as a folder of images is) or nothing (``NotFound``)."""

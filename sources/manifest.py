@@ -1,7 +1,8 @@
 """Your own data as a manifest: one row per (image, question) in a JSONL, CSV or Parquet file.
 
 The manifest is a local file or an object in a bucket (``s3://bucket/data/questions.jsonl``,
-read by the driver). Columns: ``question`` (required); ``image`` (a path or a URI; relative
+read by the driver as a stream: a range of a JSONL or CSV object, or the row groups of a
+Parquet one, at a time, never the whole object). Columns: ``question`` (required); ``image`` (a path or a URI; relative
 paths are resolved against the manifest's folder or URI; images are read by the workers that
 decode them) or ``image_bytes`` (encoded image: Parquet binary, base64 string in JSONL);
 optional ``sample_id`` (default: the row number, from 0), ``image_id`` (default: the image
@@ -32,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from artifacts.location import is_uri, object_bytes, object_version
+from artifacts.location import is_uri, object_file, object_stream, object_version
 from sources.base import BASE_COLUMNS, ERROR, SOURCES, WHERE, Source, SourceColumn, SourceParams
 
 Format = Literal["jsonl", "csv", "parquet"]
@@ -119,11 +120,11 @@ def _is_file(path: Path | str) -> bool:
 
 
 def _open_bytes(path: Path | str) -> BinaryIO:
-    return io.BytesIO(object_bytes(path)) if isinstance(path, str) else open(path, "rb")
+    return io.BufferedReader(object_stream(path)) if isinstance(path, str) else open(path, "rb")
 
 
 def _parquet_file(path: Path | str) -> pq.ParquetFile:
-    return pq.ParquetFile(pa.BufferReader(object_bytes(path)) if isinstance(path, str) else path)
+    return pq.ParquetFile(object_file(path) if isinstance(path, str) else path)
 
 
 def _file_name(path: Path | str) -> str:

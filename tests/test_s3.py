@@ -5,6 +5,7 @@ manifest, VQAv2, GQA) and their images in a bucket."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -344,6 +345,11 @@ def test_manifest_in_a_bucket_with_images_beside_it(s3, bucket, tmp_path, write_
     client.put_object(Bucket=bucket, Key="data/m.jsonl", Body="\n".join(json.dumps(r) for r in rows).encode())
     csv_text = "sample_id,image,question\nc,images/b.png,why?\n"
     client.put_object(Bucket=bucket, Key="data/m.csv", Body=csv_text.encode())
+    # Parquet is read through a random-access file (footer, then row groups), never downloaded whole
+    parquet = io.BytesIO()
+    pq.write_table(pa.table({"sample_id": ["d", "e", "f"], "image": ["images/a.png", "images/b.png", "images/a.png"],
+                             "question": ["x?", "y?", "z?"]}), parquet, row_group_size=1)
+    client.put_object(Bucket=bucket, Key="data/m.parquet", Body=parquet.getvalue())
 
     def sizes(manifest, out):
         graph = write_graph(f"""
@@ -359,6 +365,7 @@ def test_manifest_in_a_bucket_with_images_beside_it(s3, bucket, tmp_path, write_
 
     assert sizes(f"s3://{bucket}/data/m.jsonl", "jsonl") == {"a": [10, 20], "b": [18, 12]}
     assert sizes(f"s3://{bucket}/data/m.csv", "csv") == {"c": [18, 12]}
+    assert sizes(f"s3://{bucket}/data/m.parquet", "parquet") == {"d": [10, 20], "e": [18, 12], "f": [10, 20]}
     with pytest.raises(Exception, match=f"s3://{bucket}/data/nope.jsonl does not exist"):
         sizes(f"s3://{bucket}/data/nope.jsonl", "nope")
 
@@ -530,3 +537,21 @@ def test_image_names_under_a_prefix_are_settled_by_the_first_images(s3, bucket, 
     assert wrong["420"] == f"{uri}/elsewhere/COCO_val2014_000000000042.jpg"
     assert len(looked_up) == 2 * 2  # two images, two candidate names each
     assert len([r for r in caplog.records if "image not found" in r.getMessage()]) == 1
+
+
+def test_a_manifest_in_a_bucket_is_streamed_a_range_at_a_time(s3, bucket, monkeypatch, requests_to):
+    """A JSONL manifest object is read a range at a time as its rows are used, never whole."""
+    from sources.manifest import ManifestParams, ManifestSource
+
+    rows = [{"sample_id": f"s{i}", "image": f"images/{i % 7}.png", "question": f"question {i}?"} for i in range(2000)]
+    data = "\n".join(json.dumps(r) for r in rows).encode()
+    s3.client().put_object(Bucket=bucket, Key="m.jsonl", Body=data)
+    monkeypatch.setattr("artifacts.location.OBJECT_READ", 1 << 14)
+    source = ManifestSource(ManifestParams(path=f"s3://{bucket}/m.jsonl"))
+    first = next(iter(source.iter_samples()))
+    assert first["sample_id"] == "s0" and first["image_path"] == f"s3://{bucket}/images/0.png"
+    assert [m for m, p in requests_to if m == "GET"] == ["GET"]          # the first range only
+    requests_to.clear()
+    assert [s["question"] for s in source.iter_samples()] == [r["question"] for r in rows]
+    gets = [p for m, p in requests_to if m == "GET"]
+    assert len(data) > 6 * (1 << 14) and gets == [f"/{bucket}/m.jsonl"] * -(-len(data) // (1 << 14))
